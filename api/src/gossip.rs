@@ -1,0 +1,137 @@
+//! The gossip key schema: which chitchat keys a node publishes about itself and how their values
+//! are encoded (versioned JSON, so a rolling upgrade can read old and new nodes side by side).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::name::{Label, ServiceKey};
+
+/// Key holding the node's [`NodeInfo`].
+pub const KEY_NODE: &str = "node";
+/// Prefix of the keys holding one [`ServiceInfo`] per local service: `svc/<ns>/<name>`.
+pub const SERVICE_PREFIX: &str = "svc/";
+/// Value schema version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Why a gossip value could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Written by a newer (or older, incompatible) meshd.
+    #[error("gossip value has schema version {0}, this meshd reads version {VERSION}")]
+    UnsupportedVersion(u32),
+    /// Not valid JSON of the expected shape.
+    #[error("gossip value is malformed: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Whether a node takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Serving normally.
+    Serving,
+    /// Shutting down: peers stop sending new connections.
+    Draining,
+}
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Schema version ([`VERSION`]).
+    pub v: u32,
+    /// Where peers reach this node's single mTLS inbound port.
+    pub inbound: SocketAddr,
+    /// Datacenter of the node.
+    pub datacenter: Label,
+    /// Zone inside the datacenter.
+    pub zone: Label,
+    /// Serving or draining.
+    pub state: NodeState,
+}
+
+/// What a node says about one of its local services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// Schema version ([`VERSION`]).
+    pub v: u32,
+    /// Application protocol (`tcp`, later `http`, `http2`, `grpc`).
+    pub protocol: String,
+    /// Labels used for subsets, e.g. `version = "v2"`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Whether the instance passes its health checks.
+    pub healthy: bool,
+}
+
+/// The gossip key of a local service.
+pub fn service_key(service: &ServiceKey) -> String {
+    format!("{SERVICE_PREFIX}{}/{}", service.namespace, service.name)
+}
+
+/// Reverses [`service_key`]; `None` for keys outside the schema.
+pub fn parse_service_key(key: &str) -> Option<ServiceKey> {
+    let rest = key.strip_prefix(SERVICE_PREFIX)?;
+    let (ns, name) = rest.split_once('/')?;
+    Some(ServiceKey::new(Label::new(ns).ok()?, Label::new(name).ok()?))
+}
+
+/// Encodes a value for publication.
+pub fn encode<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("gossip values serialise to JSON")
+}
+
+/// Decodes a value, checking the schema version first.
+pub fn decode<T: DeserializeOwned>(s: &str) -> Result<T, Error> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: u32,
+    }
+    let Versioned { v } = serde_json::from_str(s)?;
+    if v != VERSION {
+        return Err(Error::UnsupportedVersion(v));
+    }
+    Ok(serde_json::from_str(s)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_keys_round_trip() {
+        let k = ServiceKey::parse("shop/api").unwrap();
+        assert_eq!(service_key(&k), "svc/shop/api");
+        assert_eq!(parse_service_key("svc/shop/api"), Some(k));
+        assert_eq!(parse_service_key("svc/shop"), None);
+        assert_eq!(parse_service_key("node"), None);
+        assert_eq!(parse_service_key("svc/Shop/api"), None);
+    }
+
+    #[test]
+    fn values_round_trip_and_check_version() {
+        let n = NodeInfo {
+            v: VERSION,
+            inbound: "127.0.0.2:15008".parse().unwrap(),
+            datacenter: Label::new("dc1").unwrap(),
+            zone: Label::new("a").unwrap(),
+            state: NodeState::Serving,
+        };
+        let s = encode(&n);
+        assert_eq!(decode::<NodeInfo>(&s).unwrap(), n);
+        let newer = s.replace("\"v\":1", "\"v\":2");
+        assert!(matches!(
+            decode::<NodeInfo>(&newer),
+            Err(Error::UnsupportedVersion(2))
+        ));
+        assert!(matches!(decode::<NodeInfo>("{"), Err(Error::Malformed(_))));
+        let svc = ServiceInfo {
+            v: VERSION,
+            protocol: "tcp".into(),
+            labels: [("version".to_owned(), "v1".to_owned())].into(),
+            healthy: true,
+        };
+        assert_eq!(decode::<ServiceInfo>(&encode(&svc)).unwrap(), svc);
+    }
+}

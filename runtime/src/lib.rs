@@ -1,0 +1,8 @@
+//! mesh-runtime: process plumbing shared by meshd and the registry — TLS configuration with
+//! SPIFFE identities, telemetry setup, drain/shutdown, signals and retry backoff.
+
+pub mod backoff;
+pub mod drain;
+pub mod signal;
+pub mod telemetry;
+pub mod tls;

@@ -74,7 +74,10 @@ pub fn service_key(service: &ServiceKey) -> String {
 pub fn parse_service_key(key: &str) -> Option<ServiceKey> {
     let rest = key.strip_prefix(SERVICE_PREFIX)?;
     let (ns, name) = rest.split_once('/')?;
-    Some(ServiceKey::new(Label::new(ns).ok()?, Label::new(name).ok()?))
+    Some(ServiceKey::new(
+        Label::new(ns).ok()?,
+        Label::new(name).ok()?,
+    ))
 }
 
 /// Encodes a value for publication.

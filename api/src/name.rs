@@ -254,10 +254,7 @@ mod tests {
             assert_eq!(&Label::new(input).map(|_| ()), want, "input {input:?}");
         }
         let long = "a".repeat(64);
-        assert_eq!(
-            Label::new(&long),
-            Err(Error::TooLong { len: 64, max: 63 })
-        );
+        assert_eq!(Label::new(&long), Err(Error::TooLong { len: 64, max: 63 }));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct JoinToken {
     pub secret: String,
     /// `sha256:<hex>` of the mesh root certificate (DER).
     pub ca: String,
+    /// Trust domain of the mesh, so the host can ask for its node identity.
+    pub td: String,
     /// Registry addresses to try (`host:port`), so a host needs nothing else to join.
     #[serde(default)]
     pub registry: Vec<String>,
@@ -102,6 +104,7 @@ mod tests {
             id: "a1b2c3d4e5f60718".into(),
             secret: "s3cr3t".into(),
             ca: format_fingerprint(&[0xab; 32]),
+            td: "mesh.internal".into(),
             registry: vec!["127.0.0.1:7700".into()],
             services: vec!["default/web".into(), "shop/*".into()],
             exp: 1_900_000_000,
@@ -125,7 +128,10 @@ mod tests {
             Err(Error::BadEncoding(_))
         ));
         let not_json = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(b"{\"id\":1}"));
-        assert!(matches!(JoinToken::decode(&not_json), Err(Error::BadBody(_))));
+        assert!(matches!(
+            JoinToken::decode(&not_json),
+            Err(Error::BadBody(_))
+        ));
         let mut t = sample();
         t.ca = "sha256:zz".into();
         assert!(matches!(

@@ -56,7 +56,10 @@ mod tests {
             assert!(d <= Duration::from_secs(2));
         }
         let late = b.next_delay();
-        assert!(late >= Duration::from_secs(1), "late delay {late:?} should be near the cap");
+        assert!(
+            late >= Duration::from_secs(1),
+            "late delay {late:?} should be near the cap"
+        );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }

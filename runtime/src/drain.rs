@@ -65,6 +65,12 @@ impl Watch {
     }
 }
 
+/// Resolves once `rx` holds `true` (or its sender is gone). Unlike `wait_for`, the future is
+/// `Send` across `select!` because it holds no borrow of the value.
+pub async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +104,10 @@ mod tests {
     async fn drain_blocks_while_a_watcher_lives() {
         let (trigger, watch) = channel();
         let res = tokio::time::timeout(Duration::from_millis(50), trigger.drain()).await;
-        assert!(res.is_err(), "drain must not finish while a watcher is held");
+        assert!(
+            res.is_err(),
+            "drain must not finish while a watcher is held"
+        );
         drop(watch);
     }
 }

@@ -32,9 +32,10 @@ pub fn init(settings: &Settings) {
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let journald = under_journal
         .then(|| {
-            tracing_journald::layer()
-                .ok()
-                .map(|l| l.with_syslog_identifier(settings.identifier.to_owned()).with_field_prefix(Some("MESHD".to_owned())))
+            tracing_journald::layer().ok().map(|l| {
+                l.with_syslog_identifier(settings.identifier.to_owned())
+                    .with_field_prefix(Some("MESHD".to_owned()))
+            })
         })
         .flatten();
     let stderr = journald.is_none().then(|| {

@@ -13,8 +13,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -143,10 +143,18 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<Identity> {
 
 /// The `notAfter` of a DER certificate.
 pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, Error> {
+    Ok(validity(cert_der)?.1)
+}
+
+/// The `(notBefore, notAfter)` of a DER certificate.
+pub fn validity(cert_der: &[u8]) -> Result<(SystemTime, SystemTime), Error> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(cert_der).map_err(|e| Error::X509(e.to_string()))?;
-    let secs = cert.validity().not_after.timestamp();
-    Ok(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
+    let t = |secs: i64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    Ok((
+        t(cert.validity().not_before.timestamp()),
+        t(cert.validity().not_after.timestamp()),
+    ))
 }
 
 /// SHA-256 of DER bytes.
@@ -264,7 +272,9 @@ impl ServerCertVerifier for SpiffeVerifier {
             self.provider.signature_verification_algorithms.all,
         )?;
         let expected = (self.expect)(server_name).ok_or_else(|| {
-            rustls::Error::General(format!("no mesh identity known for server name {server_name:?}"))
+            rustls::Error::General(format!(
+                "no mesh identity known for server name {server_name:?}"
+            ))
         })?;
         check_identity(end_entity, &expected.to_string())?;
         Ok(ServerCertVerified::assertion())

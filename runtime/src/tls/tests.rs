@@ -51,7 +51,10 @@ async fn handshake(
     });
     let name = ServerName::try_from(sni.to_owned()).unwrap();
     let client_res = async {
-        let mut tls = connector.connect(name, c).await.map_err(|e| e.to_string())?;
+        let mut tls = connector
+            .connect(name, c)
+            .await
+            .map_err(|e| e.to_string())?;
         tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
@@ -234,7 +237,9 @@ async fn cert_slot_swaps_for_new_handshakes() {
         &[],
     )
     .unwrap();
-    handshake(server, client, "api.default.svc.mesh").await.unwrap();
+    handshake(server, client, "api.default.svc.mesh")
+        .await
+        .unwrap();
 }
 
 #[test]

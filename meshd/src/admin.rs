@@ -1,0 +1,105 @@
+//! meshd's admin endpoint (loopback by default; it exposes topology and config, so keep it off
+//! public interfaces): `/live`, `/ready`, `/metrics` (Prometheus text), `/config_dump` (JSON)
+//! and `/members` (JSON). Built as a plain axum `Router` so tests can call it directly.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::identity::Certs;
+use crate::membership::MeshView;
+
+/// What the admin endpoint reads.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Node configuration.
+    pub config: Arc<Config>,
+    /// `true` once listeners are bound and certificates loaded; `false` again when draining.
+    pub ready_rx: watch::Receiver<bool>,
+    /// Metrics registry.
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Identity snapshot (absent until the node has joined).
+    pub certs_rx: Option<watch::Receiver<Arc<Certs>>>,
+    /// Mesh view (absent until gossip has started).
+    pub view_rx: Option<watch::Receiver<Arc<MeshView>>>,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/config_dump", get(config_dump))
+        .route("/members", get(members))
+        .with_state(state)
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if *s.ready_rx.borrow() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.metrics) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let identity = s.certs_rx.as_ref().map(|rx| {
+        let c = rx.borrow().clone();
+        json!({
+            "trust_domain": c.trust_domain.to_string(),
+            "node_cert_not_after": unix(c.node_not_after),
+            "workloads": c.workloads.iter().map(|(k, w)| json!({
+                "service": k.to_string(),
+                "identity": mesh_api::Identity::workload(&c.trust_domain, k).to_string(),
+                "not_before": unix(w.not_before),
+                "not_after": unix(w.not_after),
+            })).collect::<Vec<_>>(),
+        })
+    });
+    Json(json!({
+        "config": &*s.config,
+        "identity": identity,
+        "ready": *s.ready_rx.borrow(),
+    }))
+}
+
+async fn members(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let view = s
+        .view_rx
+        .as_ref()
+        .map(|rx| rx.borrow().clone())
+        .unwrap_or_default();
+    Json(json!({
+        "members": view.members,
+        "endpoints": view.endpoints.iter().map(|(k, v)| (k.to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
+    }))
+}

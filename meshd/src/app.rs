@@ -1,0 +1,193 @@
+//! Wiring of the meshd process: bind every listener, bootstrap identity, start gossip and the
+//! proxy, serve admin, and drain in order on shutdown (not ready → publish draining → stop
+//! accepting → wait for connections up to the grace period → force-close → leave gossip).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use mesh_api::ServiceKey;
+use mesh_runtime::drain;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::identity::{self, Manager};
+use crate::membership::Membership;
+use crate::proxy::{self, Listeners};
+
+/// How many gossip intervals to wait after publishing `draining` before refusing new
+/// connections, so peers have stopped picking this node.
+const DRAIN_PROPAGATION_ROUNDS: u32 = 5;
+/// After force-closing, how long tasks get to finish.
+const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A running node.
+pub struct Bound {
+    /// Bound inbound (mTLS) address.
+    pub inbound_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// Bound upstream listeners: (source service, upstream service, address).
+    pub outbound_addrs: Vec<(ServiceKey, ServiceKey, SocketAddr)>,
+    config: Arc<Config>,
+    membership: Membership,
+    ready_tx: watch::Sender<bool>,
+    stop_tx: watch::Sender<bool>,
+    force_tx: watch::Sender<bool>,
+    shutdown_tx: watch::Sender<bool>,
+    drain: drain::Trigger,
+    tasks: JoinSet<()>,
+}
+
+/// Binds everything and starts the node. Fails on bind conflicts, an unusable stored
+/// identity, or a join the registry refuses.
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    mesh_runtime::tls::install_default_provider();
+    let config = Arc::new(config);
+    let listeners = Listeners::bind(&config).await?;
+    let inbound_addr = listeners.inbound.local_addr()?;
+    let outbound_addrs = listeners
+        .outbound
+        .iter()
+        .filter_map(|(s, u, l)| Some((s.key.clone(), u.service.clone(), l.local_addr().ok()?)))
+        .collect();
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.bind)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin.bind))?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let id_metrics = identity::Metrics::new(&mut registry);
+    let proxy_metrics = proxy::Metrics::new(&mut registry);
+    let members_gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "meshd_gossip_members",
+        "Live members in this node's gossip view",
+        members_gauge.clone(),
+    );
+    let registry = Arc::new(registry);
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (force_tx, force_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    // Identity first: nothing can be served without certificates.
+    let (manager, certs_rx) = Manager::bootstrap(config.clone(), id_metrics, shutdown_rx.clone())
+        .await
+        .context("bootstrapping the node identity")?;
+    let trust_domain = certs_rx.borrow().trust_domain.clone();
+    tasks.spawn(manager.run(shutdown_rx.clone()));
+
+    let mut advertise = config.inbound.advertise;
+    if advertise.port() == 0 {
+        advertise.set_port(inbound_addr.port());
+    }
+    let cluster_id = config
+        .gossip
+        .cluster_id
+        .clone()
+        .unwrap_or_else(|| trust_domain.to_string());
+    let (membership, view_rx) =
+        Membership::start(&config, cluster_id, advertise, shutdown_rx.clone()).await?;
+    {
+        let mut rx = view_rx.clone();
+        let mut shutdown = shutdown_rx.clone();
+        let gauge = members_gauge.clone();
+        tasks.spawn(async move {
+            loop {
+                gauge.set(rx.borrow_and_update().members.len() as i64);
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = drain::until_true(&mut shutdown) => return,
+                }
+            }
+        });
+    }
+
+    let tls_rx = proxy::tls_updates(certs_rx.clone(), shutdown_rx.clone())?;
+    let (drain_trigger, drain_watch) = drain::channel();
+    let shared = proxy::Shared {
+        config: config.clone(),
+        tls_rx,
+        view_rx: view_rx.clone(),
+        metrics: proxy_metrics,
+        drain: drain_watch,
+        force_rx,
+    };
+    proxy::spawn(listeners, shared, stop_rx, &mut tasks);
+
+    let admin_state = AdminState {
+        config: config.clone(),
+        ready_rx,
+        metrics: registry,
+        certs_rx: Some(certs_rx),
+        view_rx: Some(view_rx),
+    };
+    let mut admin_shutdown = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let res = axum::serve(admin_listener, admin::router(admin_state))
+            .with_graceful_shutdown(async move { drain::until_true(&mut admin_shutdown).await })
+            .await;
+        if let Err(e) = res {
+            warn!(error = %e, "admin server failed");
+        }
+    });
+    ready_tx.send_replace(true);
+    info!(node = %config.node_name, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
+    Ok(Bound {
+        inbound_addr,
+        admin_addr,
+        outbound_addrs,
+        config,
+        membership,
+        ready_tx,
+        stop_tx,
+        force_tx,
+        shutdown_tx,
+        drain: drain_trigger,
+        tasks,
+    })
+}
+
+impl Bound {
+    /// Runs until `shutdown` resolves, then drains in order within the grace period.
+    pub async fn wait_termination(self, shutdown: impl std::future::Future<Output = ()>) {
+        shutdown.await;
+        self.drain().await;
+    }
+
+    /// The drain sequence.
+    pub async fn drain(mut self) {
+        info!("draining");
+        self.ready_tx.send_replace(false);
+        self.membership.set_draining().await;
+        tokio::time::sleep(self.config.gossip.interval * DRAIN_PROPAGATION_ROUNDS).await;
+        self.stop_tx.send_replace(true);
+        let grace = self.config.drain.grace_period;
+        if tokio::time::timeout(grace, self.drain.drain())
+            .await
+            .is_err()
+        {
+            warn!(grace = ?grace, "grace period over; closing the remaining connections");
+            self.force_tx.send_replace(true);
+            tokio::time::sleep(FORCE_CLOSE_WAIT).await;
+        }
+        self.shutdown_tx.send_replace(true);
+        self.membership.shutdown().await;
+        if tokio::time::timeout(FORCE_CLOSE_WAIT, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            self.tasks.abort_all();
+        }
+        info!("stopped");
+    }
+}

@@ -1,0 +1,104 @@
+//! Commented sample files for packaging to ship (the node file and one service file); tests
+//! keep them parsing and in step with the defaults.
+
+/// A sample node file: every key, each set to its default unless marked as an example value.
+pub const EXAMPLE_NODE_TOML: &str = r#"# meshd node configuration: /etc/meshd/meshd.toml
+#
+# Check it with `meshd check-config --config /etc/meshd/meshd.toml`.
+# Durations are written like "200ms", "5s", "1m 30s". Relative paths are resolved
+# against the directory of this file. Unknown keys are errors.
+
+# This host's name in the mesh: DNS-style labels separated by dots. Required.
+# (Example value.)
+node_name = "node-1"
+
+# Where this node runs. Lowercase letters, digits and '-'.
+datacenter = "dc1"
+zone = "default"
+
+# State: node identity, certificates, cached service catalogue.
+data_dir = "/var/lib/meshd"
+
+# One file per local service, named *.toml; other files are ignored.
+services_dir = "/etc/meshd/services.d"
+
+[registry]
+# The registry as "host:port"; host may be a DNS name or IP address. Required.
+# (Example value.)
+address = "registry.mesh.internal:7700"
+# One-time token for the first join; not read again once the node has its identity.
+join_token_file = "/etc/meshd/join-token"
+connect_timeout = "5s"
+request_timeout = "10s"
+
+[gossip]
+# Membership gossip between nodes (TCP and UDP).
+bind = "0.0.0.0:7946"
+# Address other nodes use to reach this one. Required when bind is 0.0.0.0 or [::];
+# otherwise it defaults to bind. (Example value.)
+advertise = "10.0.0.5:7946"
+# Nodes to contact first when joining, as "host:port". Default: none (the registry
+# provides them).
+seeds = []
+# Time between gossip rounds, from 10ms to 10s.
+interval = "200ms"
+# Separates clusters on a shared network. Default: the trust domain.
+# cluster_id = "prod"
+
+[inbound]
+# mTLS listener for connections from other nodes to local services.
+bind = "0.0.0.0:15008"
+# Address other nodes use to reach this listener. Required when bind is 0.0.0.0 or [::];
+# otherwise it defaults to bind. (Example value.)
+advertise = "10.0.0.5:15008"
+handshake_timeout = "10s"
+# Most inbound connections served at once.
+max_connections = 10000
+
+[outbound]
+# Time allowed to connect to another node on behalf of a local app.
+connect_timeout = "5s"
+
+[admin]
+# Health, readiness, metrics and config dump. It has no authentication: keep it on loopback.
+bind = "127.0.0.1:15000"
+
+[drain]
+# On shutdown, time open connections get to finish before they are closed.
+grace_period = "15s"
+"#;
+
+/// A sample service file for `services_dir`.
+pub const EXAMPLE_SERVICE_TOML: &str = r#"# A local service: /etc/meshd/services.d/web.toml
+#
+# One file per service that runs on this host. meshd accepts mTLS connections for it
+# from other nodes and forwards them to `address`, and opens a local listener for each
+# upstream the app calls. Unknown keys are errors.
+
+# Service name: lowercase letters, digits and '-'. Required.
+name = "web"
+# Namespace: same rules. Default "default".
+namespace = "default"
+
+# Where the app listens on this host. Required.
+address = "127.0.0.1:8080"
+
+# Only "tcp" for now.
+protocol = "tcp"
+
+# Free-form labels: names and values of letters, digits, '.', '_' and '-', up to 63 each.
+[labels]
+version = "v1"
+team = "storefront"
+
+# Services the app calls. The app connects to `bind` (keep it on loopback), and meshd
+# carries the connection over mTLS to a healthy instance of `service`
+# ("name" or "namespace/name").
+[[upstreams]]
+service = "api"
+bind = "127.0.0.1:9001"
+
+[[upstreams]]
+service = "payments/checkout"
+bind = "127.0.0.1:9002"
+"#;

@@ -1,0 +1,354 @@
+//! Service files (`services_dir/*.toml`, one local service each): parsing, validation, and the
+//! checks across files and against the node file (duplicate services, clashing binds).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use mesh_api::name::{DEFAULT_NAMESPACE, Label, ServiceKey};
+use serde::{Deserialize, Serialize};
+
+use super::check::{self, Checker};
+use super::{Config, Error, Problem};
+
+/// A local service: the app listening on this host and the upstreams it may call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// `namespace/name`.
+    #[serde(serialize_with = "super::ser_display")]
+    pub key: ServiceKey,
+    /// Where the app listens on this host; meshd forwards inbound connections here.
+    pub address: SocketAddr,
+    /// Application protocol.
+    pub protocol: Protocol,
+    /// Free-form labels (`[A-Za-z0-9._-]`, at most 63 characters each).
+    pub labels: BTreeMap<String, String>,
+    /// Local listeners meshd opens for the app to reach other services.
+    pub upstreams: Vec<Upstream>,
+    /// The file the service was declared in.
+    pub file: PathBuf,
+}
+
+/// A service the app calls through a local listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Upstream {
+    /// The service called.
+    #[serde(serialize_with = "super::ser_display")]
+    pub service: ServiceKey,
+    /// Local address the app connects to.
+    pub bind: SocketAddr,
+}
+
+/// Application protocol of a service; only raw TCP for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Bytes are proxied as they are.
+    Tcp,
+}
+
+/// A service file as written; unknown keys are rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawService {
+    /// Required label.
+    pub name: Option<String>,
+    /// Label, `default` unless set.
+    pub namespace: String,
+    /// Required IP address and port.
+    pub address: Option<String>,
+    /// `tcp`.
+    pub protocol: String,
+    /// `[labels]`.
+    pub labels: BTreeMap<String, String>,
+    /// `[[upstreams]]`.
+    pub upstreams: Vec<RawUpstream>,
+}
+
+/// One `[[upstreams]]` entry as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Required `name` or `namespace/name`.
+    pub service: Option<String>,
+    /// Required IP address and port.
+    pub bind: Option<String>,
+}
+
+const UNSUPPORTED_PROTOCOLS: &[&str] = &["http", "http2", "grpc"];
+
+// === impl Service ===
+
+impl Service {
+    /// Parses and validates one service file; `path` names the file in problems.
+    pub fn from_toml_str(path: &Path, text: &str) -> Result<Service, Vec<Problem>> {
+        let raw: RawService = check::from_toml(path, text)?;
+        raw.validate(path)
+    }
+}
+
+// === impl Protocol ===
+
+impl Protocol {
+    /// Every protocol accepted today.
+    pub const ALL: &[Protocol] = &[Protocol::Tcp];
+
+    /// The name used in service files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = Self::ALL.iter().find(|p| p.as_str() == s) {
+            return Ok(*p);
+        }
+        let valid = Self::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if UNSUPPORTED_PROTOCOLS.contains(&s) {
+            Err(format!(
+                "protocol {s:?} is not supported yet (supported: {valid})"
+            ))
+        } else {
+            Err(format!("unknown protocol {s:?} (valid: {valid})"))
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl RawService ===
+
+impl RawService {
+    /// Checks every key, reporting all problems; `path` names the file in problems.
+    pub fn validate(self, path: &Path) -> Result<Service, Vec<Problem>> {
+        let mut c = Checker::new(path);
+        let service = self.check(&mut c, path);
+        match service {
+            Some(service) if c.is_empty() => Ok(service),
+            _ => Err(c.into_problems()),
+        }
+    }
+
+    fn check(self, c: &mut Checker<'_>, path: &Path) -> Option<Service> {
+        let name = c.required("name", self.name.as_deref()).and_then(|v| {
+            let r = Label::new(v);
+            c.parsed("name", v, r)
+        });
+        let namespace = c.parsed("namespace", &self.namespace, Label::new(&self.namespace));
+        let address = c
+            .required("address", self.address.as_deref())
+            .and_then(|v| app_address(c, v));
+        let protocol = match Protocol::parse(&self.protocol) {
+            Ok(p) => Some(p),
+            Err(message) => {
+                c.push("protocol", message);
+                None
+            }
+        };
+        let labels_ok = check_labels(c, &self.labels);
+        // Check every upstream before giving up on any, so all problems are reported.
+        let upstreams: Vec<Option<Upstream>> = (self.upstreams.iter().enumerate())
+            .map(|(i, u)| u.check(c, i))
+            .collect();
+        Some(Service {
+            key: ServiceKey::new(namespace?, name?),
+            address: address?,
+            protocol: protocol?,
+            labels: labels_ok.then_some(self.labels)?,
+            upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+            file: path.to_owned(),
+        })
+    }
+}
+
+impl Default for RawService {
+    fn default() -> Self {
+        Self {
+            name: None,
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            address: None,
+            protocol: Protocol::Tcp.as_str().to_owned(),
+            labels: BTreeMap::new(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+// === impl RawUpstream ===
+
+impl RawUpstream {
+    fn check(&self, c: &mut Checker<'_>, i: usize) -> Option<Upstream> {
+        let service_key = format!("upstreams[{i}].service");
+        let service = c
+            .required(&service_key, self.service.as_deref())
+            .and_then(|v| c.parsed(&service_key, v, ServiceKey::parse(v)));
+        let bind_key = format!("upstreams[{i}].bind");
+        let bind = c
+            .required(&bind_key, self.bind.as_deref())
+            .and_then(|v| c.socket_addr(&bind_key, v));
+        let bind = bind.and_then(|b| {
+            if b.port() == 0 {
+                c.push(
+                    bind_key,
+                    format!("{b}: port 0 is not allowed; the app needs a fixed port"),
+                );
+                return None;
+            }
+            Some(b)
+        });
+        Some(Upstream {
+            service: service?,
+            bind: bind?,
+        })
+    }
+}
+
+/// The app's address: a concrete IP (meshd connects to it) and a non-zero port.
+fn app_address(c: &mut Checker<'_>, value: &str) -> Option<SocketAddr> {
+    let addr = c.socket_addr("address", value)?;
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        let message = format!(
+            "{value:?} is not an address meshd can connect to; \
+             give the IP and port the app listens on, e.g. \"127.0.0.1:8080\""
+        );
+        c.push("address", message);
+        return None;
+    }
+    Some(addr)
+}
+
+fn check_labels(c: &mut Checker<'_>, labels: &BTreeMap<String, String>) -> bool {
+    let mut ok = true;
+    for (name, value) in labels {
+        if let Err(why) = check::check_label_text(name) {
+            c.push("labels", format!("label name {name:?} is invalid: {why}"));
+            ok = false;
+        }
+        if let Err(why) = check::check_label_text(value) {
+            c.push(label_key(name), format!("{value:?} is invalid: {why}"));
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// `labels.<name>`, with the name quoted unless it is a bare TOML key.
+fn label_key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && (name.chars()).all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        format!("labels.{name}")
+    } else {
+        format!("labels.{name:?}")
+    }
+}
+
+/// Parses every `*.toml` file in `dir`, sorted by name, and checks them against each other.
+/// Returns the valid services and every problem; `Err` only when a file cannot be read.
+pub(super) fn load_dir(dir: &Path) -> Result<(Vec<Service>, Vec<Problem>), Error> {
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Io { path, source }
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error(dir))? {
+        let path = entry.map_err(io_error(dir))?.path();
+        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+
+    let mut services = Vec::new();
+    let mut problems = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).map_err(io_error(&file))?;
+        match Service::from_toml_str(&file, &text) {
+            Ok(service) => services.push(service),
+            Err(p) => problems.extend(p),
+        }
+    }
+    problems.extend(check_across(&services));
+    Ok((services, problems))
+}
+
+/// Services declared twice, and upstream binds that clash with each other or with an app.
+fn check_across(services: &[Service]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut seen: BTreeMap<&ServiceKey, &Path> = BTreeMap::new();
+    for service in services {
+        if let Some(first) = seen.insert(&service.key, &service.file) {
+            let message = format!(
+                "service {} is also declared in {}",
+                service.key,
+                first.display()
+            );
+            problems.push(Problem::new(&service.file, "name".to_owned(), message));
+            // Keep pointing at the first declaration.
+            seen.insert(&service.key, first);
+        }
+    }
+
+    let mut taken: Vec<(SocketAddr, String, &Path)> = services
+        .iter()
+        .map(|s| (s.address, "address".to_owned(), s.file.as_path()))
+        .collect();
+    for service in services {
+        for (i, upstream) in service.upstreams.iter().enumerate() {
+            let key = format!("upstreams[{i}].bind");
+            let clash = taken
+                .iter()
+                .find(|(b, ..)| check::binds_overlap(*b, upstream.bind));
+            if let Some((_, other_key, other_file)) = clash {
+                let message = format!(
+                    "{} is already used by {other_key} in {}",
+                    upstream.bind,
+                    other_file.display()
+                );
+                problems.push(Problem::new(&service.file, key.clone(), message));
+            }
+            taken.push((upstream.bind, key, &service.file));
+        }
+    }
+    problems
+}
+
+/// Upstream binds that clash with the node's own listeners.
+pub(super) fn check_against_node(
+    config: &Config,
+    node_file: &Path,
+    services: &[Service],
+) -> Vec<Problem> {
+    let node_binds = [
+        ("inbound.bind", config.inbound.bind),
+        ("admin.bind", config.admin.bind),
+        ("gossip.bind", config.gossip.bind),
+    ];
+    let mut problems = Vec::new();
+    for service in services {
+        for (i, upstream) in service.upstreams.iter().enumerate() {
+            let clash = (node_binds.iter()).find(|(_, b)| check::binds_overlap(*b, upstream.bind));
+            if let Some((node_key, _)) = clash {
+                let message = format!(
+                    "{} is already used by {node_key} in {}",
+                    upstream.bind,
+                    node_file.display()
+                );
+                let key = format!("upstreams[{i}].bind");
+                problems.push(Problem::new(&service.file, key, message));
+            }
+        }
+    }
+    problems
+}

@@ -1,0 +1,194 @@
+//! The only module that talks to the registry: a gRPC client over our own rustls config, either
+//! pinned to the CA fingerprint of a join token (first contact) or authenticated with a mesh
+//! certificate (node or operator).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_api::proto::v1 as pb;
+use mesh_api::{Identity, TrustDomain};
+use mesh_runtime::tls::{self, CertSlot, PinnedRootVerifier, SpiffeVerifier};
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
+use tonic::transport::{Channel, Endpoint};
+
+/// Server name sent to the registry; the verifiers check its SPIFFE identity, not this name.
+const REGISTRY_SERVER_NAME: &str = "registry.mesh.invalid";
+
+/// Registry client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building the TLS configuration failed.
+    #[error("tls setup: {0}")]
+    Tls(#[from] tls::Error),
+    /// The registry address is not usable.
+    #[error("registry address {0:?} is not host:port")]
+    BadAddress(String),
+    /// The call failed (connection refused, timed out, or refused by the registry).
+    // Not a #[source]: the status message is already in the text, and tonic's own Display
+    // would repeat it in every error chain.
+    #[error("registry call failed ({:?}): {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+impl Error {
+    /// Whether the registry refused the call (as opposed to being unreachable).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Status(s) => matches!(
+                s.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::InvalidArgument
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How this client proves itself and checks the registry.
+pub enum Auth {
+    /// First contact: no client certificate; the registry must chain to this root fingerprint.
+    Pinned([u8; 32]),
+    /// A mesh member: the registry must prove `spiffe://<td>/registry` under `roots`; we present
+    /// whatever certificate `cert` holds at handshake time (so renewal needs no reconnect).
+    Mesh {
+        /// The trust bundle.
+        roots: Arc<RootCertStore>,
+        /// The mesh's trust domain.
+        trust_domain: TrustDomain,
+        /// Our certificate.
+        cert: Arc<CertSlot>,
+    },
+}
+
+/// A connected (lazily) registry client.
+#[derive(Clone)]
+pub struct Client {
+    inner: pb::registry_client::RegistryClient<Channel>,
+}
+
+impl Client {
+    /// A client for `address` (`host:port`). Connects on first use and reconnects after
+    /// failures; every call is bounded by `request_timeout`.
+    pub fn new(
+        address: &str,
+        auth: Auth,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Self, Error> {
+        if address.rsplit_once(':').is_none() {
+            return Err(Error::BadAddress(address.to_owned()));
+        }
+        let cfg = match auth {
+            Auth::Pinned(fp) => {
+                tls::client_config(Arc::new(PinnedRootVerifier::new(fp)), None, &[b"h2"])?
+            }
+            Auth::Mesh {
+                roots,
+                trust_domain,
+                cert,
+            } => tls::client_config(
+                Arc::new(SpiffeVerifier::exact(
+                    roots,
+                    Identity::registry(&trust_domain),
+                )),
+                Some(cert),
+                &[b"h2"],
+            )?,
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let addr = address.to_owned();
+        let endpoint = Endpoint::from_static("http://registry.mesh.invalid")
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let channel =
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let connector = connector.clone();
+                let addr = addr.clone();
+                async move {
+                    let tcp = tokio::time::timeout(
+                        connect_timeout,
+                        tokio::net::TcpStream::connect(&addr),
+                    )
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to the registry at {addr} timed out"),
+                        )
+                    })??;
+                    let _ = tcp.set_nodelay(true);
+                    let name = ServerName::try_from(REGISTRY_SERVER_NAME)
+                        .expect("constant registry server name is a valid DNS name");
+                    let tls = connector.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                }
+            }));
+        Ok(Self {
+            inner: pb::registry_client::RegistryClient::new(channel),
+        })
+    }
+
+    /// First contact: token + node CSR → node certificate.
+    pub async fn join(&self, req: pb::JoinRequest) -> Result<pb::JoinResponse, Error> {
+        Ok(self.inner.clone().join(req).await?.into_inner())
+    }
+
+    /// Renews the node certificate with the current one.
+    pub async fn renew_node(&self, csr_pem: String) -> Result<pb::CertificateResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .renew_node(pb::RenewNodeRequest { csr_pem })
+            .await?
+            .into_inner())
+    }
+
+    /// Requests a workload certificate.
+    pub async fn sign_workload(
+        &self,
+        req: pb::SignWorkloadRequest,
+    ) -> Result<pb::CertificateResponse, Error> {
+        Ok(self.inner.clone().sign_workload(req).await?.into_inner())
+    }
+
+    /// Creates a join token (operators only).
+    pub async fn create_token(
+        &self,
+        req: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, Error> {
+        Ok(self.inner.clone().create_token(req).await?.into_inner())
+    }
+
+    /// Lists registered nodes (operators only).
+    pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Lists issued certificates (operators only).
+    pub async fn list_certificates(
+        &self,
+        limit: u32,
+    ) -> Result<pb::ListCertificatesResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .list_certificates(pb::ListCertificatesRequest { limit })
+            .await?
+            .into_inner())
+    }
+}

@@ -1,0 +1,179 @@
+//! On-disk identity state under `<data_dir>/identity/`: the node certificate, key and trust
+//! bundle, and one certificate + key per local service. Each certificate and its key share one
+//! file (mode 0600) written atomically (temp file, fsync, rename), so a crash can never pair a
+//! new key with an old certificate.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use mesh_api::{Identity, ServiceKey, TrustDomain};
+use mesh_runtime::tls;
+
+use super::Error;
+
+/// The node's stored identity.
+pub(crate) struct Node {
+    pub(crate) trust_domain: TrustDomain,
+    pub(crate) bundle_pem: String,
+    pub(crate) chain_pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+}
+
+/// A stored workload certificate.
+pub(crate) struct Workload {
+    pub(crate) identity: Identity,
+    pub(crate) chain_pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+}
+
+/// The identity directory.
+pub(crate) struct Dir {
+    root: PathBuf,
+}
+
+impl Dir {
+    pub(crate) fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    fn err(&self, path: &Path, reason: impl ToString) -> Error {
+        Error::Store {
+            path: path.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn read_opt(&self, name: &str) -> Result<Option<String>, Error> {
+        let path = self.root.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(&path, e)),
+        }
+    }
+
+    fn write(&self, name: &str, contents: &str, mode: u32) -> Result<(), Error> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.root.join(name);
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        std::fs::create_dir_all(&dir).map_err(|e| self.err(&dir, e))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| self.err(&tmp, e))?;
+        f.write_all(contents.as_bytes())
+            .map_err(|e| self.err(&tmp, e))?;
+        f.sync_all().map_err(|e| self.err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| self.err(&path, e))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The stored node identity, if the node has joined.
+    pub(crate) fn load_node(&self) -> Result<Option<Node>, Error> {
+        let (Some(td), Some(bundle_pem), Some(pair)) = (
+            self.read_opt("trust-domain")?,
+            self.read_opt("bundle.pem")?,
+            self.read_opt("node.pem")?,
+        ) else {
+            return Ok(None);
+        };
+        let node_path = self.root.join("node.pem");
+        let (chain_pem, key_pem) = split_pair(&pair).ok_or_else(|| {
+            self.err(
+                &node_path,
+                "expected certificates followed by a private key",
+            )
+        })?;
+        let trust_domain = TrustDomain::new(td.trim())
+            .map_err(|e| self.err(&self.root.join("trust-domain"), e))?;
+        let chain = tls::parse_certs(&chain_pem, "node certificate")
+            .map_err(|e| self.err(&node_path, e))?;
+        let (not_before, not_after) =
+            tls::validity(&chain[0]).map_err(|e| self.err(&node_path, e))?;
+        Ok(Some(Node {
+            trust_domain,
+            bundle_pem,
+            chain_pem,
+            key_pem,
+            not_before,
+            not_after,
+        }))
+    }
+
+    /// Stores the node identity; the certificate/key file is written last, so the trust
+    /// bundle it chains to is always on disk first.
+    pub(crate) fn save_node(&self, node: &Node) -> Result<(), Error> {
+        self.write("bundle.pem", &node.bundle_pem, 0o644)?;
+        self.write("trust-domain", node.trust_domain.as_str(), 0o644)?;
+        self.write(
+            "node.pem",
+            &join_pair(&node.chain_pem, &node.key_pem),
+            0o600,
+        )
+    }
+
+    fn workload_file(svc: &ServiceKey) -> String {
+        format!("workloads/{}.{}.pem", svc.namespace, svc.name)
+    }
+
+    /// The stored certificate of a local service.
+    pub(crate) fn load_workload(&self, svc: &ServiceKey) -> Result<Option<Workload>, Error> {
+        let file = Self::workload_file(svc);
+        let Some(pair) = self.read_opt(&file)? else {
+            return Ok(None);
+        };
+        let path = self.root.join(&file);
+        let (chain_pem, key_pem) = split_pair(&pair)
+            .ok_or_else(|| self.err(&path, "expected certificates followed by a private key"))?;
+        let chain =
+            tls::parse_certs(&chain_pem, "workload certificate").map_err(|e| self.err(&path, e))?;
+        let Some(identity) = tls::peer_identity(&chain) else {
+            return Err(self.err(&path, "certificate carries no mesh identity"));
+        };
+        tls::certified_key(&chain_pem, &key_pem).map_err(|e| self.err(&path, e))?;
+        let (not_before, not_after) = tls::validity(&chain[0]).map_err(|e| self.err(&path, e))?;
+        Ok(Some(Workload {
+            identity,
+            chain_pem,
+            key_pem,
+            not_before,
+            not_after,
+        }))
+    }
+
+    /// Stores a workload certificate and key.
+    pub(crate) fn save_workload(&self, svc: &ServiceKey, w: &Workload) -> Result<(), Error> {
+        self.write(
+            &Self::workload_file(svc),
+            &join_pair(&w.chain_pem, &w.key_pem),
+            0o600,
+        )
+    }
+}
+
+const KEY_MARKER: &str = "-----BEGIN PRIVATE KEY-----";
+
+fn join_pair(chain_pem: &str, key_pem: &str) -> String {
+    format!("{}\n{}", chain_pem.trim_end(), key_pem)
+}
+
+/// Splits a stored file into (certificate chain PEM, PKCS#8 key PEM).
+fn split_pair(pair: &str) -> Option<(String, String)> {
+    let at = pair.find(KEY_MARKER)?;
+    Some((pair[..at].to_owned(), pair[at..].to_owned()))
+}

@@ -1,0 +1,11 @@
+//! meshd: the per-host daemon — local proxy for every service on the host, gossip membership
+//! and discovery, workload identity, admin endpoint; also the library behind `meshctl`.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod ctl;
+pub mod identity;
+pub mod membership;
+pub mod proxy;

@@ -1,0 +1,131 @@
+//! `meshd`: command line, exit codes and runtime of the per-host daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshd::{app, config};
+
+/// Exit code for bad command line or configuration (EX_USAGE): systemd must not restart-loop.
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "meshd: service mesh daemon for VMs and bare-metal hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Node config file.
+        #[arg(long, env = "MESHD_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate the node config and every service file; exit 0 if valid, 64 if not.
+    CheckConfig {
+        /// Node config file.
+        #[arg(long, env = "MESHD_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Show the members and endpoints this node sees (from its admin endpoint).
+    Members {
+        /// Admin address of the local meshd.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
+    },
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mesh_runtime::telemetry::init(&mesh_runtime::telemetry::Settings {
+        default_filter: "warn,meshd=info,mesh_runtime=info,chitchat=warn",
+        identifier: "meshd",
+    });
+    mesh_runtime::tls::install_default_provider();
+    match cli.command {
+        Command::CheckConfig { config } => match config::Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (node {}, {} service(s) from {})",
+                    config.display(),
+                    c.node_name,
+                    c.services.len(),
+                    c.services_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(async move {
+                let bound = match app::build(cfg).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "meshd failed to start");
+                        return ExitCode::from(1);
+                    }
+                };
+                let drain = bound.wait_termination(async {
+                    let _ = mesh_runtime::signal::shutdown().await;
+                });
+                // A second SIGINT/SIGTERM during the drain exits at once.
+                tokio::select! {
+                    _ = drain => ExitCode::SUCCESS,
+                    _ = async {
+                        let _ = mesh_runtime::signal::shutdown().await;
+                        let _ = mesh_runtime::signal::shutdown().await;
+                    } => {
+                        tracing::warn!("second signal: exiting without finishing the drain");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Command::Members { admin } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(meshd::ctl::print_members(&admin)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The only module that touches chitchat: publishes this node (inbound address, locality,
+//! state) and its local services by gossip, and turns the live cluster into a `watch` snapshot
+//! of members and service endpoints.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use mesh_api::ServiceKey;
+use mesh_api::gossip::{self, NodeInfo, ServiceInfo};
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+
+/// Phi-accrual threshold above which a silent node is considered dead.
+pub const DEFAULT_PHI_THRESHOLD: f64 = 8.0;
+/// Heartbeat intervals longer than this are not sampled (a paused node must not skew phi).
+pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a dead node's state is kept before it is collected.
+pub const DEFAULT_DEAD_NODE_GRACE: Duration = Duration::from_secs(600);
+
+/// Membership errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// chitchat could not start (e.g. the gossip port is taken).
+    #[error("gossip could not start on {addr}: {reason}")]
+    Start {
+        /// Gossip bind address.
+        addr: SocketAddr,
+        /// chitchat's error.
+        reason: String,
+    },
+}
+
+/// One instance of a service, as seen by gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// Node hosting it.
+    pub node: String,
+    /// The node's mTLS inbound address.
+    pub addr: SocketAddr,
+    /// Locality.
+    pub datacenter: String,
+    /// Locality.
+    pub zone: String,
+    /// Subset labels.
+    pub labels: BTreeMap<String, String>,
+    /// Passing health checks.
+    pub healthy: bool,
+    /// The node is draining.
+    pub draining: bool,
+}
+
+impl Endpoint {
+    /// Whether new connections may go to this endpoint.
+    pub fn is_usable(&self) -> bool {
+        self.healthy && !self.draining
+    }
+}
+
+/// A live member of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// Node name.
+    pub node: String,
+    /// Gossip address.
+    pub gossip_addr: SocketAddr,
+    /// Generation (start time in ms); grows on every restart.
+    pub generation: u64,
+    /// What the node published about itself, if readable.
+    pub info: Option<NodeInfo>,
+    /// Its services.
+    pub services: Vec<String>,
+}
+
+/// Everything the proxy needs to know about the mesh, rebuilt on every gossip change.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshView {
+    /// Live members, by node name.
+    pub members: Vec<Member>,
+    /// Endpoints of every service.
+    pub endpoints: BTreeMap<ServiceKey, Vec<Endpoint>>,
+}
+
+/// Builds the view from chitchat's live nodes. Values this build cannot read (newer schema,
+/// garbage) are skipped with a debug log, never trusted half-way.
+pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>) -> MeshView {
+    let mut view = MeshView::default();
+    for (id, state) in nodes {
+        let info = state
+            .get(gossip::KEY_NODE)
+            .and_then(|v| match gossip::decode::<NodeInfo>(v) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    debug!(node = %id.node_id, error = %e, "unreadable node info");
+                    None
+                }
+            });
+        let mut services = Vec::new();
+        for (key, value) in state.key_values() {
+            let Some(svc) = gossip::parse_service_key(key) else {
+                continue;
+            };
+            services.push(svc.to_string());
+            let Some(info) = &info else { continue };
+            match gossip::decode::<ServiceInfo>(value) {
+                Ok(s) => view.endpoints.entry(svc).or_default().push(Endpoint {
+                    node: id.node_id.to_string(),
+                    addr: info.inbound,
+                    datacenter: info.datacenter.to_string(),
+                    zone: info.zone.to_string(),
+                    labels: s.labels,
+                    healthy: s.healthy,
+                    draining: info.state == gossip::NodeState::Draining,
+                }),
+                Err(e) => debug!(node = %id.node_id, key, error = %e, "unreadable service info"),
+            }
+        }
+        view.members.push(Member {
+            node: id.node_id.to_string(),
+            gossip_addr: id.gossip_advertise_addr,
+            generation: id.generation_id,
+            info,
+            services,
+        });
+    }
+    // Stable order so round robin is consistent across rebuilds.
+    for eps in view.endpoints.values_mut() {
+        eps.sort_by(|a, b| (&a.node, a.addr).cmp(&(&b.node, b.addr)));
+    }
+    view
+}
+
+/// Running gossip membership.
+pub struct Membership {
+    handle: ChitchatHandle,
+    node_info: NodeInfo,
+}
+
+impl Membership {
+    /// Starts gossip, publishing this node and its services.
+    pub async fn start(
+        config: &Config,
+        cluster_id: String,
+        inbound: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Self, watch::Receiver<Arc<MeshView>>), Error> {
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let node_info = NodeInfo {
+            v: gossip::VERSION,
+            inbound,
+            datacenter: config.datacenter.clone(),
+            zone: config.zone.clone(),
+            state: gossip::NodeState::Serving,
+        };
+        let mut kvs = vec![(gossip::KEY_NODE.to_owned(), gossip::encode(&node_info))];
+        for svc in &config.services {
+            kvs.push((
+                gossip::service_key(&svc.key),
+                gossip::encode(&ServiceInfo {
+                    v: gossip::VERSION,
+                    protocol: svc.protocol.to_string(),
+                    labels: svc.labels.clone(),
+                    healthy: true,
+                }),
+            ));
+        }
+        let cc = ChitchatConfig {
+            chitchat_id: ChitchatId::new(
+                config.node_name.to_string(),
+                generation,
+                config.gossip.advertise,
+            ),
+            cluster_id,
+            gossip_interval: config.gossip.interval,
+            listen_addr: config.gossip.bind,
+            seed_nodes: config.gossip.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: DEFAULT_PHI_THRESHOLD,
+                sampling_window_size: 1000,
+                max_interval: DEFAULT_MAX_INTERVAL,
+                initial_interval: config.gossip.interval,
+                dead_node_grace_period: DEFAULT_DEAD_NODE_GRACE,
+            },
+            marked_for_deletion_grace_period: DEFAULT_DEAD_NODE_GRACE,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let handle = chitchat::spawn_chitchat(cc, kvs, &UdpTransport)
+            .await
+            .map_err(|e| Error::Start {
+                addr: config.gossip.bind,
+                reason: format!("{e:#}"),
+            })?;
+        let mut live_rx = handle.chitchat().lock().await.live_nodes_watcher();
+        let initial = Arc::new(build_view(&live_rx.borrow_and_update()));
+        let (view_tx, view_rx) = watch::channel(initial);
+        let mut shutdown = shutdown;
+        // Fire-and-forget: ends when chitchat stops (sender dropped) or on shutdown.
+        tokio::spawn(async move {
+            let mut members = 0usize;
+            loop {
+                tokio::select! {
+                    r = live_rx.changed() => if r.is_err() { return },
+                    _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+                }
+                let view = build_view(&live_rx.borrow_and_update());
+                if view.members.len() != members {
+                    info!(members = view.members.len(), "mesh membership changed");
+                    members = view.members.len();
+                }
+                view_tx.send_replace(Arc::new(view));
+            }
+        });
+        info!(addr = %config.gossip.bind, advertise = %config.gossip.advertise, "gossip started");
+        Ok((Self { handle, node_info }, view_rx))
+    }
+
+    /// Publishes that this node is draining, so peers stop sending it new connections.
+    pub async fn set_draining(&mut self) {
+        self.node_info.state = gossip::NodeState::Draining;
+        let value = gossip::encode(&self.node_info);
+        self.handle
+            .with_chitchat(|c| c.self_node_state().set(gossip::KEY_NODE, &value))
+            .await;
+    }
+
+    /// Leaves the cluster.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            warn!(error = %e, "gossip shutdown failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_api::name::Label;
+
+    fn node(name: &str, kvs: &[(&str, &str)]) -> (ChitchatId, NodeState) {
+        let id = ChitchatId::new(name.to_owned(), 1, "127.0.0.1:7946".parse().unwrap());
+        let mut st = NodeState::for_test();
+        for (k, v) in kvs {
+            st.set(*k, *v);
+        }
+        (id, st)
+    }
+
+    #[test]
+    fn view_from_gossip() {
+        let info = |port: u16, state: gossip::NodeState| {
+            gossip::encode(&NodeInfo {
+                v: gossip::VERSION,
+                inbound: SocketAddr::from(([127, 0, 0, 1], port)),
+                datacenter: Label::new("dc1").unwrap(),
+                zone: Label::new("a").unwrap(),
+                state,
+            })
+        };
+        let svc = gossip::encode(&ServiceInfo {
+            v: gossip::VERSION,
+            protocol: "tcp".into(),
+            labels: BTreeMap::new(),
+            healthy: true,
+        });
+        let n1_info = info(1, gossip::NodeState::Serving);
+        let n2_info = info(2, gossip::NodeState::Draining);
+        let newer = svc.replace("\"v\":1", "\"v\":9");
+        let nodes: BTreeMap<_, _> = [
+            node(
+                "n1",
+                &[
+                    ("node", &n1_info),
+                    ("svc/default/api", &svc),
+                    ("svc/default/web", &newer),
+                ],
+            ),
+            node("n2", &[("node", &n2_info), ("svc/default/api", &svc)]),
+            // No readable node info: its services cannot be reached, so they are not endpoints.
+            node("n3", &[("node", "garbage"), ("svc/default/api", &svc)]),
+        ]
+        .into_iter()
+        .collect();
+        let view = build_view(&nodes);
+        assert_eq!(view.members.len(), 3);
+        let api = &view.endpoints[&ServiceKey::parse("api").unwrap()];
+        assert_eq!(api.len(), 2);
+        assert_eq!(api[0].node, "n1");
+        assert!(api[0].is_usable());
+        assert_eq!(api[1].node, "n2");
+        assert!(!api[1].is_usable(), "a draining node takes no new work");
+        assert!(
+            !view
+                .endpoints
+                .contains_key(&ServiceKey::parse("web").unwrap()),
+            "unknown schema skipped"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Proxy metrics (connections, bytes, handshakes, rejections by reason) and the access log.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Which side of the proxy.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    /// Connections arriving from other hosts over mTLS.
+    Inbound,
+    /// Connections from local apps to upstreams.
+    Outbound,
+}
+
+/// Bytes flow relative to the proxy's peer.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Flow {
+    /// Bytes sent towards the destination service.
+    ToService,
+    /// Bytes returned to the caller.
+    ToCaller,
+}
+
+/// `direction` + `service` (the local service for inbound, the upstream for outbound).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// `namespace/name`.
+    pub service: String,
+}
+
+/// Byte counter labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// `namespace/name`.
+    pub service: String,
+    /// Which way the bytes went.
+    pub flow: Flow,
+}
+
+/// Labels with a bounded reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// Bounded reason (`not_tls`, `no_client_cert`, `cert_expired`, ...).
+    pub reason: &'static str,
+}
+
+/// Labels of the active-connection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+}
+
+/// All proxy metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// `meshd_connections_total{direction,service}`: connections proxied (after handshake).
+    pub connections: Family<ServiceLabels, Counter>,
+    /// `meshd_connections_active{direction}`.
+    pub active: Family<DirectionLabels, Gauge>,
+    /// `meshd_bytes_total{direction,service,flow}`.
+    pub bytes: Family<BytesLabels, Counter>,
+    /// `meshd_tls_handshakes_total{direction}` (successful).
+    pub handshakes: Family<DirectionLabels, Counter>,
+    /// `meshd_tls_handshake_duration_seconds`.
+    pub handshake_duration: Histogram,
+    /// `meshd_rejected_connections_total{direction,reason}`: refused or failed connections.
+    pub rejected: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers the proxy metrics.
+    pub fn new(reg: &mut Registry) -> Self {
+        let m = Self {
+            connections: Family::default(),
+            active: Family::default(),
+            bytes: Family::default(),
+            handshakes: Family::default(),
+            handshake_duration: Histogram::new(
+                [
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ]
+                .into_iter(),
+            ),
+            rejected: Family::default(),
+        };
+        reg.register(
+            "meshd_connections",
+            "Connections proxied, by direction and service",
+            m.connections.clone(),
+        );
+        reg.register(
+            "meshd_connections_active",
+            "Connections open now",
+            m.active.clone(),
+        );
+        reg.register(
+            "meshd_bytes",
+            "Bytes proxied, by direction, service and flow",
+            m.bytes.clone(),
+        );
+        reg.register(
+            "meshd_tls_handshakes",
+            "Successful mTLS handshakes",
+            m.handshakes.clone(),
+        );
+        reg.register(
+            "meshd_tls_handshake_duration_seconds",
+            "Duration of mTLS handshakes",
+            m.handshake_duration.clone(),
+        );
+        reg.register(
+            "meshd_rejected_connections",
+            "Connections refused or failed, by direction and reason",
+            m.rejected.clone(),
+        );
+        m
+    }
+
+    /// Counts a refused or failed connection.
+    pub fn reject(&self, direction: Direction, reason: &'static str) {
+        self.rejected
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Records the bytes of a finished connection.
+    pub fn record_bytes(
+        &self,
+        direction: Direction,
+        service: &str,
+        to_service: u64,
+        to_caller: u64,
+    ) {
+        let labels = |flow| BytesLabels {
+            direction,
+            service: service.to_owned(),
+            flow,
+        };
+        self.bytes
+            .get_or_create(&labels(Flow::ToService))
+            .inc_by(to_service);
+        self.bytes
+            .get_or_create(&labels(Flow::ToCaller))
+            .inc_by(to_caller);
+    }
+}
+
+/// Holds one active-connection slot; decrements the gauge when dropped.
+pub struct ActiveGuard(Gauge);
+
+impl ActiveGuard {
+    /// Increments the gauge for `direction`.
+    pub fn new(m: &Metrics, direction: Direction) -> Self {
+        let g = m
+            .active
+            .get_or_create(&DirectionLabels { direction })
+            .clone();
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

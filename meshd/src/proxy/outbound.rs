@@ -1,0 +1,298 @@
+//! The outbound side: accepts an app's connection on an upstream's local port, picks an
+//! endpoint of the upstream service from the mesh view, and originates mTLS to that host's
+//! inbound port, presenting the calling service's identity and checking the callee's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::{Instrument as _, debug, debug_span, info, warn};
+
+use super::metrics::{ActiveGuard, Direction, DirectionLabels, ServiceLabels};
+use super::{Blame, Shared, copy, route, tls};
+use crate::config::{Service, Upstream};
+
+/// Endpoints tried for one connection before giving up (first choice + fallbacks).
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Why an outbound connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Gossip knows no usable endpoint.
+    #[error("no healthy endpoint of {0} is known")]
+    NoEndpoints(String),
+    /// The calling service has no certificate yet.
+    #[error("{0} has no workload certificate yet (is the registry reachable?)")]
+    NoCertificate(String),
+    /// TCP connect failed.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP connect or TLS handshake timed out.
+    #[error("{what} with {addr} timed out")]
+    Timeout {
+        /// Connect or handshake.
+        what: &'static str,
+        /// Endpoint.
+        addr: SocketAddr,
+    },
+    /// TLS handshake failed (including the server proving the wrong identity).
+    #[error("tls handshake with {addr} failed: {source}")]
+    Handshake {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Bounded reason.
+        reason: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Bounded reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoEndpoints(_) => "no_endpoints",
+            Self::NoCertificate(_) => "no_certificate",
+            Self::Connect { .. } => "connect_failed",
+            Self::Timeout { .. } => "timeout",
+            Self::Handshake { reason, .. } => reason,
+        }
+    }
+
+    /// Who is at fault.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::NoEndpoints(_) | Self::NoCertificate(_) => Blame::Internal,
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Handshake { .. } => Blame::Upstream,
+        }
+    }
+
+    /// Whether another endpoint may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } => true,
+            // A wrong identity is a security event: never paper over it with a retry.
+            Self::Handshake { reason, .. } => *reason != "identity_mismatch",
+            Self::NoEndpoints(_) | Self::NoCertificate(_) => false,
+        }
+    }
+}
+
+/// Accepts app connections for one upstream until `stop_rx` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    source: Service,
+    upstream: Upstream,
+    shared: Shared,
+    mut stop_rx: watch::Receiver<bool>,
+) {
+    let cursor = Arc::new(AtomicUsize::new(0));
+    let (source, upstream) = (Arc::new(source), Arc::new(upstream));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = mesh_runtime::drain::until_true(&mut stop_rx) => break,
+        };
+        let (shared, cursor, source, upstream) = (
+            shared.clone(),
+            cursor.clone(),
+            source.clone(),
+            upstream.clone(),
+        );
+        // Tracked by the drain watch it holds.
+        tokio::spawn(
+            async move {
+                let _drain = shared.drain.clone();
+                handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
+            }
+            .instrument(debug_span!("conn", src.addr = %peer)),
+        );
+    }
+    debug!("outbound listener stopped accepting");
+}
+
+async fn connect(
+    shared: &Shared,
+    source: &Service,
+    upstream: &Upstream,
+    cursor: &AtomicUsize,
+) -> Result<(TlsStream<TcpStream>, SocketAddr, String), Error> {
+    let dst = upstream.service.to_string();
+    let client = shared
+        .tls_rx
+        .borrow()
+        .clients
+        .get(&source.key)
+        .cloned()
+        .ok_or_else(|| Error::NoCertificate(source.key.to_string()))?;
+    let view = shared.view_rx.borrow().clone();
+    let endpoints = view
+        .endpoints
+        .get(&upstream.service)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let candidates = route::pick(
+        endpoints,
+        cursor.fetch_add(1, Ordering::Relaxed),
+        MAX_CONNECT_ATTEMPTS,
+    );
+    if candidates.is_empty() {
+        return Err(Error::NoEndpoints(dst));
+    }
+    let name =
+        ServerName::try_from(upstream.service.sni()).expect("service SNI is a valid DNS name");
+    let connector = TlsConnector::from(client);
+    let mut last = None;
+    for ep in candidates {
+        match attempt(shared, &connector, name.clone(), ep.addr).await {
+            Ok(s) => return Ok((s, ep.addr, ep.node.clone())),
+            Err(e) => {
+                shared.metrics.reject(Direction::Outbound, e.reason());
+                debug!(dst.addr = %ep.addr, error = %e, "endpoint failed");
+                let retry = e.is_retryable();
+                last = Some(e);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.expect("at least one candidate was tried"))
+}
+
+async fn attempt(
+    shared: &Shared,
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<TlsStream<TcpStream>, Error> {
+    let cfg = &shared.config;
+    let tcp = match timeout(cfg.outbound.connect_timeout, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: "connect",
+                addr,
+            });
+        }
+        Ok(Err(source)) => return Err(Error::Connect { addr, source }),
+        Ok(Ok(t)) => t,
+    };
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let tls = match timeout(cfg.inbound.handshake_timeout, connector.connect(name, tcp)).await {
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: "tls handshake",
+                addr,
+            });
+        }
+        Ok(Err(source)) => {
+            return Err(Error::Handshake {
+                addr,
+                reason: tls::failure_reason(&source),
+                source,
+            });
+        }
+        Ok(Ok(t)) => t,
+    };
+    shared
+        .metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .handshakes
+        .get_or_create(&DirectionLabels {
+            direction: Direction::Outbound,
+        })
+        .inc();
+    Ok(tls)
+}
+
+async fn handle(
+    mut app: TcpStream,
+    peer: SocketAddr,
+    source: &Service,
+    upstream: &Upstream,
+    shared: &Shared,
+    cursor: &AtomicUsize,
+) {
+    let _ = app.set_nodelay(true);
+    let started = Instant::now();
+    let dst = upstream.service.to_string();
+    let (mut tls_stream, addr, node) = match connect(shared, source, upstream, cursor).await {
+        Ok(c) => c,
+        Err(e) => {
+            if !matches!(
+                e,
+                Error::Connect { .. } | Error::Timeout { .. } | Error::Handshake { .. }
+            ) {
+                shared.metrics.reject(Direction::Outbound, e.reason());
+            }
+            warn!(src.service = %source.key, dst.service = %dst, reason = e.reason(), error = %e, "outbound connection failed");
+            copy::reset(&app);
+            return;
+        }
+    };
+    shared
+        .metrics
+        .connections
+        .get_or_create(&ServiceLabels {
+            direction: Direction::Outbound,
+            service: dst.clone(),
+        })
+        .inc();
+    let _active = ActiveGuard::new(&shared.metrics, Direction::Outbound);
+    let mut force = shared.force_rx.clone();
+    let result = tokio::select! {
+        r = copy::bidirectional(&mut app, &mut tls_stream, true) => r,
+        _ = mesh_runtime::drain::until_true(&mut force) => {
+            copy::reset(&app);
+            Err(std::io::Error::other("closed at the end of the drain grace period"))
+        }
+    };
+    let (t, error) = match result {
+        Ok(t) => (t, None),
+        Err(e) => {
+            copy::reset(tls_stream.get_ref().0);
+            (copy::Transferred::default(), Some(e.to_string()))
+        }
+    };
+    shared
+        .metrics
+        .record_bytes(Direction::Outbound, &dst, t.to_service, t.to_caller);
+    info!(
+        target: "access",
+        direction = "outbound",
+        src.addr = %peer,
+        src.service = %source.key,
+        dst.service = %dst,
+        dst.node = %node,
+        dst.addr = %addr,
+        bytes.to_service = t.to_service,
+        bytes.to_caller = t.to_caller,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = error.as_deref().unwrap_or(""),
+        "connection"
+    );
+}

@@ -1,0 +1,125 @@
+//! rustls configurations derived from the identity snapshot: one inbound server config that
+//! picks the local service's certificate by SNI, and one client config per local service that
+//! presents that service's identity and checks the upstream's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use mesh_api::{Identity, ServiceKey, TrustDomain};
+use mesh_runtime::tls::{self, ALPN_MESH_TCP, SpiffeVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::ServerName;
+
+use crate::identity::Certs;
+
+/// TLS configs for the current certificates.
+pub struct TlsState {
+    /// Trust domain of the mesh.
+    pub trust_domain: TrustDomain,
+    /// Inbound server config.
+    pub server: Arc<ServerConfig>,
+    /// Client config per local (source) service.
+    pub clients: BTreeMap<ServiceKey, Arc<ClientConfig>>,
+}
+
+/// Chooses the certificate of the local service named by the client's SNI.
+#[derive(Debug)]
+struct SniResolver {
+    by_sni: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // No certificate for an unknown name: the handshake fails, nothing is revealed.
+        self.by_sni.get(hello.server_name()?).cloned()
+    }
+}
+
+/// Single-certificate client resolver (the source service's identity).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Fixed {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Builds the TLS state for `certs`.
+pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
+    let by_sni = certs
+        .workloads
+        .iter()
+        .map(|(svc, w)| (svc.sni(), w.key.clone()))
+        .collect();
+    let server = tls::server_config(
+        certs.roots.clone(),
+        Arc::new(SniResolver { by_sni }),
+        false,
+        &[ALPN_MESH_TCP],
+    )?;
+    let td = certs.trust_domain.clone();
+    let verifier = Arc::new(SpiffeVerifier::new(
+        certs.roots.clone(),
+        Box::new(move |name| match name {
+            ServerName::DnsName(d) => {
+                ServiceKey::from_sni(d.as_ref()).map(|k| Identity::workload(&td, &k))
+            }
+            _ => None,
+        }),
+    ));
+    let mut clients = BTreeMap::new();
+    for (svc, w) in &certs.workloads {
+        let cfg = tls::client_config(
+            verifier.clone(),
+            Some(Arc::new(Fixed(w.key.clone()))),
+            &[ALPN_MESH_TCP],
+        )?;
+        clients.insert(svc.clone(), Arc::new(cfg));
+    }
+    Ok(TlsState {
+        trust_domain: certs.trust_domain.clone(),
+        server: Arc::new(server),
+        clients,
+    })
+}
+
+/// A bounded reason for a TLS failure, for metrics and logs.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    let Some(err) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "peer_closed",
+            std::io::ErrorKind::ConnectionReset => "peer_reset",
+            _ => "handshake_io_error",
+        };
+    };
+    match err {
+        E::InvalidMessage(_) => "not_tls",
+        E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "cert_expired",
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "cert_not_yet_valid"
+        }
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "untrusted_cert",
+        E::InvalidCertificate(C::Other(o))
+            if o.0.downcast_ref::<tls::IdentityMismatch>().is_some() =>
+        {
+            "identity_mismatch"
+        }
+        E::InvalidCertificate(_) => "bad_cert",
+        E::AlertReceived(_) => "peer_alert",
+        E::General(m) if m.contains("no server certificate") => "unknown_service",
+        E::General(m) if m.contains("no mesh identity") => "unknown_service",
+        E::PeerIncompatible(_) => "incompatible_peer",
+        _ => "handshake_error",
+    }
+}

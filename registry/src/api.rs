@@ -1,0 +1,600 @@
+//! The registry's gRPC service: join with a token, node renewal, workload signing, token
+//! creation and inventory — each call authorised by the caller's certificate identity.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_api::proto::v1 as pb;
+use mesh_api::token::JoinToken;
+use mesh_api::{Identity, NodeName, ServiceKey};
+use mesh_ca::{Authority, SignRequest};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::server::PeerInfo;
+use crate::store::{self, CertRecord, NodeRecord, Store, TokenRecord};
+
+mod decide;
+pub use decide::{allows_service, normalize_services};
+
+/// Labels of the request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// RPC name.
+    pub rpc: &'static str,
+    /// `ok` or the rejection reason.
+    pub outcome: &'static str,
+}
+
+/// Registry API metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Calls by RPC and outcome (`mesh_registry_calls_total`).
+    pub calls: Family<CallLabels, Counter>,
+    /// Certificates signed (`mesh_registry_certificates_issued_total`).
+    pub issued: Counter,
+}
+
+impl Metrics {
+    /// Registers the metrics under `registry`.
+    pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "mesh_registry_calls",
+            "Registry API calls by RPC and outcome (ok or rejection reason)",
+            m.calls.clone(),
+        );
+        registry.register(
+            "mesh_registry_certificates_issued",
+            "Certificates signed by the registry",
+            m.issued.clone(),
+        );
+        m
+    }
+}
+
+/// A refused call: what the caller is told and the bounded reason used in metrics and logs.
+struct Rejected {
+    reason: &'static str,
+    status: Status,
+}
+
+fn reject(reason: &'static str, status: Status) -> Rejected {
+    Rejected { reason, status }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct RegistryApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    ca: Arc<Authority>,
+    config: Config,
+    metrics: Metrics,
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn store_error(e: store::Error) -> Rejected {
+    warn!(error = %e, "registry store failure");
+    reject(
+        "store_error",
+        Status::unavailable(format!("registry storage failed: {e}")),
+    )
+}
+
+impl RegistryApi {
+    /// Serves `store` and signs with `ca`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        ca: Arc<Authority>,
+        config: Config,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                ca,
+                config,
+                metrics,
+            }),
+        }
+    }
+
+    /// Runs blocking store work off the async threads (sled fsyncs).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, store::Error> + Send + 'static,
+    ) -> Result<T, Rejected> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(inner.store.as_ref()))
+            .await
+            .map_err(|e| {
+                reject(
+                    "internal",
+                    Status::internal(format!("store task failed: {e}")),
+                )
+            })?
+            .map_err(store_error)
+    }
+
+    fn finish<T>(
+        &self,
+        rpc: &'static str,
+        peer: &PeerInfo,
+        r: Result<T, Rejected>,
+    ) -> Result<Response<T>, Status> {
+        match r {
+            Ok(v) => {
+                self.inner
+                    .metrics
+                    .calls
+                    .get_or_create(&CallLabels { rpc, outcome: "ok" })
+                    .inc();
+                Ok(Response::new(v))
+            }
+            Err(rej) => {
+                self.inner
+                    .metrics
+                    .calls
+                    .get_or_create(&CallLabels {
+                        rpc,
+                        outcome: rej.reason,
+                    })
+                    .inc();
+                warn!(
+                    rpc,
+                    reason = rej.reason,
+                    src.addr = %peer.addr,
+                    src.identity = peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                    message = rej.status.message(),
+                    "registry call rejected"
+                );
+                Err(rej.status)
+            }
+        }
+    }
+
+    fn require_node(&self, peer: &PeerInfo) -> Result<NodeName, Rejected> {
+        match &peer.identity {
+            Some(Identity::Node { trust_domain, name })
+                if *trust_domain == self.inner.config.trust_domain =>
+            {
+                Ok(name.clone())
+            }
+            Some(other) => Err(reject(
+                "wrong_identity",
+                Status::permission_denied(format!("{other} is not a node identity of this mesh")),
+            )),
+            None => Err(reject(
+                "unauthenticated",
+                Status::unauthenticated("a node certificate is required"),
+            )),
+        }
+    }
+
+    fn require_admin(&self, peer: &PeerInfo) -> Result<Identity, Rejected> {
+        match &peer.identity {
+            Some(id @ Identity::Admin { trust_domain, .. })
+                if *trust_domain == self.inner.config.trust_domain =>
+            {
+                Ok(id.clone())
+            }
+            Some(other) => Err(reject(
+                "not_admin",
+                Status::permission_denied(format!("{other} is not an operator identity")),
+            )),
+            None => Err(reject(
+                "unauthenticated",
+                Status::unauthenticated(
+                    "operator credentials (from mesh-registry init) are required",
+                ),
+            )),
+        }
+    }
+
+    fn sign(
+        &self,
+        csr_pem: &str,
+        identity: Identity,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<mesh_ca::Issued, Rejected> {
+        let issued = self
+            .inner
+            .ca
+            .sign_csr(
+                csr_pem,
+                &SignRequest {
+                    identity,
+                    dns_names: Vec::new(),
+                    ttl,
+                    now,
+                },
+            )
+            .map_err(|e| {
+                reject(
+                    "bad_csr",
+                    Status::invalid_argument(format!("certificate request refused: {e}")),
+                )
+            })?;
+        self.inner.metrics.issued.inc();
+        Ok(issued)
+    }
+
+    fn cert_response(&self, issued: &mesh_ca::Issued) -> pb::CertificateResponse {
+        pb::CertificateResponse {
+            cert_chain_pem: issued.chain_pem.clone(),
+            trust_bundle_pem: self.inner.ca.trust_bundle_pem(),
+            identity: issued.identity.to_string(),
+            not_after_unix: unix(issued.not_after),
+            serial: issued.serial.clone(),
+        }
+    }
+
+    async fn do_join(&self, req: pb::JoinRequest) -> Result<pb::JoinResponse, Rejected> {
+        let now = SystemTime::now();
+        let token = JoinToken::decode(&req.token).map_err(|e| {
+            reject(
+                "bad_token",
+                Status::invalid_argument(format!("join token: {e}")),
+            )
+        })?;
+        let name = NodeName::new(&req.node_name).map_err(|e| {
+            reject(
+                "bad_request",
+                Status::invalid_argument(format!("node_name {:?}: {e}", req.node_name)),
+            )
+        })?;
+        let id = token.id.clone();
+        let record = self
+            .blocking(move |s| s.get_token(&id))
+            .await?
+            .ok_or_else(|| {
+                reject(
+                    "unknown_token",
+                    Status::permission_denied("unknown join token"),
+                )
+            })?;
+        decide::check_token(&record, &token.secret, unix(now))
+            .map_err(|e| reject(e.reason(), Status::permission_denied(e.to_string())))?;
+        let node_id = Identity::node(&self.inner.config.trust_domain, &name);
+        let issued = self.sign(&req.csr_pem, node_id, self.inner.config.node_cert_ttl, now)?;
+        let node = NodeRecord {
+            name: name.to_string(),
+            datacenter: req.datacenter.clone(),
+            zone: req.zone.clone(),
+            allowed_services: record.services.clone(),
+            token_id: record.id.clone(),
+            joined_unix: unix(now),
+            last_renewed_unix: unix(now),
+            cert_serial: issued.serial.clone(),
+            cert_not_after_unix: unix(issued.not_after),
+        };
+        let cert = CertRecord {
+            serial: issued.serial.clone(),
+            identity: issued.identity.to_string(),
+            node: name.to_string(),
+            issued_unix: unix(now),
+            not_before_unix: unix(issued.not_before),
+            not_after_unix: unix(issued.not_after),
+        };
+        let token_id = record.id.clone();
+        let n = node.clone();
+        let updated = self
+            .blocking(move |s| Ok(s.join(&token_id, unix(now), &n, &cert)))
+            .await?
+            .map_err(|e| match e {
+                store::Error::TokenExhausted { .. } => {
+                    reject("token_used_up", Status::permission_denied(e.to_string()))
+                }
+                store::Error::TokenExpired { .. } => {
+                    reject("token_expired", Status::permission_denied(e.to_string()))
+                }
+                store::Error::TokenNotFound => {
+                    reject("unknown_token", Status::permission_denied(e.to_string()))
+                }
+                other => store_error(other),
+            })?;
+        info!(node = %name, token = %updated.id, uses = updated.uses, services = ?node.allowed_services, "node joined");
+        Ok(pb::JoinResponse {
+            trust_domain: self.inner.config.trust_domain.to_string(),
+            node_cert_chain_pem: issued.chain_pem,
+            trust_bundle_pem: self.inner.ca.trust_bundle_pem(),
+            allowed_services: node.allowed_services,
+        })
+    }
+
+    async fn do_renew_node(
+        &self,
+        peer: &PeerInfo,
+        req: pb::RenewNodeRequest,
+    ) -> Result<pb::CertificateResponse, Rejected> {
+        let now = SystemTime::now();
+        let name = self.require_node(peer)?;
+        let key = name.to_string();
+        let mut node = self
+            .blocking(move |s| s.get_node(&key))
+            .await?
+            .ok_or_else(|| {
+                reject(
+                    "unknown_node",
+                    Status::permission_denied(format!("node {name} is not registered")),
+                )
+            })?;
+        let issued = self.sign(
+            &req.csr_pem,
+            Identity::node(&self.inner.config.trust_domain, &name),
+            self.inner.config.node_cert_ttl,
+            now,
+        )?;
+        node.last_renewed_unix = unix(now);
+        node.cert_serial = issued.serial.clone();
+        node.cert_not_after_unix = unix(issued.not_after);
+        let cert = cert_record(&issued, &name, now);
+        self.blocking(move |s| {
+            s.put_cert(&cert)?;
+            s.put_node(&node)
+        })
+        .await?;
+        info!(node = %name, not_after = unix(issued.not_after), "node certificate renewed");
+        Ok(self.cert_response(&issued))
+    }
+
+    async fn do_sign_workload(
+        &self,
+        peer: &PeerInfo,
+        req: pb::SignWorkloadRequest,
+    ) -> Result<pb::CertificateResponse, Rejected> {
+        let now = SystemTime::now();
+        let name = self.require_node(peer)?;
+        let svc =
+            ServiceKey::parse(&format!("{}/{}", req.namespace, req.service)).map_err(|e| {
+                reject(
+                    "bad_request",
+                    Status::invalid_argument(format!(
+                        "service {}/{}: {e}",
+                        req.namespace, req.service
+                    )),
+                )
+            })?;
+        let key = name.to_string();
+        let node = self
+            .blocking(move |s| s.get_node(&key))
+            .await?
+            .ok_or_else(|| {
+                reject(
+                    "unknown_node",
+                    Status::permission_denied(format!("node {name} is not registered")),
+                )
+            })?;
+        if !allows_service(&node.allowed_services, &svc) {
+            return Err(reject(
+                "service_not_allowed",
+                Status::permission_denied(format!(
+                    "node {name} may not host {svc}: its join token allows {:?}",
+                    node.allowed_services
+                )),
+            ));
+        }
+        let issued = self.sign(
+            &req.csr_pem,
+            Identity::workload(&self.inner.config.trust_domain, &svc),
+            self.inner.config.workload_cert_ttl,
+            now,
+        )?;
+        let cert = cert_record(&issued, &name, now);
+        self.blocking(move |s| s.put_cert(&cert)).await?;
+        info!(node = %name, service = %svc, serial = %issued.serial, "workload certificate issued");
+        Ok(self.cert_response(&issued))
+    }
+
+    async fn do_create_token(
+        &self,
+        peer: &PeerInfo,
+        req: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, Rejected> {
+        let now = SystemTime::now();
+        let admin = self.require_admin(peer)?;
+        let services = normalize_services(&req.services)
+            .map_err(|e| reject("bad_request", Status::invalid_argument(e)))?;
+        let ttl = if req.ttl_seconds == 0 {
+            self.inner.config.default_token_ttl
+        } else {
+            Duration::from_secs(req.ttl_seconds)
+        };
+        if ttl > self.inner.config.max_token_ttl {
+            return Err(reject(
+                "bad_request",
+                Status::invalid_argument(format!(
+                    "ttl {} is longer than the registry's max_token_ttl {}",
+                    humantime::format_duration(ttl),
+                    humantime::format_duration(self.inner.config.max_token_ttl)
+                )),
+            ));
+        }
+        let secret = random_hex(32);
+        let record = TokenRecord {
+            id: random_hex(8),
+            secret_sha256: sha256_hex(secret.as_bytes()),
+            services: services.clone(),
+            created_unix: unix(now),
+            expires_unix: unix(now + ttl),
+            max_uses: req.uses,
+            uses: 0,
+            created_by: admin.to_string(),
+        };
+        let token = JoinToken {
+            id: record.id.clone(),
+            secret,
+            ca: self.inner.ca.root_fingerprint(),
+            td: self.inner.config.trust_domain.to_string(),
+            registry: self.inner.config.advertise.clone(),
+            services,
+            exp: record.expires_unix,
+        };
+        let r = record.clone();
+        self.blocking(move |s| s.put_token(&r)).await?;
+        info!(token = %record.id, services = ?record.services, max_uses = record.max_uses, by = %admin, "join token created");
+        Ok(pb::CreateTokenResponse {
+            token: token.encode(),
+            id: record.id,
+            expires_unix: record.expires_unix,
+        })
+    }
+}
+
+fn cert_record(issued: &mesh_ca::Issued, node: &NodeName, now: SystemTime) -> CertRecord {
+    CertRecord {
+        serial: issued.serial.clone(),
+        identity: issued.identity.to_string(),
+        node: node.to_string(),
+        issued_unix: unix(now),
+        not_before_unix: unix(issued.not_before),
+        not_after_unix: unix(issued.not_after),
+    }
+}
+
+fn peer_of<T>(req: &Request<T>) -> PeerInfo {
+    req.extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for RegistryApi {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_join(req.into_inner()).await;
+        self.finish("join", &peer, r)
+    }
+
+    async fn renew_node(
+        &self,
+        req: Request<pb::RenewNodeRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_renew_node(&peer, req.into_inner()).await;
+        self.finish("renew_node", &peer, r)
+    }
+
+    async fn sign_workload(
+        &self,
+        req: Request<pb::SignWorkloadRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_sign_workload(&peer, req.into_inner()).await;
+        self.finish("sign_workload", &peer, r)
+    }
+
+    async fn get_trust_bundle(
+        &self,
+        req: Request<pb::TrustBundleRequest>,
+    ) -> Result<Response<pb::TrustBundle>, Status> {
+        let peer = peer_of(&req);
+        let r = match &peer.identity {
+            Some(_) => Ok(pb::TrustBundle {
+                trust_domain: self.inner.config.trust_domain.to_string(),
+                trust_bundle_pem: self.inner.ca.trust_bundle_pem(),
+            }),
+            None => Err(reject(
+                "unauthenticated",
+                Status::unauthenticated("a mesh certificate is required"),
+            )),
+        };
+        self.finish("get_trust_bundle", &peer, r)
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_create_token(&peer, req.into_inner()).await;
+        self.finish("create_token", &peer, r)
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = match self.require_admin(&peer) {
+            Ok(_) => self
+                .blocking(|s| s.list_nodes())
+                .await
+                .map(|nodes| pb::ListNodesResponse {
+                    nodes: nodes
+                        .into_iter()
+                        .map(|n| pb::NodeRecord {
+                            name: n.name,
+                            datacenter: n.datacenter,
+                            zone: n.zone,
+                            allowed_services: n.allowed_services,
+                            joined_unix: n.joined_unix,
+                            last_renewed_unix: n.last_renewed_unix,
+                            cert_not_after_unix: n.cert_not_after_unix,
+                            token_id: n.token_id,
+                        })
+                        .collect(),
+                }),
+            Err(e) => Err(e),
+        };
+        self.finish("list_nodes", &peer, r)
+    }
+
+    async fn list_certificates(
+        &self,
+        req: Request<pb::ListCertificatesRequest>,
+    ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
+        let peer = peer_of(&req);
+        let limit = req.get_ref().limit as usize;
+        let r = match self.require_admin(&peer) {
+            Ok(_) => self
+                .blocking(move |s| s.list_certs(limit))
+                .await
+                .map(|certs| pb::ListCertificatesResponse {
+                    certificates: certs
+                        .into_iter()
+                        .map(|c| pb::CertificateRecord {
+                            serial: c.serial,
+                            identity: c.identity,
+                            node: c.node,
+                            not_before_unix: c.not_before_unix,
+                            not_after_unix: c.not_after_unix,
+                        })
+                        .collect(),
+                }),
+            Err(e) => Err(e),
+        };
+        self.finish("list_certificates", &peer, r)
+    }
+}

@@ -1,0 +1,171 @@
+//! Pure decisions of the registry API: token checks and which services a node may host.
+
+use mesh_api::ServiceKey;
+use mesh_api::name::{DEFAULT_NAMESPACE, Label};
+
+use crate::store::TokenRecord;
+
+/// Why a join token was refused before touching the store's atomic redeem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejected {
+    /// The secret does not match the record.
+    #[error("join token secret does not match")]
+    BadSecret,
+    /// Past its expiry.
+    #[error("join token expired at unix time {0}")]
+    Expired(i64),
+    /// No uses left.
+    #[error("join token has already been used (max_uses = {0})")]
+    UsedUp(u32),
+}
+
+impl TokenRejected {
+    /// Bounded reason label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadSecret => "bad_token_secret",
+            Self::Expired(_) => "token_expired",
+            Self::UsedUp(_) => "token_used_up",
+        }
+    }
+}
+
+/// Checks a presented secret against a token record at `now_unix`. The store re-checks expiry
+/// and uses atomically when it redeems; this gives the early, specific answer.
+pub(crate) fn check_token(
+    record: &TokenRecord,
+    secret: &str,
+    now_unix: i64,
+) -> Result<(), TokenRejected> {
+    let presented = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    let presented_hex: String = presented
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Constant-time comparison so the secret hash cannot be probed byte by byte.
+    #[allow(deprecated)]
+    let same = ring::constant_time::verify_slices_are_equal(
+        presented_hex.as_bytes(),
+        record.secret_sha256.as_bytes(),
+    )
+    .is_ok();
+    if !same {
+        return Err(TokenRejected::BadSecret);
+    }
+    if now_unix >= record.expires_unix {
+        return Err(TokenRejected::Expired(record.expires_unix));
+    }
+    if record.max_uses != 0 && record.uses >= record.max_uses {
+        return Err(TokenRejected::UsedUp(record.max_uses));
+    }
+    Ok(())
+}
+
+/// Normalises token service entries: `name` → `default/name`; `ns/name` and `ns/*` kept.
+pub fn normalize_services(entries: &[String]) -> Result<Vec<String>, String> {
+    if entries.is_empty() {
+        return Err(
+            "a join token must allow at least one service (e.g. --services web,api)".to_owned(),
+        );
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let e = e.trim();
+        let normalized = match e.split_once('/') {
+            Some((ns, "*")) => Label::new(ns)
+                .map(|ns| format!("{ns}/*"))
+                .map_err(|err| format!("service {e:?}: namespace {err}"))?,
+            Some(_) => ServiceKey::parse(e)
+                .map(|k| k.to_string())
+                .map_err(|err| format!("service {e:?}: {err}"))?,
+            None if e == "*" => format!("{DEFAULT_NAMESPACE}/*"),
+            None => ServiceKey::parse(e)
+                .map(|k| k.to_string())
+                .map_err(|err| format!("service {e:?}: {err}"))?,
+        };
+        if !out.contains(&normalized) {
+            out.push(normalized);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a node whose token allowed `allowed` may host `service`.
+pub fn allows_service(allowed: &[String], service: &ServiceKey) -> bool {
+    allowed.iter().any(|a| match a.split_once('/') {
+        Some((ns, "*")) => ns == service.namespace.as_str(),
+        Some((ns, name)) => ns == service.namespace.as_str() && name == service.name.as_str(),
+        None => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(max_uses: u32, uses: u32) -> TokenRecord {
+        let hash = ring::digest::digest(&ring::digest::SHA256, b"s3cret");
+        TokenRecord {
+            id: "t".into(),
+            secret_sha256: hash.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+            services: vec!["default/web".into()],
+            created_unix: 0,
+            expires_unix: 100,
+            max_uses,
+            uses,
+            created_by: "spiffe://m/admin/op".into(),
+        }
+    }
+
+    #[test]
+    fn token_checks() {
+        let cases = [
+            (token(1, 0), "s3cret", 50, Ok(())),
+            (token(1, 0), "wrong", 50, Err(TokenRejected::BadSecret)),
+            (token(1, 0), "s3cret", 100, Err(TokenRejected::Expired(100))),
+            (token(1, 1), "s3cret", 50, Err(TokenRejected::UsedUp(1))),
+            (token(0, 99), "s3cret", 50, Ok(())),
+            (token(3, 2), "s3cret", 50, Ok(())),
+        ];
+        for (i, (rec, secret, now, want)) in cases.into_iter().enumerate() {
+            assert_eq!(check_token(&rec, secret, now), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn service_entries() {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            normalize_services(&s(&["web", "shop/api", "ops/*", "web"])).unwrap(),
+            s(&["default/web", "shop/api", "ops/*"])
+        );
+        assert_eq!(normalize_services(&s(&["*"])).unwrap(), s(&["default/*"]));
+        assert!(normalize_services(&s(&[])).is_err());
+        assert!(
+            normalize_services(&s(&["Web"]))
+                .unwrap_err()
+                .contains("\"Web\"")
+        );
+        assert!(normalize_services(&s(&["a/b/c"])).is_err());
+        assert!(normalize_services(&s(&["*/web"])).is_err());
+    }
+
+    #[test]
+    fn allowed_services() {
+        let allowed = vec!["default/web".to_owned(), "ops/*".to_owned()];
+        let cases = [
+            ("web", true),
+            ("default/api", false),
+            ("ops/anything", true),
+            ("shop/web", false),
+        ];
+        for (svc, want) in cases {
+            assert_eq!(
+                allows_service(&allowed, &ServiceKey::parse(svc).unwrap()),
+                want,
+                "{svc}"
+            );
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Wiring of the registry process: store, CA, serving certificate, gRPC and admin servers, and
+//! shutdown with a deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use mesh_api::Identity;
+use mesh_api::proto::v1::registry_server::RegistryServer;
+use mesh_ca::{Authority, SignRequest};
+use mesh_runtime::tls::{self, CertSlot};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::api::{self, RegistryApi};
+use crate::config::Config;
+use crate::init::CaPaths;
+use crate::store::{SledStore, Store};
+use crate::{admin, server};
+
+/// Retry delay when renewing the serving certificate fails.
+const SERVING_RENEW_RETRY: Duration = Duration::from_secs(30);
+
+/// A registry with every listener bound.
+pub struct Bound {
+    /// The gRPC address actually bound (port 0 resolved).
+    pub listen_addr: SocketAddr,
+    /// The admin address actually bound.
+    pub admin_addr: SocketAddr,
+    /// Sending `true` stops the servers; receivers live in each task.
+    shutdown_tx: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    grace: Duration,
+}
+
+/// Issues the registry's serving certificate: chain = leaf + intermediate + root, so a joining
+/// host can find the root its token pins.
+fn serving_cert(
+    ca: &Authority,
+    config: &Config,
+) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, SystemTime)> {
+    let (issued, key) = ca.issue(&SignRequest {
+        identity: Identity::registry(&config.trust_domain),
+        dns_names: Vec::new(),
+        ttl: config.serving_cert_ttl,
+        now: SystemTime::now(),
+    })?;
+    let chain = format!("{}{}", issued.chain_pem, ca.trust_bundle_pem());
+    Ok((tls::certified_key(&chain, &key)?, issued.not_after))
+}
+
+/// Opens the store, loads the CA and binds every listener.
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    tls::install_default_provider();
+    let files = CaPaths::new(&config.data_dir)
+        .read()
+        .context("reading the CA files")?;
+    let ca = Arc::new(
+        Authority::load(&config.trust_domain, &files, SystemTime::now())
+            .context("loading the CA")?,
+    );
+    let store_dir = config.data_dir.join("store");
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || SledStore::open(&store_dir))
+            .await?
+            .context("opening the registry store")?,
+    );
+
+    let (key, not_after) = serving_cert(&ca, &config)?;
+    let slot = CertSlot::new(Some(key));
+    let roots = tls::root_store(&ca.trust_bundle_pem())?;
+    let server_cfg = tls::server_config(roots, slot.clone(), true, &[b"h2"])?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the registry listener on {}", config.listen))?;
+    let listen_addr = listener.local_addr()?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = api::Metrics::new(&mut registry);
+    let registry = Arc::new(registry);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    let incoming = server::incoming(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
+        config.handshake_timeout,
+        shutdown_rx.clone(),
+    );
+    let svc = RegistryServer::new(RegistryApi::new(store, ca.clone(), config.clone(), metrics));
+    let mut rx = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let res = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                mesh_runtime::drain::until_true(&mut rx).await;
+            })
+            .await;
+        if let Err(e) = res {
+            warn!(error = %e, "registry grpc server failed");
+        }
+    });
+
+    let mut rx = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let res = axum::serve(admin_listener, admin::router(registry))
+            .with_graceful_shutdown(async move {
+                mesh_runtime::drain::until_true(&mut rx).await;
+            })
+            .await;
+        if let Err(e) = res {
+            warn!(error = %e, "registry admin server failed");
+        }
+    });
+
+    tasks.spawn(renew_serving_cert(
+        ca,
+        config.clone(),
+        slot,
+        not_after,
+        shutdown_rx,
+    ));
+    info!(addr = %listen_addr, trust_domain = %config.trust_domain, "registry listening");
+    info!(addr = %admin_addr, "admin listening");
+    Ok(Bound {
+        listen_addr,
+        admin_addr,
+        shutdown_tx,
+        tasks,
+        grace: config.drain_grace_period,
+    })
+}
+
+/// Renews the serving certificate at half-life; existing connections keep the old one.
+async fn renew_serving_cert(
+    ca: Arc<Authority>,
+    config: Config,
+    slot: Arc<CertSlot>,
+    mut not_after: SystemTime,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(left / 2) => {}
+            _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+        }
+        match serving_cert(&ca, &config) {
+            Ok((key, na)) => {
+                slot.set(key);
+                not_after = na;
+                info!("registry serving certificate renewed");
+            }
+            Err(e) => {
+                warn!(error = %e, "renewing the registry serving certificate failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(SERVING_RENEW_RETRY) => {}
+                    _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+                }
+            }
+        }
+    }
+}
+
+impl Bound {
+    /// Runs until `shutdown` resolves, then stops the servers within the grace period.
+    pub async fn wait_termination(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        shutdown.await;
+        info!("draining");
+        self.shutdown_tx.send_replace(true);
+        let drained = tokio::time::timeout(self.grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("grace period elapsed; aborting remaining tasks");
+            self.tasks.abort_all();
+        }
+        info!("stopped");
+    }
+}

@@ -1,0 +1,259 @@
+//! `mesh-registry init`: creates (or imports) the mesh CA, the operator's admin credentials
+//! and the registry config in a fresh data directory.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use mesh_api::name::Label;
+use mesh_api::{Identity, TrustDomain};
+use mesh_ca::{Authority, CaFiles, SignRequest};
+
+use crate::config::Config;
+
+/// Lifetime of the operator credential written by init.
+pub const DEFAULT_ADMIN_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Name of the first operator identity (`spiffe://<td>/admin/operator`).
+pub const DEFAULT_ADMIN_NAME: &str = "operator";
+
+/// Why init failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The directory already holds a mesh.
+    #[error("{0} already holds a mesh CA; refusing to overwrite it (choose another --data-dir)")]
+    AlreadyInitialised(PathBuf),
+    /// File I/O.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// CA creation, import or signing failed.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] mesh_ca::Error),
+}
+
+/// Operator-provided CA material to import instead of generating a new root.
+#[derive(Debug, Clone)]
+pub struct Import {
+    /// Root certificate PEM file.
+    pub root_cert: PathBuf,
+    /// Intermediate certificate PEM file.
+    pub intermediate_cert: PathBuf,
+    /// Intermediate private key PEM file (PKCS#8).
+    pub intermediate_key: PathBuf,
+}
+
+/// What init should make.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory to create.
+    pub data_dir: PathBuf,
+    /// gRPC listen address for the config.
+    pub listen: SocketAddr,
+    /// Admin listen address for the config.
+    pub admin_listen: SocketAddr,
+    /// Import instead of generate.
+    pub import: Option<Import>,
+}
+
+/// What init made.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The registry config file.
+    pub config_file: PathBuf,
+    /// Directory with operator credentials for meshctl.
+    pub admin_dir: PathBuf,
+    /// `sha256:` fingerprint of the root.
+    pub root_fingerprint: String,
+    /// Whether a root key was generated and stored.
+    pub root_key_stored: bool,
+    /// Operator identity.
+    pub admin_identity: Identity,
+}
+
+/// Paths of the CA files inside a data dir.
+pub struct CaPaths {
+    /// Root certificate.
+    pub root_cert: PathBuf,
+    /// Root key (only when generated here).
+    pub root_key: PathBuf,
+    /// Intermediate certificate.
+    pub intermediate_cert: PathBuf,
+    /// Intermediate key.
+    pub intermediate_key: PathBuf,
+}
+
+impl CaPaths {
+    /// The layout under `data_dir/ca`.
+    pub fn new(data_dir: &Path) -> Self {
+        let ca = data_dir.join("ca");
+        Self {
+            root_cert: ca.join("root.pem"),
+            root_key: ca.join("root-key.pem"),
+            intermediate_cert: ca.join("intermediate.pem"),
+            intermediate_key: ca.join("intermediate-key.pem"),
+        }
+    }
+
+    /// Reads the CA files (the root key is optional).
+    pub fn read(&self) -> Result<CaFiles, Error> {
+        Ok(CaFiles {
+            root_cert_pem: read(&self.root_cert)?,
+            root_key_pem: read(&self.root_key).ok(),
+            intermediate_cert_pem: read(&self.intermediate_cert)?,
+            intermediate_key_pem: read(&self.intermediate_key)?,
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `contents` to a new file with `mode` (0600 for keys).
+fn write(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Creates the mesh in `args.data_dir`.
+pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
+    let paths = CaPaths::new(&args.data_dir);
+    if paths.intermediate_cert.exists() {
+        return Err(Error::AlreadyInitialised(args.data_dir.clone()));
+    }
+    let (ca, files) = match &args.import {
+        None => Authority::generate(&args.trust_domain, now)?,
+        Some(imp) => Authority::import(
+            &args.trust_domain,
+            &read(&imp.root_cert)?,
+            &read(&imp.intermediate_cert)?,
+            &read(&imp.intermediate_key)?,
+            now,
+        )?,
+    };
+    write(&paths.root_cert, &files.root_cert_pem, 0o644)?;
+    if let Some(key) = &files.root_key_pem {
+        write(&paths.root_key, key, 0o600)?;
+    }
+    write(
+        &paths.intermediate_cert,
+        &files.intermediate_cert_pem,
+        0o644,
+    )?;
+    write(&paths.intermediate_key, &files.intermediate_key_pem, 0o600)?;
+
+    let admin_identity = Identity::Admin {
+        trust_domain: args.trust_domain.clone(),
+        name: Label::new(DEFAULT_ADMIN_NAME).expect("default admin name is a label"),
+    };
+    let (issued, key) = ca.issue(&SignRequest {
+        identity: admin_identity.clone(),
+        dns_names: Vec::new(),
+        ttl: DEFAULT_ADMIN_CERT_TTL,
+        now,
+    })?;
+    let admin_dir = args.data_dir.join("admin");
+    write(&admin_dir.join("ca.pem"), &ca.trust_bundle_pem(), 0o644)?;
+    write(&admin_dir.join("admin.pem"), &issued.chain_pem, 0o644)?;
+    write(&admin_dir.join("admin-key.pem"), &key, 0o600)?;
+    write(
+        &admin_dir.join("meshctl.toml"),
+        &format!(
+            "# meshctl credentials written by mesh-registry init\nregistry = \"{}\"\n",
+            args.listen
+        ),
+        0o644,
+    )?;
+    let config_file = args.data_dir.join("registry.toml");
+    let data_dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
+    write(
+        &config_file,
+        &Config::render(
+            &args.trust_domain,
+            &data_dir,
+            args.listen,
+            args.admin_listen,
+        ),
+        0o644,
+    )?;
+    Ok(Report {
+        config_file,
+        admin_dir,
+        root_fingerprint: ca.root_fingerprint(),
+        root_key_stored: files.root_key_pem.is_some(),
+        admin_identity,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_then_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = Args {
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            data_dir: dir.path().join("reg"),
+            listen: "127.0.0.1:7700".parse().unwrap(),
+            admin_listen: "127.0.0.1:7701".parse().unwrap(),
+            import: None,
+        };
+        let report = run(&args, SystemTime::now()).unwrap();
+        assert!(report.root_key_stored);
+        let cfg = Config::load(&report.config_file).unwrap();
+        assert_eq!(cfg.trust_domain.as_str(), "mesh.test");
+        let files = CaPaths::new(&args.data_dir).read().unwrap();
+        Authority::load(&cfg.trust_domain, &files, SystemTime::now()).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(report.admin_dir.join("admin-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            run(&args, SystemTime::now()),
+            Err(Error::AlreadyInitialised(_))
+        ));
+
+        // Import the same material into a second data dir: same fingerprint, no root key.
+        let p = CaPaths::new(&args.data_dir);
+        let args2 = Args {
+            data_dir: dir.path().join("reg2"),
+            import: Some(Import {
+                root_cert: p.root_cert.clone(),
+                intermediate_cert: p.intermediate_cert.clone(),
+                intermediate_key: p.intermediate_key.clone(),
+            }),
+            ..args
+        };
+        let r2 = run(&args2, SystemTime::now()).unwrap();
+        assert_eq!(r2.root_fingerprint, report.root_fingerprint);
+        assert!(!r2.root_key_stored);
+    }
+}

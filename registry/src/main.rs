@@ -1,0 +1,188 @@
+//! `mesh-registry`: command line, exit codes and runtime for the registry process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mesh_api::TrustDomain;
+use mesh_registry::{app, config, init};
+
+/// Exit code for bad command line or configuration (EX_USAGE), so systemd does not restart.
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-registry",
+    version,
+    about = "meshd control plane: identities, join tokens, policy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the mesh CA, operator credentials and config in a new data directory.
+    Init {
+        /// Trust domain of the mesh, e.g. mesh.internal.
+        #[arg(long)]
+        trust_domain: String,
+        /// Directory to create (holds ca/, admin/, store/ and registry.toml).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// gRPC listen address written into the config.
+        #[arg(long, default_value = config::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Admin listen address written into the config.
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: SocketAddr,
+        /// Import this root certificate (PEM) instead of generating one.
+        #[arg(long, requires_all = ["import_intermediate", "import_intermediate_key"])]
+        import_root: Option<PathBuf>,
+        /// Intermediate certificate (PEM) signed by --import-root.
+        #[arg(long)]
+        import_intermediate: Option<PathBuf>,
+        /// Intermediate private key (PKCS#8 PEM).
+        #[arg(long)]
+        import_intermediate_key: Option<PathBuf>,
+    },
+    /// Serve the registry API.
+    Run {
+        /// Config file written by init.
+        #[arg(long, env = "MESH_REGISTRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0 valid, 64 invalid).
+    CheckConfig {
+        /// Config file to check.
+        #[arg(long, env = "MESH_REGISTRY_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mesh_runtime::telemetry::init(&mesh_runtime::telemetry::Settings {
+        default_filter: "warn,mesh_registry=info,mesh_runtime=info",
+        identifier: "mesh-registry",
+    });
+    mesh_runtime::tls::install_default_provider();
+    match cli.command {
+        Command::Init {
+            trust_domain,
+            data_dir,
+            listen,
+            admin_listen,
+            import_root,
+            import_intermediate,
+            import_intermediate_key,
+        } => {
+            let trust_domain = match TrustDomain::new(&trust_domain) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: --trust-domain: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let import = match (import_root, import_intermediate, import_intermediate_key) {
+                (Some(root_cert), Some(intermediate_cert), Some(intermediate_key)) => {
+                    Some(init::Import {
+                        root_cert,
+                        intermediate_cert,
+                        intermediate_key,
+                    })
+                }
+                _ => None,
+            };
+            let args = init::Args {
+                trust_domain,
+                data_dir,
+                listen,
+                admin_listen,
+                import,
+            };
+            match init::run(&args, std::time::SystemTime::now()) {
+                Ok(r) => {
+                    println!(
+                        "initialised mesh {} in {}",
+                        args.trust_domain,
+                        args.data_dir.display()
+                    );
+                    println!("  root CA fingerprint: {}", r.root_fingerprint);
+                    if r.root_key_stored {
+                        println!(
+                            "  root key: {} (move it offline once the mesh is set up)",
+                            args.data_dir.join("ca/root-key.pem").display()
+                        );
+                    } else {
+                        println!("  root key: not stored (imported CA)");
+                    }
+                    println!(
+                        "  operator credentials: {} ({})",
+                        r.admin_dir.display(),
+                        r.admin_identity
+                    );
+                    println!("  config: {}", r.config_file.display());
+                    println!();
+                    println!("next:");
+                    println!("  mesh-registry run --config {}", r.config_file.display());
+                    println!(
+                        "  meshctl --credentials {} token create --services web,api",
+                        r.admin_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::CheckConfig { config } => match config::Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: starting the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(async move {
+                let bound = match app::build(cfg).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "registry failed to start");
+                        return ExitCode::from(1);
+                    }
+                };
+                bound
+                    .wait_termination(async {
+                        let _ = mesh_runtime::signal::shutdown().await;
+                    })
+                    .await;
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

@@ -1,1 +1,654 @@
-//! placeholder
+//! mesh-e2e: the multi-node test harness — starts a real registry and real meshd processes
+//! (each on its own loopback address, or in its own network namespace), creates tokens with
+//! the real meshctl, and gives tests handles to kill, restart and inspect them.
+
+pub mod apps;
+pub mod netns;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+/// Default time a test waits for a condition.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `meshd`.
+    pub meshd: PathBuf,
+    /// `mesh-registry`.
+    pub registry: PathBuf,
+    /// `meshctl`.
+    pub meshctl: PathBuf,
+}
+
+/// Finds the binaries next to the test executable (`target/<profile>/`).
+pub fn bins() -> Bins {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let b = Bins {
+        meshd: dir.join("meshd"),
+        registry: dir.join("mesh-registry"),
+        meshctl: dir.join("meshctl"),
+    };
+    for p in [&b.meshd, &b.registry, &b.meshctl] {
+        assert!(
+            p.exists(),
+            "{} is missing: build the binaries first (`cargo build --workspace --bins`, or run scripts/test)",
+            p.display()
+        );
+    }
+    b
+}
+
+static NEXT_HOST: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh loopback address for one simulated host. Tests in one binary run in parallel, so
+/// every host gets its own address; the third octet is derived from the process id so that
+/// leftovers of an earlier run cannot collide.
+pub fn next_ip() -> Ipv4Addr {
+    let n = NEXT_HOST.fetch_add(1, Ordering::Relaxed);
+    let third = 10 + (std::process::id() % 100) as u8 * 2 + (n / 250) as u8;
+    Ipv4Addr::new(127, 1, third, 2 + (n % 250) as u8)
+}
+
+/// Runs `f` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    /// Its combined stdout/stderr log.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        cmd.stdout(out.try_clone()?).stderr(out).stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Self {
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for exit; returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(None);
+        };
+        signal(c.id(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status.code());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("process {} did not exit within {timeout:?} of SIGTERM", c.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY-free alternative: the kill(1) binary is always present on the test machines.
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Options for the registry under test.
+#[derive(Debug, Clone)]
+pub struct RegistryOpts {
+    /// Workload certificate lifetime (short in rotation tests).
+    pub workload_cert_ttl: Duration,
+    /// Node certificate lifetime.
+    pub node_cert_ttl: Duration,
+    /// Listen IP.
+    pub ip: IpAddr,
+    /// Run inside this network namespace.
+    pub netns: Option<String>,
+}
+
+impl Default for RegistryOpts {
+    fn default() -> Self {
+        Self {
+            workload_cert_ttl: Duration::from_secs(3600),
+            node_cert_ttl: Duration::from_secs(24 * 3600),
+            ip: IpAddr::V4(next_ip()),
+            netns: None,
+        }
+    }
+}
+
+/// A real registry process with its data directory.
+pub struct Registry {
+    /// Binaries.
+    pub bins: Bins,
+    /// Scratch directory of the whole cluster (kept on failure: see `keep`).
+    pub dir: PathBuf,
+    /// Registry data dir.
+    pub data_dir: PathBuf,
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Operator credentials dir.
+    pub creds: PathBuf,
+    opts: RegistryOpts,
+    /// The process (None while stopped).
+    pub proc: Option<Proc>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+fn wrap(netns: &Option<String>, bin: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+impl Registry {
+    /// Inits and starts a registry in a new temp dir; waits until it answers.
+    pub async fn start(opts: RegistryOpts) -> anyhow::Result<Self> {
+        let bins = bins();
+        let tmp = tempfile::Builder::new().prefix("mesh-e2e-").tempdir()?;
+        let dir = tmp.path().to_owned();
+        let data_dir = dir.join("registry");
+        let addr = SocketAddr::new(opts.ip, 7700);
+        let admin = SocketAddr::new(opts.ip, 7701);
+        let out = Command::new(&bins.registry)
+            .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("mesh-registry init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let cfg = data_dir.join("registry.toml");
+        let mut text = std::fs::read_to_string(&cfg)?;
+        text = text
+            .lines()
+            .filter(|l| !l.starts_with("workload_cert_ttl") && !l.starts_with("node_cert_ttl"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        text.push_str(&format!(
+            "\nworkload_cert_ttl = \"{}s\"\nnode_cert_ttl = \"{}s\"\n",
+            opts.workload_cert_ttl.as_secs(),
+            opts.node_cert_ttl.as_secs()
+        ));
+        std::fs::write(&cfg, text)?;
+        let mut r = Self {
+            creds: data_dir.join("admin"),
+            bins,
+            dir,
+            data_dir,
+            addr,
+            admin,
+            opts,
+            proc: None,
+            _tmp: Some(tmp),
+        };
+        r.run().await?;
+        Ok(r)
+    }
+
+    /// Starts (or restarts) the registry process and waits for its admin endpoint.
+    pub async fn run(&mut self) -> anyhow::Result<()> {
+        let mut cmd = wrap(&self.opts.netns, &self.bins.registry);
+        cmd.arg("run").arg("--config").arg(self.data_dir.join("registry.toml"));
+        self.proc = Some(Proc::spawn(cmd, &self.dir.join("registry.log"))?);
+        let admin = self.admin.to_string();
+        eventually(WAIT, "the registry to answer", || {
+            let admin = admin.clone();
+            async move { http_get(&admin, "/ready").await.ok().filter(|(c, _)| *c == 200) }
+        })
+        .await
+        .with_context(|| format!("registry log:\n{}", self.log()))?;
+        Ok(())
+    }
+
+    /// SIGKILL the registry.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// The registry's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
+    }
+
+    /// Runs meshctl with the operator credentials.
+    pub fn meshctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let mut cmd = wrap(&self.opts.netns, &self.bins.meshctl);
+        cmd.arg("--credentials").arg(&self.creds).arg("--registry").arg(self.addr.to_string());
+        Ok(cmd.args(args).output()?)
+    }
+
+    /// Creates a join token with `meshctl token create`.
+    pub fn token(&self, services: &[&str], uses: u32) -> anyhow::Result<String> {
+        let out = self.meshctl(&["token", "create", "--services", &services.join(","), "--uses", &uses.to_string()])?;
+        if !out.status.success() {
+            bail!("meshctl token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// The mesh CA, loaded from the registry's files (for crafting foreign/expired certs).
+    pub fn authority(&self) -> anyhow::Result<mesh_ca::Authority> {
+        let ca = self.data_dir.join("ca");
+        let files = mesh_ca::CaFiles {
+            root_cert_pem: std::fs::read_to_string(ca.join("root.pem"))?,
+            root_key_pem: std::fs::read_to_string(ca.join("root-key.pem")).ok(),
+            intermediate_cert_pem: std::fs::read_to_string(ca.join("intermediate.pem"))?,
+            intermediate_key_pem: std::fs::read_to_string(ca.join("intermediate-key.pem"))?,
+        };
+        Ok(mesh_ca::Authority::load(
+            &mesh_api::TrustDomain::new("mesh.test")?,
+            &files,
+            std::time::SystemTime::now(),
+        )?)
+    }
+
+    /// Keeps the scratch dir after the test (for debugging a failure).
+    pub fn keep(&mut self) -> PathBuf {
+        if let Some(t) = self._tmp.take() {
+            let _ = t.keep();
+        }
+        self.dir.clone()
+    }
+}
+
+/// A local service of a node.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// Name (namespace default).
+    pub name: String,
+    /// Where the app listens.
+    pub address: SocketAddr,
+    /// Upstreams: (service, local bind).
+    pub upstreams: Vec<(String, SocketAddr)>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+}
+
+impl ServiceSpec {
+    /// A service with no upstreams.
+    pub fn new(name: &str, address: SocketAddr) -> Self {
+        Self {
+            name: name.to_owned(),
+            address,
+            upstreams: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    /// Adds an upstream.
+    pub fn upstream(mut self, service: &str, bind: SocketAddr) -> Self {
+        self.upstreams.push((service.to_owned(), bind));
+        self
+    }
+}
+
+/// How to start one meshd host.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Node name.
+    pub name: String,
+    /// Its address (loopback or netns).
+    pub ip: IpAddr,
+    /// Local services.
+    pub services: Vec<ServiceSpec>,
+    /// Gossip seeds.
+    pub seeds: Vec<SocketAddr>,
+    /// Join token.
+    pub token: String,
+    /// Advertised inbound address override (to route through a relay).
+    pub inbound_advertise: Option<SocketAddr>,
+    /// Run inside this network namespace.
+    pub netns: Option<String>,
+    /// Extra lines appended to meshd.toml.
+    pub extra: String,
+}
+
+/// Gossip port every node uses on its own address.
+pub const GOSSIP_PORT: u16 = 7946;
+/// Inbound port every node uses on its own address.
+pub const INBOUND_PORT: u16 = 15008;
+/// Admin port every node uses on its own address.
+pub const ADMIN_PORT: u16 = 15000;
+
+impl NodeSpec {
+    /// A node on a fresh loopback address.
+    pub fn new(name: &str, token: String) -> Self {
+        Self {
+            name: name.to_owned(),
+            ip: IpAddr::V4(next_ip()),
+            services: Vec::new(),
+            seeds: Vec::new(),
+            token,
+            inbound_advertise: None,
+            netns: None,
+            extra: String::new(),
+        }
+    }
+
+    /// The gossip address of this node.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, GOSSIP_PORT)
+    }
+}
+
+/// A running (or stopped) meshd host.
+pub struct Node {
+    /// How it was started.
+    pub spec: NodeSpec,
+    /// Its directory (config, data, services.d, log).
+    pub dir: PathBuf,
+    /// Inbound address.
+    pub inbound: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// The process (None while stopped).
+    pub proc: Option<Proc>,
+    bins: Bins,
+}
+
+impl Node {
+    /// Writes the config and starts meshd; does not wait for readiness.
+    pub fn start(registry: &Registry, spec: NodeSpec) -> anyhow::Result<Self> {
+        let dir = registry.dir.join(&spec.name);
+        std::fs::create_dir_all(dir.join("services.d"))?;
+        std::fs::write(dir.join("token"), &spec.token)?;
+        let seeds: Vec<String> = spec.seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        let inbound = SocketAddr::new(spec.ip, INBOUND_PORT);
+        let admin = SocketAddr::new(spec.ip, ADMIN_PORT);
+        let advertise = spec
+            .inbound_advertise
+            .map(|a| format!("advertise = \"{a}\"\n"))
+            .unwrap_or_default();
+        let cfg = format!(
+            "node_name = \"{name}\"\ndata_dir = \"data\"\nservices_dir = \"services.d\"\n\
+             [registry]\naddress = \"{reg}\"\njoin_token_file = \"token\"\n\
+             [gossip]\nbind = \"{ip}:{gp}\"\nseeds = [{seeds}]\ninterval = \"100ms\"\n\
+             [inbound]\nbind = \"{inbound}\"\n{advertise}\
+             [admin]\nbind = \"{admin}\"\n\
+             [drain]\ngrace_period = \"5s\"\n{extra}",
+            name = spec.name,
+            reg = registry.addr,
+            ip = spec.ip,
+            gp = GOSSIP_PORT,
+            seeds = seeds.join(", "),
+            extra = spec.extra,
+        );
+        std::fs::write(dir.join("meshd.toml"), cfg)?;
+        for s in &spec.services {
+            let mut text = format!("name = \"{}\"\naddress = \"{}\"\n", s.name, s.address);
+            if !s.labels.is_empty() {
+                text.push_str("[labels]\n");
+                for (k, v) in &s.labels {
+                    text.push_str(&format!("{k} = \"{v}\"\n"));
+                }
+            }
+            for (svc, bind) in &s.upstreams {
+                text.push_str(&format!("[[upstreams]]\nservice = \"{svc}\"\nbind = \"{bind}\"\n"));
+            }
+            std::fs::write(dir.join("services.d").join(format!("{}.toml", s.name)), text)?;
+        }
+        let mut node = Self {
+            spec,
+            dir,
+            inbound,
+            admin,
+            proc: None,
+            bins: registry.bins.clone(),
+        };
+        node.run()?;
+        Ok(node)
+    }
+
+    /// Starts (or restarts) the meshd process with the existing config and data.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        let mut cmd = wrap(&self.spec.netns, &self.bins.meshd);
+        cmd.arg("run").arg("--config").arg(self.dir.join("meshd.toml"));
+        cmd.env("MESHD_LOG", "info,access=info,chitchat=warn");
+        self.proc = Some(Proc::spawn(cmd, &self.dir.join("meshd.log"))?);
+        Ok(())
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let admin = self.admin.to_string();
+        eventually(WAIT, &format!("{} to be ready", self.spec.name), || {
+            let admin = admin.clone();
+            async move { http_get(&admin, "/ready").await.ok().filter(|(c, _)| *c == 200) }
+        })
+        .await
+        .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))?;
+        Ok(())
+    }
+
+    /// Waits until this node sees `n` live members with endpoints for every service in `services`.
+    pub async fn wait_members(&self, n: usize) -> anyhow::Result<()> {
+        let admin = self.admin.to_string();
+        eventually(WAIT, &format!("{} to see {n} members", self.spec.name), || {
+            let admin = admin.clone();
+            async move {
+                let (_, body) = http_get(&admin, "/members").await.ok()?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                (v["members"].as_array()?.len() == n).then_some(())
+            }
+        })
+        .await
+        .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
+    }
+
+    /// The node's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("meshd.log")).unwrap_or_default()
+    }
+
+    /// Prometheus text from `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let (code, body) = http_get(&self.admin.to_string(), "/metrics").await?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// Sum of the samples of `name` whose label set contains every `labels` pair.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        Ok(metric_sum(&self.metrics().await?, name, labels))
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        match self.proc.take() {
+            Some(mut p) => p.terminate(timeout),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Sums the samples of metric `name` (exact name, e.g. `meshd_bytes_total`) whose labels
+/// include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, lbls) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// A plain HTTP/1.0 GET; returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").context("malformed response")?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status code")?;
+        Ok::<_, anyhow::Error>((code, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut).await.context("http get timed out")?
+}
+
+/// A registry plus nodes, killed on drop.
+pub struct Cluster {
+    /// The registry.
+    pub registry: Registry,
+    /// Nodes in start order.
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts a registry with `opts`.
+    pub async fn new(opts: RegistryOpts) -> anyhow::Result<Self> {
+        Ok(Self {
+            registry: Registry::start(opts).await?,
+            nodes: Vec::new(),
+        })
+    }
+
+    /// Creates a single-use token for `services`, starts the node seeded with every node
+    /// started before, and waits for it to be ready.
+    pub async fn add(&mut self, name: &str, services: Vec<ServiceSpec>) -> anyhow::Result<&mut Node> {
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let token = self.registry.token(if names.is_empty() { &["unused"] } else { &names }, 1)?;
+        let mut spec = NodeSpec::new(name, token);
+        spec.services = services;
+        spec.seeds = self.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+        self.add_spec(spec).await
+    }
+
+    /// Starts a node from a full spec and waits for it to be ready.
+    pub async fn add_spec(&mut self, spec: NodeSpec) -> anyhow::Result<&mut Node> {
+        let node = Node::start(&self.registry, spec)?;
+        node.wait_ready().await?;
+        self.nodes.push(node);
+        Ok(self.nodes.last_mut().expect("just pushed"))
+    }
+
+    /// Waits until every running node sees all running nodes.
+    pub async fn converge(&self) -> anyhow::Result<()> {
+        let n = self.nodes.iter().filter(|n| n.proc.is_some()).count();
+        for node in self.nodes.iter().filter(|n| n.proc.is_some()) {
+            node.wait_members(n).await?;
+        }
+        Ok(())
+    }
+
+    /// The node named `name`.
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.spec.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Keeps the scratch dir (call from a failing test to debug).
+    pub fn keep(&mut self) -> PathBuf {
+        self.registry.keep()
+    }
+}
+
+/// The IP of a node as a plain Ipv4 (helper for building app addresses).
+pub fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(v) => v,
+        IpAddr::V6(_) => panic!("tests use IPv4"),
+    }
+}

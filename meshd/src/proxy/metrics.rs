@@ -1,6 +1,6 @@
 //! Proxy metrics (connections, bytes, handshakes, rejections by reason) and the access log.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -8,7 +8,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Which side of the proxy.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Connections arriving from other hosts over mTLS.
     Inbound,
@@ -17,12 +17,36 @@ pub enum Direction {
 }
 
 /// Bytes flow relative to the proxy's peer.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Flow {
     /// Bytes sent towards the destination service.
     ToService,
     /// Bytes returned to the caller.
     ToCaller,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(
+            &match self {
+                Self::Inbound => "inbound",
+                Self::Outbound => "outbound",
+            },
+            e,
+        )
+    }
+}
+
+impl EncodeLabelValue for Flow {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(
+            &match self {
+                Self::ToService => "to_service",
+                Self::ToCaller => "to_caller",
+            },
+            e,
+        )
+    }
 }
 
 /// `direction` + `service` (the local service for inbound, the upstream for outbound).

@@ -1,0 +1,99 @@
+//! Network-namespace hosts: each host gets its own namespace with one veth into a shared
+//! bridge and its own 10.213.<n>.0/24 address that exists only inside this test run.
+//! Needs root (CI runs as root); tests skip with a message when `ip netns` is not permitted.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Whether this process may create network namespaces.
+pub fn available() -> bool {
+    let name = format!("meshprobe{}", std::process::id());
+    let ok = ip(&["netns", "add", &name]).is_ok();
+    if ok {
+        let _ = ip(&["netns", "del", &name]);
+    }
+    ok
+}
+
+/// A bridge with hosts attached; everything is deleted on drop.
+pub struct Net {
+    /// Bridge device name.
+    pub bridge: String,
+    /// Subnet third octet.
+    pub subnet: u8,
+    /// Namespaces created.
+    pub hosts: Vec<Host>,
+}
+
+/// One namespace host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Namespace name (pass to `ip netns exec`).
+    pub ns: String,
+    /// Its address on the bridge.
+    pub ip: Ipv4Addr,
+    /// The veth end in the root namespace (down = host cut off).
+    pub veth_root: String,
+}
+
+impl Net {
+    /// Creates the bridge `mb<id>` with 10.213.<subnet>.1/24 in the root namespace.
+    pub fn new(id: u8) -> anyhow::Result<Self> {
+        let bridge = format!("mb{}x{id}", std::process::id() % 10000);
+        let _ = ip(&["link", "del", &bridge]);
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("10.213.{id}.1/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        Ok(Self {
+            bridge,
+            subnet: id,
+            hosts: Vec::new(),
+        })
+    }
+
+    /// Adds host number `n` (2..=254) as 10.213.<subnet>.<n>.
+    pub fn add_host(&mut self, n: u8) -> anyhow::Result<Host> {
+        let tag = format!("{}x{}x{n}", std::process::id() % 10000, self.subnet);
+        let ns = format!("mesh{tag}");
+        let veth_root = format!("vr{tag}");
+        let veth_ns = format!("vn{tag}");
+        let _ = ip(&["netns", "del", &ns]);
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &veth_root, "type", "veth", "peer", "name", &veth_ns])?;
+        ip(&["link", "set", &veth_ns, "netns", &ns])?;
+        ip(&["link", "set", &veth_root, "master", &self.bridge])?;
+        ip(&["link", "set", &veth_root, "up"])?;
+        let addr = Ipv4Addr::new(10, 213, self.subnet, n);
+        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{addr}/24"), "dev", &veth_ns])?;
+        ip(&["netns", "exec", &ns, "ip", "link", "set", &veth_ns, "up"])?;
+        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        let host = Host { ns, ip: addr, veth_root };
+        self.hosts.push(host.clone());
+        Ok(host)
+    }
+
+    /// Cuts a host off the bridge (partition) or reconnects it.
+    pub fn set_link(&self, host: &Host, up: bool) -> anyhow::Result<()> {
+        ip(&["link", "set", &host.veth_root, if up { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = ip(&["link", "del", &h.veth_root]);
+            let _ = ip(&["netns", "del", &h.ns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}

@@ -324,7 +324,7 @@ impl Manager {
         let w = self.accept_cert(&resp, &id, &key_pem)?;
         let node = store::Node {
             trust_domain: td,
-            bundle_pem: resp.trust_bundle_pem.clone(),
+            bundle_pem: resp.trust_bundle_pem,
             chain_pem: w.chain_pem.clone(),
             key_pem: key_pem.clone(),
             not_before: w.not_before,

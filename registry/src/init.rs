@@ -248,7 +248,7 @@ mod tests {
             import: Some(Import {
                 root_cert: p.root_cert.clone(),
                 intermediate_cert: p.intermediate_cert.clone(),
-                intermediate_key: p.intermediate_key.clone(),
+                intermediate_key: p.intermediate_key,
             }),
             ..args
         };

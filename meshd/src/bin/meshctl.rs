@@ -75,60 +75,58 @@ fn ago(unix: i64) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Members { admin } => ctl::print_members(&admin).await,
-        command => {
-            let creds = ctl::Credentials::load(&cli.credentials)?;
-            let client = creds.client(cli.registry.as_deref())?;
-            match command {
-                Command::Token {
-                    command:
-                        TokenCommand::Create {
-                            services,
-                            ttl,
-                            uses,
-                        },
-                } => {
-                    let t = ctl::create_token(&client, services, ttl, uses).await?;
-                    eprintln!("token {} expires {}", t.id, ago(t.expires_unix));
-                    println!("{}", t.token);
-                }
-                Command::Nodes => {
-                    let nodes = client.list_nodes().await?.nodes;
-                    println!(
-                        "{:<24} {:<8} {:<10} {:<16} {:<22} SERVICES",
-                        "NODE", "DC", "ZONE", "JOINED", "CERT EXPIRES"
-                    );
-                    for n in nodes {
-                        println!(
-                            "{:<24} {:<8} {:<10} {:<16} {:<22} {}",
-                            n.name,
-                            n.datacenter,
-                            n.zone,
-                            ago(n.joined_unix),
-                            ago(n.cert_not_after_unix),
-                            n.allowed_services.join(",")
-                        );
-                    }
-                }
-                Command::Certs { limit } => {
-                    let certs = client.list_certificates(limit).await?.certificates;
-                    println!("{:<34} {:<20} {:<22} IDENTITY", "SERIAL", "NODE", "EXPIRES");
-                    for c in certs {
-                        println!(
-                            "{:<34} {:<20} {:<22} {}",
-                            c.serial,
-                            c.node,
-                            ago(c.not_after_unix),
-                            c.identity
-                        );
-                    }
-                }
-                Command::Members { .. } => unreachable!("handled above"),
-            }
-            Ok(())
-        }
+    if let Command::Members { admin } = &cli.command {
+        return ctl::print_members(admin).await;
     }
+    let creds = ctl::Credentials::load(&cli.credentials)?;
+    let client = creds.client(cli.registry.as_deref())?;
+    match cli.command {
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    services,
+                    ttl,
+                    uses,
+                },
+        } => {
+            let t = ctl::create_token(&client, services, ttl, uses).await?;
+            eprintln!("token {} expires {}", t.id, ago(t.expires_unix));
+            println!("{}", t.token);
+        }
+        Command::Nodes => {
+            let nodes = client.list_nodes().await?.nodes;
+            println!(
+                "{:<24} {:<8} {:<10} {:<16} {:<22} SERVICES",
+                "NODE", "DC", "ZONE", "JOINED", "CERT EXPIRES"
+            );
+            for n in nodes {
+                println!(
+                    "{:<24} {:<8} {:<10} {:<16} {:<22} {}",
+                    n.name,
+                    n.datacenter,
+                    n.zone,
+                    ago(n.joined_unix),
+                    ago(n.cert_not_after_unix),
+                    n.allowed_services.join(",")
+                );
+            }
+        }
+        Command::Certs { limit } => {
+            let certs = client.list_certificates(limit).await?.certificates;
+            println!("{:<34} {:<20} {:<22} IDENTITY", "SERIAL", "NODE", "EXPIRES");
+            for c in certs {
+                println!(
+                    "{:<34} {:<20} {:<22} {}",
+                    c.serial,
+                    c.node,
+                    ago(c.not_after_unix),
+                    c.identity
+                );
+            }
+        }
+        Command::Members { .. } => {}
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

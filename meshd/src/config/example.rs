@@ -16,7 +16,7 @@ node_name = "node-1"
 datacenter = "dc1"
 zone = "default"
 
-# State: node identity, certificates, cached service catalogue.
+# State: the node identity, the trust bundle and the workload certificates.
 data_dir = "/var/lib/meshd"
 
 # One file per local service, named *.toml; other files are ignored.
@@ -32,13 +32,13 @@ connect_timeout = "5s"
 request_timeout = "10s"
 
 [gossip]
-# Membership gossip between nodes (TCP and UDP).
+# Membership gossip between nodes (UDP).
 bind = "0.0.0.0:7946"
 # Address other nodes use to reach this one. Required when bind is 0.0.0.0 or [::];
 # otherwise it defaults to bind. (Example value.)
 advertise = "10.0.0.5:7946"
-# Nodes to contact first when joining, as "host:port". Default: none (the registry
-# provides them).
+# Nodes to contact first when joining, as "host:port" (any two or three long-lived
+# nodes). Default: none, which only suits the first node of a mesh.
 seeds = []
 # Time between gossip rounds, from 10ms to 10s.
 interval = "200ms"

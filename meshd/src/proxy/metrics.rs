@@ -110,12 +110,9 @@ impl Metrics {
             active: Family::default(),
             bytes: Family::default(),
             handshakes: Family::default(),
-            handshake_duration: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                ]
-                .into_iter(),
-            ),
+            handshake_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
             rejected: Family::default(),
         };
         reg.register(

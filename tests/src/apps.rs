@@ -100,7 +100,9 @@ impl Relay {
             while let Ok((a, _)) = l.accept().await {
                 let rec = rec.clone();
                 tokio::spawn(async move {
-                    let Ok(b) = TcpStream::connect(target).await else { return };
+                    let Ok(b) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let (mut ar, mut aw) = a.into_split();
                     let (mut br, mut bw) = b.into_split();
                     let r1 = rec.clone();

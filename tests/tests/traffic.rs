@@ -24,9 +24,12 @@ async fn pair(relay_inbound: bool) -> (Pair, Option<Relay>) {
     spec_b.services = vec![ServiceSpec::new("api", echo.addr)];
     // Optionally advertise a relay in front of b's inbound port, so the test sees the bytes.
     let relay = if relay_inbound {
-        let r = Relay::start(SocketAddr::new(b_ip.into(), 0), SocketAddr::new(b_ip.into(), mesh_e2e::INBOUND_PORT))
-            .await
-            .unwrap();
+        let r = Relay::start(
+            SocketAddr::new(b_ip.into(), 0),
+            SocketAddr::new(b_ip.into(), mesh_e2e::INBOUND_PORT),
+        )
+        .await
+        .unwrap();
         spec_b.inbound_advertise = Some(r.addr);
         Some(r)
     } else {
@@ -39,10 +42,19 @@ async fn pair(relay_inbound: bool) -> (Pair, Option<Relay>) {
     let mut spec_a = NodeSpec::new("a", token);
     spec_a.ip = a_ip.into();
     spec_a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    spec_a.services = vec![ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080)).upstream("api", upstream)];
+    spec_a.services = vec![
+        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080)).upstream("api", upstream),
+    ];
     cluster.add_spec(spec_a).await.unwrap();
     cluster.converge().await.unwrap();
-    (Pair { cluster, upstream, _echo: echo }, relay)
+    (
+        Pair {
+            cluster,
+            upstream,
+            _echo: echo,
+        },
+        relay,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,15 +81,30 @@ async fn many_concurrent_connections_and_large_transfers() {
         assert_eq!(apps::sha256(&got), apps::sha256(&data));
     }
     let a = &p.cluster.nodes[1];
-    let conns = a.metric("meshd_connections_total", &[("direction", "outbound"), ("service", "default/api")]).await.unwrap();
+    let conns = a
+        .metric(
+            "meshd_connections_total",
+            &[("direction", "outbound"), ("service", "default/api")],
+        )
+        .await
+        .unwrap();
     assert!(conns >= 202.0, "outbound connections counted: {conns}");
     let b = &p.cluster.nodes[0];
-    let hs = b.metric("meshd_tls_handshakes_total", &[("direction", "inbound")]).await.unwrap();
+    let hs = b
+        .metric("meshd_tls_handshakes_total", &[("direction", "inbound")])
+        .await
+        .unwrap();
     assert!(hs >= 202.0, "inbound handshakes counted: {hs}");
     let access = a.log();
-    assert!(access.contains("dst.service=default/api"), "outbound access log line present");
+    assert!(
+        access.contains("dst.service=default/api"),
+        "outbound access log line present"
+    );
     let log_b = b.log();
-    assert!(log_b.contains("src.identity=spiffe://mesh.test/ns/default/svc/web"), "inbound knows the caller's identity");
+    assert!(
+        log_b.contains("src.identity=spiffe://mesh.test/ns/default/svc/web"),
+        "inbound knows the caller's identity"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,12 +119,25 @@ async fn the_wire_between_hosts_carries_only_tls() {
     let got = apps::round_trip(p.upstream, &data).await.unwrap();
     assert_eq!(got, data, "echo through the mesh");
     let wire = relay.bytes();
-    assert!(wire.len() > data.len(), "the relay saw the inter-host traffic ({} bytes)", wire.len());
-    assert!(!apps::contains(&wire, marker), "payload visible in plaintext between hosts");
+    assert!(
+        wire.len() > data.len(),
+        "the relay saw the inter-host traffic ({} bytes)",
+        wire.len()
+    );
+    assert!(
+        !apps::contains(&wire, marker),
+        "payload visible in plaintext between hosts"
+    );
     assert!(!apps::contains(&wire, b"PLAINTEXT-MARKER"));
     // TLS records: handshake (0x16) then application data (0x17), version 0x0303.
-    assert_eq!(wire[0], 0x16, "first byte on the wire is a TLS handshake record");
-    assert!(apps::contains(&wire, &[0x17, 0x03, 0x03]), "application data records present");
+    assert_eq!(
+        wire[0], 0x16,
+        "first byte on the wire is a TLS handshake record"
+    );
+    assert!(
+        apps::contains(&wire, &[0x17, 0x03, 0x03]),
+        "application data records present"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

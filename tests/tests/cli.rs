@@ -1,0 +1,205 @@
+//! The command lines as operators meet them: config checks with exit code 64 and messages that
+//! name the file and key, init refusing to overwrite, start-up failures that say why.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_e2e::apps::{self, Echo};
+use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, bins, eventually, next_ip};
+
+#[test]
+fn check_config_reports_every_problem_with_file_and_key() {
+    let b = bins();
+    let dir = tempfile::tempdir().unwrap();
+    let svc = dir.path().join("services.d");
+    std::fs::create_dir_all(&svc).unwrap();
+    std::fs::write(
+        dir.path().join("meshd.toml"),
+        "node_name = \"Bad Name\"\nservices_dir = \"services.d\"\n[registry]\naddress = \"127.0.0.1:7700\"\n[gossip]\ninterval = \"1ms\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        svc.join("web.toml"),
+        "name = \"web\"\naddress = \"not-an-address\"\nprotocl = \"tcp\"\n",
+    )
+    .unwrap();
+    let out = Command::new(&b.meshd)
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("meshd.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "bad config exits 64");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("meshd.toml: node_name"), "{err}");
+    assert!(err.contains("meshd.toml: gossip.interval"), "{err}");
+    assert!(
+        err.contains("web.toml") && err.contains("protocl"),
+        "unknown key named: {err}"
+    );
+
+    std::fs::write(
+        dir.path().join("meshd.toml"),
+        "node_name = \"n1\"\nservices_dir = \"services.d\"\n[registry]\naddress = \"127.0.0.1:7700\"\n\
+         [gossip]\nbind = \"127.0.0.1:7946\"\n[inbound]\nbind = \"127.0.0.1:15008\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        svc.join("web.toml"),
+        "name = \"web\"\naddress = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    let out = Command::new(&b.meshd)
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("meshd.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = String::from_utf8_lossy(&out.stdout);
+    assert!(ok.contains("1 service"), "{ok}");
+}
+
+#[test]
+fn registry_init_refuses_to_overwrite_and_check_config_works() {
+    let b = bins();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("reg");
+    let init = || {
+        Command::new(&b.registry)
+            .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let first = init();
+    assert!(first.status.success());
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(text.contains("root CA fingerprint: sha256:"), "{text}");
+    let second = init();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("refusing to overwrite"));
+    let check = Command::new(&b.registry)
+        .args(["check-config", "--config"])
+        .arg(data.join("registry.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    std::fs::write(
+        data.join("registry.toml"),
+        "trust_domain = \"mesh.test\"\nlisten = \"nowhere\"\n",
+    )
+    .unwrap();
+    let check = Command::new(&b.registry)
+        .args(["check-config", "--config"])
+        .arg(data.join("registry.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        err.contains("registry.toml: listen") && err.contains("registry.toml: data_dir"),
+        "{err}"
+    );
+    let bad_td = Command::new(&b.registry)
+        .args(["init", "--trust-domain", "Not Valid", "--data-dir"])
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(bad_td.status.code(), Some(64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_fails_startup_with_a_clear_error() {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let ip = next_ip();
+    // Something else already listens on the node's inbound port.
+    let _squatter =
+        std::net::TcpListener::bind(SocketAddr::new(ip.into(), mesh_e2e::INBOUND_PORT)).unwrap();
+    let token = cluster.registry.token(&["api"], 1).unwrap();
+    let mut spec = NodeSpec::new("n", token);
+    spec.ip = ip.into();
+    let mut node = mesh_e2e::Node::start(&cluster.registry, spec).unwrap();
+    let code = eventually(Duration::from_secs(10), "meshd to exit", || {
+        let exited = !node.proc.as_mut().unwrap().is_running();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    assert!(
+        code.is_ok(),
+        "meshd must not start with its inbound port taken"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("binding the inbound listener") && log.contains("Address already in use"),
+        "{log}"
+    );
+    cluster.nodes.push(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_stop_finishes_in_flight_connections() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let b_ip = next_ip();
+    let echo = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
+    let token = cluster.registry.token(&["api"], 1).unwrap();
+    let mut spec = NodeSpec::new("b", token);
+    spec.ip = b_ip.into();
+    spec.services = vec![ServiceSpec::new("api", echo.addr)];
+    cluster.add_spec(spec).await.unwrap();
+    let a_ip = next_ip();
+    let up = SocketAddr::new(a_ip.into(), 19001);
+    let token = cluster.registry.token(&["web"], 1).unwrap();
+    let mut spec = NodeSpec::new("a", token);
+    spec.ip = a_ip.into();
+    spec.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
+    spec.services =
+        vec![ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080)).upstream("api", up)];
+    cluster.add_spec(spec).await.unwrap();
+    cluster.converge().await.unwrap();
+
+    // A connection in flight through b when b is told to stop.
+    let mut s = tokio::net::TcpStream::connect(up).await.unwrap();
+    s.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).await.unwrap();
+    let b_node = cluster.node("b");
+    let admin = b_node.admin.to_string();
+    // SIGTERM b and wait for its exit in the background.
+    let mut proc = b_node.proc.take().unwrap();
+    let stopping = tokio::task::spawn_blocking(move || {
+        let code = proc.terminate(Duration::from_secs(20));
+        (code, proc.log_text())
+    });
+    // b is draining: readiness goes away, but the open connection still works.
+    eventually(Duration::from_secs(5), "b to report not ready", || {
+        let admin = admin.clone();
+        async move {
+            match mesh_e2e::http_get(&admin, "/ready").await {
+                Ok((503, _)) | Err(_) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let data = apps::payload(256 * 1024, 9);
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(
+        apps::sha256(&back),
+        apps::sha256(&data),
+        "in-flight connection finished intact"
+    );
+    // And b exits cleanly once it is done.
+    let (code, log) = stopping.await.unwrap();
+    assert_eq!(code.unwrap(), Some(0), "clean drain exits 0; log:\n{log}");
+    assert!(log.contains("draining"), "{log}");
+}

@@ -319,6 +319,13 @@ impl Authority {
             .map_or(self.intermediate_not_after, |t| {
                 t.min(self.intermediate_not_after)
             });
+        // Signing "as of" a time before the intermediate existed would produce a certificate
+        // that ends before it starts; refuse instead of issuing something meaningless.
+        if not_after <= not_before {
+            return Err(Error::IntermediateNotYetValid {
+                not_before: self.intermediate_not_before,
+            });
+        }
         let identity = req.identity.to_string();
 
         let mut params = CertificateParams::default();

@@ -39,7 +39,7 @@ const RENEW_JITTER: f64 = 0.05;
 pub enum Error {
     /// The node has never joined and the token file cannot be read.
     #[error(
-        "this node has no identity yet and the join token file {path} cannot be read ({source}); create a token with `meshctl token create` and put it there"
+        "this node has no identity yet and the join token file {path} cannot be read; create a token with `meshctl token create` and put it there"
     )]
     NoToken {
         /// The configured token file.
@@ -49,7 +49,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The token file does not hold a token.
-    #[error("join token file {path}: {source}")]
+    #[error("join token file {path} does not hold a usable token")]
     BadToken {
         /// The token file.
         path: PathBuf,

@@ -356,3 +356,14 @@ fn issue_returns_matching_key_and_fresh_serials() {
     );
     assert!(key_a.starts_with("-----BEGIN PRIVATE KEY-----"));
 }
+
+#[test]
+fn signing_as_of_before_the_intermediate_existed_is_refused() {
+    let (ca, _) = Authority::generate(&td(), now()).unwrap();
+    let mut req = request(web(), Duration::from_secs(3600));
+    req.now = now() - Duration::from_secs(2 * 24 * 3600);
+    assert!(matches!(
+        ca.issue(&req),
+        Err(Error::IntermediateNotYetValid { .. })
+    ));
+}

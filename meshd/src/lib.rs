@@ -6,6 +6,8 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod demo;
+pub mod dev;
 pub mod identity;
 pub mod membership;
 pub mod proxy;

@@ -40,6 +40,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: String,
     },
+    /// Start a complete local mesh (registry, nodes, demo apps) to try meshd out.
+    Dev(meshd::dev::Args),
+    /// Demo service for the dev mesh and tests: HTTP hello, echo for anything else.
+    #[command(hide = true)]
+    DemoApp(meshd::demo::Args),
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -56,6 +61,8 @@ fn main() -> ExitCode {
     });
     mesh_runtime::tls::install_default_provider();
     match cli.command {
+        Command::Dev(args) => meshd::dev::main(args),
+        Command::DemoApp(args) => meshd::demo::main(args),
         Command::CheckConfig { config } => match config::Config::load(&config) {
             Ok(c) => {
                 println!(

@@ -2,7 +2,7 @@
 //! public interfaces): `/live`, `/ready`, `/metrics` (Prometheus text), `/config_dump` (JSON)
 //! and `/members` (JSON). Built as a plain axum `Router` so tests can call it directly.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -26,10 +26,10 @@ pub struct AdminState {
     pub ready_rx: watch::Receiver<bool>,
     /// Metrics registry.
     pub metrics: Arc<prometheus_client::registry::Registry>,
-    /// Identity snapshot (absent until the node has joined).
-    pub certs_rx: Option<watch::Receiver<Arc<Certs>>>,
-    /// Mesh view (absent until gossip has started).
-    pub view_rx: Option<watch::Receiver<Arc<MeshView>>>,
+    /// Identity snapshot, set once the node has joined (the endpoint serves before that).
+    pub certs_rx: Arc<OnceLock<watch::Receiver<Arc<Certs>>>>,
+    /// Mesh view, set once gossip has started.
+    pub view_rx: Arc<OnceLock<watch::Receiver<Arc<MeshView>>>>,
 }
 
 /// The admin router.
@@ -72,7 +72,7 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    let identity = s.certs_rx.as_ref().map(|rx| {
+    let identity = s.certs_rx.get().map(|rx| {
         let c = rx.borrow().clone();
         json!({
             "trust_domain": c.trust_domain.to_string(),
@@ -93,10 +93,7 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 async fn members(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    let view = s
-        .view_rx
-        .as_ref()
-        .map(|rx| rx.borrow().clone())
+    let view = s.view_rx.get().map(|rx| rx.borrow().clone())
         .unwrap_or_default();
     Json(json!({
         "members": view.members,

@@ -77,11 +77,32 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    // Admin first, so /live answers (and /ready says 503) while the node is still joining.
+    let certs_cell = Arc::new(std::sync::OnceLock::new());
+    let view_cell = Arc::new(std::sync::OnceLock::new());
+    let admin_state = AdminState {
+        config: config.clone(),
+        ready_rx,
+        metrics: registry,
+        certs_rx: certs_cell.clone(),
+        view_rx: view_cell.clone(),
+    };
+    let mut admin_shutdown = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let res = axum::serve(admin_listener, admin::router(admin_state))
+            .with_graceful_shutdown(async move { drain::until_true(&mut admin_shutdown).await })
+            .await;
+        if let Err(e) = res {
+            warn!(error = %e, "admin server failed");
+        }
+    });
+
     // Identity first: nothing can be served without certificates.
     let (manager, certs_rx) = Manager::bootstrap(config.clone(), id_metrics, shutdown_rx.clone())
         .await
         .context("bootstrapping the node identity")?;
     let trust_domain = certs_rx.borrow().trust_domain.clone();
+    let _ = certs_cell.set(certs_rx.clone());
     tasks.spawn(manager.run(shutdown_rx.clone()));
 
     let mut advertise = config.inbound.advertise;
@@ -95,6 +116,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .unwrap_or_else(|| trust_domain.to_string());
     let (membership, view_rx) =
         Membership::start(&config, cluster_id, advertise, shutdown_rx.clone()).await?;
+    let _ = view_cell.set(view_rx.clone());
     {
         let mut rx = view_rx.clone();
         let mut shutdown = shutdown_rx.clone();
@@ -122,22 +144,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     proxy::spawn(listeners, shared, stop_rx, &mut tasks);
 
-    let admin_state = AdminState {
-        config: config.clone(),
-        ready_rx,
-        metrics: registry,
-        certs_rx: Some(certs_rx),
-        view_rx: Some(view_rx),
-    };
-    let mut admin_shutdown = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let res = axum::serve(admin_listener, admin::router(admin_state))
-            .with_graceful_shutdown(async move { drain::until_true(&mut admin_shutdown).await })
-            .await;
-        if let Err(e) = res {
-            warn!(error = %e, "admin server failed");
-        }
-    });
     ready_tx.send_replace(true);
     info!(node = %config.node_name, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
     Ok(Bound {

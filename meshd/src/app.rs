@@ -137,7 +137,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let shared = proxy::Shared {
         config: config.clone(),
         tls_rx,
-        view_rx: view_rx.clone(),
+        view_rx,
         metrics: proxy_metrics,
         drain: drain_watch,
         force_rx,

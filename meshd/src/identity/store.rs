@@ -177,3 +177,89 @@ fn split_pair(pair: &str) -> Option<(String, String)> {
     let at = pair.find(KEY_MARKER)?;
     Some((pair[..at].to_owned(), pair[at..].to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::time::{Duration, SystemTime};
+
+    use mesh_api::{Identity, ServiceKey, TrustDomain};
+    use mesh_runtime::tls;
+
+    use super::*;
+
+    /// A self-signed certificate and its key: enough to exercise storage (no chain checks).
+    fn pair(id: &Identity) -> (String, String) {
+        let (key_pem, _csr) = tls::new_key_and_csr(id).unwrap();
+        let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id.to_string()).unwrap(),
+        )];
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key_pem)
+    }
+
+    #[test]
+    fn node_and_workload_round_trip_with_private_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Dir::new(dir.path().join("identity"));
+        assert!(store.load_node().unwrap().is_none());
+        let td = TrustDomain::new("mesh.test").unwrap();
+        let node_id = Identity::node(&td, &mesh_api::NodeName::new("n1").unwrap());
+        let (chain, key) = pair(&node_id);
+        let now = SystemTime::now();
+        store
+            .save_node(&Node {
+                trust_domain: td.clone(),
+                bundle_pem: chain.clone(),
+                chain_pem: chain.clone(),
+                key_pem: key.clone(),
+                not_before: now,
+                not_after: now + Duration::from_secs(60),
+            })
+            .unwrap();
+        let loaded = store.load_node().unwrap().unwrap();
+        assert_eq!(loaded.trust_domain, td);
+        assert_eq!(loaded.key_pem, key);
+        let mode = std::fs::metadata(dir.path().join("identity/node.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "certificate+key file is private");
+
+        let svc = ServiceKey::parse("shop/api").unwrap();
+        assert!(store.load_workload(&svc).unwrap().is_none());
+        let wid = Identity::workload(&td, &svc);
+        let (wchain, wkey) = pair(&wid);
+        store
+            .save_workload(
+                &svc,
+                &Workload {
+                    identity: wid.clone(),
+                    chain_pem: wchain,
+                    key_pem: wkey,
+                    not_before: now,
+                    not_after: now,
+                },
+            )
+            .unwrap();
+        assert_eq!(store.load_workload(&svc).unwrap().unwrap().identity, wid);
+
+        // A file whose key does not match its certificate is reported, not used.
+        let (other_chain, _) = pair(&wid);
+        let (_, other_key) = pair(&wid);
+        std::fs::write(
+            dir.path().join("identity/workloads/shop.api.pem"),
+            join_pair(&other_chain, &other_key),
+        )
+        .unwrap();
+        assert!(store.load_workload(&svc).is_err());
+        std::fs::write(
+            dir.path().join("identity/workloads/shop.api.pem"),
+            "garbage",
+        )
+        .unwrap();
+        assert!(store.load_workload(&svc).is_err());
+    }
+}

@@ -213,7 +213,7 @@ mod tests {
             .save_node(&Node {
                 trust_domain: td.clone(),
                 bundle_pem: chain.clone(),
-                chain_pem: chain.clone(),
+                chain_pem: chain,
                 key_pem: key.clone(),
                 not_before: now,
                 not_after: now + Duration::from_secs(60),

@@ -93,7 +93,10 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 async fn members(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    let view = s.view_rx.get().map(|rx| rx.borrow().clone())
+    let view = s
+        .view_rx
+        .get()
+        .map(|rx| rx.borrow().clone())
         .unwrap_or_default();
     Json(json!({
         "members": view.members,

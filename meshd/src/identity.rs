@@ -87,8 +87,10 @@ pub enum Error {
 pub struct Workload {
     /// The certificate chain and key for rustls.
     pub key: Arc<CertifiedKey>,
-    /// Start of validity.
+    /// Start of validity (backdated by the CA for clock skew).
     pub not_before: SystemTime,
+    /// When this node obtained it; renewal is scheduled from here.
+    pub obtained: SystemTime,
     /// End of validity.
     pub not_after: SystemTime,
 }
@@ -155,17 +157,23 @@ pub struct Manager {
     store: store::Dir,
     client: control::Client,
     node_slot: Arc<CertSlot>,
-    node_not_before: SystemTime,
+    node_obtained: SystemTime,
     node_not_after: SystemTime,
     certs_tx: watch::Sender<Arc<Certs>>,
     metrics: Metrics,
 }
 
-fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or_default();
+/// Half-life (plus jitter) of a certificate counted from when this node obtained it. Counting
+/// from `not_before` would be wrong: the CA backdates it for clock skew, which for short
+/// lifetimes puts the half-life in the past and renews in a loop.
+fn renew_at(obtained: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(obtained).unwrap_or_default();
     let jitter = rand::rng().random_range(0.0..RENEW_JITTER);
-    not_before + life.mul_f64(0.5 + jitter)
+    obtained + life.mul_f64(0.5 + jitter)
 }
+
+/// Never renew the same certificate more often than this, whatever its dates say.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The workload identity of a local service.
 fn workload_identity(td: &TrustDomain, svc: &ServiceKey) -> Identity {
@@ -217,6 +225,7 @@ impl Manager {
                             key: tls::certified_key(&w.chain_pem, &w.key_pem)?,
                             not_before: w.not_before,
                             not_after: w.not_after,
+                            obtained: w.obtained,
                         },
                     );
                 }
@@ -236,7 +245,7 @@ impl Manager {
             store,
             client,
             node_slot,
-            node_not_before: node.not_before,
+            node_obtained: node.obtained,
             node_not_after: node.not_after,
             certs_tx,
             metrics,
@@ -309,6 +318,7 @@ impl Manager {
                     key,
                     not_before: w.not_before,
                     not_after: w.not_after,
+                    obtained: w.obtained,
                 },
             );
         });
@@ -327,13 +337,13 @@ impl Manager {
             bundle_pem: resp.trust_bundle_pem,
             chain_pem: w.chain_pem.clone(),
             key_pem: key_pem.clone(),
-            not_before: w.not_before,
             not_after: w.not_after,
+            obtained: w.obtained,
         };
         self.store.save_node(&node)?;
         self.node_slot
             .set(tls::certified_key(&w.chain_pem, &key_pem)?);
-        self.node_not_before = w.not_before;
+        self.node_obtained = w.obtained;
         self.node_not_after = w.not_after;
         self.certs_tx
             .send_modify(|c| Arc::make_mut(c).node_not_after = w.not_after);
@@ -367,13 +377,14 @@ impl Manager {
             key_pem: key_pem.to_owned(),
             not_before,
             not_after,
+            obtained: SystemTime::now(),
         })
     }
 
     /// Renews certificates at half-life until `shutdown`; failures retry with backoff while
     /// the current certificate keeps serving until it really expires.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut node_due = renew_at(self.node_not_before, self.node_not_after);
+        let mut node_due = renew_at(self.node_obtained, self.node_not_after);
         let mut due: BTreeMap<ServiceKey, SystemTime> = BTreeMap::new();
         let mut backoff: BTreeMap<Option<ServiceKey>, Backoff> = BTreeMap::new();
         loop {
@@ -382,7 +393,7 @@ impl Manager {
                 for svc in &self.config.services {
                     due.entry(svc.key.clone()).or_insert_with(|| {
                         match certs.workloads.get(&svc.key) {
-                            Some(w) => renew_at(w.not_before, w.not_after),
+                            Some(w) => renew_at(w.obtained, w.not_after),
                             None => SystemTime::now(),
                         }
                     });
@@ -416,10 +427,11 @@ impl Manager {
                         Some(svc) => {
                             let certs = self.certs_tx.borrow();
                             let w = certs.workloads.get(svc).expect("just installed");
-                            renew_at(w.not_before, w.not_after)
+                            renew_at(w.obtained, w.not_after)
                         }
-                        None => renew_at(self.node_not_before, self.node_not_after),
+                        None => renew_at(self.node_obtained, self.node_not_after),
                     }
+                    .max(SystemTime::now() + MIN_RENEW_INTERVAL)
                 }
                 Err(e) => {
                     self.metrics.renewal_failures.inc();
@@ -546,13 +558,13 @@ fn accept_join(
         )));
     }
     tls::certified_key(&resp.node_cert_chain_pem, key_pem)?;
-    let (not_before, not_after) = tls::validity(&chain[0])?;
+    let not_after = tls::not_after(&chain[0])?;
     Ok(store::Node {
         trust_domain,
         bundle_pem: resp.trust_bundle_pem.clone(),
         chain_pem: resp.node_cert_chain_pem.clone(),
         key_pem: key_pem.to_owned(),
-        not_before,
         not_after,
+        obtained: SystemTime::now(),
     })
 }

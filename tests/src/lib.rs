@@ -87,13 +87,27 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Spawns `program args…` (inside `netns` when given), appending its output to `log`.
+    pub fn start(
+        netns: Option<&str>,
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = wrap(&netns.map(str::to_owned), program);
+        cmd.args(args);
+        Self::spawn(cmd, log)
+    }
+
     fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdout(out.try_clone()?).stderr(out).stdin(Stdio::null());
+        cmd.stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         Ok(Self {
             child: Some(child),
@@ -119,6 +133,10 @@ impl Proc {
         let Some(mut c) = self.child.take() else {
             return Ok(None);
         };
+        // Never signal a pid that may already have been reaped and reused.
+        if let Some(status) = c.try_wait()? {
+            return Ok(status.code());
+        }
         signal(c.id(), libc::SIGTERM);
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -128,7 +146,10 @@ impl Proc {
             if std::time::Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                bail!("process {} did not exit within {timeout:?} of SIGTERM", c.id());
+                bail!(
+                    "process {} did not exit within {timeout:?} of SIGTERM",
+                    c.id()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -136,7 +157,9 @@ impl Proc {
 
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The log so far.
@@ -226,10 +249,18 @@ impl Registry {
         let out = Command::new(&bins.registry)
             .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
             .arg(&data_dir)
-            .args(["--listen", &addr.to_string(), "--admin-listen", &admin.to_string()])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
             .output()?;
         if !out.status.success() {
-            bail!("mesh-registry init failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "mesh-registry init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let cfg = data_dir.join("registry.toml");
         let mut text = std::fs::read_to_string(&cfg)?;
@@ -262,12 +293,19 @@ impl Registry {
     /// Starts (or restarts) the registry process and waits for its admin endpoint.
     pub async fn run(&mut self) -> anyhow::Result<()> {
         let mut cmd = wrap(&self.opts.netns, &self.bins.registry);
-        cmd.arg("run").arg("--config").arg(self.data_dir.join("registry.toml"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.data_dir.join("registry.toml"));
         self.proc = Some(Proc::spawn(cmd, &self.dir.join("registry.log"))?);
         let admin = self.admin.to_string();
         eventually(WAIT, "the registry to answer", || {
             let admin = admin.clone();
-            async move { http_get(&admin, "/ready").await.ok().filter(|(c, _)| *c == 200) }
+            async move {
+                http_get(&admin, "/ready")
+                    .await
+                    .ok()
+                    .filter(|(c, _)| *c == 200)
+            }
         })
         .await
         .with_context(|| format!("registry log:\n{}", self.log()))?;
@@ -289,15 +327,79 @@ impl Registry {
     /// Runs meshctl with the operator credentials.
     pub fn meshctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let mut cmd = wrap(&self.opts.netns, &self.bins.meshctl);
-        cmd.arg("--credentials").arg(&self.creds).arg("--registry").arg(self.addr.to_string());
+        cmd.arg("--credentials")
+            .arg(&self.creds)
+            .arg("--registry")
+            .arg(self.addr.to_string());
         Ok(cmd.args(args).output()?)
+    }
+
+    /// Runs meshctl and returns its stdout, failing (with stderr) on a non-zero exit.
+    pub fn meshctl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.meshctl(args)?;
+        if !out.status.success() {
+            bail!(
+                "meshctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Node names listed by `meshctl nodes`.
+    pub fn node_names(&self) -> anyhow::Result<Vec<String>> {
+        let out = self.meshctl_ok(&["nodes"])?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Every certificate record listed by `meshctl certs --limit 0`, as (serial, node, identity).
+    pub fn cert_records(&self) -> anyhow::Result<Vec<(String, String, String)>> {
+        let out = self.meshctl_ok(&["certs", "--limit", "0"])?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                // SERIAL NODE <expires: several words> IDENTITY
+                Some((
+                    cols.first()?.to_string(),
+                    cols.get(1)?.to_string(),
+                    cols.last()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Sum of the registry's samples of `name` whose labels include all of `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let (code, body) = http_get(&self.admin.to_string(), "/metrics").await?;
+        if code != 200 {
+            bail!("registry /metrics answered {code}");
+        }
+        Ok(metric_sum(&body, name, labels))
     }
 
     /// Creates a join token with `meshctl token create`.
     pub fn token(&self, services: &[&str], uses: u32) -> anyhow::Result<String> {
-        let out = self.meshctl(&["token", "create", "--services", &services.join(","), "--uses", &uses.to_string()])?;
+        let out = self.meshctl(&[
+            "token",
+            "create",
+            "--services",
+            &services.join(","),
+            "--uses",
+            &uses.to_string(),
+        ])?;
         if !out.status.success() {
-            bail!("meshctl token create failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "meshctl token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
     }
@@ -459,9 +561,14 @@ impl Node {
                 }
             }
             for (svc, bind) in &s.upstreams {
-                text.push_str(&format!("[[upstreams]]\nservice = \"{svc}\"\nbind = \"{bind}\"\n"));
+                text.push_str(&format!(
+                    "[[upstreams]]\nservice = \"{svc}\"\nbind = \"{bind}\"\n"
+                ));
             }
-            std::fs::write(dir.join("services.d").join(format!("{}.toml", s.name)), text)?;
+            std::fs::write(
+                dir.join("services.d").join(format!("{}.toml", s.name)),
+                text,
+            )?;
         }
         let mut node = Self {
             spec,
@@ -478,7 +585,9 @@ impl Node {
     /// Starts (or restarts) the meshd process with the existing config and data.
     pub fn run(&mut self) -> anyhow::Result<()> {
         let mut cmd = wrap(&self.spec.netns, &self.bins.meshd);
-        cmd.arg("run").arg("--config").arg(self.dir.join("meshd.toml"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.dir.join("meshd.toml"));
         cmd.env("MESHD_LOG", "info,access=info,chitchat=warn");
         self.proc = Some(Proc::spawn(cmd, &self.dir.join("meshd.log"))?);
         Ok(())
@@ -489,7 +598,12 @@ impl Node {
         let admin = self.admin.to_string();
         eventually(WAIT, &format!("{} to be ready", self.spec.name), || {
             let admin = admin.clone();
-            async move { http_get(&admin, "/ready").await.ok().filter(|(c, _)| *c == 200) }
+            async move {
+                http_get(&admin, "/ready")
+                    .await
+                    .ok()
+                    .filter(|(c, _)| *c == 200)
+            }
         })
         .await
         .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))?;
@@ -499,14 +613,18 @@ impl Node {
     /// Waits until this node sees `n` live members with endpoints for every service in `services`.
     pub async fn wait_members(&self, n: usize) -> anyhow::Result<()> {
         let admin = self.admin.to_string();
-        eventually(WAIT, &format!("{} to see {n} members", self.spec.name), || {
-            let admin = admin.clone();
-            async move {
-                let (_, body) = http_get(&admin, "/members").await.ok()?;
-                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                (v["members"].as_array()?.len() == n).then_some(())
-            }
-        })
+        eventually(
+            WAIT,
+            &format!("{} to see {n} members", self.spec.name),
+            || {
+                let admin = admin.clone();
+                async move {
+                    let (_, body) = http_get(&admin, "/members").await.ok()?;
+                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    (v["members"].as_array()?.len() == n).then_some(())
+                }
+            },
+        )
         .await
         .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
     }
@@ -514,6 +632,87 @@ impl Node {
     /// The node's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("meshd.log")).unwrap_or_default()
+    }
+
+    /// `/config_dump` as JSON.
+    pub async fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
+        let (code, body) = http_get(&self.admin.to_string(), "/config_dump").await?;
+        if code != 200 {
+            bail!("/config_dump answered {code}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// `not_after` (Unix seconds) of each workload certificate, by service, from `/config_dump`.
+    pub async fn workload_not_after(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let dump = self.config_dump().await?;
+        let list = dump["identity"]["workloads"]
+            .as_array()
+            .context("identity.workloads missing")?;
+        list.iter()
+            .map(|w| {
+                let svc = w["service"].as_str().context("workload without service")?;
+                let na = w["not_after"]
+                    .as_u64()
+                    .context("workload without not_after")?;
+                Ok((svc.to_owned(), na))
+            })
+            .collect()
+    }
+
+    /// `/members` as (member names, number of usable endpoints of each service).
+    pub async fn view(&self) -> anyhow::Result<(Vec<String>, Vec<(String, usize)>)> {
+        let (code, body) = http_get(&self.admin.to_string(), "/members").await?;
+        if code != 200 {
+            bail!("/members answered {code}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let members = v["members"]
+            .as_array()
+            .context("members missing")?
+            .iter()
+            .filter_map(|m| m["node"].as_str().map(str::to_owned))
+            .collect();
+        let endpoints = v["endpoints"]
+            .as_object()
+            .context("endpoints missing")?
+            .iter()
+            .map(|(svc, eps)| {
+                let usable = eps
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|e| {
+                                e["healthy"].as_bool() == Some(true)
+                                    && e["draining"].as_bool() != Some(true)
+                            })
+                            .count()
+                    })
+                    .unwrap_or(0);
+                (svc.clone(), usable)
+            })
+            .collect();
+        Ok((members, endpoints))
+    }
+
+    /// Waits until this node sees `n` usable endpoints of `service` (e.g. `default/api`).
+    pub async fn wait_endpoints(&self, service: &str, n: usize) -> anyhow::Result<()> {
+        let what = format!("{} to see {n} endpoint(s) of {service}", self.spec.name);
+        eventually(WAIT, &what, || async {
+            let (_, eps) = self.view().await.ok()?;
+            let got = eps
+                .iter()
+                .find(|(s, _)| s == service)
+                .map_or(0, |(_, c)| *c);
+            (got == n).then_some(())
+        })
+        .await
+        .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
+    }
+
+    /// Whether the process is still running (false once it exited or was stopped).
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::is_running)
     }
 
     /// Prometheus text from `/metrics`.
@@ -560,7 +759,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if metric != name {
                 return None;
             }
-            let all = labels.iter().all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")));
+            let all = labels
+                .iter()
+                .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
@@ -571,7 +772,8 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();
@@ -583,7 +785,9 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
             .context("no status code")?;
         Ok::<_, anyhow::Error>((code, body.to_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.context("http get timed out")?
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .context("http get timed out")?
 }
 
 /// A registry plus nodes, killed on drop.
@@ -605,9 +809,20 @@ impl Cluster {
 
     /// Creates a single-use token for `services`, starts the node seeded with every node
     /// started before, and waits for it to be ready.
-    pub async fn add(&mut self, name: &str, services: Vec<ServiceSpec>) -> anyhow::Result<&mut Node> {
+    pub async fn add(
+        &mut self,
+        name: &str,
+        services: Vec<ServiceSpec>,
+    ) -> anyhow::Result<&mut Node> {
         let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        let token = self.registry.token(if names.is_empty() { &["unused"] } else { &names }, 1)?;
+        let token = self.registry.token(
+            if names.is_empty() {
+                &["unused"]
+            } else {
+                &names
+            },
+            1,
+        )?;
         let mut spec = NodeSpec::new(name, token);
         spec.services = services;
         spec.seeds = self.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
@@ -651,4 +866,266 @@ pub fn v4(ip: IpAddr) -> Ipv4Addr {
         IpAddr::V4(v) => v,
         IpAddr::V6(_) => panic!("tests use IPv4"),
     }
+}
+
+/// Starts an echo app (echoes bytes until the client half-closes) on `listen`, inside `netns`
+/// when given: `meshd demo-app` if this build has it, otherwise a small python3 echo server.
+/// Waits until the port accepts connections (from the test's namespace).
+pub async fn echo_app(
+    bins: &Bins,
+    netns: Option<&str>,
+    listen: SocketAddr,
+    name: &str,
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let has_demo = Command::new(&bins.meshd)
+        .args(["demo-app", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let addr = listen.to_string();
+    let mut proc = if has_demo {
+        Proc::start(
+            netns,
+            &bins.meshd,
+            &["demo-app", "--listen", &addr, "--name", name],
+            log,
+        )?
+    } else {
+        let script = format!(
+            "import socket, threading\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{ip}', {port}))\n\
+             s.listen(512)\n\
+             def serve(c):\n\
+             \x20   try:\n\
+             \x20       while True:\n\
+             \x20           d = c.recv(65536)\n\
+             \x20           if not d:\n\
+             \x20               break\n\
+             \x20           c.sendall(d)\n\
+             \x20       c.shutdown(socket.SHUT_WR)\n\
+             \x20   finally:\n\
+             \x20       c.close()\n\
+             while True:\n\
+             \x20   c, _ = s.accept()\n\
+             \x20   threading.Thread(target=serve, args=(c,), daemon=True).start()\n",
+            ip = listen.ip(),
+            port = listen.port(),
+        );
+        Proc::start(netns, Path::new("python3"), &["-c", &script], log)?
+    };
+    let what = format!("echo app {name} on {addr}");
+    let res = eventually(WAIT, &what, || async {
+        tokio::net::TcpStream::connect(listen)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    if let Err(e) = res {
+        let running = proc.is_running();
+        bail!("{e} (running: {running}); log:\n{}", proc.log_text());
+    }
+    Ok(proc)
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Round trips that returned exactly what was sent.
+    pub ok: u64,
+    /// Round trips that failed, timed out or returned other bytes.
+    pub failed: u64,
+    /// The first failures: (seconds since the load started, what happened).
+    pub errors: Vec<(f64, String)>,
+}
+
+/// Continuous traffic: `workers` loops, each opening a new connection per round trip of a
+/// checksummed payload, until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    errors: std::sync::Arc<std::sync::Mutex<Vec<(f64, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts the loops against `addr`; each round trip carries `size` bytes and must finish
+    /// within `timeout`.
+    pub fn start(addr: SocketAddr, workers: usize, size: usize, timeout: Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let started = std::time::Instant::now();
+        let tasks = (0..workers)
+            .map(|w| {
+                let (stop, ok, failed, errors) =
+                    (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let data = apps::payload(size, (w as u64) << 32 | i);
+                        let res =
+                            tokio::time::timeout(timeout, apps::round_trip(addr, &data)).await;
+                        let problem = match res {
+                            Ok(Ok(got)) if got == data => None,
+                            Ok(Ok(got)) => Some(format!(
+                                "worker {w} #{i}: got {} bytes (sha {}) for {} sent",
+                                got.len(),
+                                &apps::sha256(&got)[..12],
+                                data.len()
+                            )),
+                            Ok(Err(e)) => Some(format!("worker {w} #{i}: {e}")),
+                            Err(_) => {
+                                Some(format!("worker {w} #{i}: no answer within {timeout:?}"))
+                            }
+                        };
+                        match problem {
+                            None => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(p) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                let mut errs = errors.lock().expect("load errors lock");
+                                if errs.len() < 20 {
+                                    errs.push((started.elapsed().as_secs_f64(), p));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            errors,
+            tasks,
+        }
+    }
+
+    /// Successful round trips so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Failed round trips so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further round trips have succeeded (the load is making progress).
+    pub async fn progress(&self, more: u64, timeout: Duration) -> anyhow::Result<()> {
+        let target = self.ok() + more;
+        eventually(
+            timeout,
+            &format!("{more} more successful round trips"),
+            || async { (self.ok() >= target).then_some(()) },
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "failed so far: {} {:?}",
+                self.failed(),
+                self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+            )
+        })
+    }
+
+    /// Stops the loops (each finishes its round trip in flight) and reports.
+    pub async fn stop(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        LoadReport {
+            ok: self.ok(),
+            failed: self.failed(),
+            errors: self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One long-lived connection that streams a checksummed payload in paced chunks while the
+/// echo comes back on the same connection.
+pub struct Stream {
+    task: tokio::task::JoinHandle<anyhow::Result<(usize, String, String)>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stream {
+    /// Connects to `addr` and sends a `chunk`-byte piece every `every` until stopped.
+    pub async fn start(addr: SocketAddr, chunk: usize, every: Duration) -> anyhow::Result<Self> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let write = async move {
+                let mut sent = ring::digest::Context::new(&ring::digest::SHA256);
+                let mut total = 0usize;
+                let mut tick = tokio::time::interval(every);
+                let mut i = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    i += 1;
+                    let data = apps::payload(chunk, 0x5eed_0000 + i);
+                    w.write_all(&data)
+                        .await
+                        .with_context(|| format!("writing chunk {i}"))?;
+                    sent.update(&data);
+                    total += data.len();
+                }
+                w.shutdown().await?;
+                Ok::<_, anyhow::Error>((total, hex(sent.finish().as_ref())))
+            };
+            let read = async move {
+                let mut got = ring::digest::Context::new(&ring::digest::SHA256);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = r.read(&mut buf).await.context("reading the echo")?;
+                    if n == 0 {
+                        break;
+                    }
+                    got.update(&buf[..n]);
+                }
+                Ok::<_, anyhow::Error>(hex(got.finish().as_ref()))
+            };
+            let (w, r) = tokio::join!(write, read);
+            let (total, sent) = w?;
+            Ok((total, sent, r?))
+        });
+        Ok(Self { task, stop })
+    }
+
+    /// Stops sending, half-closes, and returns (bytes sent, sha256 sent, sha256 echoed).
+    pub async fn finish(self, timeout: Duration) -> anyhow::Result<(usize, String, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(timeout, self.task)
+            .await
+            .context("the long-lived stream did not finish")??
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

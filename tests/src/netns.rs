@@ -8,9 +8,16 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -52,13 +59,26 @@ impl Net {
         let bridge = format!("mb{}x{id}", std::process::id() % 10000);
         let _ = ip(&["link", "del", &bridge]);
         ip(&["link", "add", &bridge, "type", "bridge"])?;
-        ip(&["addr", "add", &format!("10.213.{id}.1/24"), "dev", &bridge])?;
-        ip(&["link", "set", &bridge, "up"])?;
-        Ok(Self {
+        // From here on Drop deletes the bridge, also when the rest of the setup fails.
+        let net = Self {
             bridge,
             subnet: id,
             hosts: Vec::new(),
-        })
+        };
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{id}.1/24"),
+            "dev",
+            &net.bridge,
+        ])?;
+        ip(&["link", "set", &net.bridge, "up"])?;
+        Ok(net)
+    }
+
+    /// The bridge's own address (10.213.<subnet>.1), reachable from every host.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 213, self.subnet, 1)
     }
 
     /// Adds host number `n` (2..=254) as 10.213.<subnet>.<n>.
@@ -68,23 +88,47 @@ impl Net {
         let veth_root = format!("vr{tag}");
         let veth_ns = format!("vn{tag}");
         let _ = ip(&["netns", "del", &ns]);
+        let _ = ip(&["link", "del", &veth_root]);
         ip(&["netns", "add", &ns])?;
-        ip(&["link", "add", &veth_root, "type", "veth", "peer", "name", &veth_ns])?;
-        ip(&["link", "set", &veth_ns, "netns", &ns])?;
-        ip(&["link", "set", &veth_root, "master", &self.bridge])?;
-        ip(&["link", "set", &veth_root, "up"])?;
         let addr = Ipv4Addr::new(10, 213, self.subnet, n);
-        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{addr}/24"), "dev", &veth_ns])?;
-        ip(&["netns", "exec", &ns, "ip", "link", "set", &veth_ns, "up"])?;
-        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
-        let host = Host { ns, ip: addr, veth_root };
+        let host = Host {
+            ns,
+            ip: addr,
+            veth_root,
+        };
+        // Recorded before it is wired up, so that Drop also cleans up a half-made host.
         self.hosts.push(host.clone());
+        let Host { ns, veth_root, .. } = &host;
+        ip(&[
+            "link", "add", veth_root, "type", "veth", "peer", "name", &veth_ns,
+        ])?;
+        ip(&["link", "set", &veth_ns, "netns", ns])?;
+        ip(&["link", "set", veth_root, "master", &self.bridge])?;
+        ip(&["link", "set", veth_root, "up"])?;
+        ip(&[
+            "netns",
+            "exec",
+            ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &veth_ns,
+        ])?;
+        ip(&["netns", "exec", ns, "ip", "link", "set", &veth_ns, "up"])?;
+        ip(&["netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
         Ok(host)
     }
 
     /// Cuts a host off the bridge (partition) or reconnects it.
     pub fn set_link(&self, host: &Host, up: bool) -> anyhow::Result<()> {
-        ip(&["link", "set", &host.veth_root, if up { "up" } else { "down" }])
+        ip(&[
+            "link",
+            "set",
+            &host.veth_root,
+            if up { "up" } else { "down" },
+        ])
     }
 }
 

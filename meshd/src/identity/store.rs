@@ -18,8 +18,10 @@ pub(crate) struct Node {
     pub(crate) bundle_pem: String,
     pub(crate) chain_pem: String,
     pub(crate) key_pem: String,
-    pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+    /// When this node obtained the certificate (the file's mtime when loaded): renewal is
+    /// scheduled from here, not from `not_before`, which the CA backdates for clock skew.
+    pub(crate) obtained: SystemTime,
 }
 
 /// A stored workload certificate.
@@ -29,6 +31,8 @@ pub(crate) struct Workload {
     pub(crate) key_pem: String,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+    /// When this node obtained the certificate (see [`Node::obtained`]).
+    pub(crate) obtained: SystemTime,
 }
 
 /// The identity directory.
@@ -55,6 +59,15 @@ impl Dir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.err(&path, e)),
         }
+    }
+
+    /// When `name` was last written, clamped to `[not_before, now]`.
+    fn obtained(&self, name: &str, not_before: SystemTime) -> SystemTime {
+        let now = SystemTime::now();
+        std::fs::metadata(self.root.join(name))
+            .and_then(|m| m.modified())
+            .unwrap_or(not_before)
+            .clamp(not_before.min(now), now)
     }
 
     fn write(&self, name: &str, contents: &str, mode: u32) -> Result<(), Error> {
@@ -110,8 +123,8 @@ impl Dir {
             bundle_pem,
             chain_pem,
             key_pem,
-            not_before,
             not_after,
+            obtained: self.obtained("node.pem", not_before),
         }))
     }
 
@@ -153,6 +166,7 @@ impl Dir {
             key_pem,
             not_before,
             not_after,
+            obtained: self.obtained(&file, not_before),
         }))
     }
 
@@ -215,8 +229,8 @@ mod tests {
                 bundle_pem: chain.clone(),
                 chain_pem: chain,
                 key_pem: key.clone(),
-                not_before: now,
                 not_after: now + Duration::from_secs(60),
+                obtained: now,
             })
             .unwrap();
         let loaded = store.load_node().unwrap().unwrap();
@@ -241,6 +255,7 @@ mod tests {
                     key_pem: wkey,
                     not_before: now,
                     not_after: now,
+                    obtained: now,
                 },
             )
             .unwrap();

@@ -1,0 +1,163 @@
+//! Certificate rotation under traffic: short-lived workload certificates renew at half-life
+//! while short connections keep succeeding and a long-lived connection streams across several
+//! rotations intact.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mesh_e2e::apps::Echo;
+use mesh_e2e::{Cluster, Load, NodeSpec, RegistryOpts, ServiceSpec, Stream, WAIT, next_ip};
+
+const RENEWALS: &str = "meshd_certificate_renewals_total";
+const RENEWAL_FAILURES: &str = "meshd_certificate_renewal_failures_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_rotate_under_traffic_without_a_failed_connection() {
+    let ttl = Duration::from_secs(6);
+    let run_for = Duration::from_secs(15);
+    let mut cluster = Cluster::new(RegistryOpts {
+        workload_cert_ttl: ttl,
+        ..RegistryOpts::default()
+    })
+    .await
+    .unwrap();
+    let b_ip = next_ip();
+    let echo = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
+    let token = cluster.registry.token(&["api"], 1).unwrap();
+    let mut spec_b = NodeSpec::new("b", token);
+    spec_b.ip = b_ip.into();
+    spec_b.services = vec![ServiceSpec::new("api", echo.addr)];
+    cluster.add_spec(spec_b).await.unwrap();
+    let a_ip = next_ip();
+    let upstream = SocketAddr::new(a_ip.into(), 19001);
+    let token = cluster.registry.token(&["web"], 1).unwrap();
+    let mut spec_a = NodeSpec::new("a", token);
+    spec_a.ip = a_ip.into();
+    spec_a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
+    spec_a.services = vec![
+        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080)).upstream("api", upstream),
+    ];
+    cluster.add_spec(spec_a).await.unwrap();
+    cluster.converge().await.unwrap();
+    cluster
+        .node("a")
+        .wait_endpoints("default/api", 1)
+        .await
+        .unwrap();
+
+    let mut before = Vec::new();
+    for n in &cluster.nodes {
+        let na = n.workload_not_after().await.unwrap();
+        assert_eq!(
+            na.len(),
+            1,
+            "{}: one workload certificate: {na:?}",
+            n.spec.name
+        );
+        before.push((
+            n.metric(RENEWALS, &[]).await.unwrap(),
+            n.metric(RENEWAL_FAILURES, &[]).await.unwrap(),
+            na,
+        ));
+    }
+    let issued_before = cluster
+        .registry
+        .metric("mesh_registry_certificates_issued_total", &[])
+        .await
+        .unwrap();
+
+    // One long-lived connection (64 KiB every 50 ms) and continuous short connections.
+    let stream = Stream::start(upstream, 64 * 1024, Duration::from_millis(50))
+        .await
+        .unwrap();
+    let load = Load::start(upstream, 4, 8 * 1024, Duration::from_secs(10));
+    let started = Instant::now();
+    // Run for `run_for`, checking that the load keeps making progress all along.
+    while started.elapsed() < run_for {
+        load.progress(20, WAIT).await.unwrap();
+    }
+    let (sent, sent_sha, echoed_sha) = stream.finish(Duration::from_secs(30)).await.unwrap();
+    let report = load.stop().await;
+    let elapsed = started.elapsed();
+
+    let mut renewed = Vec::new();
+    for (n, (r0, f0, na0)) in cluster.nodes.iter().zip(&before) {
+        let r = n.metric(RENEWALS, &[]).await.unwrap() - r0;
+        let f = n.metric(RENEWAL_FAILURES, &[]).await.unwrap() - f0;
+        let na = n.workload_not_after().await.unwrap();
+        // The expiry gauge follows the installed certificate.
+        let svc = na0[0].0.rsplit('/').next().unwrap().to_owned();
+        let identity = format!("spiffe://mesh.test/ns/default/svc/{svc}");
+        let gauge = n
+            .metric(
+                "meshd_certificate_expiry_timestamp_seconds",
+                &[("identity", &identity)],
+            )
+            .await
+            .unwrap();
+        assert!(
+            gauge > na0[0].1 as f64,
+            "{}: expiry gauge of {identity} ({gauge}) did not move past {}",
+            n.spec.name,
+            na0[0].1
+        );
+        renewed.push((n.spec.name.clone(), r, f, na0.clone(), na));
+    }
+    let issued = cluster
+        .registry
+        .metric("mesh_registry_certificates_issued_total", &[])
+        .await
+        .unwrap()
+        - issued_before;
+    eprintln!(
+        "rotation over {elapsed:?}: {} short connections ({} failed), long stream {} MiB; \
+         renewals per node (name, renewed, failures, not_after before, after): {renewed:?}; \
+         certificates issued by the registry: {issued}",
+        report.ok,
+        report.failed,
+        sent >> 20
+    );
+
+    assert_eq!(
+        report.failed, 0,
+        "failed short connections: {:?}",
+        report.errors
+    );
+    assert!(report.ok > 100, "short connections ran: {}", report.ok);
+    assert!(
+        sent > 10 << 20,
+        "the long connection streamed across the rotations: {sent} bytes"
+    );
+    assert_eq!(
+        echoed_sha, sent_sha,
+        "long-lived connection intact across rotations"
+    );
+    // Renewal at half-life (plus up to 5% jitter): one workload certificate per node renews
+    // about every ttl/2 — at least twice in the run, and not in a storm.
+    let most = (elapsed.as_secs_f64() / (ttl.as_secs_f64() * 0.5)).ceil() + 1.0;
+    for (name, r, f, na0, na) in &renewed {
+        assert!(
+            *r >= 2.0,
+            "{name}: only {r} renewals in {elapsed:?} with a {ttl:?} ttl"
+        );
+        assert!(
+            *r <= most,
+            "{name}: {r} renewals in {elapsed:?} with a {ttl:?} ttl (at most {most} expected at half-life)"
+        );
+        assert_eq!(*f, 0.0, "{name}: renewal failures with the registry up");
+        assert_eq!(
+            na.len(),
+            1,
+            "{name}: one workload certificate after: {na:?}"
+        );
+        assert!(
+            na[0].1 > na0[0].1,
+            "{name}: workload certificate not_after moved on: {na0:?} → {na:?}"
+        );
+    }
+    assert!(
+        issued >= 4.0,
+        "the registry issued the renewed certificates: {issued}"
+    );
+}

@@ -24,7 +24,7 @@ pub enum Error {
     },
     /// The path does not name one of the mesh's identity kinds.
     #[error(
-        "identity path {0:?} is not one of /ns/<ns>/svc/<name>, /node/<name>, /registry, /admin/<name>"
+        "identity path {0:?} is not one of /ns/<ns>/svc/<name>, /node/<name>, /registry, /admin/<name>, /viewer/<name>"
     )]
     UnknownPath(String),
     /// A name inside the path is invalid.
@@ -65,8 +65,15 @@ pub enum Identity {
         /// Trust domain.
         trust_domain: TrustDomain,
     },
-    /// `spiffe://<td>/admin/<name>`: an operator credential (meshctl).
+    /// `spiffe://<td>/admin/<name>`: an operator credential (meshctl), full access.
     Admin {
+        /// Trust domain.
+        trust_domain: TrustDomain,
+        /// Operator name.
+        name: Label,
+    },
+    /// `spiffe://<td>/viewer/<name>`: a read-only operator credential (get, history, list).
+    Viewer {
         /// Trust domain.
         trust_domain: TrustDomain,
         /// Operator name.
@@ -150,7 +157,8 @@ impl Identity {
             Self::Workload { trust_domain, .. }
             | Self::Node { trust_domain, .. }
             | Self::Registry { trust_domain }
-            | Self::Admin { trust_domain, .. } => trust_domain,
+            | Self::Admin { trust_domain, .. }
+            | Self::Viewer { trust_domain, .. } => trust_domain,
         }
     }
 
@@ -183,6 +191,10 @@ impl Identity {
                 trust_domain,
                 name: Label::new(name).map_err(bad_name)?,
             }),
+            ["viewer", name] => Ok(Self::Viewer {
+                trust_domain,
+                name: Label::new(name).map_err(bad_name)?,
+            }),
             _ => Err(Error::UnknownPath(format!("/{path}"))),
         }
     }
@@ -210,6 +222,9 @@ impl fmt::Display for Identity {
             Self::Registry { trust_domain } => write!(f, "spiffe://{trust_domain}/registry"),
             Self::Admin { trust_domain, name } => {
                 write!(f, "spiffe://{trust_domain}/admin/{name}")
+            }
+            Self::Viewer { trust_domain, name } => {
+                write!(f, "spiffe://{trust_domain}/viewer/{name}")
             }
         }
     }
@@ -239,6 +254,7 @@ mod tests {
             "spiffe://mesh.internal/node/host-1.dc1",
             "spiffe://mesh.internal/registry",
             "spiffe://example/admin/operator",
+            "spiffe://example/viewer/auditor",
         ] {
             let id = Identity::parse(uri).unwrap();
             assert_eq!(id.to_string(), uri);

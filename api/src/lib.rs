@@ -4,6 +4,7 @@
 pub mod gossip;
 pub mod identity;
 pub mod name;
+pub mod policy;
 pub mod proto;
 pub mod token;
 

@@ -250,3 +250,50 @@ fn csr_carries_the_identity() {
     let checked = mesh_ca::csr::check(&csr, &id, &[]);
     assert!(checked.is_ok(), "{:?}", checked.err());
 }
+
+#[tokio::test]
+async fn second_connection_resumes_the_session() {
+    let ca = mesh();
+    let roots = root_store(&ca.trust_bundle_pem()).unwrap();
+    let server = Arc::new(
+        server_config(
+            roots.clone(),
+            CertSlot::new(Some(issue(&ca, workload("api")))),
+            false,
+            &[],
+        )
+        .unwrap(),
+    );
+    let client_cert: Arc<dyn rustls::client::ResolvesClientCert> =
+        CertSlot::new(Some(issue(&ca, workload("web"))));
+    let client = Arc::new(
+        client_config(
+            Arc::new(SpiffeVerifier::exact(roots, workload("api"))),
+            Some(client_cert),
+            &[],
+        )
+        .unwrap(),
+    );
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+        let connector = tokio_rustls::TlsConnector::from(client.clone());
+        let srv = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.write_all(&buf).await.unwrap();
+            tls.shutdown().await.unwrap();
+            tls.get_ref().1.handshake_kind()
+        });
+        let name = ServerName::try_from("api.default.svc.mesh").unwrap();
+        let mut tls = connector.connect(name, c).await.unwrap();
+        tls.write_all(b"ping").await.unwrap();
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.unwrap();
+        kinds.push(srv.await.unwrap());
+    }
+    assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full));
+    assert_eq!(kinds[1], Some(rustls::HandshakeKind::Resumed), "{kinds:?}");
+}

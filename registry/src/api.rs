@@ -1,5 +1,6 @@
 //! The registry's gRPC service: join with a token, node renewal, workload signing, token
-//! creation and inventory — each call authorised by the caller's certificate identity.
+//! creation, inventory and policy resources (apply, get, history, watch) — each call
+//! authorised by the caller's certificate identity.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +12,7 @@ use mesh_ca::{Authority, SignRequest};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -19,7 +21,13 @@ use crate::server::PeerInfo;
 use crate::store::{self, CertRecord, NodeRecord, Store, TokenRecord};
 
 mod decide;
+mod diff;
+mod policy;
+mod watch;
 pub use decide::{allows_service, normalize_services};
+pub use diff::spec_diff;
+pub use policy::{WATCH_BUFFER, action_name, validate_apply};
+pub use watch::{PolicyStream, WatchStartLabels};
 
 /// Labels of the request counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +45,11 @@ pub struct Metrics {
     pub calls: Family<CallLabels, Counter>,
     /// Certificates signed (`mesh_registry_certificates_issued_total`).
     pub issued: Counter,
+    /// Policy watch streams started, by first event
+    /// (`mesh_registry_policy_watch_starts_total`).
+    pub policy_watch_starts: Family<WatchStartLabels, Counter>,
+    /// The current mesh policy revision (`mesh_registry_policy_revision`).
+    pub policy_revision: Gauge,
 }
 
 impl Metrics {
@@ -52,6 +65,16 @@ impl Metrics {
             "mesh_registry_certificates_issued",
             "Certificates signed by the registry",
             m.issued.clone(),
+        );
+        registry.register(
+            "mesh_registry_policy_watch_starts",
+            "Policy watch streams started, by first event: full snapshot, incremental, or current",
+            m.policy_watch_starts.clone(),
+        );
+        registry.register(
+            "mesh_registry_policy_revision",
+            "The current mesh policy revision",
+            m.policy_revision.clone(),
         );
         m
     }
@@ -78,6 +101,9 @@ struct Inner {
     ca: Arc<Authority>,
     config: Config,
     metrics: Metrics,
+    policy: policy::PolicyHub,
+    /// Becomes `true` when the registry drains; watch streams end then.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -108,12 +134,13 @@ fn store_error(e: store::Error) -> Rejected {
 }
 
 impl RegistryApi {
-    /// Serves `store` and signs with `ca`.
+    /// Serves `store` and signs with `ca`; watch streams end once `shutdown` holds `true`.
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Authority>,
         config: Config,
         metrics: Metrics,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -121,6 +148,8 @@ impl RegistryApi {
                 ca,
                 config,
                 metrics,
+                policy: policy::PolicyHub::new(),
+                shutdown,
             }),
         }
     }
@@ -203,6 +232,16 @@ impl RegistryApi {
                 if *trust_domain == self.inner.config.trust_domain =>
             {
                 Ok(id.clone())
+            }
+            Some(viewer @ Identity::Viewer { trust_domain, .. })
+                if *trust_domain == self.inner.config.trust_domain =>
+            {
+                Err(reject(
+                    "read_only",
+                    Status::permission_denied(format!(
+                        "{viewer} is a read-only (viewer) identity; this needs operator (admin) credentials"
+                    )),
+                ))
             }
             Some(other) => Err(reject(
                 "not_admin",
@@ -596,5 +635,52 @@ impl pb::registry_server::Registry for RegistryApi {
             Err(e) => Err(e),
         };
         self.finish("list_certificates", &peer, r)
+    }
+
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_apply(&peer, req.into_inner()).await;
+        self.finish("apply", &peer, r)
+    }
+
+    async fn get_resources(
+        &self,
+        req: Request<pb::GetResourcesRequest>,
+    ) -> Result<Response<pb::GetResourcesResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_get_resources(&peer, req.into_inner()).await;
+        self.finish("get_resources", &peer, r)
+    }
+
+    async fn delete_resource(
+        &self,
+        req: Request<pb::DeleteResourceRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_delete_resource(&peer, req.into_inner()).await;
+        self.finish("delete_resource", &peer, r)
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_history(&peer, req.into_inner()).await;
+        self.finish("history", &peer, r)
+    }
+
+    type WatchPolicyStream = PolicyStream;
+
+    async fn watch_policy(
+        &self,
+        req: Request<pb::WatchPolicyRequest>,
+    ) -> Result<Response<PolicyStream>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_watch_policy(&peer, req.into_inner()).await;
+        self.finish("watch_policy", &peer, r)
     }
 }

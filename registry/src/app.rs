@@ -62,11 +62,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .context("loading the CA")?,
     );
     let store_dir = config.data_dir.join("store");
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || SledStore::open(&store_dir))
-            .await?
-            .context("opening the registry store")?,
-    );
+    let (store, policy_revision) = tokio::task::spawn_blocking(move || {
+        let store = SledStore::open(&store_dir)?;
+        let revision = store.policy_revision()?;
+        Ok::<_, crate::store::Error>((store, revision))
+    })
+    .await?
+    .context("opening the registry store")?;
+    let store: Arc<dyn Store> = Arc::new(store);
 
     let (key, not_after) = serving_cert(&ca, &config)?;
     let slot = CertSlot::new(Some(key));
@@ -83,6 +86,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = api::Metrics::new(&mut registry);
+    metrics.policy_revision.set(policy_revision as i64);
     let registry = Arc::new(registry);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -93,7 +97,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config.handshake_timeout,
         shutdown_rx.clone(),
     );
-    let svc = RegistryServer::new(RegistryApi::new(store, ca.clone(), config.clone(), metrics));
+    let svc = RegistryServer::new(RegistryApi::new(
+        store,
+        ca.clone(),
+        config.clone(),
+        metrics,
+        shutdown_rx.clone(),
+    ));
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {
         let res = tonic::transport::Server::builder()
@@ -126,7 +136,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         not_after,
         shutdown_rx,
     ));
-    info!(addr = %listen_addr, trust_domain = %config.trust_domain, "registry listening");
+    info!(addr = %listen_addr, trust_domain = %config.trust_domain, policy_revision, "registry listening");
     info!(addr = %admin_addr, "admin listening");
     Ok(Bound {
         listen_addr,

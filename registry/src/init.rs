@@ -1,5 +1,5 @@
-//! `mesh-registry init`: creates (or imports) the mesh CA, the operator's admin credentials
-//! and the registry config in a fresh data directory.
+//! `mesh-registry init`: creates (or imports) the mesh CA, the operator's admin credentials,
+//! read-only viewer credentials and the registry config in a fresh data directory.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -16,6 +16,8 @@ use crate::config::Config;
 pub const DEFAULT_ADMIN_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Name of the first operator identity (`spiffe://<td>/admin/operator`).
 pub const DEFAULT_ADMIN_NAME: &str = "operator";
+/// Name of the read-only identity (`spiffe://<td>/viewer/viewer`).
+pub const DEFAULT_VIEWER_NAME: &str = "viewer";
 
 /// Why init failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,10 @@ pub struct Report {
     pub root_key_stored: bool,
     /// Operator identity.
     pub admin_identity: Identity,
+    /// Directory with read-only credentials for meshctl (same file names as `admin_dir`).
+    pub viewer_dir: PathBuf,
+    /// Read-only identity.
+    pub viewer_identity: Identity,
 }
 
 /// Paths of the CA files inside a data dir.
@@ -171,24 +177,14 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
         trust_domain: args.trust_domain.clone(),
         name: Label::new(DEFAULT_ADMIN_NAME).expect("default admin name is a label"),
     };
-    let (issued, key) = ca.issue(&SignRequest {
-        identity: admin_identity.clone(),
-        dns_names: Vec::new(),
-        ttl: DEFAULT_ADMIN_CERT_TTL,
-        now,
-    })?;
     let admin_dir = args.data_dir.join("admin");
-    write(&admin_dir.join("ca.pem"), &ca.trust_bundle_pem(), 0o644)?;
-    write(&admin_dir.join("admin.pem"), &issued.chain_pem, 0o644)?;
-    write(&admin_dir.join("admin-key.pem"), &key, 0o600)?;
-    write(
-        &admin_dir.join("meshctl.toml"),
-        &format!(
-            "# meshctl credentials written by mesh-registry init\nregistry = \"{}\"\n",
-            args.listen
-        ),
-        0o644,
-    )?;
+    write_credentials(&ca, &admin_identity, &admin_dir, args.listen, now)?;
+    let viewer_identity = Identity::Viewer {
+        trust_domain: args.trust_domain.clone(),
+        name: Label::new(DEFAULT_VIEWER_NAME).expect("default viewer name is a label"),
+    };
+    let viewer_dir = args.data_dir.join("viewer");
+    write_credentials(&ca, &viewer_identity, &viewer_dir, args.listen, now)?;
     let config_file = args.data_dir.join("registry.toml");
     let data_dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
     write(
@@ -207,7 +203,36 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
         root_fingerprint: ca.root_fingerprint(),
         root_key_stored: files.root_key_pem.is_some(),
         admin_identity,
+        viewer_dir,
+        viewer_identity,
     })
+}
+
+/// Writes meshctl credentials for `identity` into `dir`: `ca.pem`, `admin.pem` (chain),
+/// `admin-key.pem` and `meshctl.toml`. The file names are meshctl's, whatever the identity.
+fn write_credentials(
+    ca: &Authority,
+    identity: &Identity,
+    dir: &Path,
+    registry: SocketAddr,
+    now: SystemTime,
+) -> Result<(), Error> {
+    let (issued, key) = ca.issue(&SignRequest {
+        identity: identity.clone(),
+        dns_names: Vec::new(),
+        ttl: DEFAULT_ADMIN_CERT_TTL,
+        now,
+    })?;
+    write(&dir.join("ca.pem"), &ca.trust_bundle_pem(), 0o644)?;
+    write(&dir.join("admin.pem"), &issued.chain_pem, 0o644)?;
+    write(&dir.join("admin-key.pem"), &key, 0o600)?;
+    write(
+        &dir.join("meshctl.toml"),
+        &format!(
+            "# meshctl credentials ({identity}) written by mesh-registry init\nregistry = \"{registry}\"\n"
+        ),
+        0o644,
+    )
 }
 
 #[cfg(test)]
@@ -236,6 +261,30 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(report.viewer_dir, args.data_dir.join("viewer"));
+        assert_eq!(
+            report.viewer_identity.to_string(),
+            "spiffe://mesh.test/viewer/viewer"
+        );
+        for (dir, identity) in [
+            (&report.admin_dir, &report.admin_identity),
+            (&report.viewer_dir, &report.viewer_identity),
+        ] {
+            let chain = std::fs::read_to_string(dir.join("admin.pem")).unwrap();
+            let certs = mesh_runtime::tls::parse_certs(&chain, "test").unwrap();
+            assert_eq!(
+                mesh_runtime::tls::peer_identity(&certs).as_ref(),
+                Some(identity)
+            );
+            let toml = std::fs::read_to_string(dir.join("meshctl.toml")).unwrap();
+            assert!(toml.contains("registry = \"127.0.0.1:7700\""), "{toml}");
+            let mode = std::fs::metadata(dir.join("admin-key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", dir.display());
+            assert!(dir.join("ca.pem").exists());
+        }
         assert!(matches!(
             run(&args, SystemTime::now()),
             Err(Error::AlreadyInitialised(_))

@@ -29,7 +29,7 @@ enum Command {
         /// Trust domain of the mesh, e.g. mesh.internal.
         #[arg(long)]
         trust_domain: String,
-        /// Directory to create (holds ca/, admin/, store/ and registry.toml).
+        /// Directory to create (holds ca/, admin/, viewer/, store/ and registry.toml).
         #[arg(long)]
         data_dir: PathBuf,
         /// gRPC listen address written into the config.
@@ -124,6 +124,11 @@ fn main() -> ExitCode {
                         r.admin_dir.display(),
                         r.admin_identity
                     );
+                    println!(
+                        "  read-only credentials: {} ({})",
+                        r.viewer_dir.display(),
+                        r.viewer_identity
+                    );
                     println!("  config: {}", r.config_file.display());
                     println!();
                     println!("next:");
@@ -131,6 +136,10 @@ fn main() -> ExitCode {
                     println!(
                         "  meshctl --credentials {} token create --services web,api",
                         r.admin_dir.display()
+                    );
+                    println!(
+                        "  meshctl --credentials {} get   (read-only: get and history)",
+                        r.viewer_dir.display()
                     );
                     ExitCode::SUCCESS
                 }

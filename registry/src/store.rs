@@ -1,6 +1,7 @@
-//! The registry's durable state: join tokens, nodes and issued certificates behind the
-//! [`Store`] trait, with a sled implementation for production and an in-memory one for tests.
-//! Owns the record types, the store error type and the join rules both stores share.
+//! The registry's durable state: join tokens, nodes, issued certificates and versioned policy
+//! resources behind the [`Store`] trait, with a sled implementation for production and an
+//! in-memory one for tests. Owns the record types, the store error type and the join and
+//! policy-apply rules both stores share.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +14,8 @@ pub use memory::MemoryStore;
 pub use sled::SledStore;
 
 /// On-disk schema version; written on first open, and a database with another version is
-/// refused.
+/// refused. Bump it only when the layout of an existing tree changes: the policy trees were
+/// added without a bump, because a version-1 database simply lacks them (they start empty).
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Why a store operation failed.
@@ -76,6 +78,16 @@ pub enum Error {
     TokenExhausted {
         /// The token's `max_uses`.
         max_uses: u32,
+    },
+    /// One apply named the same resource twice; nothing was written.
+    #[error("policy resource {kind} {namespace}/{name} appears more than once in one apply")]
+    DuplicatePolicyChange {
+        /// Resource kind.
+        kind: String,
+        /// Resource namespace.
+        namespace: String,
+        /// Resource name.
+        name: String,
     },
 }
 
@@ -140,6 +152,60 @@ pub struct CertRecord {
     pub not_after_unix: i64,
 }
 
+/// One version of a policy resource. The store keeps the spec as opaque (canonical) JSON so it
+/// does not depend on the policy model; the API validates before anything reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Resource kind, e.g. `Route`.
+    pub kind: String,
+    /// Resource namespace.
+    pub namespace: String,
+    /// Resource name.
+    pub name: String,
+    /// The spec as JSON; empty for a deletion.
+    pub spec_json: String,
+    /// The mesh revision that wrote this version.
+    pub revision: u64,
+    /// Identity that made the change.
+    pub author: String,
+    /// When, Unix seconds.
+    pub updated_unix: i64,
+    /// This version is a deletion (kept in history and for watchers catching up).
+    pub deleted: bool,
+}
+
+/// One requested change to a policy resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChange {
+    /// Resource kind.
+    pub kind: String,
+    /// Resource namespace.
+    pub namespace: String,
+    /// Resource name.
+    pub name: String,
+    /// The new spec; `None` deletes the resource.
+    pub spec_json: Option<String>,
+}
+
+/// What an apply did (or, on a dry run, would do) to one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeAction {
+    /// The resource did not exist (or had been deleted).
+    Created,
+    /// The spec changed.
+    Updated,
+    /// The spec was already the same; nothing written.
+    Unchanged,
+    /// The resource was removed.
+    Deleted,
+    /// A deletion of a resource that does not exist; nothing written.
+    NotFound,
+}
+
+/// The outcome of [`Store::apply_policies`]: the mesh revision after the call, and per change
+/// (in request order) what happened and the spec it replaced (for diffs).
+pub type ApplyOutcome = (u64, Vec<(ChangeAction, Option<String>)>);
+
 /// The registry's durable state.
 ///
 /// Every method that writes returns only after the write is durable (sled: `flush()`, which
@@ -175,6 +241,98 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first (by `issued_unix`, then `serial`, both descending), at most `limit`
     /// (0 = all).
     fn list_certs(&self, limit: usize) -> Result<Vec<CertRecord>, Error>;
+
+    /// The current mesh policy revision (0 before the first change).
+    fn policy_revision(&self) -> Result<u64, Error>;
+    /// Applies `changes` in one transaction, durable before it returns: every change whose
+    /// result differs from the current state is written, the mesh revision is bumped once if
+    /// anything changed (every changed record gets that revision), and each changed version is
+    /// appended to history (deletions as `deleted` records). A resource named twice is
+    /// [`Error::DuplicatePolicyChange`]. With `dry_run` the same outcome is computed and
+    /// nothing is written (the revision returned is then the current one). Any error leaves
+    /// the store untouched.
+    fn apply_policies(
+        &self,
+        changes: &[PolicyChange],
+        author: &str,
+        now_unix: i64,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, Error>;
+    /// The current (non-deleted) resources sorted by kind, namespace, name, and the revision
+    /// they were read at (a consistent view).
+    fn list_policies(&self) -> Result<(u64, Vec<PolicyRecord>), Error>;
+    /// Every version of one resource, oldest first, deletions included.
+    fn policy_history(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<PolicyRecord>, Error>;
+    /// The latest version (deletions included) of every resource changed after `revision`,
+    /// sorted by kind, namespace, name, with the current revision they are consistent with.
+    fn policy_changes_since(&self, revision: u64) -> Result<(u64, Vec<PolicyRecord>), Error>;
+}
+
+/// A planned apply: the outcome for the caller and the records to write.
+struct PolicyPlan {
+    revision: u64,
+    outcomes: Vec<(ChangeAction, Option<String>)>,
+    writes: Vec<PolicyRecord>,
+}
+
+/// The apply rules both stores share. `current` looks up the latest stored version of a
+/// resource (a deletion marker counts as absent); nothing is written here.
+fn plan_policies(
+    changes: &[PolicyChange],
+    author: &str,
+    now_unix: i64,
+    revision: u64,
+    mut current: impl FnMut(&PolicyChange) -> Result<Option<PolicyRecord>, Error>,
+) -> Result<PolicyPlan, Error> {
+    let mut seen = std::collections::HashSet::new();
+    for c in changes {
+        if !seen.insert((&c.kind, &c.namespace, &c.name)) {
+            return Err(Error::DuplicatePolicyChange {
+                kind: c.kind.clone(),
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            });
+        }
+    }
+    let next = revision + 1;
+    let mut outcomes = Vec::with_capacity(changes.len());
+    let mut writes = Vec::new();
+    for c in changes {
+        let previous = current(c)?.filter(|r| !r.deleted).map(|r| r.spec_json);
+        let action = match (&previous, &c.spec_json) {
+            (None, Some(_)) => ChangeAction::Created,
+            (Some(old), Some(new)) if old == new => ChangeAction::Unchanged,
+            (Some(_), Some(_)) => ChangeAction::Updated,
+            (Some(_), None) => ChangeAction::Deleted,
+            (None, None) => ChangeAction::NotFound,
+        };
+        if matches!(
+            action,
+            ChangeAction::Created | ChangeAction::Updated | ChangeAction::Deleted
+        ) {
+            writes.push(PolicyRecord {
+                kind: c.kind.clone(),
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+                spec_json: c.spec_json.clone().unwrap_or_default(),
+                revision: next,
+                author: author.to_owned(),
+                updated_unix: now_unix,
+                deleted: c.spec_json.is_none(),
+            });
+        }
+        outcomes.push((action, previous));
+    }
+    Ok(PolicyPlan {
+        revision: if writes.is_empty() { revision } else { next },
+        outcomes,
+        writes,
+    })
 }
 
 /// The join rules both stores share: checks `token` at `now_unix` and returns it with one

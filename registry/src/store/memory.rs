@@ -4,7 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{CertRecord, Error, NodeRecord, Store, TokenRecord, consume_token, newest_certs};
+use super::{
+    ApplyOutcome, CertRecord, Error, NodeRecord, PolicyChange, PolicyRecord, Store, TokenRecord,
+    consume_token, newest_certs, plan_policies,
+};
+
+/// A policy resource's key: kind, namespace, name (sorts like the sled keys).
+type PolicyKey = (String, String, String);
 
 /// An in-memory [`Store`] with the same semantics as [`super::SledStore`], minus durability.
 #[derive(Debug, Default)]
@@ -17,6 +23,15 @@ struct State {
     tokens: BTreeMap<String, TokenRecord>,
     nodes: BTreeMap<String, NodeRecord>,
     certs: BTreeMap<String, CertRecord>,
+    policy_revision: u64,
+    /// Latest version of every resource, deletion markers included.
+    policies: BTreeMap<PolicyKey, PolicyRecord>,
+    /// Every version of every resource, oldest first.
+    policy_history: BTreeMap<PolicyKey, Vec<PolicyRecord>>,
+}
+
+fn key_of(kind: &str, namespace: &str, name: &str) -> PolicyKey {
+    (kind.to_owned(), namespace.to_owned(), name.to_owned())
 }
 
 // === impl MemoryStore ===
@@ -85,5 +100,62 @@ impl Store for MemoryStore {
     fn list_certs(&self, limit: usize) -> Result<Vec<CertRecord>, Error> {
         let certs = self.state().certs.values().cloned().collect();
         Ok(newest_certs(certs, limit))
+    }
+
+    fn policy_revision(&self) -> Result<u64, Error> {
+        Ok(self.state().policy_revision)
+    }
+
+    fn apply_policies(
+        &self,
+        changes: &[PolicyChange],
+        author: &str,
+        now_unix: i64,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, Error> {
+        let mut state = self.state();
+        let plan = plan_policies(changes, author, now_unix, state.policy_revision, |c| {
+            Ok(state
+                .policies
+                .get(&key_of(&c.kind, &c.namespace, &c.name))
+                .cloned())
+        })?;
+        if dry_run || plan.writes.is_empty() {
+            return Ok((state.policy_revision, plan.outcomes));
+        }
+        for record in plan.writes {
+            let key = key_of(&record.kind, &record.namespace, &record.name);
+            state
+                .policy_history
+                .entry(key.clone())
+                .or_default()
+                .push(record.clone());
+            state.policies.insert(key, record);
+        }
+        state.policy_revision = plan.revision;
+        Ok((plan.revision, plan.outcomes))
+    }
+
+    fn list_policies(&self) -> Result<(u64, Vec<PolicyRecord>), Error> {
+        let state = self.state();
+        let records = state.policies.values().filter(|r| !r.deleted).cloned();
+        Ok((state.policy_revision, records.collect()))
+    }
+
+    fn policy_history(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<PolicyRecord>, Error> {
+        let state = self.state();
+        let versions = state.policy_history.get(&key_of(kind, namespace, name));
+        Ok(versions.cloned().unwrap_or_default())
+    }
+
+    fn policy_changes_since(&self, revision: u64) -> Result<(u64, Vec<PolicyRecord>), Error> {
+        let state = self.state();
+        let records = state.policies.values().filter(|r| r.revision > revision);
+        Ok((state.policy_revision, records.cloned().collect()))
     }
 }

@@ -1,8 +1,12 @@
 //! [`SledStore`]: the production [`Store`] on sled 0.34 — one tree per record kind (`tokens`,
-//! `nodes`, `certs`) plus `meta` for the schema version. Values are JSON; every write is
-//! flushed (fsync) before it is acknowledged.
+//! `nodes`, `certs`) plus `meta` for the schema version, and three policy trees: `policies`
+//! (latest version of every resource, deletions kept as markers so watchers can catch up),
+//! `policy_history` (every version, keyed by resource then big-endian revision) and
+//! `policy_meta` (the mesh revision). Values are JSON; every write is flushed (fsync) before it
+//! is acknowledged.
 
 use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use ::sled::Transactional;
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -10,7 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CertRecord, Error, NodeRecord, SCHEMA_VERSION, Store, TokenRecord, consume_token, newest_certs,
+    ApplyOutcome, CertRecord, Error, NodeRecord, PolicyChange, PolicyRecord, SCHEMA_VERSION, Store,
+    TokenRecord, consume_token, newest_certs, plan_policies,
 };
 
 const TOKENS: &str = "tokens";
@@ -18,6 +23,10 @@ const NODES: &str = "nodes";
 const CERTS: &str = "certs";
 const META: &str = "meta";
 const SCHEMA_KEY: &str = "schema_version";
+const POLICIES: &str = "policies";
+const POLICY_HISTORY: &str = "policy_history";
+const POLICY_META: &str = "policy_meta";
+const REVISION_KEY: &str = "revision";
 
 /// A [`Store`] in a sled database directory. Cloning is cheap and shares the database.
 #[derive(Debug, Clone)]
@@ -26,6 +35,13 @@ pub struct SledStore {
     tokens: ::sled::Tree,
     nodes: ::sled::Tree,
     certs: ::sled::Tree,
+    policies: ::sled::Tree,
+    policy_history: ::sled::Tree,
+    policy_meta: ::sled::Tree,
+    /// Policy applies hold it for writing from their first read until after the flush, and
+    /// policy reads for reading, so a reader sees whole revisions and never one that is not
+    /// yet durable (a watcher must not be sent a revision a crash could take back).
+    policy_lock: Arc<RwLock<()>>,
 }
 
 // === impl SledStore ===
@@ -45,6 +61,10 @@ impl SledStore {
             tokens: tree(TOKENS)?,
             nodes: tree(NODES)?,
             certs: tree(CERTS)?,
+            policies: tree(POLICIES)?,
+            policy_history: tree(POLICY_HISTORY)?,
+            policy_meta: tree(POLICY_META)?,
+            policy_lock: Arc::default(),
             db: db.clone(),
         };
         store.check_schema(&tree(META)?, dir)?;
@@ -66,9 +86,18 @@ impl SledStore {
             }
             return Ok(());
         }
-        let has_data = [&*self.db, &self.tokens, &self.nodes, &self.certs, meta]
-            .iter()
-            .any(|tree| !tree.is_empty());
+        let has_data = [
+            &*self.db,
+            &self.tokens,
+            &self.nodes,
+            &self.certs,
+            &self.policies,
+            &self.policy_history,
+            &self.policy_meta,
+            meta,
+        ]
+        .iter()
+        .any(|tree| !tree.is_empty());
         if has_data {
             return Err(Error::MissingSchema {
                 path: dir.display().to_string(),
@@ -95,6 +124,37 @@ impl SledStore {
         tree.insert(key, encode(value)).map_err(sled_err(op))?;
         self.flush()
     }
+
+    fn read_revision(&self) -> Result<u64, Error> {
+        Ok(get(&self.policy_meta, POLICY_META, REVISION_KEY)?.unwrap_or(0))
+    }
+
+    /// Every latest version (deletion markers included) in key order; caller holds the lock.
+    fn latest_policies(&self) -> Result<Vec<PolicyRecord>, Error> {
+        list(&self.policies, POLICIES)
+    }
+
+    fn read_policies(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        // The lock guards no data, so a panicked holder leaves nothing inconsistent.
+        self.policy_lock
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Key of a resource in `policies`: `kind \0 namespace \0 name`, so keys sort by kind, then
+/// namespace, then name (names never contain NUL; the policy model validates them).
+fn policy_key(kind: &str, namespace: &str, name: &str) -> Vec<u8> {
+    [kind.as_bytes(), namespace.as_bytes(), name.as_bytes()].join(&0u8)
+}
+
+/// Key of one version in `policy_history`: the resource key, NUL, then the big-endian revision
+/// so a prefix scan is oldest first.
+fn history_key(record: &PolicyRecord) -> Vec<u8> {
+    let mut key = policy_key(&record.kind, &record.namespace, &record.name);
+    key.push(0);
+    key.extend_from_slice(&record.revision.to_be_bytes());
+    key
 }
 
 impl Store for SledStore {
@@ -166,6 +226,102 @@ impl Store for SledStore {
         // Keyed by serial, so sorted in memory; fine while the cert count stays modest.
         Ok(newest_certs(list(&self.certs, CERTS)?, limit))
     }
+
+    fn policy_revision(&self) -> Result<u64, Error> {
+        let _read = self.read_policies();
+        self.read_revision()
+    }
+
+    fn apply_policies(
+        &self,
+        changes: &[PolicyChange],
+        author: &str,
+        now_unix: i64,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, Error> {
+        let _write = self
+            .policy_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let revision = self.read_revision()?;
+        let plan = plan_policies(changes, author, now_unix, revision, |c| {
+            get(
+                &self.policies,
+                POLICIES,
+                policy_key(&c.kind, &c.namespace, &c.name),
+            )
+        })?;
+        if dry_run || plan.writes.is_empty() {
+            return Ok((revision, plan.outcomes));
+        }
+        let writes: Vec<_> = plan
+            .writes
+            .iter()
+            .map(|r| {
+                let key = policy_key(&r.kind, &r.namespace, &r.name);
+                (key, history_key(r), encode(r))
+            })
+            .collect();
+        let new_revision = encode(&plan.revision);
+        // One transaction over the three trees: after a crash either all of it is there or
+        // none of it (sled recovers transactions atomically).
+        (&self.policies, &self.policy_history, &self.policy_meta)
+            .transaction(|(policies, history, meta)| {
+                for (key, history_key, value) in &writes {
+                    policies.insert(key.as_slice(), value.as_slice())?;
+                    history.insert(history_key.as_slice(), value.as_slice())?;
+                }
+                meta.insert(REVISION_KEY, new_revision.as_slice())?;
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(|err| match err {
+                TransactionError::Abort(err) => err,
+                TransactionError::Storage(source) => Error::Sled {
+                    op: "policy apply transaction",
+                    source,
+                },
+            })?;
+        self.flush()?;
+        Ok((plan.revision, plan.outcomes))
+    }
+
+    fn list_policies(&self) -> Result<(u64, Vec<PolicyRecord>), Error> {
+        let _read = self.read_policies();
+        let mut records = self.latest_policies()?;
+        records.retain(|r| !r.deleted);
+        Ok((self.read_revision()?, records))
+    }
+
+    fn policy_history(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<PolicyRecord>, Error> {
+        let _read = self.read_policies();
+        let mut prefix = policy_key(kind, namespace, name);
+        prefix.push(0);
+        self.policy_history
+            .scan_prefix(prefix)
+            .map(|entry| {
+                let (key, raw) = entry.map_err(sled_err("scan"))?;
+                decode(POLICY_HISTORY, &key, &raw)
+            })
+            .collect()
+    }
+
+    fn policy_changes_since(&self, revision: u64) -> Result<(u64, Vec<PolicyRecord>), Error> {
+        let _read = self.read_policies();
+        let current = self.read_revision()?;
+        let mut records = Vec::new();
+        if revision < current {
+            // A scan of every resource: policy sets are small, and watchers only catch up on
+            // (re)connect.
+            records = self.latest_policies()?;
+            records.retain(|r| r.revision > revision);
+        }
+        Ok((current, records))
+    }
 }
 
 fn sled_err(op: &'static str) -> impl Fn(::sled::Error) -> Error {
@@ -187,10 +343,11 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], raw: &[u8]) -> Re
 fn get<T: DeserializeOwned>(
     tree: &::sled::Tree,
     name: &'static str,
-    key: &str,
+    key: impl AsRef<[u8]>,
 ) -> Result<Option<T>, Error> {
+    let key = key.as_ref();
     match tree.get(key).map_err(sled_err("read"))? {
-        Some(raw) => decode(name, key.as_bytes(), &raw).map(Some),
+        Some(raw) => decode(name, key, &raw).map(Some),
         None => Ok(None),
     }
 }

@@ -1,6 +1,6 @@
 //! The [`Store`] contract suite, run against both [`MemoryStore`] and [`SledStore`], plus
 //! sled-only tests: reopen, schema checks, corrupt records and acknowledged writes surviving
-//! a hard kill of the process.
+//! a hard kill of the process. Policy cases live in `tests/policy.rs`.
 
 use std::path::Path;
 use std::process::Command;
@@ -33,6 +33,9 @@ macro_rules! contract_suite {
         }
     };
 }
+
+// Declared after the macro so the policy suite can use it.
+mod policy;
 
 contract_suite!(
     tokens_put_get_list,
@@ -463,10 +466,10 @@ fn sled_crash_child() {
     std::process::abort();
 }
 
-#[test]
-fn sled_acknowledged_writes_survive_abort() {
-    let dir = tempfile::tempdir().unwrap();
-    let child_test = concat!(module_path!(), "::sled_crash_child");
+/// Runs the ignored test `child_test` (a full module path, as `module_path!()` gives it) in a
+/// child process with [`CRASH_DIR_ENV`] = `dir`, and asserts it aborted after printing
+/// "all writes acknowledged, aborting".
+fn run_aborting_child(child_test: &str, dir: &Path) {
     let child_test = child_test.split_once("::").unwrap().1; // drop the crate name
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -476,7 +479,7 @@ fn sled_acknowledged_writes_survive_abort() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CRASH_DIR_ENV, dir.path())
+        .env(CRASH_DIR_ENV, dir)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -490,6 +493,12 @@ fn sled_acknowledged_writes_survive_abort() {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(out.status.signal(), Some(6), "expected SIGABRT: {out:?}");
     }
+}
+
+#[test]
+fn sled_acknowledged_writes_survive_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    run_aborting_child(concat!(module_path!(), "::sled_crash_child"), dir.path());
 
     let store = reopen(dir.path()).unwrap();
     let tokens = store.list_tokens().unwrap();

@@ -1,0 +1,345 @@
+//! In-process test of the policy API: a registry from `init::run` + `app::build` on loopback
+//! port 0, driven by real tonic clients over mTLS with the admin, viewer and a node
+//! certificate. Covers apply → watch (full snapshot, incremental, current), the viewer's
+//! read-only access, and watch streams ending when the registry drains.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mesh_api::proto::v1 as pb;
+use mesh_api::{Identity, NodeName, TrustDomain};
+use mesh_ca::{Authority, SignRequest};
+use mesh_registry::{app, config::Config, init};
+use mesh_runtime::tls::{self, CertSlot, SpiffeVerifier};
+use pb::registry_client::RegistryClient;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Streaming};
+
+/// Bound on every wait in this test.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A spec the policy model accepts for `ROUTE_KIND`.
+const ROUTE_KIND: &str = "Route";
+const ROUTE_V1: &str = r#"{"service":"web","http":[{}]}"#;
+const ROUTE_V2: &str = r#"{"service":"web","http":[{"timeout":"2s"}]}"#;
+
+/// A registry client presenting `chain_pem`/`key_pem` and expecting the registry identity of
+/// `td` under `bundle_pem` (the connector is meshd's `control::Client`, trimmed).
+fn client(
+    addr: std::net::SocketAddr,
+    td: &TrustDomain,
+    bundle_pem: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> RegistryClient<Channel> {
+    let verifier =
+        SpiffeVerifier::exact(tls::root_store(bundle_pem).unwrap(), Identity::registry(td));
+    let cert = CertSlot::new(Some(tls::certified_key(chain_pem, key_pem).unwrap()));
+    let cfg = tls::client_config(Arc::new(verifier), Some(cert), &[b"h2"]).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let channel = Endpoint::from_static("http://registry.mesh.invalid")
+        .connect_timeout(TIMEOUT)
+        .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("registry.mesh.invalid").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }));
+    RegistryClient::new(channel)
+}
+
+/// A client with the meshctl credentials `init` wrote into `dir`.
+fn credentials_client(
+    addr: std::net::SocketAddr,
+    td: &TrustDomain,
+    dir: &Path,
+) -> RegistryClient<Channel> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    client(
+        addr,
+        td,
+        &read("ca.pem"),
+        &read("admin.pem"),
+        &read("admin-key.pem"),
+    )
+}
+
+fn route(name: &str, spec: &str) -> pb::Resource {
+    pb::Resource {
+        kind: ROUTE_KIND.to_owned(),
+        namespace: "shop".to_owned(),
+        name: name.to_owned(),
+        spec_json: spec.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn next(stream: &mut Streaming<pb::PolicyEvent>) -> Option<pb::PolicyEvent> {
+    tokio::time::timeout(TIMEOUT, stream.message())
+        .await
+        .expect("watch event within the timeout")
+        .expect("watch stream healthy")
+}
+
+async fn watch(
+    client: &mut RegistryClient<Channel>,
+    since_revision: u64,
+) -> Streaming<pb::PolicyEvent> {
+    client
+        .watch_policy(pb::WatchPolicyRequest { since_revision })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn names(event: &pb::PolicyEvent) -> Vec<(&str, bool)> {
+    event
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.deleted))
+        .collect()
+}
+
+/// `GET /metrics` on the admin listener, over plain HTTP/1.0.
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_watch_viewer_and_drain() {
+    tls::install_default_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("mesh.test").unwrap();
+    let data = dir.path().join("reg");
+    let report = init::run(
+        &init::Args {
+            trust_domain: td.clone(),
+            data_dir: data.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            import: None,
+        },
+        SystemTime::now(),
+    )
+    .unwrap();
+    let mut config = Config::load(&report.config_file).unwrap();
+    // Far longer than TIMEOUT: finishing within TIMEOUT proves the watches did not hold the
+    // drain open.
+    config.drain_grace_period = Duration::from_secs(120);
+    let bound = app::build(config).await.unwrap();
+    let (addr, admin_addr) = (bound.listen_addr, bound.admin_addr);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(bound.wait_termination(async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut admin = credentials_client(addr, &td, &report.admin_dir);
+    let mut viewer = credentials_client(addr, &td, &report.viewer_dir);
+    let ca = Authority::load(
+        &td,
+        &init::CaPaths::new(&data).read().unwrap(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let (node_cert, node_key) = ca
+        .issue(&SignRequest {
+            identity: Identity::node(&td, &NodeName::new("node-1").unwrap()),
+            dns_names: Vec::new(),
+            ttl: Duration::from_secs(3600),
+            now: SystemTime::now(),
+        })
+        .unwrap();
+    let mut node = client(
+        addr,
+        &td,
+        &ca.trust_bundle_pem(),
+        &node_cert.chain_pem,
+        &node_key,
+    );
+
+    // A fresh node gets a full (empty) snapshot at revision 0.
+    let mut first = watch(&mut node, 0).await;
+    let snapshot = next(&mut first).await.unwrap();
+    assert!(snapshot.full_snapshot);
+    assert_eq!((snapshot.revision, snapshot.resources.len()), (0, 0));
+
+    // Apply: created, revision 1, with a diff; the watcher gets exactly that change.
+    let applied = admin
+        .apply(pb::ApplyRequest {
+            resources: vec![route("web", ROUTE_V1), route("api", ROUTE_V1)],
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.revision, 1);
+    assert!(
+        applied
+            .changes
+            .iter()
+            .all(|c| c.action == "created" && c.diff.starts_with("+ ")),
+        "{applied:?}"
+    );
+    let event = next(&mut first).await.unwrap();
+    assert!(!event.full_snapshot);
+    assert_eq!(event.revision, 1);
+    assert_eq!(names(&event), [("web", false), ("api", false)]);
+
+    // A node that is current gets an empty event at the current revision; one that is behind
+    // gets the changes; one with nothing gets everything.
+    let mut current = watch(&mut node, 1).await;
+    let event = next(&mut current).await.unwrap();
+    assert_eq!(
+        (event.revision, event.full_snapshot, event.resources.len()),
+        (1, false, 0)
+    );
+    let mut fresh = watch(&mut node, 0).await;
+    let event = next(&mut fresh).await.unwrap();
+    assert_eq!((event.revision, event.full_snapshot), (1, true));
+    assert_eq!(names(&event), [("api", false), ("web", false)]);
+
+    // A dry run changes nothing; an update and a delete reach every open watch in order.
+    let dry = admin
+        .apply(pb::ApplyRequest {
+            resources: vec![route("web", ROUTE_V2)],
+            dry_run: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (dry.revision, dry.changes[0].action.as_str()),
+        (1, "updated")
+    );
+    admin
+        .apply(pb::ApplyRequest {
+            resources: vec![route("web", ROUTE_V2)],
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    let deleted = admin
+        .delete_resource(pb::DeleteResourceRequest {
+            kind: ROUTE_KIND.to_owned(),
+            namespace: "shop".to_owned(),
+            name: "api".to_owned(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (deleted.revision, deleted.changes[0].action.as_str()),
+        (3, "deleted")
+    );
+    for stream in [&mut first, &mut current, &mut fresh] {
+        let update = next(stream).await.unwrap();
+        assert_eq!((update.revision, names(&update)), (2, vec![("web", false)]));
+        let delete = next(stream).await.unwrap();
+        assert_eq!((delete.revision, names(&delete)), (3, vec![("api", true)]));
+    }
+    let mut behind = watch(&mut node, 1).await;
+    let event = next(&mut behind).await.unwrap();
+    assert_eq!((event.revision, event.full_snapshot), (3, false));
+    assert_eq!(names(&event), [("api", true), ("web", false)]);
+
+    // Rejections: unknown resource, invalid spec (nothing half-applied), the viewer writing.
+    let missing = admin
+        .delete_resource(pb::DeleteResourceRequest {
+            kind: ROUTE_KIND.to_owned(),
+            namespace: "shop".to_owned(),
+            name: "api".to_owned(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert!(missing.message().contains("shop/api"), "{missing:?}");
+    let invalid = admin
+        .apply(pb::ApplyRequest {
+            resources: vec![route("new", ROUTE_V1), route("bad", "not json")],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    let denied = viewer
+        .apply(pb::ApplyRequest {
+            resources: vec![route("web", ROUTE_V1)],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("read-only"), "{denied:?}");
+
+    // The viewer reads; nothing above changed the state.
+    let got = viewer
+        .get_resources(pb::GetResourcesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.revision, 3);
+    assert_eq!(
+        got.resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web"]
+    );
+    let history = viewer
+        .history(pb::HistoryRequest {
+            kind: ROUTE_KIND.to_owned(),
+            namespace: "shop".to_owned(),
+            name: "api".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history
+            .versions
+            .iter()
+            .map(|v| (v.revision, v.deleted))
+            .collect::<Vec<_>>(),
+        [(1, false), (3, true)]
+    );
+    assert!(
+        history.versions[0].author.ends_with("/admin/operator"),
+        "{history:?}"
+    );
+
+    let text = metrics(admin_addr).await;
+    for line in [
+        "mesh_registry_policy_revision 3",
+        "mesh_registry_policy_watch_starts_total{snapshot=\"full\"} 2",
+        "mesh_registry_policy_watch_starts_total{snapshot=\"current\"} 1",
+        "mesh_registry_policy_watch_starts_total{snapshot=\"incremental\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+
+    // Draining ends every watch stream, so shutdown is not held open by them.
+    stop_tx.send(()).unwrap();
+    for stream in [&mut first, &mut current, &mut fresh, &mut behind] {
+        assert_eq!(next(stream).await, None);
+    }
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::discovery;
 use crate::identity::Certs;
 use crate::membership::MeshView;
 
@@ -22,7 +23,8 @@ use crate::membership::MeshView;
 pub struct AdminState {
     /// Node configuration.
     pub config: Arc<Config>,
-    /// `true` once listeners are bound and certificates loaded; `false` again when draining.
+    /// `true` once listeners are bound, certificates loaded and a policy snapshot is in place;
+    /// `false` again when draining.
     pub ready_rx: watch::Receiver<bool>,
     /// Metrics registry.
     pub metrics: Arc<prometheus_client::registry::Registry>,
@@ -30,6 +32,8 @@ pub struct AdminState {
     pub certs_rx: Arc<OnceLock<watch::Receiver<Arc<Certs>>>>,
     /// Mesh view, set once gossip has started.
     pub view_rx: Arc<OnceLock<watch::Receiver<Arc<MeshView>>>>,
+    /// The policy being enforced (revision 0 and empty until a snapshot is in place).
+    pub policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
 }
 
 /// The admin router.
@@ -85,9 +89,27 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
             })).collect::<Vec<_>>(),
         })
     });
+    let policy = s.policy_rx.borrow().clone();
+    let effective: serde_json::Map<String, serde_json::Value> = s
+        .config
+        .services
+        .iter()
+        .map(|svc| {
+            let keys = discovery::effective(&policy, &svc.key, &svc.labels);
+            (
+                svc.key.to_string(),
+                keys.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
     Json(json!({
         "config": &*s.config,
         "identity": identity,
+        "policy": {
+            "revision": policy.revision,
+            "resources": policy.resources.len(),
+            "effective": effective,
+        },
         "ready": *s.ready_rx.borrow(),
     }))
 }

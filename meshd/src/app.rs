@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,10 +12,11 @@ use mesh_api::ServiceKey;
 use mesh_runtime::drain;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::discovery::{self, Discovery};
 use crate::identity::{self, Manager};
 use crate::membership::Membership;
 use crate::proxy::{self, Listeners};
@@ -36,6 +38,8 @@ pub struct Bound {
     config: Arc<Config>,
     membership: Membership,
     ready_tx: watch::Sender<bool>,
+    /// Set when the drain starts, so a late policy sync cannot turn `/ready` back on.
+    draining: Arc<AtomicBool>,
     stop_tx: watch::Sender<bool>,
     force_tx: watch::Sender<bool>,
     shutdown_tx: watch::Sender<bool>,
@@ -63,6 +67,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let mut registry = prometheus_client::registry::Registry::default();
     let id_metrics = identity::Metrics::new(&mut registry);
     let proxy_metrics = proxy::Metrics::new(&mut registry);
+    let policy_metrics = discovery::Metrics::new(&mut registry);
     let members_gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     registry.register(
         "meshd_gossip_members",
@@ -77,6 +82,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    // The persisted policy first: with the registry down it is what we enforce.
+    let (discovery, policy) = Discovery::load(&config.data_dir, policy_metrics);
+
     // Admin first, so /live answers (and /ready says 503) while the node is still joining.
     let certs_cell = Arc::new(std::sync::OnceLock::new());
     let view_cell = Arc::new(std::sync::OnceLock::new());
@@ -86,6 +94,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         metrics: registry,
         certs_rx: certs_cell.clone(),
         view_rx: view_cell.clone(),
+        policy_rx: policy.policy_rx.clone(),
     };
     let mut admin_shutdown = shutdown_rx.clone();
     tasks.spawn(async move {
@@ -103,6 +112,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .context("bootstrapping the node identity")?;
     let trust_domain = certs_rx.borrow().trust_domain.clone();
     let _ = certs_cell.set(certs_rx.clone());
+    tasks.spawn(
+        discovery
+            .run(manager.client(), shutdown_rx.clone())
+            .instrument(info_span!("discovery")),
+    );
     tasks.spawn(manager.run(shutdown_rx.clone()));
 
     let mut advertise = config.inbound.advertise;
@@ -138,14 +152,40 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config: config.clone(),
         tls_rx,
         view_rx,
+        policy_rx: policy.policy_rx.clone(),
         metrics: proxy_metrics,
         drain: drain_watch,
         force_rx,
     };
     proxy::spawn(listeners, shared, stop_rx, &mut tasks);
 
-    ready_tx.send_replace(true);
-    info!(node = %config.node_name, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
+    // Listeners are bound and certificates loaded; ready once a policy snapshot is in place
+    // (persisted, or the registry's first event). Until then traffic is served under the
+    // empty revision-0 snapshot, and /ready says 503.
+    let draining = Arc::new(AtomicBool::new(false));
+    {
+        let ready_tx = ready_tx.clone();
+        let draining = draining.clone();
+        let mut synced_rx = policy.synced_rx.clone();
+        let node = config.node_name.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = synced_rx.wait_for(|s| *s) => if r.is_err() { return },
+                _ = drain::until_true(&mut shutdown) => return,
+            }
+            // Checked under the watch's lock, which drain() takes to turn readiness off.
+            let became = ready_tx.send_if_modified(|ready| {
+                let turn_on = !*ready && !draining.load(Ordering::SeqCst);
+                *ready |= turn_on;
+                turn_on
+            });
+            if became {
+                info!(node = %node, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
+            }
+        });
+    }
+    info!(node = %config.node_name, inbound = %inbound_addr, admin = %admin_addr, "meshd started");
     Ok(Bound {
         inbound_addr,
         admin_addr,
@@ -153,6 +193,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config,
         membership,
         ready_tx,
+        draining,
         stop_tx,
         force_tx,
         shutdown_tx,
@@ -171,6 +212,7 @@ impl Bound {
     /// The drain sequence.
     pub async fn drain(mut self) {
         info!("draining");
+        self.draining.store(true, Ordering::SeqCst);
         self.ready_tx.send_replace(false);
         self.membership.set_draining().await;
         tokio::time::sleep(self.config.gossip.interval * DRAIN_PROPAGATION_ROUNDS).await;

@@ -191,4 +191,45 @@ impl Client {
             .await?
             .into_inner())
     }
+
+    /// Applies (or, with `dry_run`, validates) policy resources (operators only).
+    pub async fn apply(&self, req: pb::ApplyRequest) -> Result<pb::ApplyResponse, Error> {
+        Ok(self.inner.clone().apply(req).await?.into_inner())
+    }
+
+    /// Reads policy resources; empty fields match everything.
+    pub async fn get_resources(
+        &self,
+        req: pb::GetResourcesRequest,
+    ) -> Result<pb::GetResourcesResponse, Error> {
+        Ok(self.inner.clone().get_resources(req).await?.into_inner())
+    }
+
+    /// Deletes (or, with `dry_run`, previews deleting) one policy resource (operators only).
+    pub async fn delete_resource(
+        &self,
+        req: pb::DeleteResourceRequest,
+    ) -> Result<pb::ApplyResponse, Error> {
+        Ok(self.inner.clone().delete_resource(req).await?.into_inner())
+    }
+
+    /// Every stored version of one policy resource, oldest first.
+    pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Error> {
+        Ok(self.inner.clone().history(req).await?.into_inner())
+    }
+
+    /// Opens the policy watch stream: a full snapshot or the changes since `since_revision`,
+    /// then one event per new revision. The request timeout bounds only the opening; the
+    /// stream itself lives until either side ends it.
+    pub async fn watch_policy(
+        &self,
+        since_revision: u64,
+    ) -> Result<tonic::Streaming<pb::PolicyEvent>, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .watch_policy(pb::WatchPolicyRequest { since_revision })
+            .await?
+            .into_inner())
+    }
 }

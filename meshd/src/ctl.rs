@@ -12,6 +12,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::control::{self, Auth};
 
+pub mod policy;
+
 /// Time allowed for one registry or admin call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where `meshctl` looks for operator credentials by default.

@@ -381,6 +381,12 @@ impl Manager {
         })
     }
 
+    /// A registry client authenticated with the node certificate; it presents the renewed
+    /// certificate after each renewal without being rebuilt.
+    pub fn client(&self) -> control::Client {
+        self.client.clone()
+    }
+
     /// Renews certificates at half-life until `shutdown`; failures retry with backoff while
     /// the current certificate keeps serving until it really expires.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {

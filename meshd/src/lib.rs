@@ -8,6 +8,8 @@ pub mod control;
 pub mod ctl;
 pub mod demo;
 pub mod dev;
+pub mod discovery;
+pub mod fsutil;
 pub mod identity;
 pub mod membership;
 pub mod proxy;

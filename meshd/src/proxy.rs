@@ -16,6 +16,7 @@ use crate::config::{Config, Service, Upstream};
 use crate::identity::Certs;
 use crate::membership::MeshView;
 
+pub mod authz;
 pub mod copy;
 pub mod inbound;
 pub mod metrics;
@@ -90,6 +91,9 @@ pub struct Shared {
     pub tls_rx: watch::Receiver<Arc<tls::TlsState>>,
     /// Current mesh view.
     pub view_rx: watch::Receiver<Arc<MeshView>>,
+    /// The policy enforced at the inbound; owned by discovery. Each connection watches it and
+    /// is closed when a change no longer allows it.
+    pub policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
     /// Metrics.
     pub metrics: Metrics,
     /// Held by each connection; the drain waits for all of them.

@@ -1,11 +1,14 @@
-//! `meshctl`: the operator CLI — join tokens, node and certificate inventory, mesh members.
+//! `meshctl`: the operator CLI — policy resources (apply, get, delete, history), join tokens,
+//! node and certificate inventory, mesh members.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use meshd::ctl;
+use mesh_api::policy::Kind;
+use meshd::control;
+use meshd::ctl::{self, policy};
 
 const EX_USAGE: u8 = 64;
 
@@ -24,6 +27,56 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create or update policy resources from TOML files (validated locally first).
+    Apply {
+        /// A policy file, or a directory whose *.toml files are applied in name order; repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate and show what would change (with diffs) without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show policy resources.
+    Get {
+        /// Kind (AuthorizationPolicy, ap, routes, ...) or `all`.
+        kind: policy::KindArg,
+        /// Only this name.
+        name: Option<String>,
+        /// Only this namespace (default: every namespace).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = policy::Output::Table)]
+        output: policy::Output,
+    },
+    /// Delete a policy resource.
+    Delete {
+        /// Kind (AuthorizationPolicy, ap, routes, ...).
+        #[arg(value_parser = policy::parse_kind)]
+        kind: Kind,
+        /// Name.
+        name: String,
+        /// Namespace (default: `default`, or `mesh-system` for MeshConfig).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Show what would be deleted without deleting it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Every version of a policy resource, oldest first.
+    History {
+        /// Kind (AuthorizationPolicy, ap, routes, ...).
+        #[arg(value_parser = policy::parse_kind)]
+        kind: Kind,
+        /// Name.
+        name: String,
+        /// Namespace (default: `default`, or `mesh-system` for MeshConfig).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format (`json` shows every version's full spec).
+        #[arg(short = 'o', long, value_enum, default_value_t = policy::Output::Table)]
+        output: policy::Output,
+    },
     /// Join tokens.
     Token {
         #[command(subcommand)]
@@ -78,9 +131,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Members { admin } = &cli.command {
         return ctl::print_members(admin).await;
     }
+    if let Command::Apply { files, .. } = &cli.command {
+        // Invalid files are reported before credentials are even looked at.
+        policy::load(files)?;
+    }
     let creds = ctl::Credentials::load(&cli.credentials)?;
     let client = creds.client(cli.registry.as_deref())?;
     match cli.command {
+        Command::Apply { files, dry_run } => {
+            print!("{}", policy::apply(&client, &files, dry_run).await?);
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+        } => {
+            let out =
+                policy::get(&client, kind, name.as_deref(), namespace.as_deref(), output).await?;
+            if out.is_empty() {
+                eprintln!("no resources found");
+            }
+            print!("{out}");
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            dry_run,
+        } => {
+            let out = policy::delete(&client, kind, &name, namespace.as_deref(), dry_run).await?;
+            print!("{out}");
+        }
+        Command::History {
+            kind,
+            name,
+            namespace,
+            output,
+        } => {
+            let out = policy::history(&client, kind, &name, namespace.as_deref(), output).await?;
+            print!("{out}");
+        }
         Command::Token {
             command:
                 TokenCommand::Create {
@@ -155,8 +246,43 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            let (text, code) = describe(&e);
+            eprintln!("error: {text}");
+            ExitCode::from(code)
         }
     }
+}
+
+/// The message and exit code of a failed command: registry refusals are said plainly
+/// (permission denied, the problems of an invalid request), invalid input exits 64.
+fn describe(e: &anyhow::Error) -> (String, u8) {
+    let status = |s: &tonic::Status| {
+        let msg = s.message();
+        match s.code() {
+            tonic::Code::PermissionDenied => format!("permission denied: {msg}"),
+            tonic::Code::Unauthenticated => format!("not authenticated: {msg}"),
+            tonic::Code::InvalidArgument => format!("the registry refused the request: {msg}"),
+            tonic::Code::NotFound => msg.to_owned(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                format!("registry unreachable: {msg}")
+            }
+            code => format!("registry error ({code:?}): {msg}"),
+        }
+    };
+    if let Some(pe) = e.downcast_ref::<policy::Error>() {
+        let text = match pe {
+            policy::Error::Registry(control::Error::Status(s)) => status(s),
+            other => other.to_string(),
+        };
+        return (text, pe.exit_code());
+    }
+    if let Some(control::Error::Status(s)) = e.downcast_ref::<control::Error>() {
+        let code = if s.code() == tonic::Code::InvalidArgument {
+            EX_USAGE
+        } else {
+            1
+        };
+        return (status(s), code);
+    }
+    (format!("{e:#}"), 1)
 }

@@ -3,7 +3,6 @@
 //! file (mode 0600) written atomically (temp file, fsync, rename), so a crash can never pair a
 //! new key with an old certificate.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -71,29 +70,8 @@ impl Dir {
     }
 
     fn write(&self, name: &str, contents: &str, mode: u32) -> Result<(), Error> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let path = self.root.join(name);
-        let dir = path.parent().unwrap_or(&self.root).to_owned();
-        std::fs::create_dir_all(&dir).map_err(|e| self.err(&dir, e))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("x")
-        ));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| self.err(&tmp, e))?;
-        f.write_all(contents.as_bytes())
-            .map_err(|e| self.err(&tmp, e))?;
-        f.sync_all().map_err(|e| self.err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| self.err(&path, e))?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        crate::fsutil::write_atomic(&self.root.join(name), contents.as_bytes(), mode)
+            .map_err(|(path, e)| self.err(&path, e))
     }
 
     /// The stored node identity, if the node has joined.

@@ -1,4 +1,5 @@
-//! Proxy metrics (connections, bytes, handshakes, rejections by reason) and the access log.
+//! Proxy metrics: connections, bytes, handshakes, rejections by reason, authorization
+//! decisions.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -78,6 +79,20 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `meshd_authz_decisions_total`; bounded: services and policies come from config.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// The local service called, `namespace/name`.
+    pub service: String,
+    /// `allow`, `deny` or `audit`.
+    pub decision: &'static str,
+    /// `allow_policy`, `default_allow`, `deny_policy`, `no_allow_match`, `default_deny`,
+    /// `policy_changed` or `audit_policy`.
+    pub reason: &'static str,
+    /// The deciding policy (`Kind/ns/name`), empty for a default.
+    pub policy: String,
+}
+
 /// Labels of the active-connection gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -100,6 +115,9 @@ pub struct Metrics {
     pub handshake_duration: Histogram,
     /// `meshd_rejected_connections_total{direction,reason}`: refused or failed connections.
     pub rejected: Family<ReasonLabels, Counter>,
+    /// `meshd_authz_decisions_total{service,decision,reason,policy}`: inbound authorization
+    /// decisions; an AUDIT match is counted as `audit` besides the allow or deny.
+    pub authz_decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Metrics {
@@ -114,6 +132,7 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
             ]),
             rejected: Family::default(),
+            authz_decisions: Family::default(),
         };
         reg.register(
             "meshd_connections",
@@ -145,7 +164,42 @@ impl Metrics {
             "Connections refused or failed, by direction and reason",
             m.rejected.clone(),
         );
+        reg.register(
+            "meshd_authz_decisions",
+            "Inbound authorization decisions, by service, decision, reason and policy",
+            m.authz_decisions.clone(),
+        );
         m
+    }
+
+    /// Counts an authorization decision for `service`, and one `audit` per AUDIT policy that
+    /// matched; `revoked` when a policy change closes an open connection.
+    pub fn record_decision(
+        &self,
+        service: &str,
+        d: &mesh_api::policy::authz::Decision,
+        revoked: bool,
+    ) {
+        let (decision, reason) = super::authz::labels(d, revoked);
+        self.authz_decisions
+            .get_or_create(&DecisionLabels {
+                service: service.to_owned(),
+                decision,
+                reason,
+                policy: super::authz::policy_of(d),
+            })
+            .inc();
+        // A revocation re-evaluates a connection already counted; its audits were counted then.
+        for key in d.audit().iter().filter(|_| !revoked) {
+            self.authz_decisions
+                .get_or_create(&DecisionLabels {
+                    service: service.to_owned(),
+                    decision: "audit",
+                    reason: super::authz::REASON_AUDIT_POLICY,
+                    policy: key.to_string(),
+                })
+                .inc();
+        }
     }
 
     /// Counts a refused or failed connection.

@@ -95,6 +95,26 @@ async fn many_concurrent_connections_and_large_transfers() {
         .await
         .unwrap();
     assert!(hs >= 202.0, "inbound handshakes counted: {hs}");
+    // Once tickets have been issued, new connections between the same two hosts resume the TLS
+    // session (no certificate verification on the fast path).
+    let resumed = || async {
+        a.metric(
+            "meshd_tls_handshakes_total",
+            &[("direction", "outbound"), ("kind", "resumed")],
+        )
+        .await
+        .unwrap()
+    };
+    let before = resumed().await;
+    for i in 0..20u64 {
+        let data = apps::payload(100, i);
+        assert_eq!(apps::round_trip(p.upstream, &data).await.unwrap(), data);
+    }
+    let after = resumed().await;
+    assert!(
+        after - before >= 19.0,
+        "sequential connections resumed: {before} -> {after}"
+    );
     let access = a.log();
     assert!(
         access.contains("dst.service=default/api"),

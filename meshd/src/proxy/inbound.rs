@@ -86,13 +86,18 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         .metrics
         .handshake_duration
         .observe(started.elapsed().as_secs_f64());
+    if tls::resumed_with_stale_cert(tls_stream.get_ref().1) {
+        copy::reset(tls_stream.get_ref().0);
+        return reject(
+            shared,
+            peer,
+            "cert_expired",
+            &"resumed session of an expired client certificate",
+        );
+    }
     shared
         .metrics
-        .handshakes
-        .get_or_create(&super::metrics::DirectionLabels {
-            direction: Direction::Inbound,
-        })
-        .inc();
+        .handshake(Direction::Inbound, tls_stream.get_ref().1);
     let (_, conn) = tls_stream.get_ref();
     let Some(svc) = conn.server_name().and_then(ServiceKey::from_sni) else {
         return reject(

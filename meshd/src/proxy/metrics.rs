@@ -100,6 +100,15 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+/// Labels of the handshake counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// `full` or `resumed` (TLS 1.3 session resumption skips certificate verification).
+    pub kind: &'static str,
+}
+
 /// All proxy metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -109,8 +118,8 @@ pub struct Metrics {
     pub active: Family<DirectionLabels, Gauge>,
     /// `meshd_bytes_total{direction,service,flow}`.
     pub bytes: Family<BytesLabels, Counter>,
-    /// `meshd_tls_handshakes_total{direction}` (successful).
-    pub handshakes: Family<DirectionLabels, Counter>,
+    /// `meshd_tls_handshakes_total{direction,kind}` (successful; kind = full | resumed).
+    pub handshakes: Family<HandshakeLabels, Counter>,
     /// `meshd_tls_handshake_duration_seconds`.
     pub handshake_duration: Histogram,
     /// `meshd_rejected_connections_total{direction,reason}`: refused or failed connections.
@@ -206,6 +215,17 @@ impl Metrics {
     pub fn reject(&self, direction: Direction, reason: &'static str) {
         self.rejected
             .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts a completed handshake of `conn`.
+    pub fn handshake(&self, direction: Direction, conn: &rustls::CommonState) {
+        let kind = match conn.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, kind })
             .inc();
     }
 

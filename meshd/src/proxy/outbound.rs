@@ -14,7 +14,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
-use super::metrics::{ActiveGuard, Direction, DirectionLabels, ServiceLabels};
+use super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::{Blame, Shared, copy, route, tls};
 use crate::config::{Service, Upstream};
 
@@ -219,13 +219,17 @@ async fn attempt(
         .metrics
         .handshake_duration
         .observe(started.elapsed().as_secs_f64());
+    if tls::resumed_with_stale_cert(tls.get_ref().1) {
+        copy::reset(tls.get_ref().0);
+        return Err(Error::Handshake {
+            addr,
+            reason: "cert_expired",
+            source: std::io::Error::other("resumed session of an expired server certificate"),
+        });
+    }
     shared
         .metrics
-        .handshakes
-        .get_or_create(&DirectionLabels {
-            direction: Direction::Outbound,
-        })
-        .inc();
+        .handshake(Direction::Outbound, tls.get_ref().1);
     Ok(tls)
 }
 

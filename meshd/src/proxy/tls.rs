@@ -50,6 +50,19 @@ impl rustls::client::ResolvesClientCert for Fixed {
     }
 }
 
+/// Tickets sent after each full handshake: each lets one later connection resume.
+const TICKETS_PER_HANDSHAKE: usize = 4;
+
+fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, tls::Error> {
+    static TICKETER: std::sync::OnceLock<Arc<dyn rustls::server::ProducesTickets>> =
+        std::sync::OnceLock::new();
+    if let Some(t) = TICKETER.get() {
+        return Ok(t.clone());
+    }
+    let t = rustls::crypto::ring::Ticketer::new()?;
+    Ok(TICKETER.get_or_init(|| t).clone())
+}
+
 /// Builds the TLS state for `certs`.
 pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
     let by_sni = certs
@@ -57,12 +70,17 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
         .iter()
         .map(|(svc, w)| (svc.sni(), w.key.clone()))
         .collect();
-    let server = tls::server_config(
+    let mut server = tls::server_config(
         certs.roots.clone(),
         Arc::new(SniResolver { by_sni }),
         false,
         &[ALPN_MESH_TCP],
     )?;
+    // Stateless tickets (rotating keys) instead of rustls' default 256-entry session cache, which
+    // a burst of new connections between two busy hosts evicts before the tickets are used. One
+    // ticketer for the process, so tickets stay valid across certificate rotations.
+    server.ticketer = ticketer()?;
+    server.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     let td = certs.trust_domain.clone();
     let verifier = Arc::new(SpiffeVerifier::new(
         certs.roots.clone(),
@@ -121,5 +139,24 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
         E::General(m) if m.contains("no mesh identity") => "unknown_service",
         E::PeerIncompatible(_) => "incompatible_peer",
         _ => "handshake_error",
+    }
+}
+
+/// A resumed TLS 1.3 session skips certificate verification, and its ticket can outlive the
+/// peer's certificate. Returns true when the session was resumed and the peer's leaf has expired
+/// since (or is not yet valid): such a connection must be refused like a full handshake would.
+pub fn resumed_with_stale_cert(conn: &rustls::CommonState) -> bool {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return false;
+    }
+    let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+        return true;
+    };
+    match tls::validity(leaf) {
+        Ok((not_before, not_after)) => {
+            let now = std::time::SystemTime::now();
+            now < not_before || now >= not_after
+        }
+        Err(_) => true,
     }
 }

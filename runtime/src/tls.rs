@@ -75,14 +75,19 @@ impl fmt::Display for IdentityMismatch {
 
 impl std::error::Error for IdentityMismatch {}
 
-/// The process-wide crypto provider (ring).
+/// The process-wide crypto provider (ring), preferring TLS_AES_128_GCM_SHA256: both ends are
+/// meshd, and SHA-256 is hardware-accelerated on common x86 CPUs where SHA-384 is not (the
+/// SHA-384 key schedule showed up in connection-setup profiles).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 /// Installs ring as the process default so no dependency can pick another provider.
 pub fn install_default_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = CryptoProvider::install_default((*provider()).clone());
 }
 
 /// All certificates in a PEM string, in order.

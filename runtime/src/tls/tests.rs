@@ -285,7 +285,8 @@ async fn second_connection_resumes_the_session() {
             tls.read_exact(&mut buf).await.unwrap();
             tls.write_all(&buf).await.unwrap();
             tls.shutdown().await.unwrap();
-            tls.get_ref().1.handshake_kind()
+            let conn = tls.get_ref().1;
+            (conn.handshake_kind(), conn.negotiated_cipher_suite().map(|s| s.suite()))
         });
         let name = ServerName::try_from("api.default.svc.mesh").unwrap();
         let mut tls = connector.connect(name, c).await.unwrap();
@@ -294,6 +295,11 @@ async fn second_connection_resumes_the_session() {
         tls.read_to_end(&mut out).await.unwrap();
         kinds.push(srv.await.unwrap());
     }
-    assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full));
-    assert_eq!(kinds[1], Some(rustls::HandshakeKind::Resumed), "{kinds:?}");
+    assert_eq!(kinds[0].0, Some(rustls::HandshakeKind::Full));
+    assert_eq!(
+        kinds[0].1,
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+        "meshd prefers AES-128-GCM-SHA256"
+    );
+    assert_eq!(kinds[1].0, Some(rustls::HandshakeKind::Resumed), "{kinds:?}");
 }

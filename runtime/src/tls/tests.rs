@@ -286,7 +286,10 @@ async fn second_connection_resumes_the_session() {
             tls.write_all(&buf).await.unwrap();
             tls.shutdown().await.unwrap();
             let conn = tls.get_ref().1;
-            (conn.handshake_kind(), conn.negotiated_cipher_suite().map(|s| s.suite()))
+            (
+                conn.handshake_kind(),
+                conn.negotiated_cipher_suite().map(|s| s.suite()),
+            )
         });
         let name = ServerName::try_from("api.default.svc.mesh").unwrap();
         let mut tls = connector.connect(name, c).await.unwrap();
@@ -301,5 +304,9 @@ async fn second_connection_resumes_the_session() {
         Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
         "meshd prefers AES-128-GCM-SHA256"
     );
-    assert_eq!(kinds[1].0, Some(rustls::HandshakeKind::Resumed), "{kinds:?}");
+    assert_eq!(
+        kinds[1].0,
+        Some(rustls::HandshakeKind::Resumed),
+        "{kinds:?}"
+    );
 }

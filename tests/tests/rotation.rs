@@ -119,6 +119,30 @@ async fn certificates_rotate_under_traffic_without_a_failed_connection() {
         sent >> 20
     );
 
+    // Resumed sessions carry the server certificate of their chain's first handshake; after the
+    // server rotates, that certificate expires and the client must refuse the resumption and
+    // reconnect with a full handshake, invisibly to the app (the zero-failure check below).
+    let a = &cluster.nodes[1];
+    let stale = a
+        .metric(
+            "meshd_rejected_connections_total",
+            &[("direction", "outbound"), ("reason", "stale_resumption")],
+        )
+        .await
+        .unwrap();
+    let resumed = a
+        .metric(
+            "meshd_tls_handshakes_total",
+            &[("direction", "outbound"), ("kind", "resumed")],
+        )
+        .await
+        .unwrap();
+    eprintln!("stale resumptions refused and retried: {stale}; resumed handshakes: {resumed}");
+    assert!(stale >= 1.0, "rotation exercised the stale-resumption path");
+    assert!(
+        resumed > 100.0,
+        "connections resume between rotations: {resumed}"
+    );
     assert_eq!(
         report.failed, 0,
         "failed short connections: {:?}",

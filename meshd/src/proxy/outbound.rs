@@ -161,10 +161,10 @@ async fn connect(
     }
     let name =
         ServerName::try_from(upstream.service.sni()).expect("service SNI is a valid DNS name");
-    let connector = TlsConnector::from(client);
+    let connector = TlsConnector::from(client.config.clone());
     let mut last = None;
     for ep in candidates {
-        match attempt(shared, &connector, name.clone(), ep.addr).await {
+        match attempt(shared, &client, &connector, name.clone(), ep.addr).await {
             Ok(s) => return Ok((s, ep.addr, ep.node.clone())),
             Err(e) => {
                 shared.metrics.reject(Direction::Outbound, e.reason());
@@ -180,7 +180,34 @@ async fn connect(
     Err(last.expect("at least one candidate was tried"))
 }
 
+/// One endpoint: a resumed session that turns out to carry an expired server certificate is
+/// refused, that server's tickets are dropped, and the connection is retried with a full
+/// handshake (which verifies the server's current certificate and starts a fresh ticket chain).
 async fn attempt(
+    shared: &Shared,
+    client: &tls::Client,
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<TlsStream<TcpStream>, Error> {
+    match attempt_once(shared, connector, name.clone(), addr).await {
+        Err(Error::Handshake {
+            reason: STALE_RESUMPTION,
+            ..
+        }) => {
+            // Counted, not logged: this is the normal cost of a peer's certificate rotation.
+            shared.metrics.reject(Direction::Outbound, STALE_RESUMPTION);
+            client.tickets.forget(&name);
+            attempt_once(shared, connector, name, addr).await
+        }
+        other => other,
+    }
+}
+
+/// Reason of a refused resumed session (peer certificate expired since the ticket was issued).
+const STALE_RESUMPTION: &str = "stale_resumption";
+
+async fn attempt_once(
     shared: &Shared,
     connector: &TlsConnector,
     name: ServerName<'static>,
@@ -223,7 +250,7 @@ async fn attempt(
         copy::reset(tls.get_ref().0);
         return Err(Error::Handshake {
             addr,
-            reason: "cert_expired",
+            reason: STALE_RESUMPTION,
             source: std::io::Error::other("resumed session of an expired server certificate"),
         });
     }

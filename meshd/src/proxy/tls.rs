@@ -20,8 +20,17 @@ pub struct TlsState {
     pub trust_domain: TrustDomain,
     /// Inbound server config.
     pub server: Arc<ServerConfig>,
-    /// Client config per local (source) service.
-    pub clients: BTreeMap<ServiceKey, Arc<ClientConfig>>,
+    /// Client config per local (source) service, with its ticket store.
+    pub clients: BTreeMap<ServiceKey, Client>,
+}
+
+/// The client side of one local service.
+#[derive(Clone)]
+pub struct Client {
+    /// rustls config presenting the service's identity.
+    pub config: Arc<ClientConfig>,
+    /// Its session tickets (see [`TicketStore::forget`]).
+    pub tickets: Arc<TicketStore>,
 }
 
 /// Chooses the certificate of the local service named by the client's SNI.
@@ -47,6 +56,88 @@ impl rustls::client::ResolvesClientCert for Fixed {
     }
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// Most tickets kept per server name.
+const TICKETS_PER_SERVER: usize = 8;
+
+/// A client session store for TLS 1.3 tickets. A ticket carries the peer certificate of the
+/// *first* full handshake of its chain (resumptions inherit it), so after the peer rotates, a
+/// resumed session can present a certificate that has expired since. The outbound refuses such
+/// a session, [`TicketStore::forget`]s that server's tickets and reconnects with a full
+/// handshake, which starts a fresh chain.
+#[derive(Debug)]
+pub struct TicketStore {
+    tickets: std::sync::Mutex<
+        HashMap<
+            ServerName<'static>,
+            std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>,
+        >,
+    >,
+    hints: rustls::client::ClientSessionMemoryCache,
+}
+
+impl TicketStore {
+    fn new() -> Self {
+        Self {
+            tickets: std::sync::Mutex::new(HashMap::new()),
+            hints: rustls::client::ClientSessionMemoryCache::new(64),
+        }
+    }
+
+    /// Drops every ticket for `server_name`.
+    pub fn forget(&self, server_name: &ServerName<'static>) {
+        self.tickets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(server_name);
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.hints.set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.hints.kx_hint(server_name)
+    }
+
+    // meshd speaks TLS 1.3 only.
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut map = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let q = map.entry(server_name).or_default();
+        if q.len() >= TICKETS_PER_SERVER {
+            q.pop_front();
+        }
+        q.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let mut map = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let q = map.get_mut(server_name)?;
+        q.pop_back()
     }
 }
 
@@ -93,12 +184,20 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
     ));
     let mut clients = BTreeMap::new();
     for (svc, w) in &certs.workloads {
-        let cfg = tls::client_config(
+        let mut cfg = tls::client_config(
             verifier.clone(),
             Some(Arc::new(Fixed(w.key.clone()))),
             &[ALPN_MESH_TCP],
         )?;
-        clients.insert(svc.clone(), Arc::new(cfg));
+        let tickets = Arc::new(TicketStore::new());
+        cfg.resumption = rustls::client::Resumption::store(tickets.clone());
+        clients.insert(
+            svc.clone(),
+            Client {
+                config: Arc::new(cfg),
+                tickets,
+            },
+        );
     }
     Ok(TlsState {
         trust_domain: certs.trust_domain.clone(),

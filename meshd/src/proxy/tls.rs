@@ -259,3 +259,135 @@ pub fn resumed_with_stale_cert(conn: &rustls::CommonState) -> bool {
         Err(_) => true,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
+
+    use mesh_ca::{Authority, SignRequest};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::identity::Workload;
+
+    fn workload(ca: &Authority, svc: &ServiceKey, ttl: Duration) -> (Workload, SystemTime) {
+        let now = SystemTime::now();
+        let (issued, key_pem) = ca
+            .issue(&SignRequest {
+                identity: Identity::workload(ca.trust_domain(), svc),
+                dns_names: vec![],
+                ttl,
+                now,
+            })
+            .unwrap();
+        let w = Workload {
+            key: tls::certified_key(&issued.chain_pem, &key_pem).unwrap(),
+            not_before: issued.not_before,
+            obtained: now,
+            not_after: issued.not_after,
+        };
+        (w, issued.not_after)
+    }
+
+    fn certs(ca: &Authority, svc: &ServiceKey, w: Workload) -> Certs {
+        Certs {
+            trust_domain: ca.trust_domain().clone(),
+            bundle_pem: ca.trust_bundle_pem(),
+            roots: tls::root_store(&ca.trust_bundle_pem()).unwrap(),
+            node_not_after: w.not_after,
+            workloads: BTreeMap::from([(svc.clone(), w)]),
+        }
+    }
+
+    /// Connects, reads the server's one byte (which delivers the tickets) and reports whether
+    /// the session was resumed and whether its server certificate is stale.
+    async fn connect(client: &Client, addr: std::net::SocketAddr, sni: &str) -> (bool, bool) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from(sni.to_owned()).unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(client.config.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        let conn = s.get_ref().1;
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let stale = resumed_with_stale_cert(conn);
+        let _ = s.shutdown().await;
+        (resumed, stale)
+    }
+
+    /// The server rotates while the client holds tickets of its old certificate: once that
+    /// certificate has expired, a resumption is recognised as stale, and after `forget` the
+    /// next connection runs a full handshake against the new certificate.
+    #[tokio::test]
+    async fn resumption_of_an_expired_server_certificate_is_stale_until_forgotten() {
+        let td = TrustDomain::new("mesh.test").unwrap();
+        let (ca, _) = Authority::generate(&td, SystemTime::now()).unwrap();
+        let web = ServiceKey::parse("default/web").unwrap();
+        let api = ServiceKey::parse("default/api").unwrap();
+        let long = Duration::from_secs(3600);
+        let (client_w, _) = workload(&ca, &web, long);
+        let client = build(&certs(&ca, &web, client_w)).unwrap().clients[&web].clone();
+        let (short_w, short_end) = workload(&ca, &api, Duration::from_secs(2));
+        let server = Arc::new(Mutex::new(
+            build(&certs(&ca, &api, short_w)).unwrap().server,
+        ));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let current = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let cfg = current.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                        return;
+                    };
+                    let _ = s.write_all(b"x").await;
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink).await;
+                });
+            }
+        });
+
+        let sni = api.sni();
+        assert_eq!(connect(&client, addr, &sni).await, (false, false), "full");
+        assert_eq!(
+            connect(&client, addr, &sni).await,
+            (true, false),
+            "resumed, certificate still valid"
+        );
+
+        // Rotate the server; the process-wide ticketer keeps old tickets decryptable.
+        let (long_w, _) = workload(&ca, &api, long);
+        *server.lock().unwrap() = build(&certs(&ca, &api, long_w)).unwrap().server;
+        let wait = short_end
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(wait + Duration::from_millis(200)).await;
+
+        assert_eq!(
+            connect(&client, addr, &sni).await,
+            (true, true),
+            "resumed with the expired certificate: stale"
+        );
+        client
+            .tickets
+            .forget(&ServerName::try_from(sni.clone()).unwrap());
+        assert_eq!(
+            connect(&client, addr, &sni).await,
+            (false, false),
+            "after forget: a full handshake with the new certificate"
+        );
+        assert_eq!(
+            connect(&client, addr, &sni).await,
+            (true, false),
+            "and its tickets resume the fresh chain"
+        );
+    }
+}

@@ -102,6 +102,18 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
             )
         })
         .collect();
+    // The mTLS mode each local service enforces (plaintext accepted on `listen` only when
+    // permissive).
+    let mtls: serde_json::Map<String, serde_json::Value> = (s.config.services.iter())
+        .map(|svc| {
+            let workload = mesh_api::policy::authz::Workload {
+                service: &svc.key,
+                labels: &svc.labels,
+            };
+            let mode = mesh_api::policy::authz::mtls_mode(&policy, &workload);
+            (svc.key.to_string(), mode.to_string().into())
+        })
+        .collect();
     Json(json!({
         "config": &*s.config,
         "identity": identity,
@@ -109,6 +121,7 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "revision": policy.revision,
             "resources": policy.resources.len(),
             "effective": effective,
+            "mtls": mtls,
         },
         "ready": *s.ready_rx.borrow(),
     }))

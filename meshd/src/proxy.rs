@@ -1,5 +1,5 @@
-//! The data plane: one mTLS inbound listener for every local service and one plain listener
-//! per declared upstream. Reads only `watch` snapshots (TLS configs, mesh view); every
+//! The data plane: one mTLS inbound listener for every local service, a direct listener per
+//! service that declares `listen`, and one plain listener per declared upstream. Reads only `watch` snapshots (TLS configs, mesh view); every
 //! connection is tracked for drain and can be force-closed at the deadline.
 
 use std::net::SocketAddr;
@@ -57,6 +57,8 @@ pub enum Error {
 pub struct Listeners {
     /// The mTLS inbound listener.
     pub inbound: TcpListener,
+    /// Each service's `listen` listener (mTLS, or plaintext under PERMISSIVE).
+    pub direct: Vec<(Service, TcpListener)>,
     /// One listener per upstream, with the service that declared it.
     pub outbound: Vec<(Service, Upstream, TcpListener)>,
 }
@@ -65,6 +67,13 @@ impl Listeners {
     /// Binds the inbound and every upstream listener; any failure fails startup.
     pub async fn bind(config: &Config) -> Result<Self, Error> {
         let inbound = bind(config.inbound.bind, "the inbound listener".to_owned()).await?;
+        let mut direct = Vec::new();
+        for svc in &config.services {
+            if let Some(addr) = svc.listen {
+                let l = bind(addr, format!("the listen address of {}", svc.key)).await?;
+                direct.push((svc.clone(), l));
+            }
+        }
         let mut outbound = Vec::new();
         for svc in &config.services {
             for up in &svc.upstreams {
@@ -72,7 +81,11 @@ impl Listeners {
                 outbound.push((svc.clone(), up.clone(), l));
             }
         }
-        Ok(Self { inbound, outbound })
+        Ok(Self {
+            inbound,
+            direct,
+            outbound,
+        })
     }
 }
 
@@ -143,9 +156,19 @@ pub fn spawn(
 ) {
     let addr = listeners.inbound.local_addr().ok();
     tasks.spawn(
-        inbound::serve(listeners.inbound, shared.clone(), stop_rx.clone())
-            .instrument(info_span!("inbound", addr = ?addr)),
+        inbound::serve(
+            listeners.inbound,
+            inbound::Entry::Mesh,
+            shared.clone(),
+            stop_rx.clone(),
+        )
+        .instrument(info_span!("inbound", addr = ?addr)),
     );
+    for (svc, l) in listeners.direct {
+        let span = info_span!("direct", service = %svc.key, addr = ?l.local_addr().ok());
+        let entry = inbound::Entry::Direct(svc.key.clone());
+        tasks.spawn(inbound::serve(l, entry, shared.clone(), stop_rx.clone()).instrument(span));
+    }
     for (svc, up, l) in listeners.outbound {
         let span = info_span!("outbound", src = %svc.key, dst = %up.service);
         tasks.spawn(outbound::serve(l, svc, up, shared.clone(), stop_rx.clone()).instrument(span));

@@ -41,7 +41,30 @@ impl Drop for Echo {
 
 /// Sends `data` to `addr`, half-closes, and reads everything back.
 pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).await?;
+    exchange(TcpStream::connect(addr).await?, data).await
+}
+
+/// [`round_trip`] from the local address `src` (a client on another host, as policy sees it).
+pub async fn round_trip_from(
+    src: std::net::IpAddr,
+    addr: SocketAddr,
+    data: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    exchange(connect_from(src, addr).await?, data).await
+}
+
+/// Connects to `addr` from `src` (any port).
+pub async fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match src {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(src, 0))?;
+    socket.connect(addr).await
+}
+
+/// Sends `data`, half-closes, and reads everything back.
+async fn exchange(mut s: TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let (mut r, mut w) = s.split();
     let write = async {
         w.write_all(data).await?;

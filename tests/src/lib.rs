@@ -436,6 +436,8 @@ pub struct ServiceSpec {
     pub name: String,
     /// Where the app listens.
     pub address: SocketAddr,
+    /// meshd's direct listener for the service (`listen`), if any.
+    pub listen: Option<SocketAddr>,
     /// Upstreams: (service, local bind).
     pub upstreams: Vec<(String, SocketAddr)>,
     /// Labels.
@@ -448,6 +450,7 @@ impl ServiceSpec {
         Self {
             name: name.to_owned(),
             address,
+            listen: None,
             upstreams: Vec::new(),
             labels: Vec::new(),
         }
@@ -554,6 +557,9 @@ impl Node {
         std::fs::write(dir.join("meshd.toml"), cfg)?;
         for s in &spec.services {
             let mut text = format!("name = \"{}\"\naddress = \"{}\"\n", s.name, s.address);
+            if let Some(listen) = s.listen {
+                text.push_str(&format!("listen = \"{listen}\"\n"));
+            }
             if !s.labels.is_empty() {
                 text.push_str("[labels]\n");
                 for (k, v) in &s.labels {

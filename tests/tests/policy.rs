@@ -79,7 +79,12 @@ struct Mesh {
     ops: SocketAddr,
     /// The api app of each replica, in the order of `api_nodes`.
     echos: Vec<CountingEcho>,
+    /// api's `listen` address on each replica (mTLS, or plaintext under PERMISSIVE).
+    direct: Vec<SocketAddr>,
 }
+
+/// Port of api's `listen` address on its nodes.
+const DIRECT_PORT: u16 = 18443;
 
 /// A caller node running `svc` with an upstream to api on `port`.
 fn caller(cluster: &Cluster, node: &str, svc: &str, port: u16) -> (NodeSpec, SocketAddr) {
@@ -97,6 +102,7 @@ fn caller(cluster: &Cluster, node: &str, svc: &str, port: u16) -> (NodeSpec, Soc
 async fn mesh(api_nodes: &[&str]) -> Mesh {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let mut echos = Vec::new();
+    let mut direct = Vec::new();
     for name in api_nodes {
         let ip = next_ip();
         let echo = CountingEcho::start(ip.into()).await;
@@ -104,7 +110,10 @@ async fn mesh(api_nodes: &[&str]) -> Mesh {
         let mut spec = NodeSpec::new(name, token);
         spec.ip = ip.into();
         spec.seeds = cluster.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
-        spec.services = vec![ServiceSpec::new("api", echo.addr)];
+        let mut api = ServiceSpec::new("api", echo.addr);
+        api.listen = Some(SocketAddr::new(ip.into(), DIRECT_PORT));
+        direct.extend(api.listen);
+        spec.services = vec![api];
         cluster.add_spec(spec).await.unwrap();
         echos.push(echo);
     }
@@ -125,6 +134,7 @@ async fn mesh(api_nodes: &[&str]) -> Mesh {
         web,
         ops,
         echos,
+        direct,
     }
 }
 
@@ -1032,4 +1042,171 @@ default_authorization = "deny"
     let (rev, after) = get_json(reg, "all");
     assert_eq!(rev, rev4, "the viewer changed nothing");
     assert_eq!(after.len(), 2);
+}
+
+/// A plaintext client (not in the mesh) at `src` sending to `addr`.
+async fn plain_attempt(src: IpAddr, addr: SocketAddr, seed: u64) -> Outcome {
+    let data = apps::payload(4096, seed);
+    let rt = apps::round_trip_from(src, addr, &data);
+    match tokio::time::timeout(Duration::from_secs(5), rt).await {
+        Err(_) => Outcome::Hung,
+        Ok(Ok(got)) if got == data => Outcome::Echoed,
+        Ok(Ok(got)) if got.is_empty() => Outcome::Eof,
+        Ok(Ok(got)) => Outcome::Garbled(got.len()),
+        Ok(Err(e)) => {
+            let kind = e
+                .downcast_ref::<std::io::Error>()
+                .map_or(std::io::ErrorKind::Other, std::io::Error::kind);
+            Outcome::Failed(kind, format!("{e:#}"))
+        }
+    }
+}
+
+fn peer_authentication(mode: &str) -> String {
+    format!(
+        r#"
+[[resource]]
+kind = "PeerAuthentication"
+name = "api-migration"
+mode = "{mode}"
+selector = {{ service = "api" }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_admits_plaintext_on_the_listen_address_until_strict() {
+    let m = mesh(&["b"]).await;
+    let reg = &m.cluster.registry;
+    let b = &m.cluster.nodes[0];
+    let direct = m.direct[0];
+    // Two clients outside the mesh, on hosts of their own.
+    let (lan, other) = (IpAddr::from(next_ip()), IpAddr::from(next_ip()));
+    let rejected = |reason: &'static str| async move {
+        metric(
+            b,
+            "meshd_rejected_connections_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        )
+        .await
+    };
+    let accepted_before = m.echos[0].accepted();
+
+    // STRICT by default: plaintext on the listen address is reset before reaching the app.
+    let dump = b.config_dump().await.unwrap();
+    assert_eq!(dump["policy"]["mtls"][API], "strict", "{dump}");
+    for i in 0..3 {
+        let o = plain_attempt(lan, direct, i).await;
+        assert!(is_reset(&o), "plaintext under STRICT: {o:?}");
+    }
+    assert_eq!(
+        m.echos[0].accepted(),
+        accepted_before,
+        "plaintext reached the app"
+    );
+    assert_eq!(rejected("mtls_required").await, 3.0);
+    assert_eq!(
+        decisions(b, "deny", "mtls_required", "").await,
+        3.0,
+        "counted as decisions too"
+    );
+    assert_allowed(m.web, "web over mTLS (strict)", 2, 1).await;
+
+    // PERMISSIVE for api: plaintext clients get through; mTLS callers are unaffected.
+    let (_, rev) = apply(reg, "pa.toml", &peer_authentication("permissive"));
+    wait_revision(b, rev).await;
+    let dump = b.config_dump().await.unwrap();
+    assert_eq!(dump["policy"]["mtls"][API], "permissive", "{dump}");
+    for i in 0..3 {
+        let o = plain_attempt(lan, direct, 100 + i).await;
+        assert!(
+            matches!(o, Outcome::Echoed),
+            "plaintext under PERMISSIVE: {o:?}"
+        );
+    }
+    assert_allowed(m.web, "web over mTLS (permissive)", 2, 10).await;
+    let plain = metric(
+        b,
+        "meshd_plaintext_connections_total",
+        &[("direction", "inbound"), ("service", API)],
+    )
+    .await;
+    assert_eq!(
+        plain, 3.0,
+        "only the plaintext connections are counted as such"
+    );
+    assert!(
+        !log_lines(b, &["src.identity=plaintext", &format!("src.addr={lan}:")]).is_empty(),
+        "plaintext connections are logged as such:\n{}",
+        b.log()
+    );
+
+    // A TLS ClientHello is never taken for plaintext: bytes starting a TLS record go to the
+    // handshake (and fail here), not to the app.
+    let before = m.echos[0].accepted();
+    let mut s = apps::connect_from(lan, direct).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4])
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert_eq!(
+        m.echos[0].accepted(),
+        before,
+        "a TLS record reached the app as plaintext"
+    );
+
+    // ALLOW by principal: a plaintext caller has no identity, so it is denied...
+    let (_, rev) = apply(reg, "allow.toml", &allow_web());
+    wait_revision(b, rev).await;
+    assert!(is_reset(&plain_attempt(lan, direct, 200).await));
+    assert_allowed(m.web, "web (allow web)", 2, 20).await;
+    // ...unless an ALLOW rule admits its address.
+    let allow_lan = format!(
+        r#"
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "api-allow-lan"
+action = "allow"
+selector = {{ service = "api" }}
+[[resource.rules]]
+from = [{{ ip_blocks = ["{lan}/32"] }}]
+"#
+    );
+    let (_, rev) = apply(reg, "allow-lan.toml", &allow_lan);
+    wait_revision(b, rev).await;
+    let o = plain_attempt(lan, direct, 300).await;
+    assert!(
+        matches!(o, Outcome::Echoed),
+        "plaintext from the allowed block: {o:?}"
+    );
+    let o = plain_attempt(other, direct, 301).await;
+    assert!(is_reset(&o), "plaintext from elsewhere: {o:?}");
+    assert!(decisions(b, "allow", "allow_policy", &policy_named("api-allow-lan")).await >= 1.0);
+
+    // Back to STRICT: the open plaintext connection is closed, new ones are refused.
+    let mut open = apps::connect_from(lan, direct).await.unwrap();
+    open.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut got))
+        .await
+        .expect("echo on the open plaintext connection")
+        .unwrap();
+    let (_, rev) = apply(reg, "pa.toml", &peer_authentication("strict"));
+    wait_revision(b, rev).await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(ENFORCE, open.read(&mut buf))
+        .await
+        .expect("the open plaintext connection was not closed by STRICT");
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the open plaintext connection ends with a reset: {read:?}"
+    );
+    assert!(is_reset(&plain_attempt(lan, direct, 400).await));
+    assert_eq!(
+        decisions(b, "deny", "policy_changed", "").await,
+        1.0,
+        "the plaintext connection was revoked"
+    );
+    assert_allowed(m.web, "web (strict again)", 2, 30).await;
 }

@@ -18,6 +18,9 @@ pub const REASON_NO_ALLOW_MATCH: &str = "no_allow_match";
 /// [`Decision::Deny`] reason: no ALLOW policy selects the workload and the mesh default is deny.
 pub const REASON_DEFAULT_DENY: &str = "default_deny";
 
+/// [`Decision::Deny`] reason: a plaintext request to a workload whose mTLS mode is STRICT.
+pub const REASON_MTLS_REQUIRED: &str = "mtls_required";
+
 /// The local workload a request is for.
 #[derive(Debug, Clone, Copy)]
 pub struct Workload<'a> {
@@ -68,7 +71,8 @@ pub enum Decision {
     Deny {
         /// The DENY policy that matched; `None` for the other reasons.
         policy: Option<ResourceKey>,
-        /// [`REASON_DENY_POLICY`], [`REASON_NO_ALLOW_MATCH`] or [`REASON_DEFAULT_DENY`].
+        /// [`REASON_DENY_POLICY`], [`REASON_NO_ALLOW_MATCH`], [`REASON_DEFAULT_DENY`] or
+        /// [`REASON_MTLS_REQUIRED`].
         reason: &'static str,
         /// AUDIT policies that matched.
         audit: Vec<ResourceKey>,
@@ -170,6 +174,21 @@ pub fn authorize(snapshot: &Snapshot, req: &Request<'_>) -> Decision {
             audit,
         },
     }
+}
+
+/// The whole inbound decision: a plaintext request (no verified source) is refused unless the
+/// workload's mTLS mode ([`mtls_mode`]) is PERMISSIVE; what passes is [`authorize`]d. As in
+/// Istio, a plaintext caller has no identity, so rules on principals or namespaces never match
+/// it and only `ip_blocks`, ports and HTTP fields can let it through an ALLOW policy.
+pub fn decide(snapshot: &Snapshot, req: &Request<'_>) -> Decision {
+    if req.source.is_none() && mtls_mode(snapshot, &req.workload) == MtlsMode::Strict {
+        return Decision::Deny {
+            policy: None,
+            reason: REASON_MTLS_REQUIRED,
+            audit: Vec::new(),
+        };
+    }
+    authorize(snapshot, req)
 }
 
 /// The AuthorizationPolicies that apply to `workload`, in key order: those of its namespace and

@@ -83,6 +83,12 @@ namespace = "default"
 # Where the app listens on this host. Required.
 address = "127.0.0.1:8080"
 
+# Optional: an address where meshd itself accepts this service's callers, typically the
+# one the app listened on before it moved behind meshd. Mesh clients may use it with mTLS;
+# clients not yet in the mesh may send plaintext while a PeerAuthentication makes the
+# service PERMISSIVE (STRICT, the default, closes them). No default: not opened.
+# listen = "10.0.0.5:8080"
+
 # Only "tcp" for now.
 protocol = "tcp"
 

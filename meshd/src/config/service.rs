@@ -21,6 +21,11 @@ pub struct Service {
     pub key: ServiceKey,
     /// Where the app listens on this host; meshd forwards inbound connections here.
     pub address: SocketAddr,
+    /// An extra address where meshd accepts this service's callers directly: mesh clients over
+    /// mTLS and, while PeerAuthentication is PERMISSIVE for the service, plaintext clients not
+    /// yet in the mesh (told apart by their first byte). Typically the address the app used to
+    /// listen on before it moved behind meshd.
+    pub listen: Option<SocketAddr>,
     /// Application protocol.
     pub protocol: Protocol,
     /// Free-form labels (`[A-Za-z0-9._-]`, at most 63 characters each).
@@ -59,6 +64,8 @@ pub struct RawService {
     pub namespace: String,
     /// Required IP address and port.
     pub address: Option<String>,
+    /// Optional IP address and port.
+    pub listen: Option<String>,
     /// `tcp`.
     pub protocol: String,
     /// `[labels]`.
@@ -149,6 +156,10 @@ impl RawService {
         let address = c
             .required("address", self.address.as_deref())
             .and_then(|v| app_address(c, v));
+        let listen = match self.listen.as_deref() {
+            None => Some(None),
+            Some(v) => listen_address(c, v).map(Some),
+        };
         let protocol = match Protocol::parse(&self.protocol) {
             Ok(p) => Some(p),
             Err(message) => {
@@ -164,6 +175,7 @@ impl RawService {
         Some(Service {
             key: ServiceKey::new(namespace?, name?),
             address: address?,
+            listen: listen?,
             protocol: protocol?,
             labels: labels_ok.then_some(self.labels)?,
             upstreams: upstreams.into_iter().collect::<Option<_>>()?,
@@ -178,6 +190,7 @@ impl Default for RawService {
             name: None,
             namespace: DEFAULT_NAMESPACE.to_owned(),
             address: None,
+            listen: None,
             protocol: Protocol::Tcp.as_str().to_owned(),
             labels: BTreeMap::new(),
             upstreams: Vec::new(),
@@ -223,6 +236,19 @@ fn app_address(c: &mut Checker<'_>, value: &str) -> Option<SocketAddr> {
              give the IP and port the app listens on, e.g. \"127.0.0.1:8080\""
         );
         c.push("address", message);
+        return None;
+    }
+    Some(addr)
+}
+
+/// The direct listener: any IP meshd can bind (the unspecified address too) and a fixed port.
+fn listen_address(c: &mut Checker<'_>, value: &str) -> Option<SocketAddr> {
+    let addr = c.socket_addr("listen", value)?;
+    if addr.port() == 0 {
+        let message = format!(
+            "{addr}: port 0 is not allowed; callers need a fixed port, e.g. \"10.0.0.5:8080\""
+        );
+        c.push("listen", message);
         return None;
     }
     Some(addr)
@@ -283,7 +309,8 @@ pub(super) fn load_dir(dir: &Path) -> Result<(Vec<Service>, Vec<Problem>), Error
     Ok((services, problems))
 }
 
-/// Services declared twice, and upstream binds that clash with each other or with an app.
+/// Services declared twice, and direct listeners or upstream binds that clash with each other
+/// or with an app.
 fn check_across(services: &[Service]) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut seen: BTreeMap<&ServiceKey, &Path> = BTreeMap::new();
@@ -305,26 +332,31 @@ fn check_across(services: &[Service]) -> Vec<Problem> {
         .map(|s| (s.address, "address".to_owned(), s.file.as_path()))
         .collect();
     for service in services {
-        for (i, upstream) in service.upstreams.iter().enumerate() {
-            let key = format!("upstreams[{i}].bind");
-            let clash = taken
-                .iter()
-                .find(|(b, ..)| check::binds_overlap(*b, upstream.bind));
+        for (key, bind) in meshd_binds(service) {
+            let clash = taken.iter().find(|(b, ..)| check::binds_overlap(*b, bind));
             if let Some((_, other_key, other_file)) = clash {
                 let message = format!(
-                    "{} is already used by {other_key} in {}",
-                    upstream.bind,
+                    "{bind} is already used by {other_key} in {}",
                     other_file.display()
                 );
                 problems.push(Problem::new(&service.file, key.clone(), message));
             }
-            taken.push((upstream.bind, key, &service.file));
+            taken.push((bind, key, &service.file));
         }
     }
     problems
 }
 
-/// Upstream binds that clash with the node's own listeners.
+/// The addresses meshd binds for `service` (its direct listener, then its upstreams), with
+/// their keys.
+fn meshd_binds(service: &Service) -> Vec<(String, SocketAddr)> {
+    let listen = service.listen.map(|l| ("listen".to_owned(), l));
+    let upstreams = (service.upstreams.iter().enumerate())
+        .map(|(i, u)| (format!("upstreams[{i}].bind"), u.bind));
+    listen.into_iter().chain(upstreams).collect()
+}
+
+/// Direct listeners and upstream binds that clash with the node's own listeners.
 pub(super) fn check_against_node(
     config: &Config,
     node_file: &Path,
@@ -337,15 +369,13 @@ pub(super) fn check_against_node(
     ];
     let mut problems = Vec::new();
     for service in services {
-        for (i, upstream) in service.upstreams.iter().enumerate() {
-            let clash = (node_binds.iter()).find(|(_, b)| check::binds_overlap(*b, upstream.bind));
+        for (key, bind) in meshd_binds(service) {
+            let clash = (node_binds.iter()).find(|(_, b)| check::binds_overlap(*b, bind));
             if let Some((node_key, _)) = clash {
                 let message = format!(
-                    "{} is already used by {node_key} in {}",
-                    upstream.bind,
+                    "{bind} is already used by {node_key} in {}",
                     node_file.display()
                 );
-                let key = format!("upstreams[{i}].bind");
                 problems.push(Problem::new(&service.file, key, message));
             }
         }

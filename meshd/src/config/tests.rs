@@ -418,6 +418,9 @@ fn bad_service_values() {
         ("[[upstreams]]\nservice = \"api\"\nbind = \"9001\"", "upstreams[0].bind", "not an IP address and port"),
         ("[[upstreams]]\nservice = \"api\"\nbind = \"127.0.0.1:0\"", "upstreams[0].bind", "port 0 is not allowed"),
         ("[[upstreams]]\nservice = \"api\"\nbind = \"127.0.0.1:9001\"\nport = 1", "", "unknown field `port`"),
+        ("listen = \"10.0.0.5\"", "listen", "not an IP address and port"),
+        ("listen = \"10.0.0.5:0\"", "listen", "port 0 is not allowed"),
+        ("listen = 8080", "", "invalid type"),
     ];
     for (extra, key, fragment) in with_base {
         let text = format!("{base}{extra}\n");
@@ -733,5 +736,67 @@ fn load_reports_node_and_service_problems_together() {
     assert!(
         shown.contains("b.toml: line 3, column 1: unknown field `bogus`"),
         "{shown}"
+    );
+}
+
+#[test]
+fn listen_is_optional_and_may_be_a_wildcard() {
+    let text = "name = \"web\"\naddress = \"127.0.0.1:8080\"\n";
+    assert_eq!(
+        Service::from_toml_str(service_path(), text).unwrap().listen,
+        None
+    );
+    let text = "name = \"web\"\naddress = \"127.0.0.1:8080\"\nlisten = \"0.0.0.0:18080\"\n";
+    let service = Service::from_toml_str(service_path(), text).unwrap();
+    assert_eq!(service.listen, Some(addr("0.0.0.0:18080")));
+}
+
+#[test]
+fn listen_clashes_with_apps_upstreams_and_node_listeners() {
+    let files = Files::new();
+    let node = files.node("[inbound]\nbind = \"127.0.0.1:15008\"");
+    files.write(
+        "services.d/a.toml",
+        &("listen = \"0.0.0.0:8080\"\n".to_owned()
+            + &service_text("a", "127.0.0.1:8080", &["127.0.0.1:9001"])),
+    );
+    files.write(
+        "services.d/b.toml",
+        &("listen = \"127.0.0.1:9001\"\n".to_owned() + &service_text("b", "127.0.0.1:8081", &[])),
+    );
+    files.write(
+        "services.d/c.toml",
+        &("listen = \"127.0.0.1:15008\"\n".to_owned() + &service_text("c", "127.0.0.1:8082", &[])),
+    );
+    let err = Config::load(&node).unwrap_err();
+    let found: Vec<(String, &str, &str)> = (err.problems().iter())
+        .map(|p| {
+            let file = p.file.file_name().unwrap().to_string_lossy().into_owned();
+            (
+                file,
+                p.key.as_str(),
+                p.message.split(" in ").next().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "a.toml".to_owned(),
+                "listen",
+                "0.0.0.0:8080 is already used by address"
+            ),
+            (
+                "b.toml".to_owned(),
+                "listen",
+                "127.0.0.1:9001 is already used by upstreams[0].bind"
+            ),
+            (
+                "c.toml".to_owned(),
+                "listen",
+                "127.0.0.1:15008 is already used by inbound.bind"
+            ),
+        ]
     );
 }

@@ -28,8 +28,8 @@ pub const REASON_AUDIT_POLICY: &str = "audit_policy";
 /// change can be re-evaluated against it.
 #[derive(Debug, Clone, Copy)]
 pub struct Attrs<'a> {
-    /// The caller's verified workload identity.
-    pub caller: &'a Identity,
+    /// The caller's verified workload identity; `None` for plaintext (PERMISSIVE only).
+    pub caller: Option<&'a Identity>,
     /// The caller's address as seen by this host.
     pub source_ip: IpAddr,
     /// The local service called.
@@ -42,7 +42,7 @@ impl Attrs<'_> {
     /// The request policy evaluates: HTTP attributes only for HTTP services (none today).
     pub fn request(&self) -> Request<'_> {
         Request {
-            source: Some(self.caller),
+            source: self.caller,
             source_ip: self.source_ip,
             workload: Workload {
                 service: &self.service.key,
@@ -55,9 +55,9 @@ impl Attrs<'_> {
         }
     }
 
-    /// Decides over `snapshot`.
+    /// Decides over `snapshot`: mTLS mode for plaintext callers, then authorization.
     pub fn decide(&self, snapshot: &Snapshot) -> Decision {
-        authz::authorize(snapshot, &self.request())
+        authz::decide(snapshot, &self.request())
     }
 }
 
@@ -72,6 +72,11 @@ pub fn labels(d: &Decision, revoked: bool) -> (&'static str, &'static str) {
         Decision::Deny { .. } if revoked => ("deny", REASON_POLICY_CHANGED),
         Decision::Deny { reason, .. } => ("deny", reason),
     }
+}
+
+/// The caller for logs: its SPIFFE ID, or `plaintext` when it has none.
+pub fn caller_text(caller: Option<&Identity>) -> String {
+    caller.map_or_else(|| "plaintext".to_owned(), ToString::to_string)
 }
 
 /// The policy that decided `d` (`Kind/ns/name`), or empty for a default.
@@ -96,6 +101,7 @@ mod tests {
         Service {
             key: ServiceKey::parse("shop/api").unwrap(),
             address: address.parse().unwrap(),
+            listen: None,
             protocol: Protocol::Tcp,
             labels: BTreeMap::from([("version".to_owned(), "v2".to_owned())]),
             upstreams: vec![],
@@ -144,7 +150,7 @@ rules = [{ from = [{ ip_blocks = ["10.66.0.0/16"] }] }]
         let web = caller("shop/web");
         let ops = caller("ops/tool");
         let attrs = |caller, ip: &str, svc| Attrs {
-            caller,
+            caller: Some(caller),
             source_ip: ip.parse().unwrap(),
             service: svc,
         };
@@ -177,5 +183,19 @@ rules = [{ from = [{ ip_blocks = ["10.66.0.0/16"] }] }]
         // No policy at all: the mesh default (allow).
         let d = attrs(&web, "10.1.2.3", &api).decide(&Snapshot::default());
         assert_eq!(labels(&d, false), ("allow", REASON_DEFAULT_ALLOW));
+
+        // Plaintext: refused under the default STRICT before any policy is looked at.
+        let plain = Attrs {
+            caller: None,
+            source_ip: "10.1.2.3".parse().unwrap(),
+            service: &api,
+        };
+        let d = plain.decide(&Snapshot::default());
+        assert_eq!(labels(&d, false), ("deny", "mtls_required"));
+        assert_eq!(caller_text(None), "plaintext");
+        assert_eq!(
+            caller_text(Some(&web)),
+            "spiffe://mesh.test/ns/shop/svc/web"
+        );
     }
 }

@@ -1,14 +1,18 @@
 //! The inbound side: accepts mTLS from other hosts on the single inbound port, requires a
 //! workload certificate from the mesh CA, picks the local service by SNI, authorizes the caller
-//! against the current policy and forwards to the app on its local address. Open connections
-//! are re-authorized on every policy change and reset when no longer allowed.
+//! against the current policy and forwards to the app on its local address. A service's own
+//! `listen` address takes mTLS the same way and, while the service is PERMISSIVE, plaintext
+//! from clients not yet in the mesh, told apart by the first byte. Open connections are
+//! re-authorized on every policy change and reset when no longer allowed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_api::policy::Snapshot;
-use mesh_api::policy::authz::Decision;
+use mesh_api::policy::authz::{Decision, REASON_MTLS_REQUIRED};
 use mesh_api::{Identity, ServiceKey};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, timeout};
@@ -19,9 +23,32 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 use super::authz::{self, Attrs};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::{Shared, copy, tls};
+use crate::config::Service;
+
+/// How long a connection on a `listen` address may stay silent before it is taken for a
+/// plaintext client of a server-speaks-first protocol. An mTLS client sends its ClientHello
+/// at once; a second leaves room for a lost first segment to be retransmitted.
+pub const PROTOCOL_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Where a listener takes callers from.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// The shared inbound port: mTLS only, the service named by SNI.
+    Mesh,
+    /// A service's `listen` address: mTLS for that service, or plaintext under PERMISSIVE.
+    Direct(ServiceKey),
+}
 
 /// Accepts until `stop_rx` turns true.
-pub async fn serve(listener: TcpListener, shared: Shared, mut stop_rx: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    entry: Entry,
+    shared: Shared,
+    mut stop_rx: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(shared.config.inbound.max_connections));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -42,12 +69,13 @@ pub async fn serve(listener: TcpListener, shared: Shared, mut stop_rx: watch::Re
             continue;
         };
         let shared = shared.clone();
+        let entry = entry.clone();
         // Tracked by the drain watch it holds; bounded by the handshake timeout and the copy.
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let _drain = shared.drain.clone();
-                handle(tcp, peer, &shared).await;
+                handle(tcp, peer, &entry, &shared).await;
             }
             .instrument(debug_span!("conn", src.addr = %peer)),
         );
@@ -60,26 +88,79 @@ fn reject(shared: &Shared, peer: SocketAddr, reason: &'static str, detail: &dyn 
     warn!(src.addr = %peer, reason, error = %detail, "inbound connection rejected");
 }
 
-async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
+/// What the first byte of a connection says it is.
+enum Transport {
+    Tls,
+    Plaintext,
+    /// Closed (or failed) before sending anything.
+    Gone,
+}
+
+/// Peeks at the first byte without consuming it.
+async fn detect(tcp: &TcpStream) -> Transport {
+    let mut first = [0u8; 1];
+    match timeout(PROTOCOL_DETECT_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(0) | Err(_)) => Transport::Gone,
+        Ok(Ok(_)) if first[0] == TLS_HANDSHAKE_RECORD => Transport::Tls,
+        Ok(Ok(_)) | Err(_) => Transport::Plaintext,
+    }
+}
+
+async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
+    let direct = match entry {
+        Entry::Mesh => None,
+        Entry::Direct(key) => {
+            let Some(local) = shared.config.services.iter().find(|s| s.key == *key) else {
+                return;
+            };
+            match detect(&tcp).await {
+                Transport::Gone => return,
+                Transport::Tls => Some(local),
+                Transport::Plaintext => {
+                    return serve_caller(tcp, None, local, peer, shared, started).await;
+                }
+            }
+        }
+    };
+    let Some((tls_stream, caller, local)) = accept_tls(tcp, peer, direct, shared, started).await
+    else {
+        return;
+    };
+    serve_caller(tls_stream, Some(&caller), local, peer, shared, started).await;
+}
+
+/// The mTLS handshake: a mesh workload identity from this trust domain, for a local service
+/// named by SNI (the `listen` address's own service when `only` is set).
+async fn accept_tls<'s>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    only: Option<&'s Service>,
+    shared: &'s Shared,
+    started: Instant,
+) -> Option<(TlsStream<TcpStream>, Identity, &'s Service)> {
     let state = shared.tls_rx.borrow().clone();
     let acceptor = TlsAcceptor::from(state.server.clone());
-    let mut tls_stream = match timeout(
+    let tls_stream = match timeout(
         shared.config.inbound.handshake_timeout,
         acceptor.accept(tcp),
     )
     .await
     {
         Err(_) => {
-            return reject(
+            reject(
                 shared,
                 peer,
                 "handshake_timeout",
                 &"tls handshake timed out",
             );
+            return None;
         }
-        Ok(Err(e)) => return reject(shared, peer, tls::failure_reason(&e), &e),
+        Ok(Err(e)) => {
+            reject(shared, peer, tls::failure_reason(&e), &e);
+            return None;
+        }
         Ok(Ok(s)) => s,
     };
     shared
@@ -88,24 +169,26 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         .observe(started.elapsed().as_secs_f64());
     if tls::resumed_with_stale_cert(tls_stream.get_ref().1) {
         copy::reset(tls_stream.get_ref().0);
-        return reject(
+        reject(
             shared,
             peer,
             "cert_expired",
             &"resumed session of an expired client certificate",
         );
+        return None;
     }
     shared
         .metrics
         .handshake(Direction::Inbound, tls_stream.get_ref().1);
     let (_, conn) = tls_stream.get_ref();
     let Some(svc) = conn.server_name().and_then(ServiceKey::from_sni) else {
-        return reject(
+        reject(
             shared,
             peer,
             "unknown_service",
             &"no mesh service named in SNI",
         );
+        return None;
     };
     let caller = conn
         .peer_certificates()
@@ -114,33 +197,69 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         Some(id @ Identity::Workload { .. }) if *id.trust_domain() == state.trust_domain => id,
         other => {
             copy::reset(tls_stream.get_ref().0);
-            return reject(
+            reject(
                 shared,
                 peer,
                 "not_workload_identity",
                 &format!("caller identity {other:?} is not a workload of this mesh"),
             );
+            return None;
         }
     };
-    let Some(local) = shared.config.services.iter().find(|s| s.key == svc) else {
-        copy::reset(tls_stream.get_ref().0);
-        return reject(
-            shared,
-            peer,
-            "unknown_service",
-            &format!("{svc} is not served on this node"),
-        );
+    let local = match only {
+        Some(s) if s.key == svc => Some(s),
+        Some(_) => None,
+        None => shared.config.services.iter().find(|s| s.key == svc),
     };
+    let Some(local) = local else {
+        copy::reset(tls_stream.get_ref().0);
+        let why = match only {
+            Some(s) => format!("{svc} is not served on {}'s listen address", s.key),
+            None => format!("{svc} is not served on this node"),
+        };
+        reject(shared, peer, "unknown_service", &why);
+        return None;
+    };
+    Some((tls_stream, caller, local))
+}
+
+/// A caller's connection, mTLS or plaintext, with the TCP socket beneath it (to reset).
+trait CallerStream: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl CallerStream for TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl CallerStream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+/// Authorizes the caller (`None` = plaintext), connects to the app and relays until the end.
+async fn serve_caller<S: CallerStream>(
+    mut stream: S,
+    caller: Option<&Identity>,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+    started: Instant,
+) {
+    let svc = &local.key;
     let service = svc.to_string();
     let attrs = Attrs {
-        caller: &caller,
+        caller,
         source_ip: peer.ip(),
         service: local,
     };
     let mut policy_rx = shared.policy_rx.clone();
     let decision = admit(shared, &attrs, peer, &mut policy_rx);
     if !decision.is_allowed() {
-        copy::reset(tls_stream.get_ref().0);
+        copy::reset(stream.tcp());
         let end = End {
             transferred: copy::Transferred::default(),
             decision: &decision,
@@ -156,7 +275,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            copy::reset(tls_stream.get_ref().0);
+            copy::reset(stream.tcp());
             return reject(
                 shared,
                 peer,
@@ -165,7 +284,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             );
         }
         Err(_) => {
-            copy::reset(tls_stream.get_ref().0);
+            copy::reset(stream.tcp());
             return reject(
                 shared,
                 peer,
@@ -175,34 +294,27 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
     };
     let _ = app.set_nodelay(true);
-    shared
-        .metrics
-        .connections
-        .get_or_create(&ServiceLabels {
-            direction: Direction::Inbound,
-            service: service.clone(),
-        })
-        .inc();
+    let labels = ServiceLabels {
+        direction: Direction::Inbound,
+        service: service.clone(),
+    };
+    shared.metrics.connections.get_or_create(&labels).inc();
+    if caller.is_none() {
+        shared.metrics.plaintext.get_or_create(&labels).inc();
+    }
     let _active = ActiveGuard::new(&shared.metrics, Direction::Inbound);
     let mut force = shared.force_rx.clone();
-    let stopped = relay(
-        &mut app,
-        &mut tls_stream,
-        &attrs,
-        &mut policy_rx,
-        &mut force,
-    )
-    .await;
+    let stopped = relay(&mut app, &mut stream, &attrs, &mut policy_rx, &mut force).await;
     let mut last = decision;
     let (transferred, error) = match stopped {
         Stopped::Copied(Ok(t)) => (t, None),
         Stopped::Copied(Err(e)) => {
-            copy::reset(tls_stream.get_ref().0);
+            copy::reset(stream.tcp());
             (copy::Transferred::default(), Some(e.to_string()))
         }
         Stopped::Forced => {
             copy::reset(&app);
-            copy::reset(tls_stream.get_ref().0);
+            copy::reset(stream.tcp());
             (
                 copy::Transferred::default(),
                 Some("closed at the end of the drain grace period".to_owned()),
@@ -210,10 +322,10 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
         Stopped::Revoked(now) => {
             copy::reset(&app);
-            copy::reset(tls_stream.get_ref().0);
+            copy::reset(stream.tcp());
             shared.metrics.record_decision(&service, &now, true);
             warn!(
-                src.identity = %caller,
+                src.identity = %authz::caller_text(caller),
                 src.addr = %peer,
                 dst.service = %service,
                 policy = %authz::policy_of(&now),
@@ -254,7 +366,7 @@ fn admit(
     shared.metrics.record_decision(&service, &decision, false);
     if !decision.audit().is_empty() {
         info!(
-            src.identity = %attrs.caller,
+            src.identity = %authz::caller_text(attrs.caller),
             src.addr = %peer,
             dst.service = %service,
             allowed = decision.is_allowed(),
@@ -263,12 +375,16 @@ fn admit(
         );
     }
     if !decision.is_allowed() {
-        shared
-            .metrics
-            .reject(Direction::Inbound, "denied_by_policy");
         let (_, reason) = authz::labels(&decision, false);
+        // Plaintext refused under STRICT is a transport rejection, not a policy denial.
+        let rejected = if reason == REASON_MTLS_REQUIRED {
+            REASON_MTLS_REQUIRED
+        } else {
+            "denied_by_policy"
+        };
+        shared.metrics.reject(Direction::Inbound, rejected);
         warn!(
-            src.identity = %attrs.caller,
+            src.identity = %authz::caller_text(attrs.caller),
             src.addr = %peer,
             dst.service = %service,
             policy = %authz::policy_of(&decision),
@@ -281,14 +397,14 @@ fn admit(
 
 /// Copies between the app and the caller until both are done, the drain's grace period ends,
 /// or a policy change no longer allows the connection (re-decided on every change).
-async fn relay(
+async fn relay<S: CallerStream>(
     app: &mut TcpStream,
-    tls_stream: &mut TlsStream<TcpStream>,
+    caller: &mut S,
     attrs: &Attrs<'_>,
     policy_rx: &mut watch::Receiver<Arc<Snapshot>>,
     force: &mut watch::Receiver<bool>,
 ) -> Stopped {
-    let copy = copy::bidirectional(app, tls_stream, false);
+    let copy = copy::bidirectional(app, caller, false);
     tokio::pin!(copy);
     let mut policy_open = true;
     loop {
@@ -334,7 +450,7 @@ fn access_log(attrs: &Attrs<'_>, peer: SocketAddr, started: Instant, end: &End<'
         parent: None,
         direction = "inbound",
         src.addr = %peer,
-        src.identity = %attrs.caller,
+        src.identity = %authz::caller_text(attrs.caller),
         dst.service = %attrs.service.key,
         dst.addr = %attrs.service.address,
         decision = if end.decision.is_allowed() { "allow" } else { "deny" },

@@ -87,7 +87,7 @@ pub struct DecisionLabels {
     /// `allow`, `deny` or `audit`.
     pub decision: &'static str,
     /// `allow_policy`, `default_allow`, `deny_policy`, `no_allow_match`, `default_deny`,
-    /// `policy_changed` or `audit_policy`.
+    /// `mtls_required`, `policy_changed` or `audit_policy`.
     pub reason: &'static str,
     /// The deciding policy (`Kind/ns/name`), empty for a default.
     pub policy: String,
@@ -127,6 +127,9 @@ pub struct Metrics {
     /// `meshd_authz_decisions_total{service,decision,reason,policy}`: inbound authorization
     /// decisions; an AUDIT match is counted as `audit` besides the allow or deny.
     pub authz_decisions: Family<DecisionLabels, Counter>,
+    /// `meshd_plaintext_connections_total{direction,service}`: plaintext connections accepted
+    /// on a service's `listen` address under PERMISSIVE; what is left to migrate before STRICT.
+    pub plaintext: Family<ServiceLabels, Counter>,
 }
 
 impl Metrics {
@@ -142,6 +145,7 @@ impl Metrics {
             ]),
             rejected: Family::default(),
             authz_decisions: Family::default(),
+            plaintext: Family::default(),
         };
         reg.register(
             "meshd_connections",
@@ -177,6 +181,11 @@ impl Metrics {
             "meshd_authz_decisions",
             "Inbound authorization decisions, by service, decision, reason and policy",
             m.authz_decisions.clone(),
+        );
+        reg.register(
+            "meshd_plaintext_connections",
+            "Plaintext connections accepted under PERMISSIVE mTLS, by service",
+            m.plaintext.clone(),
         );
         m
     }

@@ -835,3 +835,111 @@ fn peer_authentication_precedence() {
         .collect();
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
+
+#[test]
+fn plaintext_needs_permissive_then_authorization() {
+    let permissive =
+        "[[resource]]\nkind = \"PeerAuthentication\"\nname = \"p\"\nmode = \"permissive\"\n";
+    let strict_api = "[[resource]]\nkind = \"PeerAuthentication\"\nname = \"s\"\nmode = \"strict\"\n\
+                      [resource.selector]\nservice = \"api\"\n";
+    let web_only = policy(
+        "web",
+        "allow",
+        &format!("[[resource.rules]]\nfrom = [{{ principals = [{WEB:?}] }}]"),
+    );
+    let from_lan = policy(
+        "lan",
+        "allow",
+        "[[resource.rules]]\nfrom = [{ ip_blocks = [\"10.1.0.0/16\"] }]",
+    );
+    let deny_lan = policy(
+        "nolan",
+        "deny",
+        "[[resource.rules]]\nfrom = [{ ip_blocks = [\"10.1.0.0/16\"] }]",
+    );
+    let cases: &[(&str, String, Req, &str)] = &[
+        (
+            "strict by default",
+            String::new(),
+            Req::new().plaintext(),
+            "deny mtls_required",
+        ),
+        (
+            "mTLS unaffected by strict",
+            String::new(),
+            Req::new(),
+            "allow default",
+        ),
+        (
+            "permissive: plaintext allowed",
+            permissive.to_owned(),
+            Req::new().plaintext(),
+            "allow default",
+        ),
+        (
+            "strict for the service beats namespace permissive",
+            permissive.to_owned() + strict_api,
+            Req::new().plaintext(),
+            "deny mtls_required",
+        ),
+        (
+            "strict refuses before deny policies are looked at",
+            deny_lan.clone(),
+            Req::new().plaintext(),
+            "deny mtls_required",
+        ),
+        (
+            "permissive: principal rules never match plaintext",
+            permissive.to_owned() + &web_only,
+            Req::new().plaintext(),
+            "deny no_allow_match",
+        ),
+        (
+            "permissive: ip_blocks admit plaintext",
+            permissive.to_owned() + &web_only + &from_lan,
+            Req::new().plaintext(),
+            "allow lan",
+        ),
+        (
+            "permissive: ip_blocks from elsewhere",
+            permissive.to_owned() + &from_lan,
+            Req::new().plaintext().ip("192.168.1.1"),
+            "deny no_allow_match",
+        ),
+        (
+            "permissive: deny by ip_blocks",
+            permissive.to_owned() + &deny_lan,
+            Req::new().plaintext(),
+            "deny nolan",
+        ),
+        (
+            "permissive: mesh default deny still applies",
+            permissive.to_owned() + MESH_DENY,
+            Req::new().plaintext(),
+            "deny default_deny",
+        ),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(case, toml, req, want)| {
+            let snap = if toml.is_empty() {
+                Snapshot::default()
+            } else {
+                snapshot(toml)
+            };
+            let r = Request {
+                source: req.source.as_ref(),
+                source_ip: req.ip,
+                workload: Workload {
+                    service: &req.service,
+                    labels: &req.labels,
+                },
+                port: req.port,
+                http: None,
+            };
+            let got = summary(&decide(&snap, &r));
+            (got != *want).then(|| format!("{case}: got {got:?}, want {want:?}"))
+        })
+        .collect();
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 
 /// Phi-accrual threshold above which a silent node is considered dead.
 pub const DEFAULT_PHI_THRESHOLD: f64 = 8.0;
@@ -50,6 +50,8 @@ pub struct Endpoint {
     pub zone: String,
     /// Subset labels.
     pub labels: BTreeMap<String, String>,
+    /// What the instance speaks: callers proxy HTTP-family services per request.
+    pub protocol: Protocol,
     /// Passing health checks.
     pub healthy: bool,
     /// The node is draining.
@@ -108,13 +110,19 @@ pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>) -> MeshView {
             };
             services.push(svc.to_string());
             let Some(info) = &info else { continue };
-            match gossip::decode::<ServiceInfo>(value) {
-                Ok(s) => view.endpoints.entry(svc).or_default().push(Endpoint {
+            let decoded = gossip::decode::<ServiceInfo>(value).map_err(|e| e.to_string());
+            let decoded = decoded.and_then(|s| match Protocol::from_name(&s.protocol) {
+                Some(p) => Ok((s, p)),
+                None => Err(format!("unknown protocol {:?}", s.protocol)),
+            });
+            match decoded {
+                Ok((s, protocol)) => view.endpoints.entry(svc).or_default().push(Endpoint {
                     node: id.node_id.to_string(),
                     addr: info.inbound,
                     datacenter: info.datacenter.to_string(),
                     zone: info.zone.to_string(),
                     labels: s.labels,
+                    protocol,
                     healthy: s.healthy,
                     draining: info.state == gossip::NodeState::Draining,
                 }),

@@ -89,7 +89,9 @@ address = "127.0.0.1:8080"
 # service PERMISSIVE (STRICT, the default, closes them). No default: not opened.
 # listen = "10.0.0.5:8080"
 
-# Only "tcp" for now.
+# "tcp" (bytes, the default), "http" (the app speaks HTTP/1.1), "http2" (HTTP/2 without
+# TLS) or "grpc". For the HTTP family meshd proxies each request: authorization sees the
+# method, path and headers, and a denied request gets 403.
 protocol = "tcp"
 
 # Free-form labels: names and values of letters, digits, '.', '_' and '-', up to 63 each.

@@ -46,12 +46,19 @@ pub struct Upstream {
     pub bind: SocketAddr,
 }
 
-/// Application protocol of a service; only raw TCP for now.
+/// Application protocol of a service: how meshd talks to the app and whether requests are
+/// seen one by one (L7) or as a byte stream (L4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Bytes are proxied as they are.
     Tcp,
+    /// The app speaks HTTP/1.1 (keep-alive).
+    Http,
+    /// The app speaks HTTP/2 without TLS (prior knowledge).
+    Http2,
+    /// gRPC: HTTP/2 to the app, with gRPC status codes and trailers.
+    Grpc,
 }
 
 /// A service file as written; unknown keys are rejected.
@@ -84,8 +91,6 @@ pub struct RawUpstream {
     pub bind: Option<String>,
 }
 
-const UNSUPPORTED_PROTOCOLS: &[&str] = &["http", "http2", "grpc"];
-
 // === impl Service ===
 
 impl Service {
@@ -99,32 +104,43 @@ impl Service {
 // === impl Protocol ===
 
 impl Protocol {
-    /// Every protocol accepted today.
-    pub const ALL: &[Protocol] = &[Protocol::Tcp];
+    /// Every protocol.
+    pub const ALL: &[Protocol] = &[
+        Protocol::Tcp,
+        Protocol::Http,
+        Protocol::Http2,
+        Protocol::Grpc,
+    ];
 
-    /// The name used in service files.
+    /// The name used in service files and gossip.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
         }
     }
 
+    /// Whether meshd proxies requests (L7) rather than bytes.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+
+    /// Reads the name a service file or gossip uses.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|p| p.as_str() == s)
+    }
+
     fn parse(s: &str) -> Result<Self, String> {
-        if let Some(p) = Self::ALL.iter().find(|p| p.as_str() == s) {
-            return Ok(*p);
-        }
-        let valid = Self::ALL
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        if UNSUPPORTED_PROTOCOLS.contains(&s) {
-            Err(format!(
-                "protocol {s:?} is not supported yet (supported: {valid})"
-            ))
-        } else {
-            Err(format!("unknown protocol {s:?} (valid: {valid})"))
-        }
+        Self::from_name(s).ok_or_else(|| {
+            let valid = Self::ALL
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("unknown protocol {s:?} (valid: {valid})")
+        })
     }
 }
 

@@ -402,9 +402,8 @@ fn bad_service_values() {
 
     #[rustfmt::skip]
     let with_base: &[(&str, &str, &str)] = &[
-        ("protocol = \"http\"", "protocol", "protocol \"http\" is not supported yet (supported: tcp)"),
-        ("protocol = \"grpc\"", "protocol", "protocol \"grpc\" is not supported yet (supported: tcp)"),
-        ("protocol = \"udp\"", "protocol", "unknown protocol \"udp\" (valid: tcp)"),
+        ("protocol = \"udp\"", "protocol", "unknown protocol \"udp\" (valid: tcp, http, http2, grpc)"),
+        ("protocol = \"HTTP\"", "protocol", "unknown protocol \"HTTP\" (valid: tcp, http, http2, grpc)"),
         ("[labels]\nversion = \"v 1\"", "labels.version", "\"v 1\" is invalid: character ' '"),
         ("[labels]\nversion = \"\"", "labels.version", "must not be empty"),
         ("[labels]\n\"team name\" = \"a\"", "labels", "label name \"team name\" is invalid"),
@@ -737,6 +736,16 @@ fn load_reports_node_and_service_problems_together() {
         shown.contains("b.toml: line 3, column 1: unknown field `bogus`"),
         "{shown}"
     );
+}
+
+#[test]
+fn every_protocol_parses() {
+    for p in Protocol::ALL {
+        let text = format!("name = \"web\"\naddress = \"127.0.0.1:8080\"\nprotocol = \"{p}\"\n");
+        let service = Service::from_toml_str(service_path(), &text).unwrap();
+        assert_eq!(service.protocol, *p);
+        assert_eq!(service.protocol.is_http(), *p != Protocol::Tcp);
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use mesh_api::Identity;
 use mesh_api::policy::Snapshot;
 use mesh_api::policy::authz::{self, Decision, Request, Workload};
 
-use crate::config::{Protocol, Service};
+use crate::config::Service;
 
 /// Metric `reason` of a connection closed because a policy change no longer allows it.
 pub const REASON_POLICY_CHANGED: &str = "policy_changed";
@@ -34,12 +34,15 @@ pub struct Attrs<'a> {
     pub source_ip: IpAddr,
     /// The local service called.
     pub service: &'a Service,
+    /// The request, when the connection carries HTTP; `None` for a byte stream, which HTTP
+    /// rules then treat as Istio does TCP (fail closed).
+    pub http: Option<authz::Http<'a>>,
 }
 
 // === impl Attrs ===
 
 impl Attrs<'_> {
-    /// The request policy evaluates: HTTP attributes only for HTTP services (none today).
+    /// The request policy evaluates.
     pub fn request(&self) -> Request<'_> {
         Request {
             source: self.caller,
@@ -49,9 +52,7 @@ impl Attrs<'_> {
                 labels: &self.service.labels,
             },
             port: self.service.address.port(),
-            http: match self.service.protocol {
-                Protocol::Tcp => None,
-            },
+            http: self.http,
         }
     }
 
@@ -102,7 +103,7 @@ mod tests {
             key: ServiceKey::parse("shop/api").unwrap(),
             address: address.parse().unwrap(),
             listen: None,
-            protocol: Protocol::Tcp,
+            protocol: crate::config::Protocol::Tcp,
             labels: BTreeMap::from([("version".to_owned(), "v2".to_owned())]),
             upstreams: vec![],
             file: "api.toml".into(),
@@ -153,6 +154,7 @@ rules = [{ from = [{ ip_blocks = ["10.66.0.0/16"] }] }]
             caller: Some(caller),
             source_ip: ip.parse().unwrap(),
             service: svc,
+            http: None,
         };
 
         let d = attrs(&web, "10.1.2.3", &api).decide(&snap);
@@ -189,6 +191,7 @@ rules = [{ from = [{ ip_blocks = ["10.66.0.0/16"] }] }]
             caller: None,
             source_ip: "10.1.2.3".parse().unwrap(),
             service: &api,
+            http: None,
         };
         let d = plain.decide(&Snapshot::default());
         assert_eq!(labels(&d, false), ("deny", "mtls_required"));

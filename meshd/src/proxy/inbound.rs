@@ -255,6 +255,7 @@ async fn serve_caller<S: CallerStream>(
         caller,
         source_ip: peer.ip(),
         service: local,
+        http: None,
     };
     let mut policy_rx = shared.policy_rx.clone();
     let decision = admit(shared, &attrs, peer, &mut policy_rx);

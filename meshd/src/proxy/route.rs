@@ -27,6 +27,7 @@ mod tests {
             datacenter: "dc1".into(),
             zone: "a".into(),
             labels: BTreeMap::new(),
+            protocol: crate::config::Protocol::Tcp,
             healthy,
             draining,
         }

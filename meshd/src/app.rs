@@ -156,6 +156,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         metrics: proxy_metrics,
         drain: drain_watch,
         force_rx,
+        http: Arc::new(proxy::http::State::new(&config)),
     };
     proxy::spawn(listeners, shared, stop_rx, &mut tasks);
 

@@ -18,6 +18,7 @@ use crate::membership::MeshView;
 
 pub mod authz;
 pub mod copy;
+pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
@@ -113,6 +114,8 @@ pub struct Shared {
     pub drain: drain::Watch,
     /// Turns `true` when the grace period is over: open connections are closed.
     pub force_rx: watch::Receiver<bool>,
+    /// Pooled HTTP clients (to local apps and to other hosts).
+    pub http: Arc<http::State>,
 }
 
 /// Keeps the TLS state in step with the certificates. Returns the receiver of TLS states.

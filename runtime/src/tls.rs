@@ -21,6 +21,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 /// ALPN protocol id meshd speaks between hosts (raw TCP stream inside mTLS).
 pub const ALPN_MESH_TCP: &[u8] = b"meshd/tcp/1";
+/// ALPN protocol id of HTTP/2 between meshd hosts (requests of HTTP-family services,
+/// multiplexed on pooled connections).
+pub const ALPN_MESH_H2: &[u8] = b"meshd/h2/1";
 
 /// TLS setup errors.
 #[derive(Debug, thiserror::Error)]

@@ -128,7 +128,24 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
     else {
         return;
     };
-    serve_caller(tls_stream, Some(&caller), local, peer, shared, started).await;
+    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(mesh_runtime::tls::ALPN_MESH_H2);
+    match (h2, local.protocol.is_http()) {
+        (false, _) => serve_caller(tls_stream, Some(&caller), local, peer, shared, started).await,
+        (true, true) => super::http::inbound::serve(tls_stream, caller, local, peer, shared).await,
+        (true, false) => {
+            // The caller's view of the service's protocol is out of date (or forged).
+            copy::reset(tls_stream.get_ref().0);
+            reject(
+                shared,
+                peer,
+                "protocol_mismatch",
+                &format!(
+                    "{} is a tcp service; requests over http/2 refused",
+                    local.key
+                ),
+            );
+        }
+    }
 }
 
 /// The mTLS handshake: a mesh workload identity from this trust domain, for a local service

@@ -109,6 +109,17 @@ pub struct HandshakeLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the HTTP request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// The local service (inbound) or the upstream (outbound), `namespace/name`.
+    pub service: String,
+    /// Response status code.
+    pub status: u16,
+}
+
 /// All proxy metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -130,6 +141,9 @@ pub struct Metrics {
     /// `meshd_plaintext_connections_total{direction,service}`: plaintext connections accepted
     /// on a service's `listen` address under PERMISSIVE; what is left to migrate before STRICT.
     pub plaintext: Family<ServiceLabels, Counter>,
+    /// `meshd_http_requests_total{direction,service,status}`: requests of HTTP-family
+    /// services, by the status returned to the caller (meshd's own errors included).
+    pub requests: Family<RequestLabels, Counter>,
 }
 
 impl Metrics {
@@ -146,6 +160,7 @@ impl Metrics {
             rejected: Family::default(),
             authz_decisions: Family::default(),
             plaintext: Family::default(),
+            requests: Family::default(),
         };
         reg.register(
             "meshd_connections",
@@ -187,7 +202,23 @@ impl Metrics {
             "Plaintext connections accepted under PERMISSIVE mTLS, by service",
             m.plaintext.clone(),
         );
+        reg.register(
+            "meshd_http_requests",
+            "HTTP requests proxied, by direction, service and status",
+            m.requests.clone(),
+        );
         m
+    }
+
+    /// Counts one HTTP request and the status it got.
+    pub fn record_request(&self, direction: Direction, service: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                service: service.to_owned(),
+                status,
+            })
+            .inc();
     }
 
     /// Counts an authorization decision for `service`, and one `audit` per AUDIT policy that

@@ -123,7 +123,14 @@ pub async fn serve(
         tokio::spawn(
             async move {
                 let _drain = shared.drain.clone();
-                handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
+                // Decided per connection from what the upstream's instances gossip, so a
+                // service that changes protocol is followed without a restart here.
+                if super::http::outbound::is_http(&shared, &upstream) {
+                    let shared = shared.clone();
+                    super::http::outbound::serve(tcp, peer, source, upstream, shared, cursor).await;
+                } else {
+                    handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
+                }
             }
             .instrument(debug_span!("conn", src.addr = %peer)),
         );
@@ -183,7 +190,7 @@ async fn connect(
 /// One endpoint: a resumed session that turns out to carry an expired server certificate is
 /// refused, that server's tickets are dropped, and the connection is retried with a full
 /// handshake (which verifies the server's current certificate and starts a fresh ticket chain).
-async fn attempt(
+pub(super) async fn attempt(
     shared: &Shared,
     client: &tls::Client,
     connector: &TlsConnector,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use mesh_api::{Identity, ServiceKey, TrustDomain};
-use mesh_runtime::tls::{self, ALPN_MESH_TCP, SpiffeVerifier};
+use mesh_runtime::tls::{self, ALPN_MESH_H2, ALPN_MESH_TCP, SpiffeVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
@@ -27,8 +27,10 @@ pub struct TlsState {
 /// The client side of one local service.
 #[derive(Clone)]
 pub struct Client {
-    /// rustls config presenting the service's identity.
+    /// rustls config presenting the service's identity, for byte streams.
     pub config: Arc<ClientConfig>,
+    /// The same, negotiating HTTP/2 (requests of HTTP-family upstreams).
+    pub h2_config: Arc<ClientConfig>,
     /// Its session tickets (see [`TicketStore::forget`]).
     pub tickets: Arc<TicketStore>,
 }
@@ -165,7 +167,7 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
         certs.roots.clone(),
         Arc::new(SniResolver { by_sni }),
         false,
-        &[ALPN_MESH_TCP],
+        &[ALPN_MESH_TCP, ALPN_MESH_H2],
     )?;
     // Stateless tickets (rotating keys) instead of rustls' default 256-entry session cache, which
     // a burst of new connections between two busy hosts evicts before the tickets are used. One
@@ -191,10 +193,15 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
         )?;
         let tickets = Arc::new(TicketStore::new());
         cfg.resumption = rustls::client::Resumption::store(tickets.clone());
+        // One ticket store for both: a ticket is bound to the server and identities, not to
+        // the ALPN protocol.
+        let mut h2 = cfg.clone();
+        h2.alpn_protocols = vec![ALPN_MESH_H2.to_vec()];
         clients.insert(
             svc.clone(),
             Client {
                 config: Arc::new(cfg),
+                h2_config: Arc::new(h2),
                 tickets,
             },
         );

@@ -1,0 +1,245 @@
+//! The inbound side of HTTP-family services: serves HTTP/2 from another meshd inside the
+//! accepted mTLS connection, authorizes every request (method, path and headers included),
+//! answers a denied one with 403 naming the policy, and forwards the rest to the app over a
+//! pooled client in the app's own protocol.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Scheme, Uri};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api::Identity;
+use mesh_api::policy::authz::{Decision, Http};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use super::super::Shared;
+use super::super::authz::{self, Attrs};
+use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
+use super::{Body, XFCC, mesh_response, strip_hop_by_hop};
+use crate::config::Service;
+
+/// What each request of one connection needs.
+struct Conn {
+    shared: Shared,
+    caller: Identity,
+    /// The local service's own identity (the `By` of XFCC).
+    callee: String,
+    local: Service,
+    peer: SocketAddr,
+}
+
+/// Serves the requests of one mTLS connection until it closes or the drain deadline passes.
+pub async fn serve(
+    tls_stream: TlsStream<TcpStream>,
+    caller: Identity,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+) {
+    let labels = ServiceLabels {
+        direction: Direction::Inbound,
+        service: local.key.to_string(),
+    };
+    shared.metrics.connections.get_or_create(&labels).inc();
+    let _active = ActiveGuard::new(&shared.metrics, Direction::Inbound);
+    let callee = {
+        let td = shared.tls_rx.borrow().trust_domain.clone();
+        Identity::workload(&td, &local.key).to_string()
+    };
+    let conn = Arc::new(Conn {
+        shared: shared.clone(),
+        caller,
+        callee,
+        local: local.clone(),
+        peer,
+    });
+    let service = service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
+    });
+    let io = TokioIo::new(tls_stream);
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut force = shared.force_rx.clone();
+    tokio::select! {
+        r = &mut connection => if let Err(e) = r {
+            debug!(src.addr = %peer, error = %e, "inbound http/2 connection ended with an error");
+        },
+        _ = mesh_runtime::drain::until_true(&mut force) => {
+            debug!(src.addr = %peer, "inbound http/2 connection closed at the end of the drain grace period");
+        }
+    }
+}
+
+/// One request: authorize, forward, log.
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let headers: Vec<(String, String)> = (req.headers().iter())
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let attrs = Attrs {
+        caller: Some(&conn.caller),
+        source_ip: conn.peer.ip(),
+        service: &conn.local,
+        http: Some(Http {
+            method: &method,
+            path: &path,
+            headers: &headers,
+        }),
+    };
+    let decision = attrs.decide(&conn.shared.policy_rx.borrow());
+    let service = conn.local.key.to_string();
+    conn.shared
+        .metrics
+        .record_decision(&service, &decision, false);
+    if !decision.audit().is_empty() {
+        info!(
+            src.identity = %conn.caller,
+            src.addr = %conn.peer,
+            dst.service = %service,
+            http.method = %method,
+            http.path = %path,
+            allowed = decision.is_allowed(),
+            audit = ?decision.audit().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "request matched an audit policy"
+        );
+    }
+    let resp = if decision.is_allowed() {
+        forward(conn, req).await
+    } else {
+        denied(conn, &decision, &method, &path)
+    };
+    conn.shared
+        .metrics
+        .record_request(Direction::Inbound, &service, resp.status().as_u16());
+    info!(
+        target: "access",
+        direction = "inbound",
+        src.addr = %conn.peer,
+        src.identity = %conn.caller,
+        dst.service = %service,
+        http.method = %method,
+        http.path = %path,
+        http.status = resp.status().as_u16(),
+        decision = if decision.is_allowed() { "allow" } else { "deny" },
+        policy = %authz::policy_of(&decision),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    resp
+}
+
+/// 403 with a body naming what denied the request.
+fn denied(conn: &Conn, decision: &Decision, method: &str, path: &str) -> Response<Body> {
+    let (_, reason) = authz::labels(decision, false);
+    let policy = authz::policy_of(decision);
+    warn!(
+        src.identity = %conn.caller,
+        src.addr = %conn.peer,
+        dst.service = %conn.local.key,
+        http.method = %method,
+        http.path = %path,
+        policy = %policy,
+        reason,
+        "request denied by policy"
+    );
+    let by = if policy.is_empty() {
+        format!("no policy allows it ({reason})")
+    } else {
+        policy
+    };
+    let body = format!(
+        "RBAC: access denied: {} may not call {} {} on {}: {by}\n",
+        conn.caller, method, path, conn.local.key
+    );
+    mesh_response(StatusCode::FORBIDDEN, "inbound", "denied", body)
+}
+
+/// Sends the request to the app and passes its response back.
+async fn forward(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let Some(client) = conn.shared.http.app(&conn.local.key) else {
+        return mesh_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "inbound",
+            "no_client",
+            format!("{} is not an HTTP service on this node\n", conn.local.key),
+        );
+    };
+    let addr = conn.local.address;
+    let (mut parts, body) = req.into_parts();
+    let authority = parts.uri.authority().cloned();
+    let path_and_query =
+        (parts.uri.path_and_query()).map_or_else(|| "/".to_owned(), ToString::to_string);
+    parts.uri = match Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(addr.to_string())
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            return mesh_response(
+                StatusCode::BAD_REQUEST,
+                "inbound",
+                "bad_request",
+                format!("request target not usable: {e}\n"),
+            );
+        }
+    };
+    // The app sees HTTP/1.1 or HTTP/2 according to its protocol; the client sets the version.
+    parts.version = http::Version::default();
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    // HTTP/2 carries the host as :authority; an HTTP/1.1 app needs it as Host.
+    if !headers.contains_key(header::HOST)
+        && let Some(a) = authority
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    headers.remove(XFCC);
+    if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", conn.callee, conn.caller)) {
+        headers.insert(XFCC, v);
+    }
+    match client
+        .request(Request::from_parts(parts, body.boxed()))
+        .await
+    {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            let reason = if e.is_connect() {
+                "app_unreachable"
+            } else {
+                "app_error"
+            };
+            conn.shared.metrics.reject(Direction::Inbound, reason);
+            warn!(dst.service = %conn.local.key, dst.addr = %addr, reason, error = %e, "forwarding to the app failed");
+            mesh_response(
+                StatusCode::BAD_GATEWAY,
+                "inbound",
+                reason,
+                format!("{} at {addr}: {e}\n", conn.local.key),
+            )
+        }
+    }
+}

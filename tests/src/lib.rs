@@ -3,6 +3,7 @@
 //! the real meshctl, and gives tests handles to kill, restart and inspect them.
 
 pub mod apps;
+pub mod http_app;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -347,6 +348,25 @@ impl Registry {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Writes `text` to `policies/<name>` and `meshctl apply`s it; returns the revision the
+    /// registry acknowledged.
+    pub fn apply(&self, name: &str, text: &str) -> anyhow::Result<u64> {
+        let dir = self.dir.join("policies");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        let out = self.meshctl_ok(&["apply", "-f", &path.to_string_lossy()])?;
+        let at = out
+            .rfind("(revision ")
+            .with_context(|| format!("no revision in {out:?}"))?;
+        let rev = out[at + "(revision ".len()..]
+            .split(')')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("bad revision in {out:?}"))?;
+        Ok(rev)
+    }
+
     /// Node names listed by `meshctl nodes`.
     pub fn node_names(&self) -> anyhow::Result<Vec<String>> {
         let out = self.meshctl_ok(&["nodes"])?;
@@ -438,6 +458,8 @@ pub struct ServiceSpec {
     pub address: SocketAddr,
     /// meshd's direct listener for the service (`listen`), if any.
     pub listen: Option<SocketAddr>,
+    /// `protocol` (meshd's default, tcp, when `None`).
+    pub protocol: Option<String>,
     /// Upstreams: (service, local bind).
     pub upstreams: Vec<(String, SocketAddr)>,
     /// Labels.
@@ -451,9 +473,16 @@ impl ServiceSpec {
             name: name.to_owned(),
             address,
             listen: None,
+            protocol: None,
             upstreams: Vec::new(),
             labels: Vec::new(),
         }
+    }
+
+    /// Sets the protocol.
+    pub fn protocol(mut self, protocol: &str) -> Self {
+        self.protocol = Some(protocol.to_owned());
+        self
     }
 
     /// Adds an upstream.
@@ -559,6 +588,9 @@ impl Node {
             let mut text = format!("name = \"{}\"\naddress = \"{}\"\n", s.name, s.address);
             if let Some(listen) = s.listen {
                 text.push_str(&format!("listen = \"{listen}\"\n"));
+            }
+            if let Some(p) = &s.protocol {
+                text.push_str(&format!("protocol = \"{p}\"\n"));
             }
             if !s.labels.is_empty() {
                 text.push_str("[labels]\n");

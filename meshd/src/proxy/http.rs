@@ -99,10 +99,102 @@ pub fn full(text: String) -> Body {
         .boxed()
 }
 
+/// The client of one local app, in its protocol.
+pub enum AppClient {
+    /// HTTP/1.1 with a pool of keep-alive connections.
+    Http1(Client<HttpConnector, Body>),
+    /// One multiplexed HTTP/2 connection (prior knowledge), remade when it closes. Not the
+    /// pooled legacy client: that one takes `:authority` from the address it connects to,
+    /// and the app must see the authority the caller used.
+    Http2 {
+        /// Where the app listens.
+        addr: SocketAddr,
+        /// Connect timeout.
+        connect_timeout: std::time::Duration,
+        /// The live connection, if any.
+        conn: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    },
+}
+
+/// Why a request could not be given to the app.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// No connection to the app.
+    #[error("connecting: {0}")]
+    Connect(String),
+    /// The exchange failed after connecting.
+    #[error("{0}")]
+    Exchange(String),
+}
+
+impl AppClient {
+    /// Sends `req` (absolute URI; for HTTP/1.1 its authority is the app's address) to the app.
+    pub async fn send(
+        &self,
+        req: http::Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, AppError> {
+        match self {
+            AppClient::Http1(client) => client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    AppError::Connect(e.to_string())
+                } else {
+                    AppError::Exchange(e.to_string())
+                }
+            }),
+            AppClient::Http2 {
+                addr,
+                connect_timeout,
+                conn,
+            } => {
+                let mut sender = {
+                    let mut slot = conn.lock().await;
+                    match slot.as_ref() {
+                        Some(s) if !s.is_closed() => s.clone(),
+                        _ => {
+                            let s = connect_h2(*addr, *connect_timeout).await?;
+                            *slot = Some(s.clone());
+                            s
+                        }
+                    }
+                };
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| AppError::Exchange(e.to_string()))?;
+                sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| AppError::Exchange(e.to_string()))
+            }
+        }
+    }
+}
+
+async fn connect_h2(
+    addr: SocketAddr,
+    connect_timeout: std::time::Duration,
+) -> Result<SendRequest<Body>, AppError> {
+    let tcp = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| AppError::Connect(format!("{addr}: timed out")))?
+        .map_err(|e| AppError::Connect(format!("{addr}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Body>(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| AppError::Connect(format!("{addr}: http/2 handshake: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(error = %e, "http/2 connection to the app ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
 /// HTTP state shared by every connection.
 pub struct State {
-    /// A pooled client per local HTTP-family service, speaking the app's protocol.
-    apps: BTreeMap<ServiceKey, Client<HttpConnector, Body>>,
+    /// A client per local HTTP-family service, speaking the app's protocol.
+    apps: BTreeMap<ServiceKey, AppClient>,
     /// HTTP/2 connections to other hosts' inbound ports, per calling service and endpoint.
     peers: Mutex<HashMap<(ServiceKey, SocketAddr), Pooled>>,
 }
@@ -120,12 +212,19 @@ impl State {
         let apps = (config.services.iter())
             .filter(|s| s.protocol.is_http())
             .map(|s| {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(config.outbound.connect_timeout));
-                let client = Client::builder(TokioExecutor::new())
-                    .http2_only(matches!(s.protocol, Protocol::Http2 | Protocol::Grpc))
-                    .build(connector);
+                let connect_timeout = config.outbound.connect_timeout;
+                let client = if matches!(s.protocol, Protocol::Http2 | Protocol::Grpc) {
+                    AppClient::Http2 {
+                        addr: s.address,
+                        connect_timeout,
+                        conn: tokio::sync::Mutex::new(None),
+                    }
+                } else {
+                    let mut connector = HttpConnector::new();
+                    connector.set_nodelay(true);
+                    connector.set_connect_timeout(Some(connect_timeout));
+                    AppClient::Http1(Client::builder(TokioExecutor::new()).build(connector))
+                };
                 (s.key.clone(), client)
             })
             .collect();
@@ -136,7 +235,7 @@ impl State {
     }
 
     /// The client for the local service `key`.
-    fn app(&self, key: &ServiceKey) -> Option<&Client<HttpConnector, Body>> {
+    fn app(&self, key: &ServiceKey) -> Option<&AppClient> {
         self.apps.get(key)
     }
 

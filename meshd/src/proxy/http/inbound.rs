@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::super::Shared;
 use super::super::authz::{self, Attrs};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Body, XFCC, mesh_response, strip_hop_by_hop};
+use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop};
 use crate::config::Service;
 
 /// What each request of one connection needs.
@@ -186,9 +186,17 @@ async fn forward(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let authority = parts.uri.authority().cloned();
     let path_and_query =
         (parts.uri.path_and_query()).map_or_else(|| "/".to_owned(), ToString::to_string);
+    let h1 = matches!(client, AppClient::Http1(_));
+    // HTTP/1.1: the client connects to the URI's authority, so that is the app's address and
+    // the caller's authority travels as Host. HTTP/2: the caller's authority stays :authority
+    // (the connection goes to the app's address regardless).
+    let target = match (&authority, h1) {
+        (Some(a), false) => a.to_string(),
+        _ => addr.to_string(),
+    };
     parts.uri = match Uri::builder()
         .scheme(Scheme::HTTP)
-        .authority(addr.to_string())
+        .authority(target)
         .path_and_query(path_and_query)
         .build()
     {
@@ -206,31 +214,30 @@ async fn forward(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     parts.version = http::Version::default();
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    // HTTP/2 carries the host as :authority; an HTTP/1.1 app needs it as Host.
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = authority
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        headers.insert(header::HOST, v);
+    if h1 {
+        if !headers.contains_key(header::HOST)
+            && let Some(a) = authority
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            headers.insert(header::HOST, v);
+        }
+    } else {
+        headers.remove(header::HOST);
     }
     headers.remove(XFCC);
     if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", conn.callee, conn.caller)) {
         headers.insert(XFCC, v);
     }
-    match client
-        .request(Request::from_parts(parts, body.boxed()))
-        .await
-    {
+    match client.send(Request::from_parts(parts, body.boxed())).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
-            let reason = if e.is_connect() {
-                "app_unreachable"
-            } else {
-                "app_error"
+            let reason = match e {
+                AppError::Connect(_) => "app_unreachable",
+                AppError::Exchange(_) => "app_error",
             };
             conn.shared.metrics.reject(Direction::Inbound, reason);
             warn!(dst.service = %conn.local.key, dst.addr = %addr, reason, error = %e, "forwarding to the app failed");

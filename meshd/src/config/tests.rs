@@ -431,7 +431,7 @@ fn bad_service_values() {
 fn all_service_problems_reported_at_once() {
     let text = r#"
         name = "Web"
-        protocol = "http"
+        protocol = "udp"
         [labels]
         version = ""
         [[upstreams]]
@@ -712,7 +712,7 @@ fn load_reports_node_and_service_problems_together() {
     let node = files.node("zone = \"Zone A\"");
     files.write(
         "services.d/a.toml",
-        "name = \"a\"\naddress = \"127.0.0.1:8080\"\nprotocol = \"http\"\n",
+        "name = \"a\"\naddress = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n",
     );
     files.write(
         "services.d/b.toml",

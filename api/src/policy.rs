@@ -128,7 +128,9 @@ pub use slo::{
     Alerting, Calendar, DEFAULT_FAST_BURN, DEFAULT_SLOW_BURN, DEFAULT_WINDOW, Objective, Slo,
     Window,
 };
-pub use value::{IpBlock, Pattern, StringMatch, format_duration, parse_duration};
+pub use value::{
+    IpBlock, Pattern, REGEX_SIZE_LIMIT, StringMatch, compile_regex, format_duration, parse_duration,
+};
 
 /// The root namespace: AuthorizationPolicy and PeerAuthentication here apply mesh-wide, and
 /// MeshConfig lives here.

@@ -275,34 +275,22 @@ pub(crate) fn string_match(v: &Value, at: &str, cx: &mut Cx) -> Option<StringMat
     exact.or(prefix).or(regex)
 }
 
-/// A light syntax check (balanced groups, nothing dangling) until a regex engine enforces it.
+/// Largest compiled size of a Route regex: generous for real patterns, small enough that a
+/// policy cannot make every meshd build a huge automaton.
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
+/// Compiles a Route `regex`, anchored to the whole value (as Envoy's `safe_regex`), with a
+/// bounded size. The registry validates with this and meshd matches with it, so a pattern
+/// that is accepted always compiles on every host.
+pub fn compile_regex(re: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("regex {re:?} is invalid: {e}"))
+}
+
 fn check_regex(re: &str) -> Result<(), String> {
-    let mut stack = Vec::new();
-    let mut chars = re.chars();
-    let mut in_class = false;
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if chars.next().is_none() => {
-                return Err(format!("regex {re:?} ends with a lone backslash"));
-            }
-            '\\' => {}
-            ']' if in_class => in_class = false,
-            _ if in_class => {}
-            '[' => in_class = true,
-            '(' | '{' => stack.push(c),
-            ')' | '}' => {
-                let open = if c == ')' { '(' } else { '{' };
-                if stack.pop() != Some(open) {
-                    return Err(format!("regex {re:?} has an unbalanced {c:?}"));
-                }
-            }
-            _ => {}
-        }
-    }
-    if in_class || !stack.is_empty() {
-        return Err(format!("regex {re:?} has an unclosed group or class"));
-    }
-    Ok(())
+    compile_regex(re).map(|_| ())
 }
 
 // === durations ===

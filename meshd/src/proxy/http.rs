@@ -24,6 +24,7 @@ use crate::config::{Config, Protocol};
 
 pub mod inbound;
 pub mod outbound;
+pub mod replay;
 
 /// Request and response bodies as meshd passes them on (streamed, never buffered whole).
 pub type Body = BoxBody<Bytes, hyper::Error>;

@@ -168,10 +168,9 @@ async fn connect(
     }
     let name =
         ServerName::try_from(upstream.service.sni()).expect("service SNI is a valid DNS name");
-    let connector = TlsConnector::from(client.config.clone());
     let mut last = None;
     for ep in candidates {
-        match attempt(shared, &client, &connector, name.clone(), ep.addr).await {
+        match attempt(shared, &client, false, name.clone(), ep.addr).await {
             Ok(s) => return Ok((s, ep.addr, ep.node.clone())),
             Err(e) => {
                 shared.metrics.reject(Direction::Outbound, e.reason());
@@ -190,14 +189,22 @@ async fn connect(
 /// One endpoint: a resumed session that turns out to carry an expired server certificate is
 /// refused, that server's tickets are dropped, and the connection is retried with a full
 /// handshake (which verifies the server's current certificate and starts a fresh ticket chain).
+/// The retry does not offer a ticket at all: connections that resumed before the certificate
+/// expired may still be storing tickets of the old chain after the `forget`.
 pub(super) async fn attempt(
     shared: &Shared,
     client: &tls::Client,
-    connector: &TlsConnector,
+    h2: bool,
     name: ServerName<'static>,
     addr: SocketAddr,
 ) -> Result<TlsStream<TcpStream>, Error> {
-    match attempt_once(shared, connector, name.clone(), addr).await {
+    let (config, fresh) = if h2 {
+        (&client.h2_config, &client.fresh_h2_config)
+    } else {
+        (&client.config, &client.fresh_config)
+    };
+    let connector = TlsConnector::from(config.clone());
+    match attempt_once(shared, &connector, name.clone(), addr).await {
         Err(Error::Handshake {
             reason: STALE_RESUMPTION,
             ..
@@ -205,7 +212,8 @@ pub(super) async fn attempt(
             // Counted, not logged: this is the normal cost of a peer's certificate rotation.
             shared.metrics.reject(Direction::Outbound, STALE_RESUMPTION);
             client.tickets.forget(&name);
-            attempt_once(shared, connector, name, addr).await
+            let connector = TlsConnector::from(fresh.clone());
+            attempt_once(shared, &connector, name, addr).await
         }
         other => other,
     }

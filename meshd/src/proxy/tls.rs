@@ -31,6 +31,10 @@ pub struct Client {
     pub config: Arc<ClientConfig>,
     /// The same, negotiating HTTP/2 (requests of HTTP-family upstreams).
     pub h2_config: Arc<ClientConfig>,
+    /// `config` without session resumption: the retry after a stale resumption.
+    pub fresh_config: Arc<ClientConfig>,
+    /// `h2_config` without session resumption.
+    pub fresh_h2_config: Arc<ClientConfig>,
     /// Its session tickets (see [`TicketStore::forget`]).
     pub tickets: Arc<TicketStore>,
 }
@@ -197,9 +201,16 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
         // the ALPN protocol.
         let mut h2 = cfg.clone();
         h2.alpn_protocols = vec![ALPN_MESH_H2.to_vec()];
+        let fresh = |c: &ClientConfig| {
+            let mut c = c.clone();
+            c.resumption = rustls::client::Resumption::disabled();
+            Arc::new(c)
+        };
         clients.insert(
             svc.clone(),
             Client {
+                fresh_config: fresh(&cfg),
+                fresh_h2_config: fresh(&h2),
                 config: Arc::new(cfg),
                 h2_config: Arc::new(h2),
                 tickets,
@@ -382,6 +393,16 @@ mod tests {
             connect(&client, addr, &sni).await,
             (true, true),
             "resumed with the expired certificate: stale"
+        );
+        // The no-resumption config never offers the stale ticket, whatever the store holds.
+        let fresh = Client {
+            config: client.fresh_config.clone(),
+            ..client.clone()
+        };
+        assert_eq!(
+            connect(&fresh, addr, &sni).await,
+            (false, false),
+            "the fresh config runs a full handshake with stale tickets in the store"
         );
         client
             .tickets

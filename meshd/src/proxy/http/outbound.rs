@@ -16,7 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
@@ -198,7 +197,6 @@ async fn connection(
         ));
     }
     let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
-    let connector = TlsConnector::from(client.h2_config.clone());
     let mut last = None;
     for ep in candidates {
         if let Some(mut sender) = shared.http.peer(&conn.source.key, ep.addr, &tls)
@@ -206,7 +204,7 @@ async fn connection(
         {
             return Ok((sender, ep.addr));
         }
-        let stream = match attempt(shared, &client, &connector, name.clone(), ep.addr).await {
+        let stream = match attempt(shared, &client, true, name.clone(), ep.addr).await {
             Ok(s) => s,
             Err(e) => {
                 shared.metrics.reject(Direction::Outbound, e.reason());

@@ -17,11 +17,13 @@ use crate::identity::Certs;
 use crate::membership::MeshView;
 
 pub mod authz;
+pub mod balance;
 pub mod copy;
 pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod ratelimit;
 pub mod route;
 pub mod tls;
 

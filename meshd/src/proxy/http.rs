@@ -192,8 +192,42 @@ async fn connect_h2(
     Ok(sender)
 }
 
+/// Length of a retry-budget window.
+pub const RETRY_BUDGET_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Requests and retries to one upstream in the current and previous budget windows.
+#[derive(Debug, Default)]
+struct Window {
+    start: Option<std::time::Instant>,
+    requests: u64,
+    retries: u64,
+    prev_requests: u64,
+    prev_retries: u64,
+}
+
+impl Window {
+    fn roll(&mut self, now: std::time::Instant) {
+        match self.start {
+            Some(s) if now.duration_since(s) < RETRY_BUDGET_WINDOW => {}
+            Some(s) if now.duration_since(s) < 2 * RETRY_BUDGET_WINDOW => {
+                self.prev_requests = std::mem::take(&mut self.requests);
+                self.prev_retries = std::mem::take(&mut self.retries);
+                self.start = Some(s + RETRY_BUDGET_WINDOW);
+            }
+            _ => *self = Window {
+                start: Some(now),
+                ..Window::default()
+            },
+        }
+    }
+}
+
 /// HTTP state shared by every connection.
 pub struct State {
+    /// Routes and destination policies of the current policy revision.
+    table: Mutex<Arc<super::route::Table>>,
+    /// Retry budgets, per upstream service.
+    budgets: Mutex<HashMap<ServiceKey, Window>>,
     /// A client per local HTTP-family service, speaking the app's protocol.
     apps: BTreeMap<ServiceKey, AppClient>,
     /// HTTP/2 connections to other hosts' inbound ports, per calling service and endpoint.
@@ -230,9 +264,44 @@ impl State {
             })
             .collect();
         Self {
+            table: Mutex::new(Arc::new(super::route::Table::default())),
+            budgets: Mutex::new(HashMap::new()),
             apps,
             peers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The compiled routes of `snapshot`, rebuilt only when its revision changes.
+    pub fn table(&self, snapshot: &mesh_api::policy::Snapshot) -> Arc<super::route::Table> {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if t.revision != snapshot.revision || snapshot.revision == 0 {
+            *t = Arc::new(super::route::Table::build(snapshot));
+        }
+        t.clone()
+    }
+
+    /// Counts a request to `service` towards its retry budget.
+    pub fn budget_request(&self, service: &ServiceKey) {
+        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let w = b.entry(service.clone()).or_default();
+        w.roll(std::time::Instant::now());
+        w.requests += 1;
+    }
+
+    /// Takes one retry from `service`'s budget, if it fits.
+    pub fn budget_retry(&self, service: &ServiceKey, percent: u32) -> bool {
+        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let w = b.entry(service.clone()).or_default();
+        w.roll(std::time::Instant::now());
+        let fits = super::route::retry_fits_budget(
+            w.requests + w.prev_requests,
+            w.retries + w.prev_retries,
+            percent,
+        );
+        if fits {
+            w.retries += 1;
+        }
+        fits
     }
 
     /// The client for the local service `key`.

@@ -157,6 +157,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         drain: drain_watch,
         force_rx,
         http: Arc::new(proxy::http::State::new(&config)),
+        balance: Arc::new(proxy::balance::Table::new()),
     };
     proxy::spawn(listeners, shared, stop_rx, &mut tasks);
 

@@ -118,6 +118,8 @@ pub struct Shared {
     pub force_rx: watch::Receiver<bool>,
     /// Pooled HTTP clients (to local apps and to other hosts).
     pub http: Arc<http::State>,
+    /// Per-endpoint load and health (latency, in-flight requests, outlier ejections).
+    pub balance: Arc<balance::Table>,
 }
 
 /// Keeps the TLS state in step with the certificates. Returns the receiver of TLS states.

@@ -214,10 +214,12 @@ impl Window {
                 self.prev_retries = std::mem::take(&mut self.retries);
                 self.start = Some(s + RETRY_BUDGET_WINDOW);
             }
-            _ => *self = Window {
-                start: Some(now),
-                ..Window::default()
-            },
+            _ => {
+                *self = Window {
+                    start: Some(now),
+                    ..Window::default()
+                }
+            }
         }
     }
 }
@@ -228,10 +230,23 @@ pub struct State {
     table: Mutex<Arc<super::route::Table>>,
     /// Retry budgets, per upstream service.
     budgets: Mutex<HashMap<ServiceKey, Window>>,
+    /// Requests (HTTP) or connections (TCP) in flight per upstream, for circuit breaking.
+    in_flight: Mutex<HashMap<ServiceKey, Arc<std::sync::atomic::AtomicU64>>>,
+    /// Rate limiters of local services, with the revision they were built from.
+    limiters: Mutex<HashMap<ServiceKey, (u64, Arc<super::ratelimit::Limiter>)>>,
     /// A client per local HTTP-family service, speaking the app's protocol.
     apps: BTreeMap<ServiceKey, AppClient>,
     /// HTTP/2 connections to other hosts' inbound ports, per calling service and endpoint.
     peers: Mutex<HashMap<(ServiceKey, SocketAddr), Pooled>>,
+}
+
+/// A slot taken by [`State::admit`].
+pub struct Admitted(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// One pooled connection to a peer, with the TLS state it was made under: a connection made
@@ -266,6 +281,8 @@ impl State {
         Self {
             table: Mutex::new(Arc::new(super::route::Table::default())),
             budgets: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             apps,
             peers: Mutex::new(HashMap::new()),
         }
@@ -278,6 +295,44 @@ impl State {
             *t = Arc::new(super::route::Table::build(snapshot));
         }
         t.clone()
+    }
+
+    /// The rate limiter of the local service `service` under `snapshot`; a new revision builds
+    /// a new one that keeps the buckets of unchanged limits.
+    pub fn limiter(
+        &self,
+        snapshot: &mesh_api::policy::Snapshot,
+        service: &ServiceKey,
+    ) -> Arc<super::ratelimit::Limiter> {
+        let mut l = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        match l.get(service) {
+            Some((rev, lim)) if *rev == snapshot.revision && snapshot.revision != 0 => lim.clone(),
+            old => {
+                let mut new = super::ratelimit::Limiter::new(snapshot, service);
+                if let Some((_, old)) = old {
+                    new.carry_over(old);
+                }
+                let new = Arc::new(new);
+                l.insert(service.clone(), (snapshot.revision, new.clone()));
+                new
+            }
+        }
+    }
+
+    /// Admits one more request (or connection) to `service` if fewer than `max` are in flight
+    /// (`None` = unlimited); the guard gives the slot back. `None` when the circuit is open.
+    pub fn admit(&self, service: &ServiceKey, max: Option<u32>) -> Option<Admitted> {
+        use std::sync::atomic::Ordering;
+        let counter = {
+            let mut m = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(service.clone()).or_default().clone()
+        };
+        let now = counter.fetch_add(1, Ordering::AcqRel);
+        if max.is_some_and(|m| now >= u64::from(m)) {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admitted(counter))
     }
 
     /// Counts a request to `service` towards its retry budget.

@@ -286,6 +286,20 @@ async fn handle(
     let _ = app.set_nodelay(true);
     let started = Instant::now();
     let dst = upstream.service.to_string();
+    // Circuit breaker: connections open to the destination from this host.
+    let max = {
+        let snapshot = shared.policy_rx.borrow().clone();
+        let table = shared.http.table(&snapshot);
+        (table.destination(&upstream.service))
+            .and_then(|p| p.circuit_breaker.as_ref())
+            .and_then(|c| c.max_connections)
+    };
+    let Some(_slot) = shared.http.admit(&upstream.service, max) else {
+        shared.metrics.reject(Direction::Outbound, "overflow");
+        warn!(src.service = %source.key, dst.service = %dst, max_connections = max, "outbound connection refused: circuit breaker open");
+        copy::reset(&app);
+        return;
+    };
     let (mut tls_stream, addr, node) = match connect(shared, source, upstream, cursor).await {
         Ok(c) => c,
         Err(e) => {

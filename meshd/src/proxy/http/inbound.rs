@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
-use super::super::Shared;
 use super::super::authz::{self, Attrs};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
+use super::super::{Shared, ratelimit, route};
 use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop};
 use crate::config::Service;
 
@@ -120,10 +120,12 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             "request matched an audit policy"
         );
     }
-    let resp = if decision.is_allowed() {
-        forward(conn, req).await
-    } else {
+    let resp = if !decision.is_allowed() {
         denied(conn, &decision, &method, &path)
+    } else if let Err(limited) = rate_limit(conn, &req) {
+        too_many(conn, &limited, &method, &path)
+    } else {
+        forward(conn, req).await
     };
     conn.shared
         .metrics
@@ -142,6 +144,57 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         duration_ms = started.elapsed().as_millis() as u64,
         "request"
     );
+    resp
+}
+
+/// Checks the service's RateLimits; the route is the name of the entry of the service's own
+/// Route that the request matches (what `route` limits refer to).
+fn rate_limit(conn: &Conn, req: &Request<Incoming>) -> Result<(), ratelimit::Limited> {
+    let snapshot = conn.shared.policy_rx.borrow().clone();
+    let limiter = conn.shared.http.limiter(&snapshot, &conn.local.key);
+    if limiter.is_empty() {
+        return Ok(());
+    }
+    let table = conn.shared.http.table(&snapshot);
+    let route_name = table.route(&conn.local.key).and_then(|r| {
+        let view = route::RequestView {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query().unwrap_or(""),
+            headers: req.headers(),
+        };
+        r.select(&view)
+            .and_then(|(_, e)| e.name.as_ref().map(ToString::to_string))
+    });
+    limiter.check(
+        route_name.as_deref(),
+        &conn.caller.to_string(),
+        std::time::Instant::now(),
+    )
+}
+
+/// 429 with `retry-after`, naming the limit.
+fn too_many(conn: &Conn, limited: &ratelimit::Limited, method: &str, path: &str) -> Response<Body> {
+    conn.shared
+        .metrics
+        .reject(Direction::Inbound, "rate_limited");
+    debug!(
+        src.identity = %conn.caller,
+        dst.service = %conn.local.key,
+        http.method = %method,
+        http.path = %path,
+        policy = %limited.policy,
+        "request rate limited"
+    );
+    let secs = ratelimit::retry_after_header(limited.retry_after);
+    let mut resp = mesh_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "inbound",
+        "rate_limited",
+        format!("rate limited by {}; retry after {secs}s\n", limited.policy),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     resp
 }
 

@@ -20,7 +20,8 @@ use tracing::{Instrument as _, debug, debug_span, info, warn};
 
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::outbound::{Error, MAX_CONNECT_ATTEMPTS, attempt};
-use super::super::{Shared, route};
+use super::super::{Shared, balance, route};
+use super::replay::ReplayBody;
 use super::{Body, XFCC, mesh_response, strip_hop_by_hop};
 use crate::config::{Service, Upstream};
 
@@ -74,15 +75,15 @@ pub async fn serve(
     }
 }
 
-/// One request: pick an endpoint, send, pass the response back, log.
+/// One request: route, send (with retries), pass the response back, log.
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let dst = conn.upstream.service.to_string();
-    let (resp, endpoint) = match send(conn, req).await {
-        Ok((resp, addr)) => (resp, Some(addr)),
-        Err(resp) => (resp, None),
+    let mut log = Log::default();
+    let resp = match send(conn, req, &mut log).await {
+        Ok(resp) | Err(resp) => resp,
     };
     conn.shared
         .metrics
@@ -93,21 +94,44 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         src.addr = %conn.peer,
         src.service = %conn.source.key,
         dst.service = %dst,
-        dst.addr = %endpoint.map(|a| a.to_string()).unwrap_or_default(),
+        dst.addr = %log.endpoint.map(|a| a.to_string()).unwrap_or_default(),
+        route = %log.route,
+        subset = %log.subset,
         http.method = %method,
         http.path = %path,
         http.status = resp.status().as_u16(),
+        attempts = log.attempts,
         duration_ms = started.elapsed().as_millis() as u64,
         "request"
     );
     resp
 }
 
-/// Sends `req` to an endpoint of the upstream; `Err` is the mesh's own error response.
+/// What the access log says about how a request was routed.
+#[derive(Default)]
+struct Log {
+    endpoint: Option<SocketAddr>,
+    route: String,
+    subset: String,
+    attempts: u32,
+}
+
+/// Where and how one request is sent, decided from the Route and DestinationPolicy.
+struct Plan {
+    /// Endpoints must carry these labels (the chosen subset's).
+    subset: Option<std::collections::BTreeMap<String, String>>,
+    policy: Option<Arc<mesh_api::policy::DestinationPolicy>>,
+    retries: Option<mesh_api::policy::Retries>,
+    timeout: Option<std::time::Duration>,
+    response_headers: Option<mesh_api::policy::HeaderOps>,
+}
+
+/// Routes and sends `req`; `Err` is the mesh's own error response.
 async fn send(
     conn: &Conn,
     req: Request<Incoming>,
-) -> Result<(Response<Body>, SocketAddr), Response<Body>> {
+    log: &mut Log,
+) -> Result<Response<Body>, Response<Body>> {
     let (mut parts, body) = req.into_parts();
     let dst = &conn.upstream.service;
     // Absolute URI for HTTP/2: the Host the app used, else the upstream's mesh name.
@@ -137,63 +161,392 @@ async fn send(
     parts.headers.remove(XFCC);
     // :authority replaces Host on HTTP/2.
     parts.headers.remove(header::HOST);
-    let (mut sender, addr) = connection(conn).await?;
-    let req = Request::from_parts(parts, body.boxed());
-    match sender.send_request(req).await {
+
+    let plan = plan(conn, &mut parts, log).await?;
+    // Circuit breaker: requests in flight to the destination, from this host.
+    let max = (plan.policy.as_ref())
+        .and_then(|p| p.circuit_breaker.as_ref())
+        .and_then(|c| c.max_pending_requests);
+    let Some(_slot) = conn.shared.http.admit(dst, max) else {
+        conn.shared.metrics.reject(Direction::Outbound, "overflow");
+        return Err(mesh_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outbound",
+            "overflow",
+            format!(
+                "{dst}: circuit breaker open (max_pending_requests {})\n",
+                max.unwrap_or_default()
+            ),
+        ));
+    };
+    let budget_percent = plan.retries.as_ref().map(|r| r.budget_percent);
+    conn.shared.http.budget_request(dst);
+    let attempts = async {
+        match plan.retries.as_ref().filter(|r| r.attempts > 0) {
+            None => {
+                log.attempts = 1;
+                let req = Request::from_parts(parts, body.boxed());
+                let (r, addr) = attempt_once(conn, &plan, req).await;
+                log.endpoint = addr;
+                r.map_err(|(_, resp)| resp)
+            }
+            Some(retries) => {
+                let original = ReplayBody::new(body.boxed());
+                let mut n = 0;
+                loop {
+                    n += 1;
+                    log.attempts = n;
+                    let Some(body) = original.try_clone() else {
+                        // Not reached: the first clone always exists, and a retry is only
+                        // planned while the body can still be replayed.
+                        return Err(mesh_response(
+                            StatusCode::BAD_GATEWAY,
+                            "outbound",
+                            "retry_body_overflow",
+                            "the request body is too large to retry\n".into(),
+                        ));
+                    };
+                    let req = clone_request(&parts, body.boxed());
+                    let try_once = attempt_once(conn, &plan, req);
+                    let (result, addr) = match retries.per_try_timeout {
+                        Some(t) => match tokio::time::timeout(t, try_once).await {
+                            Ok(r) => r,
+                            Err(_) => (
+                                Err((
+                                    route::Attempt::Reset,
+                                    mesh_response(
+                                        StatusCode::GATEWAY_TIMEOUT,
+                                        "outbound",
+                                        "per_try_timeout",
+                                        format!("{dst}: no response within {t:?}\n"),
+                                    ),
+                                )),
+                                None,
+                            ),
+                        },
+                        None => try_once.await,
+                    };
+                    log.endpoint = addr;
+                    let outcome = match &result {
+                        Ok(resp) => route::Attempt::Status(resp.status().as_u16()),
+                        Err((a, _)) => *a,
+                    };
+                    let again = n <= retries.attempts
+                        && route::is_retriable(retries, outcome)
+                        && original.try_clone().is_some()
+                        && conn
+                            .shared
+                            .http
+                            .budget_retry(dst, budget_percent.unwrap_or_default());
+                    if !again {
+                        return result.map_err(|(_, resp)| resp);
+                    }
+                    conn.shared.metrics.reject(Direction::Outbound, "retried");
+                    debug!(dst.service = %dst, attempt = n, ?outcome, "retrying");
+                    tokio::time::sleep(route::backoff(n, rand::random::<f64>())).await;
+                }
+            }
+        }
+    };
+    let result = match plan.timeout {
+        None => attempts.await,
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(mesh_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "outbound",
+                "timeout",
+                format!("{dst}: no response within the route timeout of {t:?}\n"),
+            )),
+        },
+    };
+    let mut resp = result?;
+    if let Some(ops) = &plan.response_headers {
+        route::apply_header_ops(ops, resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// The same request again, with `body` (extensions are not carried over).
+fn clone_request(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// Applies the upstream's Route to the request: picks the entry and the weighted subset,
+/// injects faults, edits request headers.
+async fn plan(
+    conn: &Conn,
+    parts: &mut http::request::Parts,
+    log: &mut Log,
+) -> Result<Plan, Response<Body>> {
+    let dst = &conn.upstream.service;
+    let table = {
+        let snapshot = conn.shared.policy_rx.borrow().clone();
+        conn.shared.http.table(&snapshot)
+    };
+    let policy = table.destination(dst).cloned();
+    let mut plan = Plan {
+        subset: None,
+        policy: policy.clone(),
+        retries: None,
+        timeout: None,
+        response_headers: None,
+    };
+    let Some(route) = table.route(dst) else {
+        return Ok(plan);
+    };
+    let view = route::RequestView {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+    };
+    let Some((i, entry)) = route.select(&view) else {
+        conn.shared.metrics.reject(Direction::Outbound, "no_route");
+        return Err(mesh_response(
+            StatusCode::NOT_FOUND,
+            "outbound",
+            "no_route",
+            format!(
+                "no entry of {} matches {} {}\n",
+                route.key,
+                parts.method,
+                parts.uri.path()
+            ),
+        ));
+    };
+    log.route = entry
+        .name
+        .as_ref()
+        .map_or_else(|| format!("{}[{i}]", route.key), |n| n.to_string());
+    if let Some(d) = route::pick_destination(&entry.route, rand::random_range(0..100))
+        && let Some(subset) = &d.subset
+    {
+        log.subset = subset.to_string();
+        match route::subset_labels(policy.as_deref(), subset.as_str()) {
+            Some(labels) => plan.subset = Some(labels.clone()),
+            None => {
+                conn.shared.metrics.reject(Direction::Outbound, "no_subset");
+                return Err(mesh_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outbound",
+                    "no_subset",
+                    format!(
+                        "{} sends to subset {subset} of {dst}, which no DestinationPolicy defines\n",
+                        route.key
+                    ),
+                ));
+            }
+        }
+    }
+    let fault = route::fault_action(
+        entry.fault.as_ref(),
+        rand::random_range(0.0..100.0),
+        rand::random_range(0.0..100.0),
+    );
+    if let Some(delay) = fault.delay {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(status) = fault.abort {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(mesh_response(
+            status,
+            "outbound",
+            "fault_abort",
+            format!("fault injected by {}\n", route.key),
+        ));
+    }
+    route::apply_header_ops(&entry.request_headers, &mut parts.headers);
+    plan.retries = entry.retries.clone();
+    plan.timeout = entry.timeout;
+    plan.response_headers =
+        (entry.response_headers != Default::default()).then(|| entry.response_headers.clone());
+    Ok(plan)
+}
+
+/// One attempt: a connection to an endpoint (pooled or new), the request on it. Feeds the
+/// endpoint's latency and outlier state. The error carries what kind of failure it was.
+async fn attempt_once(
+    conn: &Conn,
+    plan: &Plan,
+    req: Request<Body>,
+) -> (
+    Result<Response<Body>, (route::Attempt, Response<Body>)>,
+    Option<SocketAddr>,
+) {
+    let dst = &conn.upstream.service;
+    let (mut sender, addr) = match connection(conn, plan).await {
+        Ok(c) => c,
+        Err((attempt, resp)) => return (Err((attempt, resp)), None),
+    };
+    let state = conn.shared.balance.endpoint(dst, addr);
+    let _in_flight = state.stats.start();
+    let started = std::time::Instant::now();
+    let result = sender.send_request(req).await;
+    let now = std::time::Instant::now();
+    state.stats.observe(now - started, now);
+    let outcome = match &result {
+        Ok(r) if r.status().is_server_error() => balance::Outcome::Status5xx(r.status().as_u16()),
+        Ok(_) => balance::Outcome::Success,
+        Err(_) => balance::Outcome::ConnectFailure,
+    };
+    record_outlier(conn, plan, addr, outcome);
+    match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Ok((Response::from_parts(parts, body.boxed()), addr))
+            (Ok(Response::from_parts(parts, body.boxed())), Some(addr))
         }
         Err(e) => {
             conn.shared
                 .metrics
                 .reject(Direction::Outbound, "upstream_reset");
             warn!(src.service = %conn.source.key, dst.service = %dst, dst.addr = %addr, error = %e, "request to the upstream failed");
-            Err(mesh_response(
+            let resp = mesh_response(
                 StatusCode::BAD_GATEWAY,
                 "outbound",
                 "upstream_reset",
                 format!("{dst} at {addr}: {e}\n"),
-            ))
+            );
+            (Err((route::Attempt::Reset, resp)), Some(addr))
         }
     }
+}
+
+/// Feeds outlier detection, when the destination has it.
+fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::Outcome) {
+    let Some(cfg) = plan
+        .policy
+        .as_ref()
+        .and_then(|p| p.outlier_detection.as_ref())
+    else {
+        return;
+    };
+    let dst = &conn.upstream.service;
+    let view = conn.shared.view_rx.borrow().clone();
+    let addrs: Vec<SocketAddr> = (view.endpoints.get(dst).into_iter().flatten())
+        .map(|e| e.addr)
+        .collect();
+    let now = std::time::Instant::now();
+    if let Some(d) = conn
+        .shared
+        .balance
+        .record(dst, addr, &addrs, outcome, cfg, now)
+    {
+        conn.shared
+            .metrics
+            .reject(Direction::Outbound, "outlier_ejected");
+        warn!(dst.service = %dst, dst.addr = %addr, ejected_for = ?d, ?outcome, "endpoint ejected by outlier detection");
+    }
+}
+
+/// Endpoints a request may go to, in the order to try them: usable, in the subset, not
+/// ejected, in the preferred locality; the first is the load balancer's pick.
+fn candidates(conn: &Conn, plan: &Plan) -> Vec<crate::membership::Endpoint> {
+    let shared = &conn.shared;
+    let dst = &conn.upstream.service;
+    let view = shared.view_rx.borrow().clone();
+    let now = std::time::Instant::now();
+    let usable: Vec<&crate::membership::Endpoint> = (view.endpoints.get(dst).into_iter().flatten())
+        .filter(|e| e.is_usable())
+        .filter(|e| {
+            plan.subset
+                .as_ref()
+                .is_none_or(|l| balance::in_subset(e, l))
+        })
+        .filter(|e| {
+            let st = shared.balance.endpoint(dst, e.addr);
+            let ejected = st
+                .outlier
+                .lock()
+                .map(|o| o.is_ejected(now))
+                .unwrap_or(false);
+            !ejected
+        })
+        .collect();
+    let default_locality = mesh_api::policy::Locality {
+        enabled: true,
+        failover: true,
+    };
+    let locality = plan
+        .policy
+        .as_ref()
+        .map_or(&default_locality, |p| &p.locality);
+    let cfg = &shared.config;
+    let mut group = balance::by_locality(
+        &usable,
+        cfg.datacenter.as_str(),
+        cfg.zone.as_str(),
+        locality,
+    );
+    let lb = plan
+        .policy
+        .as_ref()
+        .map_or(mesh_api::policy::LoadBalancer::Ewma, |p| p.load_balancer);
+    let cands: Vec<balance::Cand> = (group.iter())
+        .map(|e| shared.balance.endpoint(dst, e.addr).stats.cand(now))
+        .collect();
+    let cursor = conn.cursor.fetch_add(1, Ordering::Relaxed);
+    if let Some(first) = balance::pick(lb, &cands, cursor, &mut balance::random_index) {
+        group.swap(0, first);
+    }
+    // Fallbacks for connect failures: the rest of the group, then other localities if
+    // failover allows (they are in `usable`).
+    let mut out: Vec<crate::membership::Endpoint> = group.iter().map(|e| (*e).clone()).collect();
+    if locality.failover {
+        for e in usable {
+            if !out.iter().any(|o| o.addr == e.addr) {
+                out.push(e.clone());
+            }
+        }
+    }
+    out.truncate(MAX_CONNECT_ATTEMPTS);
+    out
 }
 
 /// A ready HTTP/2 connection to an endpoint of the upstream: pooled, or made now (trying up
 /// to [`MAX_CONNECT_ATTEMPTS`] endpoints).
 async fn connection(
     conn: &Conn,
-) -> Result<(hyper::client::conn::http2::SendRequest<Body>, SocketAddr), Response<Body>> {
+    plan: &Plan,
+) -> Result<
+    (hyper::client::conn::http2::SendRequest<Body>, SocketAddr),
+    (route::Attempt, Response<Body>),
+> {
     let shared = &conn.shared;
     let dst = &conn.upstream.service;
     let tls = shared.tls_rx.borrow().clone();
     let Some(client) = tls.clients.get(&conn.source.key).cloned() else {
         let e = Error::NoCertificate(conn.source.key.to_string());
         shared.metrics.reject(Direction::Outbound, e.reason());
-        return Err(mesh_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "outbound",
-            e.reason(),
-            format!("{e}\n"),
+        return Err((
+            route::Attempt::ConnectFailure,
+            mesh_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbound",
+                e.reason(),
+                format!("{e}\n"),
+            ),
         ));
     };
-    let view = shared.view_rx.borrow().clone();
-    let endpoints = view.endpoints.get(dst).map(Vec::as_slice).unwrap_or(&[]);
-    let candidates = route::pick(
-        endpoints,
-        conn.cursor.fetch_add(1, Ordering::Relaxed),
-        MAX_CONNECT_ATTEMPTS,
-    );
+    let candidates = candidates(conn, plan);
     if candidates.is_empty() {
         let e = Error::NoEndpoints(dst.to_string());
         shared.metrics.reject(Direction::Outbound, e.reason());
         warn!(src.service = %conn.source.key, dst.service = %dst, reason = e.reason(), "no endpoint for the request");
-        return Err(mesh_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "outbound",
-            e.reason(),
-            format!("{e}\n"),
+        return Err((
+            route::Attempt::ConnectFailure,
+            mesh_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbound",
+                e.reason(),
+                format!("{e}\n"),
+            ),
         ));
     }
     let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
@@ -209,6 +562,7 @@ async fn connection(
             Err(e) => {
                 shared.metrics.reject(Direction::Outbound, e.reason());
                 debug!(dst.addr = %ep.addr, error = %e, "endpoint failed");
+                record_outlier(conn, plan, ep.addr, balance::Outcome::ConnectFailure);
                 let retry = e.is_retryable();
                 last = Some(e);
                 if !retry {
@@ -257,11 +611,9 @@ async fn connection(
         ),
     };
     warn!(src.service = %conn.source.key, dst.service = %dst, reason, error = %text, "outbound request failed");
-    Err(mesh_response(
-        status,
-        "outbound",
-        reason,
-        format!("{text}\n"),
+    Err((
+        route::Attempt::ConnectFailure,
+        mesh_response(status, "outbound", reason, format!("{text}\n")),
     ))
 }
 

@@ -511,6 +511,8 @@ pub struct NodeSpec {
     pub netns: Option<String>,
     /// Extra lines appended to meshd.toml.
     pub extra: String,
+    /// Zone (meshd's default when `None`).
+    pub zone: Option<String>,
 }
 
 /// Gossip port every node uses on its own address.
@@ -532,6 +534,7 @@ impl NodeSpec {
             inbound_advertise: None,
             netns: None,
             extra: String::new(),
+            zone: None,
         }
     }
 
@@ -569,8 +572,11 @@ impl Node {
             .inbound_advertise
             .map(|a| format!("advertise = \"{a}\"\n"))
             .unwrap_or_default();
+        let zone = (spec.zone.as_ref())
+            .map(|z| format!("zone = \"{z}\"\n"))
+            .unwrap_or_default();
         let cfg = format!(
-            "node_name = \"{name}\"\ndata_dir = \"data\"\nservices_dir = \"services.d\"\n\
+            "node_name = \"{name}\"\n{zone}data_dir = \"data\"\nservices_dir = \"services.d\"\n\
              [registry]\naddress = \"{reg}\"\njoin_token_file = \"token\"\n\
              [gossip]\nbind = \"{ip}:{gp}\"\nseeds = [{seeds}]\ninterval = \"100ms\"\n\
              [inbound]\nbind = \"{inbound}\"\n{advertise}\

@@ -64,6 +64,8 @@ pub struct Listeners {
     pub direct: Vec<(Service, TcpListener)>,
     /// One listener per upstream, with the service that declared it.
     pub outbound: Vec<(Service, Upstream, TcpListener)>,
+    /// Each service's `http_proxy` listener (destination named by each request's host).
+    pub http_proxy: Vec<(Service, TcpListener)>,
 }
 
 impl Listeners {
@@ -77,6 +79,13 @@ impl Listeners {
                 direct.push((svc.clone(), l));
             }
         }
+        let mut http_proxy = Vec::new();
+        for svc in &config.services {
+            if let Some(addr) = svc.http_proxy {
+                let l = bind(addr, format!("the http_proxy of {}", svc.key)).await?;
+                http_proxy.push((svc.clone(), l));
+            }
+        }
         let mut outbound = Vec::new();
         for svc in &config.services {
             for up in &svc.upstreams {
@@ -88,6 +97,7 @@ impl Listeners {
             inbound,
             direct,
             outbound,
+            http_proxy,
         })
     }
 }
@@ -175,6 +185,12 @@ pub fn spawn(
         let span = info_span!("direct", service = %svc.key, addr = ?l.local_addr().ok());
         let entry = inbound::Entry::Direct(svc.key.clone());
         tasks.spawn(inbound::serve(l, entry, shared.clone(), stop_rx.clone()).instrument(span));
+    }
+    for (svc, l) in listeners.http_proxy {
+        let span = info_span!("http_proxy", src = %svc.key);
+        tasks.spawn(
+            outbound::serve_http_proxy(l, svc, shared.clone(), stop_rx.clone()).instrument(span),
+        );
     }
     for (svc, up, l) in listeners.outbound {
         let span = info_span!("outbound", src = %svc.key, dst = %up.service);

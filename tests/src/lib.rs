@@ -460,6 +460,8 @@ pub struct ServiceSpec {
     pub listen: Option<SocketAddr>,
     /// `protocol` (meshd's default, tcp, when `None`).
     pub protocol: Option<String>,
+    /// `http_proxy` listener, if any.
+    pub http_proxy: Option<SocketAddr>,
     /// Upstreams: (service, local bind).
     pub upstreams: Vec<(String, SocketAddr)>,
     /// Labels.
@@ -474,6 +476,7 @@ impl ServiceSpec {
             address,
             listen: None,
             protocol: None,
+            http_proxy: None,
             upstreams: Vec::new(),
             labels: Vec::new(),
         }
@@ -597,6 +600,9 @@ impl Node {
             }
             if let Some(p) = &s.protocol {
                 text.push_str(&format!("protocol = \"{p}\"\n"));
+            }
+            if let Some(p) = s.http_proxy {
+                text.push_str(&format!("http_proxy = \"{p}\"\n"));
             }
             if !s.labels.is_empty() {
                 text.push_str("[labels]\n");

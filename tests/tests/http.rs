@@ -81,6 +81,8 @@ struct Mesh {
     app: HttpApp,
     /// web's local port for api.
     upstream: SocketAddr,
+    /// web's `http_proxy` listener.
+    proxy: SocketAddr,
 }
 
 async fn mesh(protocol: &str) -> Mesh {
@@ -100,11 +102,12 @@ async fn mesh(protocol: &str) -> Mesh {
     let mut a = NodeSpec::new("a", token);
     a.ip = a_ip.into();
     a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    a.services = vec![
-        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
-            .protocol("http")
-            .upstream("api", upstream),
-    ];
+    let proxy = SocketAddr::new(a_ip.into(), 15001);
+    let mut web = ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
+        .protocol("http")
+        .upstream("api", upstream);
+    web.http_proxy = Some(proxy);
+    a.services = vec![web];
     cluster.add_spec(a).await.unwrap();
     cluster.converge().await.unwrap();
     cluster
@@ -116,6 +119,7 @@ async fn mesh(protocol: &str) -> Mesh {
         cluster,
         app,
         upstream,
+        proxy,
     }
 }
 
@@ -386,4 +390,53 @@ async fn mesh_errors_are_told_apart_from_the_app() {
     assert_eq!(got.headers["x-mesh-error"], "inbound/app_unreachable");
     assert!(got.body.contains("default/api"), "{got:?}");
     drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_http_service_by_host_name_through_http_proxy() {
+    let m = mesh("http").await;
+    let proxy = format!("http://{}", m.proxy);
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&refs)
+        })
+        .await
+        .unwrap()
+    };
+    // As the app's HTTP proxy: no per-upstream port, no DNS for .mesh names.
+    for host in ["api.mesh", "api.default.mesh", "api.default.svc.mesh"] {
+        let got = run(vec!["-x".into(), proxy.clone(), format!("http://{host}/p")]).await;
+        assert_eq!(got.status, 200, "{host}: {got:?}");
+        assert_eq!(got.field("path"), "/p");
+        assert_eq!(
+            got.field("host"),
+            host,
+            "the app sees the name the caller used"
+        );
+        assert_eq!(
+            got.field("xfcc"),
+            format!("By=spiffe://mesh.test/ns/default/svc/api;URI={WEB}")
+        );
+    }
+    // Or addressed directly, with the name in Host.
+    let got = run(vec![
+        "-H".into(),
+        "Host: api.mesh".into(),
+        format!("http://{}/direct", m.proxy),
+    ])
+    .await;
+    assert_eq!((got.status, got.field("path")), (200, "/direct"), "{got:?}");
+
+    let got = run(vec![
+        "-x".into(),
+        proxy.clone(),
+        "http://nothing.mesh/".into(),
+    ])
+    .await;
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.headers["x-mesh-error"], "outbound/no_endpoints");
+    let got = run(vec!["-x".into(), proxy, "http://example.com/".into()]).await;
+    assert_eq!(got.status, 400, "{got:?}");
+    assert_eq!(got.headers["x-mesh-error"], "outbound/unknown_host");
 }

@@ -99,6 +99,11 @@ protocol = "tcp"
 version = "v1"
 team = "storefront"
 
+# Optional: a local HTTP listener where the app reaches any HTTP, HTTP/2 or gRPC mesh
+# service by name without declaring an upstream: use it as the app's HTTP proxy
+# (HTTP_PROXY=http://127.0.0.1:15001, then http://api.mesh/ or http://api.payments.mesh/).
+# http_proxy = "127.0.0.1:15001"
+
 # Services the app calls. The app connects to `bind` (keep it on loopback), and meshd
 # carries the connection over mTLS to a healthy instance of `service`
 # ("name" or "namespace/name").

@@ -32,6 +32,9 @@ pub struct Service {
     pub labels: BTreeMap<String, String>,
     /// Local listeners meshd opens for the app to reach other services.
     pub upstreams: Vec<Upstream>,
+    /// A local HTTP listener where the app reaches any HTTP-family mesh service by host name
+    /// (`http://api.mesh/`, e.g. as its `HTTP_PROXY`), without declaring an upstream port.
+    pub http_proxy: Option<SocketAddr>,
     /// The file the service was declared in.
     pub file: PathBuf,
 }
@@ -79,6 +82,8 @@ pub struct RawService {
     pub labels: BTreeMap<String, String>,
     /// `[[upstreams]]`.
     pub upstreams: Vec<RawUpstream>,
+    /// Optional IP address and port.
+    pub http_proxy: Option<String>,
 }
 
 /// One `[[upstreams]]` entry as written.
@@ -176,6 +181,10 @@ impl RawService {
             None => Some(None),
             Some(v) => listen_address(c, v).map(Some),
         };
+        let http_proxy = match self.http_proxy.as_deref() {
+            None => Some(None),
+            Some(v) => local_bind(c, "http_proxy", v).map(Some),
+        };
         let protocol = match Protocol::parse(&self.protocol) {
             Ok(p) => Some(p),
             Err(message) => {
@@ -195,6 +204,7 @@ impl RawService {
             protocol: protocol?,
             labels: labels_ok.then_some(self.labels)?,
             upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+            http_proxy: http_proxy?,
             file: path.to_owned(),
         })
     }
@@ -210,6 +220,7 @@ impl Default for RawService {
             protocol: Protocol::Tcp.as_str().to_owned(),
             labels: BTreeMap::new(),
             upstreams: Vec::new(),
+            http_proxy: None,
         }
     }
 }
@@ -252,6 +263,19 @@ fn app_address(c: &mut Checker<'_>, value: &str) -> Option<SocketAddr> {
              give the IP and port the app listens on, e.g. \"127.0.0.1:8080\""
         );
         c.push("address", message);
+        return None;
+    }
+    Some(addr)
+}
+
+/// A listener the app connects to: an IP and a fixed port.
+fn local_bind(c: &mut Checker<'_>, key: &str, value: &str) -> Option<SocketAddr> {
+    let addr = c.socket_addr(key, value)?;
+    if addr.port() == 0 {
+        c.push(
+            key,
+            format!("{addr}: port 0 is not allowed; the app needs a fixed port, e.g. \"127.0.0.1:15001\""),
+        );
         return None;
     }
     Some(addr)
@@ -367,9 +391,10 @@ fn check_across(services: &[Service]) -> Vec<Problem> {
 /// their keys.
 fn meshd_binds(service: &Service) -> Vec<(String, SocketAddr)> {
     let listen = service.listen.map(|l| ("listen".to_owned(), l));
+    let proxy = service.http_proxy.map(|l| ("http_proxy".to_owned(), l));
     let upstreams = (service.upstreams.iter().enumerate())
         .map(|(i, u)| (format!("upstreams[{i}].bind"), u.bind));
-    listen.into_iter().chain(upstreams).collect()
+    listen.into_iter().chain(proxy).chain(upstreams).collect()
 }
 
 /// Direct listeners and upstream binds that clash with the node's own listeners.

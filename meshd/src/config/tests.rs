@@ -417,6 +417,8 @@ fn bad_service_values() {
         ("[[upstreams]]\nservice = \"api\"\nbind = \"9001\"", "upstreams[0].bind", "not an IP address and port"),
         ("[[upstreams]]\nservice = \"api\"\nbind = \"127.0.0.1:0\"", "upstreams[0].bind", "port 0 is not allowed"),
         ("[[upstreams]]\nservice = \"api\"\nbind = \"127.0.0.1:9001\"\nport = 1", "", "unknown field `port`"),
+        ("http_proxy = \"127.0.0.1:0\"", "http_proxy", "port 0 is not allowed"),
+        ("http_proxy = \"proxy\"", "http_proxy", "not an IP address and port"),
         ("listen = \"10.0.0.5\"", "listen", "not an IP address and port"),
         ("listen = \"10.0.0.5:0\"", "listen", "port 0 is not allowed"),
         ("listen = 8080", "", "invalid type"),

@@ -106,6 +106,7 @@ mod tests {
             protocol: crate::config::Protocol::Tcp,
             labels: BTreeMap::from([("version".to_owned(), "v2".to_owned())]),
             upstreams: vec![],
+            http_proxy: None,
             file: "api.toml".into(),
         }
     }

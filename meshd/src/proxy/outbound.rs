@@ -138,6 +138,43 @@ pub async fn serve(
     debug!("outbound listener stopped accepting");
 }
 
+/// Accepts app connections on a service's `http_proxy` listener until `stop_rx` turns true;
+/// each request goes to the mesh service its host names.
+pub async fn serve_http_proxy(
+    listener: TcpListener,
+    source: Service,
+    shared: Shared,
+    mut stop_rx: watch::Receiver<bool>,
+) {
+    let cursor = Arc::new(AtomicUsize::new(0));
+    let source = Arc::new(source);
+    let bind = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "http_proxy accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = mesh_runtime::drain::until_true(&mut stop_rx) => break,
+        };
+        let (shared, cursor, source) = (shared.clone(), cursor.clone(), source.clone());
+        tokio::spawn(
+            async move {
+                let _drain = shared.drain.clone();
+                super::http::outbound::serve_by_host(tcp, peer, source, bind, shared, cursor).await;
+            }
+            .instrument(debug_span!("conn", src.addr = %peer)),
+        );
+    }
+    debug!("http_proxy listener stopped accepting");
+}
+
 async fn connect(
     shared: &Shared,
     source: &Service,

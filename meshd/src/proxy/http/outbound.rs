@@ -24,12 +24,19 @@ use super::super::{Shared, balance, route};
 use super::replay::ReplayBody;
 use super::{Body, XFCC, mesh_response, strip_hop_by_hop};
 use crate::config::{Service, Upstream};
+use mesh_api::ServiceKey;
+use mesh_api::name::Label;
 
 /// What each request of one app connection needs.
+#[derive(Clone)]
 struct Conn {
     shared: Shared,
     source: Arc<Service>,
+    /// The destination: the upstream of the listener, or (on the `http_proxy` listener) the
+    /// service named by the request's host, resolved per request.
     upstream: Arc<Upstream>,
+    /// The destination is named by each request's host.
+    by_host: bool,
     cursor: Arc<AtomicUsize>,
     peer: SocketAddr,
 }
@@ -40,6 +47,63 @@ pub async fn serve(
     peer: SocketAddr,
     source: Arc<Service>,
     upstream: Arc<Upstream>,
+    shared: Shared,
+    cursor: Arc<AtomicUsize>,
+) {
+    serve_conn(app, peer, source, upstream, false, shared, cursor).await;
+}
+
+/// Serves the app's requests on its `http_proxy` listener: each goes to the mesh service its
+/// host names (see [`service_from_host`]).
+pub async fn serve_by_host(
+    app: TcpStream,
+    peer: SocketAddr,
+    source: Arc<Service>,
+    bind: SocketAddr,
+    shared: Shared,
+    cursor: Arc<AtomicUsize>,
+) {
+    // Placeholder destination until a request names one; never used to send.
+    let upstream = Arc::new(Upstream {
+        service: source.key.clone(),
+        bind,
+    });
+    serve_conn(app, peer, source, upstream, true, shared, cursor).await;
+}
+
+/// The mesh service a request's host names: `<name>.mesh` (in the caller's namespace),
+/// `<name>.<namespace>.mesh` or `<name>.<namespace>.svc.mesh`; a port is ignored.
+pub fn service_from_host(host: &str, caller_namespace: &Label) -> Option<ServiceKey> {
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let rest = host.strip_suffix(".mesh")?;
+    let rest = rest.strip_suffix(".svc").unwrap_or(rest);
+    match rest.split('.').collect::<Vec<_>>().as_slice() {
+        [name] => Some(ServiceKey::new(
+            caller_namespace.clone(),
+            Label::new(name).ok()?,
+        )),
+        [name, ns] => Some(ServiceKey::new(
+            Label::new(ns).ok()?,
+            Label::new(name).ok()?,
+        )),
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_conn(
+    app: TcpStream,
+    peer: SocketAddr,
+    source: Arc<Service>,
+    upstream: Arc<Upstream>,
+    by_host: bool,
     shared: Shared,
     cursor: Arc<AtomicUsize>,
 ) {
@@ -55,6 +119,7 @@ pub async fn serve(
         shared,
         source,
         upstream,
+        by_host,
         cursor,
         peer,
     });
@@ -77,6 +142,46 @@ pub async fn serve(
 
 /// One request: route, send (with retries), pass the response back, log.
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    if conn.by_host {
+        let host = (req.uri().authority().map(|a| a.as_str().to_owned()))
+            .or_else(|| {
+                (req.headers().get(header::HOST))
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let Some(dst) = service_from_host(&host, &conn.source.key.namespace) else {
+            return mesh_response(
+                StatusCode::BAD_REQUEST,
+                "outbound",
+                "unknown_host",
+                format!(
+                    "{host:?} names no mesh service; use <name>.mesh or <name>.<namespace>.mesh\n"
+                ),
+            );
+        };
+        let is_tcp = {
+            let view = conn.shared.view_rx.borrow();
+            (view.endpoints.get(&dst)).is_some_and(|eps| !eps.iter().any(|e| e.protocol.is_http()))
+        };
+        if is_tcp {
+            return mesh_response(
+                StatusCode::BAD_GATEWAY,
+                "outbound",
+                "not_http",
+                format!("{dst} is a tcp service; declare it as an upstream instead\n"),
+            );
+        }
+        let per_request = Conn {
+            upstream: Arc::new(Upstream {
+                service: dst,
+                bind: conn.upstream.bind,
+            }),
+            by_host: false,
+            ..conn.clone()
+        };
+        return Box::pin(handle(&per_request, req)).await;
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -623,4 +728,35 @@ pub fn is_http(shared: &Shared, upstream: &Upstream) -> bool {
     let view = shared.view_rx.borrow();
     (view.endpoints.get(&upstream.service))
         .is_some_and(|eps| eps.iter().any(|e| e.protocol.is_http()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_name_mesh_services() {
+        let shop = Label::new("shop").unwrap();
+        #[rustfmt::skip]
+        let cases: &[(&str, Option<&str>)] = &[
+            ("api.mesh", Some("shop/api")),
+            ("api.mesh:80", Some("shop/api")),
+            ("API.Mesh.", Some("shop/api")),
+            ("api.default.mesh", Some("default/api")),
+            ("api.default.svc.mesh", Some("default/api")),
+            ("api.default.svc.mesh:8080", Some("default/api")),
+            ("api.svc.mesh", Some("shop/api")),
+            ("api", None),
+            ("api.example.com", None),
+            ("a.b.c.mesh", None),
+            ("Bad_Name.mesh", None),
+            (".mesh", None),
+            ("", None),
+        ];
+        for (host, want) in cases {
+            let got = service_from_host(host, &shop).map(|k| k.to_string());
+            assert_eq!(got.as_deref(), *want, "{host:?}");
+        }
+    }
 }

@@ -8,9 +8,11 @@
 #   DURATION [10s]        wrk saturation run per target and round (wrk -t1 -c32)
 #   LAT_DURATION [10s]    open-loop latency run per target and round
 #   RATE [1000]           requests/s of the latency run, over LAT_CONNS [16] keep-alive connections
-#   MESHD_VARIANTS ["pinned default"]
+#   MESHD_VARIANTS ["pinned default http"]
 #                         pinned:  each meshd with TOKIO_WORKER_THREADS=1 under taskset -c PIN_CPU
 #                         default: each meshd with tokio's default runtime (one worker per CPU)
+#                         http:    as pinned, with the backend declared protocol = "http": meshd
+#                                  proxies each request (L7, HTTP/2 between the hosts)
 #   PIN_CPU [1]           CPU of the pinned meshd processes: "1" puts both on CPU 1 (one CPU for
 #                         the pair); "0 1" puts the client-side meshd on CPU 0, the server side on 1
 #   TARGETS               override the target list, e.g. "direct meshd-pinned haproxy-l4"
@@ -26,7 +28,7 @@ DURATION=${DURATION:-10s}
 LAT_DURATION=${LAT_DURATION:-10s}
 RATE=${RATE:-1000}
 LAT_CONNS=${LAT_CONNS:-16}
-MESHD_VARIANTS=${MESHD_VARIANTS:-pinned default}
+MESHD_VARIANTS=${MESHD_VARIANTS:-pinned default http}
 PIN_CPU=${PIN_CPU:-1}
 read -r PIN_CLIENT PIN_SERVER <<<"$PIN_CPU"
 PIN_SERVER=${PIN_SERVER:-$PIN_CLIENT}
@@ -99,9 +101,9 @@ command -v curl >/dev/null || die "curl not found (peers.sh start installs it)"
 # --- the mesh: one registry, one meshd pair per variant ------------------------------------
 # variant -> client IP, server IP, upstream port (the app-facing listener of the client meshd)
 # Not the 127.0.0.2/.3 and :17700 of the getting-started example, so a dev mesh can keep running.
-declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14)
-declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15)
-declare -A UP_PORT=([pinned]=18004 [default]=18005)
+declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16)
+declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17)
+declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006)
 declare -A MESHD_PIDS=()
 REG_LISTEN=127.0.0.1:17710
 REG_ADMIN=127.0.0.1:17711
@@ -118,7 +120,7 @@ wait_for() { # description, command...: retries until success or READY_TIMEOUT
 
 for a in $REG_LISTEN $REG_ADMIN; do ! port_busy "${a%:*}" "${a#*:}" || die "$a is in use (a previous run still alive?)"; done
 for v in $MESHD_VARIANTS; do
-  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default)"
+  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http)"
   ! port_busy 127.0.0.1 "${UP_PORT[$v]}" || die "127.0.0.1:${UP_PORT[$v]} is in use (a previous run still alive?)"
   for ip in "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}"; do
     for p in 15000 15008 17946; do ! port_busy "$ip" $p || die "$ip:$p is in use (a previous run still alive?)"; done
@@ -158,7 +160,7 @@ EOF
   local svc_name
   svc_name=$(sed -n 's/^name = "\(.*\)"/\1/p' <<<"$svc")
   token "$svc_name" >"$dir/token" || die "meshctl token create --services $svc_name failed"
-  if [ "$v" = pinned ]; then
+  if [ "$v" = pinned ] || [ "$v" = http ]; then
     local cpu=$PIN_CLIENT; [[ $name == server-* ]] && cpu=$PIN_SERVER
     (cd "$dir" && exec env TOKIO_WORKER_THREADS=1 taskset -c "$cpu" "$BIN/meshd" run --config node.toml) >"$TMP/$name.log" 2>&1 &
   else
@@ -169,8 +171,10 @@ EOF
 }
 
 for v in $MESHD_VARIANTS; do
+  proto=tcp; [ "$v" = http ] && proto=http
   start_node "$v" "server-$v" "${SERVER_IP[$v]}" "${CLIENT_IP[$v]}" "name = \"backend-$v\"
-address = \"127.0.0.1:18080\""
+address = \"127.0.0.1:18080\"
+protocol = \"$proto\""
   start_node "$v" "client-$v" "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}" "name = \"bench-client-$v\"
 address = \"127.0.0.1:18999\"
 [[upstreams]]
@@ -284,7 +288,7 @@ OUT="$RESULTS/$STAMP.md"
   echo
   echo "git $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)'), meshd binary built $(date -u -r "$BIN/meshd" +%FT%TZ); $(nproc) vCPU; kernel $(uname -r); $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
   echo "Medians of $ROUNDS rounds. Saturation: wrk -t1 -c32 -d$DURATION /1k. Latency: mesh-bench open loop, $RATE req/s over $LAT_CONNS keep-alive connections for $LAT_DURATION, from the intended send time. CPU and RSS: the target's proxy processes (direct: the nginx backend)."
-  echo "meshd-pinned: each meshd with TOKIO_WORKER_THREADS=1 under taskset (client side on CPU $PIN_CLIENT, server side on CPU $PIN_SERVER); meshd-default: tokio's default runtime (one worker per CPU), unpinned. The peers run one thread/worker each, unpinned."
+  echo "meshd-pinned: each meshd with TOKIO_WORKER_THREADS=1 under taskset (client side on CPU $PIN_CLIENT, server side on CPU $PIN_SERVER); meshd-default: tokio's default runtime (one worker per CPU), unpinned; meshd-http: as meshd-pinned with the backend declared protocol = \"http\" (each request proxied, HTTP/2 between the hosts). The peers run one thread/worker each, unpinned."
   echo "Background: other processes used $(awk -F'\t' 'NR > 1 {print $13}' "$RAW" | median | xargs printf %.2f) vCPU (median; max $(awk -F'\t' 'NR > 1 {print $13}' "$RAW" | sort -g | tail -n1)) while targets were measured; wall time $((SECONDS / 60))m$((SECONDS % 60))s."
   echo
   echo "| target | req/s at saturation (× direct) | req/s range | p50 / p99 / p99.9 at $RATE req/s, µs | added p50 / p99 vs direct, µs | vCPU·s per 1k req (× direct) | RSS, MB | errors |"

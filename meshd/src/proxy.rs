@@ -108,6 +108,50 @@ async fn bind(addr: SocketAddr, what: String) -> Result<TcpListener, Error> {
         .map_err(|source| Error::Bind { what, addr, source })
 }
 
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Accepts on `listener` until `stop_rx` turns true. `on_conn` sees each connection and returns
+/// the task that serves it (or `None` when it refused it on the spot); the task runs in its own
+/// tokio task holding the drain watch, so the drain waits for it. Accept errors are logged and
+/// retried: a listener never ends on its own.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    drain: drain::Watch,
+    mut stop_rx: watch::Receiver<bool>,
+    mut on_conn: F,
+) where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Option<Fut>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+            _ = drain::until_true(&mut stop_rx) => break,
+        };
+        let Some(task) = on_conn(tcp, peer) else {
+            continue;
+        };
+        let drain = drain.clone();
+        tokio::spawn(
+            async move {
+                let _drain = drain;
+                task.await;
+            }
+            .instrument(tracing::debug_span!("conn", src.addr = %peer)),
+        );
+    }
+    tracing::debug!(listener = what, "stopped accepting");
+}
+
 /// Inputs every connection task reads.
 #[derive(Clone)]
 pub struct Shared {

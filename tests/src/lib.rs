@@ -745,6 +745,16 @@ impl Node {
         Ok((members, endpoints))
     }
 
+    /// Waits until this node enforces policy revision `rev` or a later one.
+    pub async fn wait_policy_revision(&self, rev: u64) -> anyhow::Result<()> {
+        let what = format!("{} to enforce policy revision {rev}", self.spec.name);
+        eventually(WAIT, &what, || async {
+            let r = self.metric("meshd_policy_revision", &[]).await.ok()?;
+            (r as u64 >= rev).then_some(())
+        })
+        .await
+    }
+
     /// Waits until this node sees `n` usable endpoints of `service` (e.g. `default/api`).
     pub async fn wait_endpoints(&self, service: &str, n: usize) -> anyhow::Result<()> {
         let what = format!("{} to see {n} endpoint(s) of {service}", self.spec.name);

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
 
 use mesh_e2e::http_app::HttpApp;
 use mesh_e2e::{Cluster, Node, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, next_ip};
@@ -134,16 +133,6 @@ async fn inbound_connections(node: &Node) -> f64 {
     )
     .await
     .unwrap()
-}
-
-async fn wait_revision(node: &Node, rev: u64) {
-    let what = format!("{} to enforce revision {rev}", node.spec.name);
-    eventually(WAIT, &what, || async {
-        let r = node.metric("meshd_policy_revision", &[]).await.ok()?;
-        (r as u64 >= rev).then_some(())
-    })
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,7 +287,7 @@ to = [{{ paths = ["/public/secret"] }}]
 "#
     );
     let rev = m.cluster.registry.apply("read-only.toml", &policy).unwrap();
-    wait_revision(b, rev).await;
+    b.wait_policy_revision(rev).await.unwrap();
     let seen_before = m.app.requests();
 
     let get = |args: Vec<String>| async move {
@@ -382,10 +371,14 @@ async fn mesh_errors_are_told_apart_from_the_app() {
     let Mesh { cluster, app, .. } = m;
     // The app goes away: the callee's meshd answers 502 and says it was the hop to the app.
     drop(app);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let got = tokio::task::spawn_blocking(move || curl(&[&url(u, "/gone")]))
-        .await
-        .unwrap();
+    let got = eventually(WAIT, "the app to be gone", || async move {
+        let got = tokio::task::spawn_blocking(move || curl(&[&url(u, "/gone")]))
+            .await
+            .ok()?;
+        (got.status != 200).then_some(got)
+    })
+    .await
+    .unwrap();
     assert_eq!(got.status, 502, "{got:?}");
     assert_eq!(got.headers["x-mesh-error"], "inbound/app_unreachable");
     assert!(got.body.contains("default/api"), "{got:?}");

@@ -158,7 +158,15 @@ enum Outcome {
 
 async fn attempt(addr: SocketAddr, seed: u64) -> Outcome {
     let data = apps::payload(4096, seed);
-    match tokio::time::timeout(Duration::from_secs(5), apps::round_trip(addr, &data)).await {
+    outcome(&data, apps::round_trip(addr, &data)).await
+}
+
+/// What a round trip of `data` got, within 5 s.
+async fn outcome(
+    data: &[u8],
+    round_trip: impl std::future::Future<Output = anyhow::Result<Vec<u8>>>,
+) -> Outcome {
+    match tokio::time::timeout(Duration::from_secs(5), round_trip).await {
         Err(_) => Outcome::Hung,
         Ok(Ok(got)) if got == data => Outcome::Echoed,
         Ok(Ok(got)) if got.is_empty() => Outcome::Eof,
@@ -1047,19 +1055,7 @@ default_authorization = "deny"
 /// A plaintext client (not in the mesh) at `src` sending to `addr`.
 async fn plain_attempt(src: IpAddr, addr: SocketAddr, seed: u64) -> Outcome {
     let data = apps::payload(4096, seed);
-    let rt = apps::round_trip_from(src, addr, &data);
-    match tokio::time::timeout(Duration::from_secs(5), rt).await {
-        Err(_) => Outcome::Hung,
-        Ok(Ok(got)) if got == data => Outcome::Echoed,
-        Ok(Ok(got)) if got.is_empty() => Outcome::Eof,
-        Ok(Ok(got)) => Outcome::Garbled(got.len()),
-        Ok(Err(e)) => {
-            let kind = e
-                .downcast_ref::<std::io::Error>()
-                .map_or(std::io::ErrorKind::Other, std::io::Error::kind);
-            Outcome::Failed(kind, format!("{e:#}"))
-        }
-    }
+    outcome(&data, apps::round_trip_from(src, addr, &data)).await
 }
 
 fn peer_authentication(mode: &str) -> String {

@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{Instrument as _, debug, debug_span, info, warn};
+use tracing::{info, warn};
 
 use super::authz::{self, Attrs};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
@@ -47,40 +47,25 @@ pub async fn serve(
     listener: TcpListener,
     entry: Entry,
     shared: Shared,
-    mut stop_rx: watch::Receiver<bool>,
+    stop_rx: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(shared.config.inbound.max_connections));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = mesh_runtime::drain::until_true(&mut stop_rx) => break,
-        };
+    let drain = shared.drain.clone();
+    super::accept_loop(listener, "inbound", drain, stop_rx, |tcp, peer| {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.metrics.reject(Direction::Inbound, "max_connections");
             warn!(src.addr = %peer, limit = shared.config.inbound.max_connections, "inbound connection refused: connection limit reached");
             copy::reset(&tcp);
-            continue;
+            return None;
         };
-        let shared = shared.clone();
-        let entry = entry.clone();
-        // Tracked by the drain watch it holds; bounded by the handshake timeout and the copy.
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let _drain = shared.drain.clone();
-                handle(tcp, peer, &entry, &shared).await;
-            }
-            .instrument(debug_span!("conn", src.addr = %peer)),
-        );
-    }
-    debug!("inbound listener stopped accepting");
+        let (shared, entry) = (shared.clone(), entry.clone());
+        // Bounded by the handshake timeout and the copy.
+        Some(async move {
+            let _permit = permit;
+            handle(tcp, peer, &entry, &shared).await;
+        })
+    })
+    .await;
 }
 
 fn reject(shared: &Shared, peer: SocketAddr, reason: &'static str, detail: &dyn std::fmt::Display) {

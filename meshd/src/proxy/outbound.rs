@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tracing::{Instrument as _, debug, debug_span, info, warn};
+use tracing::{debug, info, warn};
 
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::{Blame, Shared, copy, route, tls};
@@ -97,45 +97,29 @@ pub async fn serve(
     source: Service,
     upstream: Upstream,
     shared: Shared,
-    mut stop_rx: watch::Receiver<bool>,
+    stop_rx: watch::Receiver<bool>,
 ) {
     let cursor = Arc::new(AtomicUsize::new(0));
     let (source, upstream) = (Arc::new(source), Arc::new(upstream));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = mesh_runtime::drain::until_true(&mut stop_rx) => break,
-        };
+    let drain = shared.drain.clone();
+    super::accept_loop(listener, "outbound", drain, stop_rx, |tcp, peer| {
         let (shared, cursor, source, upstream) = (
             shared.clone(),
             cursor.clone(),
             source.clone(),
             upstream.clone(),
         );
-        // Tracked by the drain watch it holds.
-        tokio::spawn(
-            async move {
-                let _drain = shared.drain.clone();
-                // Decided per connection from what the upstream's instances gossip, so a
-                // service that changes protocol is followed without a restart here.
-                if super::http::outbound::is_http(&shared, &upstream) {
-                    let shared = shared.clone();
-                    super::http::outbound::serve(tcp, peer, source, upstream, shared, cursor).await;
-                } else {
-                    handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
-                }
+        Some(async move {
+            // Decided per connection from what the upstream's instances gossip, so a service
+            // that changes protocol is followed without a restart here.
+            if super::http::outbound::is_http(&shared, &upstream) {
+                super::http::outbound::serve(tcp, peer, source, upstream, shared, cursor).await;
+            } else {
+                handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
             }
-            .instrument(debug_span!("conn", src.addr = %peer)),
-        );
-    }
-    debug!("outbound listener stopped accepting");
+        })
+    })
+    .await;
 }
 
 /// Accepts app connections on a service's `http_proxy` listener until `stop_rx` turns true;
@@ -144,35 +128,21 @@ pub async fn serve_http_proxy(
     listener: TcpListener,
     source: Service,
     shared: Shared,
-    mut stop_rx: watch::Receiver<bool>,
+    stop_rx: watch::Receiver<bool>,
 ) {
     let cursor = Arc::new(AtomicUsize::new(0));
     let source = Arc::new(source);
     let bind = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "http_proxy accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = mesh_runtime::drain::until_true(&mut stop_rx) => break,
-        };
+    let drain = shared.drain.clone();
+    super::accept_loop(listener, "http_proxy", drain, stop_rx, |tcp, peer| {
         let (shared, cursor, source) = (shared.clone(), cursor.clone(), source.clone());
-        tokio::spawn(
-            async move {
-                let _drain = shared.drain.clone();
-                super::http::outbound::serve_by_host(tcp, peer, source, bind, shared, cursor).await;
-            }
-            .instrument(debug_span!("conn", src.addr = %peer)),
-        );
-    }
-    debug!("http_proxy listener stopped accepting");
+        Some(super::http::outbound::serve_by_host(
+            tcp, peer, source, bind, shared, cursor,
+        ))
+    })
+    .await;
 }
 
 async fn connect(

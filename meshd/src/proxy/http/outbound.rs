@@ -285,7 +285,11 @@ async fn send(
         ));
     };
     let budget_percent = plan.retries.as_ref().map(|r| r.budget_percent);
-    conn.shared.http.budget_request(dst);
+    // The budget is a share of the requests that may be retried; others need no accounting
+    // (and no lock) on the hot path.
+    if plan.retries.as_ref().is_some_and(|r| r.attempts > 0) {
+        conn.shared.http.budget_request(dst);
+    }
     let attempts = async {
         match plan.retries.as_ref().filter(|r| r.attempts > 0) {
             None => {

@@ -25,6 +25,7 @@ use crate::config::{Config, Protocol};
 pub mod inbound;
 pub mod outbound;
 pub mod replay;
+pub mod upgrade;
 
 /// Request and response bodies as meshd passes them on (streamed, never buffered whole).
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -96,6 +97,13 @@ pub fn mesh_response(status: StatusCode, hop: &str, reason: &str, body: String) 
 /// A complete body.
 pub fn full(text: String) -> Body {
     Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed()
 }

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::super::authz::{self, Attrs};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::{Shared, ratelimit, route};
-use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop};
+use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::Service;
 
 /// What each request of one connection needs.
@@ -67,6 +67,8 @@ pub async fn serve(
     });
     let io = TokioIo::new(tls_stream);
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        // Upgrades (WebSocket) arrive as extended CONNECT (RFC 8441).
+        .enable_connect_protocol()
         .serve_connection(io, service);
     tokio::pin!(connection);
     let mut force = shared.force_rx.clone();
@@ -91,7 +93,12 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             )
         })
         .collect();
-    let method = req.method().as_str().to_owned();
+    // An upgrade is authorized as what the app will see: the GET that asks to switch.
+    let method = if upgrade_protocol(&req).is_some() {
+        "GET".to_owned()
+    } else {
+        req.method().as_str().to_owned()
+    };
     let path = req.uri().path().to_owned();
     let attrs = Attrs {
         caller: Some(&conn.caller),
@@ -224,8 +231,16 @@ fn denied(conn: &Conn, decision: &Decision, method: &str, path: &str) -> Respons
     mesh_response(StatusCode::FORBIDDEN, "inbound", "denied", body)
 }
 
+/// The protocol of an upgrade sent as extended CONNECT by the caller's meshd.
+fn upgrade_protocol(req: &Request<Incoming>) -> Option<&str> {
+    (req.method() == http::Method::CONNECT)
+        .then(|| req.extensions().get::<hyper::ext::Protocol>())
+        .flatten()
+        .map(hyper::ext::Protocol::as_str)
+}
+
 /// Sends the request to the app and passes its response back.
-async fn forward(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let Some(client) = conn.shared.http.app(&conn.local.key) else {
         return mesh_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -235,6 +250,29 @@ async fn forward(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let addr = conn.local.address;
+    let upgrade = match upgrade_protocol(&req).map(str::to_owned) {
+        Some(_) if !matches!(client, AppClient::Http1(_)) => {
+            return mesh_response(
+                StatusCode::NOT_IMPLEMENTED,
+                "inbound",
+                "upgrade_unsupported",
+                format!(
+                    "{} speaks HTTP/2; upgrades are passed to HTTP/1.1 apps only\n",
+                    conn.local.key
+                ),
+            );
+        }
+        Some(protocol) => Some((protocol, hyper::upgrade::on(&mut req))),
+        None if req.method() == http::Method::CONNECT => {
+            return mesh_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "inbound",
+                "connect_unsupported",
+                "CONNECT tunnels are not proxied\n".into(),
+            );
+        }
+        None => None,
+    };
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().cloned();
     let path_and_query =
@@ -281,10 +319,31 @@ async fn forward(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", conn.callee, conn.caller)) {
         headers.insert(XFCC, v);
     }
-    match client.send(Request::from_parts(parts, body.boxed())).await {
-        Ok(resp) => {
+    let body = match &upgrade {
+        Some((protocol, _)) => {
+            parts.method = http::Method::GET;
+            upgrade::mark(&mut parts.headers, protocol);
+            super::empty()
+        }
+        None => body.boxed(),
+    };
+    match client.send(Request::from_parts(parts, body)).await {
+        Ok(mut resp) => {
+            let tunnel = match upgrade {
+                Some((_, caller_side)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    Some((caller_side, hyper::upgrade::on(&mut resp)))
+                }
+                _ => None,
+            };
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            if let Some((caller_side, app_side)) = tunnel {
+                // The extended CONNECT succeeded: 200 with no body, then the tunnel.
+                parts.status = StatusCode::OK;
+                parts.headers.remove(header::CONTENT_LENGTH);
+                upgrade::tunnel(&conn.shared, caller_side, app_side, "inbound");
+                return Response::from_parts(parts, super::empty());
+            }
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {

@@ -22,7 +22,7 @@ use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::outbound::{Error, MAX_CONNECT_ATTEMPTS, attempt};
 use super::super::{Shared, balance, route};
 use super::replay::ReplayBody;
-use super::{Body, XFCC, mesh_response, strip_hop_by_hop};
+use super::{Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::{Service, Upstream};
 use mesh_api::ServiceKey;
 use mesh_api::name::Label;
@@ -128,7 +128,7 @@ async fn serve_conn(
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection(TokioIo::new(app), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(app), service);
     tokio::pin!(connection);
     tokio::select! {
         r = &mut connection => if let Err(e) = r {
@@ -234,9 +234,22 @@ struct Plan {
 /// Routes and sends `req`; `Err` is the mesh's own error response.
 async fn send(
     conn: &Conn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     log: &mut Log,
 ) -> Result<Response<Body>, Response<Body>> {
+    if req.method() == http::Method::CONNECT {
+        return Err(mesh_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "outbound",
+            "connect_unsupported",
+            "CONNECT tunnels are not proxied; send plain HTTP to the mesh service\n".into(),
+        ));
+    }
+    // An HTTP/1.1 upgrade (WebSocket): the app's side of the tunnel, and the protocol.
+    let upgrade = (req.version() == http::Version::HTTP_11)
+        .then(|| upgrade::requested(req.headers()))
+        .flatten()
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     let dst = &conn.upstream.service;
     // Absolute URI for HTTP/2: the Host the app used, else the upstream's mesh name.
@@ -267,7 +280,19 @@ async fn send(
     // :authority replaces Host on HTTP/2.
     parts.headers.remove(header::HOST);
 
-    let plan = plan(conn, &mut parts, log).await?;
+    // Routes match the request as the app sent it (a GET, for an upgrade).
+    let mut plan = plan(conn, &mut parts, log).await?;
+    let body = match &upgrade {
+        // Extended CONNECT (RFC 8441): the peer's meshd turns it back into the app's upgrade.
+        Some((protocol, _)) => {
+            parts.method = http::Method::CONNECT;
+            (parts.extensions).insert(hyper::ext::Protocol::from(protocol.as_str()));
+            // The request carries the tunnel (in its extensions), which a copy would lose.
+            plan.retries = None;
+            super::empty()
+        }
+        None => body.boxed(),
+    };
     // Circuit breaker: requests in flight to the destination, from this host.
     let max = (plan.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
@@ -294,13 +319,13 @@ async fn send(
         match plan.retries.as_ref().filter(|r| r.attempts > 0) {
             None => {
                 log.attempts = 1;
-                let req = Request::from_parts(parts, body.boxed());
+                let req = Request::from_parts(parts, body);
                 let (r, addr) = attempt_once(conn, &plan, req).await;
                 log.endpoint = addr;
                 r.map_err(|(_, resp)| resp)
             }
             Some(retries) => {
-                let original = ReplayBody::new(body.boxed());
+                let original = ReplayBody::new(body);
                 let mut n = 0;
                 loop {
                     n += 1;
@@ -370,6 +395,16 @@ async fn send(
         },
     };
     let mut resp = result?;
+    if let Some((protocol, app_side)) = upgrade
+        && resp.status().is_success()
+    {
+        // The peer accepted the extended CONNECT: the app sees its 101 and the tunnel opens.
+        let peer_side = hyper::upgrade::on(&mut resp);
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+        upgrade::mark(resp.headers_mut(), &protocol);
+        upgrade::tunnel(&conn.shared, app_side, peer_side, "outbound");
+    }
     if let Some(ops) = &plan.response_headers {
         route::apply_header_ops(ops, resp.headers_mut());
     }

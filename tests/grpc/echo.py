@@ -4,9 +4,13 @@ status codes, large messages), without generated code: messages are raw bytes.
   echo.py serve <host:port> <name>   serve until killed; prints "ready" once listening
   echo.py call <host:port>           run every check through <host:port>; prints a JSON report
                                      and exits non-zero on the first wrong answer
+  echo.py flaky <host:port> <n>      <n> calls, one at a time, to Flaky (which fails every second
+                                     call with UNAVAILABLE); prints {"ok": .., "unavailable": ..}
 """
+import itertools
 import json
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -41,7 +45,19 @@ def serve(addr, name):
         ctx.set_trailing_metadata((("x-why", "asked-to-fail"),))
         ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "failing as asked: " + req.decode())
 
+    flaky_calls = itertools.count(1)
+    flaky_lock = threading.Lock()
+
+    def flaky(req, ctx):
+        with flaky_lock:
+            n = next(flaky_calls)
+        if n % 2 == 0:
+            # Before any message: a trailers-only response, grpc-status in the headers.
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"call {n} fails")
+        return req
+
     handlers = {
+        "Flaky": grpc.unary_unary_rpc_method_handler(flaky, ident, ident),
         "Unary": grpc.unary_unary_rpc_method_handler(unary, ident, ident),
         "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, ident, ident),
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, ident, ident),
@@ -103,10 +119,26 @@ def call(addr):
     print(json.dumps(report), flush=True)
 
 
+def flaky_calls(addr, n):
+    ch = grpc.insecure_channel(addr)
+    grpc.channel_ready_future(ch).result(timeout=10)
+    f = ch.unary_unary(f"/{SERVICE}/Flaky", request_serializer=ident, response_deserializer=ident)
+    tally = {"ok": 0, "unavailable": 0, "other": 0}
+    for i in range(n):
+        try:
+            f(b"x", timeout=10)
+            tally["ok"] += 1
+        except grpc.RpcError as e:
+            tally["unavailable" if e.code() == grpc.StatusCode.UNAVAILABLE else "other"] += 1
+    print(json.dumps(tally), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "call":
         call(sys.argv[2])
+    elif sys.argv[1] == "flaky":
+        flaky_calls(sys.argv[2], int(sys.argv[3]))
     else:
         sys.exit(__doc__)

@@ -47,12 +47,12 @@ impl Drop for Server {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
+/// Host b runs the gRPC server as `api`; host a's `web` reaches it on `upstream`.
+async fn mesh() -> (Cluster, Server, SocketAddr) {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let b_ip = next_ip();
     let app_addr = SocketAddr::new(b_ip.into(), 50051);
-    let _server = Server::start(app_addr, "b");
+    let server = Server::start(app_addr, "b");
     let token = cluster.registry.token(&["api"], 1).unwrap();
     let mut b = NodeSpec::new("b", token);
     b.ip = b_ip.into();
@@ -77,6 +77,12 @@ async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
         .await
         .unwrap();
 
+    (cluster, server, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
+    let (cluster, _server, upstream) = mesh().await;
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python())
             .arg(script())
@@ -110,4 +116,76 @@ async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
         .await
         .unwrap();
     assert!(requests >= 6.0, "inbound requests counted: {requests}");
+}
+
+async fn flaky(upstream: SocketAddr, n: usize) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script())
+            .args(["flaky", &upstream.to_string(), &n.to_string()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_is_retried_by_status() {
+    let (cluster, _server, upstream) = mesh().await;
+    // Every second call fails with UNAVAILABLE (HTTP 200, grpc-status 14 in the headers).
+    let t = flaky(upstream, 100).await;
+    assert_eq!(t["ok"], 50, "without retries half fail: {t}");
+    assert_eq!(t["unavailable"], 50, "{t}");
+
+    // A 5xx retry policy does not see gRPC failures (they are HTTP 200)...
+    let route = |on: &str| {
+        format!(
+            r#"
+[[resource]]
+kind = "Route"
+name = "api"
+service = "api"
+[[resource.http]]
+retries = {{ attempts = 2, retry_on = ["{on}"], budget_percent = 100 }}
+"#
+        )
+    };
+    let rev = cluster
+        .registry
+        .apply("grpc-retry.toml", &route("5xx"))
+        .unwrap();
+    cluster.nodes[1].wait_policy_revision(rev).await.unwrap();
+    let t = flaky(upstream, 100).await;
+    assert_eq!(
+        t["unavailable"], 50,
+        "5xx does not match a gRPC status: {t}"
+    );
+
+    // ...`unavailable` does: every failed call is sent again and succeeds.
+    let rev = (cluster.registry)
+        .apply("grpc-retry.toml", &route("unavailable"))
+        .unwrap();
+    cluster.nodes[1].wait_policy_revision(rev).await.unwrap();
+    let t = flaky(upstream, 100).await;
+    assert_eq!(t["ok"], 100, "retries hide UNAVAILABLE: {t}");
+    let retried = cluster.nodes[1]
+        .metric(
+            "meshd_rejected_connections_total",
+            &[("direction", "outbound"), ("reason", "retried")],
+        )
+        .await
+        .unwrap();
+    // One call at a time against every-second-call failures: each call after the first
+    // lands on a failure once and succeeds on its retry; never a second retry.
+    assert!(
+        (90.0..=100.0).contains(&retried),
+        "one retry per call: {retried}"
+    );
 }

@@ -98,6 +98,17 @@ choice_enum! {
         GatewayError = "gateway-error",
         /// A status listed in `retriable_status_codes`.
         RetriableStatusCodes = "retriable-status-codes",
+        /// gRPC status CANCELLED (1) in the response headers (a trailers-only response: the
+        /// call failed before any message, so it is safe to send again).
+        GrpcCancelled = "cancelled",
+        /// gRPC status DEADLINE_EXCEEDED (4) in the response headers.
+        GrpcDeadlineExceeded = "deadline-exceeded",
+        /// gRPC status RESOURCE_EXHAUSTED (8) in the response headers.
+        GrpcResourceExhausted = "resource-exhausted",
+        /// gRPC status INTERNAL (13) in the response headers.
+        GrpcInternal = "internal",
+        /// gRPC status UNAVAILABLE (14) in the response headers.
+        GrpcUnavailable = "unavailable",
     }
 }
 

@@ -332,7 +332,7 @@ fn bad_rows() -> Vec<BadRow> {
         ("route without http", res("Route", "service = \"api\""), RT, "http", "missing"),
         ("route bad duration", http("timeout = \"2 s\""), RT, "http[0].timeout", "\"1m30s\""),
         ("route zero duration", http("timeout = \"0s\""), RT, "http[0].timeout", "longer than zero"),
-        ("route unknown retry_on", http("retries = { attempts = 2, retry_on = [\"5xx\", \"timeout\"] }"), RT, "http[0].retries.retry_on[1]", "connect-failure, reset, 5xx, gateway-error, retriable-status-codes"),
+        ("route unknown retry_on", http("retries = { attempts = 2, retry_on = [\"5xx\", \"timeout\"] }"), RT, "http[0].retries.retry_on[1]", "connect-failure, reset, 5xx, gateway-error, retriable-status-codes, cancelled, deadline-exceeded, resource-exhausted, internal, unavailable"),
         ("route codes without retry_on", http("retries = { attempts = 2, retriable_status_codes = [503] }"), RT, "http[0].retries.retriable_status_codes", "has no effect"),
         ("route retry_on without codes", http("retries = { attempts = 2, retry_on = [\"retriable-status-codes\"] }"), RT, "http[0].retries.retriable_status_codes", "list the statuses"),
         ("route too many attempts", http("retries = { attempts = 11 }"), RT, "http[0].retries.attempts", "from 0 to 10"),

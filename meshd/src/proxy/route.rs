@@ -298,6 +298,22 @@ pub enum Attempt {
     Reset,
     /// A response with this status.
     Status(u16),
+    /// A gRPC call that failed before any message: `grpc-status` (not 0) in the response
+    /// headers of a trailers-only response.
+    Grpc(u32),
+}
+
+/// How a response ended an attempt: a trailers-only gRPC failure (`grpc-status` already in the
+/// headers) is [`Attempt::Grpc`]; anything else is its HTTP status. A `grpc-status` that only
+/// arrives in trailers comes after messages were streamed to the app, too late to retry.
+pub fn response_attempt(status: u16, headers: &http::HeaderMap) -> Attempt {
+    match (headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(code) if code != 0 => Attempt::Grpc(code),
+        _ => Attempt::Status(status),
+    }
 }
 
 /// Whether `attempt` is retried under `retries` (budget and attempt count aside).
@@ -312,6 +328,12 @@ pub fn is_retriable(retries: &Retries, attempt: Attempt) -> bool {
         (RetryOn::RetriableStatusCodes, Attempt::Status(s)) => {
             retries.retriable_status_codes.contains(&s)
         }
+        // gRPC status codes (grpc/doc/statuscodes.md).
+        (RetryOn::GrpcCancelled, Attempt::Grpc(1)) => true,
+        (RetryOn::GrpcDeadlineExceeded, Attempt::Grpc(4)) => true,
+        (RetryOn::GrpcResourceExhausted, Attempt::Grpc(8)) => true,
+        (RetryOn::GrpcInternal, Attempt::Grpc(13)) => true,
+        (RetryOn::GrpcUnavailable, Attempt::Grpc(14)) => true,
         _ => false,
     })
 }
@@ -563,6 +585,34 @@ subsets = [{ name = "v1", labels = { version = "v1" } }, { name = "v2", labels =
     }
 
     #[test]
+    fn responses_become_attempt_outcomes() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, http::HeaderValue::from_static(v));
+            }
+            m
+        };
+        use Attempt::*;
+        #[rustfmt::skip]
+        let cases: &[(u16, http::HeaderMap, Attempt)] = &[
+            (200, h(&[]), Status(200)),
+            (503, h(&[]), Status(503)),
+            (200, h(&[("grpc-status", "14")]), Grpc(14)),
+            (200, h(&[("grpc-status", "0")]), Status(200)),
+            (200, h(&[("grpc-status", "bogus")]), Status(200)),
+            (503, h(&[("grpc-status", "14")]), Grpc(14)),
+        ];
+        for (status, headers, want) in cases {
+            assert_eq!(
+                response_attempt(*status, headers),
+                *want,
+                "{status} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
     fn retry_conditions() {
         let r = |on: &[RetryOn], codes: &[u16]| Retries {
             attempts: 2,
@@ -587,6 +637,15 @@ subsets = [{ name = "v1", labels = { version = "v1" } }, { name = "v2", labels =
             (r(&[RetryOn::RetriableStatusCodes], &[409]), Status(409), true),
             (r(&[RetryOn::RetriableStatusCodes], &[409]), Status(503), false),
             (r(&[], &[]), ConnectFailure, false),
+            (r(&[RetryOn::GrpcUnavailable], &[]), Grpc(14), true),
+            (r(&[RetryOn::GrpcUnavailable], &[]), Grpc(13), false),
+            (r(&[RetryOn::GrpcUnavailable], &[]), Status(503), false),
+            (r(&[RetryOn::GrpcCancelled], &[]), Grpc(1), true),
+            (r(&[RetryOn::GrpcDeadlineExceeded], &[]), Grpc(4), true),
+            (r(&[RetryOn::GrpcResourceExhausted], &[]), Grpc(8), true),
+            (r(&[RetryOn::GrpcInternal], &[]), Grpc(13), true),
+            // A failed gRPC call is not an HTTP 5xx.
+            (r(&[RetryOn::Status5xx], &[]), Grpc(14), false),
         ];
         for (i, (retries, attempt, want)) in cases.iter().enumerate() {
             assert_eq!(

@@ -362,7 +362,7 @@ async fn send(
                     };
                     log.endpoint = addr;
                     let outcome = match &result {
-                        Ok(resp) => route::Attempt::Status(resp.status().as_u16()),
+                        Ok(resp) => route::response_attempt(resp.status().as_u16(), resp.headers()),
                         Err((a, _)) => *a,
                     };
                     let again = n <= retries.attempts

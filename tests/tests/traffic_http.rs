@@ -385,6 +385,35 @@ circuit_breaker = { max_pending_requests = 2 }
         .count();
     assert_eq!(ok + overflow, 10, "{t:?}");
     assert!((2..=4).contains(&ok), "at most 2 in flight at once: {t:?}");
+
+    // max_requests_per_connection: the pooled HTTP/2 connection to b1 is replaced after every
+    // 10 requests (one at a time, so each connection carries exactly 10).
+    let policy = r#"
+[[resource]]
+kind = "DestinationPolicy"
+name = "api"
+service = "api"
+circuit_breaker = { max_requests_per_connection = 10 }
+"#;
+    f.apply("cb.toml", policy).await;
+    f.apps[0].behavior.delay_ms.store(0, Ordering::SeqCst);
+    let b1 = &f.cluster.nodes[0];
+    let inbound = || async {
+        b1.metric(
+            "meshd_connections_total",
+            &[("direction", "inbound"), ("service", "default/api")],
+        )
+        .await
+        .unwrap()
+    };
+    let before = inbound().await;
+    let replies = f.get_many("/", &[], 100, 1).await;
+    assert!(replies.iter().all(|r| r.status == 200), "{:?}", tally(&replies));
+    let made = inbound().await - before;
+    assert!(
+        (10.0..=11.0).contains(&made),
+        "100 requests at 10 per connection: {made} connections"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,6 +262,8 @@ impl Drop for Admitted {
 struct Pooled {
     tls: Arc<TlsState>,
     sender: SendRequest<Body>,
+    /// Requests given to it so far.
+    requests: u32,
 }
 
 impl State {
@@ -372,36 +374,64 @@ impl State {
         self.apps.get(key)
     }
 
-    /// A live pooled connection from `source` to `addr` made under `tls`.
+    /// A live pooled connection from `source` to `addr` made under `tls`, counting the
+    /// request about to be sent on it: the one that reaches `max_requests` (the destination's
+    /// `max_requests_per_connection`) is its last, and the connection leaves the pool.
     fn peer(
         &self,
         source: &ServiceKey,
         addr: SocketAddr,
         tls: &Arc<TlsState>,
+        max_requests: Option<u32>,
     ) -> Option<SendRequest<Body>> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let key = (source.clone(), addr);
-        match peers.get(&key) {
-            Some(p) if !p.sender.is_closed() && Arc::ptr_eq(&p.tls, tls) => Some(p.sender.clone()),
-            Some(_) => {
-                // Closed, or made with certificates since rotated: let in-flight requests
-                // finish on it, use a fresh one from now on.
-                peers.remove(&key);
-                None
-            }
-            None => None,
+        let p = peers.get_mut(&key)?;
+        if p.sender.is_closed() || !Arc::ptr_eq(&p.tls, tls) {
+            // Closed, or made with certificates since rotated: let in-flight requests
+            // finish on it, use a fresh one from now on.
+            peers.remove(&key);
+            return None;
         }
+        let sender = p.sender.clone();
+        p.requests += 1;
+        if !keeps_serving(p.requests, max_requests) {
+            peers.remove(&key);
+        }
+        Some(sender)
     }
 
+    /// Pools a new connection that is about to carry its first request (unless that is
+    /// already all `max_requests` allows).
     fn put_peer(
         &self,
         source: &ServiceKey,
         addr: SocketAddr,
         tls: Arc<TlsState>,
         sender: SendRequest<Body>,
+        max_requests: Option<u32>,
     ) {
+        if !keeps_serving(1, max_requests) {
+            return;
+        }
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.insert((source.clone(), addr), Pooled { tls, sender });
+        peers.insert(
+            (source.clone(), addr),
+            Pooled {
+                tls,
+                sender,
+                requests: 1,
+            },
+        );
+    }
+}
+
+/// Whether a connection that has been given `requests` requests may take more under
+/// `max_requests_per_connection` (`None` or 0: no limit).
+pub fn keeps_serving(requests: u32, max_requests: Option<u32>) -> bool {
+    match max_requests {
+        None | Some(0) => true,
+        Some(max) => requests < max,
     }
 }
 
@@ -443,6 +473,28 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty(), "te without trailers is dropped");
+    }
+
+    #[test]
+    fn connections_serve_up_to_max_requests() {
+        #[rustfmt::skip]
+        let cases: &[(u32, Option<u32>, bool)] = &[
+            (1, None, true),
+            (1_000_000, None, true),
+            (5, Some(0), true),
+            (1, Some(1), false),
+            (1, Some(2), true),
+            (2, Some(2), false),
+            (9, Some(10), true),
+            (10, Some(10), false),
+        ];
+        for (requests, max, want) in cases {
+            assert_eq!(
+                keeps_serving(*requests, *max),
+                *want,
+                "{requests} of {max:?}"
+            );
+        }
     }
 
     #[test]

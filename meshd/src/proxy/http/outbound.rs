@@ -694,9 +694,12 @@ async fn connection(
         ));
     }
     let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
+    let max_requests = (plan.policy.as_ref())
+        .and_then(|p| p.circuit_breaker.as_ref())
+        .and_then(|c| c.max_requests_per_connection);
     let mut last = None;
     for ep in candidates {
-        if let Some(mut sender) = shared.http.peer(&conn.source.key, ep.addr, &tls)
+        if let Some(mut sender) = (shared.http).peer(&conn.source.key, ep.addr, &tls, max_requests)
             && sender.ready().await.is_ok()
         {
             return Ok((sender, ep.addr));
@@ -731,9 +734,13 @@ async fn connection(
                     .instrument(debug_span!("h2", dst.addr = %addr)),
                 );
                 if sender.ready().await.is_ok() {
-                    shared
-                        .http
-                        .put_peer(&conn.source.key, ep.addr, tls.clone(), sender.clone());
+                    shared.http.put_peer(
+                        &conn.source.key,
+                        ep.addr,
+                        tls.clone(),
+                        sender.clone(),
+                        max_requests,
+                    );
                     return Ok((sender, ep.addr));
                 }
             }

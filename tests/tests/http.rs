@@ -82,6 +82,8 @@ struct Mesh {
     upstream: SocketAddr,
     /// web's `http_proxy` listener.
     proxy: SocketAddr,
+    /// web's local port for `ghost`, a service no host runs.
+    ghost: SocketAddr,
 }
 
 async fn mesh(protocol: &str) -> Mesh {
@@ -102,9 +104,11 @@ async fn mesh(protocol: &str) -> Mesh {
     a.ip = a_ip.into();
     a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
     let proxy = SocketAddr::new(a_ip.into(), 15001);
+    let ghost = SocketAddr::new(a_ip.into(), 19002);
     let mut web = ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
         .protocol("http")
-        .upstream("api", upstream);
+        .upstream("api", upstream)
+        .upstream("ghost", ghost);
     web.http_proxy = Some(proxy);
     a.services = vec![web];
     cluster.add_spec(a).await.unwrap();
@@ -119,6 +123,7 @@ async fn mesh(protocol: &str) -> Mesh {
         app,
         upstream,
         proxy,
+        ghost,
     }
 }
 
@@ -368,6 +373,14 @@ to = [{{ paths = ["/public/secret"] }}]
 async fn mesh_errors_are_told_apart_from_the_app() {
     let m = mesh("http").await;
     let u = m.upstream;
+    // A declared upstream nobody runs: the caller's meshd answers 503 (not a reset), by name.
+    let ghost = m.ghost;
+    let got = tokio::task::spawn_blocking(move || curl(&[&url(ghost, "/")]))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.headers["x-mesh-error"], "outbound/no_endpoints");
+    assert!(got.body.contains("default/ghost"), "{got:?}");
     let Mesh { cluster, app, .. } = m;
     // The app goes away: the callee's meshd answers 502 and says it was the hop to the app.
     drop(app);

@@ -408,7 +408,11 @@ circuit_breaker = { max_requests_per_connection = 10 }
     };
     let before = inbound().await;
     let replies = f.get_many("/", &[], 100, 1).await;
-    assert!(replies.iter().all(|r| r.status == 200), "{:?}", tally(&replies));
+    assert!(
+        replies.iter().all(|r| r.status == 200),
+        "{:?}",
+        tally(&replies)
+    );
     let made = inbound().await - before;
     assert!(
         (10.0..=11.0).contains(&made),

@@ -91,6 +91,29 @@ impl Error {
     }
 }
 
+/// Whether the app's first bytes on `tcp` (waiting at most
+/// [`super::inbound::PROTOCOL_DETECT_TIMEOUT`]) start an HTTP/1 request or the HTTP/2 preface.
+async fn looks_like_http(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    match timeout(super::inbound::PROTOCOL_DETECT_TIMEOUT, tcp.peek(&mut buf)).await {
+        Ok(Ok(n)) => starts_like_http(&buf[..n]),
+        _ => false,
+    }
+}
+
+/// Whether `bytes` begin an HTTP/1 request line (`METHOD ` with a token method) or the
+/// HTTP/2 connection preface.
+pub fn starts_like_http(bytes: &[u8]) -> bool {
+    if bytes.starts_with(b"PRI * HTTP/2") {
+        return true;
+    }
+    let Some(space) = bytes.iter().position(|&b| b == b' ') else {
+        return false;
+    };
+    // RFC 9110 methods are tokens; the common ones are upper-case letters.
+    (1..=10).contains(&space) && bytes[..space].iter().all(u8::is_ascii_uppercase)
+}
+
 /// Accepts app connections for one upstream until `stop_rx` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -111,8 +134,14 @@ pub async fn serve(
         );
         Some(async move {
             // Decided per connection from what the upstream's instances gossip, so a service
-            // that changes protocol is followed without a restart here.
-            if super::http::outbound::is_http(&shared, &upstream) {
+            // that changes protocol is followed without a restart here. With no instance
+            // known, the app's first bytes tell: an HTTP client then gets a 503 saying so
+            // rather than a reset.
+            let http = match super::http::outbound::is_http(&shared, &upstream) {
+                Some(http) => http,
+                None => looks_like_http(&tcp).await,
+            };
+            if http {
                 super::http::outbound::serve(tcp, peer, source, upstream, shared, cursor).await;
             } else {
                 handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
@@ -362,4 +391,35 @@ async fn handle(
         error = error.as_deref().unwrap_or(""),
         "connection"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_http_apart() {
+        #[rustfmt::skip]
+        let cases: &[(&[u8], bool)] = &[
+            (b"GET / HTTP/1.1\r\n", true),
+            (b"POST /x HTTP/1.1", true),
+            (b"OPTIONS * HTTP/1.1", true),
+            (b"PRI * HTTP/2.0\r\n\r\nSM", true),
+            (b"GET", false),            // not yet a request line
+            (b"get / HTTP/1.1", false),  // methods are case-sensitive
+            (b"\x16\x03\x01\x02\x00", false),
+            (b"SSH-2.0-OpenSSH", false),
+            (b" / HTTP/1.1", false),
+            (b"", false),
+            (b"VERYLONGMETHOD / HTTP/1.1", false),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                starts_like_http(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 }

@@ -769,11 +769,12 @@ async fn connection(
 }
 
 /// Whether connections to `upstream` are proxied per request: its instances say they speak an
-/// HTTP-family protocol.
-pub fn is_http(shared: &Shared, upstream: &Upstream) -> bool {
+/// HTTP-family protocol. `None` when no instance is known.
+pub fn is_http(shared: &Shared, upstream: &Upstream) -> Option<bool> {
     let view = shared.view_rx.borrow();
     (view.endpoints.get(&upstream.service))
-        .is_some_and(|eps| eps.iter().any(|e| e.protocol.is_http()))
+        .filter(|eps| !eps.is_empty())
+        .map(|eps| eps.iter().any(|e| e.protocol.is_http()))
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ pub struct Member {
 }
 
 /// Everything the proxy needs to know about the mesh, rebuilt on every gossip change.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MeshView {
     /// Live members, by node name.
     pub members: Vec<Member>,
@@ -225,7 +225,16 @@ impl Membership {
                     info!(members = view.members.len(), "mesh membership changed");
                     members = view.members.len();
                 }
-                view_tx.send_replace(Arc::new(view));
+                // Only a different view is published: caches keyed by the view (per-service
+                // endpoint lists of the balancer) stay warm across gossip rounds that change
+                // nothing the proxy reads.
+                view_tx.send_if_modified(|current| {
+                    let changed = **current != view;
+                    if changed {
+                        *current = Arc::new(view);
+                    }
+                    changed
+                });
             }
         });
         info!(addr = %config.gossip.bind, advertise = %config.gossip.advertise, "gossip started");

@@ -30,15 +30,39 @@ pub struct Workload<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
+/// Request headers as authorization reads them. The proxy implements it over its own header
+/// map, so deciding a request copies no header.
+pub trait Headers {
+    /// Whether some value of the header `name` (ASCII case-insensitive) satisfies `f`; a
+    /// name may repeat.
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&str) -> bool) -> bool;
+}
+
+impl Headers for Vec<(String, String)> {
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case(name) && f(v))
+    }
+}
+
 /// The HTTP part of a request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Http<'a> {
     /// Method, as sent (`GET`).
     pub method: &'a str,
     /// Request path; a query string or fragment is ignored for matching.
     pub path: &'a str,
-    /// Headers, names lowercase; a name may repeat.
-    pub headers: &'a [(String, String)],
+    /// Headers.
+    pub headers: &'a (dyn Headers + Sync),
+}
+
+impl std::fmt::Debug for Http<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One inbound request (or, for TCP, connection) to authorize.
@@ -288,9 +312,7 @@ fn operation_matches(o: &Operation, action: Action, req: &Request<'_>) -> bool {
         && any_or_empty(&o.paths, |p| p.matches(path))
         && !o.not_paths.iter().any(|p| p.matches(path))
         && o.headers.iter().all(|(name, patterns)| {
-            http.headers
-                .iter()
-                .any(|(n, v)| n.eq_ignore_ascii_case(name) && patterns.iter().any(|p| p.matches(v)))
+            (http.headers).any_value(name, &mut |v| patterns.iter().any(|p| p.matches(v)))
         })
 }
 

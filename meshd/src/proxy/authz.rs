@@ -24,9 +24,19 @@ pub const REASON_DEFAULT_ALLOW: &str = "default_allow";
 /// Metric `reason` of an AUDIT policy match (counted besides the allow or deny).
 pub const REASON_AUDIT_POLICY: &str = "audit_policy";
 
+/// An HTTP request's headers as policy reads them, without copying them.
+pub struct HeaderView<'a>(pub &'a http::HeaderMap);
+
+impl authz::Headers for HeaderView<'_> {
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&str) -> bool) -> bool {
+        // HeaderMap names are lowercase; `get_all` with a &str lowercases the name it looks up.
+        (self.0.get_all(name).iter()).any(|v| f(&String::from_utf8_lossy(v.as_bytes())))
+    }
+}
+
 /// What policy sees of one inbound connection; kept for the connection's life so a policy
 /// change can be re-evaluated against it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Attrs<'a> {
     /// The caller's verified workload identity; `None` for plaintext (PERMISSIVE only).
     pub caller: Option<&'a Identity>,
@@ -107,6 +117,7 @@ mod tests {
             labels: BTreeMap::from([("version".to_owned(), "v2".to_owned())]),
             upstreams: vec![],
             http_proxy: None,
+            checks: Vec::new(),
             file: "api.toml".into(),
         }
     }

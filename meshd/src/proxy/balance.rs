@@ -3,17 +3,18 @@
 //! detection with its ejection cap. Decisions are pure functions; `Stats` and `Table` only
 //! hold the state they read.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use mesh_api::ServiceKey;
 use mesh_api::policy::{LoadBalancer, Locality, OutlierDetection};
 use rand::Rng as _;
 
-use crate::membership::Endpoint;
+use crate::membership::{Endpoint, MeshView};
 
 /// Latency assumed for an endpoint that has never answered, in nanoseconds (30 ms, Linkerd's
 /// default RTT estimate). It sits above typical in-datacenter latencies so a fresh (maybe
@@ -41,20 +42,20 @@ pub fn in_subset(ep: &Endpoint, labels: &BTreeMap<String, String>) -> bool {
 /// if it has any, else everything. Without `failover` only same-zone endpoints are ever used,
 /// so the result may be empty and the caller answers 503: that is what turning failover off
 /// asks for (keep traffic in the zone even when it hurts). Disabled: all candidates.
-pub fn by_locality<'a>(
-    candidates: &[&'a Endpoint],
+pub fn by_locality<'a, T: Borrow<Endpoint>>(
+    candidates: &[&'a T],
     dc: &str,
     zone: &str,
     locality: &Locality,
-) -> Vec<&'a Endpoint> {
+) -> Vec<&'a T> {
     if !locality.enabled {
         return candidates.to_vec();
     }
-    let same_dc = |ep: &&&Endpoint| ep.datacenter == dc;
+    let same_dc = |ep: &&&T| (**ep).borrow().datacenter == dc;
     let same_zone: Vec<_> = candidates
         .iter()
         .filter(same_dc)
-        .filter(|ep| ep.zone == zone)
+        .filter(|ep| (**ep).borrow().zone == zone)
         .copied()
         .collect();
     if !same_zone.is_empty() || !locality.failover {
@@ -376,10 +377,37 @@ pub struct EndpointState {
     pub outlier: Mutex<Outlier>,
 }
 
+/// One endpoint of a service with its load and health state, as a request's pick reads them.
+#[derive(Debug)]
+pub struct Target {
+    /// What gossip says about the endpoint.
+    pub endpoint: Endpoint,
+    /// Its state on this node.
+    pub state: Arc<EndpointState>,
+}
+
+impl Borrow<Endpoint> for Target {
+    fn borrow(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+/// The targets of one service as of one mesh view.
+#[derive(Debug)]
+struct Cached {
+    /// The view they were built from. Held weakly: the allocation outlives the view, so its
+    /// address is never reused by a later view and comparing addresses is sound.
+    view: Weak<MeshView>,
+    targets: Arc<[Target]>,
+}
+
 /// Per-endpoint state of every service this node sends to, created on first use.
 #[derive(Debug, Default)]
 pub struct Table {
     services: Mutex<HashMap<ServiceKey, HashMap<SocketAddr, Arc<EndpointState>>>>,
+    /// Per service, its endpoints and their states under the current view: one lock and no
+    /// copy per request. Lock order: `targets`, then `services`.
+    targets: Mutex<HashMap<ServiceKey, Cached>>,
 }
 
 impl Table {
@@ -451,14 +479,36 @@ impl Table {
         outlier.record(outcome, cfg, now, may)
     }
 
-    /// Forgets endpoints for which `live` is false (they left the mesh); guards and `Arc`s
-    /// already handed out stay valid.
-    pub fn retain(&self, live: impl Fn(&ServiceKey, SocketAddr) -> bool) {
-        let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-        services.retain(|svc, eps| {
-            eps.retain(|addr, _| live(svc, *addr));
-            !eps.is_empty()
-        });
+    /// The endpoints of `service` in `view`, each with its state; built once per view and
+    /// service. Building forgets the state of the service's endpoints that left the view
+    /// (guards and `Arc`s already handed out stay valid).
+    pub fn targets(&self, view: &Arc<MeshView>, service: &ServiceKey) -> Arc<[Target]> {
+        let mut cache = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = cache.get(service)
+            && std::ptr::eq(c.view.as_ptr(), Arc::as_ptr(view))
+        {
+            return Arc::clone(&c.targets);
+        }
+        let eps = view.endpoints.get(service).map_or(&[][..], Vec::as_slice);
+        let targets: Arc<[Target]> = {
+            let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+            let states = services.entry(service.clone()).or_default();
+            states.retain(|addr, _| eps.iter().any(|e| e.addr == *addr));
+            (eps.iter())
+                .map(|e| Target {
+                    endpoint: e.clone(),
+                    state: Arc::clone(states.entry(e.addr).or_default()),
+                })
+                .collect()
+        };
+        cache.insert(
+            service.clone(),
+            Cached {
+                view: Arc::downgrade(view),
+                targets: Arc::clone(&targets),
+            },
+        );
+        targets
     }
 }
 
@@ -1031,7 +1081,35 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &table.endpoint(&api, addr(2))));
         assert!(!Arc::ptr_eq(&a, &table.endpoint(&web, addr(1))));
         let guard = a.stats.start();
-        table.retain(|svc, ad| svc == &api && ad == addr(2));
+
+        // Targets of a view share the table's states and are built once per view.
+        let view_of = |ports: &[u16]| {
+            let mut v = MeshView::default();
+            v.endpoints.insert(
+                api.clone(),
+                ports.iter().map(|p| ep(*p, "dc", "z", &[])).collect(),
+            );
+            Arc::new(v)
+        };
+        // `ep(p, ..)` has address 10.0.0.1:p, like `addr(p)`.
+        let v1 = view_of(&[1, 2]);
+        let t1 = table.targets(&v1, &api);
+        assert_eq!(t1.len(), 2);
+        assert!(Arc::ptr_eq(&t1[0].state, &a), "shares the table's state");
+        assert!(
+            Arc::ptr_eq(&t1, &table.targets(&v1, &api)),
+            "cached per view"
+        );
+        assert!(table.targets(&v1, &web).is_empty());
+
+        // A new view without endpoint 1 forgets it; handed-out state stays valid.
+        let v2 = view_of(&[2]);
+        let t2 = table.targets(&v2, &api);
+        assert!(!Arc::ptr_eq(&t1, &t2), "rebuilt for a new view");
+        assert!(
+            Arc::ptr_eq(&t2[0].state, &t1[1].state),
+            "endpoint 2 kept its state"
+        );
         assert_eq!(guard.stats.in_flight(), 1, "handed-out state stays valid");
         assert!(
             !Arc::ptr_eq(&a, &table.endpoint(&api, addr(1))),

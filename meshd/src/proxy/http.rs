@@ -27,6 +27,13 @@ pub mod outbound;
 pub mod replay;
 pub mod upgrade;
 
+/// Between meshd hosts, an HTTP/2 PING goes out after this long without a frame from the
+/// peer, on idle connections too: a host that vanished without a reset is noticed, and its
+/// pooled connection dropped, before a request is stuck on it.
+pub const H2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a keep-alive PING may go unanswered before the connection is closed.
+pub const H2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Request and response bodies as meshd passes them on (streamed, never buffered whole).
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -335,7 +342,11 @@ impl State {
         use std::sync::atomic::Ordering;
         let counter = {
             let mut m = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry(service.clone()).or_default().clone()
+            // Look up by reference: the key is cloned only the first time.
+            match m.get(service) {
+                Some(c) => c.clone(),
+                None => m.entry(service.clone()).or_default().clone(),
+            }
         };
         let now = counter.fetch_add(1, Ordering::AcqRel);
         if max.is_some_and(|m| now >= u64::from(m)) {
@@ -399,6 +410,16 @@ impl State {
             peers.remove(&key);
         }
         Some(sender)
+    }
+
+    /// Drops the pooled connection from `source` to `addr` if it has closed (a request just
+    /// failed on it); a newer live one, pooled meanwhile by another request, stays.
+    fn forget_peer(&self, source: &ServiceKey, addr: SocketAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (source.clone(), addr);
+        if peers.get(&key).is_some_and(|p| p.sender.is_closed()) {
+            peers.remove(&key);
+        }
     }
 
     /// Pools a new connection that is about to carry its first request (unless that is

@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::Identity;
 use mesh_api::policy::authz::{Decision, Http};
 use tokio::net::TcpStream;
@@ -69,6 +69,10 @@ pub async fn serve(
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         // Upgrades (WebSocket) arrive as extended CONNECT (RFC 8441).
         .enable_connect_protocol()
+        // A caller that vanished without a reset is noticed and its connection closed.
+        .timer(TokioTimer::new())
+        .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT)
         .serve_connection(io, service);
     tokio::pin!(connection);
     let mut force = shared.force_rx.clone();
@@ -85,14 +89,6 @@ pub async fn serve(
 /// One request: authorize, forward, log.
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let headers: Vec<(String, String)> = (req.headers().iter())
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
     // An upgrade is authorized as what the app will see: the GET that asks to switch.
     let method = if upgrade_protocol(&req).is_some() {
         "GET".to_owned()
@@ -100,17 +96,20 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         req.method().as_str().to_owned()
     };
     let path = req.uri().path().to_owned();
-    let attrs = Attrs {
-        caller: Some(&conn.caller),
-        source_ip: conn.peer.ip(),
-        service: &conn.local,
-        http: Some(Http {
-            method: &method,
-            path: &path,
-            headers: &headers,
-        }),
+    let decision = {
+        let headers = authz::HeaderView(req.headers());
+        let attrs = Attrs {
+            caller: Some(&conn.caller),
+            source_ip: conn.peer.ip(),
+            service: &conn.local,
+            http: Some(Http {
+                method: &method,
+                path: &path,
+                headers: &headers,
+            }),
+        };
+        attrs.decide(&conn.shared.policy_rx.borrow())
     };
-    let decision = attrs.decide(&conn.shared.policy_rx.borrow());
     let service = conn.local.key.to_string();
     conn.shared
         .metrics

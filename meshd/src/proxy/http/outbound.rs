@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -411,13 +411,51 @@ async fn send(
     Ok(resp)
 }
 
+/// The head of a request or of its parts.
+trait Head {
+    fn method(&self) -> &http::Method;
+    fn uri(&self) -> &Uri;
+    fn version(&self) -> http::Version;
+    fn headers(&self) -> &http::HeaderMap;
+}
+
+impl Head for http::request::Parts {
+    fn method(&self) -> &http::Method {
+        &self.method
+    }
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+    fn version(&self) -> http::Version {
+        self.version
+    }
+    fn headers(&self) -> &http::HeaderMap {
+        &self.headers
+    }
+}
+
+impl<B> Head for Request<B> {
+    fn method(&self) -> &http::Method {
+        self.method()
+    }
+    fn uri(&self) -> &Uri {
+        self.uri()
+    }
+    fn version(&self) -> http::Version {
+        self.version()
+    }
+    fn headers(&self) -> &http::HeaderMap {
+        self.headers()
+    }
+}
+
 /// The same request again, with `body` (extensions are not carried over).
-fn clone_request(parts: &http::request::Parts, body: Body) -> Request<Body> {
+fn clone_request(head: &impl Head, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = head.uri().clone();
+    *req.version_mut() = head.version();
+    *req.headers_mut() = head.headers().clone();
     req
 }
 
@@ -513,6 +551,25 @@ async fn plan(
     Ok(plan)
 }
 
+/// How many times one attempt sends a request again because its connection failed before the
+/// request was written, or (idempotent requests without a body) before a response came; each
+/// time on a fresh pick of connection and endpoint. Independent of Route retries.
+const MAX_RESENDS: u32 = 2;
+
+/// Methods that may be sent again after a connection failure (RFC 9110 §9.2.2).
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
 /// One attempt: a connection to an endpoint (pooled or new), the request on it. Feeds the
 /// endpoint's latency and outlier state. The error carries what kind of failure it was.
 async fn attempt_once(
@@ -524,16 +581,50 @@ async fn attempt_once(
     Option<SocketAddr>,
 ) {
     let dst = &conn.upstream.service;
-    let (mut sender, addr) = match connection(conn, plan).await {
-        Ok(c) => c,
-        Err((attempt, resp)) => return (Err((attempt, resp)), None),
+    // An idempotent request without a body may be sent again after its connection failed
+    // under it (RFC 9110 §9.2.2): a host killed mid-request costs no error. Keep its head.
+    let idempotent = is_idempotent(req.method()) && hyper::body::Body::is_end_stream(req.body());
+    let head = idempotent.then(|| clone_request(&req, super::empty()));
+    let mut req = req;
+    let mut resends = 0;
+    let (result, addr) = loop {
+        let (mut sender, addr, state) = match connection(conn, plan).await {
+            Ok(c) => c,
+            Err((attempt, resp)) => return (Err((attempt, resp)), None),
+        };
+        let _in_flight = state.stats.start();
+        let started = std::time::Instant::now();
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let now = std::time::Instant::now();
+                state.stats.observe(now - started, now);
+                break (Ok(resp), addr);
+            }
+            Err(mut e) => match e.take_message() {
+                // The connection died before the request left (a pooled connection to a host
+                // that just went away): nothing reached the peer, so sending it again on
+                // another connection is safe whatever the method, and needs no retry policy.
+                Some(unsent) if resends < MAX_RESENDS => {
+                    resends += 1;
+                    debug!(dst.addr = %addr, error = %e.error(), "connection closed before the request was sent; sending it on another");
+                    conn.shared.http.forget_peer(&conn.source.key, addr);
+                    record_outlier(conn, plan, addr, balance::Outcome::ConnectFailure);
+                    req = unsent;
+                }
+                None if resends < MAX_RESENDS
+                    && let Some(head) = &head
+                    && !e.error().is_user() =>
+                {
+                    resends += 1;
+                    debug!(dst.addr = %addr, error = %e.error(), "idempotent request failed with its connection; sending it again");
+                    conn.shared.http.forget_peer(&conn.source.key, addr);
+                    record_outlier(conn, plan, addr, balance::Outcome::ConnectFailure);
+                    req = clone_request(head, super::empty());
+                }
+                _ => break (Err(e.into_error()), addr),
+            },
+        }
     };
-    let state = conn.shared.balance.endpoint(dst, addr);
-    let _in_flight = state.stats.start();
-    let started = std::time::Instant::now();
-    let result = sender.send_request(req).await;
-    let now = std::time::Instant::now();
-    state.stats.observe(now - started, now);
     let outcome = match &result {
         Ok(r) if r.status().is_server_error() => balance::Outcome::Status5xx(r.status().as_u16()),
         Ok(_) => balance::Outcome::Success,
@@ -573,9 +664,8 @@ fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::
     };
     let dst = &conn.upstream.service;
     let view = conn.shared.view_rx.borrow().clone();
-    let addrs: Vec<SocketAddr> = (view.endpoints.get(dst).into_iter().flatten())
-        .map(|e| e.addr)
-        .collect();
+    let targets = conn.shared.balance.targets(&view, dst);
+    let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.endpoint.addr).collect();
     let now = std::time::Instant::now();
     if let Some(d) = conn
         .shared
@@ -589,25 +679,27 @@ fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::
     }
 }
 
-/// Endpoints a request may go to, in the order to try them: usable, in the subset, not
-/// ejected, in the preferred locality; the first is the load balancer's pick.
-fn candidates(conn: &Conn, plan: &Plan) -> Vec<crate::membership::Endpoint> {
+/// Endpoints a request may go to, in the order to try them (indices into `targets`):
+/// usable, in the subset, not ejected, in the preferred locality; the first is the load
+/// balancer's pick.
+struct Candidates {
+    targets: Arc<[balance::Target]>,
+    order: Vec<usize>,
+}
+
+fn candidates(conn: &Conn, plan: &Plan) -> Candidates {
     let shared = &conn.shared;
     let dst = &conn.upstream.service;
-    let view = shared.view_rx.borrow().clone();
+    let targets = {
+        let view = shared.view_rx.borrow();
+        shared.balance.targets(&view, dst)
+    };
     let now = std::time::Instant::now();
-    let usable: Vec<&crate::membership::Endpoint> = (view.endpoints.get(dst).into_iter().flatten())
-        .filter(|e| e.is_usable())
-        .filter(|e| {
-            plan.subset
-                .as_ref()
-                .is_none_or(|l| balance::in_subset(e, l))
-        })
-        .filter(|e| {
-            let st = shared.balance.endpoint(dst, e.addr);
-            let ejected = st
-                .outlier
-                .lock()
+    let usable: Vec<&balance::Target> = (targets.iter())
+        .filter(|t| t.endpoint.is_usable())
+        .filter(|t| (plan.subset.as_ref()).is_none_or(|l| balance::in_subset(&t.endpoint, l)))
+        .filter(|t| {
+            let ejected = (t.state.outlier.lock())
                 .map(|o| o.is_ejected(now))
                 .unwrap_or(false);
             !ejected
@@ -632,25 +724,32 @@ fn candidates(conn: &Conn, plan: &Plan) -> Vec<crate::membership::Endpoint> {
         .policy
         .as_ref()
         .map_or(mesh_api::policy::LoadBalancer::Ewma, |p| p.load_balancer);
-    let cands: Vec<balance::Cand> = (group.iter())
-        .map(|e| shared.balance.endpoint(dst, e.addr).stats.cand(now))
-        .collect();
+    let cands: Vec<balance::Cand> = group.iter().map(|t| t.state.stats.cand(now)).collect();
     let cursor = conn.cursor.fetch_add(1, Ordering::Relaxed);
     if let Some(first) = balance::pick(lb, &cands, cursor, &mut balance::random_index) {
         group.swap(0, first);
     }
+    let index = |t: &balance::Target| {
+        (targets.iter())
+            .position(|o| std::ptr::eq(o, t))
+            .unwrap_or_default()
+    };
     // Fallbacks for connect failures: the rest of the group, then other localities if
     // failover allows (they are in `usable`).
-    let mut out: Vec<crate::membership::Endpoint> = group.iter().map(|e| (*e).clone()).collect();
+    let mut order: Vec<usize> = group.iter().map(|t| index(t)).collect();
     if locality.failover {
-        for e in usable {
-            if !out.iter().any(|o| o.addr == e.addr) {
-                out.push(e.clone());
+        for t in &usable {
+            let i = index(t);
+            if !order.contains(&i) {
+                order.push(i);
             }
         }
     }
-    out.truncate(MAX_CONNECT_ATTEMPTS);
-    out
+    order.truncate(MAX_CONNECT_ATTEMPTS);
+    Candidates {
+        targets: Arc::clone(&targets),
+        order,
+    }
 }
 
 /// A ready HTTP/2 connection to an endpoint of the upstream: pooled, or made now (trying up
@@ -659,7 +758,11 @@ async fn connection(
     conn: &Conn,
     plan: &Plan,
 ) -> Result<
-    (hyper::client::conn::http2::SendRequest<Body>, SocketAddr),
+    (
+        hyper::client::conn::http2::SendRequest<Body>,
+        SocketAddr,
+        Arc<balance::EndpointState>,
+    ),
     (route::Attempt, Response<Body>),
 > {
     let shared = &conn.shared;
@@ -679,7 +782,7 @@ async fn connection(
         ));
     };
     let candidates = candidates(conn, plan);
-    if candidates.is_empty() {
+    if candidates.order.is_empty() {
         let e = Error::NoEndpoints(dst.to_string());
         shared.metrics.reject(Direction::Outbound, e.reason());
         warn!(src.service = %conn.source.key, dst.service = %dst, reason = e.reason(), "no endpoint for the request");
@@ -693,18 +796,20 @@ async fn connection(
             ),
         ));
     }
-    let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
     let max_requests = (plan.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
         .and_then(|c| c.max_requests_per_connection);
     let mut last = None;
-    for ep in candidates {
+    for &i in &candidates.order {
+        let target = &candidates.targets[i];
+        let ep = &target.endpoint;
         if let Some(mut sender) = (shared.http).peer(&conn.source.key, ep.addr, &tls, max_requests)
             && sender.ready().await.is_ok()
         {
-            return Ok((sender, ep.addr));
+            return Ok((sender, ep.addr, Arc::clone(&target.state)));
         }
-        let stream = match attempt(shared, &client, true, name.clone(), ep.addr).await {
+        let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
+        let stream = match attempt(shared, &client, true, name, ep.addr).await {
             Ok(s) => s,
             Err(e) => {
                 shared.metrics.reject(Direction::Outbound, e.reason());
@@ -719,16 +824,25 @@ async fn connection(
             }
         };
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake::<_, Body>(TokioIo::new(stream))
             .await;
         match handshake {
             Ok((mut sender, driver)) => {
                 let addr = ep.addr;
-                // Runs until the last sender is dropped (pool eviction) or the peer closes.
+                let mut force = shared.force_rx.clone();
+                // Runs until the last sender is dropped (pool eviction), the peer closes or
+                // stops answering keep-alive pings, or the drain's grace period is over.
                 tokio::spawn(
                     async move {
-                        if let Err(e) = driver.await {
-                            debug!(error = %e, "http/2 connection to a peer ended with an error");
+                        tokio::select! {
+                            r = driver => if let Err(e) = r {
+                                debug!(error = %e, "http/2 connection to a peer ended with an error");
+                            },
+                            _ = mesh_runtime::drain::until_true(&mut force) => {}
                         }
                     }
                     .instrument(debug_span!("h2", dst.addr = %addr)),
@@ -741,7 +855,7 @@ async fn connection(
                         sender.clone(),
                         max_requests,
                     );
-                    return Ok((sender, ep.addr));
+                    return Ok((sender, ep.addr, Arc::clone(&target.state)));
                 }
             }
             Err(e) => {

@@ -131,6 +131,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (membership, view_rx) =
         Membership::start(&config, cluster_id, advertise, shutdown_rx.clone()).await?;
     let _ = view_cell.set(view_rx.clone());
+    for svc in config.services.iter().filter(|s| !s.checks.is_empty()) {
+        let health_rx =
+            crate::health::spawn(svc.key.clone(), svc.checks.clone(), shutdown_rx.clone());
+        tasks.spawn(membership.publish_health(svc, health_rx, shutdown_rx.clone()));
+    }
     {
         let mut rx = view_rx.clone();
         let mut shutdown = shutdown_rx.clone();

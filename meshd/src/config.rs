@@ -12,14 +12,18 @@ use std::time::Duration;
 use mesh_api::name::{Label, NodeName};
 use serde::{Serialize, Serializer};
 
+use crate::health::StatusRange;
+
 mod check;
 mod example;
+mod health;
 mod node;
 mod service;
 #[cfg(test)]
 mod tests;
 
 pub use example::{EXAMPLE_NODE_TOML, EXAMPLE_SERVICE_TOML};
+pub use health::{RawCheck, RawTcpTarget};
 pub use node::{RawAdmin, RawConfig, RawDrain, RawGossip, RawInbound, RawOutbound, RawRegistry};
 pub use service::{Protocol, RawService, RawUpstream, Service, Upstream};
 
@@ -61,6 +65,20 @@ pub const DEFAULT_OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 /// Time open connections get to finish after shutdown starts.
 pub const DEFAULT_DRAIN_GRACE_PERIOD: Duration = Duration::from_secs(15);
+/// Time between two runs of a service's health check (Kubernetes' probe period).
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Time one run of a health check may take before it counts as failed; a local app that
+/// needs longer to answer is in trouble anyway.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Failing runs in a row that take a healthy service out of rotation (Kubernetes' default),
+/// so one slow answer does not.
+pub const DEFAULT_CHECK_UNHEALTHY_THRESHOLD: u32 = 3;
+/// Passing runs in a row that bring an unhealthy service back, so a flapping app is not
+/// sent traffic on every lucky answer.
+pub const DEFAULT_CHECK_HEALTHY_THRESHOLD: u32 = 2;
+/// HTTP statuses that pass an `http` check: success and redirects (as Kubernetes probes).
+pub const DEFAULT_CHECK_EXPECT_STATUS: StatusRange =
+    StatusRange::new(200, 399).expect("200-399 is a valid status range");
 
 /// The validated node configuration plus the local services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

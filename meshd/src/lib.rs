@@ -10,6 +10,7 @@ pub mod demo;
 pub mod dev;
 pub mod discovery;
 pub mod fsutil;
+pub mod health;
 pub mod identity;
 pub mod membership;
 pub mod proxy;

@@ -15,7 +15,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, Protocol};
+use crate::config::{Config, Protocol, Service};
+use crate::health::ServiceHealth;
 
 /// Phi-accrual threshold above which a silent node is considered dead.
 pub const DEFAULT_PHI_THRESHOLD: f64 = 8.0;
@@ -144,6 +145,16 @@ pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>) -> MeshView {
     view
 }
 
+/// What this node gossips about one of its services.
+fn service_info(svc: &Service, healthy: bool) -> ServiceInfo {
+    ServiceInfo {
+        v: gossip::VERSION,
+        protocol: svc.protocol.to_string(),
+        labels: svc.labels.clone(),
+        healthy,
+    }
+}
+
 /// Running gossip membership.
 pub struct Membership {
     handle: ChitchatHandle,
@@ -170,14 +181,12 @@ impl Membership {
         };
         let mut kvs = vec![(gossip::KEY_NODE.to_owned(), gossip::encode(&node_info))];
         for svc in &config.services {
+            // A service with health checks takes no traffic until its first check passes
+            // (`publish_health` says so); one without checks is healthy from the start.
+            let healthy = svc.checks.is_empty();
             kvs.push((
                 gossip::service_key(&svc.key),
-                gossip::encode(&ServiceInfo {
-                    v: gossip::VERSION,
-                    protocol: svc.protocol.to_string(),
-                    labels: svc.labels.clone(),
-                    healthy: true,
-                }),
+                gossip::encode(&service_info(svc, healthy)),
             ));
         }
         let cc = ChitchatConfig {
@@ -248,6 +257,37 @@ impl Membership {
         self.handle
             .with_chitchat(|c| c.self_node_state().set(gossip::KEY_NODE, &value))
             .await;
+    }
+
+    /// A task that publishes `svc`'s health by gossip each time it flips, until `health_rx`
+    /// closes or `shutdown` turns true. Peers drop an unhealthy instance from their
+    /// load-balancing sets when they see it.
+    pub fn publish_health(
+        &self,
+        svc: &Service,
+        mut health_rx: watch::Receiver<ServiceHealth>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let chitchat = self.handle.chitchat();
+        let key = gossip::service_key(&svc.key);
+        let mut info = service_info(svc, svc.checks.is_empty());
+        let mut published = info.healthy;
+        async move {
+            loop {
+                let healthy = health_rx.borrow_and_update().healthy;
+                if healthy != published {
+                    info.healthy = healthy;
+                    let value = gossip::encode(&info);
+                    chitchat.lock().await.self_node_state().set(&key, value);
+                    published = healthy;
+                    debug!(key, healthy, "service health published");
+                }
+                tokio::select! {
+                    r = health_rx.changed() => if r.is_err() { return },
+                    _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+                }
+            }
+        }
     }
 
     /// Leaves the cluster.

@@ -466,6 +466,8 @@ pub struct ServiceSpec {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// Labels.
     pub labels: Vec<(String, String)>,
+    /// Health checks: the body of each `[[checks]]` table, as TOML lines.
+    pub checks: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -479,7 +481,14 @@ impl ServiceSpec {
             http_proxy: None,
             upstreams: Vec::new(),
             labels: Vec::new(),
+            checks: Vec::new(),
         }
+    }
+
+    /// Adds a health check (the body of its `[[checks]]` table).
+    pub fn check(mut self, body: &str) -> Self {
+        self.checks.push(body.to_owned());
+        self
     }
 
     /// Sets the protocol.
@@ -614,6 +623,9 @@ impl Node {
                 text.push_str(&format!(
                     "[[upstreams]]\nservice = \"{svc}\"\nbind = \"{bind}\"\n"
                 ));
+            }
+            for body in &s.checks {
+                text.push_str(&format!("[[checks]]\n{body}\n"));
             }
             std::fs::write(
                 dir.join("services.d").join(format!("{}.toml", s.name)),

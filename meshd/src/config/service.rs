@@ -11,7 +11,9 @@ use mesh_api::name::{DEFAULT_NAMESPACE, Label, ServiceKey};
 use serde::{Deserialize, Serialize};
 
 use super::check::{self, Checker};
+use super::health::{self, RawCheck};
 use super::{Config, Error, Problem};
+use crate::health::Check;
 
 /// A local service: the app listening on this host and the upstreams it may call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,6 +37,9 @@ pub struct Service {
     /// A local HTTP listener where the app reaches any HTTP-family mesh service by host name
     /// (`http://api.mesh/`, e.g. as its `HTTP_PROXY`), without declaring an upstream port.
     pub http_proxy: Option<SocketAddr>,
+    /// Health checks of the app; the service is healthy iff every check is, so always
+    /// without checks.
+    pub checks: Vec<Check>,
     /// The file the service was declared in.
     pub file: PathBuf,
 }
@@ -84,6 +89,8 @@ pub struct RawService {
     pub upstreams: Vec<RawUpstream>,
     /// Optional IP address and port.
     pub http_proxy: Option<String>,
+    /// `[[checks]]`.
+    pub checks: Vec<RawCheck>,
 }
 
 /// One `[[upstreams]]` entry as written.
@@ -197,6 +204,7 @@ impl RawService {
         let upstreams: Vec<Option<Upstream>> = (self.upstreams.iter().enumerate())
             .map(|(i, u)| u.check(c, i))
             .collect();
+        let checks = health::check_all(c, &self.checks, address);
         Some(Service {
             key: ServiceKey::new(namespace?, name?),
             address: address?,
@@ -205,6 +213,7 @@ impl RawService {
             labels: labels_ok.then_some(self.labels)?,
             upstreams: upstreams.into_iter().collect::<Option<_>>()?,
             http_proxy: http_proxy?,
+            checks: checks?,
             file: path.to_owned(),
         })
     }
@@ -221,6 +230,7 @@ impl Default for RawService {
             labels: BTreeMap::new(),
             upstreams: Vec::new(),
             http_proxy: None,
+            checks: Vec::new(),
         }
     }
 }

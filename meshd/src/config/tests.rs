@@ -379,6 +379,7 @@ fn minimal_service_gets_defaults() {
     assert_eq!(service.protocol, Protocol::Tcp);
     assert!(service.labels.is_empty());
     assert!(service.upstreams.is_empty());
+    assert!(service.checks.is_empty());
 }
 
 #[test]
@@ -809,5 +810,260 @@ fn listen_clashes_with_apps_upstreams_and_node_listeners() {
                 "127.0.0.1:15008 is already used by inbound.bind"
             ),
         ]
+    );
+}
+
+// === health checks ===
+
+const CHECKED_SERVICE: &str = "name = \"web\"\naddress = \"127.0.0.1:8080\"\n";
+
+fn checks_of(text: &str) -> Vec<crate::health::Check> {
+    match Service::from_toml_str(service_path(), text) {
+        Ok(s) => s.checks,
+        Err(problems) => panic!("{problems:#?}\nfrom:\n{text}"),
+    }
+}
+
+#[test]
+fn check_defaults() {
+    use crate::health::{Check, CheckKind};
+    let text = format!("{CHECKED_SERVICE}[[checks]]\nhttp = \"/healthz\"\n");
+    let checks = checks_of(&text);
+    let expected = Check {
+        name: "http".to_owned(),
+        kind: CheckKind::Http {
+            url: "http://127.0.0.1:8080/healthz".parse().unwrap(),
+            expect_status: DEFAULT_CHECK_EXPECT_STATUS,
+        },
+        interval: DEFAULT_CHECK_INTERVAL,
+        timeout: DEFAULT_CHECK_TIMEOUT,
+        unhealthy_threshold: DEFAULT_CHECK_UNHEALTHY_THRESHOLD.try_into().unwrap(),
+        healthy_threshold: DEFAULT_CHECK_HEALTHY_THRESHOLD.try_into().unwrap(),
+    };
+    assert_eq!(checks, [expected]);
+    assert_eq!(DEFAULT_CHECK_EXPECT_STATUS.to_string(), "200-399");
+    assert!(DEFAULT_CHECK_TIMEOUT < DEFAULT_CHECK_INTERVAL);
+
+    let service = Service::from_toml_str(service_path(), &text).unwrap();
+    let json = serde_json::to_value(&service).unwrap();
+    assert_eq!(
+        json["checks"][0]["kind"]["http"]["url"],
+        "http://127.0.0.1:8080/healthz"
+    );
+    assert_eq!(json["checks"][0]["interval"], "10s");
+}
+
+#[test]
+fn every_check_kind_parses() {
+    use crate::health::CheckKind;
+    let text = r#"
+        name = "web"
+        address = "[::1]:8080"
+
+        [[checks]]
+        name = "ready"
+        http = "/healthz?deep=1"
+        expect_status = 204
+        interval = "5s"
+        timeout = "2s"
+        unhealthy_threshold = 1
+        healthy_threshold = 5
+
+        [[checks]]
+        name = "admin"
+        http = "http://localhost:9090/status"
+        expect_status = "200-299"
+
+        [[checks]]
+        tcp = true
+
+        [[checks]]
+        name = "db-port"
+        tcp = "db.internal:5432"
+
+        [[checks]]
+        grpc = ""
+
+        [[checks]]
+        name = "grpc-web"
+        grpc = "web.v1.Web"
+
+        [[checks]]
+        command = ["/usr/local/bin/check-db", "--quick"]
+    "#;
+    let checks = checks_of(text);
+    let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ready", "admin", "tcp", "db-port", "grpc", "grpc-web", "command"
+        ]
+    );
+    let http = |url: &str, status: &str| CheckKind::Http {
+        url: url.parse().unwrap(),
+        expect_status: status.parse().unwrap(),
+    };
+    let kinds: Vec<&CheckKind> = checks.iter().map(|c| &c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            &http("http://[::1]:8080/healthz?deep=1", "204"),
+            &http("http://localhost:9090/status", "200-299"),
+            &CheckKind::Tcp {
+                address: "[::1]:8080".to_owned()
+            },
+            &CheckKind::Tcp {
+                address: "db.internal:5432".to_owned()
+            },
+            &CheckKind::Grpc {
+                address: addr("[::1]:8080"),
+                service: String::new()
+            },
+            &CheckKind::Grpc {
+                address: addr("[::1]:8080"),
+                service: "web.v1.Web".to_owned()
+            },
+            &CheckKind::Command {
+                argv: vec!["/usr/local/bin/check-db".to_owned(), "--quick".to_owned()]
+            },
+        ]
+    );
+    let ready = &checks[0];
+    assert_eq!(ready.interval, Duration::from_secs(5));
+    assert_eq!(ready.timeout, Duration::from_secs(2));
+    assert_eq!(ready.unhealthy_threshold.get(), 1);
+    assert_eq!(ready.healthy_threshold.get(), 5);
+}
+
+#[test]
+fn bad_check_values() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("name = \"x\"", "checks[0]", "no check kind: set exactly one of http, tcp, grpc or command"),
+        ("http = \"/\"\ntcp = true", "checks[0]", "sets http and tcp: set exactly one of"),
+        ("http = \"/\"\ngrpc = \"\"\ncommand = [\"true\"]", "checks[0]", "sets http and grpc and command"),
+        ("http = \"healthz\"", "checks[0].http", "\"healthz\" is neither a path nor an http URL; write a path such as \"/healthz\""),
+        ("http = \"https://127.0.0.1:8443/healthz\"", "checks[0].http", "https is not supported"),
+        ("http = \"http://127.0.0.1:0/healthz\"", "checks[0].http", "port 0 is not allowed"),
+        ("http = \"/health z\"", "checks[0].http", "\"/health z\" is invalid"),
+        ("http = \"/\"\nexpect_status = \"600\"", "checks[0].expect_status", "\"600\" is invalid: 600 is not an HTTP status code (100 to 599)"),
+        ("http = \"/\"\nexpect_status = 99", "checks[0].expect_status", "99 is not an HTTP status code"),
+        ("http = \"/\"\nexpect_status = \"399-200\"", "checks[0].expect_status", "399 is greater than 200"),
+        ("http = \"/\"\nexpect_status = \"2xx\"", "checks[0].expect_status", "write a code such as \"200\" or a range such as \"200-399\""),
+        ("http = \"/\"\nexpect_status = true", "", "expected a status code such as 200"),
+        ("tcp = true\nexpect_status = 200", "checks[0].expect_status", "only applies to http checks"),
+        ("tcp = false", "checks[0].tcp", "false is not valid: write true for the service's address"),
+        ("tcp = \"db\"", "checks[0].tcp", "missing \":port\""),
+        ("tcp = 5432", "", "expected true or an address such as"),
+        ("command = []", "checks[0].command", "must start with a program"),
+        ("command = [\"\", \"--quick\"]", "checks[0].command", "must start with a program"),
+        ("command = \"check-db --quick\"", "", "invalid type: string"),
+        ("tcp = true\ninterval = \"5\"", "checks[0].interval", "\"5\" is not a duration"),
+        ("tcp = true\ninterval = \"0s\"", "checks[0].interval", "greater than zero"),
+        ("tcp = true\ntimeout = \"0s\"", "checks[0].timeout", "greater than zero"),
+        ("tcp = true\ntimeout = \"10s\"", "checks[0].timeout", "10s is not shorter than interval (10s)"),
+        ("tcp = true\ninterval = \"500ms\"", "checks[0].timeout", "1s is not shorter than interval (500ms)"),
+        ("tcp = true\nunhealthy_threshold = 0", "checks[0].unhealthy_threshold", "must be at least 1"),
+        ("tcp = true\nhealthy_threshold = 0", "checks[0].healthy_threshold", "must be at least 1"),
+        ("tcp = true\nhealthy_threshold = -1", "", "healthy_threshold = -1"),
+        ("tcp = true\nname = \"Ready!\"", "checks[0].name", "\"Ready!\" is invalid: character '!'"),
+        ("tcp = true\nname = \"\"", "checks[0].name", "must not be empty"),
+        ("tcp = true\nhtpp = \"/\"", "", "unknown field `htpp`"),
+    ];
+    for (check, key, fragment) in cases {
+        let text = format!("{CHECKED_SERVICE}[[checks]]\n{check}\n");
+        assert_one_problem(&service_problems(&text), key, fragment, &text);
+    }
+
+    // The index names the entry.
+    let text = format!("{CHECKED_SERVICE}[[checks]]\ntcp = true\n[[checks]]\ncommand = []\n");
+    assert_one_problem(
+        &service_problems(&text),
+        "checks[1].command",
+        "must start with a program",
+        &text,
+    );
+}
+
+#[test]
+fn check_names_are_unique_per_service() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        ("http = \"/a\"", "http = \"/b\"",
+            "\"http\" (the default name of http checks) is already the name of checks[0]; set a unique name"),
+        ("name = \"ready\"\ntcp = true", "name = \"ready\"\nhttp = \"/\"",
+            "\"ready\" is already the name of checks[0]"),
+        ("name = \"tcp\"\nhttp = \"/\"", "tcp = true",
+            "\"tcp\" (the default name of tcp checks) is already the name of checks[0]"),
+    ];
+    for (first, second, fragment) in cases {
+        let text = format!("{CHECKED_SERVICE}[[checks]]\n{first}\n[[checks]]\n{second}\n");
+        assert_one_problem(&service_problems(&text), "checks[1].name", fragment, &text);
+    }
+    // Distinct names, same kind: fine.
+    let text = format!(
+        "{CHECKED_SERVICE}[[checks]]\nhttp = \"/a\"\n[[checks]]\nname = \"deep\"\nhttp = \"/b\"\n"
+    );
+    assert_eq!(checks_of(&text).len(), 2);
+}
+
+#[test]
+fn all_check_problems_reported_at_once() {
+    let text = r#"
+        name = "web"
+        address = "127.0.0.1:8080"
+        [[checks]]
+        http = "/"
+        expect_status = "0"
+        timeout = "20s"
+        [[checks]]
+        [[checks]]
+        name = "db"
+        command = []
+        healthy_threshold = 0
+        [[checks]]
+        tcp = true
+        [[checks]]
+        tcp = "localhost:5432"
+    "#;
+    let problems = service_problems(text);
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "checks[0].expect_status",
+            "checks[0].timeout",
+            "checks[1]",
+            "checks[2].command",
+            "checks[2].healthy_threshold",
+            "checks[4].name",
+        ]
+    );
+    let shown = problems[0].to_string();
+    assert!(
+        shown.starts_with("/etc/meshd/services.d/web.toml: checks[0].expect_status: \"0\""),
+        "{shown}"
+    );
+}
+
+#[test]
+fn checks_on_an_invalid_address_add_no_problems() {
+    let text = r#"
+        name = "web"
+        address = "localhost:8080"
+        [[checks]]
+        http = "/healthz"
+        [[checks]]
+        tcp = true
+        [[checks]]
+        grpc = ""
+        [[checks]]
+        command = ["true"]
+    "#;
+    assert_one_problem(
+        &service_problems(text),
+        "address",
+        "not an IP address and port",
+        text,
     );
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::discovery;
 use crate::identity::Certs;
-use crate::membership::MeshView;
+use crate::membership::{Liveness, MeshView};
 
 /// What the admin endpoint reads.
 #[derive(Clone)]
@@ -32,6 +32,8 @@ pub struct AdminState {
     pub certs_rx: Arc<OnceLock<watch::Receiver<Arc<Certs>>>>,
     /// Mesh view, set once gossip has started.
     pub view_rx: Arc<OnceLock<watch::Receiver<Arc<MeshView>>>>,
+    /// Every known node's liveness (dead ones too), set once gossip has started.
+    pub liveness_rx: Arc<OnceLock<watch::Receiver<Arc<Vec<Liveness>>>>>,
     /// The policy being enforced (revision 0 and empty until a snapshot is in place).
     pub policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
 }
@@ -133,7 +135,11 @@ async fn members(State(s): State<AdminState>) -> Json<serde_json::Value> {
         .get()
         .map(|rx| rx.borrow().clone())
         .unwrap_or_default();
+    let liveness = (s.liveness_rx.get())
+        .map(|rx| rx.borrow().clone())
+        .unwrap_or_default();
     Json(json!({
+        "liveness": *liveness,
         "members": view.members,
         "endpoints": view.endpoints.iter().map(|(k, v)| (k.to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
     }))

@@ -88,12 +88,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     // Admin first, so /live answers (and /ready says 503) while the node is still joining.
     let certs_cell = Arc::new(std::sync::OnceLock::new());
     let view_cell = Arc::new(std::sync::OnceLock::new());
+    let liveness_cell = Arc::new(std::sync::OnceLock::new());
     let admin_state = AdminState {
         config: config.clone(),
         ready_rx,
         metrics: registry,
         certs_rx: certs_cell.clone(),
         view_rx: view_cell.clone(),
+        liveness_rx: liveness_cell.clone(),
         policy_rx: policy.policy_rx.clone(),
     };
     let mut admin_shutdown = shutdown_rx.clone();
@@ -131,6 +133,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (membership, view_rx) =
         Membership::start(&config, cluster_id, advertise, shutdown_rx.clone()).await?;
     let _ = view_cell.set(view_rx.clone());
+    let _ = liveness_cell.set(membership.liveness());
     for svc in config.services.iter().filter(|s| !s.checks.is_empty()) {
         let health_rx =
             crate::health::spawn(svc.key.clone(), svc.checks.clone(), shutdown_rx.clone());

@@ -121,31 +121,95 @@ pub async fn admin_get(addr: &str, path: &str) -> anyhow::Result<String> {
         .context("admin endpoint timed out")?
 }
 
-/// Prints the members and endpoints a node sees.
+/// How long ago `unix_ms` was, for humans ("0.4s", "3m12s").
+fn since(unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let ms = now.saturating_sub(unix_ms);
+    if ms < 60_000 {
+        format!("{:.1}s ago", ms as f64 / 1000.0)
+    } else {
+        let d = std::time::Duration::from_secs(ms / 1000);
+        format!("{} ago", humantime::format_duration(d))
+    }
+}
+
+/// Prints every node a meshd knows: alive or dead, address, locality, state, services and
+/// when it was last heard from.
 pub async fn print_members(admin: &str) -> anyhow::Result<()> {
     let body = admin_get(admin, "/members").await?;
     let v: serde_json::Value = serde_json::from_str(&body).context("parsing /members")?;
     println!(
-        "{:<24} {:<22} {:<10} {:<10} {:<9} SERVICES",
-        "NODE", "INBOUND", "DC", "ZONE", "STATE"
+        "{:<24} {:<6} {:<22} {:<10} {:<10} {:<9} {:<12} SERVICES",
+        "NODE", "STATUS", "INBOUND", "DC", "ZONE", "STATE", "LAST HEARD"
     );
-    for m in v["members"].as_array().into_iter().flatten() {
-        let info = &m["info"];
-        let services: Vec<&str> = m["services"]
-            .as_array()
+    let members: Vec<&serde_json::Value> = v["members"].as_array().into_iter().flatten().collect();
+    for l in v["liveness"].as_array().into_iter().flatten() {
+        let node = l["node"].as_str().unwrap_or("?");
+        // A live member's published info; a dead node only has its gossip identity.
+        let m = members.iter().find(|m| {
+            m["node"].as_str() == Some(node) && m["generation"] == l["generation"]
+        });
+        let info = m.map(|m| &m["info"]);
+        let field = |k: &str| {
+            info.and_then(|i| i[k].as_str())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let services: Vec<&str> = (m.and_then(|m| m["services"].as_array()))
             .into_iter()
             .flatten()
             .filter_map(|s| s.as_str())
             .collect();
         println!(
-            "{:<24} {:<22} {:<10} {:<10} {:<9} {}",
-            m["node"].as_str().unwrap_or("?"),
-            info["inbound"].as_str().unwrap_or("?"),
-            info["datacenter"].as_str().unwrap_or("?"),
-            info["zone"].as_str().unwrap_or("?"),
-            info["state"].as_str().unwrap_or("?"),
+            "{:<24} {:<6} {:<22} {:<10} {:<10} {:<9} {:<12} {}",
+            node,
+            l["status"].as_str().unwrap_or("?"),
+            field("inbound"),
+            field("datacenter"),
+            field("zone"),
+            field("state"),
+            since(l["last_heard_unix_ms"].as_u64().unwrap_or_default()),
             services.join(",")
         );
+    }
+    Ok(())
+}
+
+/// Prints every instance of every service a meshd knows: node, address, labels, health.
+pub async fn print_services(admin: &str) -> anyhow::Result<()> {
+    let body = admin_get(admin, "/members").await?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("parsing /members")?;
+    println!(
+        "{:<28} {:<20} {:<22} {:<8} {:<10} {:<12} LABELS",
+        "SERVICE", "NODE", "ADDRESS", "PROTO", "ZONE", "HEALTH"
+    );
+    for (svc, eps) in v["endpoints"].as_object().into_iter().flatten() {
+        for e in eps.as_array().into_iter().flatten() {
+            let health = match (e["healthy"].as_bool(), e["draining"].as_bool()) {
+                (_, Some(true)) => "draining",
+                (Some(true), _) => "healthy",
+                _ => "unhealthy",
+            };
+            let labels: Vec<String> = (e["labels"].as_object().into_iter().flatten())
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            println!(
+                "{:<28} {:<20} {:<22} {:<8} {:<10} {:<12} {}",
+                svc,
+                e["node"].as_str().unwrap_or("?"),
+                e["addr"].as_str().unwrap_or("?"),
+                e["protocol"].as_str().unwrap_or("?"),
+                format!(
+                    "{}/{}",
+                    e["datacenter"].as_str().unwrap_or("?"),
+                    e["zone"].as_str().unwrap_or("?")
+                ),
+                health,
+                labels.join(",")
+            );
+        }
     }
     Ok(())
 }

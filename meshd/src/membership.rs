@@ -145,6 +145,72 @@ pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>) -> MeshView {
     view
 }
 
+/// How one node looks to this one: alive or dead by the failure detector, and when its
+/// heartbeat last advanced here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Liveness {
+    /// Node name.
+    pub node: String,
+    /// Gossip address.
+    pub gossip_addr: SocketAddr,
+    /// Generation (start time in ms).
+    pub generation: u64,
+    /// `alive` or `dead` (kept until collected, [`DEFAULT_DEAD_NODE_GRACE`]).
+    pub status: &'static str,
+    /// When its heartbeat last advanced, as seen here (Unix ms); the node itself is always
+    /// current.
+    pub last_heard_unix_ms: u64,
+}
+
+/// Tracks when each node's heartbeat last advanced.
+#[derive(Debug, Default)]
+struct HeartbeatClock {
+    seen: std::collections::HashMap<ChitchatId, (u64, SystemTime)>,
+}
+
+impl HeartbeatClock {
+    /// Updates from chitchat's state at `now` and returns every known node's liveness.
+    fn observe(&mut self, cc: &chitchat::Chitchat, now: SystemTime) -> Vec<Liveness> {
+        let me = cc.self_chitchat_id().clone();
+        // Alive = what the proxy uses (chitchat's live set); anything else it still holds is
+        // dead or on its way out.
+        let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+        let mut out = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for (id, state) in cc.node_states() {
+            present.insert(id.clone());
+            let beat = u64::from(state.heartbeat());
+            let entry = self.seen.entry(id.clone()).or_insert((beat, now));
+            if entry.0 != beat || *id == me {
+                *entry = (beat, now);
+            }
+            out.push(Liveness {
+                node: id.node_id.to_string(),
+                gossip_addr: id.gossip_advertise_addr,
+                generation: id.generation_id,
+                status: if live.contains(id) || *id == me { "alive" } else { "dead" },
+                last_heard_unix_ms: entry
+                    .1
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            });
+        }
+        // Collected nodes are forgotten here too.
+        self.seen.retain(|id, _| present.contains(id));
+        // A dead generation of a node that came back is history, not a member: chitchat keeps
+        // it until its grace period ends, nobody needs to see it meanwhile.
+        let newest: std::collections::HashMap<String, u64> =
+            out.iter().fold(Default::default(), |mut m, l| {
+                let g = m.entry(l.node.clone()).or_insert(l.generation);
+                *g = (*g).max(l.generation);
+                m
+            });
+        out.retain(|l| l.status == "alive" || newest.get(&l.node) == Some(&l.generation));
+        out.sort_by(|a, b| (&a.node, a.generation).cmp(&(&b.node, b.generation)));
+        out
+    }
+}
+
 /// What this node gossips about one of its services.
 fn service_info(svc: &Service, healthy: bool) -> ServiceInfo {
     ServiceInfo {
@@ -159,6 +225,7 @@ fn service_info(svc: &Service, healthy: bool) -> ServiceInfo {
 pub struct Membership {
     handle: ChitchatHandle,
     node_info: NodeInfo,
+    liveness_rx: watch::Receiver<Arc<Vec<Liveness>>>,
 }
 
 impl Membership {
@@ -220,14 +287,14 @@ impl Membership {
         let mut live_rx = handle.chitchat().lock().await.live_nodes_watcher();
         let initial = Arc::new(build_view(&live_rx.borrow_and_update()));
         let (view_tx, view_rx) = watch::channel(initial);
-        let mut shutdown = shutdown;
+        let mut shutdown_view = shutdown.clone();
         // Fire-and-forget: ends when chitchat stops (sender dropped) or on shutdown.
         tokio::spawn(async move {
             let mut members = 0usize;
             loop {
                 tokio::select! {
                     r = live_rx.changed() => if r.is_err() { return },
-                    _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+                    _ = mesh_runtime::drain::until_true(&mut shutdown_view) => return,
                 }
                 let view = build_view(&live_rx.borrow_and_update());
                 if view.members.len() != members {
@@ -246,8 +313,35 @@ impl Membership {
                 });
             }
         });
+        let (liveness_tx, liveness_rx) = watch::channel(Arc::new(Vec::new()));
+        {
+            let chitchat = handle.chitchat();
+            let interval = config.gossip.interval;
+            let mut shutdown = shutdown.clone();
+            // Fire-and-forget: sampled once per gossip round until shutdown.
+            tokio::spawn(async move {
+                let mut clock = HeartbeatClock::default();
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+                    }
+                    let list = clock.observe(&*chitchat.lock().await, SystemTime::now());
+                    liveness_tx.send_replace(Arc::new(list));
+                }
+            });
+        }
         info!(addr = %config.gossip.bind, advertise = %config.gossip.advertise, "gossip started");
-        Ok((Self { handle, node_info }, view_rx))
+        Ok((
+            Self {
+                handle,
+                node_info,
+                liveness_rx,
+            },
+            view_rx,
+        ))
     }
 
     /// Publishes that this node is draining, so peers stop sending it new connections.
@@ -257,6 +351,11 @@ impl Membership {
         self.handle
             .with_chitchat(|c| c.self_node_state().set(gossip::KEY_NODE, &value))
             .await;
+    }
+
+    /// Every known node's liveness, refreshed each gossip round.
+    pub fn liveness(&self) -> watch::Receiver<Arc<Vec<Liveness>>> {
+        self.liveness_rx.clone()
     }
 
     /// A task that publishes `svc`'s health by gossip each time it flips, until `health_rx`

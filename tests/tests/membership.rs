@@ -75,6 +75,34 @@ async fn killed_node_leaves_every_table_and_rejoins_with_a_new_generation() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["endpoints"]["default/api"].as_array().unwrap().len(), 3);
+    // meshctl members still lists it, as dead, with when it was last heard.
+    let admin_s = cluster.nodes[0].admin.to_string();
+    let out = cluster
+        .registry
+        .meshctl_ok(&["members", "--admin", &admin_s])
+        .unwrap();
+    let line = |out: &str, node: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(node))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert!(line(&out, "n4").contains(" dead "), "{out}");
+    assert!(line(&out, "n4").contains("s ago"), "{out}");
+    assert!(
+        line(&out, "n2").contains(" alive ") && line(&out, "n2").contains("api"),
+        "{out}"
+    );
+    let out = cluster
+        .registry
+        .meshctl_ok(&["services", "--admin", &admin_s])
+        .unwrap();
+    let api: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("default/api "))
+        .collect();
+    assert_eq!(api.len(), 3, "{out}");
+    assert!(api.iter().all(|l| l.contains(" healthy ")), "{out}");
 
     cluster.node("n4").run().unwrap();
     cluster.node("n4").wait_ready().await.unwrap();
@@ -93,4 +121,17 @@ async fn killed_node_leaves_every_table_and_rejoins_with_a_new_generation() {
         "restart gets a new generation ({gen_before} → {gen_after})"
     );
     cluster.converge().await.unwrap();
+    // The dead generation is no longer shown once the node is back.
+    let registry = &cluster.registry;
+    eventually(
+        Duration::from_secs(15),
+        "n4 alive in meshctl members",
+        || async {
+            let out = registry.meshctl_ok(&["members", "--admin", &admin_s]).ok()?;
+            let n4: Vec<&str> = out.lines().filter(|l| l.starts_with("n4 ")).collect();
+            (n4.len() == 1 && n4[0].contains(" alive ")).then_some(())
+        },
+    )
+    .await
+    .unwrap();
 }

@@ -90,8 +90,15 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// Members and endpoints as one node sees them.
+    /// Every node one meshd knows: status (alive/dead), address, locality, state, services,
+    /// last heard.
     Members {
+        /// Admin address of a meshd.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
+    },
+    /// Every instance of every service one meshd knows: node, address, labels, health.
+    Services {
         /// Admin address of a meshd.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: String,
@@ -130,6 +137,9 @@ fn ago(unix: i64) -> String {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Members { admin } = &cli.command {
         return ctl::print_members(admin).await;
+    }
+    if let Command::Services { admin } = &cli.command {
+        return ctl::print_services(admin).await;
     }
     if let Command::Apply { files, .. } = &cli.command {
         // Invalid files are reported before credentials are even looked at.
@@ -215,7 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Members { .. } => {}
+        Command::Members { .. } | Command::Services { .. } => {}
     }
     Ok(())
 }

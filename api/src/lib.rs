@@ -2,6 +2,7 @@
 //! the gossip key schema, and the registry wire protocol (generated code is committed).
 
 pub mod gossip;
+pub mod gossip_key;
 pub mod identity;
 pub mod name;
 pub mod policy;

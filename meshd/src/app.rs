@@ -17,6 +17,10 @@ use tracing::{Instrument as _, info, info_span, warn};
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::discovery::{self, Discovery};
+use crate::gossip_keys::GossipKeys;
+use crate::gossip_seal::{SealStats, SealedTransport};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use crate::identity::{self, Manager};
 use crate::membership::Membership;
 use crate::proxy::{self, Listeners};
@@ -74,6 +78,24 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         "Live members in this node's gossip view",
         members_gauge.clone(),
     );
+    let keyring_revision = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "meshd_gossip_keyring_revision",
+        "Revision of the gossip keyring this node seals and opens with",
+        keyring_revision.clone(),
+    );
+    let seal_dropped = Family::<SealDropLabels, Counter>::default();
+    registry.register(
+        "meshd_gossip_datagrams_dropped",
+        "Gossip datagrams dropped: not sealed with a key of the keyring, tampered, malformed or too large",
+        seal_dropped.clone(),
+    );
+    let seal_opened = Counter::default();
+    registry.register(
+        "meshd_gossip_datagrams_opened",
+        "Gossip datagrams that were authentic and decoded",
+        seal_opened.clone(),
+    );
     let registry = Arc::new(registry);
 
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -119,6 +141,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .run(manager.client(), shutdown_rx.clone())
             .instrument(info_span!("discovery")),
     );
+    let registry_client = manager.client();
     tasks.spawn(manager.run(shutdown_rx.clone()));
 
     let mut advertise = config.inbound.advertise;
@@ -130,8 +153,34 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .cluster_id
         .clone()
         .unwrap_or_else(|| trust_domain.to_string());
-    let (membership, view_rx) =
-        Membership::start(&config, cluster_id, advertise, shutdown_rx.clone()).await?;
+    // Gossip is sealed with the registry's keyring: persisted from an earlier start, or
+    // fetched now (a first start cannot gossip without it).
+    let (gossip_keys, keyring_rx) =
+        GossipKeys::load_or_fetch(&config.data_dir, &registry_client, keyring_revision)
+            .await
+            .context("loading the gossip keyring")?;
+    tasks.spawn(
+        gossip_keys
+            .run(registry_client, shutdown_rx.clone())
+            .instrument(info_span!("gossip_keys")),
+    );
+    let seal_stats = Arc::new(SealStats::default());
+    tasks.spawn(export_seal_stats(
+        seal_stats.clone(),
+        seal_dropped,
+        seal_opened,
+        config.gossip.interval,
+        shutdown_rx.clone(),
+    ));
+    let transport = SealedTransport::new(keyring_rx, seal_stats);
+    let (membership, view_rx) = Membership::start(
+        &config,
+        cluster_id,
+        advertise,
+        &transport,
+        shutdown_rx.clone(),
+    )
+    .await?;
     let _ = view_cell.set(view_rx.clone());
     let _ = liveness_cell.set(membership.liveness());
     for svc in config.services.iter().filter(|s| !s.checks.is_empty()) {
@@ -247,5 +296,44 @@ impl Bound {
             self.tasks.abort_all();
         }
         info!("stopped");
+    }
+}
+
+/// Labels of `meshd_gossip_datagrams_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SealDropLabels {
+    reason: &'static str,
+}
+
+/// Copies the sealed transport's counters into the metrics registry once per gossip round
+/// (they are plain atomics on the datagram path).
+async fn export_seal_stats(
+    stats: Arc<SealStats>,
+    dropped: Family<SealDropLabels, Counter>,
+    opened: Counter,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_opened = 0;
+    let mut last_dropped = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = drain::until_true(&mut shutdown) => return,
+        }
+        let now = stats.opened();
+        opened.inc_by(now.saturating_sub(last_opened));
+        last_opened = now;
+        for (reason, n) in stats.drops() {
+            let before = last_dropped.insert(reason.as_str(), n).unwrap_or(0);
+            if n > before {
+                (dropped.get_or_create(&SealDropLabels {
+                    reason: reason.as_str(),
+                }))
+                .inc_by(n - before);
+            }
+        }
     }
 }

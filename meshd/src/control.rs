@@ -232,4 +232,41 @@ impl Client {
             .await?
             .into_inner())
     }
+
+    /// Opens the gossip keyring watch (nodes): the current keyring, then every change.
+    pub async fn watch_gossip_keys(&self) -> Result<tonic::Streaming<pb::GossipKeyring>, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .watch_gossip_keys(pb::WatchGossipKeysRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Tells the registry which keyring revision this node now holds (nodes).
+    pub async fn report_gossip_keys(&self, revision: u64) -> Result<(), Error> {
+        self.inner
+            .clone()
+            .report_gossip_keys(pb::ReportGossipKeysRequest { revision })
+            .await?;
+        Ok(())
+    }
+
+    /// Installs, uses or removes a gossip key (operators only).
+    pub async fn change_gossip_keys(
+        &self,
+        req: pb::ChangeGossipKeysRequest,
+    ) -> Result<pb::GossipKeyStatus, Error> {
+        Ok(self.inner.clone().change_gossip_keys(req).await?.into_inner())
+    }
+
+    /// The gossip key ids and what every node reported (operators and viewers).
+    pub async fn get_gossip_keys(&self) -> Result<pb::GossipKeyStatus, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .get_gossip_keys(pb::GetGossipKeysRequest {})
+            .await?
+            .into_inner())
+    }
 }

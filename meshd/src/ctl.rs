@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::control::{self, Auth};
 
+pub mod gossip_key;
 pub mod policy;
 
 /// Time allowed for one registry or admin call.

@@ -10,6 +10,8 @@ pub mod demo;
 pub mod dev;
 pub mod discovery;
 pub mod fsutil;
+pub mod gossip_keys;
+pub mod gossip_seal;
 pub mod health;
 pub mod identity;
 pub mod membership;

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
 use mesh_api::ServiceKey;
 use mesh_api::gossip::{self, NodeInfo, ServiceInfo};
@@ -16,12 +15,15 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, Protocol, Service};
+use crate::gossip_seal::SealedTransport;
 use crate::health::ServiceHealth;
 
 /// Phi-accrual threshold above which a silent node is considered dead.
-pub const DEFAULT_PHI_THRESHOLD: f64 = 8.0;
+pub const DEFAULT_PHI_THRESHOLD: f64 = 20.0;
 /// Heartbeat intervals longer than this are not sampled (a paused node must not skew phi).
 pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_secs(2);
+/// Heartbeat intervals the failure detector keeps per node.
+pub const SAMPLING_WINDOW: usize = 1000;
 /// How long a dead node's state is kept before it is collected.
 pub const DEFAULT_DEAD_NODE_GRACE: Duration = Duration::from_secs(600);
 
@@ -221,6 +223,35 @@ fn service_info(svc: &Service, healthy: bool) -> ServiceInfo {
     }
 }
 
+/// The chitchat configuration meshd runs with: its failure detector tuning included, so the
+/// gossip scenario tests exercise exactly what ships.
+pub fn chitchat_config(
+    id: ChitchatId,
+    cluster_id: String,
+    listen_addr: SocketAddr,
+    seed_nodes: Vec<String>,
+    gossip_interval: Duration,
+) -> ChitchatConfig {
+    ChitchatConfig {
+        chitchat_id: id,
+        cluster_id,
+        gossip_interval,
+        listen_addr,
+        seed_nodes,
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: DEFAULT_PHI_THRESHOLD,
+            sampling_window_size: SAMPLING_WINDOW,
+            max_interval: DEFAULT_MAX_INTERVAL,
+            initial_interval: gossip_interval,
+            dead_node_grace_period: DEFAULT_DEAD_NODE_GRACE,
+        },
+        marked_for_deletion_grace_period: DEFAULT_DEAD_NODE_GRACE,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V0,
+    }
+}
+
 /// Running gossip membership.
 pub struct Membership {
     handle: ChitchatHandle,
@@ -234,6 +265,7 @@ impl Membership {
         config: &Config,
         cluster_id: String,
         inbound: SocketAddr,
+        transport: &SealedTransport,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, watch::Receiver<Arc<MeshView>>), Error> {
         let generation = SystemTime::now()
@@ -256,29 +288,18 @@ impl Membership {
                 gossip::encode(&service_info(svc, healthy)),
             ));
         }
-        let cc = ChitchatConfig {
-            chitchat_id: ChitchatId::new(
+        let cc = chitchat_config(
+            ChitchatId::new(
                 config.node_name.to_string(),
                 generation,
                 config.gossip.advertise,
             ),
             cluster_id,
-            gossip_interval: config.gossip.interval,
-            listen_addr: config.gossip.bind,
-            seed_nodes: config.gossip.seeds.clone(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: DEFAULT_PHI_THRESHOLD,
-                sampling_window_size: 1000,
-                max_interval: DEFAULT_MAX_INTERVAL,
-                initial_interval: config.gossip.interval,
-                dead_node_grace_period: DEFAULT_DEAD_NODE_GRACE,
-            },
-            marked_for_deletion_grace_period: DEFAULT_DEAD_NODE_GRACE,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: chitchat::ProtocolVersion::V0,
-        };
-        let handle = chitchat::spawn_chitchat(cc, kvs, &UdpTransport)
+            config.gossip.bind,
+            config.gossip.seeds.clone(),
+            config.gossip.interval,
+        );
+        let handle = chitchat::spawn_chitchat(cc, kvs, transport)
             .await
             .map_err(|e| Error::Start {
                 addr: config.gossip.bind,

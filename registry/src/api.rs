@@ -1,6 +1,6 @@
 //! The registry's gRPC service: join with a token, node renewal, workload signing, token
-//! creation, inventory and policy resources (apply, get, history, watch) — each call
-//! authorised by the caller's certificate identity.
+//! creation, inventory, policy resources (apply, get, history, watch) and gossip keys (watch,
+//! report, change, status) — each call authorised by the caller's certificate identity.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,10 +22,12 @@ use crate::store::{self, CertRecord, NodeRecord, Store, TokenRecord};
 
 mod decide;
 mod diff;
+mod gossip_keys;
 mod policy;
 mod watch;
 pub use decide::{allows_service, normalize_services};
 pub use diff::spec_diff;
+pub use gossip_keys::{GOSSIP_WATCH_BUFFER, GossipKeyChangeLabels, GossipKeyStream, action_of};
 pub use policy::{WATCH_BUFFER, action_name, validate_apply};
 pub use watch::{PolicyStream, WatchStartLabels};
 
@@ -50,6 +52,10 @@ pub struct Metrics {
     pub policy_watch_starts: Family<WatchStartLabels, Counter>,
     /// The current mesh policy revision (`mesh_registry_policy_revision`).
     pub policy_revision: Gauge,
+    /// Gossip keyring changes by action (`mesh_registry_gossip_key_changes_total`).
+    pub gossip_key_changes: Family<GossipKeyChangeLabels, Counter>,
+    /// The current gossip keyring revision (`mesh_registry_gossip_keyring_revision`).
+    pub gossip_keyring_revision: Gauge,
 }
 
 impl Metrics {
@@ -75,6 +81,16 @@ impl Metrics {
             "mesh_registry_policy_revision",
             "The current mesh policy revision",
             m.policy_revision.clone(),
+        );
+        registry.register(
+            "mesh_registry_gossip_key_changes",
+            "Gossip keyring changes by action (install, use, remove)",
+            m.gossip_key_changes.clone(),
+        );
+        registry.register(
+            "mesh_registry_gossip_keyring_revision",
+            "The current gossip keyring revision",
+            m.gossip_keyring_revision.clone(),
         );
         m
     }
@@ -102,6 +118,7 @@ struct Inner {
     config: Config,
     metrics: Metrics,
     policy: policy::PolicyHub,
+    gossip: gossip_keys::GossipHub,
     /// Becomes `true` when the registry drains; watch streams end then.
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -149,6 +166,7 @@ impl RegistryApi {
                 config,
                 metrics,
                 policy: policy::PolicyHub::new(),
+                gossip: gossip_keys::GossipHub::new(),
                 shutdown,
             }),
         }
@@ -682,5 +700,43 @@ impl pb::registry_server::Registry for RegistryApi {
         let peer = peer_of(&req);
         let r = self.do_watch_policy(&peer, req.into_inner()).await;
         self.finish("watch_policy", &peer, r)
+    }
+
+    type WatchGossipKeysStream = GossipKeyStream;
+
+    async fn watch_gossip_keys(
+        &self,
+        req: Request<pb::WatchGossipKeysRequest>,
+    ) -> Result<Response<GossipKeyStream>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_watch_gossip_keys(&peer).await;
+        self.finish("watch_gossip_keys", &peer, r)
+    }
+
+    async fn report_gossip_keys(
+        &self,
+        req: Request<pb::ReportGossipKeysRequest>,
+    ) -> Result<Response<pb::ReportGossipKeysResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_report_gossip_keys(&peer, req.into_inner());
+        self.finish("report_gossip_keys", &peer, r)
+    }
+
+    async fn change_gossip_keys(
+        &self,
+        req: Request<pb::ChangeGossipKeysRequest>,
+    ) -> Result<Response<pb::GossipKeyStatus>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_change_gossip_keys(&peer, req.into_inner()).await;
+        self.finish("change_gossip_keys", &peer, r)
+    }
+
+    async fn get_gossip_keys(
+        &self,
+        req: Request<pb::GetGossipKeysRequest>,
+    ) -> Result<Response<pb::GossipKeyStatus>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_get_gossip_keys(&peer).await;
+        self.finish("get_gossip_keys", &peer, r)
     }
 }

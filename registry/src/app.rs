@@ -16,7 +16,8 @@ use tracing::{info, warn};
 
 use crate::api::{self, RegistryApi};
 use crate::config::Config;
-use crate::init::CaPaths;
+use crate::init::{self, CaPaths};
+use crate::keyring;
 use crate::store::{SledStore, Store};
 use crate::{admin, server};
 
@@ -61,7 +62,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         Authority::load(&config.trust_domain, &files, SystemTime::now())
             .context("loading the CA")?,
     );
-    let store_dir = config.data_dir.join("store");
+    let store_dir = init::store_dir(&config.data_dir);
     let (store, policy_revision) = tokio::task::spawn_blocking(move || {
         let store = SledStore::open(&store_dir)?;
         let revision = store.policy_revision()?;
@@ -70,6 +71,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     .await?
     .context("opening the registry store")?;
     let store: Arc<dyn Store> = Arc::new(store);
+    let keyring = ensure_keyring(store.clone()).await?;
 
     let (key, not_after) = serving_cert(&ca, &config)?;
     let slot = CertSlot::new(Some(key));
@@ -87,6 +89,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = api::Metrics::new(&mut registry);
     metrics.policy_revision.set(policy_revision as i64);
+    metrics
+        .gossip_keyring_revision
+        .set(keyring.keyring.revision as i64);
     let registry = Arc::new(registry);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -136,7 +141,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         not_after,
         shutdown_rx,
     ));
-    info!(addr = %listen_addr, trust_domain = %config.trust_domain, policy_revision, "registry listening");
+    info!(
+        addr = %listen_addr,
+        trust_domain = %config.trust_domain,
+        policy_revision,
+        gossip_keyring_revision = keyring.keyring.revision,
+        gossip_primary_key_id = %keyring.primary,
+        "registry listening"
+    );
     info!(addr = %admin_addr, "admin listening");
     Ok(Bound {
         listen_addr,
@@ -145,6 +157,22 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         tasks,
         grace: config.drain_grace_period,
     })
+}
+
+/// Reads the gossip keyring, creating the first one for a data dir made before registries had
+/// one (an upgrade), so every API call can rely on it existing.
+async fn ensure_keyring(store: Arc<dyn Store>) -> anyhow::Result<keyring::Ensured> {
+    let ensured = tokio::task::spawn_blocking(move || keyring::ensure(store.as_ref()))
+        .await?
+        .context("reading the gossip keyring")?;
+    if ensured.created {
+        info!(
+            revision = ensured.keyring.revision,
+            key_id = %ensured.primary,
+            "created a gossip keyring for a data dir from an older registry"
+        );
+    }
+    Ok(ensured)
 }
 
 /// Renews the serving certificate at half-life; existing connections keep the old one.

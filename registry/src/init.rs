@@ -1,16 +1,20 @@
 //! `mesh-registry init`: creates (or imports) the mesh CA, the operator's admin credentials,
-//! read-only viewer credentials and the registry config in a fresh data directory.
+//! read-only viewer credentials, the first gossip key and the registry config in a fresh data
+//! directory.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use mesh_api::gossip_key::KeyId;
 use mesh_api::name::Label;
 use mesh_api::{Identity, TrustDomain};
 use mesh_ca::{Authority, CaFiles, SignRequest};
 
 use crate::config::Config;
+use crate::keyring;
+use crate::store::SledStore;
 
 /// Lifetime of the operator credential written by init.
 pub const DEFAULT_ADMIN_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -18,6 +22,8 @@ pub const DEFAULT_ADMIN_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600
 pub const DEFAULT_ADMIN_NAME: &str = "operator";
 /// Name of the read-only identity (`spiffe://<td>/viewer/viewer`).
 pub const DEFAULT_VIEWER_NAME: &str = "viewer";
+/// The sled database's directory inside the data dir.
+pub const STORE_DIR: &str = "store";
 
 /// Why init failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,15 @@ pub enum Error {
     /// CA creation, import or signing failed.
     #[error("certificate authority: {0}")]
     Ca(#[from] mesh_ca::Error),
+    /// Creating the registry store or its first gossip key failed.
+    #[error("registry store at {path}: {source}")]
+    Store {
+        /// The store directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: keyring::Error,
+    },
 }
 
 /// Operator-provided CA material to import instead of generating a new root.
@@ -82,6 +97,8 @@ pub struct Report {
     pub viewer_dir: PathBuf,
     /// Read-only identity.
     pub viewer_identity: Identity,
+    /// Id of the first gossip key (the key itself stays in the store).
+    pub gossip_key_id: KeyId,
 }
 
 /// Paths of the CA files inside a data dir.
@@ -117,6 +134,11 @@ impl CaPaths {
             intermediate_key_pem: read(&self.intermediate_key)?,
         })
     }
+}
+
+/// The sled database's directory inside `data_dir`.
+pub fn store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(STORE_DIR)
 }
 
 fn read(path: &Path) -> Result<String, Error> {
@@ -162,6 +184,7 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
             now,
         )?,
     };
+    let gossip_key_id = create_store(&store_dir(&args.data_dir))?;
     write(&paths.root_cert, &files.root_cert_pem, 0o644)?;
     if let Some(key) = &files.root_key_pem {
         write(&paths.root_key, key, 0o600)?;
@@ -205,7 +228,20 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
         admin_identity,
         viewer_dir,
         viewer_identity,
+        gossip_key_id,
     })
+}
+
+/// Creates the store with the first gossip keyring and returns its key's id. Done before any
+/// CA file is written: a failure here leaves a data dir that init may be run on again.
+fn create_store(dir: &Path) -> Result<KeyId, Error> {
+    let store_err = |source| Error::Store {
+        path: dir.to_owned(),
+        source,
+    };
+    let store = SledStore::open(dir).map_err(|e| store_err(e.into()))?;
+    let ensured = keyring::ensure(&store).map_err(store_err)?;
+    Ok(ensured.primary)
 }
 
 /// Writes meshctl credentials for `identity` into `dir`: `ca.pem`, `admin.pem` (chain),
@@ -237,18 +273,38 @@ fn write_credentials(
 
 #[cfg(test)]
 mod tests {
+    use mesh_api::gossip_key::KeyMaterial;
+
     use super::*;
+    use crate::store::Store as _;
+
+    fn args(data_dir: PathBuf) -> Args {
+        Args {
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            data_dir,
+            listen: "127.0.0.1:7700".parse().unwrap(),
+            admin_listen: "127.0.0.1:7701".parse().unwrap(),
+            import: None,
+        }
+    }
+
+    #[test]
+    fn creates_the_first_gossip_keyring() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = args(dir.path().join("reg"));
+        let report = run(&args, SystemTime::now()).unwrap();
+        let store = crate::store::tests::reopen(&store_dir(&args.data_dir)).unwrap();
+        let keyring = store.get_gossip_keyring().unwrap().unwrap();
+        assert_eq!(keyring.revision, keyring::FIRST_REVISION);
+        assert_eq!(keyring.keys.len(), 1);
+        let key = KeyMaterial::from_base64(&keyring.keys[0]).unwrap();
+        assert_eq!(key.id(), report.gossip_key_id);
+    }
 
     #[test]
     fn creates_then_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
-        let args = Args {
-            trust_domain: TrustDomain::new("mesh.test").unwrap(),
-            data_dir: dir.path().join("reg"),
-            listen: "127.0.0.1:7700".parse().unwrap(),
-            admin_listen: "127.0.0.1:7701".parse().unwrap(),
-            import: None,
-        };
+        let args = args(dir.path().join("reg"));
         let report = run(&args, SystemTime::now()).unwrap();
         assert!(report.root_key_stored);
         let cfg = Config::load(&report.config_file).unwrap();

@@ -129,6 +129,10 @@ fn main() -> ExitCode {
                         r.viewer_dir.display(),
                         r.viewer_identity
                     );
+                    println!(
+                        "  gossip key: {} (only its id is shown; nodes get the key from the registry)",
+                        r.gossip_key_id
+                    );
                     println!("  config: {}", r.config_file.display());
                     println!();
                     println!("next:");

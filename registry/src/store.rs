@@ -1,21 +1,23 @@
-//! The registry's durable state: join tokens, nodes, issued certificates and versioned policy
-//! resources behind the [`Store`] trait, with a sled implementation for production and an
-//! in-memory one for tests. Owns the record types, the store error type and the join and
-//! policy-apply rules both stores share.
+//! The registry's durable state: join tokens, nodes, issued certificates, versioned policy
+//! resources and the gossip keyring behind the [`Store`] trait, with a sled implementation for
+//! production and an in-memory one for tests. Owns the record types, the store error type and
+//! the join and policy-apply rules both stores share.
 
+use mesh_api::gossip_key::KeyMaterial;
 use serde::{Deserialize, Serialize};
 
 mod memory;
 mod sled;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use memory::MemoryStore;
 pub use sled::SledStore;
 
 /// On-disk schema version; written on first open, and a database with another version is
-/// refused. Bump it only when the layout of an existing tree changes: the policy trees were
-/// added without a bump, because a version-1 database simply lacks them (they start empty).
+/// refused. Bump it only when the layout of an existing tree changes: the policy trees and the
+/// gossip keyring tree were added without a bump, because a version-1 database simply lacks
+/// them (they start empty; the registry creates a missing keyring at startup).
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Why a store operation failed.
@@ -174,6 +176,16 @@ pub struct PolicyRecord {
     pub deleted: bool,
 }
 
+/// The keys that seal and open gossip datagrams, as the registry keeps and hands them out.
+/// `Debug` shows key ids only: the keys are secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKeyring {
+    /// Bumped by every change.
+    pub revision: u64,
+    /// Standard base64 of 32-byte keys; the first (primary) seals, every key opens.
+    pub keys: Vec<String>,
+}
+
 /// One requested change to a policy resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyChange {
@@ -271,6 +283,31 @@ pub trait Store: Send + Sync + 'static {
     /// The latest version (deletions included) of every resource changed after `revision`,
     /// sorted by kind, namespace, name, with the current revision they are consistent with.
     fn policy_changes_since(&self, revision: u64) -> Result<(u64, Vec<PolicyRecord>), Error>;
+
+    /// The gossip keyring; `None` until one is put (a database made by an older registry).
+    fn get_gossip_keyring(&self) -> Result<Option<GossipKeyring>, Error>;
+    /// Inserts or replaces the gossip keyring, durable before it returns. The store does not
+    /// check revisions: the caller serialises read-modify-write cycles.
+    fn put_gossip_keyring(&self, keyring: &GossipKeyring) -> Result<(), Error>;
+}
+
+// === impl GossipKeyring ===
+
+impl std::fmt::Debug for GossipKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<String> = self
+            .keys
+            .iter()
+            .map(|k| match KeyMaterial::from_base64(k) {
+                Ok(key) => key.id().to_string(),
+                Err(_) => "<invalid>".to_owned(),
+            })
+            .collect();
+        f.debug_struct("GossipKeyring")
+            .field("revision", &self.revision)
+            .field("key_ids", &ids)
+            .finish()
+    }
 }
 
 /// A planned apply: the outcome for the caller and the records to write.

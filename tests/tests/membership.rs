@@ -127,7 +127,9 @@ async fn killed_node_leaves_every_table_and_rejoins_with_a_new_generation() {
         Duration::from_secs(15),
         "n4 alive in meshctl members",
         || async {
-            let out = registry.meshctl_ok(&["members", "--admin", &admin_s]).ok()?;
+            let out = registry
+                .meshctl_ok(&["members", "--admin", &admin_s])
+                .ok()?;
             let n4: Vec<&str> = out.lines().filter(|l| l.starts_with("n4 ")).collect();
             (n4.len() == 1 && n4[0].contains(" alive ")).then_some(())
         },

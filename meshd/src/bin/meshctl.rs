@@ -1,5 +1,5 @@
 //! `meshctl`: the operator CLI — policy resources (apply, get, delete, history), join tokens,
-//! node and certificate inventory, mesh members.
+//! node and certificate inventory, gossip keys, mesh members and services.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The keys that seal gossip (held by the registry, pushed to every node).
+    GossipKey {
+        #[command(subcommand)]
+        command: GossipKeyCommand,
+    },
     /// Nodes registered with the registry.
     Nodes,
     /// Certificates the registry issued, newest first.
@@ -102,6 +107,34 @@ enum Command {
         /// Admin address of a meshd.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GossipKeyCommand {
+    /// Key ids (primary first) and which keyring revision each node reported.
+    List,
+    /// Install a key that only opens (rotation step 1).
+    Install {
+        /// File holding the key (base64 of 32 bytes); the registry generates one when omitted.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Make an installed key the primary, the one that seals (rotation step 2).
+    Use {
+        /// Key id (8 hex digits, as `list` shows).
+        id: String,
+    },
+    /// Remove a key that is not the primary (rotation step 3).
+    Remove {
+        /// Key id (8 hex digits, as `list` shows).
+        id: String,
+    },
+    /// All three steps with a new key, each after every connected node holds the previous one.
+    Rotate {
+        /// How long to wait for the nodes at each step.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -224,6 +257,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     c.identity
                 );
             }
+        }
+        Command::GossipKey { command } => {
+            use mesh_api::proto::v1::change_gossip_keys_request::Action;
+            use meshd::ctl::gossip_key;
+            let status = match command {
+                GossipKeyCommand::List => client.get_gossip_keys().await?,
+                GossipKeyCommand::Install { key_file } => {
+                    let key = match key_file {
+                        Some(path) => std::fs::read_to_string(&path)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                        None => String::new(),
+                    };
+                    gossip_key::change(&client, Action::Install, key.trim()).await?
+                }
+                GossipKeyCommand::Use { id } => {
+                    gossip_key::change(&client, Action::Use, &id).await?
+                }
+                GossipKeyCommand::Remove { id } => {
+                    gossip_key::change(&client, Action::Remove, &id).await?
+                }
+                GossipKeyCommand::Rotate { timeout } => {
+                    gossip_key::rotate(&client, timeout).await?
+                }
+            };
+            print!("{}", gossip_key::render(&status));
         }
         Command::Members { .. } | Command::Services { .. } => {}
     }

@@ -108,7 +108,7 @@ impl PolicyHub {
 
 impl RegistryApi {
     /// Operators and viewers may read policy.
-    fn require_reader(&self, peer: &PeerInfo) -> Result<Identity, Rejected> {
+    pub(super) fn require_reader(&self, peer: &PeerInfo) -> Result<Identity, Rejected> {
         match &peer.identity {
             Some(
                 id @ (Identity::Admin { trust_domain, .. } | Identity::Viewer { trust_domain, .. }),

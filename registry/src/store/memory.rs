@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    ApplyOutcome, CertRecord, Error, NodeRecord, PolicyChange, PolicyRecord, Store, TokenRecord,
-    consume_token, newest_certs, plan_policies,
+    ApplyOutcome, CertRecord, Error, GossipKeyring, NodeRecord, PolicyChange, PolicyRecord, Store,
+    TokenRecord, consume_token, newest_certs, plan_policies,
 };
 
 /// A policy resource's key: kind, namespace, name (sorts like the sled keys).
@@ -28,6 +28,7 @@ struct State {
     policies: BTreeMap<PolicyKey, PolicyRecord>,
     /// Every version of every resource, oldest first.
     policy_history: BTreeMap<PolicyKey, Vec<PolicyRecord>>,
+    gossip_keyring: Option<GossipKeyring>,
 }
 
 fn key_of(kind: &str, namespace: &str, name: &str) -> PolicyKey {
@@ -157,5 +158,14 @@ impl Store for MemoryStore {
         let state = self.state();
         let records = state.policies.values().filter(|r| r.revision > revision);
         Ok((state.policy_revision, records.cloned().collect()))
+    }
+
+    fn get_gossip_keyring(&self) -> Result<Option<GossipKeyring>, Error> {
+        Ok(self.state().gossip_keyring.clone())
+    }
+
+    fn put_gossip_keyring(&self, keyring: &GossipKeyring) -> Result<(), Error> {
+        self.state().gossip_keyring = Some(keyring.clone());
+        Ok(())
     }
 }

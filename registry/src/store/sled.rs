@@ -2,8 +2,8 @@
 //! `nodes`, `certs`) plus `meta` for the schema version, and three policy trees: `policies`
 //! (latest version of every resource, deletions kept as markers so watchers can catch up),
 //! `policy_history` (every version, keyed by resource then big-endian revision) and
-//! `policy_meta` (the mesh revision). Values are JSON; every write is flushed (fsync) before it
-//! is acknowledged.
+//! `policy_meta` (the mesh revision), and `gossip_keys` (one record: the gossip keyring). Values
+//! are JSON; every write is flushed (fsync) before it is acknowledged.
 
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -14,8 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApplyOutcome, CertRecord, Error, NodeRecord, PolicyChange, PolicyRecord, SCHEMA_VERSION, Store,
-    TokenRecord, consume_token, newest_certs, plan_policies,
+    ApplyOutcome, CertRecord, Error, GossipKeyring, NodeRecord, PolicyChange, PolicyRecord,
+    SCHEMA_VERSION, Store, TokenRecord, consume_token, newest_certs, plan_policies,
 };
 
 const TOKENS: &str = "tokens";
@@ -27,6 +27,8 @@ const POLICIES: &str = "policies";
 const POLICY_HISTORY: &str = "policy_history";
 const POLICY_META: &str = "policy_meta";
 const REVISION_KEY: &str = "revision";
+const GOSSIP_KEYS: &str = "gossip_keys";
+const KEYRING_KEY: &str = "keyring";
 
 /// A [`Store`] in a sled database directory. Cloning is cheap and shares the database.
 #[derive(Debug, Clone)]
@@ -38,6 +40,7 @@ pub struct SledStore {
     policies: ::sled::Tree,
     policy_history: ::sled::Tree,
     policy_meta: ::sled::Tree,
+    gossip_keys: ::sled::Tree,
     /// Policy applies hold it for writing from their first read until after the flush, and
     /// policy reads for reading, so a reader sees whole revisions and never one that is not
     /// yet durable (a watcher must not be sent a revision a crash could take back).
@@ -64,6 +67,7 @@ impl SledStore {
             policies: tree(POLICIES)?,
             policy_history: tree(POLICY_HISTORY)?,
             policy_meta: tree(POLICY_META)?,
+            gossip_keys: tree(GOSSIP_KEYS)?,
             policy_lock: Arc::default(),
             db: db.clone(),
         };
@@ -94,6 +98,7 @@ impl SledStore {
             &self.policies,
             &self.policy_history,
             &self.policy_meta,
+            &self.gossip_keys,
             meta,
         ]
         .iter()
@@ -321,6 +326,19 @@ impl Store for SledStore {
             records.retain(|r| r.revision > revision);
         }
         Ok((current, records))
+    }
+
+    fn get_gossip_keyring(&self) -> Result<Option<GossipKeyring>, Error> {
+        get(&self.gossip_keys, GOSSIP_KEYS, KEYRING_KEY)
+    }
+
+    fn put_gossip_keyring(&self, keyring: &GossipKeyring) -> Result<(), Error> {
+        self.put(
+            &self.gossip_keys,
+            "write gossip keyring",
+            KEYRING_KEY,
+            keyring,
+        )
     }
 }
 

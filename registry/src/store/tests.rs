@@ -1,6 +1,7 @@
 //! The [`Store`] contract suite, run against both [`MemoryStore`] and [`SledStore`], plus
 //! sled-only tests: reopen, schema checks, corrupt records and acknowledged writes surviving
-//! a hard kill of the process. Policy cases live in `tests/policy.rs`.
+//! a hard kill of the process. Policy cases live in `tests/policy.rs`, gossip keyring cases in
+//! `tests/gossip_keys.rs`.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,7 +35,8 @@ macro_rules! contract_suite {
     };
 }
 
-// Declared after the macro so the policy suite can use it.
+// Declared after the macro so these suites can use it.
+mod gossip_keys;
 mod policy;
 
 contract_suite!(
@@ -326,7 +328,7 @@ fn lock_busy(err: &::sled::Error) -> bool {
 }
 
 /// [`SledStore::open`] on a directory this process may just have closed.
-fn reopen(dir: &Path) -> Result<SledStore, Error> {
+pub(crate) fn reopen(dir: &Path) -> Result<SledStore, Error> {
     retry_while_locked(
         || SledStore::open(dir),
         |err| match err {

@@ -1,0 +1,771 @@
+//! Failure-detection scenarios for meshd's gossip membership, run against the exact chitchat
+//! configuration meshd ships (`meshd::membership::chitchat_config`, default gossip interval)
+//! over an in-memory network the test breaks while the cluster runs:
+//!
+//! 1. a 3/3 partition: each side marks the other dead within a bound, never its own side, and
+//!    the cluster is whole again within a bound after the heal;
+//! 2. a node that lost its links to half the others is kept alive by everyone, and keeps everyone
+//!    alive itself, through heartbeats relayed by the peers that still reach it;
+//! 3. a node whose links flap every second never gets a healthy node marked dead;
+//! 4. a slow (delayed) or lossy node never gets a healthy node marked dead, and its own fate is
+//!    reported (it may not flap in the others' views);
+//! 5. a killed node is marked dead by every other node within a bound.
+//!
+//! Every invariant is checked on every ~50 ms sample of every node's live/dead sets, over the
+//! whole window, not only at its end. Measured times are printed:
+//! `cargo test -p meshd --test gossip_scenarios -- --nocapture`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
+use chitchat::{ChitchatEnvelope, ChitchatHandle, ChitchatId};
+use meshd::config::DEFAULT_GOSSIP_INTERVAL;
+use meshd::membership;
+use rand::Rng;
+use tokio::time::Instant;
+
+/// How often every node's view is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Time allowed for a fresh cluster to see itself whole.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(15);
+/// Quiet time after convergence: the failure detector's windows fill with steady-state heartbeat
+/// intervals, as on a cluster that has been up for a while.
+const SETTLE: Duration = Duration::from_secs(3);
+/// Bound asserted on detecting a partitioned or killed node (generous: two CPUs, tests in
+/// parallel; the measured value is printed).
+const DETECT_WITHIN: Duration = Duration::from_secs(15);
+/// Bound asserted on the cluster becoming whole again after a heal.
+const HEAL_WITHIN: Duration = Duration::from_secs(15);
+
+/// What happens to messages on one directed link, on top of the (bidirectional) cuts of
+/// `ChannelTransport`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fault {
+    /// Fraction of messages dropped.
+    loss: f64,
+    /// Each message is held for a uniformly random time in this range (so they also reorder).
+    delay: Option<(Duration, Duration)>,
+}
+
+/// The in-memory network: chitchat's `ChannelTransport` delivers and cuts links both ways; the
+/// faults map adds one-way loss and delay per (from, to) pair, changed by the test while the
+/// cluster runs.
+#[derive(Clone, Default)]
+struct Net {
+    channels: ChannelTransport,
+    faults: Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Fault>>>,
+}
+
+/// A socket of [`Net`]: applies the sender-side fault of each message.
+struct FaultySocket {
+    addr: SocketAddr,
+    inner: Box<dyn Socket>,
+    faults: Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Fault>>>,
+    /// Delayed messages: when they are due, and where they go.
+    held: Vec<(Instant, SocketAddr, ChitchatEnvelope)>,
+}
+
+/// What woke a [`FaultySocket::recv`].
+enum Wake {
+    Received(anyhow::Result<RecvOutcome>),
+    Due(usize),
+}
+
+/// One node's view of the cluster at one instant.
+#[derive(Debug, Clone)]
+struct View {
+    live: BTreeSet<String>,
+    dead: BTreeSet<String>,
+    /// Heartbeat of every known node, as last heard here.
+    heartbeats: BTreeMap<String, u64>,
+}
+
+/// Every node's view (`None` once a node is killed), `at` after the event being measured.
+struct Sample {
+    at: Duration,
+    views: Vec<Option<View>>,
+}
+
+/// Samples of one phase of a scenario.
+struct Timeline {
+    names: Vec<String>,
+    samples: Vec<Sample>,
+}
+
+struct Node {
+    name: String,
+    addr: SocketAddr,
+    handle: Option<ChitchatHandle>,
+}
+
+/// N chitchat nodes over one [`Net`], all seeded with node-0 like a packaged config with one
+/// seed.
+struct Cluster {
+    net: Net,
+    nodes: Vec<Node>,
+}
+
+// === impl Net ===
+
+impl Net {
+    fn set_fault(&self, from: SocketAddr, to: SocketAddr, fault: Fault) {
+        self.faults
+            .lock()
+            .expect("faults lock is never poisoned")
+            .insert((from, to), fault);
+    }
+
+    /// Cuts the link between `a` and `b`, both ways.
+    async fn cut(&self, a: SocketAddr, b: SocketAddr) {
+        self.channels.remove_link(a, b).await;
+    }
+
+    /// Restores the link between `a` and `b`, both ways.
+    async fn mend(&self, a: SocketAddr, b: SocketAddr) {
+        self.channels.add_link(a, b).await;
+    }
+}
+
+#[async_trait]
+impl Transport for Net {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let inner = self.channels.open(listen_addr).await?;
+        Ok(Box::new(FaultySocket {
+            addr: inner.local_addr()?,
+            inner,
+            faults: self.faults.clone(),
+            held: Vec::new(),
+        }))
+    }
+}
+
+// === impl FaultySocket ===
+
+#[async_trait]
+impl Socket for FaultySocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let fault = self
+            .faults
+            .lock()
+            .expect("faults lock is never poisoned")
+            .get(&(self.addr, to))
+            .copied()
+            .unwrap_or_default();
+        // Decided before any await: the thread-local rng must not live across one.
+        let (drop, delay) = {
+            let mut rng = rand::rng();
+            let drop = fault.loss > 0.0 && rng.random_bool(fault.loss);
+            (drop, fault.delay.map(|(lo, hi)| rng.random_range(lo..=hi)))
+        };
+        // Like UDP: a lost or delayed datagram is still "sent".
+        let sent = SendOutcome { num_bytes_sent: 0 };
+        if drop {
+            return Ok(sent);
+        }
+        if let Some(delay) = delay {
+            self.held.push((Instant::now() + delay, to, envelope));
+            return Ok(sent);
+        }
+        self.inner.send(to, envelope).await
+    }
+
+    /// Also releases delayed messages when they are due: chitchat's server always has a `recv`
+    /// pending between rounds, so they go out on time. Cancel-safe like the inner socket (a
+    /// due message is taken off `held` and sent within one poll).
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let next = self
+                .held
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (due, _, _))| *due)
+                .map(|(i, (due, _, _))| (i, *due));
+            let Some((i, due)) = next else {
+                return self.inner.recv().await;
+            };
+            let wake = tokio::select! {
+                r = self.inner.recv() => Wake::Received(r),
+                () = tokio::time::sleep_until(due) => Wake::Due(i),
+            };
+            match wake {
+                Wake::Received(r) => return r,
+                Wake::Due(i) => {
+                    let (_, to, envelope) = self.held.swap_remove(i);
+                    self.inner.send(to, envelope).await?;
+                }
+            }
+        }
+    }
+}
+
+// === impl Sample ===
+
+impl Sample {
+    fn view(&self, node: usize) -> Option<&View> {
+        self.views[node].as_ref()
+    }
+}
+
+// === impl Timeline ===
+
+impl Timeline {
+    /// Panics at the first sample where one of `observers` does not see one of `targets` alive.
+    fn assert_always_alive(&self, observers: &[usize], targets: &[usize], what: &str) {
+        for s in &self.samples {
+            for &o in observers {
+                let Some(v) = s.view(o) else { continue };
+                for &t in targets {
+                    let name = &self.names[t];
+                    assert!(
+                        v.live.contains(name),
+                        "{what}: at +{:.2} s {} sees {name} {} (live {:?}, dead {:?})",
+                        s.at.as_secs_f64(),
+                        self.names[o],
+                        if v.dead.contains(name) {
+                            "dead"
+                        } else {
+                            "unknown"
+                        },
+                        v.live,
+                        v.dead,
+                    );
+                }
+            }
+        }
+    }
+
+    /// When `observer` first saw `target` dead.
+    fn first_dead(&self, observer: usize, target: usize) -> Option<Duration> {
+        let name = &self.names[target];
+        self.samples
+            .iter()
+            .find(|s| s.view(observer).is_some_and(|v| v.dead.contains(name)))
+            .map(|s| s.at)
+    }
+
+    /// How many times `target` changed between alive and not alive in `observer`'s view.
+    fn flips(&self, observer: usize, target: usize) -> usize {
+        let name = &self.names[target];
+        let alive: Vec<bool> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.view(observer).map(|v| v.live.contains(name)))
+            .collect();
+        alive.windows(2).filter(|w| w[0] != w[1]).count()
+    }
+
+    /// Share of samples in which `observer` saw `target` alive.
+    fn alive_share(&self, observer: usize, target: usize) -> f64 {
+        let name = &self.names[target];
+        let alive: Vec<bool> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.view(observer).map(|v| v.live.contains(name)))
+            .collect();
+        alive.iter().filter(|a| **a).count() as f64 / alive.len().max(1) as f64
+    }
+
+    /// Longest time `target`'s heartbeat stood still in `observer`'s view (at sampling
+    /// granularity): what the failure detector had to tolerate.
+    fn longest_silence(&self, observer: usize, target: usize) -> Duration {
+        let name = &self.names[target];
+        let mut longest = Duration::ZERO;
+        let mut last: Option<(u64, Duration)> = None;
+        for s in &self.samples {
+            let Some(beat) = s
+                .view(observer)
+                .and_then(|v| v.heartbeats.get(name).copied())
+            else {
+                continue;
+            };
+            match last {
+                Some((b, since)) if b == beat => longest = longest.max(s.at - since),
+                _ => last = Some((beat, s.at)),
+            }
+        }
+        longest
+    }
+
+    fn end(&self) -> Duration {
+        self.samples.last().map_or(Duration::ZERO, |s| s.at)
+    }
+}
+
+// === impl Cluster ===
+
+impl Cluster {
+    /// Starts `n` nodes and waits until every node sees all of them alive.
+    async fn start(what: &str, n: usize) -> Self {
+        let net = Net::default();
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 7946 + i as u16)))
+            .collect();
+        let seeds = vec![addrs[0].to_string()];
+        let mut nodes = Vec::new();
+        for (i, &addr) in addrs.iter().enumerate() {
+            let name = format!("node-{i}");
+            let config = membership::chitchat_config(
+                ChitchatId::new(name.clone(), 1, addr),
+                "gossip-scenarios".to_owned(),
+                addr,
+                seeds.clone(),
+                DEFAULT_GOSSIP_INTERVAL,
+            );
+            let handle = chitchat::spawn_chitchat(config, Vec::new(), &net)
+                .await
+                .expect("each in-memory address is opened once");
+            nodes.push(Node {
+                name,
+                addr,
+                handle: Some(handle),
+            });
+        }
+        let cluster = Cluster { net, nodes };
+        let names = cluster.names();
+        let all: Vec<usize> = (0..n).collect();
+        let converged = cluster
+            .record(Instant::now(), CONVERGE_WITHIN, |s| {
+                all_see_alive(s, &names, &all, &all)
+            })
+            .await;
+        let last = converged.samples.last().expect("at least one sample");
+        assert!(
+            all_see_alive(last, &names, &all, &all),
+            "{what}: {n} nodes did not converge within {CONVERGE_WITHIN:?}"
+        );
+        eprintln!(
+            "{what}: {n} nodes converged in {:.2} s",
+            converged.end().as_secs_f64()
+        );
+        cluster
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].addr
+    }
+
+    /// Lets the cluster run for [`SETTLE`] and asserts nobody marks anyone dead meanwhile.
+    async fn settle(&self, what: &str) {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let steady = self.record(Instant::now(), SETTLE, |_| false).await;
+        steady.assert_always_alive(&all, &all, &format!("{what}: steady state"));
+        eprintln!("{what}: {}", self.detection_timeouts().await);
+    }
+
+    /// chitchat's current adaptive detection timeouts (phi threshold × mean heartbeat
+    /// interval) over every observer/target pair: why detection takes as long as it does.
+    async fn detection_timeouts(&self) -> String {
+        let mut all = Vec::new();
+        for node in &self.nodes {
+            let Some(handle) = &node.handle else { continue };
+            let chitchat = handle.chitchat();
+            let cc = chitchat.lock().await;
+            let ids: Vec<ChitchatId> = cc.live_nodes().cloned().collect();
+            all.extend(ids.iter().filter_map(|id| cc.failure_detection_timeout(id)));
+        }
+        format!(
+            "detection timeouts (phi × mean interval): {}",
+            summary(&all)
+        )
+    }
+
+    async fn sample(&self) -> Vec<Option<View>> {
+        let mut views = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let Some(handle) = &node.handle else {
+                views.push(None);
+                continue;
+            };
+            // Only reads under chitchat's lock, and the lock is released before the next node.
+            let chitchat = handle.chitchat();
+            let cc = chitchat.lock().await;
+            views.push(Some(View {
+                live: cc.live_nodes().map(|id| id.node_id.to_string()).collect(),
+                dead: cc.dead_nodes().map(|id| id.node_id.to_string()).collect(),
+                heartbeats: cc
+                    .node_states()
+                    .iter()
+                    .map(|(id, st)| (id.node_id.to_string(), u64::from(st.heartbeat())))
+                    .collect(),
+            }));
+        }
+        views
+    }
+
+    /// Samples every node every [`SAMPLE_EVERY`], timed from `t0`, until `done` holds for a
+    /// sample or `max` has passed since `t0`.
+    async fn record(
+        &self,
+        t0: Instant,
+        max: Duration,
+        mut done: impl FnMut(&Sample) -> bool,
+    ) -> Timeline {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut samples = Vec::new();
+        loop {
+            tick.tick().await;
+            let views = self.sample().await;
+            let sample = Sample {
+                at: t0.elapsed(),
+                views,
+            };
+            let stop = done(&sample) || sample.at >= max;
+            samples.push(sample);
+            if stop {
+                break;
+            }
+        }
+        Timeline {
+            names: self.names(),
+            samples,
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for node in &mut self.nodes {
+            if let Some(handle) = node.handle.take() {
+                handle.shutdown().await.expect("chitchat stops cleanly");
+            }
+        }
+    }
+}
+
+/// Whether every one of `observers` sees every one of `targets` alive.
+fn all_see_alive(s: &Sample, names: &[String], observers: &[usize], targets: &[usize]) -> bool {
+    observers.iter().all(|&o| {
+        s.views[o]
+            .as_ref()
+            .is_some_and(|v| targets.iter().all(|&t| v.live.contains(&names[t])))
+    })
+}
+
+/// Whether every one of `observers` sees every one of `targets` dead.
+fn all_see_dead(s: &Sample, names: &[String], observers: &[usize], targets: &[usize]) -> bool {
+    observers.iter().all(|&o| {
+        s.views[o]
+            .as_ref()
+            .is_some_and(|v| targets.iter().all(|&t| v.dead.contains(&names[t])))
+    })
+}
+
+fn summary(durations: &[Duration]) -> String {
+    let mut d = durations.to_vec();
+    d.sort();
+    if d.is_empty() {
+        return "none".to_owned();
+    }
+    format!(
+        "min {:.2} s, median {:.2} s, max {:.2} s (n={})",
+        d[0].as_secs_f64(),
+        d[d.len() / 2].as_secs_f64(),
+        d[d.len() - 1].as_secs_f64(),
+        d.len()
+    )
+}
+
+#[tokio::test]
+async fn partition_and_heal() {
+    let cluster = Cluster::start("partition", 6).await;
+    let names = cluster.names();
+    let (a, b) = ([0, 1, 2], [3, 4, 5]);
+    cluster.settle("partition").await;
+
+    for &x in &a {
+        for &y in &b {
+            cluster.net.cut(cluster.addr(x), cluster.addr(y)).await;
+        }
+    }
+    let t0 = Instant::now();
+    // Past detection, keep watching a while: a side must not turn on itself later either.
+    let split = cluster
+        .record(t0, DETECT_WITHIN, |s| {
+            s.at >= Duration::from_secs(5)
+                && all_see_dead(s, &names, &a, &b)
+                && all_see_dead(s, &names, &b, &a)
+        })
+        .await;
+    split.assert_always_alive(&a, &a, "partition: side A about itself");
+    split.assert_always_alive(&b, &b, "partition: side B about itself");
+    let mut detected = Vec::new();
+    for (observers, targets) in [(&a, &b), (&b, &a)] {
+        for &o in observers {
+            for &t in targets {
+                let at = split.first_dead(o, t).unwrap_or_else(|| {
+                    panic!(
+                        "partition: {} never marked {} dead within {DETECT_WITHIN:?}",
+                        names[o], names[t]
+                    )
+                });
+                detected.push(at);
+            }
+        }
+    }
+    eprintln!(
+        "partition: other side marked dead after {}",
+        summary(&detected)
+    );
+    assert!(detected.iter().all(|d| *d < DETECT_WITHIN));
+
+    for &x in &a {
+        for &y in &b {
+            cluster.net.mend(cluster.addr(x), cluster.addr(y)).await;
+        }
+    }
+    let t1 = Instant::now();
+    let all: Vec<usize> = (0..6).collect();
+    let healed = cluster
+        .record(t1, HEAL_WITHIN, |s| all_see_alive(s, &names, &all, &all))
+        .await;
+    let last = healed.samples.last().expect("at least one sample");
+    assert!(
+        all_see_alive(last, &names, &all, &all),
+        "partition: not whole {HEAL_WITHIN:?} after the heal"
+    );
+    eprintln!(
+        "partition: whole again {:.2} s after the heal",
+        healed.end().as_secs_f64()
+    );
+    // And it stays whole.
+    cluster.settle("partition, after the heal").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn half_partitioned_node_stays_alive_through_indirect_heartbeats() {
+    let cluster = Cluster::start("half partition", 7).await;
+    let all: Vec<usize> = (0..7).collect();
+    // node-6 loses node-0 (the seed), node-1 and node-2; node-3..5 still reach everyone.
+    let (x, lost) = (6, [0, 1, 2]);
+    cluster.settle("half partition").await;
+
+    for &p in &lost {
+        cluster.net.cut(cluster.addr(x), cluster.addr(p)).await;
+    }
+    let window = 50 * DEFAULT_GOSSIP_INTERVAL;
+    let timeline = cluster.record(Instant::now(), window, |_| false).await;
+    let silences: Vec<Duration> = lost
+        .iter()
+        .flat_map(|&p| {
+            [
+                timeline.longest_silence(p, x),
+                timeline.longest_silence(x, p),
+            ]
+        })
+        .collect();
+    eprintln!(
+        "half partition: longest heartbeat silence across a cut link (either way) over {:.1} s: {}",
+        timeline.end().as_secs_f64(),
+        summary(&silences)
+    );
+    eprintln!("half partition: {}", cluster.detection_timeouts().await);
+    timeline.assert_always_alive(&all, &all, "half partition");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn flapping_node_never_gets_a_healthy_node_marked_dead() {
+    let cluster = Cluster::start("flapping", 6).await;
+    let names = cluster.names();
+    let flapper = 5;
+    let healthy: Vec<usize> = (0..5).collect();
+    cluster.settle("flapping").await;
+
+    // Down 1 s, up 1 s, five times, while the main task samples.
+    let net = cluster.net.clone();
+    let f_addr = cluster.addr(flapper);
+    let peers: Vec<SocketAddr> = healthy.iter().map(|&i| cluster.addr(i)).collect();
+    let flapping = tokio::spawn(async move {
+        for _ in 0..5 {
+            for &p in &peers {
+                net.cut(f_addr, p).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for &p in &peers {
+                net.mend(f_addr, p).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let t0 = Instant::now();
+    let timeline = cluster.record(t0, Duration::from_secs(10), |_| false).await;
+    flapping
+        .await
+        .expect("the flapping schedule runs to its end");
+    let flips: Vec<usize> = healthy
+        .iter()
+        .map(|&o| timeline.flips(o, flapper))
+        .collect();
+    let self_flips: Vec<usize> = healthy
+        .iter()
+        .map(|&t| timeline.flips(flapper, t))
+        .collect();
+    eprintln!(
+        "flapping: {} flipped live<->dead in the healthy nodes' views {flips:?} times \
+         (5 outages of 1 s); healthy nodes flipped in its own view {self_flips:?} times",
+        names[flapper]
+    );
+    timeline.assert_always_alive(&healthy, &healthy, "flapping: healthy about healthy");
+    timeline.assert_always_alive(&[flapper], &healthy, "flapping: flapper about healthy");
+
+    // Once the links stay up, the flapping node is back everywhere.
+    let all: Vec<usize> = (0..6).collect();
+    let back = cluster
+        .record(Instant::now(), HEAL_WITHIN, |s| {
+            all_see_alive(s, &names, &all, &all)
+        })
+        .await;
+    assert!(
+        all_see_alive(back.samples.last().expect("a sample"), &names, &all, &all),
+        "flapping: not whole {HEAL_WITHIN:?} after the links came back for good"
+    );
+    cluster.shutdown().await;
+}
+
+/// Degrades everything `slow` sends with `fault` for 10 s and checks that no healthy node is
+/// marked dead by anyone, and that `slow` does not flap in their views.
+async fn degraded_node(what: &str, fault: Fault) {
+    let cluster = Cluster::start(what, 6).await;
+    let names = cluster.names();
+    let slow = 5;
+    let healthy: Vec<usize> = (0..5).collect();
+    let all: Vec<usize> = (0..6).collect();
+    cluster.settle(what).await;
+
+    for &p in &healthy {
+        cluster
+            .net
+            .set_fault(cluster.addr(slow), cluster.addr(p), fault);
+    }
+    let timeline = cluster
+        .record(Instant::now(), Duration::from_secs(10), |_| false)
+        .await;
+    let flips: Vec<usize> = healthy.iter().map(|&o| timeline.flips(o, slow)).collect();
+    let shares: Vec<String> = healthy
+        .iter()
+        .map(|&o| format!("{:.0}%", 100.0 * timeline.alive_share(o, slow)))
+        .collect();
+    let silences: Vec<Duration> = healthy
+        .iter()
+        .map(|&o| timeline.longest_silence(o, slow))
+        .collect();
+    eprintln!(
+        "{what}: {} seen alive {shares:?} of 10 s by the healthy nodes, flipped {flips:?} \
+         times; longest heartbeat silence {}",
+        names[slow],
+        summary(&silences)
+    );
+    eprintln!("{what}: {}", cluster.detection_timeouts().await);
+    timeline.assert_always_alive(&all, &healthy, &format!("{what}: about healthy nodes"));
+    // Kept alive or marked dead are both acceptable findings; flapping is not: a view that
+    // flips churns every route through the node.
+    const MAX_FLIPS: usize = 4;
+    assert!(
+        flips.iter().all(|f| *f <= MAX_FLIPS),
+        "{what}: {} flapped {flips:?} times in the healthy nodes' views (max {MAX_FLIPS})",
+        names[slow]
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_node_never_gets_a_healthy_node_marked_dead() {
+    let delay = (Duration::from_millis(300), Duration::from_millis(800));
+    degraded_node(
+        "slow node (300-800 ms)",
+        Fault {
+            loss: 0.0,
+            delay: Some(delay),
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn lossy_node_never_gets_a_healthy_node_marked_dead() {
+    degraded_node(
+        "lossy node (50% dropped)",
+        Fault {
+            loss: 0.5,
+            delay: None,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn killed_node_is_marked_dead_by_everyone() {
+    let mut cluster = Cluster::start("killed", 6).await;
+    let names = cluster.names();
+    let victim = 5;
+    let survivors: Vec<usize> = (0..5).collect();
+    cluster.settle("killed").await;
+
+    // Abrupt: no leave message (chitchat has none), the task is aborted like a crash.
+    let handle = cluster.nodes[victim]
+        .handle
+        .take()
+        .expect("the victim is running");
+    handle.abort();
+    drop(handle);
+    let t0 = Instant::now();
+    let timeline = cluster
+        .record(t0, DETECT_WITHIN, |s| {
+            all_see_dead(s, &names, &survivors, &[victim])
+        })
+        .await;
+    timeline.assert_always_alive(&survivors, &survivors, "killed: about survivors");
+    let detected: Vec<Duration> = survivors
+        .iter()
+        .map(|&o| {
+            timeline.first_dead(o, victim).unwrap_or_else(|| {
+                panic!(
+                    "killed: {} never marked {} dead within {DETECT_WITHIN:?}",
+                    names[o], names[victim]
+                )
+            })
+        })
+        .collect();
+    eprintln!(
+        "killed: {} marked dead after {}",
+        names[victim],
+        summary(&detected)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+#[ignore]
+async fn zz_scaling_experiment() {
+    for n in [2usize, 3, 4, 6, 12, 24, 40] {
+        let mut cluster = Cluster::start("scale", n).await;
+        let _ = cluster.record(Instant::now(), Duration::from_secs(6), |_| false).await;
+        eprintln!("N={n}: {}", cluster.detection_timeouts().await);
+        let names = cluster.names();
+        let victim = n - 1;
+        let survivors: Vec<usize> = (0..victim).collect();
+        let handle = cluster.nodes[victim].handle.take().unwrap();
+        handle.abort();
+        drop(handle);
+        let t = cluster.record(Instant::now(), DETECT_WITHIN, |s| all_see_dead(s, &names, &survivors, &[victim])).await;
+        let d: Vec<Duration> = survivors.iter().filter_map(|&o| t.first_dead(o, victim)).collect();
+        eprintln!("N={n}: kill detected {}", summary(&d));
+        cluster.shutdown().await;
+    }
+}

@@ -264,7 +264,7 @@ mod tests {
     #[test]
     fn keyrings_from_base64_keys() {
         let (a, b) = (key(), key());
-        let ring = keyring_from(&[a.clone(), b.clone()]).unwrap();
+        let ring = keyring_from(&[a.clone(), b]).unwrap();
         assert_eq!(
             ring.primary().id().to_string(),
             KeyMaterial::from_base64(&a).unwrap().id().to_string()
@@ -275,7 +275,7 @@ mod tests {
             (vec![], "no keys"),
             (vec!["AAAA".into()], "keys[0]: gossip key is 3 bytes"),
             (vec![a.clone(), "nope!".into()], "keys[1]"),
-            (vec![a.clone(), a.clone()], "more than once"),
+            (vec![a.clone(), a], "more than once"),
         ];
         for (keys, want) in bad {
             let e = keyring_from(keys).map(|_| ()).unwrap_err();

@@ -114,4 +114,22 @@ bind = "127.0.0.1:9001"
 [[upstreams]]
 service = "payments/checkout"
 bind = "127.0.0.1:9002"
+
+# Health checks. The instance takes traffic once its checks pass; after
+# `unhealthy_threshold` failures in a row callers stop sending it requests, after
+# `healthy_threshold` passes it is back. Exactly one of http, tcp, grpc or command each.
+[[checks]]
+# GET on `address` (or a full "http://host:port/path"); passes on a status in expect_status.
+http = "/healthz"
+expect_status = "200-399"
+interval = "10s"
+timeout = "1s"
+unhealthy_threshold = 3
+healthy_threshold = 2
+
+[[checks]]
+# Connect to `address` (true) or to "host:port".
+tcp = true
+# grpc = ""        grpc.health.v1 Check on `address` ("" = the whole server)
+# command = ["/usr/local/bin/check-web"]   exit code 0 passes; killed at the timeout
 "#;

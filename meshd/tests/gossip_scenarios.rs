@@ -6,7 +6,9 @@
 //!    the cluster is whole again within a bound after the heal;
 //! 2. a node that lost its links to half the others is kept alive by everyone, and keeps everyone
 //!    alive itself, through heartbeats relayed by the peers that still reach it;
-//! 3. a node whose links flap every second never gets a healthy node marked dead;
+//! 3. a node whose links flap every second never gets a healthy node marked dead, by anyone,
+//!    the flapping node included (with the phi threshold at 8 it marked every peer dead 0.75 s
+//!    into its first 1 s outage, which is why `DEFAULT_PHI_THRESHOLD` is 20);
 //! 4. a slow (delayed) or lossy node never gets a healthy node marked dead, and its own fate is
 //!    reported (it may not flap in the others' views);
 //! 5. a killed node is marked dead by every other node within a bound.
@@ -164,14 +166,14 @@ impl Socket for FaultySocket {
             .copied()
             .unwrap_or_default();
         // Decided before any await: the thread-local rng must not live across one.
-        let (drop, delay) = {
+        let (lost, delay) = {
             let mut rng = rand::rng();
-            let drop = fault.loss > 0.0 && rng.random_bool(fault.loss);
-            (drop, fault.delay.map(|(lo, hi)| rng.random_range(lo..=hi)))
+            let lost = fault.loss > 0.0 && rng.random_bool(fault.loss);
+            (lost, fault.delay.map(|(lo, hi)| rng.random_range(lo..=hi)))
         };
         // Like UDP: a lost or delayed datagram is still "sent".
         let sent = SendOutcome { num_bytes_sent: 0 };
-        if drop {
+        if lost {
             return Ok(sent);
         }
         if let Some(delay) = delay {
@@ -748,24 +750,4 @@ async fn killed_node_is_marked_dead_by_everyone() {
         summary(&detected)
     );
     cluster.shutdown().await;
-}
-
-#[tokio::test]
-#[ignore]
-async fn zz_scaling_experiment() {
-    for n in [2usize, 3, 4, 6, 12, 24, 40] {
-        let mut cluster = Cluster::start("scale", n).await;
-        let _ = cluster.record(Instant::now(), Duration::from_secs(6), |_| false).await;
-        eprintln!("N={n}: {}", cluster.detection_timeouts().await);
-        let names = cluster.names();
-        let victim = n - 1;
-        let survivors: Vec<usize> = (0..victim).collect();
-        let handle = cluster.nodes[victim].handle.take().unwrap();
-        handle.abort();
-        drop(handle);
-        let t = cluster.record(Instant::now(), DETECT_WITHIN, |s| all_see_dead(s, &names, &survivors, &[victim])).await;
-        let d: Vec<Duration> = survivors.iter().filter_map(|&o| t.first_dead(o, victim)).collect();
-        eprintln!("N={n}: kill detected {}", summary(&d));
-        cluster.shutdown().await;
-    }
 }

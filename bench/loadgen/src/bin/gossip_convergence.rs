@@ -1,0 +1,973 @@
+//! `gossip-convergence`: how fast meshd's gossip spreads a new service endpoint and a node's
+//! death through N nodes, and what gossip costs each node in bandwidth. See BENCHMARKS.md
+//! ("Gossip") and `bench/gossip.sh`; never run by CI.
+//!
+//! `run --nodes N` simulates a cluster of N nodes in this one process. Every node is a real
+//! chitchat 0.13 server (`chitchat::spawn_chitchat`) configured by
+//! `meshd::membership::chitchat_config`, so it gossips with meshd's interval (200 ms unless
+//! `--gossip-interval` says otherwise), meshd's failure detector and meshd's wire format.
+//! The nodes talk over chitchat's in-memory `ChannelTransport`: every message is really
+//! serialized and deserialized, but there is no kernel UDP and no sealing (meshd encrypts each
+//! datagram). What decides convergence is the number of rounds and the fan-out (3 peers per
+//! round), which are the same; the per-message cost of UDP and ChaCha20 is not simulated, and
+//! the transport refuses any message that would not fit one sealed UDP datagram, as meshd does.
+//! Node i lists 3 random nodes among 0..i as seeds (as an operator lists a few existing hosts)
+//! and publishes what meshd publishes: the `node` key (a `NodeInfo`) and one service key (a
+//! `ServiceInfo`), encoded by `mesh_api::gossip`.
+//!
+//! Once every node sees N live nodes (setup time) and a settling pause has passed:
+//!
+//! 1. steady state: messages and bytes sent over `--window`, per node and per second, with the
+//!    CPU this process and the whole machine used, and how late a 50 ms tokio timer fires (a
+//!    late timer means late gossip rounds);
+//! 2. new endpoint, `--reps` times from different nodes: one node sets a new service key; the
+//!    time until each other node's chitchat state holds it, and until its live-nodes watch (what
+//!    meshd's proxy view is rebuilt from) does;
+//! 3. death, `--death-reps` times: one node's gossip task is aborted (no goodbye, like
+//!    `kill -9`); the time until each remaining node no longer counts it as live.
+//!
+//! Times come from the main thread, which is not a tokio worker: it polls every node every
+//! 10 ms (`try_lock` on the node's chitchat state, so it never waits behind a gossip round),
+//! so each time is late by up to one poll. The results go to `--json`; `report` turns the JSON
+//! of several runs into the markdown tables `bench/gossip.sh` prints.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+// std's clock, not tokio's: the measuring thread is not a tokio thread, and time is never paused.
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
+use chitchat::{Chitchat, ChitchatEnvelope, ChitchatHandle, ChitchatId, ChitchatMessage};
+use chitchat::{NodeState, spawn_chitchat};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use mesh_api::ServiceKey;
+use mesh_api::gossip::{self, NodeInfo, ServiceInfo};
+use mesh_api::name::Label;
+use meshd::config::{DEFAULT_GOSSIP_INTERVAL, Protocol};
+use meshd::gossip_seal::{MAX_PLAINTEXT_LEN, SEAL_OVERHEAD};
+use meshd::membership;
+use serde_json::{Value, json};
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+
+/// Cluster id of the simulated mesh (meshd uses the trust domain).
+const CLUSTER_ID: &str = "mesh.test";
+/// Gossip port of every simulated node (each node has its own address in 10.0.0.0/16).
+const GOSSIP_PORT: u16 = 7946;
+/// Inbound (mTLS) port published in each node's `NodeInfo`.
+const INBOUND_PORT: u16 = 15008;
+/// Seeds each node lists: a few existing hosts, as an operator would write them.
+const SEEDS_PER_NODE: usize = 3;
+/// Peers chitchat 0.13 gossips with per round (its private `GOSSIP_COUNT`).
+const GOSSIP_FANOUT: f64 = 3.0;
+/// Distinct services the nodes publish (node i publishes `default/svc-<i mod SERVICES>`).
+const SERVICES: usize = 20;
+/// Zones the nodes are spread over.
+const ZONES: [&str; 3] = ["a", "b", "c"];
+/// How often the measuring thread looks at every node.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Quiet time after convergence: the failure detector's windows fill with steady-state
+/// heartbeat intervals and the start-up backlog drains, as on a cluster that has been up a while.
+const SETTLE: Duration = Duration::from_secs(5);
+/// Pause between repetitions (plus up to one gossip interval of jitter, so repetitions do not
+/// line up with the rounds).
+const REP_GAP: Duration = Duration::from_secs(1);
+/// Period of the timer whose lateness shows how far behind the tokio workers are.
+const LAG_PROBE_PERIOD: Duration = Duration::from_millis(50);
+/// How often progress is logged while waiting.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// IPv4 header and UDP header, for the on-the-wire estimate.
+const IPV4_HEADER: u64 = 20;
+const UDP_HEADER: u64 = 8;
+/// Payload of one IPv4 fragment on a 1,500-byte MTU link.
+const FRAGMENT_PAYLOAD: u64 = 1_480;
+/// `USER_HZ`: the unit of `/proc/stat` (100 on every Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// Gossip convergence at fleet sizes, simulated in one process.
+#[derive(Parser, Debug)]
+#[command(name = "gossip-convergence", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Simulate one cluster size and write its measurements as JSON.
+    Run(RunArgs),
+    /// Print markdown tables from the JSON of one or more runs.
+    Report {
+        /// JSON files written by `run`.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Number of nodes.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=60_000))]
+    nodes: u32,
+    /// Gossip interval [default: meshd's, 200ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    gossip_interval: Option<Duration>,
+    /// New-endpoint repetitions.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Death repetitions [default: --reps].
+    #[arg(long)]
+    death_reps: Option<usize>,
+    /// Steady-state bandwidth window.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    window: Duration,
+    /// Give up waiting for every node to see every other after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
+    converge_timeout: Duration,
+    /// Give up on one new-endpoint repetition after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    endpoint_timeout: Duration,
+    /// Give up on one death repetition after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    death_timeout: Duration,
+    /// Appended to node names (`node-0001` + suffix): longer names make every digest longer.
+    #[arg(long, default_value = "")]
+    name_suffix: String,
+    /// tokio worker threads [default: one per CPU].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Seed of the random choices (seeds, origins, victims).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the results.
+    #[arg(long)]
+    json: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(args) => run(&args),
+        Cmd::Report { runs } => report(&runs),
+    }
+}
+
+// === run ===
+
+/// One simulated node.
+struct Node {
+    id: ChitchatId,
+    handle: ChitchatHandle,
+    chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
+    /// chitchat's live-nodes watch: meshd rebuilds its proxy view from it.
+    live_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// False once killed by a death repetition.
+    alive: bool,
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let n = args.nodes as usize;
+    let interval = args.gossip_interval.unwrap_or(DEFAULT_GOSSIP_INTERVAL);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(w) = args.workers {
+        builder.worker_threads(w);
+    }
+    let rt = builder
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let workers = rt.metrics().num_workers();
+    let transport = CountingTransport::new();
+    let lag = LagProbe::spawn(&rt);
+    let mut rng = SplitMix(args.seed);
+    let load_start = loadavg();
+
+    let t0 = Instant::now();
+    let mut nodes = spawn_cluster(&rt, args, interval, &transport, &mut rng)?;
+    let spawn_s = t0.elapsed().as_secs_f64();
+    log(n, format_args!("spawned {n} nodes in {spawn_s:.1}s"));
+    let converged = wait_converged(&nodes, n, t0, args.converge_timeout);
+    let setup_s = t0.elapsed().as_secs_f64();
+    let min_view = nodes.iter().map(|nd| nd.live_rx.borrow().len()).min();
+    log(
+        n,
+        format_args!("converged={converged} after {setup_s:.1}s (smallest view {min_view:?})"),
+    );
+    std::thread::sleep(SETTLE);
+    let rss_mb = rss_mb();
+
+    let steady = measure_steady(&transport, &lag, n, args.window);
+    log(n, format_args!("steady state: {steady}"));
+
+    let picks = rng.distinct(args.reps + args.death_reps.unwrap_or(args.reps), n);
+    let (origins, victims) = picks.split_at(args.reps.min(picks.len()));
+    lag.take();
+    let mut endpoint = Vec::new();
+    for (rep, &origin) in origins.iter().enumerate() {
+        pause(&mut rng, interval);
+        let r = new_endpoint(&nodes, origin, rep, args.endpoint_timeout);
+        log(n, format_args!("new endpoint from node {origin}: {r}"));
+        endpoint.push(r);
+    }
+    let endpoint_lag = lag.take();
+    let mut death = Vec::new();
+    for &victim in victims {
+        pause(&mut rng, interval);
+        let r = kill(&mut nodes, victim, args.death_timeout);
+        log(n, format_args!("killed node {victim}: {r}"));
+        death.push(r);
+    }
+    let death_lag = lag.take();
+
+    let out = json!({
+        "nodes": n,
+        "gossip_interval_ms": interval.as_secs_f64() * 1e3,
+        "seeds_per_node": SEEDS_PER_NODE,
+        "node_name_example": node_name(0, &args.name_suffix),
+        "tokio_workers": workers,
+        "cpus": std::thread::available_parallelism().map_or(0, |c| c.get()),
+        "spawn_s": spawn_s,
+        "setup_s": setup_s,
+        "converged": converged,
+        "smallest_view_at_setup": min_view,
+        "rss_mb_after_setup": rss_mb,
+        "steady": steady,
+        "endpoint_timeout_s": args.endpoint_timeout.as_secs_f64(),
+        "endpoint": endpoint,
+        "endpoint_lag": endpoint_lag,
+        "death_timeout_s": args.death_timeout.as_secs_f64(),
+        "death": death,
+        "death_lag": death_lag,
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "refused_total": transport.counters.refused.load(Ordering::Relaxed),
+        "wall_s": t0.elapsed().as_secs_f64(),
+    });
+    let text = serde_json::to_string_pretty(&out).context("encoding the results")?;
+    std::fs::write(&args.json, text).with_context(|| format!("writing {}", args.json.display()))?;
+    // The nodes hold the runtime's tasks; dropping the runtime stops them without waiting.
+    drop(nodes);
+    rt.shutdown_background();
+    Ok(())
+}
+
+fn log(n: usize, what: std::fmt::Arguments<'_>) {
+    eprintln!("[gossip-convergence N={n}] {what}");
+}
+
+/// Sleeps between repetitions.
+fn pause(rng: &mut SplitMix, interval: Duration) {
+    let jitter = interval.mul_f64(rng.below(1000) as f64 / 1000.0);
+    std::thread::sleep(REP_GAP + jitter);
+}
+
+/// Starts all N nodes together, as a fleet booting at once, each at a random offset within
+/// one gossip interval: independent hosts do not tick in step, and nodes that all gossip at the
+/// same instant would relay a change several hops within one round of the simulation.
+fn spawn_cluster(
+    rt: &Runtime,
+    args: &RunArgs,
+    interval: Duration,
+    transport: &CountingTransport,
+    rng: &mut SplitMix,
+) -> anyhow::Result<Vec<Node>> {
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut starting = Vec::with_capacity(args.nodes as usize);
+    for i in 0..args.nodes as usize {
+        let addr = SocketAddr::from((node_ip(i), GOSSIP_PORT));
+        let id = ChitchatId::new(node_name(i, &args.name_suffix), generation, addr);
+        let seeds = rng
+            .distinct(SEEDS_PER_NODE.min(i), i)
+            .into_iter()
+            .map(|j| SocketAddr::from((node_ip(j), GOSSIP_PORT)).to_string())
+            .collect();
+        let config =
+            membership::chitchat_config(id.clone(), CLUSTER_ID.to_owned(), addr, seeds, interval);
+        let offset = interval.mul_f64(rng.below(1000) as f64 / 1000.0);
+        let transport = transport.clone();
+        starting.push(rt.spawn(async move {
+            tokio::time::sleep(offset).await;
+            let handle = spawn_chitchat(config, published_keys(i), &transport).await?;
+            let chitchat = handle.chitchat();
+            let live_rx = chitchat.lock().await.live_nodes_watcher();
+            anyhow::Ok(Node {
+                id,
+                handle,
+                chitchat,
+                live_rx,
+                alive: true,
+            })
+        }));
+    }
+    let mut nodes = Vec::with_capacity(starting.len());
+    for task in starting {
+        nodes.push(rt.block_on(task).context("node start task panicked")??);
+    }
+    Ok(nodes)
+}
+
+/// 10.0.0.1, 10.0.0.2, ... 10.0.0.250, 10.0.1.1, ...
+fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        (i / 62_500) as u8,
+        (i / 250 % 250) as u8,
+        (i % 250 + 1) as u8,
+    )
+}
+
+fn node_name(i: usize, suffix: &str) -> String {
+    format!("node-{:04}{suffix}", i + 1)
+}
+
+fn label(s: &str) -> Label {
+    Label::new(s).expect("benchmark labels are valid DNS labels")
+}
+
+/// What meshd publishes at start (`Membership::start`): its node info and its services.
+fn published_keys(i: usize) -> Vec<(String, String)> {
+    let info = NodeInfo {
+        v: gossip::VERSION,
+        inbound: SocketAddr::from((node_ip(i), INBOUND_PORT)),
+        datacenter: label("dc1"),
+        zone: label(ZONES[i % ZONES.len()]),
+        state: gossip::NodeState::Serving,
+    };
+    let service = ServiceKey::new(label("default"), label(&format!("svc-{:02}", i % SERVICES)));
+    vec![
+        (gossip::KEY_NODE.to_owned(), gossip::encode(&info)),
+        (
+            gossip::service_key(&service),
+            gossip::encode(&service_info()),
+        ),
+    ]
+}
+
+fn service_info() -> ServiceInfo {
+    ServiceInfo {
+        v: gossip::VERSION,
+        protocol: Protocol::Http.as_str().to_owned(),
+        labels: [("version".to_owned(), "v1".to_owned())].into(),
+        healthy: true,
+    }
+}
+
+/// Waits until every node's live set has N members; false on timeout.
+fn wait_converged(nodes: &[Node], n: usize, t0: Instant, timeout: Duration) -> bool {
+    let mut next_log = Instant::now() + PROGRESS_EVERY;
+    loop {
+        let views: Vec<usize> = nodes.iter().map(|nd| nd.live_rx.borrow().len()).collect();
+        let full = views.iter().filter(|&&v| v >= n).count();
+        if full == n {
+            return true;
+        }
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        if Instant::now() >= next_log {
+            next_log += PROGRESS_EVERY;
+            let min = views.iter().min().copied().unwrap_or(0);
+            log(
+                n,
+                format_args!(
+                    "{:.0}s: {full}/{n} nodes see all {n}, smallest view {min}, RSS {:.0} MB",
+                    t0.elapsed().as_secs_f64(),
+                    rss_mb()
+                ),
+            );
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Bandwidth and CPU over `window` of a converged cluster.
+fn measure_steady(
+    transport: &CountingTransport,
+    lag: &LagProbe,
+    n: usize,
+    window: Duration,
+) -> Value {
+    let (c0, p0, m0) = (
+        transport.counters.snapshot(),
+        process_cpu_ns(),
+        machine_cpu(),
+    );
+    let t0 = Instant::now();
+    lag.take();
+    std::thread::sleep(window);
+    let (c1, p1, m1) = (
+        transport.counters.snapshot(),
+        process_cpu_ns(),
+        machine_cpu(),
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    let lag = lag.take();
+    let per_node = |v: u64| v as f64 / n as f64 / secs;
+    let kinds: Vec<Value> = (0..KINDS)
+        .map(|k| {
+            let msgs = c1.msgs[k] - c0.msgs[k];
+            let bytes = c1.bytes[k] - c0.bytes[k];
+            json!({
+                "kind": KIND_NAMES[k],
+                "msgs_per_node_s": per_node(msgs),
+                "mean_bytes": if msgs == 0 { 0.0 } else { bytes as f64 / msgs as f64 },
+            })
+        })
+        .collect();
+    let msgs: u64 = (0..KINDS).map(|k| c1.msgs[k] - c0.msgs[k]).sum();
+    let bytes: u64 = (0..KINDS).map(|k| c1.bytes[k] - c0.bytes[k]).sum();
+    let syn = c1.msgs[0] - c0.msgs[0];
+    json!({
+        "window_s": secs,
+        "msgs_per_node_s": per_node(msgs),
+        "bytes_per_node_s": per_node(bytes),
+        "wire_bytes_per_node_s": per_node(c1.wire_bytes - c0.wire_bytes),
+        "rounds_per_node_s": per_node(syn) / GOSSIP_FANOUT,
+        "kinds": kinds,
+        "largest_message_bytes": c1.max_len,
+        "refused": c1.refused - c0.refused,
+        "process_cpu_cores": (p1 - p0) as f64 / 1e9 / secs,
+        "machine_busy_cores": (m1.busy - m0.busy) / USER_HZ / secs,
+        "machine_steal_cores": (m1.steal - m0.steal) / USER_HZ / secs,
+        "lag": lag,
+    })
+}
+
+/// One node publishes a new service; times until each other node has it.
+fn new_endpoint(nodes: &[Node], origin: usize, rep: usize, timeout: Duration) -> Value {
+    let service = ServiceKey::new(label("default"), label(&format!("bench-new-{rep}")));
+    let key = gossip::service_key(&service);
+    let value = gossip::encode(&service_info());
+    let origin_id = nodes[origin].id.clone();
+    let start = {
+        let mut chitchat = nodes[origin].chitchat.blocking_lock();
+        chitchat.self_node_state().set(&key, &value);
+        Instant::now()
+    };
+    let has_key = |state: Option<&NodeState>| state.is_some_and(|s| s.get(&key).is_some());
+    let watch = |i: usize| i != origin && nodes[i].alive;
+    let mut in_state = vec![None; nodes.len()];
+    let mut in_view = vec![None; nodes.len()];
+    loop {
+        for (i, node) in nodes.iter().enumerate().filter(|(i, _)| watch(*i)) {
+            if in_state[i].is_none() {
+                // A node busy in a gossip round is looked at again on the next pass.
+                if let Ok(chitchat) = node.chitchat.try_lock()
+                    && has_key(chitchat.node_state(&origin_id))
+                {
+                    in_state[i] = Some(start.elapsed());
+                }
+            }
+            if in_view[i].is_none() && has_key(node.live_rx.borrow().get(&origin_id)) {
+                in_view[i] = Some(start.elapsed());
+            }
+        }
+        let pending = (0..nodes.len())
+            .filter(|&i| watch(i) && (in_state[i].is_none() || in_view[i].is_none()))
+            .count();
+        if pending == 0 || start.elapsed() > timeout {
+            break;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let pick = |v: &[Option<Duration>]| -> Vec<Option<Duration>> {
+        (0..nodes.len())
+            .filter(|&i| watch(i))
+            .map(|i| v[i])
+            .collect()
+    };
+    json!({
+        "node": origin,
+        "state": spread(&pick(&in_state)),
+        "view": spread(&pick(&in_view)),
+    })
+}
+
+/// Aborts one node's gossip (no goodbye); times until each remaining node drops it from its
+/// live set.
+fn kill(nodes: &mut [Node], victim: usize, timeout: Duration) -> Value {
+    nodes[victim].handle.abort();
+    nodes[victim].alive = false;
+    let start = Instant::now();
+    let victim_id = nodes[victim].id.clone();
+    let mut gone = vec![None; nodes.len()];
+    loop {
+        for (i, node) in nodes.iter().enumerate().filter(|(_, nd)| nd.alive) {
+            if gone[i].is_none() && !node.live_rx.borrow().contains_key(&victim_id) {
+                gone[i] = Some(start.elapsed());
+            }
+        }
+        let pending = nodes
+            .iter()
+            .zip(&gone)
+            .filter(|(nd, g)| nd.alive && g.is_none())
+            .count();
+        if pending == 0 || start.elapsed() > timeout {
+            break;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let times: Vec<Option<Duration>> = nodes
+        .iter()
+        .zip(&gone)
+        .filter(|(nd, _)| nd.alive)
+        .map(|(_, g)| *g)
+        .collect();
+    json!({ "node": victim, "gone": spread(&times) })
+}
+
+/// p50/p99/max in ms over the nodes that saw the event, and how many did.
+fn spread(times: &[Option<Duration>]) -> Value {
+    let mut ms: Vec<f64> = times
+        .iter()
+        .flatten()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let all = ms.len() == times.len();
+    json!({
+        "seen": ms.len(),
+        "of": times.len(),
+        "p50_ms": pct(&ms, 0.50),
+        "p99_ms": pct(&ms, 0.99),
+        // Only a real maximum when every node saw it.
+        "max_ms": if all { ms.last().copied() } else { None },
+    })
+}
+
+/// Nearest-rank percentile of sorted `v`.
+fn pct(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let rank = (q * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+// === impl SplitMix ===
+
+/// SplitMix64: reproducible choices without a dependency.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0; the modulo bias is negligible for small n).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// `k` distinct values of `0..n` (fewer if n < k).
+    fn distinct(&mut self, k: usize, n: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k.min(n));
+        while out.len() < k.min(n) {
+            let v = self.below(n);
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+        out
+    }
+}
+
+// === impl LagProbe ===
+
+/// A tokio task that sleeps `LAG_PROBE_PERIOD` again and again and records how late it wakes:
+/// chitchat's round timer sits in the same queues, so this is how late rounds start.
+struct LagProbe {
+    hist: Arc<Mutex<Histogram<u64>>>,
+}
+
+impl LagProbe {
+    fn spawn(rt: &Runtime) -> Self {
+        let hist = Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds");
+        let hist = Arc::new(Mutex::new(hist));
+        let h = hist.clone();
+        // Fire-and-forget: ends with the runtime.
+        rt.spawn(async move {
+            loop {
+                let due = tokio::time::Instant::now() + LAG_PROBE_PERIOD;
+                tokio::time::sleep_until(due).await;
+                let late = due.elapsed().as_micros() as u64;
+                h.lock()
+                    .expect("lag lock is never poisoned")
+                    .saturating_record(late.max(1));
+            }
+        });
+        Self { hist }
+    }
+
+    /// Lateness (ms) since the last call, and starts over.
+    fn take(&self) -> Value {
+        let mut h = self.hist.lock().expect("lag lock is never poisoned");
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        let out = json!({
+            "samples": h.len(),
+            "p50_ms": ms(0.50),
+            "p99_ms": ms(0.99),
+            "max_ms": h.max() as f64 / 1e3,
+        });
+        h.reset();
+        out
+    }
+}
+
+// === impl CountingTransport ===
+
+/// Message kinds, in counter order.
+const KINDS: usize = 4;
+const KIND_NAMES: [&str; KINDS] = ["syn", "syn-ack", "ack", "bad-cluster"];
+
+#[derive(Default)]
+struct Counters {
+    msgs: [AtomicU64; KINDS],
+    bytes: [AtomicU64; KINDS],
+    /// Estimated bytes on the wire: sealed, in UDP, in IPv4 fragments.
+    wire_bytes: AtomicU64,
+    max_len: AtomicU64,
+    /// Messages too long for one sealed datagram, not sent (meshd refuses them too).
+    refused: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CounterSnapshot {
+    msgs: [u64; KINDS],
+    bytes: [u64; KINDS],
+    wire_bytes: u64,
+    max_len: u64,
+    refused: u64,
+}
+
+impl Counters {
+    fn record(&self, kind: usize, len: usize) {
+        let len = len as u64;
+        self.msgs[kind].fetch_add(1, Ordering::Relaxed);
+        self.bytes[kind].fetch_add(len, Ordering::Relaxed);
+        let udp = len + SEAL_OVERHEAD as u64 + UDP_HEADER;
+        let wire = udp + IPV4_HEADER * udp.div_ceil(FRAGMENT_PAYLOAD);
+        self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+        self.max_len.fetch_max(len, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> CounterSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            msgs: std::array::from_fn(|k| load(&self.msgs[k])),
+            bytes: std::array::from_fn(|k| load(&self.bytes[k])),
+            wire_bytes: load(&self.wire_bytes),
+            max_len: load(&self.max_len),
+            refused: load(&self.refused),
+        }
+    }
+}
+
+/// chitchat's `ChannelTransport` limited to what fits one sealed UDP datagram, counting every
+/// message by kind. (`Transport` and `Socket` are `async_trait` traits; their methods are
+/// written out as the boxed futures the macro would produce, so this crate needs no
+/// `async-trait` dependency.)
+#[derive(Clone)]
+struct CountingTransport {
+    inner: ChannelTransport,
+    counters: Arc<Counters>,
+}
+
+struct CountingSocket {
+    inner: Box<dyn Socket>,
+    counters: Arc<Counters>,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl CountingTransport {
+    fn new() -> Self {
+        Self {
+            inner: ChannelTransport::with_mtu(MAX_PLAINTEXT_LEN),
+            counters: Arc::default(),
+        }
+    }
+}
+
+impl Transport for CountingTransport {
+    fn open<'s, 'f>(
+        &'s self,
+        listen_addr: SocketAddr,
+    ) -> BoxFuture<'f, anyhow::Result<Box<dyn Socket>>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let inner = self.inner.open(listen_addr).await?;
+            let counters = self.counters.clone();
+            Ok(Box::new(CountingSocket { inner, counters }) as Box<dyn Socket>)
+        })
+    }
+}
+
+impl Socket for CountingSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn send<'s, 'f>(
+        &'s mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> BoxFuture<'f, anyhow::Result<SendOutcome>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let kind = match envelope.message {
+                ChitchatMessage::Syn { .. } => 0,
+                ChitchatMessage::SynAck { .. } => 1,
+                ChitchatMessage::Ack { .. } => 2,
+                ChitchatMessage::BadCluster => 3,
+            };
+            // The only error of ChannelTransport's send is "larger than the MTU".
+            let outcome = self.inner.send(to, envelope).await;
+            match &outcome {
+                Ok(sent) => self.counters.record(kind, sent.num_bytes_sent),
+                Err(_) => _ = self.counters.refused.fetch_add(1, Ordering::Relaxed),
+            }
+            outcome
+        })
+    }
+
+    fn recv<'s, 'f>(&'s mut self) -> BoxFuture<'f, anyhow::Result<RecvOutcome>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        self.inner.recv()
+    }
+}
+
+// === /proc ===
+
+/// CPU time of every thread of this process, ns (`/proc/self/task/*/schedstat`).
+fn process_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+struct MachineCpu {
+    busy: f64,
+    steal: f64,
+}
+
+/// Busy (not idle, not iowait) and steal ticks of all CPUs (`/proc/stat`).
+fn machine_cpu() -> MachineCpu {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let get = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    MachineCpu {
+        busy: get(0) + get(1) + get(2) + get(5) + get(6) + get(7),
+        steal: get(7),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+// === report ===
+
+fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
+    let mut runs = paths
+        .iter()
+        .map(|p| read_run(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    runs.sort_by_key(|r| r["nodes"].as_u64());
+    let mut out = String::new();
+    out += "| nodes | setup: start → every node sees N live, s | new endpoint known by all, ms: median (min–max) | new endpoint, p50 node, ms | new endpoint in every node's live-nodes watch (meshd's view), ms | death known by all, s: median (min–max) | bytes/s per node | msgs/s per node |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in &runs {
+        let ep = r["endpoint"].as_array().cloned().unwrap_or_default();
+        let death = r["death"].as_array().cloned().unwrap_or_default();
+        let ep_to = r["endpoint_timeout_s"].as_f64().unwrap_or(0.0) * 1e3;
+        let death_to = r["death_timeout_s"].as_f64().unwrap_or(0.0) * 1e3;
+        let _ = writeln!(
+            out,
+            "| {} | {}{} | {} | {} | {} | {} | {} | {} |",
+            r["nodes"],
+            num(r["setup_s"].as_f64(), 1),
+            if r["converged"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (did not converge)"
+            },
+            over_reps(&ep, "/state/max_ms", ep_to, 1.0, 0),
+            median_over_reps(&ep, "/state/p50_ms"),
+            over_reps(&ep, "/view/max_ms", ep_to, 1.0, 0),
+            over_reps(&death, "/gone/max_ms", death_to, 1e-3, 2),
+            si(r["steady"]["bytes_per_node_s"].as_f64()),
+            num(r["steady"]["msgs_per_node_s"].as_f64(), 0),
+        );
+    }
+    out += "\n| nodes | gossip rounds/s per node (SYNs ÷ 3) | mean SYN / SYN-ACK / ACK, bytes | largest message, bytes | refused as too long | est. wire bytes/s per node (sealed, UDP, IPv4 fragments) | simulation CPU, cores | machine busy / steal, cores | timer lateness p50 / p99 / max, ms: steady · endpoint · death | RSS, MB | load avg start → end |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in &runs {
+        let s = &r["steady"];
+        let size = |k: usize| num(s["kinds"][k]["mean_bytes"].as_f64(), 0);
+        let lag = |v: &Value| {
+            let f = |k: &str| num(v[k].as_f64(), 0);
+            format!("{} / {} / {}", f("p50_ms"), f("p99_ms"), f("max_ms"))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} / {} | {} · {} · {} | {} | {} → {} |",
+            r["nodes"],
+            num(s["rounds_per_node_s"].as_f64(), 2),
+            size(0),
+            size(1),
+            size(2),
+            s["largest_message_bytes"],
+            r["refused_total"],
+            si(s["wire_bytes_per_node_s"].as_f64()),
+            num(s["process_cpu_cores"].as_f64(), 2),
+            num(s["machine_busy_cores"].as_f64(), 2),
+            num(s["machine_steal_cores"].as_f64(), 2),
+            lag(&s["lag"]),
+            lag(&r["endpoint_lag"]),
+            lag(&r["death_lag"]),
+            num(r["rss_mb_after_setup"].as_f64(), 0),
+            r["loadavg_start"].as_str().unwrap_or(""),
+            r["loadavg_end"].as_str().unwrap_or(""),
+        );
+    }
+    out += "\nEvery repetition (ms; p50 / p99 / max over the nodes; `seen` of `of` nodes):\n\n";
+    out += "| nodes | event | from/victim node | p50 | p99 | max | seen |\n| --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in &runs {
+        for (what, list, field) in [
+            ("new endpoint, in state", "endpoint", "state"),
+            ("new endpoint, in live-nodes watch", "endpoint", "view"),
+            ("death", "death", "gone"),
+        ] {
+            for e in r[list].as_array().into_iter().flatten() {
+                let d = &e[field];
+                let _ = writeln!(
+                    out,
+                    "| {} | {what} | {} | {} | {} | {} | {} of {} |",
+                    r["nodes"],
+                    e["node"],
+                    num(d["p50_ms"].as_f64(), 0),
+                    num(d["p99_ms"].as_f64(), 0),
+                    num(d["max_ms"].as_f64(), 0),
+                    d["seen"],
+                    d["of"],
+                );
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn read_run(path: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if v["nodes"].as_u64().is_none() {
+        bail!("{}: not a gossip-convergence result", path.display());
+    }
+    Ok(v)
+}
+
+/// "median (min–max)" of the value at `pointer` over repetitions, scaled; a repetition that did
+/// not finish counts as longer than the timeout.
+fn over_reps(reps: &[Value], pointer: &str, timeout_ms: f64, scale: f64, digits: usize) -> String {
+    let mut v: Vec<f64> = reps
+        .iter()
+        .map(|r| {
+            r.pointer(pointer)
+                .and_then(Value::as_f64)
+                .unwrap_or(f64::INFINITY)
+        })
+        .collect();
+    if v.is_empty() {
+        return "—".to_owned();
+    }
+    v.sort_by(f64::total_cmp);
+    let show = |x: f64| {
+        if x.is_finite() {
+            format!("{:.digits$}", x * scale)
+        } else {
+            format!("> {:.digits$}", timeout_ms * scale)
+        }
+    };
+    let median = pct(&v, 0.5).unwrap_or(f64::INFINITY);
+    format!(
+        "{} ({}–{}, {} reps)",
+        show(median),
+        show(v[0]),
+        show(v[v.len() - 1]),
+        v.len()
+    )
+}
+
+/// Median over repetitions of the value at `pointer`, ms.
+fn median_over_reps(reps: &[Value], pointer: &str) -> String {
+    let mut v: Vec<f64> = reps
+        .iter()
+        .filter_map(|r| r.pointer(pointer).and_then(Value::as_f64))
+        .collect();
+    v.sort_by(f64::total_cmp);
+    num(pct(&v, 0.5), 0)
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "—".to_owned(), |x| format!("{x:.digits$}"))
+}
+
+/// Bytes per second with a unit.
+fn si(v: Option<f64>) -> String {
+    match v {
+        None => "—".to_owned(),
+        Some(x) if x >= 1e6 => format!("{:.2} MB/s", x / 1e6),
+        Some(x) if x >= 1e3 => format!("{:.1} kB/s", x / 1e3),
+        Some(x) => format!("{x:.0} B/s"),
+    }
+}

@@ -166,7 +166,8 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
     .await
     .unwrap();
     let detected = killed.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Long enough past `limit` (below) that the load after detection is measured.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::SeqCst);
     let samples = running.await.unwrap();
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.1 != 200).collect();

@@ -28,7 +28,9 @@ pub enum Error {
         len: usize,
     },
     /// Not an id.
-    #[error("{0:?} is not a gossip key id; expected 8 hex digits, as `meshctl gossip-key list` shows")]
+    #[error(
+        "{0:?} is not a gossip key id; expected 8 hex digits, as `meshctl gossip-key list` shows"
+    )]
     BadId(String),
     /// The system random source failed.
     #[error("the system random source failed")]
@@ -137,7 +139,10 @@ mod tests {
         assert_eq!(k.id().to_string().parse::<KeyId>().unwrap(), k.id());
         assert!(!format!("{k:?}").contains(&k.to_base64()));
         // SHA-256 of 32 zero bytes starts 66687aad.
-        assert_eq!(KeyMaterial::from_bytes([0; 32]).id().to_string(), "66687aad");
+        assert_eq!(
+            KeyMaterial::from_bytes([0; 32]).id().to_string(),
+            "66687aad"
+        );
     }
 
     #[test]

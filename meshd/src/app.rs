@@ -12,18 +12,18 @@ use mesh_api::ServiceKey;
 use mesh_runtime::drain;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::discovery::{self, Discovery};
 use crate::gossip_keys::GossipKeys;
 use crate::gossip_seal::{SealStats, SealedTransport};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use crate::identity::{self, Manager};
 use crate::membership::Membership;
 use crate::proxy::{self, Listeners};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// How many gossip intervals to wait after publishing `draining` before refusing new
 /// connections, so peers have stopped picking this node.
@@ -262,10 +262,27 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 }
 
 impl Bound {
-    /// Runs until `shutdown` resolves, then drains in order within the grace period.
-    pub async fn wait_termination(self, shutdown: impl std::future::Future<Output = ()>) {
-        shutdown.await;
+    /// Runs until `shutdown` resolves, then drains in order within the grace period. `Err` if
+    /// gossip stopped on its own first: the node drains and exits with a failure so the
+    /// service manager restarts it, rather than serve on a frozen view of the mesh.
+    pub async fn wait_termination(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
+        let gossip = self.membership.stopped();
+        let outcome = tokio::select! {
+            () = shutdown => Ok(()),
+            r = gossip => {
+                let why = match r {
+                    Ok(()) => "gossip stopped".to_owned(),
+                    Err(e) => format!("gossip stopped: {e:#}"),
+                };
+                error!(reason = %why, "gossip is down; draining and exiting so meshd is restarted");
+                Err(why)
+            }
+        };
         self.drain().await;
+        outcome
     }
 
     /// The drain sequence.

@@ -257,7 +257,12 @@ impl Client {
         &self,
         req: pb::ChangeGossipKeysRequest,
     ) -> Result<pb::GossipKeyStatus, Error> {
-        Ok(self.inner.clone().change_gossip_keys(req).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .change_gossip_keys(req)
+            .await?
+            .into_inner())
     }
 
     /// The gossip key ids and what every node reported (operators and viewers).

@@ -149,15 +149,11 @@ pub async fn print_members(admin: &str) -> anyhow::Result<()> {
     for l in v["liveness"].as_array().into_iter().flatten() {
         let node = l["node"].as_str().unwrap_or("?");
         // A live member's published info; a dead node only has its gossip identity.
-        let m = members.iter().find(|m| {
-            m["node"].as_str() == Some(node) && m["generation"] == l["generation"]
-        });
+        let m = members
+            .iter()
+            .find(|m| m["node"].as_str() == Some(node) && m["generation"] == l["generation"]);
         let info = m.map(|m| &m["info"]);
-        let field = |k: &str| {
-            info.and_then(|i| i[k].as_str())
-                .unwrap_or("-")
-                .to_owned()
-        };
+        let field = |k: &str| info.and_then(|i| i[k].as_str()).unwrap_or("-").to_owned();
         let services: Vec<&str> = (m.and_then(|m| m["services"].as_array()))
             .into_iter()
             .flatten()

@@ -163,12 +163,16 @@ impl GossipKeys {
                             backoff.reset();
                             match self.apply(k) {
                                 Ok(changed) => report_due |= changed,
-                                Err(e) => error!(error = %e, "gossip keyring not applied; keeping the one in hand"),
+                                Err(e) => {
+                                    error!(error = %e, "gossip keyring not applied; keeping the one in hand")
+                                }
                             }
                             if report_due {
                                 match client.report_gossip_keys(self.revision).await {
                                     Ok(()) => report_due = false,
-                                    Err(e) => warn!(error = %e, "could not report the gossip keyring revision"),
+                                    Err(e) => {
+                                        warn!(error = %e, "could not report the gossip keyring revision")
+                                    }
                                 }
                             }
                         }

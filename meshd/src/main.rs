@@ -107,7 +107,10 @@ fn main() -> ExitCode {
                 });
                 // A second SIGINT/SIGTERM during the drain exits at once.
                 tokio::select! {
-                    _ = drain => ExitCode::SUCCESS,
+                    r = drain => match r {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(_) => ExitCode::from(1),
+                    },
                     _ = async {
                         let _ = mesh_runtime::signal::shutdown().await;
                         let _ = mesh_runtime::signal::shutdown().await;

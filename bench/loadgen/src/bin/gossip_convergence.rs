@@ -1,6 +1,6 @@
 //! `gossip-convergence`: how fast meshd's gossip spreads a new service endpoint and a node's
-//! death through N nodes, and what gossip costs each node in bandwidth. See BENCHMARKS.md
-//! ("Gossip") and `bench/gossip.sh`; never run by CI.
+//! death through N nodes, and what gossip costs each node in bandwidth. Run by
+//! `bench/gossip.sh`; never run by CI.
 //!
 //! `run --nodes N` simulates a cluster of N nodes in this one process. Every node is a real
 //! chitchat 0.13 server (`chitchat::spawn_chitchat`) configured by
@@ -13,7 +13,8 @@
 //! the transport refuses any message that would not fit one sealed UDP datagram, as meshd does.
 //! Node i lists 3 random nodes among 0..i as seeds (as an operator lists a few existing hosts)
 //! and publishes what meshd publishes: the `node` key (a `NodeInfo`) and one service key (a
-//! `ServiceInfo`), encoded by `mesh_api::gossip`.
+//! `ServiceInfo`), encoded by `mesh_api::gossip`. All nodes start together, each at a random
+//! offset within one gossip interval, so their rounds are not in step.
 //!
 //! Once every node sees N live nodes (setup time) and a settling pause has passed:
 //!
@@ -28,9 +29,14 @@
 //!
 //! Times come from the main thread, which is not a tokio worker: it polls every node every
 //! 10 ms (`try_lock` on the node's chitchat state, so it never waits behind a gossip round),
-//! so each time is late by up to one poll. The results go to `--json`; `report` turns the JSON
-//! of several runs into the markdown tables `bench/gossip.sh` prints.
+//! so each time is late by up to one poll. Gossip rounds actually achieved are counted from the
+//! SYNs sent (3 per round): a CPU-starved simulation runs fewer rounds than the interval says,
+//! and every delay is also given in those rounds. The simulation holds every node's copy of the
+//! cluster, so its memory grows as N²: `--max-rss-mb` stops a run (keeping what was measured)
+//! before it starves the machine. The results go to `--json`; `report` turns the JSON of several
+//! runs into the markdown tables `bench/gossip.sh` prints.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -45,7 +51,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
 use chitchat::{Chitchat, ChitchatEnvelope, ChitchatHandle, ChitchatId, ChitchatMessage};
-use chitchat::{NodeState, spawn_chitchat};
+use chitchat::{NodeState, ProtocolVersion, spawn_chitchat};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use mesh_api::ServiceKey;
@@ -60,7 +66,7 @@ use tokio::sync::watch;
 
 /// Cluster id of the simulated mesh (meshd uses the trust domain).
 const CLUSTER_ID: &str = "mesh.test";
-/// Gossip port of every simulated node (each node has its own address in 10.0.0.0/16).
+/// Gossip port of every simulated node (each node has its own address in 10.0.0.0/8).
 const GOSSIP_PORT: u16 = 7946;
 /// Inbound (mTLS) port published in each node's `NodeInfo`.
 const INBOUND_PORT: u16 = 15008;
@@ -84,8 +90,9 @@ const REP_GAP: Duration = Duration::from_secs(1);
 const LAG_PROBE_PERIOD: Duration = Duration::from_millis(50);
 /// How often progress is logged while waiting.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// IPv4 header and UDP header, for the on-the-wire estimate.
+/// IPv4 header, repeated in every fragment (for the on-the-wire estimate).
 const IPV4_HEADER: u64 = 20;
+/// UDP header, once per datagram.
 const UDP_HEADER: u64 = 8;
 /// Payload of one IPv4 fragment on a 1,500-byte MTU link.
 const FRAGMENT_PAYLOAD: u64 = 1_480;
@@ -141,9 +148,19 @@ struct RunArgs {
     /// Appended to node names (`node-0001` + suffix): longer names make every digest longer.
     #[arg(long, default_value = "")]
     name_suffix: String,
+    /// Gossip with chitchat's protocol V1 (zstd-compressed digests) instead of meshd's V0: an
+    /// experiment, not what meshd ships.
+    #[arg(long)]
+    protocol_v1: bool,
     /// tokio worker threads [default: one per CPU].
     #[arg(long)]
     workers: Option<usize>,
+    /// Stop (and write what was measured) when this process's RSS passes this many MB.
+    #[arg(long, default_value_t = 12_000.0)]
+    max_rss_mb: f64,
+    /// Stop when the machine has less memory available than this many MB (it is shared).
+    #[arg(long, default_value_t = 3_000.0)]
+    min_available_mb: f64,
     /// Seed of the random choices (seeds, origins, victims).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -172,8 +189,32 @@ struct Node {
     alive: bool,
 }
 
+/// The running simulation, as the measuring thread sees it.
+struct Sim {
+    n: usize,
+    nodes: Vec<Node>,
+    transport: CountingTransport,
+    lag: LagProbe,
+    guard: Guard,
+}
+
+/// How waiting for convergence ended.
+enum Setup {
+    Converged,
+    TimedOut,
+    Aborted(String),
+}
+
+/// Stops a run before it takes the shared machine's memory: one process holding every node's
+/// copy of the cluster grows as N², and a CPU-starved simulation also queues messages.
+struct Guard {
+    max_rss_mb: f64,
+    min_available_mb: f64,
+    next_check: Cell<Instant>,
+    reason: RefCell<Option<String>>,
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let n = args.nodes as usize;
     let interval = args.gossip_interval.unwrap_or(DEFAULT_GOSSIP_INTERVAL);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(w) = args.workers {
@@ -183,79 +224,105 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    let workers = rt.metrics().num_workers();
     let transport = CountingTransport::new();
     let lag = LagProbe::spawn(&rt);
     let mut rng = SplitMix(args.seed);
-    let load_start = loadavg();
-
-    let t0 = Instant::now();
-    let mut nodes = spawn_cluster(&rt, args, interval, &transport, &mut rng)?;
-    let spawn_s = t0.elapsed().as_secs_f64();
-    log(n, format_args!("spawned {n} nodes in {spawn_s:.1}s"));
-    let converged = wait_converged(&nodes, n, t0, args.converge_timeout);
-    let setup_s = t0.elapsed().as_secs_f64();
-    let min_view = nodes.iter().map(|nd| nd.live_rx.borrow().len()).min();
-    log(
-        n,
-        format_args!("converged={converged} after {setup_s:.1}s (smallest view {min_view:?})"),
-    );
-    std::thread::sleep(SETTLE);
-    let rss_mb = rss_mb();
-
-    let steady = measure_steady(&transport, &lag, n, args.window);
-    log(n, format_args!("steady state: {steady}"));
-
-    let picks = rng.distinct(args.reps + args.death_reps.unwrap_or(args.reps), n);
-    let (origins, victims) = picks.split_at(args.reps.min(picks.len()));
-    lag.take();
-    let mut endpoint = Vec::new();
-    for (rep, &origin) in origins.iter().enumerate() {
-        pause(&mut rng, interval);
-        let r = new_endpoint(&nodes, origin, rep, args.endpoint_timeout);
-        log(n, format_args!("new endpoint from node {origin}: {r}"));
-        endpoint.push(r);
-    }
-    let endpoint_lag = lag.take();
-    let mut death = Vec::new();
-    for &victim in victims {
-        pause(&mut rng, interval);
-        let r = kill(&mut nodes, victim, args.death_timeout);
-        log(n, format_args!("killed node {victim}: {r}"));
-        death.push(r);
-    }
-    let death_lag = lag.take();
-
-    let out = json!({
-        "nodes": n,
+    let mut out = json!({
+        "nodes": args.nodes,
         "gossip_interval_ms": interval.as_secs_f64() * 1e3,
         "seeds_per_node": SEEDS_PER_NODE,
         "node_name_example": node_name(0, &args.name_suffix),
-        "tokio_workers": workers,
+        "protocol": if args.protocol_v1 { "V1" } else { "V0" },
+        "tokio_workers": rt.metrics().num_workers(),
         "cpus": std::thread::available_parallelism().map_or(0, |c| c.get()),
-        "spawn_s": spawn_s,
-        "setup_s": setup_s,
-        "converged": converged,
-        "smallest_view_at_setup": min_view,
-        "rss_mb_after_setup": rss_mb,
-        "steady": steady,
+        "loadavg_start": loadavg(),
         "endpoint_timeout_s": args.endpoint_timeout.as_secs_f64(),
-        "endpoint": endpoint,
-        "endpoint_lag": endpoint_lag,
         "death_timeout_s": args.death_timeout.as_secs_f64(),
-        "death": death,
-        "death_lag": death_lag,
-        "loadavg_start": load_start,
-        "loadavg_end": loadavg(),
-        "refused_total": transport.counters.refused.load(Ordering::Relaxed),
-        "wall_s": t0.elapsed().as_secs_f64(),
     });
+    let t0 = Instant::now();
+    let nodes = spawn_cluster(&rt, args, interval, &transport, &mut rng)?;
+    let guard = Guard::new(args.max_rss_mb, args.min_available_mb);
+    let mut sim = Sim {
+        n: nodes.len(),
+        nodes,
+        transport,
+        lag,
+        guard,
+    };
+    out["spawn_s"] = json!(t0.elapsed().as_secs_f64());
+    measure(&mut sim, args, interval, &mut rng, t0, &mut out);
+    out["aborted"] = json!(sim.guard.reason());
+    out["loadavg_end"] = json!(loadavg());
+    out["refused_total"] = json!(sim.transport.counters.snapshot().refused);
+    out["wall_s"] = json!(t0.elapsed().as_secs_f64());
     let text = serde_json::to_string_pretty(&out).context("encoding the results")?;
     std::fs::write(&args.json, text).with_context(|| format!("writing {}", args.json.display()))?;
     // The nodes hold the runtime's tasks; dropping the runtime stops them without waiting.
-    drop(nodes);
+    drop(sim);
     rt.shutdown_background();
     Ok(())
+}
+
+/// The phases, in order, each recorded into `out`; stops early if the guard trips.
+fn measure(
+    sim: &mut Sim,
+    args: &RunArgs,
+    interval: Duration,
+    rng: &mut SplitMix,
+    t0: Instant,
+    out: &mut Value,
+) {
+    let n = sim.n;
+    let (setup, timeline) = sim.wait_converged(t0, args.converge_timeout);
+    out["setup_s"] = json!(t0.elapsed().as_secs_f64());
+    out["converged"] = json!(matches!(setup, Setup::Converged));
+    out["setup_timeline"] = json!(timeline);
+    out["smallest_view_at_setup"] = json!(sim.views().into_iter().min());
+    log(
+        n,
+        format_args!(
+            "setup: converged={} after {:.1}s, smallest view {}",
+            out["converged"],
+            out["setup_s"].as_f64().unwrap_or_default(),
+            out["smallest_view_at_setup"]
+        ),
+    );
+    if let Setup::Aborted(why) = setup {
+        log(n, format_args!("aborted: {why}"));
+        return;
+    }
+    std::thread::sleep(SETTLE);
+    out["rss_mb_after_setup"] = json!(rss_mb());
+    out["steady"] = sim.measure_steady(args.window);
+    log(n, format_args!("steady state: {}", out["steady"]));
+
+    let picks = rng.distinct(args.reps + args.death_reps.unwrap_or(args.reps), n);
+    let (origins, victims) = picks.split_at(args.reps.min(picks.len()));
+    sim.lag.take();
+    let mut endpoint = Vec::new();
+    for (rep, &origin) in origins.iter().enumerate() {
+        if sim.guard.stop() {
+            break;
+        }
+        pause(rng, interval);
+        let r = sim.new_endpoint(origin, rep, args.endpoint_timeout);
+        log(n, format_args!("new endpoint from node {origin}: {r}"));
+        endpoint.push(r);
+    }
+    out["endpoint"] = json!(endpoint);
+    out["endpoint_lag"] = sim.lag.take();
+    let mut death = Vec::new();
+    for &victim in victims {
+        if sim.guard.stop() {
+            break;
+        }
+        pause(rng, interval);
+        let r = sim.kill(victim, args.death_timeout);
+        log(n, format_args!("killed node {victim}: {r}"));
+        death.push(r);
+    }
+    out["death"] = json!(death);
+    out["death_lag"] = sim.lag.take();
 }
 
 fn log(n: usize, what: std::fmt::Arguments<'_>) {
@@ -290,8 +357,11 @@ fn spawn_cluster(
             .into_iter()
             .map(|j| SocketAddr::from((node_ip(j), GOSSIP_PORT)).to_string())
             .collect();
-        let config =
+        let mut config =
             membership::chitchat_config(id.clone(), CLUSTER_ID.to_owned(), addr, seeds, interval);
+        if args.protocol_v1 {
+            config.protocol_version = ProtocolVersion::V1;
+        }
         let offset = interval.mul_f64(rng.below(1000) as f64 / 1000.0);
         let transport = transport.clone();
         starting.push(rt.spawn(async move {
@@ -361,170 +431,6 @@ fn service_info() -> ServiceInfo {
     }
 }
 
-/// Waits until every node's live set has N members; false on timeout.
-fn wait_converged(nodes: &[Node], n: usize, t0: Instant, timeout: Duration) -> bool {
-    let mut next_log = Instant::now() + PROGRESS_EVERY;
-    loop {
-        let views: Vec<usize> = nodes.iter().map(|nd| nd.live_rx.borrow().len()).collect();
-        let full = views.iter().filter(|&&v| v >= n).count();
-        if full == n {
-            return true;
-        }
-        if t0.elapsed() > timeout {
-            return false;
-        }
-        if Instant::now() >= next_log {
-            next_log += PROGRESS_EVERY;
-            let min = views.iter().min().copied().unwrap_or(0);
-            log(
-                n,
-                format_args!(
-                    "{:.0}s: {full}/{n} nodes see all {n}, smallest view {min}, RSS {:.0} MB",
-                    t0.elapsed().as_secs_f64(),
-                    rss_mb()
-                ),
-            );
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-}
-
-/// Bandwidth and CPU over `window` of a converged cluster.
-fn measure_steady(
-    transport: &CountingTransport,
-    lag: &LagProbe,
-    n: usize,
-    window: Duration,
-) -> Value {
-    let (c0, p0, m0) = (
-        transport.counters.snapshot(),
-        process_cpu_ns(),
-        machine_cpu(),
-    );
-    let t0 = Instant::now();
-    lag.take();
-    std::thread::sleep(window);
-    let (c1, p1, m1) = (
-        transport.counters.snapshot(),
-        process_cpu_ns(),
-        machine_cpu(),
-    );
-    let secs = t0.elapsed().as_secs_f64();
-    let lag = lag.take();
-    let per_node = |v: u64| v as f64 / n as f64 / secs;
-    let kinds: Vec<Value> = (0..KINDS)
-        .map(|k| {
-            let msgs = c1.msgs[k] - c0.msgs[k];
-            let bytes = c1.bytes[k] - c0.bytes[k];
-            json!({
-                "kind": KIND_NAMES[k],
-                "msgs_per_node_s": per_node(msgs),
-                "mean_bytes": if msgs == 0 { 0.0 } else { bytes as f64 / msgs as f64 },
-            })
-        })
-        .collect();
-    let msgs: u64 = (0..KINDS).map(|k| c1.msgs[k] - c0.msgs[k]).sum();
-    let bytes: u64 = (0..KINDS).map(|k| c1.bytes[k] - c0.bytes[k]).sum();
-    let syn = c1.msgs[0] - c0.msgs[0];
-    json!({
-        "window_s": secs,
-        "msgs_per_node_s": per_node(msgs),
-        "bytes_per_node_s": per_node(bytes),
-        "wire_bytes_per_node_s": per_node(c1.wire_bytes - c0.wire_bytes),
-        "rounds_per_node_s": per_node(syn) / GOSSIP_FANOUT,
-        "kinds": kinds,
-        "largest_message_bytes": c1.max_len,
-        "refused": c1.refused - c0.refused,
-        "process_cpu_cores": (p1 - p0) as f64 / 1e9 / secs,
-        "machine_busy_cores": (m1.busy - m0.busy) / USER_HZ / secs,
-        "machine_steal_cores": (m1.steal - m0.steal) / USER_HZ / secs,
-        "lag": lag,
-    })
-}
-
-/// One node publishes a new service; times until each other node has it.
-fn new_endpoint(nodes: &[Node], origin: usize, rep: usize, timeout: Duration) -> Value {
-    let service = ServiceKey::new(label("default"), label(&format!("bench-new-{rep}")));
-    let key = gossip::service_key(&service);
-    let value = gossip::encode(&service_info());
-    let origin_id = nodes[origin].id.clone();
-    let start = {
-        let mut chitchat = nodes[origin].chitchat.blocking_lock();
-        chitchat.self_node_state().set(&key, &value);
-        Instant::now()
-    };
-    let has_key = |state: Option<&NodeState>| state.is_some_and(|s| s.get(&key).is_some());
-    let watch = |i: usize| i != origin && nodes[i].alive;
-    let mut in_state = vec![None; nodes.len()];
-    let mut in_view = vec![None; nodes.len()];
-    loop {
-        for (i, node) in nodes.iter().enumerate().filter(|(i, _)| watch(*i)) {
-            if in_state[i].is_none() {
-                // A node busy in a gossip round is looked at again on the next pass.
-                if let Ok(chitchat) = node.chitchat.try_lock()
-                    && has_key(chitchat.node_state(&origin_id))
-                {
-                    in_state[i] = Some(start.elapsed());
-                }
-            }
-            if in_view[i].is_none() && has_key(node.live_rx.borrow().get(&origin_id)) {
-                in_view[i] = Some(start.elapsed());
-            }
-        }
-        let pending = (0..nodes.len())
-            .filter(|&i| watch(i) && (in_state[i].is_none() || in_view[i].is_none()))
-            .count();
-        if pending == 0 || start.elapsed() > timeout {
-            break;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    let pick = |v: &[Option<Duration>]| -> Vec<Option<Duration>> {
-        (0..nodes.len())
-            .filter(|&i| watch(i))
-            .map(|i| v[i])
-            .collect()
-    };
-    json!({
-        "node": origin,
-        "state": spread(&pick(&in_state)),
-        "view": spread(&pick(&in_view)),
-    })
-}
-
-/// Aborts one node's gossip (no goodbye); times until each remaining node drops it from its
-/// live set.
-fn kill(nodes: &mut [Node], victim: usize, timeout: Duration) -> Value {
-    nodes[victim].handle.abort();
-    nodes[victim].alive = false;
-    let start = Instant::now();
-    let victim_id = nodes[victim].id.clone();
-    let mut gone = vec![None; nodes.len()];
-    loop {
-        for (i, node) in nodes.iter().enumerate().filter(|(_, nd)| nd.alive) {
-            if gone[i].is_none() && !node.live_rx.borrow().contains_key(&victim_id) {
-                gone[i] = Some(start.elapsed());
-            }
-        }
-        let pending = nodes
-            .iter()
-            .zip(&gone)
-            .filter(|(nd, g)| nd.alive && g.is_none())
-            .count();
-        if pending == 0 || start.elapsed() > timeout {
-            break;
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    let times: Vec<Option<Duration>> = nodes
-        .iter()
-        .zip(&gone)
-        .filter(|(nd, _)| nd.alive)
-        .map(|(_, g)| *g)
-        .collect();
-    json!({ "node": victim, "gone": spread(&times) })
-}
-
 /// p50/p99/max in ms over the nodes that saw the event, and how many did.
 fn spread(times: &[Option<Duration>]) -> Value {
     let mut ms: Vec<f64> = times
@@ -551,6 +457,235 @@ fn pct(v: &[f64], q: f64) -> Option<f64> {
     }
     let rank = (q * v.len() as f64).ceil() as usize;
     Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+// === impl Sim ===
+
+impl Sim {
+    /// Size of every node's live set.
+    fn views(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|nd| nd.live_rx.borrow().len())
+            .collect()
+    }
+
+    /// SYNs sent since `since`, per node and second, as gossip rounds (each round sends
+    /// `GOSSIP_FANOUT` SYNs).
+    fn rounds_per_node_s(&self, since: &CounterSnapshot, secs: f64, nodes: usize) -> f64 {
+        let syn = self.transport.counters.snapshot().msgs[0] - since.msgs[0];
+        syn as f64 / nodes as f64 / secs / GOSSIP_FANOUT
+    }
+
+    /// Waits until every node's live set has N members, sampling progress every
+    /// `PROGRESS_EVERY`.
+    fn wait_converged(&self, t0: Instant, timeout: Duration) -> (Setup, Vec<Value>) {
+        let n = self.n;
+        let mut timeline = Vec::new();
+        let mut mark = (Instant::now(), self.transport.counters.snapshot());
+        loop {
+            let mut views = self.views();
+            let full = views.iter().filter(|&&v| v >= n).count();
+            if full == n {
+                return (Setup::Converged, timeline);
+            }
+            if t0.elapsed() > timeout {
+                return (Setup::TimedOut, timeline);
+            }
+            if self.guard.stop() {
+                let why = self.guard.reason().unwrap_or_default();
+                return (Setup::Aborted(why), timeline);
+            }
+            if mark.0.elapsed() >= PROGRESS_EVERY {
+                views.sort_unstable();
+                let secs = mark.0.elapsed().as_secs_f64();
+                let synack = self.transport.counters.snapshot().msgs[1] - mark.1.msgs[1];
+                let sample = json!({
+                    "t_s": t0.elapsed().as_secs_f64(),
+                    "nodes_seeing_all": full,
+                    "smallest_view": views[0],
+                    "median_view": views[n / 2],
+                    "rounds_per_node_s": self.rounds_per_node_s(&mark.1, secs, n),
+                    "syn_acks_per_node_s": synack as f64 / n as f64 / secs,
+                    "timer_lateness": self.lag.take(),
+                    "rss_mb": rss_mb(),
+                });
+                log(n, format_args!("setup progress: {sample}"));
+                timeline.push(sample);
+                mark = (Instant::now(), self.transport.counters.snapshot());
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Bandwidth and CPU over `window` of a converged cluster.
+    fn measure_steady(&self, window: Duration) -> Value {
+        let counters = &self.transport.counters;
+        let (c0, p0, m0) = (counters.snapshot(), process_cpu_ns(), machine_cpu());
+        let t0 = Instant::now();
+        self.lag.take();
+        std::thread::sleep(window);
+        let (c1, p1, m1) = (counters.snapshot(), process_cpu_ns(), machine_cpu());
+        let secs = t0.elapsed().as_secs_f64();
+        let per_node = |v: u64| v as f64 / self.n as f64 / secs;
+        let kinds: Vec<Value> = (0..KINDS)
+            .map(|k| {
+                let msgs = c1.msgs[k] - c0.msgs[k];
+                let bytes = c1.bytes[k] - c0.bytes[k];
+                json!({
+                    "kind": KIND_NAMES[k],
+                    "msgs_per_node_s": per_node(msgs),
+                    "mean_bytes": if msgs == 0 { 0.0 } else { bytes as f64 / msgs as f64 },
+                })
+            })
+            .collect();
+        let msgs: u64 = (0..KINDS).map(|k| c1.msgs[k] - c0.msgs[k]).sum();
+        let bytes: u64 = (0..KINDS).map(|k| c1.bytes[k] - c0.bytes[k]).sum();
+        let cpu_cores = (p1 - p0) as f64 / 1e9 / secs;
+        json!({
+            "window_s": secs,
+            "msgs_per_node_s": per_node(msgs),
+            "bytes_per_node_s": per_node(bytes),
+            "wire_bytes_per_node_s": per_node(c1.wire_bytes - c0.wire_bytes),
+            "rounds_per_node_s": per_node(c1.msgs[0] - c0.msgs[0]) / GOSSIP_FANOUT,
+            "kinds": kinds,
+            "largest_message_bytes": c1.max_len,
+            "refused": c1.refused - c0.refused,
+            "process_cpu_cores": cpu_cores,
+            "cpu_ms_per_node_s": cpu_cores * 1e3 / self.n as f64,
+            "machine_busy_cores": (m1.busy - m0.busy) / USER_HZ / secs,
+            "machine_steal_cores": (m1.steal - m0.steal) / USER_HZ / secs,
+            "timer_lateness": self.lag.take(),
+        })
+    }
+
+    /// One node publishes a new service; times until each other node has it.
+    fn new_endpoint(&self, origin: usize, rep: usize, timeout: Duration) -> Value {
+        let nodes = &self.nodes;
+        let service = ServiceKey::new(label("default"), label(&format!("bench-new-{rep}")));
+        let key = gossip::service_key(&service);
+        let value = gossip::encode(&service_info());
+        let origin_id = nodes[origin].id.clone();
+        let mark = self.transport.counters.snapshot();
+        let start = {
+            let mut chitchat = nodes[origin].chitchat.blocking_lock();
+            chitchat.self_node_state().set(&key, &value);
+            Instant::now()
+        };
+        let has_key = |state: Option<&NodeState>| state.is_some_and(|s| s.get(&key).is_some());
+        let watched = |i: usize| i != origin && nodes[i].alive;
+        let mut in_state = vec![None; nodes.len()];
+        let mut in_view = vec![None; nodes.len()];
+        loop {
+            for (i, node) in nodes.iter().enumerate().filter(|(i, _)| watched(*i)) {
+                // A node busy in a gossip round is looked at again on the next pass.
+                if in_state[i].is_none()
+                    && let Ok(chitchat) = node.chitchat.try_lock()
+                    && has_key(chitchat.node_state(&origin_id))
+                {
+                    in_state[i] = Some(start.elapsed());
+                }
+                if in_view[i].is_none() && has_key(node.live_rx.borrow().get(&origin_id)) {
+                    in_view[i] = Some(start.elapsed());
+                }
+            }
+            let pending = (0..nodes.len())
+                .filter(|&i| watched(i) && (in_state[i].is_none() || in_view[i].is_none()))
+                .count();
+            if pending == 0 || start.elapsed() > timeout || self.guard.stop() {
+                break;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let alive = nodes.iter().filter(|nd| nd.alive).count();
+        let pick = |v: &[Option<Duration>]| -> Vec<Option<Duration>> {
+            (0..nodes.len())
+                .filter(|&i| watched(i))
+                .map(|i| v[i])
+                .collect()
+        };
+        json!({
+            "node": origin,
+            "rounds_per_node_s": self.rounds_per_node_s(&mark, secs, alive),
+            "state": spread(&pick(&in_state)),
+            "view": spread(&pick(&in_view)),
+        })
+    }
+
+    /// Aborts one node's gossip task (no goodbye, like `kill -9`); times until each remaining
+    /// node drops it from its live set.
+    fn kill(&mut self, victim: usize, timeout: Duration) -> Value {
+        self.nodes[victim].handle.abort();
+        self.nodes[victim].alive = false;
+        let mark = self.transport.counters.snapshot();
+        let start = Instant::now();
+        let victim_id = self.nodes[victim].id.clone();
+        let alive: Vec<&Node> = self.nodes.iter().filter(|nd| nd.alive).collect();
+        let mut gone = vec![None; alive.len()];
+        loop {
+            for (i, node) in alive.iter().enumerate() {
+                if gone[i].is_none() && !node.live_rx.borrow().contains_key(&victim_id) {
+                    gone[i] = Some(start.elapsed());
+                }
+            }
+            let done = gone.iter().all(Option::is_some);
+            if done || start.elapsed() > timeout || self.guard.stop() {
+                break;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        json!({
+            "node": victim,
+            "rounds_per_node_s": self.rounds_per_node_s(&mark, secs, alive.len()),
+            "gone": spread(&gone),
+        })
+    }
+}
+
+// === impl Guard ===
+
+impl Guard {
+    /// How often memory is looked at.
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new(max_rss_mb: f64, min_available_mb: f64) -> Self {
+        Self {
+            max_rss_mb,
+            min_available_mb,
+            next_check: Cell::new(Instant::now()),
+            reason: RefCell::new(None),
+        }
+    }
+
+    /// Whether the run must stop (checked at most once per `EVERY`; once tripped, stays so).
+    fn stop(&self) -> bool {
+        if self.reason.borrow().is_some() {
+            return true;
+        }
+        if Instant::now() < self.next_check.get() {
+            return false;
+        }
+        self.next_check.set(Instant::now() + Self::EVERY);
+        let (rss, available) = (rss_mb(), mem_available_mb());
+        let why = if rss > self.max_rss_mb {
+            format!(
+                "RSS reached {rss:.0} MB (limit --max-rss-mb {:.0})",
+                self.max_rss_mb
+            )
+        } else if available < self.min_available_mb {
+            format!("the machine had only {available:.0} MB available")
+        } else {
+            return false;
+        };
+        *self.reason.borrow_mut() = Some(why);
+        true
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason.borrow().clone()
+    }
 }
 
 // === impl SplitMix ===
@@ -613,14 +748,15 @@ impl LagProbe {
     }
 
     /// Lateness (ms) since the last call, and starts over.
+    /// No sample at all means the probe itself never got to run: the workers were saturated.
     fn take(&self) -> Value {
         let mut h = self.hist.lock().expect("lag lock is never poisoned");
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        let ms = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3);
         let out = json!({
             "samples": h.len(),
             "p50_ms": ms(0.50),
             "p99_ms": ms(0.99),
-            "max_ms": h.max() as f64 / 1e3,
+            "max_ms": ms(1.0),
         });
         h.reset();
         out
@@ -803,6 +939,17 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// `MemAvailable` of the machine, MB.
+fn mem_available_mb() -> f64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::INFINITY, |kb| kb / 1024.0)
+}
+
+/// This process's resident memory, MB.
 fn rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -819,66 +966,34 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
         .iter()
         .map(|p| read_run(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    runs.sort_by_key(|r| r["nodes"].as_u64());
-    let mut out = String::new();
-    out += "| nodes | setup: start → every node sees N live, s | new endpoint known by all, ms: median (min–max) | new endpoint, p50 node, ms | new endpoint in every node's live-nodes watch (meshd's view), ms | death known by all, s: median (min–max) | bytes/s per node | msgs/s per node |\n";
+    runs.sort_by_key(|r| {
+        (
+            r["nodes"].as_u64(),
+            r["gossip_interval_ms"].as_f64().map(|v| v as u64),
+        )
+    });
+    let mut out = format!(
+        "Failure detector as meshd ships it (`meshd::membership`): phi threshold {}, {} \
+         heartbeat intervals per peer, intervals over {:?} not sampled, dead nodes kept {:?}. \
+         Largest message meshd can send: {MAX_PLAINTEXT_LEN} bytes before sealing.\n\n",
+        membership::DEFAULT_PHI_THRESHOLD,
+        membership::SAMPLING_WINDOW,
+        membership::DEFAULT_MAX_INTERVAL,
+        membership::DEFAULT_DEAD_NODE_GRACE,
+    );
+    out += "| nodes | gossip interval, ms | setup: start → every node sees N live, s | new endpoint known by all, ms: median (min–max, reps) | same, in gossip rounds | new endpoint, median node, ms | new endpoint in every node's live-nodes watch (meshd's view), ms | death known by all, s: median (min–max, reps) | bytes/s per node | msgs/s per node |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in &runs {
+        let _ = writeln!(out, "{}", headline(r));
+    }
+    out += "\n| nodes | gossip interval, ms | gossip rounds/s per node (SYNs ÷ 3) | mean SYN / SYN-ACK / ACK, bytes | largest message, bytes | refused as too long for one sealed datagram | est. wire bytes/s per node (sealed, UDP, IPv4 fragments) | gossip CPU per node, ms/s | simulation CPU, cores | machine busy / steal, cores | timer lateness p50 / p99 / max, ms: steady · endpoint · death | RSS, MB | load average start → end |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in runs.iter().filter(|r| r["steady"].is_object()) {
+        let _ = writeln!(out, "{}", costs(r));
+    }
+    out += "\nEvery repetition (ms; median / p99 / max over the nodes; rounds/s is the gossip rate the nodes achieved meanwhile):\n\n";
+    out += "| nodes | event | from / victim node | median | p99 | max | seen by | rounds/s per node |\n";
     out += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
-    for r in &runs {
-        let ep = r["endpoint"].as_array().cloned().unwrap_or_default();
-        let death = r["death"].as_array().cloned().unwrap_or_default();
-        let ep_to = r["endpoint_timeout_s"].as_f64().unwrap_or(0.0) * 1e3;
-        let death_to = r["death_timeout_s"].as_f64().unwrap_or(0.0) * 1e3;
-        let _ = writeln!(
-            out,
-            "| {} | {}{} | {} | {} | {} | {} | {} | {} |",
-            r["nodes"],
-            num(r["setup_s"].as_f64(), 1),
-            if r["converged"].as_bool() == Some(true) {
-                ""
-            } else {
-                " (did not converge)"
-            },
-            over_reps(&ep, "/state/max_ms", ep_to, 1.0, 0),
-            median_over_reps(&ep, "/state/p50_ms"),
-            over_reps(&ep, "/view/max_ms", ep_to, 1.0, 0),
-            over_reps(&death, "/gone/max_ms", death_to, 1e-3, 2),
-            si(r["steady"]["bytes_per_node_s"].as_f64()),
-            num(r["steady"]["msgs_per_node_s"].as_f64(), 0),
-        );
-    }
-    out += "\n| nodes | gossip rounds/s per node (SYNs ÷ 3) | mean SYN / SYN-ACK / ACK, bytes | largest message, bytes | refused as too long | est. wire bytes/s per node (sealed, UDP, IPv4 fragments) | simulation CPU, cores | machine busy / steal, cores | timer lateness p50 / p99 / max, ms: steady · endpoint · death | RSS, MB | load avg start → end |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
-    for r in &runs {
-        let s = &r["steady"];
-        let size = |k: usize| num(s["kinds"][k]["mean_bytes"].as_f64(), 0);
-        let lag = |v: &Value| {
-            let f = |k: &str| num(v[k].as_f64(), 0);
-            format!("{} / {} / {}", f("p50_ms"), f("p99_ms"), f("max_ms"))
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} / {} | {} · {} · {} | {} | {} → {} |",
-            r["nodes"],
-            num(s["rounds_per_node_s"].as_f64(), 2),
-            size(0),
-            size(1),
-            size(2),
-            s["largest_message_bytes"],
-            r["refused_total"],
-            si(s["wire_bytes_per_node_s"].as_f64()),
-            num(s["process_cpu_cores"].as_f64(), 2),
-            num(s["machine_busy_cores"].as_f64(), 2),
-            num(s["machine_steal_cores"].as_f64(), 2),
-            lag(&s["lag"]),
-            lag(&r["endpoint_lag"]),
-            lag(&r["death_lag"]),
-            num(r["rss_mb_after_setup"].as_f64(), 0),
-            r["loadavg_start"].as_str().unwrap_or(""),
-            r["loadavg_end"].as_str().unwrap_or(""),
-        );
-    }
-    out += "\nEvery repetition (ms; p50 / p99 / max over the nodes; `seen` of `of` nodes):\n\n";
-    out += "| nodes | event | from/victim node | p50 | p99 | max | seen |\n| --- | --- | --- | --- | --- | --- | --- |\n";
     for r in &runs {
         for (what, list, field) in [
             ("new endpoint, in state", "endpoint", "state"),
@@ -889,20 +1004,123 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
                 let d = &e[field];
                 let _ = writeln!(
                     out,
-                    "| {} | {what} | {} | {} | {} | {} | {} of {} |",
-                    r["nodes"],
+                    "| {} | {what} | {} | {} | {} | {} | {} of {} | {} |",
+                    nodes_label(r),
                     e["node"],
                     num(d["p50_ms"].as_f64(), 0),
                     num(d["p99_ms"].as_f64(), 0),
                     num(d["max_ms"].as_f64(), 0),
                     d["seen"],
                     d["of"],
+                    num(e["rounds_per_node_s"].as_f64(), 2),
                 );
             }
         }
     }
+    for r in runs.iter().filter(|r| r["converged"] != json!(true)) {
+        let _ = writeln!(
+            out,
+            "\nSetup of the run with {} nodes, which did not converge:\n",
+            nodes_label(r)
+        );
+        out += "| s since start | nodes seeing all | smallest / median view | rounds/s per node | SYN-ACKs/s per node | timer lateness p99 / max, ms (— = the timer never fired) | RSS, MB |\n";
+        out += "| --- | --- | --- | --- | --- | --- | --- |\n";
+        for s in r["setup_timeline"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} / {} | {} | {} | {} / {} | {} |",
+                num(s["t_s"].as_f64(), 0),
+                s["nodes_seeing_all"],
+                s["smallest_view"],
+                s["median_view"],
+                num(s["rounds_per_node_s"].as_f64(), 2),
+                num(s["syn_acks_per_node_s"].as_f64(), 1),
+                num(s["timer_lateness"]["p99_ms"].as_f64(), 0),
+                num(s["timer_lateness"]["max_ms"].as_f64(), 0),
+                num(s["rss_mb"].as_f64(), 0),
+            );
+        }
+    }
     print!("{out}");
     Ok(())
+}
+
+/// The headline row of one run.
+fn headline(r: &Value) -> String {
+    let setup = match (r["converged"].as_bool(), r["aborted"].as_str()) {
+        (Some(true), _) => num(r["setup_s"].as_f64(), 1),
+        (_, Some(why)) => format!("aborted after {} s: {why}", num(r["setup_s"].as_f64(), 0)),
+        _ => format!("did not converge in {} s", num(r["setup_s"].as_f64(), 0)),
+    };
+    let ep = r["endpoint"].as_array().cloned().unwrap_or_default();
+    let death = r["death"].as_array().cloned().unwrap_or_default();
+    let ep_timeout = r["endpoint_timeout_s"].as_f64().unwrap_or(0.0) * 1e3;
+    let death_timeout = r["death_timeout_s"].as_f64().unwrap_or(0.0) * 1e3;
+    // Rounds: how long the last node took, times the gossip rate the nodes achieved meanwhile.
+    let mut rounds: Vec<f64> = ep
+        .iter()
+        .filter_map(|e| {
+            Some(e["state"]["max_ms"].as_f64()? / 1e3 * e["rounds_per_node_s"].as_f64()?)
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    format!(
+        "| {} | {} | {setup} | {} | {} | {} | {} | {} | {} | {} |",
+        nodes_label(r),
+        num(r["gossip_interval_ms"].as_f64(), 0),
+        over_reps(&ep, "/state/max_ms", ep_timeout, 1.0, 0),
+        num(pct(&rounds, 0.5), 1),
+        median_over_reps(&ep, "/state/p50_ms"),
+        over_reps(&ep, "/view/max_ms", ep_timeout, 1.0, 0),
+        over_reps(&death, "/gone/max_ms", death_timeout, 1e-3, 2),
+        si(r["steady"]["bytes_per_node_s"].as_f64()),
+        num(r["steady"]["msgs_per_node_s"].as_f64(), 0),
+    )
+}
+
+/// N, with the node name length when it is not the default's.
+fn nodes_label(r: &Value) -> String {
+    let mut label = r["nodes"].to_string();
+    let name_len = r["node_name_example"].as_str().map_or(0, str::len);
+    if name_len != node_name(0, "").len() {
+        let _ = write!(label, " ({name_len}-character names)");
+    }
+    if r["protocol"] == "V1" {
+        label += " (protocol V1)";
+    }
+    label
+}
+
+/// The cost row of one run.
+fn costs(r: &Value) -> String {
+    let s = &r["steady"];
+    let size = |k: usize| num(s["kinds"][k]["mean_bytes"].as_f64(), 0);
+    let lag = |v: &Value| {
+        let f = |k: &str| num(v[k].as_f64(), 0);
+        format!("{} / {} / {}", f("p50_ms"), f("p99_ms"), f("max_ms"))
+    };
+    format!(
+        "| {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} / {} | {} · {} · {} | {} | {} → {} |",
+        nodes_label(r),
+        num(r["gossip_interval_ms"].as_f64(), 0),
+        num(s["rounds_per_node_s"].as_f64(), 2),
+        size(0),
+        size(1),
+        size(2),
+        s["largest_message_bytes"],
+        r["refused_total"],
+        si(s["wire_bytes_per_node_s"].as_f64()),
+        num(s["cpu_ms_per_node_s"].as_f64(), 1),
+        num(s["process_cpu_cores"].as_f64(), 2),
+        num(s["machine_busy_cores"].as_f64(), 2),
+        num(s["machine_steal_cores"].as_f64(), 2),
+        lag(&s["timer_lateness"]),
+        lag(&r["endpoint_lag"]),
+        lag(&r["death_lag"]),
+        num(r["rss_mb_after_setup"].as_f64(), 0),
+        r["loadavg_start"].as_str().unwrap_or(""),
+        r["loadavg_end"].as_str().unwrap_or(""),
+    )
 }
 
 fn read_run(path: &Path) -> anyhow::Result<Value> {
@@ -939,8 +1157,9 @@ fn over_reps(reps: &[Value], pointer: &str, timeout_ms: f64, scale: f64, digits:
         }
     };
     let median = pct(&v, 0.5).unwrap_or(f64::INFINITY);
+    let reps = if v.len() == 1 { "rep" } else { "reps" };
     format!(
-        "{} ({}–{}, {} reps)",
+        "{} ({}–{}, {} {reps})",
         show(median),
         show(v[0]),
         show(v[v.len() - 1]),

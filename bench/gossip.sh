@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Gossip convergence: how fast a new service endpoint and a node's death reach every node of an
+# N-node mesh over meshd's gossip (chitchat with meshd's configuration), and what gossip costs
+# each node in bandwidth. N chitchat nodes are simulated in one process over chitchat's
+# in-memory transport (see the top of bench/loadgen/src/bin/gossip_convergence.rs). Prints a
+# markdown report and writes it to bench/results/gossip-<UTC time>.md. About 5 minutes with
+# the defaults. Never run by CI.
+#
+# Environment (defaults in brackets):
+#   NODES ["10 100 200 1000"]  cluster sizes, one process each, one after the other. 200 is
+#                            the largest size that keeps up on 2 vCPUs (see the report).
+#   REPS [5]                 new-endpoint repetitions per size, each from a different node
+#   DEATH_REPS [5]           death repetitions per size below LARGE
+#   LARGE [500]              sizes from here on get LARGE_DEATH_REPS death repetitions
+#   LARGE_DEATH_REPS [2]     (each death at least ~3 s, and a large run may barely fit in memory)
+#   WINDOW [10s]             steady-state bandwidth window
+#   GOSSIP_INTERVAL [200ms]  meshd's default gossip.interval
+#   CONVERGE_TIMEOUT [5m]    give up waiting for every node to see every other
+#   MAX_RSS_MB [12000]       stop a run (keeping what it measured) past this RSS; the machine is
+#                            shared, and a simulated node costs ~8 MB of RAM per 1,000 peers
+#   CEILING [1]              1: also run 240 nodes with 253-character node names, whose digest
+#                            no longer fits one sealed datagram (the size limit of meshd gossip)
+#   SEED [1]                 seed of the random choices
+set -euo pipefail
+export LC_ALL=C
+
+NODES=${NODES:-10 100 200 1000}
+REPS=${REPS:-5}
+DEATH_REPS=${DEATH_REPS:-5}
+LARGE=${LARGE:-500}
+LARGE_DEATH_REPS=${LARGE_DEATH_REPS:-2}
+WINDOW=${WINDOW:-10s}
+GOSSIP_INTERVAL=${GOSSIP_INTERVAL:-200ms}
+CONVERGE_TIMEOUT=${CONVERGE_TIMEOUT:-5m}
+MAX_RSS_MB=${MAX_RSS_MB:-12000}
+CEILING=${CEILING:-1}
+SEED=${SEED:-1}
+CEILING_NODES=240
+
+die() { echo "bench/gossip.sh: $*" >&2; exit 1; }
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel 2>/dev/null) ||
+  die "not inside the meshd git repository"
+BIN="$ROOT/target/release/gossip-convergence"
+RESULTS="$ROOT/bench/results"
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/meshd-gossip.XXXXXX")
+RUN_PID=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  [ -n "$RUN_PID" ] && kill "$RUN_PID" 2>/dev/null && wait "$RUN_PID" 2>/dev/null
+  rm -rf "$TMP"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for n in $NODES; do
+  [[ $n =~ ^[0-9]+$ && $n -ge 2 && $n -le 60000 ]] || die "NODES entries must be 2..60000, got '$n'"
+done
+
+log "building gossip-convergence (release)"
+(cd "$ROOT" && cargo build --release -p mesh-bench --bin gossip-convergence) ||
+  die "cargo build --release failed"
+
+# A 253-character node name (the longest a NodeName may be): node-0001 + 244 characters.
+long_suffix() {
+  local l s=""
+  for l in a b c; do s+=".$(printf "%62s" "" | tr ' ' "$l")"; done
+  echo "$s.$(printf "%54s" "" | tr ' ' d)"
+}
+
+run_one() { # label N extra-args...
+  local label=$1 n=$2 death=$DEATH_REPS
+  shift 2
+  [ "$n" -ge "$LARGE" ] && death=$LARGE_DEATH_REPS
+  log "$label: $n nodes, gossip every $GOSSIP_INTERVAL, $REPS + $death repetitions"
+  # In the background so that Ctrl-C reaches it through cleanup.
+  # No backtraces: a panic of a node's gossip task is counted from its first line.
+  RUST_BACKTRACE=0 "$BIN" run --nodes "$n" --gossip-interval "$GOSSIP_INTERVAL" --reps "$REPS" \
+    --death-reps "$death" --window "$WINDOW" --converge-timeout "$CONVERGE_TIMEOUT" \
+    --max-rss-mb "$MAX_RSS_MB" --seed "$SEED" --json "$TMP/$label.json" "$@" \
+    2> >(tee "$TMP/$label.log" >&2) &
+  RUN_PID=$!
+  local rc=0
+  wait "$RUN_PID" || rc=$?
+  RUN_PID=""
+  if [ "$rc" != 0 ]; then
+    # Keep going: the other sizes still say something (exit 137 = killed, e.g. out of memory).
+    log "$label: gossip-convergence failed (exit $rc)"
+    echo "- $label ($n nodes): exit $rc; last log line: $(tail -n 1 "$TMP/$label.log" | tr -d '`|' | cut -c1-300)" >>"$TMP/failed.md"
+  fi
+}
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+busy_cores() { # vCPUs busy (not idle, not iowait) over the next $1 seconds, from /proc/stat
+  local a b
+  read -ra a < <(head -n1 /proc/stat)
+  sleep "$1"
+  read -ra b < <(head -n1 /proc/stat)
+  awk -v s="$1" -v hz="$(getconf CLK_TCK)" \
+    -v d="$(( (b[1] + b[2] + b[3] + b[6] + b[7] + b[8]) - (a[1] + a[2] + a[3] + a[6] + a[7] + a[8]) ))" \
+    'BEGIN {printf "%.2f", d / hz / s}'
+}
+BUSY_START=$(busy_cores 3)
+: >"$TMP/failed.md"
+for n in $NODES; do run_one "n$n" "$n"; done
+if [ "$CEILING" = 1 ]; then
+  REPS=1 DEATH_REPS=0 CONVERGE_TIMEOUT=60s run_one ceiling "$CEILING_NODES" \
+    --name-suffix "$(long_suffix)" --endpoint-timeout 20s
+fi
+shopt -s nullglob
+jsons=("$TMP"/*.json)
+[ ${#jsons[@]} -gt 0 ] || die "no run produced results"
+
+# --- report ----------------------------------------------------------------------------------
+mkdir -p "$RESULTS"
+OUT="$RESULTS/gossip-$STAMP.md"
+{
+  echo "# bench/gossip.sh — $STAMP"
+  echo
+  echo "git $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)'), gossip-convergence built $(date -u -r "$BIN" +%FT%TZ); chitchat $(sed -n '/^name = "chitchat"/{n;s/^version = "\(.*\)"/\1/p}' "$ROOT/Cargo.lock")."
+  echo "Machine: $(nproc) vCPU ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)), $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1048576}' /proc/meminfo) RAM, kernel $(uname -r)."
+  echo "**Shared machine**: other sessions may build or test on the same 2 vCPUs meanwhile. Before the first run, the machine was busy on $BUSY_START of its $(nproc) vCPUs (3 s sample) with load average $LOAD_START; at the end the load average was $(cut -d' ' -f1-3 /proc/loadavg). The \"machine busy\" column below minus \"simulation CPU\" is what others used during the bandwidth window."
+  echo "Settings: NODES=\"$NODES\" REPS=$REPS DEATH_REPS=$DEATH_REPS (LARGE_DEATH_REPS=$LARGE_DEATH_REPS from $LARGE nodes) WINDOW=$WINDOW GOSSIP_INTERVAL=$GOSSIP_INTERVAL CONVERGE_TIMEOUT=$CONVERGE_TIMEOUT MAX_RSS_MB=$MAX_RSS_MB SEED=$SEED$([ "$CEILING" = 1 ] && echo "; CEILING=1: $CEILING_NODES nodes with 253-character names, 60 s to converge, one new-endpoint try of 20 s"); wall time $((SECONDS / 60))m$((SECONDS % 60))s."
+  echo
+  cat <<'EOF'
+## How
+
+N chitchat 0.13 nodes run in one process (one tokio runtime, one worker per vCPU), each built by
+`meshd::membership::chitchat_config`: meshd's gossip interval, its failure detector (values
+under Results) and its wire format (protocol V0, uncompressed digests).
+They talk over chitchat's in-memory `ChannelTransport`: every message is really serialized and
+deserialized, but there is no kernel UDP and no sealing (meshd encrypts every datagram with
+ChaCha20-Poly1305). That is fine for convergence: how fast a change spreads is decided by the
+rounds (one every gossip interval) and the fan-out (3 peers per round, with a SYN / SYN-ACK / ACK
+exchange each), which are chitchat's own; UDP and sealing only add their per-message CPU and
+microseconds of latency. Like meshd, the transport refuses a message too long for one sealed
+datagram (65,474 bytes), and like UDP it drops a message when the receiver's queue (100) is
+full. Node i lists 3 random earlier nodes as seeds, as an operator lists a few existing hosts,
+and publishes what meshd publishes: its `node` key (an encoded `NodeInfo`, ~100 bytes) and one
+`svc/default/svc-NN` key (an encoded `ServiceInfo`, ~70 bytes). Node names are `node-0001` etc.
+(9 characters). All nodes start together, each at a random offset within one interval.
+
+After every node sees N live nodes (the setup time) and 5 s of settling:
+
+- **bytes/s and msgs/s per node**: everything sent during the window (total from the transport
+  ÷ N ÷ seconds; each node receives as much as it sends). "Est. wire" adds, per message, what
+  meshd and the network add: 33 bytes of sealing, 8 of UDP, 20 of IPv4 per 1,480-byte fragment.
+- **new endpoint**: one node sets a new service key; the measuring thread (not a tokio worker)
+  looks at every node every 10 ms and notes when the key appears in its chitchat state, and
+  when it appears in its live-nodes watch, which is what meshd rebuilds its proxy view from
+  (chitchat refreshes that watch once per round, at the end of the node's own gossip round, so
+  it trails the state by up to one interval). Per repetition: the median node, p99 and the last
+  node; the headline is the median over repetitions of "the last node". Repetitions start from
+  different random nodes, 1 s plus a random part of an interval apart.
+- **death**: one node's gossip task is aborted (no goodbye, as `kill -9` or a power cut); time
+  until every remaining node has dropped it from its live set.
+- **gossip rounds/s per node**: SYNs sent ÷ N ÷ 3. Nominal is 1 / interval (5/s at 200 ms). Fewer
+  means the simulation could not keep up: the rounds ran late. "In gossip rounds" is the time
+  of the last node × the rounds/s achieved meanwhile.
+- **timer lateness**: a tokio task sleeps 50 ms again and again and records how late it wakes.
+  chitchat's round timers sit in the same queues, so this is how late rounds start. "—" means
+  it never woke in that period: the workers were saturated.
+- **gossip CPU per node**: this process's CPU ÷ N. It is an upper bound for one real node: it
+  includes what the simulation adds (each message is serialized, deserialized and compared in
+  one go by `ChannelTransport`, and the measuring thread polls), and excludes sealing and UDP.
+
+Aims: a new endpoint known everywhere within 2 s at 1,000 nodes; bandwidth per node flat as N
+grows.
+
+## Results
+
+EOF
+  "$BIN" report "${jsons[@]}"
+  panics=""
+  for f in "$TMP"/*.log; do
+    count=$(grep -c "panicked at" "$f" || true)
+    [ "$count" -gt 0 ] && panics+="- $(basename "$f" .log): $count node gossip task(s) panicked, e.g. \`$(grep -m1 -A1 "panicked at" "$f" | sed 's/^thread .* panicked at [^ ]*\/\(chitchat-[^/]*\/[^ ]*\):$/\1/' | tr '\n' ' ' | tr -d '`')\`"$'\n'
+  done
+  if [ -n "$panics" ]; then
+    echo
+    echo "chitchat panics (each one ends that node's gossip; the simulation keeps measuring the others):"
+    echo
+    printf '%s' "$panics"
+  fi
+  if [ -s "$TMP/failed.md" ]; then
+    echo
+    echo "Runs that failed:"
+    echo
+    cat "$TMP/failed.md"
+  fi
+} >"$OUT"
+cat "$OUT"
+log "written to ${OUT#"$ROOT"/}"

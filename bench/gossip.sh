@@ -131,7 +131,7 @@ OUT="$RESULTS/gossip-$STAMP.md"
 
 N chitchat 0.13 nodes run in one process (one tokio runtime, one worker per vCPU), each built by
 `meshd::membership::chitchat_config`: meshd's gossip interval, its failure detector (values
-under Results) and its wire format (protocol V0, uncompressed digests).
+under Results) and its wire format (protocol V1, zstd-compressed digests).
 They talk over chitchat's in-memory `ChannelTransport`: every message is really serialized and
 deserialized, but there is no kernel UDP and no sealing (meshd encrypts every datagram with
 ChaCha20-Poly1305). That is fine for convergence: how fast a change spreads is decided by the

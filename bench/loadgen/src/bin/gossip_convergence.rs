@@ -148,10 +148,10 @@ struct RunArgs {
     /// Appended to node names (`node-0001` + suffix): longer names make every digest longer.
     #[arg(long, default_value = "")]
     name_suffix: String,
-    /// Gossip with chitchat's protocol V1 (zstd-compressed digests) instead of meshd's V0: an
-    /// experiment, not what meshd ships.
+    /// Gossip with chitchat's protocol V0 (uncompressed digests) instead of the V1 meshd ships:
+    /// for comparison with older meshd builds.
     #[arg(long)]
-    protocol_v1: bool,
+    protocol_v0: bool,
     /// tokio worker threads [default: one per CPU].
     #[arg(long)]
     workers: Option<usize>,
@@ -232,7 +232,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         "gossip_interval_ms": interval.as_secs_f64() * 1e3,
         "seeds_per_node": SEEDS_PER_NODE,
         "node_name_example": node_name(0, &args.name_suffix),
-        "protocol": if args.protocol_v1 { "V1" } else { "V0" },
+        "protocol": if args.protocol_v0 { "V0" } else { "V1" },
         "tokio_workers": rt.metrics().num_workers(),
         "cpus": std::thread::available_parallelism().map_or(0, |c| c.get()),
         "loadavg_start": loadavg(),
@@ -359,8 +359,8 @@ fn spawn_cluster(
             .collect();
         let mut config =
             membership::chitchat_config(id.clone(), CLUSTER_ID.to_owned(), addr, seeds, interval);
-        if args.protocol_v1 {
-            config.protocol_version = ProtocolVersion::V1;
+        if args.protocol_v0 {
+            config.protocol_version = ProtocolVersion::V0;
         }
         let offset = interval.mul_f64(rng.below(1000) as f64 / 1000.0);
         let transport = transport.clone();

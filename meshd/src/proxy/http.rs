@@ -253,7 +253,13 @@ pub struct State {
     apps: BTreeMap<ServiceKey, AppClient>,
     /// HTTP/2 connections to other hosts' inbound ports, per calling service and endpoint.
     peers: Mutex<HashMap<(ServiceKey, SocketAddr), Pooled>>,
+    /// Held while a connection to a peer is being made, per calling service and endpoint;
+    /// holds when the last attempt failed (`None` after a success).
+    connecting: Mutex<HashMap<(ServiceKey, SocketAddr), ConnectSlot>>,
 }
+
+/// Serializes connection attempts to one peer; the value is when the last one failed.
+type ConnectSlot = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
 
 /// A slot taken by [`State::admit`].
 pub struct Admitted(Arc<std::sync::atomic::AtomicU64>);
@@ -302,6 +308,7 @@ impl State {
             in_flight: Mutex::new(HashMap::new()),
             apps,
             peers: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -410,6 +417,20 @@ impl State {
             peers.remove(&key);
         }
         Some(sender)
+    }
+
+    /// Waits for the right to connect from `source` to `addr`; held until the new
+    /// connection is pooled (or the attempt failed).
+    async fn connecting(
+        &self,
+        source: &ServiceKey,
+        addr: SocketAddr,
+    ) -> tokio::sync::OwnedMutexGuard<Option<std::time::Instant>> {
+        let lock = {
+            let mut m = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(m.entry((source.clone(), addr)).or_default())
+        };
+        lock.lock_owned().await
     }
 
     /// Drops the pooled connection from `source` to `addr` if it has closed (a request just

@@ -808,10 +808,27 @@ async fn connection(
         {
             return Ok((sender, ep.addr, Arc::clone(&target.state)));
         }
+        // One connection attempt per (source, endpoint) at a time: a burst of requests on a
+        // cold pool (start, certificate rotation) would otherwise open one TLS connection each,
+        // hundreds of handshakes at once, overflowing the peer's accept queue (SYN retries: 1 s
+        // stalls). The others wait for it and take it from the pool.
+        let waited_from = std::time::Instant::now();
+        let mut failed_at = shared.http.connecting(&conn.source.key, ep.addr).await;
+        if let Some(mut sender) = (shared.http).peer(&conn.source.key, ep.addr, &tls, max_requests)
+            && sender.ready().await.is_ok()
+        {
+            return Ok((sender, ep.addr, Arc::clone(&target.state)));
+        }
+        if failed_at.is_some_and(|t| t >= waited_from) {
+            // The attempt we waited for failed meanwhile: do not repeat it (a dead endpoint
+            // would cost every waiter a connect timeout in turn); try the next endpoint.
+            continue;
+        }
         let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
         let stream = match attempt(shared, &client, true, name, ep.addr).await {
             Ok(s) => s,
             Err(e) => {
+                *failed_at = Some(std::time::Instant::now());
                 shared.metrics.reject(Direction::Outbound, e.reason());
                 debug!(dst.addr = %ep.addr, error = %e, "endpoint failed");
                 record_outlier(conn, plan, ep.addr, balance::Outcome::ConnectFailure);
@@ -855,10 +872,13 @@ async fn connection(
                         sender.clone(),
                         max_requests,
                     );
+                    *failed_at = None;
                     return Ok((sender, ep.addr, Arc::clone(&target.state)));
                 }
+                *failed_at = Some(std::time::Instant::now());
             }
             Err(e) => {
+                *failed_at = Some(std::time::Instant::now());
                 shared
                     .metrics
                     .reject(Direction::Outbound, "http2_handshake_failed");

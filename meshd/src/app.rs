@@ -241,6 +241,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             });
             if became {
                 info!(node = %node, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
+                // Under systemd (Type=notify): listeners bound, certificates loaded, a policy
+                // snapshot in place — units ordered After=meshd.service start now.
+                if let Err(e) = mesh_runtime::sd_notify::notify("READY=1\nSTATUS=serving") {
+                    warn!(error = %e, "could not tell systemd meshd is ready");
+                }
             }
         });
     }
@@ -288,6 +293,7 @@ impl Bound {
     /// The drain sequence.
     pub async fn drain(mut self) {
         info!("draining");
+        let _ = mesh_runtime::sd_notify::notify("STOPPING=1\nSTATUS=draining");
         self.draining.store(true, Ordering::SeqCst);
         self.ready_tx.send_replace(false);
         self.membership.set_draining().await;

@@ -150,6 +150,10 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         "registry listening"
     );
     info!(addr = %admin_addr, "admin listening");
+    // Under systemd (Type=notify): listeners are bound and the store is open.
+    if let Err(e) = mesh_runtime::sd_notify::notify("READY=1\nSTATUS=serving") {
+        warn!(error = %e, "could not tell systemd the registry is ready");
+    }
     Ok(Bound {
         listen_addr,
         admin_addr,
@@ -213,6 +217,7 @@ impl Bound {
     pub async fn wait_termination(mut self, shutdown: impl std::future::Future<Output = ()>) {
         shutdown.await;
         info!("draining");
+        let _ = mesh_runtime::sd_notify::notify("STOPPING=1\nSTATUS=draining");
         self.shutdown_tx.send_replace(true);
         let drained = tokio::time::timeout(self.grace, async {
             while self.tasks.join_next().await.is_some() {}

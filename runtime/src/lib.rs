@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod drain;
+pub mod sd_notify;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;

@@ -525,6 +525,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// Zone (meshd's default when `None`).
     pub zone: Option<String>,
+    /// Extra environment of the meshd process (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 /// Gossip port every node uses on its own address.
@@ -547,6 +549,7 @@ impl NodeSpec {
             netns: None,
             extra: String::new(),
             zone: None,
+            env: Vec::new(),
         }
     }
 
@@ -651,6 +654,9 @@ impl Node {
             .arg("--config")
             .arg(self.dir.join("meshd.toml"));
         cmd.env("MESHD_LOG", "info,access=info,chitchat=warn");
+        for (k, v) in &self.spec.env {
+            cmd.env(k, v);
+        }
         self.proc = Some(Proc::spawn(cmd, &self.dir.join("meshd.log"))?);
         Ok(())
     }

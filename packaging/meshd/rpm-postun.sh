@@ -1,0 +1,8 @@
+# meshd %postun (RPM). $1: 0 = erase, 1 = upgrade.
+# No restart on upgrade (restart hosts in batches). RPM has no purge: following the Fedora
+# guidelines, erase keeps /var/lib/meshd and the meshd user (wipe by hand:
+# userdel meshd; rm -rf /var/lib/meshd), unlike `dpkg --purge`.
+if [ -d /run/systemd/system ]; then
+	systemctl daemon-reload >/dev/null 2>&1 || :
+fi
+exit 0

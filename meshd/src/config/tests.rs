@@ -1074,7 +1074,10 @@ fn checks_on_an_invalid_address_add_no_problems() {
 fn packaged_config_files_parse_and_match() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/meshd");
     let web = std::fs::read_to_string(dir.join("examples/web.toml")).unwrap();
-    assert_eq!(web, EXAMPLE_SERVICE_TOML, "packaging/meshd/examples/web.toml drifted");
+    assert_eq!(
+        web, EXAMPLE_SERVICE_TOML,
+        "packaging/meshd/examples/web.toml drifted"
+    );
     let node = std::fs::read_to_string(dir.join("meshd.toml")).unwrap();
     let cfg = Config::from_toml_str(Path::new("/etc/meshd/meshd.toml"), &node).unwrap();
     assert_eq!(cfg.data_dir, Path::new("/var/lib/meshd"));

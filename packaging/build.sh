@@ -12,6 +12,7 @@
 # packages, then checks them: lintian (fails on errors), dpkg-deb -c/-I, rpm -qip,
 # rpm -qlp --configfiles (the config files must be listed), rpm -qp --scripts.
 # Not covered: installing, upgrading and purging in Debian/RHEL roots or containers.
+# packaging/test-deb.sh then installs, upgrades and purges the debs in a Debian bookworm chroot.
 #
 # Usage: packaging/build.sh
 set -euo pipefail

@@ -1,7 +1,7 @@
 # meshd %post (RPM). $1: 1 = first install, 2 = upgrade.
 # Same owner and mode as the unit's StateDirectory=meshd / StateDirectoryMode=0700.
 install -d -o meshd -g meshd -m 0700 /var/lib/meshd
-install -d -m 0755 /etc/meshd/services.d
+[ -d /etc/meshd/services.d ] || install -d -m 0755 /etc/meshd/services.d
 if [ $1 -eq 1 ]; then
 	# First install: enable, do not start (the operator configures first). An explicit enable
 	# rather than a preset, to match the deb; an upgrade keeps an administrator's disable.

@@ -5,6 +5,7 @@
 pub mod apps;
 pub mod http_app;
 pub mod netns;
+pub mod py;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -3,56 +3,19 @@
 //! error statuses and a 1 MiB message pass intact between two meshd hosts.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 
+use mesh_e2e::py::{self, Server};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
 
-fn python() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python3");
-    assert!(p.exists(), "{} missing: run scripts/setup", p.display());
-    p
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("grpc/echo.py")
-}
-
-/// The Python gRPC server; killed when dropped.
-struct Server(Child);
-
-impl Server {
-    fn start(addr: SocketAddr, name: &str) -> Self {
-        let mut child = Command::new(python())
-            .arg(script())
-            .args(["serve", &addr.to_string(), name])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "grpc server did not start");
-        Self(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const SCRIPT: &str = "grpc/echo.py";
 
 /// Host b runs the gRPC server as `api`; host a's `web` reaches it on `upstream`.
 async fn mesh() -> (Cluster, Server, SocketAddr) {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let b_ip = next_ip();
     let app_addr = SocketAddr::new(b_ip.into(), 50051);
-    let server = Server::start(app_addr, "b");
+    let server = Server::start(SCRIPT, app_addr, "b");
     let token = cluster.registry.token(&["api"], 1).unwrap();
     let mut b = NodeSpec::new("b", token);
     b.ip = b_ip.into();
@@ -83,15 +46,7 @@ async fn mesh() -> (Cluster, Server, SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
     let (cluster, _server, upstream) = mesh().await;
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script())
-            .args(["call", &upstream.to_string()])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = py::run(SCRIPT, vec!["call".into(), upstream.to_string()]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -119,15 +74,11 @@ async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
 }
 
 async fn flaky(upstream: SocketAddr, n: usize) -> serde_json::Value {
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script())
-            .args(["flaky", &upstream.to_string(), &n.to_string()])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = py::run(
+        SCRIPT,
+        vec!["flaky".into(), upstream.to_string(), n.to_string()],
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",

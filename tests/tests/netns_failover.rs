@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_e2e::http_app::Client;
@@ -19,18 +19,20 @@ const DETECT_WITHIN: Duration = Duration::from_secs(15);
 /// One request of the load: when it started (since the load began), its status and mesh error.
 type Sample = (Duration, u16, String);
 
-/// Runs GETs with `concurrency` workers until `stop` is set.
+/// Runs GETs with `concurrency` workers until `stop` is set, counting completed requests in
+/// `done`.
 fn load(
     client: Client,
     addr: SocketAddr,
     concurrency: usize,
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<Vec<Sample>> {
     tokio::spawn(async move {
         let start = Instant::now();
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
-            let (client, stop) = (client.clone(), stop.clone());
+            let (client, stop, done) = (client.clone(), stop.clone(), done.clone());
             workers.spawn(async move {
                 let mut out = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
@@ -43,6 +45,7 @@ fn load(
                         Ok(Err(e)) => (at, 0, format!("client error: {e}")),
                         Err(_) => (at, 0, "client timeout".to_owned()),
                     });
+                    done.fetch_add(1, Ordering::SeqCst);
                 }
                 out
             });
@@ -54,6 +57,16 @@ fn load(
         all.sort_by_key(|s| s.0);
         all
     })
+}
+
+/// Waits until `more` requests have completed after this call (the load is flowing).
+async fn served(done: &AtomicU64, more: u64) {
+    let target = done.load(Ordering::SeqCst) + more;
+    eventually(DETECT_WITHIN, "the load to make progress", || async {
+        (done.load(Ordering::SeqCst) >= target).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 async fn usable_api(node: &Node) -> Option<usize> {
@@ -121,8 +134,9 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
 
     let client = Client::new();
     let stop = Arc::new(AtomicBool::new(false));
-    let running = load(client.clone(), upstream, 4, stop.clone());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let done = Arc::new(AtomicU64::new(0));
+    let running = load(client.clone(), upstream, 4, stop.clone(), done.clone());
+    served(&done, 200).await;
 
     // Graceful stop of b1 under load: SIGTERM, drain, exit 0; no request may fail.
     let t = Instant::now();
@@ -136,7 +150,7 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    served(&done, 200).await;
     stop.store(true, Ordering::SeqCst);
     let graceful = running.await.unwrap();
     let failed: Vec<&Sample> = graceful.iter().filter(|s| s.1 != 200).collect();
@@ -153,9 +167,10 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
 
     // kill -9 of b2 under load: measure what the client sees.
     let stop = Arc::new(AtomicBool::new(false));
-    let running = load(client, upstream, 4, stop.clone());
+    let done = Arc::new(AtomicU64::new(0));
     let load_start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let running = load(client, upstream, 4, stop.clone(), done.clone());
+    served(&done, 200).await;
     let killed_at = load_start.elapsed();
     let killed = Instant::now();
     cluster.node("b2").kill9();
@@ -166,8 +181,10 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
     .await
     .unwrap();
     let detected = killed.elapsed();
-    // Long enough past `limit` (below) that the load after detection is measured.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every failure must come before `limit` (below); measure the load past it.
+    let limit = killed_at + detected + Duration::from_secs(1);
+    tokio::time::sleep_until((load_start + limit).into()).await;
+    served(&done, 200).await;
     stop.store(true, Ordering::SeqCst);
     let samples = running.await.unwrap();
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.1 != 200).collect();
@@ -189,7 +206,6 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
             .collect::<std::collections::BTreeSet<_>>()
     );
     // Every failure happened before a dropped b2 from its view (plus one request's time).
-    let limit = killed_at + detected + Duration::from_secs(1);
     assert!(
         failed.iter().all(|s| s.0 <= limit),
         "failures after detection: {failed:?}"

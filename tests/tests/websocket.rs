@@ -4,60 +4,16 @@
 //! the caller's identity (XFCC) arrive intact; an upgrade a policy denies gets 403.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 
+use mesh_e2e::py::{self, Server};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
 
-fn python() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv/bin/python3");
-    assert!(p.exists(), "{} missing: run scripts/setup", p.display());
-    p
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ws/echo.py")
-}
-
-/// The Python WebSocket server; killed when dropped.
-struct Server(Child);
-
-impl Server {
-    fn start(addr: SocketAddr, name: &str) -> Self {
-        let mut child = Command::new(python())
-            .arg(script())
-            .args(["serve", &addr.to_string(), name])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "websocket server did not start");
-        Self(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const SCRIPT: &str = "ws/echo.py";
 
 async fn client(url: String, count: usize) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script())
-            .args(["client", &url, &count.to_string()])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    py::run(SCRIPT, vec!["client".into(), url, count.to_string()]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +21,7 @@ async fn websocket_upgrades_cross_the_mesh() {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let b_ip = next_ip();
     let app_addr = SocketAddr::new(b_ip.into(), 18081);
-    let _server = Server::start(app_addr, "b");
+    let _server = Server::start(SCRIPT, app_addr, "b");
     let token = cluster.registry.token(&["api"], 1).unwrap();
     let mut b = NodeSpec::new("b", token);
     b.ip = b_ip.into();

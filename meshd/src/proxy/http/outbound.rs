@@ -840,15 +840,19 @@ async fn connection(
                 continue;
             }
         };
-        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake::<_, Body>(TokioIo::new(stream))
-            .await;
+        // Bounded like the TLS handshake before it: other requests wait on this attempt.
+        let handshake = tokio::time::timeout(
+            shared.config.outbound.connect_timeout,
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .handshake::<_, Body>(TokioIo::new(stream)),
+        )
+        .await;
         match handshake {
-            Ok((mut sender, driver)) => {
+            Ok(Ok((mut sender, driver))) => {
                 let addr = ep.addr;
                 let mut force = shared.force_rx.clone();
                 // Runs until the last sender is dropped (pool eviction), the peer closes or
@@ -877,12 +881,19 @@ async fn connection(
                 }
                 *failed_at = Some(std::time::Instant::now());
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 *failed_at = Some(std::time::Instant::now());
                 shared
                     .metrics
                     .reject(Direction::Outbound, "http2_handshake_failed");
                 debug!(dst.addr = %ep.addr, error = %e, "http/2 handshake failed");
+            }
+            Err(_) => {
+                *failed_at = Some(std::time::Instant::now());
+                shared
+                    .metrics
+                    .reject(Direction::Outbound, "http2_handshake_failed");
+                debug!(dst.addr = %ep.addr, "http/2 handshake timed out");
             }
         }
     }

@@ -53,7 +53,13 @@ pub fn tunnel(shared: &Shared, a: OnUpgrade, b: OnUpgrade, what: &'static str) {
     let mut force = shared.force_rx.clone();
     tokio::spawn(async move {
         let _drain = drain;
-        let (a, b) = match tokio::try_join!(a, b) {
+        // Both halves resolve when their connections hand over (or fail); the drain deadline
+        // bounds the wait too.
+        let pair = tokio::select! {
+            r = async { tokio::try_join!(a, b) } => r,
+            _ = mesh_runtime::drain::until_true(&mut force) => return,
+        };
+        let (a, b) = match pair {
             Ok(pair) => pair,
             Err(e) => {
                 debug!(error = %e, what, "upgrade did not complete");

@@ -7,18 +7,12 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
-
 use mesh_api::gossip_key::KeyMaterial;
 use mesh_api::proto::v1 as pb;
-use mesh_api::{Identity, NodeName, TrustDomain};
-use mesh_ca::{Authority, SignRequest};
-use mesh_registry::{app, config::Config, init};
-use mesh_runtime::tls;
 use pb::change_gossip_keys_request::Action;
 use tonic::{Code, Streaming};
 
-use common::{TIMEOUT, client, credentials_client, metrics};
+use common::{TIMEOUT, metrics};
 
 async fn next(stream: &mut Streaming<pb::GossipKeyring>) -> Option<pb::GossipKeyring> {
     tokio::time::timeout(TIMEOUT, stream.message())
@@ -34,55 +28,17 @@ fn ids(keyring: &pb::GossipKeyring) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_change_report_and_status() {
-    tls::install_default_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let td = TrustDomain::new("mesh.test").unwrap();
-    let data = dir.path().join("reg");
-    let report = init::run(
-        &init::Args {
-            trust_domain: td.clone(),
-            data_dir: data.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            import: None,
-        },
-        SystemTime::now(),
-    )
-    .unwrap();
-    let mut config = Config::load(&report.config_file).unwrap();
-    // Far longer than TIMEOUT: finishing within TIMEOUT proves the watch did not hold the
-    // drain open.
-    config.drain_grace_period = Duration::from_secs(120);
-    let bound = app::build(config).await.unwrap();
-    let (addr, admin_addr) = (bound.listen_addr, bound.admin_addr);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(bound.wait_termination(async {
-        let _ = stop_rx.await;
-    }));
-
-    let mut admin = credentials_client(addr, &td, &report.admin_dir);
-    let mut viewer = credentials_client(addr, &td, &report.viewer_dir);
-    let ca = Authority::load(
-        &td,
-        &init::CaPaths::new(&data).read().unwrap(),
-        SystemTime::now(),
-    )
-    .unwrap();
-    let (node_cert, node_key) = ca
-        .issue(&SignRequest {
-            identity: Identity::node(&td, &NodeName::new("node-1").unwrap()),
-            dns_names: Vec::new(),
-            ttl: Duration::from_secs(3600),
-            now: SystemTime::now(),
-        })
-        .unwrap();
-    let mut node = client(
-        addr,
-        &td,
-        &ca.trust_bundle_pem(),
-        &node_cert.chain_pem,
-        &node_key,
-    );
+    let common::Running {
+        _dir,
+        report,
+        admin_addr,
+        stop_tx,
+        running,
+        mut admin,
+        mut viewer,
+        mut node,
+        ..
+    } = common::start().await;
 
     // The node gets the keyring init made: revision 1, its one key.
     let mut watch = node

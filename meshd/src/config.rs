@@ -25,7 +25,7 @@ mod tests;
 pub use example::{EXAMPLE_NODE_TOML, EXAMPLE_SERVICE_TOML};
 pub use health::{RawCheck, RawTcpTarget};
 pub use node::{RawAdmin, RawConfig, RawDrain, RawGossip, RawInbound, RawOutbound, RawRegistry};
-pub use service::{Protocol, RawService, RawUpstream, Service, Upstream};
+pub use service::{Candidate, Protocol, RawService, RawUpstream, Service, Upstream};
 
 /// Default location of the node file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
@@ -226,6 +226,13 @@ impl Config {
     /// Reads the node file, then every service file in its `services_dir`, and checks them
     /// against each other; problems from all files are reported together.
     pub fn load(path: &Path) -> Result<Config, Error> {
+        Self::load_with(path, None)
+    }
+
+    /// [`Config::load`], with `candidate` read in place of (or in addition to) one file of
+    /// `services_dir`: checks a service file in the context of the node and the other services
+    /// before it is installed.
+    pub fn load_with(path: &Path, candidate: Option<&Candidate>) -> Result<Config, Error> {
         let text = read(path)?;
         let raw = RawConfig::from_toml_str(path, &text).map_err(Error::Invalid)?;
         let services_dir = raw.resolved_services_dir(path);
@@ -234,7 +241,7 @@ impl Config {
         let mut problems = Vec::new();
         let mut services = Vec::new();
         if let Some(dir) = services_dir {
-            match service::load_dir(&dir) {
+            match service::load_dir(&dir, candidate) {
                 Ok((found, service_problems)) => {
                     services = found;
                     problems.extend(service_problems);
@@ -305,7 +312,7 @@ impl Config {
 /// Reads every `*.toml` file in `dir` (sorted by name; other files ignored) as a service and
 /// checks them against each other (duplicate services, clashing upstream binds).
 pub fn load_services(dir: &Path) -> Result<Vec<Service>, Error> {
-    let (services, problems) = service::load_dir(dir)?;
+    let (services, problems) = service::load_dir(dir, None)?;
     if problems.is_empty() {
         Ok(services)
     } else {

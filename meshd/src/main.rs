@@ -33,6 +33,14 @@ enum Command {
         /// Node config file.
         #[arg(long, env = "MESHD_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// A service file to check before installing it, together with the node config and
+        /// the other service files (e.g. Ansible's `validate:`).
+        #[arg(long, value_name = "FILE")]
+        service: Option<PathBuf>,
+        /// The name `--service` will have in services_dir (default: its own file name); it
+        /// replaces the file of that name there, if any.
+        #[arg(long = "as", value_name = "NAME.toml", requires = "service")]
+        as_name: Option<std::ffi::OsString>,
     },
     /// Show the members and endpoints this node sees (from its admin endpoint).
     Members {
@@ -63,22 +71,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Dev(args) => meshd::dev::main(args),
         Command::DemoApp(args) => meshd::demo::main(args),
-        Command::CheckConfig { config } => match config::Config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok (node {}, {} service(s) from {})",
-                    config.display(),
-                    c.node_name,
-                    c.services.len(),
-                    c.services_dir.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EX_USAGE)
-            }
-        },
+        Command::CheckConfig {
+            config,
+            service,
+            as_name,
+        } => check_config(&config, service, as_name),
         Command::Run { config } => {
             let cfg = match config::Config::load(&config) {
                 Ok(c) => c,
@@ -136,6 +133,58 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// `meshd check-config`: the node file and every service file, optionally with a candidate
+/// service file standing in for one of them.
+fn check_config(
+    config: &std::path::Path,
+    service: Option<PathBuf>,
+    as_name: Option<std::ffi::OsString>,
+) -> ExitCode {
+    let candidate = match service {
+        None => None,
+        Some(source) => {
+            let name = as_name.or_else(|| source.file_name().map(ToOwned::to_owned));
+            let Some(name) = name else {
+                eprintln!(
+                    "--service {}: not a file name; pass --as NAME.toml",
+                    source.display()
+                );
+                return ExitCode::from(EX_USAGE);
+            };
+            match config::Candidate::new(source, name) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("--as {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            }
+        }
+    };
+    match config::Config::load_with(config, candidate.as_ref()) {
+        Ok(c) => {
+            if let Some(cand) = &candidate {
+                println!(
+                    "{}: ok as {}",
+                    cand.source.display(),
+                    c.services_dir.join(&cand.as_name).display()
+                );
+            }
+            println!(
+                "{}: ok (node {}, {} service(s) from {})",
+                config.display(),
+                c.node_name,
+                c.services.len(),
+                c.services_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EX_USAGE)
         }
     }
 }

@@ -62,6 +62,63 @@ fn check_config_reports_every_problem_with_file_and_key() {
     );
     let ok = String::from_utf8_lossy(&out.stdout);
     assert!(ok.contains("1 service"), "{ok}");
+
+    // A candidate service file is checked against the node and the other services before it is
+    // installed (Ansible's `validate:`), and problems name the file it would become.
+    let check_candidate = |text: &str, as_name: Option<&str>| {
+        let cand = dir.path().join("tmp-candidate");
+        std::fs::write(&cand, text).unwrap();
+        let mut cmd = Command::new(&b.meshd);
+        cmd.args(["check-config", "--config"])
+            .arg(dir.path().join("meshd.toml"))
+            .arg("--service")
+            .arg(&cand);
+        if let Some(n) = as_name {
+            cmd.args(["--as", n]);
+        }
+        cmd.output().unwrap()
+    };
+    // Its direct listener would take web's app address.
+    let clash = "name = \"api\"\naddress = \"127.0.0.1:8081\"\nlisten = \"127.0.0.1:8080\"\n";
+    let out = check_candidate(clash, Some("api.toml"));
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services.d/api.toml: listen") && err.contains("web.toml"),
+        "clash with web's address named at the destination file: {err}"
+    );
+    // The same file replacing web.toml is fine: it is the only service then.
+    let out = check_candidate(clash, Some("web.toml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = String::from_utf8_lossy(&out.stdout);
+    assert!(ok.contains("ok as") && ok.contains("1 service"), "{ok}");
+    let out = check_candidate(
+        "name = \"api\"\naddress = \"127.0.0.1:8081\"\n",
+        Some("api.toml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 service"));
+    let out = check_candidate("name = \"api\"\nadress = \"x\"\n", Some("api.toml"));
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services.d/api.toml") && err.contains("unknown field `adress`"),
+        "{err}"
+    );
+    let out = check_candidate(clash, Some("../api.toml"));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ending in .toml"));
+    // Without --as the file's own name is used, and it is not a .toml name here.
+    let out = check_candidate(clash, None);
+    assert_eq!(out.status.code(), Some(64));
 }
 
 #[test]

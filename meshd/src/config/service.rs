@@ -332,7 +332,36 @@ fn label_key(name: &str) -> String {
 
 /// Parses every `*.toml` file in `dir`, sorted by name, and checks them against each other.
 /// Returns the valid services and every problem; `Err` only when a file cannot be read.
-pub(super) fn load_dir(dir: &Path) -> Result<(Vec<Service>, Vec<Problem>), Error> {
+/// A service file checked before it is installed: `source` is read as if it were
+/// `services_dir/as_name`, replacing the file of that name if there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The file to check (e.g. Ansible's temporary copy).
+    pub source: PathBuf,
+    /// Its name once installed: a `*.toml` file name, no directories.
+    pub as_name: std::ffi::OsString,
+}
+
+impl Candidate {
+    /// A candidate for `services_dir/as_name`; `as_name` must be a plain `*.toml` file name,
+    /// since anything else would not be loaded from the directory.
+    pub fn new(source: PathBuf, as_name: std::ffi::OsString) -> Result<Candidate, String> {
+        let p = Path::new(&as_name);
+        let plain = p.file_name() == Some(as_name.as_os_str());
+        if !plain || p.extension().is_none_or(|e| e != "toml") {
+            return Err(format!(
+                "{}: the name a service file is installed under must be a file name ending in .toml, such as web.toml",
+                p.display()
+            ));
+        }
+        Ok(Candidate { source, as_name })
+    }
+}
+
+pub(super) fn load_dir(
+    dir: &Path,
+    candidate: Option<&Candidate>,
+) -> Result<(Vec<Service>, Vec<Problem>), Error> {
     let io_error = |path: &Path| {
         let path = path.to_owned();
         move |source| Error::Io { path, source }
@@ -344,12 +373,20 @@ pub(super) fn load_dir(dir: &Path) -> Result<(Vec<Service>, Vec<Problem>), Error
             files.push(path);
         }
     }
+    // (the path problems name, the file actually read)
+    let mut files: Vec<(PathBuf, PathBuf)> = files.into_iter().map(|f| (f.clone(), f)).collect();
+    if let Some(c) = candidate {
+        // The candidate stands in for its destination: problems name the file it will become.
+        let dest = dir.join(&c.as_name);
+        files.retain(|(named, _)| *named != dest);
+        files.push((dest, c.source.clone()));
+    }
     files.sort();
 
     let mut services = Vec::new();
     let mut problems = Vec::new();
-    for file in files {
-        let text = fs::read_to_string(&file).map_err(io_error(&file))?;
+    for (file, source) in files {
+        let text = fs::read_to_string(&source).map_err(io_error(&source))?;
         match Service::from_toml_str(&file, &text) {
             Ok(service) => services.push(service),
             Err(p) => problems.extend(p),

@@ -21,8 +21,10 @@ use crate::membership::{Liveness, MeshView};
 /// What the admin endpoint reads.
 #[derive(Clone)]
 pub struct AdminState {
-    /// Node configuration.
-    pub config: Arc<Config>,
+    /// Node configuration (the one in force: replaced by each applied reload).
+    pub config_rx: watch::Receiver<Arc<Config>>,
+    /// Outcome of the last reload.
+    pub reload_rx: watch::Receiver<crate::reload::Status>,
     /// `true` once listeners are bound, certificates loaded and a policy snapshot is in place;
     /// `false` again when draining.
     pub ready_rx: watch::Receiver<bool>,
@@ -92,8 +94,8 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
         })
     });
     let policy = s.policy_rx.borrow().clone();
-    let effective: serde_json::Map<String, serde_json::Value> = s
-        .config
+    let config = s.config_rx.borrow().clone();
+    let effective: serde_json::Map<String, serde_json::Value> = config
         .services
         .iter()
         .map(|svc| {
@@ -106,7 +108,7 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
         .collect();
     // The mTLS mode each local service enforces (plaintext accepted on `listen` only when
     // permissive).
-    let mtls: serde_json::Map<String, serde_json::Value> = (s.config.services.iter())
+    let mtls: serde_json::Map<String, serde_json::Value> = (config.services.iter())
         .map(|svc| {
             let workload = mesh_api::policy::authz::Workload {
                 service: &svc.key,
@@ -117,7 +119,8 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
         })
         .collect();
     Json(json!({
-        "config": &*s.config,
+        "config": &*config,
+        "reload": &*s.reload_rx.borrow(),
         "identity": identity,
         "policy": {
             "revision": policy.revision,

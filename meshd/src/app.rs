@@ -21,7 +21,8 @@ use crate::gossip_keys::GossipKeys;
 use crate::gossip_seal::{SealStats, SealedTransport};
 use crate::identity::{self, Manager};
 use crate::membership::Membership;
-use crate::proxy::{self, Listeners};
+use crate::proxy::{self, listeners};
+use crate::reload::{self, Reloader};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -39,7 +40,8 @@ pub struct Bound {
     pub admin_addr: SocketAddr,
     /// Bound upstream listeners: (source service, upstream service, address).
     pub outbound_addrs: Vec<(ServiceKey, ServiceKey, SocketAddr)>,
-    config: Arc<Config>,
+    config_rx: watch::Receiver<Arc<Config>>,
+    reload: reload::Handle,
     membership: Membership,
     ready_tx: watch::Sender<bool>,
     /// Set when the drain starts, so a late policy sync cannot turn `/ready` back on.
@@ -56,13 +58,13 @@ pub struct Bound {
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
     mesh_runtime::tls::install_default_provider();
     let config = Arc::new(config);
-    let listeners = Listeners::bind(&config).await?;
-    let inbound_addr = listeners.inbound.local_addr()?;
-    let outbound_addrs = listeners
-        .outbound
-        .iter()
-        .filter_map(|(s, u, l)| Some((s.key.clone(), u.service.clone(), l.local_addr().ok()?)))
-        .collect();
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    // Every listener first, so a taken port fails the start at once.
+    let inbound_listener = proxy::bind_inbound(&config).await?;
+    let inbound_addr = inbound_listener.local_addr()?;
+    let service_listeners = listeners::Set::default()
+        .prepare(&listeners::specs(&config))
+        .await?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin.bind)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin.bind))?;
@@ -96,7 +98,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         "Gossip datagrams that were authentic and decoded",
         seal_opened.clone(),
     );
+    let reload_metrics = reload::Metrics::new(&mut registry);
     let registry = Arc::new(registry);
+    let (reload_status_tx, reload_status_rx) = watch::channel(reload::Status::initial());
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -112,7 +116,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let view_cell = Arc::new(std::sync::OnceLock::new());
     let liveness_cell = Arc::new(std::sync::OnceLock::new());
     let admin_state = AdminState {
-        config: config.clone(),
+        config_rx: config_rx.clone(),
+        reload_rx: reload_status_rx,
         ready_rx,
         metrics: registry,
         certs_rx: certs_cell.clone(),
@@ -142,7 +147,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .instrument(info_span!("discovery")),
     );
     let registry_client = manager.client();
-    tasks.spawn(manager.run(shutdown_rx.clone()));
+    tasks.spawn(manager.run(config_rx.clone(), shutdown_rx.clone()));
 
     let mut advertise = config.inbound.advertise;
     if advertise.port() == 0 {
@@ -183,11 +188,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     .await?;
     let _ = view_cell.set(view_rx.clone());
     let _ = liveness_cell.set(membership.liveness());
-    for svc in config.services.iter().filter(|s| !s.checks.is_empty()) {
-        let health_rx =
-            crate::health::spawn(svc.key.clone(), svc.checks.clone(), shutdown_rx.clone());
-        tasks.spawn(membership.publish_health(svc, health_rx, shutdown_rx.clone()));
-    }
     {
         let mut rx = view_rx.clone();
         let mut shutdown = shutdown_rx.clone();
@@ -206,7 +206,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls_rx = proxy::tls_updates(certs_rx.clone(), shutdown_rx.clone())?;
     let (drain_trigger, drain_watch) = drain::channel();
     let shared = proxy::Shared {
-        config: config.clone(),
+        config_rx: config_rx.clone(),
         tls_rx,
         view_rx,
         policy_rx: policy.policy_rx.clone(),
@@ -216,7 +216,33 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         http: Arc::new(proxy::http::State::new(&config)),
         balance: Arc::new(proxy::balance::Table::new()),
     };
-    proxy::spawn(listeners, shared, stop_rx, &mut tasks);
+    proxy::spawn_inbound(
+        inbound_listener,
+        shared.clone(),
+        stop_rx.clone(),
+        &mut tasks,
+    );
+    // The per-service listeners, health checks and service publication belong to the
+    // reloader from here on.
+    let reloader = Reloader::start(
+        config_tx,
+        service_listeners,
+        shared,
+        stop_rx,
+        membership.publisher(),
+        reload_metrics,
+        reload_status_tx,
+    );
+    let outbound_addrs = (reloader.bound().into_iter())
+        .filter_map(|(spec, addr)| match spec {
+            listeners::Spec::Upstream(s, u) => Some((s.key, u.service, addr)),
+            _ => None,
+        })
+        .collect();
+    let (reload, reload_task) = reloader.spawn(shutdown_rx.clone());
+    tasks.spawn(async move {
+        let _ = reload_task.await;
+    });
 
     // Listeners are bound and certificates loaded; ready once a policy snapshot is in place
     // (persisted, or the registry's first event). Until then traffic is served under the
@@ -254,7 +280,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         inbound_addr,
         admin_addr,
         outbound_addrs,
-        config,
+        config_rx,
+        reload,
         membership,
         ready_tx,
         draining,
@@ -267,6 +294,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 }
 
 impl Bound {
+    /// Asks the node to reload its configuration (what SIGHUP does).
+    pub fn reload_handle(&self) -> reload::Handle {
+        self.reload.clone()
+    }
+
     /// Runs until `shutdown` resolves, then drains in order within the grace period. `Err` if
     /// gossip stopped on its own first: the node drains and exits with a failure so the
     /// service manager restarts it, rather than serve on a frozen view of the mesh.
@@ -297,9 +329,10 @@ impl Bound {
         self.draining.store(true, Ordering::SeqCst);
         self.ready_tx.send_replace(false);
         self.membership.set_draining().await;
-        tokio::time::sleep(self.config.gossip.interval * DRAIN_PROPAGATION_ROUNDS).await;
+        let config = self.config_rx.borrow().clone();
+        tokio::time::sleep(config.gossip.interval * DRAIN_PROPAGATION_ROUNDS).await;
         self.stop_tx.send_replace(true);
-        let grace = self.config.drain.grace_period;
+        let grace = config.drain.grace_period;
         if tokio::time::timeout(grace, self.drain.drain())
             .await
             .is_err()

@@ -388,12 +388,33 @@ impl Manager {
     }
 
     /// Renews certificates at half-life until `shutdown`; failures retry with backoff while
-    /// the current certificate keeps serving until it really expires.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// the current certificate keeps serving until it really expires. Follows `config_rx`: a
+    /// service added by a reload gets its certificate at once, and a removed one's certificate
+    /// leaves the snapshot (it stays on disk, for when the service comes back).
+    pub async fn run(
+        mut self,
+        mut config_rx: watch::Receiver<Arc<Config>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut node_due = renew_at(self.node_obtained, self.node_not_after);
         let mut due: BTreeMap<ServiceKey, SystemTime> = BTreeMap::new();
         let mut backoff: BTreeMap<Option<ServiceKey>, Backoff> = BTreeMap::new();
+        let mut config_open = true;
+        // Whether the config changed since the last look; `changed()` marks it seen.
+        let mut reconfigure = config_rx.has_changed().unwrap_or(false);
         loop {
+            if std::mem::take(&mut reconfigure) {
+                self.config = config_rx.borrow_and_update().clone();
+                let wanted: std::collections::BTreeSet<&ServiceKey> =
+                    self.config.services.iter().map(|s| &s.key).collect();
+                due.retain(|k, _| wanted.contains(k));
+                backoff.retain(|k, _| k.as_ref().is_none_or(|k| wanted.contains(k)));
+                self.certs_tx.send_if_modified(|c| {
+                    let before = c.workloads.len();
+                    Arc::make_mut(c).workloads.retain(|k, _| wanted.contains(k));
+                    c.workloads.len() != before
+                });
+            }
             {
                 let certs = self.certs_tx.borrow();
                 for svc in &self.config.services {
@@ -416,6 +437,12 @@ impl Manager {
                 .unwrap_or_default();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                r = config_rx.changed(), if config_open => {
+                    // Closed: the configuration is final (the reloader is gone); keep renewing.
+                    config_open = r.is_ok();
+                    reconfigure = config_open;
+                    continue;
+                }
                 _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
             }
             let result = match &next_key {

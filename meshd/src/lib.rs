@@ -16,3 +16,4 @@ pub mod health;
 pub mod identity;
 pub mod membership;
 pub mod proxy;
+pub mod reload;

@@ -92,6 +92,14 @@ fn main() -> ExitCode {
                 }
             };
             rt.block_on(async move {
+                // Before the build: a SIGHUP sent while starting reloads once started.
+                let mut hangups = match mesh_runtime::signal::hangups() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot handle SIGHUP");
+                        return ExitCode::from(1);
+                    }
+                };
                 let bound = match app::build(cfg).await {
                     Ok(b) => b,
                     Err(e) => {
@@ -99,6 +107,15 @@ fn main() -> ExitCode {
                         return ExitCode::from(1);
                     }
                 };
+                // SIGHUP (systemctl reload): read the files again and apply them whole, or
+                // refuse them whole; the reloader logs and counts either outcome.
+                let reload = bound.reload_handle();
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        tracing::info!(config = %config.display(), "SIGHUP: reloading the configuration");
+                        let _ = reload.reload_file(config.clone()).await;
+                    }
+                });
                 let drain = bound.wait_termination(async {
                     let _ = mesh_runtime::signal::shutdown().await;
                 });

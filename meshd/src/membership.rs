@@ -398,23 +398,76 @@ impl Membership {
         self.liveness_rx.clone()
     }
 
+    /// A handle that publishes this node's services (a reload adds, changes and removes
+    /// them; health checks flip them).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            chitchat: self.handle.chitchat(),
+        }
+    }
+
+    /// Leaves the cluster.
+    pub async fn shutdown(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            warn!(error = %e, "gossip shutdown failed");
+        }
+    }
+}
+
+/// Publishes this node's services by gossip.
+#[derive(Clone)]
+pub struct Publisher {
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+}
+
+impl Publisher {
+    /// Publishes `svc` (protocol, labels) with the given health, replacing what this node
+    /// published for it before: a service added or changed by a reload.
+    pub async fn set_service(&self, svc: &Service, healthy: bool) {
+        let key = gossip::service_key(&svc.key);
+        let value = gossip::encode(&service_info(svc, healthy));
+        self.chitchat
+            .lock()
+            .await
+            .self_node_state()
+            .set(&key, &value);
+    }
+
+    /// Stops publishing `svc` (a reload removed it): peers drop this instance when the
+    /// deletion reaches them.
+    pub async fn remove_service(&self, svc: &mesh_api::ServiceKey) {
+        let key = gossip::service_key(svc);
+        self.chitchat.lock().await.self_node_state().delete(&key);
+    }
+
     /// A task that publishes `svc`'s health by gossip each time it flips, until `health_rx`
     /// closes or `shutdown` turns true. Peers drop an unhealthy instance from their
     /// load-balancing sets when they see it.
+    ///
+    /// `published` is what gossip says now: `None` at start (the service was published as
+    /// healthy iff it has no checks). After a reload changed the checks, it is the old health,
+    /// which stays published until every new check has run once, so new checks do not take a
+    /// serving instance out of rotation while they start.
     pub fn publish_health(
         &self,
         svc: &Service,
         mut health_rx: watch::Receiver<ServiceHealth>,
+        published: Option<bool>,
         mut shutdown: watch::Receiver<bool>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let chitchat = self.handle.chitchat();
+        let chitchat = self.chitchat.clone();
         let key = gossip::service_key(&svc.key);
-        let mut info = service_info(svc, svc.checks.is_empty());
+        let mut settled = published.is_none();
+        let mut info = service_info(svc, published.unwrap_or(svc.checks.is_empty()));
         let mut published = info.healthy;
         async move {
             loop {
-                let healthy = health_rx.borrow_and_update().healthy;
-                if healthy != published {
+                let (healthy, ran) = {
+                    let h = health_rx.borrow_and_update();
+                    (h.healthy, h.checks.iter().all(|c| c.last_checked.is_some()))
+                };
+                settled |= ran;
+                if settled && healthy != published {
                     info.healthy = healthy;
                     let value = gossip::encode(&info);
                     chitchat.lock().await.self_node_state().set(&key, value);
@@ -426,13 +479,6 @@ impl Membership {
                     _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
                 }
             }
-        }
-    }
-
-    /// Leaves the cluster.
-    pub async fn shutdown(self) {
-        if let Err(e) = self.handle.shutdown().await {
-            warn!(error = %e, "gossip shutdown failed");
         }
     }
 }

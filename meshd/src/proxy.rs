@@ -12,7 +12,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use mesh_runtime::drain;
 
-use crate::config::{Config, Service, Upstream};
+use crate::config::Config;
 use crate::identity::Certs;
 use crate::membership::MeshView;
 
@@ -21,6 +21,7 @@ pub mod balance;
 pub mod copy;
 pub mod http;
 pub mod inbound;
+pub mod listeners;
 pub mod metrics;
 pub mod outbound;
 pub mod ratelimit;
@@ -56,56 +57,25 @@ pub enum Error {
     },
 }
 
-/// Every proxy listener, bound.
-pub struct Listeners {
-    /// The mTLS inbound listener.
-    pub inbound: TcpListener,
-    /// Each service's `listen` listener (mTLS, or plaintext under PERMISSIVE).
-    pub direct: Vec<(Service, TcpListener)>,
-    /// One listener per upstream, with the service that declared it.
-    pub outbound: Vec<(Service, Upstream, TcpListener)>,
-    /// Each service's `http_proxy` listener (destination named by each request's host).
-    pub http_proxy: Vec<(Service, TcpListener)>,
-}
-
-impl Listeners {
-    /// Binds the inbound and every upstream listener; any failure fails startup.
-    pub async fn bind(config: &Config) -> Result<Self, Error> {
-        let inbound = bind(config.inbound.bind, "the inbound listener".to_owned()).await?;
-        let mut direct = Vec::new();
-        for svc in &config.services {
-            if let Some(addr) = svc.listen {
-                let l = bind(addr, format!("the listen address of {}", svc.key)).await?;
-                direct.push((svc.clone(), l));
-            }
-        }
-        let mut http_proxy = Vec::new();
-        for svc in &config.services {
-            if let Some(addr) = svc.http_proxy {
-                let l = bind(addr, format!("the http_proxy of {}", svc.key)).await?;
-                http_proxy.push((svc.clone(), l));
-            }
-        }
-        let mut outbound = Vec::new();
-        for svc in &config.services {
-            for up in &svc.upstreams {
-                let l = bind(up.bind, format!("upstream {} of {}", up.service, svc.key)).await?;
-                outbound.push((svc.clone(), up.clone(), l));
-            }
-        }
-        Ok(Self {
-            inbound,
-            direct,
-            outbound,
-            http_proxy,
-        })
-    }
+/// Binds the mesh inbound listener (one per node, for every local service). The per-service
+/// listeners are [`listeners::Set`]'s.
+pub async fn bind_inbound(config: &Config) -> Result<TcpListener, Error> {
+    bind(config.inbound.bind, "the inbound listener".to_owned()).await
 }
 
 async fn bind(addr: SocketAddr, what: String) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// What ends an accept loop: the node stops accepting (drain), or this listener is retired
+/// (a reload removed or replaced it).
+pub struct Stops {
+    /// The node-wide stop.
+    pub node: watch::Receiver<bool>,
+    /// This listener's own stop.
+    pub listener: watch::Receiver<bool>,
 }
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
@@ -116,15 +86,19 @@ const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 /// tokio task holding the drain watch, so the drain waits for it. Accept errors are logged and
 /// retried: a listener never ends on its own.
 async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
+    listener: Arc<TcpListener>,
     what: &'static str,
     drain: drain::Watch,
-    mut stop_rx: watch::Receiver<bool>,
+    stops: Stops,
     mut on_conn: F,
 ) where
     F: FnMut(tokio::net::TcpStream, SocketAddr) -> Option<Fut>,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let Stops {
+        node: mut node_stop,
+        listener: mut listener_stop,
+    } = stops;
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -135,7 +109,8 @@ async fn accept_loop<F, Fut>(
                     continue;
                 }
             },
-            _ = drain::until_true(&mut stop_rx) => break,
+            _ = drain::until_true(&mut node_stop) => break,
+            _ = drain::until_true(&mut listener_stop) => break,
         };
         let Some(task) = on_conn(tcp, peer) else {
             continue;
@@ -155,8 +130,9 @@ async fn accept_loop<F, Fut>(
 /// Inputs every connection task reads.
 #[derive(Clone)]
 pub struct Shared {
-    /// Node configuration.
-    pub config: Arc<Config>,
+    /// Node configuration, replaced by a reload. Each connection reads it once, when it is
+    /// accepted, and keeps that snapshot.
+    pub config_rx: watch::Receiver<Arc<Config>>,
     /// Current TLS configs.
     pub tls_rx: watch::Receiver<Arc<tls::TlsState>>,
     /// Current mesh view.
@@ -174,6 +150,13 @@ pub struct Shared {
     pub http: Arc<http::State>,
     /// Per-endpoint load and health (latency, in-flight requests, outlier ejections).
     pub balance: Arc<balance::Table>,
+}
+
+impl Shared {
+    /// The current configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.config_rx.borrow().clone()
+    }
 }
 
 /// Keeps the TLS state in step with the certificates. Returns the receiver of TLS states.
@@ -208,36 +191,22 @@ pub fn tls_updates(
     Ok(rx)
 }
 
-/// Spawns the accept loops; they stop accepting when `stop_rx` turns `true`.
-pub fn spawn(
-    listeners: Listeners,
+/// Spawns the accept loop of the mesh inbound listener; it stops accepting when `stop_rx`
+/// turns `true`.
+pub fn spawn_inbound(
+    listener: TcpListener,
     shared: Shared,
     stop_rx: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) {
-    let addr = listeners.inbound.local_addr().ok();
+    let addr = listener.local_addr().ok();
+    let stops = Stops {
+        node: stop_rx.clone(),
+        // Never retired on its own: its address is restart-only.
+        listener: stop_rx,
+    };
     tasks.spawn(
-        inbound::serve(
-            listeners.inbound,
-            inbound::Entry::Mesh,
-            shared.clone(),
-            stop_rx.clone(),
-        )
-        .instrument(info_span!("inbound", addr = ?addr)),
+        inbound::serve(Arc::new(listener), inbound::Entry::Mesh, shared, stops)
+            .instrument(info_span!("inbound", addr = ?addr)),
     );
-    for (svc, l) in listeners.direct {
-        let span = info_span!("direct", service = %svc.key, addr = ?l.local_addr().ok());
-        let entry = inbound::Entry::Direct(svc.key.clone());
-        tasks.spawn(inbound::serve(l, entry, shared.clone(), stop_rx.clone()).instrument(span));
-    }
-    for (svc, l) in listeners.http_proxy {
-        let span = info_span!("http_proxy", src = %svc.key);
-        tasks.spawn(
-            outbound::serve_http_proxy(l, svc, shared.clone(), stop_rx.clone()).instrument(span),
-        );
-    }
-    for (svc, up, l) in listeners.outbound {
-        let span = info_span!("outbound", src = %svc.key, dst = %up.service);
-        tasks.spawn(outbound::serve(l, svc, up, shared.clone(), stop_rx.clone()).instrument(span));
-    }
 }

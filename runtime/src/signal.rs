@@ -20,3 +20,10 @@ pub async fn shutdown() -> std::io::Result<Shutdown> {
         _ = int.recv() => Ok(Shutdown::Interrupt),
     }
 }
+
+/// SIGHUP as a stream: each `recv()` resolves on the next one. Registering it replaces the
+/// default action (exit), so a process that reloads on SIGHUP registers it before anything
+/// can send one.
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    signal(SignalKind::hangup())
+}

@@ -503,6 +503,41 @@ impl ServiceSpec {
         self.upstreams.push((service.to_owned(), bind));
         self
     }
+
+    /// Adds a label.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The service file.
+    pub fn to_toml(&self) -> String {
+        let mut text = format!("name = \"{}\"\naddress = \"{}\"\n", self.name, self.address);
+        if let Some(listen) = self.listen {
+            text.push_str(&format!("listen = \"{listen}\"\n"));
+        }
+        if let Some(p) = &self.protocol {
+            text.push_str(&format!("protocol = \"{p}\"\n"));
+        }
+        if let Some(p) = self.http_proxy {
+            text.push_str(&format!("http_proxy = \"{p}\"\n"));
+        }
+        if !self.labels.is_empty() {
+            text.push_str("[labels]\n");
+            for (k, v) in &self.labels {
+                text.push_str(&format!("{k} = \"{v}\"\n"));
+            }
+        }
+        for (svc, bind) in &self.upstreams {
+            text.push_str(&format!(
+                "[[upstreams]]\nservice = \"{svc}\"\nbind = \"{bind}\"\n"
+            ));
+        }
+        for body in &self.checks {
+            text.push_str(&format!("[[checks]]\n{body}\n"));
+        }
+        text
+    }
 }
 
 /// How to start one meshd host.
@@ -607,33 +642,9 @@ impl Node {
         );
         std::fs::write(dir.join("meshd.toml"), cfg)?;
         for s in &spec.services {
-            let mut text = format!("name = \"{}\"\naddress = \"{}\"\n", s.name, s.address);
-            if let Some(listen) = s.listen {
-                text.push_str(&format!("listen = \"{listen}\"\n"));
-            }
-            if let Some(p) = &s.protocol {
-                text.push_str(&format!("protocol = \"{p}\"\n"));
-            }
-            if let Some(p) = s.http_proxy {
-                text.push_str(&format!("http_proxy = \"{p}\"\n"));
-            }
-            if !s.labels.is_empty() {
-                text.push_str("[labels]\n");
-                for (k, v) in &s.labels {
-                    text.push_str(&format!("{k} = \"{v}\"\n"));
-                }
-            }
-            for (svc, bind) in &s.upstreams {
-                text.push_str(&format!(
-                    "[[upstreams]]\nservice = \"{svc}\"\nbind = \"{bind}\"\n"
-                ));
-            }
-            for body in &s.checks {
-                text.push_str(&format!("[[checks]]\n{body}\n"));
-            }
             std::fs::write(
                 dir.join("services.d").join(format!("{}.toml", s.name)),
-                text,
+                s.to_toml(),
             )?;
         }
         let mut node = Self {
@@ -806,6 +817,57 @@ impl Node {
     /// Sum of the samples of `name` whose label set contains every `labels` pair.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
         Ok(metric_sum(&self.metrics().await?, name, labels))
+    }
+
+    /// Writes (or replaces) `services.d/<file>` with `text`.
+    pub fn write_service_file(&self, file: &str, text: &str) -> anyhow::Result<()> {
+        std::fs::write(self.dir.join("services.d").join(file), text)?;
+        Ok(())
+    }
+
+    /// Removes `services.d/<file>`.
+    pub fn remove_service_file(&self, file: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.dir.join("services.d").join(file))?;
+        Ok(())
+    }
+
+    /// Sends SIGHUP (what `systemctl reload meshd` does).
+    pub fn sighup(&self) -> anyhow::Result<()> {
+        let pid = (self.proc.as_ref())
+            .and_then(Proc::pid)
+            .context("meshd is not running")?;
+        let st = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(st.success(), "kill -HUP {pid} failed");
+        Ok(())
+    }
+
+    /// The `reload` section of `/config_dump`.
+    pub async fn reload_status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self.config_dump().await?["reload"].clone())
+    }
+
+    /// Sends SIGHUP and waits until the reload is decided; `Ok(summary)` if it was applied,
+    /// `Err(error text)` if it was refused (the outer error is the harness's own).
+    pub async fn reload(&self) -> anyhow::Result<Result<serde_json::Value, String>> {
+        let before = self.reload_status().await?;
+        let attempts = |v: &serde_json::Value| {
+            v["generation"].as_u64().unwrap_or(0) + v["refused"].as_u64().unwrap_or(0)
+        };
+        let n = attempts(&before);
+        self.sighup()?;
+        let after = eventually(WAIT, "the reload to be decided", || async {
+            let v = self.reload_status().await.ok()?;
+            (attempts(&v) > n).then_some(v)
+        })
+        .await
+        .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))?;
+        Ok(if after["last_ok"].as_bool() == Some(true) {
+            Ok(after["last_applied"].clone())
+        } else {
+            Err(after["last_error"].as_str().unwrap_or_default().to_owned())
+        })
     }
 
     /// SIGKILL.

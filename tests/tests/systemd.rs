@@ -1,6 +1,7 @@
 //! meshd under systemd's notification protocol (`Type=notify`): `READY=1` reaches the socket in
 //! `NOTIFY_SOCKET` only once the node serves (listeners bound, certificates loaded, a policy
-//! snapshot in place), and `STOPPING=1` when SIGTERM starts the drain. (No systemd runs as PID 1
+//! snapshot in place), `RELOADING=1` then `READY=1` around a SIGHUP reload, and `STOPPING=1`
+//! when SIGTERM starts the drain. (No systemd runs as PID 1
 //! here: the test plays systemd's part with a datagram socket.)
 #![allow(clippy::unwrap_used)]
 
@@ -43,7 +44,15 @@ async fn ready_and_stopping_are_notified() {
     let (code, _) = http_get(&admin, "/ready").await.unwrap();
     assert_eq!(code, 200);
 
+    // `systemctl reload` (SIGHUP): reloading, then ready again once the reload is decided.
     let node = cluster.node("n1");
+    node.sighup().unwrap();
+    let reloading = tokio::task::block_in_place(|| recv(&sock));
+    assert_eq!(reloading, "RELOADING=1\nSTATUS=reloading");
+    let reloaded = tokio::task::block_in_place(|| recv(&sock));
+    assert_eq!(reloaded, "READY=1\nSTATUS=serving");
+    assert_eq!(node.reload_status().await.unwrap()["generation"], 1);
+
     let code = tokio::task::block_in_place(|| node.stop(Duration::from_secs(30))).unwrap();
     assert_eq!(code, Some(0));
     let stopping = tokio::task::block_in_place(|| recv(&sock));

@@ -249,14 +249,21 @@ pub struct State {
     in_flight: Mutex<HashMap<ServiceKey, Arc<std::sync::atomic::AtomicU64>>>,
     /// Rate limiters of local services, with the revision they were built from.
     limiters: Mutex<HashMap<ServiceKey, (u64, Arc<super::ratelimit::Limiter>)>>,
-    /// A client per local HTTP-family service, speaking the app's protocol.
-    apps: BTreeMap<ServiceKey, AppClient>,
+    /// A client per local HTTP-family service, speaking the app's protocol; replaced on a
+    /// reload (clients of unchanged services carried over with their pooled connections).
+    apps: Mutex<Arc<AppClients>>,
     /// HTTP/2 connections to other hosts' inbound ports, per calling service and endpoint.
-    peers: Mutex<HashMap<(ServiceKey, SocketAddr), Pooled>>,
+    peers: Mutex<HashMap<PeerKey, Pooled>>,
     /// Held while a connection to a peer is being made, per calling service and endpoint;
     /// holds when the last attempt failed (`None` after a success).
-    connecting: Mutex<HashMap<(ServiceKey, SocketAddr), ConnectSlot>>,
+    connecting: Mutex<HashMap<PeerKey, ConnectSlot>>,
 }
+
+/// A pooled connection's calling service, destination service and endpoint. The destination
+/// is part of it because a host's one inbound port serves all its services and picks the
+/// service per connection (by SNI): a connection made for one service cannot carry requests
+/// for another on the same host.
+type PeerKey = (ServiceKey, ServiceKey, SocketAddr);
 
 /// Serializes connection attempts to one peer; the value is when the last one failed.
 type ConnectSlot = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
@@ -267,6 +274,54 @@ pub struct Admitted(Arc<std::sync::atomic::AtomicU64>);
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// What an app client was made for: a change of any of it needs a new client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AppTarget {
+    addr: SocketAddr,
+    protocol: Protocol,
+    connect_timeout: std::time::Duration,
+}
+
+/// The app client of each local HTTP-family service, with what it was made for.
+type AppClients = BTreeMap<ServiceKey, (AppTarget, Arc<AppClient>)>;
+
+/// Clients for the HTTP-family services of `config`, reusing those of `current` whose target
+/// is unchanged.
+fn app_clients(config: &Config, current: &AppClients) -> AppClients {
+    (config.services.iter())
+        .filter(|s| s.protocol.is_http())
+        .map(|s| {
+            let target = AppTarget {
+                addr: s.address,
+                protocol: s.protocol,
+                connect_timeout: config.outbound.connect_timeout,
+            };
+            let client = match current.get(&s.key) {
+                Some((t, client)) if *t == target => client.clone(),
+                _ => Arc::new(AppClient::new(&target)),
+            };
+            (s.key.clone(), (target, client))
+        })
+        .collect()
+}
+
+impl AppClient {
+    fn new(target: &AppTarget) -> AppClient {
+        if matches!(target.protocol, Protocol::Http2 | Protocol::Grpc) {
+            AppClient::Http2 {
+                addr: target.addr,
+                connect_timeout: target.connect_timeout,
+                conn: tokio::sync::Mutex::new(None),
+            }
+        } else {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(target.connect_timeout));
+            AppClient::Http1(Client::builder(TokioExecutor::new()).build(connector))
+        }
     }
 }
 
@@ -282,31 +337,13 @@ struct Pooled {
 impl State {
     /// Clients for the HTTP-family services of `config`.
     pub fn new(config: &Config) -> Self {
-        let apps = (config.services.iter())
-            .filter(|s| s.protocol.is_http())
-            .map(|s| {
-                let connect_timeout = config.outbound.connect_timeout;
-                let client = if matches!(s.protocol, Protocol::Http2 | Protocol::Grpc) {
-                    AppClient::Http2 {
-                        addr: s.address,
-                        connect_timeout,
-                        conn: tokio::sync::Mutex::new(None),
-                    }
-                } else {
-                    let mut connector = HttpConnector::new();
-                    connector.set_nodelay(true);
-                    connector.set_connect_timeout(Some(connect_timeout));
-                    AppClient::Http1(Client::builder(TokioExecutor::new()).build(connector))
-                };
-                (s.key.clone(), client)
-            })
-            .collect();
+        let apps = app_clients(config, &AppClients::new());
         Self {
             table: Mutex::new(Arc::new(super::route::Table::default())),
             budgets: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            apps,
+            apps: Mutex::new(Arc::new(apps)),
             peers: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
         }
@@ -387,23 +424,34 @@ impl State {
         fits
     }
 
-    /// The client for the local service `key`.
-    fn app(&self, key: &ServiceKey) -> Option<&AppClient> {
-        self.apps.get(key)
+    /// The client for the local service `key` and the app's address, as currently configured
+    /// (a connection from a peer outlives reloads; each request goes where the config says now).
+    fn app(&self, key: &ServiceKey) -> Option<(SocketAddr, Arc<AppClient>)> {
+        let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        apps.get(key).map(|(t, client)| (t.addr, client.clone()))
     }
 
-    /// A live pooled connection from `source` to `addr` made under `tls`, counting the
+    /// Follows a reloaded configuration: clients for new services, none for removed ones,
+    /// and the same client (and its connections to the app) for a service whose app address,
+    /// protocol and connect timeout did not change.
+    pub fn reconfigure(&self, config: &Config) {
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        *apps = Arc::new(app_clients(config, &apps));
+    }
+
+    /// A live pooled connection from `source` to `dst` at `addr` made under `tls`, counting the
     /// request about to be sent on it: the one that reaches `max_requests` (the destination's
     /// `max_requests_per_connection`) is its last, and the connection leaves the pool.
     fn peer(
         &self,
         source: &ServiceKey,
+        dst: &ServiceKey,
         addr: SocketAddr,
         tls: &Arc<TlsState>,
         max_requests: Option<u32>,
     ) -> Option<SendRequest<Body>> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (source.clone(), addr);
+        let key = (source.clone(), dst.clone(), addr);
         let p = peers.get_mut(&key)?;
         if p.sender.is_closed() || !Arc::ptr_eq(&p.tls, tls) {
             // Closed, or made with certificates since rotated: let in-flight requests
@@ -424,20 +472,21 @@ impl State {
     async fn connecting(
         &self,
         source: &ServiceKey,
+        dst: &ServiceKey,
         addr: SocketAddr,
     ) -> tokio::sync::OwnedMutexGuard<Option<std::time::Instant>> {
         let lock = {
             let mut m = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(m.entry((source.clone(), addr)).or_default())
+            Arc::clone(m.entry((source.clone(), dst.clone(), addr)).or_default())
         };
         lock.lock_owned().await
     }
 
     /// Drops the pooled connection from `source` to `addr` if it has closed (a request just
     /// failed on it); a newer live one, pooled meanwhile by another request, stays.
-    fn forget_peer(&self, source: &ServiceKey, addr: SocketAddr) {
+    fn forget_peer(&self, source: &ServiceKey, dst: &ServiceKey, addr: SocketAddr) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (source.clone(), addr);
+        let key = (source.clone(), dst.clone(), addr);
         if peers.get(&key).is_some_and(|p| p.sender.is_closed()) {
             peers.remove(&key);
         }
@@ -448,6 +497,7 @@ impl State {
     fn put_peer(
         &self,
         source: &ServiceKey,
+        dst: &ServiceKey,
         addr: SocketAddr,
         tls: Arc<TlsState>,
         sender: SendRequest<Body>,
@@ -458,7 +508,7 @@ impl State {
         }
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         peers.insert(
-            (source.clone(), addr),
+            (source.clone(), dst.clone(), addr),
             Pooled {
                 tls,
                 sender,

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use super::authz::{self, Attrs};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::{Shared, copy, tls};
-use crate::config::Service;
+use crate::config::{Config, Service};
 
 /// How long a connection on a `listen` address may stay silent before it is taken for a
 /// plaintext client of a server-speaks-first protocol. An mTLS client sends its ClientHello
@@ -43,18 +43,15 @@ pub enum Entry {
 }
 
 /// Accepts until `stop_rx` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    entry: Entry,
-    shared: Shared,
-    stop_rx: watch::Receiver<bool>,
-) {
-    let permits = Arc::new(Semaphore::new(shared.config.inbound.max_connections));
+pub async fn serve(listener: Arc<TcpListener>, entry: Entry, shared: Shared, stops: super::Stops) {
+    // A restart-only setting: a reload that changes it is refused.
+    let max_connections = shared.config().inbound.max_connections;
+    let permits = Arc::new(Semaphore::new(max_connections));
     let drain = shared.drain.clone();
-    super::accept_loop(listener, "inbound", drain, stop_rx, |tcp, peer| {
+    super::accept_loop(listener, "inbound", drain, stops, |tcp, peer| {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.metrics.reject(Direction::Inbound, "max_connections");
-            warn!(src.addr = %peer, limit = shared.config.inbound.max_connections, "inbound connection refused: connection limit reached");
+            warn!(src.addr = %peer, limit = max_connections, "inbound connection refused: connection limit reached");
             copy::reset(&tcp);
             return None;
         };
@@ -94,10 +91,11 @@ async fn detect(tcp: &TcpStream) -> Transport {
 async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
+    let config = shared.config();
     let direct = match entry {
         Entry::Mesh => None,
         Entry::Direct(key) => {
-            let Some(local) = shared.config.services.iter().find(|s| s.key == *key) else {
+            let Some(local) = config.services.iter().find(|s| s.key == *key) else {
                 return;
             };
             match detect(&tcp).await {
@@ -109,7 +107,8 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
             }
         }
     };
-    let Some((tls_stream, caller, local)) = accept_tls(tcp, peer, direct, shared, started).await
+    let Some((tls_stream, caller, local)) =
+        accept_tls(tcp, peer, direct, &config, shared, started).await
     else {
         return;
     };
@@ -139,17 +138,13 @@ async fn accept_tls<'s>(
     tcp: TcpStream,
     peer: SocketAddr,
     only: Option<&'s Service>,
-    shared: &'s Shared,
+    config: &'s Config,
+    shared: &Shared,
     started: Instant,
 ) -> Option<(TlsStream<TcpStream>, Identity, &'s Service)> {
     let state = shared.tls_rx.borrow().clone();
     let acceptor = TlsAcceptor::from(state.server.clone());
-    let tls_stream = match timeout(
-        shared.config.inbound.handshake_timeout,
-        acceptor.accept(tcp),
-    )
-    .await
-    {
+    let tls_stream = match timeout(config.inbound.handshake_timeout, acceptor.accept(tcp)).await {
         Err(_) => {
             reject(
                 shared,
@@ -211,7 +206,7 @@ async fn accept_tls<'s>(
     let local = match only {
         Some(s) if s.key == svc => Some(s),
         Some(_) => None,
-        None => shared.config.services.iter().find(|s| s.key == svc),
+        None => config.services.iter().find(|s| s.key == svc),
     };
     let Some(local) = local else {
         copy::reset(tls_stream.get_ref().0);
@@ -271,7 +266,7 @@ async fn serve_caller<S: CallerStream>(
         return access_log(&attrs, peer, started, &end);
     }
     let mut app = match timeout(
-        shared.config.outbound.connect_timeout,
+        shared.config().outbound.connect_timeout,
         TcpStream::connect(local.address),
     )
     .await

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -116,16 +115,16 @@ pub fn starts_like_http(bytes: &[u8]) -> bool {
 
 /// Accepts app connections for one upstream until `stop_rx` turns true.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     source: Service,
     upstream: Upstream,
     shared: Shared,
-    stop_rx: watch::Receiver<bool>,
+    stops: super::Stops,
 ) {
     let cursor = Arc::new(AtomicUsize::new(0));
     let (source, upstream) = (Arc::new(source), Arc::new(upstream));
     let drain = shared.drain.clone();
-    super::accept_loop(listener, "outbound", drain, stop_rx, |tcp, peer| {
+    super::accept_loop(listener, "outbound", drain, stops, |tcp, peer| {
         let (shared, cursor, source, upstream) = (
             shared.clone(),
             cursor.clone(),
@@ -154,10 +153,10 @@ pub async fn serve(
 /// Accepts app connections on a service's `http_proxy` listener until `stop_rx` turns true;
 /// each request goes to the mesh service its host names.
 pub async fn serve_http_proxy(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     source: Service,
     shared: Shared,
-    stop_rx: watch::Receiver<bool>,
+    stops: super::Stops,
 ) {
     let cursor = Arc::new(AtomicUsize::new(0));
     let source = Arc::new(source);
@@ -165,7 +164,7 @@ pub async fn serve_http_proxy(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let drain = shared.drain.clone();
-    super::accept_loop(listener, "http_proxy", drain, stop_rx, |tcp, peer| {
+    super::accept_loop(listener, "http_proxy", drain, stops, |tcp, peer| {
         let (shared, cursor, source) = (shared.clone(), cursor.clone(), source.clone());
         Some(super::http::outbound::serve_by_host(
             tcp, peer, source, bind, shared, cursor,
@@ -264,7 +263,7 @@ async fn attempt_once(
     name: ServerName<'static>,
     addr: SocketAddr,
 ) -> Result<TlsStream<TcpStream>, Error> {
-    let cfg = &shared.config;
+    let cfg = shared.config();
     let tcp = match timeout(cfg.outbound.connect_timeout, TcpStream::connect(addr)).await {
         Err(_) => {
             return Err(Error::Timeout {

@@ -240,17 +240,21 @@ fn upgrade_protocol(req: &Request<Incoming>) -> Option<&str> {
 
 /// Sends the request to the app and passes its response back.
 async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
-    let Some(client) = conn.shared.http.app(&conn.local.key) else {
+    let Some((addr, client)) = conn.shared.http.app(&conn.local.key) else {
+        // Removed (or made a TCP service) by a reload since this connection was accepted;
+        // 503 so the caller can try another instance.
         return mesh_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::SERVICE_UNAVAILABLE,
             "inbound",
-            "no_client",
-            format!("{} is not an HTTP service on this node\n", conn.local.key),
+            "not_served",
+            format!(
+                "{} is no longer an HTTP service on this node\n",
+                conn.local.key
+            ),
         );
     };
-    let addr = conn.local.address;
     let upgrade = match upgrade_protocol(&req).map(str::to_owned) {
-        Some(_) if !matches!(client, AppClient::Http1(_)) => {
+        Some(_) if !matches!(*client, AppClient::Http1(_)) => {
             return mesh_response(
                 StatusCode::NOT_IMPLEMENTED,
                 "inbound",
@@ -276,7 +280,7 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let authority = parts.uri.authority().cloned();
     let path_and_query =
         (parts.uri.path_and_query()).map_or_else(|| "/".to_owned(), ToString::to_string);
-    let h1 = matches!(client, AppClient::Http1(_));
+    let h1 = matches!(*client, AppClient::Http1(_));
     // HTTP/1.1: the client connects to the URI's authority, so that is the app's address and
     // the caller's authority travels as Host. HTTP/2: the caller's authority stays :authority
     // (the connection goes to the app's address regardless).

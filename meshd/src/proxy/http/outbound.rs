@@ -607,7 +607,9 @@ async fn attempt_once(
                 Some(unsent) if resends < MAX_RESENDS => {
                     resends += 1;
                     debug!(dst.addr = %addr, error = %e.error(), "connection closed before the request was sent; sending it on another");
-                    conn.shared.http.forget_peer(&conn.source.key, addr);
+                    conn.shared
+                        .http
+                        .forget_peer(&conn.source.key, &conn.upstream.service, addr);
                     record_outlier(conn, plan, addr, balance::Outcome::ConnectFailure);
                     req = unsent;
                 }
@@ -617,7 +619,9 @@ async fn attempt_once(
                 {
                     resends += 1;
                     debug!(dst.addr = %addr, error = %e.error(), "idempotent request failed with its connection; sending it again");
-                    conn.shared.http.forget_peer(&conn.source.key, addr);
+                    conn.shared
+                        .http
+                        .forget_peer(&conn.source.key, &conn.upstream.service, addr);
                     record_outlier(conn, plan, addr, balance::Outcome::ConnectFailure);
                     req = clone_request(head, super::empty());
                 }
@@ -713,7 +717,7 @@ fn candidates(conn: &Conn, plan: &Plan) -> Candidates {
         .policy
         .as_ref()
         .map_or(&default_locality, |p| &p.locality);
-    let cfg = &shared.config;
+    let cfg = shared.config();
     let mut group = balance::by_locality(
         &usable,
         cfg.datacenter.as_str(),
@@ -803,8 +807,13 @@ async fn connection(
     for &i in &candidates.order {
         let target = &candidates.targets[i];
         let ep = &target.endpoint;
-        if let Some(mut sender) = (shared.http).peer(&conn.source.key, ep.addr, &tls, max_requests)
-            && sender.ready().await.is_ok()
+        if let Some(mut sender) = (shared.http).peer(
+            &conn.source.key,
+            &conn.upstream.service,
+            ep.addr,
+            &tls,
+            max_requests,
+        ) && sender.ready().await.is_ok()
         {
             return Ok((sender, ep.addr, Arc::clone(&target.state)));
         }
@@ -813,9 +822,17 @@ async fn connection(
         // hundreds of handshakes at once, overflowing the peer's accept queue (SYN retries: 1 s
         // stalls). The others wait for it and take it from the pool.
         let waited_from = std::time::Instant::now();
-        let mut failed_at = shared.http.connecting(&conn.source.key, ep.addr).await;
-        if let Some(mut sender) = (shared.http).peer(&conn.source.key, ep.addr, &tls, max_requests)
-            && sender.ready().await.is_ok()
+        let mut failed_at = shared
+            .http
+            .connecting(&conn.source.key, &conn.upstream.service, ep.addr)
+            .await;
+        if let Some(mut sender) = (shared.http).peer(
+            &conn.source.key,
+            &conn.upstream.service,
+            ep.addr,
+            &tls,
+            max_requests,
+        ) && sender.ready().await.is_ok()
         {
             return Ok((sender, ep.addr, Arc::clone(&target.state)));
         }
@@ -842,7 +859,7 @@ async fn connection(
         };
         // Bounded like the TLS handshake before it: other requests wait on this attempt.
         let handshake = tokio::time::timeout(
-            shared.config.outbound.connect_timeout,
+            shared.config().outbound.connect_timeout,
             hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
@@ -871,6 +888,7 @@ async fn connection(
                 if sender.ready().await.is_ok() {
                     shared.http.put_peer(
                         &conn.source.key,
+                        &conn.upstream.service,
                         ep.addr,
                         tls.clone(),
                         sender.clone(),

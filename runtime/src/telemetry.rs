@@ -33,8 +33,16 @@ pub fn init(settings: &Settings) {
     let journald = under_journal
         .then(|| {
             tracing_journald::layer().ok().map(|l| {
+                // syslog's meaning of the levels (the crate's default makes INFO "notice"), so
+                // `journalctl -p notice` hides the per-request access logs, as expected.
+                let priorities = tracing_journald::PriorityMappings {
+                    info: tracing_journald::Priority::Informational,
+                    debug: tracing_journald::Priority::Debug,
+                    ..tracing_journald::PriorityMappings::new()
+                };
                 l.with_syslog_identifier(settings.identifier.to_owned())
                     .with_field_prefix(Some("MESHD".to_owned()))
+                    .with_priority_mappings(priorities)
             })
         })
         .flatten();

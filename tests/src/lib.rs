@@ -563,6 +563,10 @@ pub struct NodeSpec {
     pub zone: Option<String>,
     /// Extra environment of the meshd process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// Run meshd as under systemd's journal: in a private mount namespace whose
+    /// `/run/systemd/journal` is this directory (where the test binds its own journal socket),
+    /// with `JOURNAL_STREAM` set.
+    pub journal: Option<PathBuf>,
 }
 
 /// Gossip port every node uses on its own address.
@@ -586,6 +590,7 @@ impl NodeSpec {
             extra: String::new(),
             zone: None,
             env: Vec::new(),
+            journal: None,
         }
     }
 
@@ -661,7 +666,22 @@ impl Node {
 
     /// Starts (or restarts) the meshd process with the existing config and data.
     pub fn run(&mut self) -> anyhow::Result<()> {
-        let mut cmd = wrap(&self.spec.netns, &self.bins.meshd);
+        let mut cmd = match &self.spec.journal {
+            // unshare and sh exec in place: the pid is meshd's, signals reach it.
+            Some(dir) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(
+                        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal \
+                         && mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+                    )
+                    .arg(dir)
+                    .arg(&self.bins.meshd);
+                c.env("JOURNAL_STREAM", "0:0");
+                c
+            }
+            None => wrap(&self.spec.netns, &self.bins.meshd),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(self.dir.join("meshd.toml"));

@@ -10,7 +10,8 @@
 # and rpm through apt-get when root), checks the shipped example against the source, builds the
 # release binaries, runs `meshd check-config` on the shipped default config, builds the four
 # packages, then checks them: lintian (fails on errors), dpkg-deb -c/-I, rpm -qip,
-# rpm -qlp --configfiles (the config files must be listed), rpm -qp --scripts.
+# rpm -qlp --configfiles (the config files must be listed), rpm -qp --scripts, rpmlint (fails on
+# errors not filtered, with reasons, in packaging/rpmlint.toml).
 # Not covered: installing, upgrading and purging in Debian/RHEL roots or containers.
 # packaging/test-deb.sh then installs, upgrades and purges the debs in a Debian bookworm chroot.
 #
@@ -40,14 +41,14 @@ if ! cargo generate-rpm --version 2>/dev/null | grep -qF "$CARGO_GENERATE_RPM_VE
   cargo install cargo-generate-rpm --version "$CARGO_GENERATE_RPM_VERSION" --locked
 fi
 missing=()
-for tool in lintian:lintian rpm:rpm dpkg-deb:dpkg strip:binutils; do
+for tool in lintian:lintian rpm:rpm rpmlint:rpmlint dpkg-deb:dpkg strip:binutils; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}: run as root or apt-get install them"
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-echo "cargo-deb $(cargo deb --version | awk '{print $NF}'), $(cargo generate-rpm --version), lintian $(lintian --version | awk '{print $NF}'), rpm $(rpm --version | awk '{print $NF}')"
+echo "cargo-deb $(cargo deb --version | awk '{print $NF}'), $(cargo generate-rpm --version), lintian $(lintian --version | awk '{print $NF}'), rpm $(rpm --version | awk '{print $NF}'), rpmlint $(rpmlint --version)"
 
 # --- shipped files in step with the source -------------------------------------------------
 say "shipped example service file"
@@ -143,7 +144,13 @@ for rpmf in "$out"/*.rpm; do
   if grep -q '^\.\./packaging/' "$tmp/scripts.txt"; then
     fail "$name: a scriptlet is a file name, not a script"
   fi
-  summary+=("$name: $(rpm -qlp "$rpmf" | wc -l) files, config: $(tr '\n' ' ' <"$tmp/conf.txt")")
+  say "rpmlint $name"
+  # Errors fail the build; packaging/rpmlint.toml filters the findings that do not apply, each
+  # with its reason.
+  if ! rpmlint -c packaging/rpmlint.toml "$rpmf" | tee "$tmp/rpmlint.txt"; then
+    fail "rpmlint errors in $name"
+  fi
+  summary+=("$name: $(rpm -qlp "$rpmf" | wc -l) files, config: $(tr '\n' ' ' <"$tmp/conf.txt"), rpmlint: $(tail -n1 "$tmp/rpmlint.txt" | grep -o '[0-9]* errors, [0-9]* warnings')")
 done
 
 say "summary ($out)"

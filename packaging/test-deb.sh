@@ -53,6 +53,7 @@ cleanup() {
     [ "$(readlink "$p/root" 2>/dev/null)" = "$R" ] && kill -9 "${p#/proc/}" 2>/dev/null
   done
   mountpoint -q "$R/proc" && umount "$R/proc"
+  [ -n "${netns_made:-}" ] && ip netns del "$netns_made"
   # Never rm -rf through a live mount.
   if grep -qF " $work/" /proc/mounts; then
     echo "test-deb.sh: mounts left under $work, not deleting it:" >&2
@@ -293,6 +294,69 @@ else
 fi
 check "no meshd/mesh-registry entry in passwd, group, shadow, gshadow" \
   sh -c "! grep -E '^(meshd|mesh-registry):' '$R/etc/passwd' '$R/etc/group' '$R/etc/shadow' '$R/etc/gshadow'"
+
+# --- the README's walkthrough ------------------------------------------------------------------------
+# "On one VM, from the packages" in README.md, command for command, with the daemons started as
+# their units would (same user, same command line) since no systemd runs here. In a network
+# namespace of its own so its loopback ports cannot clash with the build machine's.
+say "README walkthrough: install, registry, token, a service, meshctl services, reload"
+ns=test-deb-$$
+ip netns add "$ns"
+netns_made=$ns
+ip -n "$ns" link set lo up
+# innet command...: in the chroot and the namespace (what the VM is).
+innet() {
+  ip netns exec "$ns" chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C \
+    HOME=/root "$@" </dev/null
+}
+# Polls `innet sh -c "$2"` for up to 30 s.
+waitfor() {
+  local d=$1 cmd=$2 i
+  for i in $(seq 1 60); do
+    if innet sh -c "$cmd" >/dev/null 2>&1; then ok "$d"; return; fi
+    sleep 0.5
+  done
+  ko "$d"
+  innet sh -c "$cmd" >&2 || true
+}
+check "walkthrough: apt-get install ./mesh-registry_*.deb ./meshd_*.deb" \
+  inr "${APT[@]}" install "$rdeb" "$mdeb"
+check "walkthrough: mesh-registry init (as mesh-registry)" \
+  innet runuser -u mesh-registry -- mesh-registry init --trust-domain mesh.internal \
+  --data-dir /var/lib/mesh-registry --listen 127.0.0.1:7700
+# systemctl start mesh-registry: the unit's ExecStart, as its User=.
+innet sh -c 'runuser -u mesh-registry -- mesh-registry run --config /var/lib/mesh-registry/registry.toml \
+  >/var/log/mesh-registry.log 2>&1 &'
+waitfor "walkthrough: the registry answers (meshctl nodes)" \
+  'meshctl --credentials /var/lib/mesh-registry/admin nodes'
+check "walkthrough: meshctl token create --services web,api > /etc/meshd/join-token" \
+  innet sh -c 'meshctl --credentials /var/lib/mesh-registry/admin token create --services web,api --uses 1 \
+    >/etc/meshd/join-token && chgrp meshd /etc/meshd/join-token && chmod 0640 /etc/meshd/join-token'
+check "walkthrough: point meshd.toml at the registry" \
+  inr sed -i 's/^address = "registry.mesh.internal:7700"/address = "127.0.0.1:7700"/' /etc/meshd/meshd.toml
+check "walkthrough: cp the example web.toml into services.d" \
+  inr cp /usr/share/doc/meshd/examples/web.toml /etc/meshd/services.d/web.toml
+incheck "walkthrough: meshd check-config" meshd check-config
+# The app web stands for (the example's health check asks it for /healthz).
+innet sh -c 'meshd demo-app --listen 127.0.0.1:8080 --name web >/var/log/web-app.log 2>&1 &'
+# systemctl start meshd: ExecStartPre passed above; ExecStart as User=meshd.
+innet sh -c 'runuser -u meshd -- meshd run --config /etc/meshd/meshd.toml >/var/log/meshd.log 2>&1 &'
+waitfor "walkthrough: meshd answers on its admin port" 'meshctl services'
+waitfor "walkthrough: meshctl services lists default/web, healthy" \
+  'meshctl services | grep -E "default/web .*node-1.*healthy" | grep -v unhealthy'
+eq "walkthrough: meshd runs as meshd (owner of the identity it stored)" \
+  "$(inr stat -c %U /var/lib/meshd/identity 2>&1)" meshd
+# systemctl reload meshd: ExecReload (check-config, then SIGHUP).
+check "walkthrough: add services.d/api.toml" \
+  sh -c "printf 'name = \"api\"\naddress = \"127.0.0.1:8081\"\n' >'$R/etc/meshd/services.d/api.toml'"
+incheck "walkthrough: reload: check-config" meshd check-config --config /etc/meshd/meshd.toml
+# The one process of user meshd is the daemon (runuser stays root; the demo app runs as root).
+check "walkthrough: reload: kill -HUP meshd" innet sh -c \
+  'kill -HUP $(stat -c "%U %n" /proc/[0-9]* | awk "\$1 == \"meshd\" { sub(\"/proc/\", \"\", \$2); print \$2 }")'
+waitfor "walkthrough: meshctl services lists default/api after the reload" \
+  'meshctl services | grep -q "default/api .*node-1"'
+check "walkthrough: the reload was logged as applied" \
+  grep -q "configuration reloaded" "$R/var/log/meshd.log"
 
 # --- summary -------------------------------------------------------------------------------------
 say "summary"

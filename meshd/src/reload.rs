@@ -525,6 +525,9 @@ impl Reloader {
                 if let Some(h) = h {
                     stop_health(h).await;
                 }
+                // Without checks a service is always healthy; with new ones, the old health
+                // stands until they have all run.
+                let healthy = healthy || svc.checks.is_empty();
                 self.publisher.set_service(svc, healthy).await;
                 start_health(&self.publisher, svc, Some(healthy))
             }

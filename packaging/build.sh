@@ -76,7 +76,8 @@ rm "$tmp/etc/services.d/web.toml"
 "$bin/meshd" check-config --config "$tmp/etc/meshd.toml"
 
 # --- packages ------------------------------------------------------------------------------
-rm -rf "$out"
+# Only the packages: test-deb.sh and ansible/test.sh cache their Debian root tarball here too.
+rm -f "$out"/*.deb "$out"/*.rpm
 mkdir -p "$out"
 say "cargo deb"
 cargo deb --no-build --strip -p meshd -o "$out/"

@@ -12,7 +12,13 @@
 #                         pinned:  each meshd with TOKIO_WORKER_THREADS=1 under taskset -c PIN_CPU
 #                         default: each meshd with tokio's default runtime (one worker per CPU)
 #                         http:    as pinned, with the backend declared protocol = "http": meshd
-#                                  proxies each request (L7, HTTP/2 between the hosts)
+#                                  proxies each request (L7, HTTP/2 between the hosts); metrics and
+#                                  the access log on (the defaults; the log is JSON lines to a file)
+#                         http-quiet:    as http, access log off and no trace sampling (metrics
+#                                        cannot be turned off)
+#                         http-trace1:   as http, spans exported to an OTLP collector (otlp-sink)
+#                                        at 1% sampling
+#                         http-trace100: as http-trace1 at 100% sampling
 #   PIN_CPU [1]           CPU of the pinned meshd processes: "1" puts both on CPU 1 (one CPU for
 #                         the pair); "0 1" puts the client-side meshd on CPU 0, the server side on 1
 #   TARGETS               override the target list, e.g. "direct meshd-pinned haproxy-l4"
@@ -72,7 +78,7 @@ trap 'exit 130' INT TERM
 
 # --- binaries and tools --------------------------------------------------------------------
 need_build=$BUILD
-for b in meshd meshctl mesh-registry mesh-bench; do [ -x "$BIN/$b" ] || need_build=1; done
+for b in meshd meshctl mesh-registry mesh-bench otlp-sink; do [ -x "$BIN/$b" ] || need_build=1; done
 if [ "$need_build" = 1 ]; then
   log "building release binaries (several minutes on 2 cores)"
   (cd "$ROOT" && cargo build --release -p meshd -p mesh-registry -p mesh-bench) ||
@@ -101,9 +107,19 @@ command -v curl >/dev/null || die "curl not found (peers.sh start installs it)"
 # --- the mesh: one registry, one meshd pair per variant ------------------------------------
 # variant -> client IP, server IP, upstream port (the app-facing listener of the client meshd)
 # Not the 127.0.0.2/.3 and :17700 of the getting-started example, so a dev mesh can keep running.
-declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16)
-declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17)
-declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006)
+declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16
+  [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22)
+declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17
+  [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23)
+declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006 [http-quiet]=18007
+  [http-trace1]=18008 [http-trace100]=18009)
+# Observability settings of each variant (appended to its nodes' meshd.toml).
+OTLP=127.0.0.1:17712
+declare -A OBSERVE=(
+  [http-quiet]=$'[access_log]\nenabled = false\n[tracing]\nsampling = 0.0'
+  [http-trace1]=$'[tracing]\ncollector = "http://'$OTLP$'"\nsampling = 0.01'
+  [http-trace100]=$'[tracing]\ncollector = "http://'$OTLP$'"\nsampling = 1.0'
+)
 declare -A MESHD_PIDS=()
 REG_LISTEN=127.0.0.1:17710
 REG_ADMIN=127.0.0.1:17711
@@ -120,7 +136,7 @@ wait_for() { # description, command...: retries until success or READY_TIMEOUT
 
 for a in $REG_LISTEN $REG_ADMIN; do ! port_busy "${a%:*}" "${a#*:}" || die "$a is in use (a previous run still alive?)"; done
 for v in $MESHD_VARIANTS; do
-  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http)"
+  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100)"
   ! port_busy 127.0.0.1 "${UP_PORT[$v]}" || die "127.0.0.1:${UP_PORT[$v]} is in use (a previous run still alive?)"
   for ip in "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}"; do
     for p in 15000 15008 17946; do ! port_busy "$ip" $p || die "$ip:$p is in use (a previous run still alive?)"; done
@@ -155,12 +171,13 @@ cluster_id = "bench-$v"
 bind = "$ip:15008"
 [admin]
 bind = "$ip:15000"
+${OBSERVE[$v]:-}
 EOF
   printf '%s\n' "$svc" >"$dir/services.d/svc.toml"
   local svc_name
   svc_name=$(sed -n 's/^name = "\(.*\)"/\1/p' <<<"$svc")
   token "$svc_name" >"$dir/token" || die "meshctl token create --services $svc_name failed"
-  if [ "$v" = pinned ] || [ "$v" = http ]; then
+  if [ "$v" != default ]; then
     local cpu=$PIN_CLIENT; [[ $name == server-* ]] && cpu=$PIN_SERVER
     (cd "$dir" && exec env TOKIO_WORKER_THREADS=1 taskset -c "$cpu" "$BIN/meshd" run --config node.toml) >"$TMP/$name.log" 2>&1 &
   else
@@ -170,8 +187,13 @@ EOF
   MESHD_PIDS[$v]="${MESHD_PIDS[$v]:-} $!"
 }
 
+if [[ " $MESHD_VARIANTS " == *" http-trace"* ]]; then
+  "$BIN/otlp-sink" --listen $OTLP >"$TMP/otlp-sink.log" 2>&1 &
+  OTLP_PID=$!
+  OUR_PIDS+=($OTLP_PID)
+fi
 for v in $MESHD_VARIANTS; do
-  proto=tcp; [ "$v" = http ] && proto=http
+  proto=tcp; [[ $v == http* ]] && proto=http
   start_node "$v" "server-$v" "${SERVER_IP[$v]}" "${CLIENT_IP[$v]}" "name = \"backend-$v\"
 address = \"127.0.0.1:18080\"
 protocol = \"$proto\""

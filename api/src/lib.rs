@@ -5,6 +5,7 @@ pub mod gossip;
 pub mod gossip_key;
 pub mod identity;
 pub mod name;
+pub mod observe;
 pub mod policy;
 pub mod proto;
 pub mod token;

@@ -117,7 +117,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let liveness_cell = Arc::new(std::sync::OnceLock::new());
     let admin_state = AdminState {
         config_rx: config_rx.clone(),
-        reload_rx: reload_status_rx,
+        reload_rx: reload_status_rx.clone(),
         ready_rx,
         metrics: registry,
         certs_rx: certs_cell.clone(),
@@ -161,12 +161,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     // Gossip is sealed with the registry's keyring: persisted from an earlier start, or
     // fetched now (a first start cannot gossip without it).
     let (gossip_keys, keyring_rx) =
-        GossipKeys::load_or_fetch(&config.data_dir, &registry_client, keyring_revision)
+        GossipKeys::load_or_fetch(&config.data_dir, &registry_client, keyring_revision.clone())
             .await
             .context("loading the gossip keyring")?;
     tasks.spawn(
         gossip_keys
-            .run(registry_client, shutdown_rx.clone())
+            .run(registry_client.clone(), shutdown_rx.clone())
             .instrument(info_span!("gossip_keys")),
     );
     let seal_stats = Arc::new(SealStats::default());
@@ -208,13 +208,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let shared = proxy::Shared {
         config_rx: config_rx.clone(),
         tls_rx,
-        view_rx,
+        view_rx: view_rx.clone(),
         policy_rx: policy.policy_rx.clone(),
         metrics: proxy_metrics,
         drain: drain_watch,
         force_rx,
         http: Arc::new(proxy::http::State::new(&config)),
         balance: Arc::new(proxy::balance::Table::new()),
+        edges: Arc::new(proxy::observe::Edges::default()),
     };
     proxy::spawn_inbound(
         inbound_listener,
@@ -222,6 +223,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         stop_rx.clone(),
         &mut tasks,
     );
+    let edges = shared.edges.clone();
     // The per-service listeners, health checks and service publication belong to the
     // reloader from here on.
     let reloader = Reloader::start(
@@ -239,6 +241,23 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             _ => None,
         })
         .collect();
+    tasks.spawn(
+        crate::report::run(
+            crate::report::Inputs {
+                client: registry_client,
+                node: config.node_name.to_string(),
+                edges,
+                certs_rx: certs_rx.clone(),
+                view_rx,
+                policy_rx: policy.policy_rx.clone(),
+                reload_rx: reload_status_rx,
+                keyring_revision,
+                interval: config.telemetry.report_interval,
+            },
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("report")),
+    );
     let (reload, reload_task) = reloader.spawn(shutdown_rx.clone());
     tasks.spawn(async move {
         let _ = reload_task.await;

@@ -19,6 +19,7 @@ mod example;
 mod health;
 mod node;
 mod service;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,10 @@ pub use example::{EXAMPLE_NODE_TOML, EXAMPLE_SERVICE_TOML};
 pub use health::{RawCheck, RawTcpTarget};
 pub use node::{RawAdmin, RawConfig, RawDrain, RawGossip, RawInbound, RawOutbound, RawRegistry};
 pub use service::{Candidate, Protocol, RawService, RawUpstream, Service, Upstream};
+pub use telemetry::{
+    AccessLogConfig, DEFAULT_REPORT_INTERVAL, DEFAULT_TRACE_SAMPLING, RawAccessLog, RawTelemetry,
+    RawTracing, TelemetryConfig, TracingConfig,
+};
 
 /// Default location of the node file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
@@ -105,6 +110,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Graceful shutdown.
     pub drain: DrainConfig,
+    /// `[telemetry]`, `[access_log]` and `[tracing]`.
+    pub telemetry: TelemetryConfig,
     /// Local services, sorted by file name; empty from [`Config::from_toml_str`].
     pub services: Vec<Service>,
 }
@@ -303,6 +310,18 @@ impl Config {
             admin: AdminConfig { bind: loopback },
             drain: DrainConfig {
                 grace_period: DEFAULT_DRAIN_GRACE_PERIOD,
+            },
+            telemetry: TelemetryConfig {
+                report_interval: DEFAULT_REPORT_INTERVAL,
+                access_log: AccessLogConfig {
+                    enabled: true,
+                    errors_only: false,
+                    exclude_paths: Vec::new(),
+                },
+                tracing: TracingConfig {
+                    collector: None,
+                    sampling: DEFAULT_TRACE_SAMPLING,
+                },
             },
             services: Vec::new(),
         }

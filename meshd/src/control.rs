@@ -274,4 +274,39 @@ impl Client {
             .await?
             .into_inner())
     }
+
+    /// Node: this period's state and edge traffic; the answer may change the interval.
+    pub async fn report(&self, report: pb::NodeReport) -> Result<pb::ReportResponse, Error> {
+        Ok(self.inner.clone().report(report).await?.into_inner())
+    }
+
+    /// Admin or viewer: the service graph over the last `window_seconds` (0: the default).
+    pub async fn get_topology(&self, window_seconds: u64) -> Result<pb::Topology, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .get_topology(pb::TopologyRequest { window_seconds })
+            .await?
+            .into_inner())
+    }
+
+    /// Admin or viewer: every SLO's indicator, budget, burn rates and alert.
+    pub async fn get_slo_status(&self) -> Result<pb::SloStatusResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .get_slo_status(pb::SloStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Admin or viewer: every node's last report.
+    pub async fn get_node_reports(&self) -> Result<pb::NodeReportsResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .get_node_reports(pb::NodeReportsRequest {})
+            .await?
+            .into_inner())
+    }
 }

@@ -1,5 +1,8 @@
 //! Operator commands behind `meshctl` (and `meshd members`): registry calls with the operator
-//! credentials written by `mesh-registry init`, and reads of a node's admin endpoint.
+//! credentials written by `mesh-registry init`, reads of a node's admin endpoint, and the text
+//! helpers the commands share (aligned columns, short durations). Each command group with
+//! decisions or formats of its own has a module here: [`policy`], [`gossip_key`], [`topology`]
+//! (the service graph), [`slo`] (SLO status) and [`check`] (the mesh health verdict).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,8 +15,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::control::{self, Auth};
 
+pub mod check;
 pub mod gossip_key;
 pub mod policy;
+pub mod slo;
+pub mod topology;
 
 /// Time allowed for one registry or admin call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,12 +57,17 @@ impl Credentials {
         })
     }
 
-    /// A registry client authenticated as the operator; `registry` overrides the address.
-    pub fn client(&self, registry: Option<&str>) -> anyhow::Result<control::Client> {
-        let addr = registry
+    /// The registry address: `registry` (from `--registry`) or the one in `meshctl.toml`.
+    pub fn registry_address(&self, registry: Option<&str>) -> anyhow::Result<String> {
+        registry
             .map(str::to_owned)
             .or_else(|| self.registry.clone())
-            .context("no registry address: pass --registry or put registry = \"host:port\" in meshctl.toml")?;
+            .context("no registry address: pass --registry or put registry = \"host:port\" in meshctl.toml")
+    }
+
+    /// A registry client authenticated as the operator; `registry` overrides the address.
+    pub fn client(&self, registry: Option<&str>) -> anyhow::Result<control::Client> {
+        let addr = self.registry_address(registry)?;
         let read = |name: &str| {
             let p = self.dir.join(name);
             std::fs::read_to_string(&p)
@@ -209,4 +220,97 @@ pub async fn print_services(admin: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Rows under a header, each column as wide as its widest cell (counted in characters, so
+/// names with non-ASCII letters still line up), three spaces apart, the last column unpadded.
+/// Rows shorter than the header leave their last cells empty.
+pub fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.enumerate() {
+            l.push_str(cell);
+            if i + 1 < widths.len() {
+                let pad = widths[i].saturating_sub(cell.chars().count()) + 3;
+                l.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str).take(widths.len()));
+    }
+    out
+}
+
+/// A duration in at most its two largest units, for people: `850ms`, `42s`, `12m3s`, `3h12m`,
+/// `2d4h`.
+pub fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins, secs) = (s / 86_400, s / 3_600 % 24, s / 60 % 60, s % 60);
+    match (days, hours, mins) {
+        (0, 0, 0) if s == 0 => format!("{}ms", d.as_millis()),
+        (0, 0, 0) => format!("{secs}s"),
+        (0, 0, _) if secs == 0 => format!("{mins}m"),
+        (0, 0, _) => format!("{mins}m{secs}s"),
+        (0, _, 0) => format!("{hours}h"),
+        (0, _, _) => format!("{hours}h{mins}m"),
+        (_, 0, _) => format!("{days}d"),
+        _ => format!("{days}d{hours}h"),
+    }
+}
+
+/// The current time as Unix seconds (0 if the clock is before 1970).
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_durations() {
+        for (d, want) in [
+            (Duration::from_millis(0), "0ms"),
+            (Duration::from_millis(850), "850ms"),
+            (Duration::from_secs(42), "42s"),
+            (Duration::from_secs(60), "1m"),
+            (Duration::from_secs(12 * 60 + 3), "12m3s"),
+            (Duration::from_secs(3 * 3600), "3h"),
+            (Duration::from_secs(3 * 3600 + 12 * 60 + 59), "3h12m"),
+            (Duration::from_secs(2 * 86_400 + 59), "2d"),
+            (Duration::from_secs(2 * 86_400 + 4 * 3600), "2d4h"),
+        ] {
+            assert_eq!(short_duration(d), want, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn columns_line_up_by_characters() {
+        let rows = vec![
+            vec!["a".to_owned(), "ünïcode".to_owned(), "last".to_owned()],
+            vec!["longer".to_owned(), "b".to_owned(), String::new()],
+            vec!["short".to_owned()],
+        ];
+        assert_eq!(
+            columns(&["X", "Y", "Z"], &rows),
+            "X        Y         Z\n\
+             a        ünïcode   last\n\
+             longer   b\n\
+             short\n"
+        );
+        assert_eq!(columns(&["ONLY"], &[]), "ONLY\n");
+    }
 }

@@ -17,3 +17,5 @@ pub mod identity;
 pub mod membership;
 pub mod proxy;
 pub mod reload;
+pub mod report;
+pub mod trace;

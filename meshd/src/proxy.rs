@@ -23,6 +23,7 @@ pub mod http;
 pub mod inbound;
 pub mod listeners;
 pub mod metrics;
+pub mod observe;
 pub mod outbound;
 pub mod ratelimit;
 pub mod route;
@@ -150,6 +151,8 @@ pub struct Shared {
     pub http: Arc<http::State>,
     /// Per-endpoint load and health (latency, in-flight requests, outlier ejections).
     pub balance: Arc<balance::Table>,
+    /// Per-edge traffic since the last report to the registry.
+    pub edges: Arc<observe::Edges>,
 }
 
 impl Shared {

@@ -3,8 +3,8 @@
 //! at all.
 //!
 //! Reloadable: every service file (services added, removed or changed: listeners, upstreams,
-//! routes to the app, labels, health checks) and the timeouts (`inbound.handshake_timeout`,
-//! `outbound.connect_timeout`, `drain.grace_period`). Everything that names the node or a
+//! routes to the app, labels, health checks), the timeouts (`inbound.handshake_timeout`,
+//! `outbound.connect_timeout`, `drain.grace_period`) and `[access_log]`. Everything that names the node or a
 //! socket it already holds (node name, locality, data and services directories, registry,
 //! gossip, inbound and admin addresses, `inbound.max_connections`) takes effect at start only:
 //! a reload that changes one is refused, naming the keys, and nothing is changed.
@@ -73,7 +73,7 @@ pub struct Summary {
     pub changed: Vec<String>,
     /// Listeners bound, given new settings (same socket), and closed.
     pub listeners: [usize; 3],
-    /// Whether a reloadable node setting (a timeout) changed.
+    /// Whether a reloadable node setting (a timeout, the access log) changed.
     pub settings: bool,
 }
 
@@ -168,6 +168,18 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         old.inbound.max_connections != new.inbound.max_connections,
     );
     check("admin.bind", old.admin.bind != new.admin.bind);
+    check(
+        "telemetry.report_interval",
+        old.telemetry.report_interval != new.telemetry.report_interval,
+    );
+    check(
+        "tracing.collector",
+        old.telemetry.tracing.collector != new.telemetry.tracing.collector,
+    );
+    check(
+        "tracing.sampling",
+        old.telemetry.tracing.sampling != new.telemetry.tracing.sampling,
+    );
     keys
 }
 
@@ -176,6 +188,7 @@ pub fn settings_changed(old: &Config, new: &Config) -> bool {
     old.inbound.handshake_timeout != new.inbound.handshake_timeout
         || old.outbound.connect_timeout != new.outbound.connect_timeout
         || old.drain.grace_period != new.drain.grace_period
+        || old.telemetry.access_log != new.telemetry.access_log
 }
 
 /// Services added, removed and changed from `old` to `new`, each in key order.

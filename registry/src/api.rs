@@ -1,6 +1,7 @@
 //! The registry's gRPC service: join with a token, node renewal, workload signing, token
-//! creation, inventory, policy resources (apply, get, history, watch) and gossip keys (watch,
-//! report, change, status) — each call authorised by the caller's certificate identity.
+//! creation, inventory, policy resources (apply, get, history, watch), gossip keys (watch,
+//! report, change, status) and observability (node reports, topology, SLO status) — each call
+//! authorised by the caller's certificate identity.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,7 @@ use crate::store::{self, CertRecord, NodeRecord, Store, TokenRecord};
 mod decide;
 mod diff;
 mod gossip_keys;
+mod observe;
 mod policy;
 mod watch;
 pub use decide::{allows_service, normalize_services};
@@ -738,5 +740,41 @@ impl pb::registry_server::Registry for RegistryApi {
         let peer = peer_of(&req);
         let r = self.do_get_gossip_keys(&peer).await;
         self.finish("get_gossip_keys", &peer, r)
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::NodeReport>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_report(&peer, req.into_inner()).await;
+        self.finish("report", &peer, r)
+    }
+
+    async fn get_topology(
+        &self,
+        req: Request<pb::TopologyRequest>,
+    ) -> Result<Response<pb::Topology>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_get_topology(&peer, req.into_inner()).await;
+        self.finish("get_topology", &peer, r)
+    }
+
+    async fn get_slo_status(
+        &self,
+        req: Request<pb::SloStatusRequest>,
+    ) -> Result<Response<pb::SloStatusResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_get_slo_status(&peer).await;
+        self.finish("get_slo_status", &peer, r)
+    }
+
+    async fn get_node_reports(
+        &self,
+        req: Request<pb::NodeReportsRequest>,
+    ) -> Result<Response<pb::NodeReportsResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_get_node_reports(&peer).await;
+        self.finish("get_node_reports", &peer, r)
     }
 }

@@ -12,13 +12,15 @@ use mesh_ca::{Authority, SignRequest};
 use mesh_runtime::tls::{self, CertSlot};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
+use crate::alerts::{self, Evaluator};
 use crate::api::{self, RegistryApi};
 use crate::config::Config;
 use crate::init::{self, CaPaths};
 use crate::keyring;
 use crate::store::{SledStore, Store};
+use crate::upkeep::Upkeep;
 use crate::{admin, server};
 
 /// Retry delay when renewing the serving certificate fails.
@@ -34,6 +36,8 @@ pub struct Bound {
     shutdown_tx: watch::Sender<bool>,
     tasks: JoinSet<()>,
     grace: Duration,
+    /// Flushed once every task has stopped: node reports are not flushed one by one.
+    store: Arc<dyn Store>,
 }
 
 /// Issues the registry's serving certificate: chain = leaf + intermediate + root, so a joining
@@ -88,6 +92,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = api::Metrics::new(&mut registry);
+    let slo_metrics = alerts::Metrics::new(&mut registry);
     metrics.policy_revision.set(policy_revision as i64);
     metrics
         .gossip_keyring_revision
@@ -103,7 +108,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         shutdown_rx.clone(),
     );
     let svc = RegistryServer::new(RegistryApi::new(
-        store,
+        store.clone(),
         ca.clone(),
         config.clone(),
         metrics,
@@ -134,6 +139,22 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         }
     });
 
+    tasks.spawn(
+        Evaluator::new(
+            store.clone(),
+            slo_metrics,
+            config.slo_eval_interval,
+            shutdown_rx.clone(),
+        )
+        .run()
+        .instrument(info_span!("slo_evaluator")),
+    );
+    tasks.spawn(
+        Upkeep::new(store.clone(), shutdown_rx.clone())
+            .run()
+            .instrument(info_span!("upkeep")),
+    );
+
     tasks.spawn(renew_serving_cert(
         ca,
         config.clone(),
@@ -160,6 +181,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         shutdown_tx,
         tasks,
         grace: config.drain_grace_period,
+        store,
     })
 }
 
@@ -226,6 +248,13 @@ impl Bound {
         if drained.is_err() {
             warn!("grace period elapsed; aborting remaining tasks");
             self.tasks.abort_all();
+        }
+        // Last, so reports stored by calls that finished during the drain are durable too.
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "flushing the store at shutdown failed"),
+            Err(e) => warn!(error = %e, "flushing the store at shutdown failed"),
         }
         info!("stopped");
     }

@@ -26,6 +26,19 @@ pub const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Grace period for in-flight calls on shutdown.
 pub const DEFAULT_DRAIN_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// How often nodes should report (answered to every `Report`; meshd adopts it).
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest `report_interval`: meshd accepts nothing shorter (tests use short ones).
+pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `report_interval`: meshd accepts nothing longer, and the 5-minute burn window
+/// needs several reports.
+pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// How often every SLO is evaluated and its alert decided.
+pub const DEFAULT_SLO_EVAL_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest `slo_eval_interval` (tests use short ones; each evaluation reads the store).
+pub const MIN_SLO_EVAL_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `slo_eval_interval`: a fast burn must page within minutes.
+pub const MAX_SLO_EVAL_INTERVAL: Duration = Duration::from_secs(300);
 
 /// A configuration problem, naming the file and key.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +75,8 @@ struct RawConfig {
     max_token_ttl: String,
     handshake_timeout: String,
     drain_grace_period: String,
+    report_interval: String,
+    slo_eval_interval: String,
 }
 
 impl Default for RawConfig {
@@ -80,6 +95,8 @@ impl Default for RawConfig {
             max_token_ttl: h(DEFAULT_MAX_TOKEN_TTL),
             handshake_timeout: h(DEFAULT_HANDSHAKE_TIMEOUT),
             drain_grace_period: h(DEFAULT_DRAIN_GRACE_PERIOD),
+            report_interval: h(DEFAULT_REPORT_INTERVAL),
+            slo_eval_interval: h(DEFAULT_SLO_EVAL_INTERVAL),
         }
     }
 }
@@ -118,6 +135,12 @@ pub struct Config {
     /// Drain grace period.
     #[serde(with = "humantime_serde_compat")]
     pub drain_grace_period: Duration,
+    /// How often nodes should report.
+    #[serde(with = "humantime_serde_compat")]
+    pub report_interval: Duration,
+    /// How often SLOs are evaluated.
+    #[serde(with = "humantime_serde_compat")]
+    pub slo_eval_interval: Duration,
 }
 
 mod humantime_serde_compat {
@@ -198,6 +221,32 @@ impl Config {
         let max_token_ttl = dur("max_token_ttl", &raw.max_token_ttl);
         let handshake_timeout = dur("handshake_timeout", &raw.handshake_timeout);
         let drain_grace_period = dur("drain_grace_period", &raw.drain_grace_period);
+        let report_interval = dur("report_interval", &raw.report_interval);
+        let slo_eval_interval = dur("slo_eval_interval", &raw.slo_eval_interval);
+        for (key, value, min, max) in [
+            (
+                "report_interval",
+                report_interval,
+                MIN_REPORT_INTERVAL,
+                MAX_REPORT_INTERVAL,
+            ),
+            (
+                "slo_eval_interval",
+                slo_eval_interval,
+                MIN_SLO_EVAL_INTERVAL,
+                MAX_SLO_EVAL_INTERVAL,
+            ),
+        ] {
+            // Zero and unparsable values were reported above.
+            if !value.is_zero() && !(min..=max).contains(&value) {
+                problems.push(format!(
+                    "{file}: {key}: {} is out of range; expected {} to {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max),
+                ));
+            }
+        }
         if default_token_ttl > max_token_ttl {
             problems.push(format!(
                 "{file}: default_token_ttl: longer than max_token_ttl"
@@ -221,6 +270,8 @@ impl Config {
                 max_token_ttl,
                 handshake_timeout,
                 drain_grace_period,
+                report_interval,
+                slo_eval_interval,
             }),
             _ => Err(Error::Invalid { problems }),
         }
@@ -283,6 +334,43 @@ mod tests {
         assert_eq!(c.trust_domain, td);
         assert_eq!(c.workload_cert_ttl, DEFAULT_WORKLOAD_CERT_TTL);
         assert_eq!(c.advertise, vec![DEFAULT_LISTEN.to_owned()]);
+        assert_eq!(c.report_interval, DEFAULT_REPORT_INTERVAL);
+        assert_eq!(c.slo_eval_interval, DEFAULT_SLO_EVAL_INTERVAL);
+    }
+
+    #[test]
+    fn observability_intervals() {
+        let base = "trust_domain = \"mesh.test\"\ndata_dir = \"d\"\n";
+        let parse =
+            |extra: &str| Config::from_toml_str(Path::new("r.toml"), &format!("{base}{extra}"));
+        let c = parse("report_interval = \"500ms\"\nslo_eval_interval = \"1s\"\n").unwrap();
+        assert_eq!(c.report_interval, Duration::from_millis(500));
+        assert_eq!(c.slo_eval_interval, Duration::from_secs(1));
+        for (extra, want) in [
+            (
+                "report_interval = \"10ms\"",
+                "r.toml: report_interval: 10ms is out of range; expected 100ms to 1m",
+            ),
+            (
+                "report_interval = \"2m\"",
+                "r.toml: report_interval: 2m is out of range",
+            ),
+            (
+                "slo_eval_interval = \"0s\"",
+                "r.toml: slo_eval_interval: must be greater than zero",
+            ),
+            (
+                "slo_eval_interval = \"1h\"",
+                "r.toml: slo_eval_interval: 1h is out of range; expected 100ms to 5m",
+            ),
+            (
+                "slo_eval_interval = \"often\"",
+                "r.toml: slo_eval_interval: \"often\" is not a duration",
+            ),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! The registry's durable state: join tokens, nodes, issued certificates, versioned policy
-//! resources and the gossip keyring behind the [`Store`] trait, with a sled implementation for
-//! production and an in-memory one for tests. Owns the record types, the store error type and
-//! the join and policy-apply rules both stores share.
+//! resources, the gossip keyring, node reports with their traffic aggregates and SLO alert
+//! states behind the [`Store`] trait, with a sled implementation for production and an
+//! in-memory one for tests. Owns the record types, the store error type and the join,
+//! policy-apply and traffic-rollup rules both stores share.
+
+use std::collections::BTreeMap;
 
 use mesh_api::gossip_key::KeyMaterial;
 use serde::{Deserialize, Serialize};
+
+use crate::slo::Severity;
 
 mod memory;
 mod sled;
@@ -15,9 +20,10 @@ pub use memory::MemoryStore;
 pub use sled::SledStore;
 
 /// On-disk schema version; written on first open, and a database with another version is
-/// refused. Bump it only when the layout of an existing tree changes: the policy trees and the
-/// gossip keyring tree were added without a bump, because a version-1 database simply lacks
-/// them (they start empty; the registry creates a missing keyring at startup).
+/// refused. Bump it only when the layout of an existing tree changes: the policy trees, the
+/// gossip keyring tree and the observability trees (node reports, traffic, SLO alerts) were
+/// added without a bump, because a version-1 database simply lacks them (they start empty;
+/// the registry creates a missing keyring at startup).
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Why a store operation failed.
@@ -186,6 +192,122 @@ pub struct GossipKeyring {
     pub keys: Vec<String>,
 }
 
+/// How an edge's traffic was carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP: counts are requests, with durations.
+    Http,
+    /// TCP: counts are connections, without durations.
+    Tcp,
+}
+
+/// One edge of the service graph: who called whom, and how.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EdgeKey {
+    /// `namespace/name` of the caller, or `external`.
+    pub source: String,
+    /// `namespace/name` of the called service.
+    pub destination: String,
+    /// Mutual TLS carried the traffic.
+    pub mtls: bool,
+    /// HTTP or TCP.
+    pub protocol: Protocol,
+}
+
+/// Traffic counts, summed over reports (saturating: a counter never wraps to small).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Requests (HTTP) or connections (TCP).
+    pub requests: u64,
+    /// 5xx answers (HTTP) or failed connections (TCP).
+    pub errors: u64,
+    /// Bytes both ways.
+    pub bytes: u64,
+    /// Requests per `mesh_api::observe::LATENCY_BOUNDS_MS` bucket; empty for TCP.
+    pub latency_buckets: Vec<u64>,
+}
+
+/// An edge's traffic in one minute (registry clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeMinute {
+    /// Start of the minute, Unix seconds (a multiple of 60).
+    pub minute_unix: u64,
+    /// The edge.
+    pub edge: EdgeKey,
+    /// Its traffic in that minute.
+    pub traffic: Traffic,
+}
+
+/// Resolution of a service's traffic series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Step {
+    /// One slot per minute: burn-rate windows and short compliance windows.
+    Minute,
+    /// One slot per hour: compliance windows of days and weeks.
+    Hour,
+}
+
+/// A called service's traffic from every caller in one slot, per protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSlot {
+    /// Start of the slot, Unix seconds (a multiple of the step).
+    pub start_unix: u64,
+    /// HTTP or TCP.
+    pub protocol: Protocol,
+    /// The service's traffic in the slot.
+    pub traffic: Traffic,
+}
+
+/// A certificate a node holds and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertExpiryRecord {
+    /// SPIFFE identity.
+    pub identity: String,
+    /// Expiry, Unix seconds.
+    pub not_after_unix: i64,
+}
+
+/// A node's last report, without its edges (those are in the traffic aggregates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReportRecord {
+    /// The node (from its certificate), the record key.
+    pub node: String,
+    /// When the registry received it, Unix ms (registry clock).
+    pub received_unix_ms: u64,
+    /// Node clock minus registry clock when it arrived, ms.
+    pub clock_skew_ms: i64,
+    /// The node's clock when it sent the report, Unix ms.
+    pub sent_unix_ms: u64,
+    /// Length of the period the edge counts covered, ms.
+    pub period_ms: u64,
+    /// Policy revision the node enforces.
+    pub policy_revision: u64,
+    /// Gossip keyring revision the node seals with.
+    pub keyring_revision: u64,
+    /// Configuration generation (reloads applied since start).
+    pub config_generation: u64,
+    /// Live members in its gossip view.
+    pub members: u32,
+    /// Digest of the member names.
+    pub members_digest: String,
+    /// Every certificate it holds.
+    pub certificates: Vec<CertExpiryRecord>,
+    /// meshd's version.
+    pub version: String,
+}
+
+/// The alert state of one SLO, kept while it fires so a restart neither loses nor repeats it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SloAlertRecord {
+    /// `SLO/namespace/name`, the record key.
+    pub slo: String,
+    /// The firing severity (never `ok`: a resolved alert is deleted).
+    pub severity: Severity,
+    /// When the current severity began, Unix seconds.
+    pub since_unix: i64,
+}
+
 /// One requested change to a policy resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyChange {
@@ -221,7 +343,8 @@ pub type ApplyOutcome = (u64, Vec<(ChangeAction, Option<String>)>);
 /// The registry's durable state.
 ///
 /// Every method that writes returns only after the write is durable (sled: `flush()`, which
-/// fsyncs), so an acknowledged write survives `kill -9`. Puts replace any record with the
+/// fsyncs), so an acknowledged write survives `kill -9` — except the traffic writes
+/// ([`Store::record_report`], [`Store::prune_traffic`]), which say so. Puts replace any record with the
 /// same key. Lists of tokens and nodes are sorted by key.
 pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a token (key: `id`).
@@ -289,6 +412,42 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces the gossip keyring, durable before it returns. The store does not
     /// check revisions: the caller serialises read-modify-write cycles.
     fn put_gossip_keyring(&self, keyring: &GossipKeyring) -> Result<(), Error>;
+
+    /// Keeps `report` as its node's last report and adds `edges` into the per-minute edge
+    /// aggregates of the minute starting at `minute_unix` and into each destination's minute
+    /// and hour series, all in one transaction. **Not flushed**: nodes report every few
+    /// seconds, so the registry calls [`Store::flush`] on a timer and at shutdown instead of
+    /// paying an fsync per report; a crash loses at most the reports since the last flush.
+    fn record_report(
+        &self,
+        report: &NodeReportRecord,
+        minute_unix: u64,
+        edges: &[(EdgeKey, Traffic)],
+    ) -> Result<(), Error>;
+    /// The last report of every node, sorted by node name.
+    fn node_reports(&self) -> Result<Vec<NodeReportRecord>, Error>;
+    /// Every edge minute starting at or after `from_unix`, sorted by minute, then edge.
+    fn edge_minutes(&self, from_unix: u64) -> Result<Vec<EdgeMinute>, Error>;
+    /// The `step` series of `destination` from the slot starting at or after `from_unix`,
+    /// sorted by slot, then protocol.
+    fn service_slots(
+        &self,
+        destination: &str,
+        step: Step,
+        from_unix: u64,
+    ) -> Result<Vec<ServiceSlot>, Error>;
+    /// Deletes edge minutes and hour slots that start before `before_unix`, and minute slots
+    /// that start before `minutes_before_unix`; returns how many records went. Not flushed.
+    fn prune_traffic(&self, before_unix: u64, minutes_before_unix: u64) -> Result<usize, Error>;
+    /// Makes every write so far durable (sled: fsync).
+    fn flush(&self) -> Result<(), Error>;
+
+    /// Every firing SLO alert, sorted by SLO.
+    fn slo_alerts(&self) -> Result<Vec<SloAlertRecord>, Error>;
+    /// Inserts or replaces an SLO's alert (key: `slo`), durable before it returns.
+    fn put_slo_alert(&self, alert: &SloAlertRecord) -> Result<(), Error>;
+    /// Deletes an SLO's alert (absent is fine), durable before it returns.
+    fn delete_slo_alert(&self, slo: &str) -> Result<(), Error>;
 }
 
 // === impl GossipKeyring ===
@@ -308,6 +467,73 @@ impl std::fmt::Debug for GossipKeyring {
             .field("key_ids", &ids)
             .finish()
     }
+}
+
+// === impl Protocol ===
+
+impl Protocol {
+    /// The wire name: `http` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tcp => "tcp",
+        }
+    }
+
+    /// The protocol a wire name means, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http" => Some(Self::Http),
+            "tcp" => Some(Self::Tcp),
+            _ => None,
+        }
+    }
+}
+
+// === impl Traffic ===
+
+impl Traffic {
+    /// Adds `other` into `self`, bucket by bucket.
+    pub fn add(&mut self, other: &Traffic) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        if self.latency_buckets.len() < other.latency_buckets.len() {
+            self.latency_buckets.resize(other.latency_buckets.len(), 0);
+        }
+        for (a, b) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
+            *a = a.saturating_add(*b);
+        }
+    }
+}
+
+// === impl Step ===
+
+impl Step {
+    /// Length of a slot, seconds.
+    pub fn secs(self) -> u64 {
+        match self {
+            Self::Minute => 60,
+            Self::Hour => 3_600,
+        }
+    }
+
+    /// Start of the slot `unix` falls in.
+    pub fn slot(self, unix: u64) -> u64 {
+        unix - unix % self.secs()
+    }
+}
+
+/// The rollup rule both stores share: a report's edges summed per destination and protocol
+/// (all callers, with and without mTLS), the shape of the service series.
+fn service_rollup(edges: &[(EdgeKey, Traffic)]) -> BTreeMap<(&str, Protocol), Traffic> {
+    let mut out: BTreeMap<(&str, Protocol), Traffic> = BTreeMap::new();
+    for (edge, traffic) in edges {
+        out.entry((edge.destination.as_str(), edge.protocol))
+            .or_default()
+            .add(traffic);
+    }
+    out
 }
 
 /// A planned apply: the outcome for the caller and the records to write.

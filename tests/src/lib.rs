@@ -5,6 +5,7 @@
 pub mod apps;
 pub mod http_app;
 pub mod netns;
+pub mod otlp;
 pub mod py;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -195,6 +196,8 @@ pub struct RegistryOpts {
     pub ip: IpAddr,
     /// Run inside this network namespace.
     pub netns: Option<String>,
+    /// Top-level `key = value` lines for registry.toml (replacing the same keys).
+    pub extra: Vec<String>,
 }
 
 impl Default for RegistryOpts {
@@ -204,6 +207,7 @@ impl Default for RegistryOpts {
             node_cert_ttl: Duration::from_secs(24 * 3600),
             ip: IpAddr::V4(next_ip()),
             netns: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -222,7 +226,8 @@ pub struct Registry {
     pub admin: SocketAddr,
     /// Operator credentials dir.
     pub creds: PathBuf,
-    opts: RegistryOpts,
+    /// How it was started.
+    pub opts: RegistryOpts,
     /// The process (None while stopped).
     pub proc: Option<Proc>,
     _tmp: Option<tempfile::TempDir>,
@@ -266,16 +271,28 @@ impl Registry {
         }
         let cfg = data_dir.join("registry.toml");
         let mut text = std::fs::read_to_string(&cfg)?;
-        text = text
+        let mut lines = vec![
+            format!(
+                "workload_cert_ttl = \"{}s\"",
+                opts.workload_cert_ttl.as_secs()
+            ),
+            format!("node_cert_ttl = \"{}s\"", opts.node_cert_ttl.as_secs()),
+        ];
+        lines.extend(opts.extra.iter().cloned());
+        let key_of = |l: &str| l.split('=').next().unwrap_or_default().trim().to_owned();
+        let replaced: Vec<String> = lines.iter().map(|l| key_of(l)).collect();
+        // Top-level keys go before the first table.
+        let (top, tables) = match text.find("\n[") {
+            Some(i) => (text[..i].to_owned(), text[i..].to_owned()),
+            None => (text.clone(), String::new()),
+        };
+        let mut out: Vec<String> = top
             .lines()
-            .filter(|l| !l.starts_with("workload_cert_ttl") && !l.starts_with("node_cert_ttl"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        text.push_str(&format!(
-            "\nworkload_cert_ttl = \"{}s\"\nnode_cert_ttl = \"{}s\"\n",
-            opts.workload_cert_ttl.as_secs(),
-            opts.node_cert_ttl.as_secs()
-        ));
+            .filter(|l| !replaced.contains(&key_of(l)))
+            .map(str::to_owned)
+            .collect();
+        out.extend(lines);
+        text = format!("{}\n{tables}\n", out.join("\n"));
         std::fs::write(&cfg, text)?;
         let mut r = Self {
             creds: data_dir.join("admin"),

@@ -61,11 +61,11 @@ async fn all_four_call_kinds_trailers_and_statuses_cross_the_mesh() {
     // Every call went through both meshd hosts as HTTP requests.
     let requests = cluster.nodes[0]
         .metric(
-            "meshd_http_requests_total",
+            "meshd_requests_total",
             &[
                 ("direction", "inbound"),
-                ("service", "default/api"),
-                ("status", "200"),
+                ("destination", "default/api"),
+                ("code", "200"),
             ],
         )
         .await
@@ -127,10 +127,7 @@ retries = {{ attempts = 2, retry_on = ["{on}"], budget_percent = 100 }}
     let t = flaky(upstream, 100).await;
     assert_eq!(t["ok"], 100, "retries hide UNAVAILABLE: {t}");
     let retried = cluster.nodes[1]
-        .metric(
-            "meshd_rejected_connections_total",
-            &[("direction", "outbound"), ("reason", "retried")],
-        )
+        .metric("meshd_retries_total", &[("destination", "default/api")])
         .await
         .unwrap();
     // One call at a time against every-second-call failures: each call after the first

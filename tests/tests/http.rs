@@ -227,11 +227,11 @@ async fn http1_and_http2_through_the_mesh_on_pooled_connections() {
     );
     let ok = a
         .metric(
-            "meshd_http_requests_total",
+            "meshd_requests_total",
             &[
                 ("direction", "outbound"),
-                ("service", "default/api"),
-                ("status", "200"),
+                ("destination", "default/api"),
+                ("code", "200"),
             ],
         )
         .await
@@ -351,11 +351,11 @@ to = [{{ paths = ["/public/secret"] }}]
     assert_eq!(denied, 1.0);
     let forbidden = b
         .metric(
-            "meshd_http_requests_total",
+            "meshd_requests_total",
             &[
                 ("direction", "inbound"),
-                ("service", "default/api"),
-                ("status", "403"),
+                ("destination", "default/api"),
+                ("code", "403"),
             ],
         )
         .await

@@ -117,12 +117,12 @@ async fn many_concurrent_connections_and_large_transfers() {
     );
     let access = a.log();
     assert!(
-        access.contains("dst.service=default/api"),
+        access.contains("\"dst.service\":\"default/api\""),
         "outbound access log line present"
     );
     let log_b = b.log();
     assert!(
-        log_b.contains("src.identity=spiffe://mesh.test/ns/default/svc/web"),
+        log_b.contains("\"src.identity\":\"spiffe://mesh.test/ns/default/svc/web\""),
         "inbound knows the caller's identity"
     );
 }

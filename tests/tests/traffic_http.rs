@@ -107,12 +107,9 @@ impl Fleet {
             .unwrap()
     }
 
-    async fn outbound_rejects(&self, reason: &str) -> f64 {
+    async fn retries(&self) -> f64 {
         self.a()
-            .metric(
-                "meshd_rejected_connections_total",
-                &[("direction", "outbound"), ("reason", reason)],
-            )
+            .metric("meshd_retries_total", &[("destination", "default/api")])
             .await
             .unwrap()
     }
@@ -202,11 +199,11 @@ retries = {{ attempts = 2, retry_on = ["5xx"], budget_percent = {budget} }}
     // A 20% budget: retries stop at 20% of the window's retriable requests (plus a small
     // floor), so some failures show. The 200 requests above had no retry policy: not counted.
     f.apply("retry.toml", &route(20)).await;
-    let retried_before = f.outbound_rejects("retried").await;
+    let retried_before = f.retries().await;
     let before = f.apps[0].requests();
     let replies = f.get_many("/", &[], 1000, 4).await;
     let sent = f.apps[0].requests() - before;
-    let retried = f.outbound_rejects("retried").await - retried_before;
+    let retried = f.retries().await - retried_before;
     let failed = replies.iter().filter(|r| r.status == 503).count();
     eprintln!(
         "budget 20%: 1000 requests, {retried} retries, {failed} failed, {sent} reached the app"
@@ -327,7 +324,15 @@ outlier_detection = { consecutive_5xx = 3, interval = "1s", base_ejection_time =
     // ...after which it gets nothing.
     let during = f.get_many("/", &[], 150, 2).await;
     assert_eq!(share(&during, "b1"), 0.0, "{:?}", tally(&during));
-    assert!(f.outbound_rejects("outlier_ejected").await >= 1.0);
+    let ejections = f
+        .a()
+        .metric(
+            "meshd_outlier_ejections_total",
+            &[("service", "default/api")],
+        )
+        .await
+        .unwrap();
+    assert!(ejections >= 1.0, "{ejections}");
     // b1 recovers; once its ejection ends it is used again.
     f.apps[0].behavior.status.store(0, Ordering::SeqCst);
     let back = Instant::now();

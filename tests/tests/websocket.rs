@@ -74,11 +74,11 @@ async fn websocket_upgrades_cross_the_mesh() {
     }
     let switched = cluster.nodes[0]
         .metric(
-            "meshd_http_requests_total",
+            "meshd_requests_total",
             &[
                 ("direction", "inbound"),
-                ("service", "default/api"),
-                ("status", "200"),
+                ("destination", "default/api"),
+                ("code", "200"),
             ],
         )
         .await

@@ -1,5 +1,7 @@
 //! `meshctl`: the operator CLI — policy resources (apply, get, delete, history), join tokens,
-//! node and certificate inventory, gossip keys, mesh members and services.
+//! node and certificate inventory, gossip keys, mesh members and services, and observability:
+//! the service graph (`topology`), SLO status (`slo status`) and the mesh health verdict
+//! (`check`, whose exit code scripts and monitors can use).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use mesh_api::policy::Kind;
 use meshd::control;
-use meshd::ctl::{self, policy};
+use meshd::ctl::{self, check, policy, slo, topology};
 
 const EX_USAGE: u8 = 64;
 
@@ -108,6 +110,65 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: String,
     },
+    /// The service graph: each edge's requests/s, errors, p50/p99 and mTLS (or PLAINTEXT).
+    ///
+    /// One edge per caller and called service over a recent window. Sources are
+    /// `namespace/name`, or `external` for plaintext callers from outside the mesh. TCP edges
+    /// count connections and have no latency. `-o dot` prints a Graphviz digraph (plaintext
+    /// edges red and dashed); `-o svg` lays it out with Graphviz's `dot`.
+    Topology {
+        /// How far back to look, e.g. 90s, 5m, 1h.
+        #[arg(long, default_value = "5m", value_parser = topology::parse_window)]
+        window: Duration,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = topology::Output::Table)]
+        output: topology::Output,
+    },
+    /// Service level objectives (SLO resources) as the registry evaluates them.
+    Slo {
+        #[command(subcommand)]
+        command: SloCommand,
+    },
+    /// Is the mesh healthy? Exits 0 if so, 1 if a check fails, 2 on warnings only.
+    ///
+    /// Checks: the registry answers; every joined node reported within --stale of its report
+    /// periods; no certificate any node holds has expired (fail) or expires within --cert-warn
+    /// (warning); node clocks within --max-skew of the registry's; gossip converged (every
+    /// reporting node sees the same members, as many as there are reporting nodes); every
+    /// reporting node at the registry's policy and keyring revisions (nodes catch up within a
+    /// report period of a change); every stored policy resource validates; no SLO alert
+    /// (fast burn fails, slow burn warns).
+    #[command(
+        after_help = "Exit status: 0 when every check passes, 1 when any fails (or \
+                            meshctl itself fails, e.g. no credentials), 2 when the worst is a \
+                            warning, 64 for bad arguments."
+    )]
+    Check {
+        /// Warn about certificates valid for this long or less.
+        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        cert_warn: Duration,
+        /// The largest clock offset from the registry's that passes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        max_skew: Duration,
+        /// A node is stale after this many of its report periods without a report (e.g. 3x).
+        #[arg(long, default_value = "3x", value_parser = check::parse_stale)]
+        stale: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SloCommand {
+    /// Every SLO: service, objective, goal, window, indicator, error budget left, burn rates
+    /// (5m/1h and 30m/6h) and alert (ok, SLOW BURN or FAST BURN since when).
+    #[command(
+        after_help = "Exits 0 even while alerts fire: this is a view. `meshctl check` \
+                            is the command that fails (1 on a fast burn, 2 on a slow burn)."
+    )]
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = slo::Output::Table)]
+        output: slo::Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,12 +228,15 @@ fn ago(unix: i64) -> String {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; `Ok` carries the exit code (`meshctl check` has its own).
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     if let Command::Members { admin } = &cli.command {
-        return ctl::print_members(admin).await;
+        ctl::print_members(admin).await?;
+        return Ok(0);
     }
     if let Command::Services { admin } = &cli.command {
-        return ctl::print_services(admin).await;
+        ctl::print_services(admin).await?;
+        return Ok(0);
     }
     if let Command::Apply { files, .. } = &cli.command {
         // Invalid files are reported before credentials are even looked at.
@@ -283,9 +347,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", gossip_key::render(&status));
         }
+        Command::Topology { window, output } => {
+            print!("{}", topology::show(&client, window, output).await?);
+        }
+        Command::Slo {
+            command: SloCommand::Status { output },
+        } => {
+            print!("{}", slo::status(&client, output).await?);
+        }
+        Command::Check {
+            cert_warn,
+            max_skew,
+            stale,
+        } => {
+            let thresholds = check::Thresholds {
+                cert_warn,
+                max_skew,
+                stale_periods: stale,
+            };
+            let registry = creds.registry_address(cli.registry.as_deref())?;
+            let (report, code) = check::run(&client, &registry, &thresholds).await;
+            print!("{report}");
+            return Ok(code);
+        }
         Command::Members { .. } | Command::Services { .. } => {}
     }
-    Ok(())
+    Ok(0)
 }
 
 fn main() -> ExitCode {
@@ -312,7 +399,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let (text, code) = describe(&e);
             eprintln!("error: {text}");
@@ -353,4 +440,64 @@ fn describe(e: &anyhow::Error) -> (String, u8) {
         return (status(s), code);
     }
     (format!("{e:#}"), 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_the_named_constants() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        match parse(&["meshctl", "topology"]) {
+            Ok(Command::Topology { window, output }) => {
+                assert_eq!(window, topology::DEFAULT_WINDOW);
+                assert_eq!(output, topology::Output::Table);
+            }
+            _ => panic!("topology parses"),
+        }
+        match parse(&["meshctl", "check"]) {
+            Ok(Command::Check {
+                cert_warn,
+                max_skew,
+                stale,
+            }) => {
+                let t = check::Thresholds::default();
+                assert_eq!(
+                    (cert_warn, max_skew, stale),
+                    (t.cert_warn, t.max_skew, t.stale_periods)
+                );
+            }
+            _ => panic!("check parses"),
+        }
+        assert!(matches!(
+            parse(&["meshctl", "slo", "status", "-o", "json"]),
+            Ok(Command::Slo {
+                command: SloCommand::Status {
+                    output: slo::Output::Json
+                }
+            })
+        ));
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        for args in [
+            &["meshctl", "topology", "--window", "0s"][..],
+            &["meshctl", "topology", "-o", "png"],
+            &["meshctl", "check", "--stale", "0.5x"],
+            &["meshctl", "check", "--cert-warn", "soon"],
+            &["meshctl", "slo"],
+        ] {
+            let e = Cli::try_parse_from(args).err().expect("refused");
+            assert!(e.use_stderr(), "{args:?} exits {EX_USAGE}");
+        }
+    }
 }

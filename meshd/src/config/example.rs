@@ -66,6 +66,27 @@ bind = "127.0.0.1:15000"
 [drain]
 # On shutdown, time open connections get to finish before they are closed.
 grace_period = "15s"
+
+[telemetry]
+# How often this node reports its state and per-edge traffic to the registry (topology, SLOs,
+# `meshctl check`); 100ms to 60s.
+report_interval = "10s"
+
+[access_log]
+# One event per HTTP request and TCP connection: to the journal (MESHD_* fields) under systemd,
+# JSON lines on stdout otherwise. Reloadable.
+enabled = true
+# Only HTTP statuses >= 400 and failed connections.
+errors_only = false
+# Paths never logged, e.g. a load balancer's health checks.
+exclude_paths = []
+
+[tracing]
+# OTLP/gRPC collector (http://host:port). Without it spans are not exported, but trace context
+# (W3C traceparent, B3) is still continued and propagated.
+# collector = "http://127.0.0.1:4317"
+# Share of new traces sampled (requests that arrive with a decision keep it).
+sampling = 0.01
 "#;
 
 /// A sample service file for `services_dir`.

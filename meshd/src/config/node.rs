@@ -46,6 +46,12 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// `[drain]`.
     pub drain: RawDrain,
+    /// `[telemetry]`.
+    pub telemetry: super::telemetry::RawTelemetry,
+    /// `[access_log]`.
+    pub access_log: super::telemetry::RawAccessLog,
+    /// `[tracing]`.
+    pub tracing: super::telemetry::RawTracing,
 }
 
 /// `[registry]` as written.
@@ -159,6 +165,7 @@ impl RawConfig {
             c.timeout("outbound.connect_timeout", &self.outbound.connect_timeout);
         let admin = c.socket_addr("admin.bind", &self.admin.bind);
         let grace_period = c.duration("drain.grace_period", &self.drain.grace_period);
+        let telemetry = super::telemetry::check(c, self.telemetry, self.access_log, self.tracing);
         Some(Config {
             node_name: node_name?,
             datacenter: datacenter?,
@@ -175,6 +182,7 @@ impl RawConfig {
             drain: DrainConfig {
                 grace_period: grace_period?,
             },
+            telemetry: telemetry?,
             services: Vec::new(),
         })
     }
@@ -194,6 +202,9 @@ impl Default for RawConfig {
             outbound: RawOutbound::default(),
             admin: RawAdmin::default(),
             drain: RawDrain::default(),
+            telemetry: Default::default(),
+            access_log: Default::default(),
+            tracing: Default::default(),
         }
     }
 }

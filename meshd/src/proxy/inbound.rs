@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::authz::{self, Attrs};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Shared, copy, tls};
+use super::{Shared, copy, observe, tls};
 use crate::config::{Config, Service};
 
 /// How long a connection on a `listen` address may stay silent before it is taken for a
@@ -263,7 +263,7 @@ async fn serve_caller<S: CallerStream>(
             decision: &decision,
             error: Some("denied by policy".to_owned()),
         };
-        return access_log(&attrs, peer, started, &end);
+        return access_log(shared, &attrs, peer, started, &end);
     }
     let mut app = match timeout(
         shared.config().outbound.connect_timeout,
@@ -337,18 +337,13 @@ async fn serve_caller<S: CallerStream>(
             )
         }
     };
-    shared.metrics.record_bytes(
-        Direction::Inbound,
-        &service,
-        transferred.to_service,
-        transferred.to_caller,
-    );
+
     let end = End {
         transferred,
         decision: &last,
         error,
     };
-    access_log(&attrs, peer, started, &end);
+    access_log(shared, &attrs, peer, started, &end);
 }
 
 /// Decides a new connection over the current policy: counts it, logs AUDIT matches at info and
@@ -441,22 +436,46 @@ struct End<'a> {
     error: Option<String>,
 }
 
-/// The access log line (target `access`) of a connection that reached authorization.
-fn access_log(attrs: &Attrs<'_>, peer: SocketAddr, started: Instant, end: &End<'_>) {
-    info!(
-        target: "access",
-        parent: None,
-        direction = "inbound",
-        src.addr = %peer,
-        src.identity = %authz::caller_text(attrs.caller),
-        dst.service = %attrs.service.key,
-        dst.addr = %attrs.service.address,
-        decision = if end.decision.is_allowed() { "allow" } else { "deny" },
-        policy = %authz::policy_of(end.decision),
-        bytes.to_service = end.transferred.to_service,
-        bytes.to_caller = end.transferred.to_caller,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = end.error.as_deref().unwrap_or(""),
-        "connection"
-    );
+/// Metrics, access-log event and edge count of a connection that reached authorization.
+fn access_log(
+    shared: &Shared,
+    attrs: &Attrs<'_>,
+    peer: SocketAddr,
+    started: Instant,
+    end: &End<'_>,
+) {
+    let rec = observe::Record {
+        direction: Direction::Inbound,
+        started,
+        src_addr: peer,
+        src_service: attrs.caller.and_then(workload_service),
+        src_identity: attrs.caller.cloned(),
+        mtls: attrs.caller.is_some(),
+        dst_service: attrs.service.key.clone(),
+        dst_addr: Some(attrs.service.address),
+        kind: observe::Kind::Tcp {
+            to_service: end.transferred.to_service,
+            to_caller: end.transferred.to_caller,
+            failed: end.error.is_some(),
+        },
+        decision: Some((
+            if end.decision.is_allowed() {
+                "allow"
+            } else {
+                "deny"
+            },
+            authz::policy_of(end.decision),
+        )),
+        trace_id: None,
+        error: end.error.clone().unwrap_or_default(),
+    };
+    observe::finish(shared, rec);
+}
+
+/// The service of a workload identity (node and operator identities call no service).
+pub fn workload_service(id: &Identity) -> Option<mesh_api::ServiceKey> {
+    match id {
+        Identity::Workload { service, .. } => Some(service.clone()),
+        _ => None,
+    }
 }

@@ -1,5 +1,5 @@
 //! Proxy metrics: connections, bytes, handshakes, rejections by reason, authorization
-//! decisions.
+//! decisions, requests (count, duration, retries), ejections and rate-limited requests.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -109,15 +109,64 @@ pub struct HandshakeLabels {
     pub kind: &'static str,
 }
 
-/// Labels of the HTTP request counter.
+/// Labels of `meshd_requests_total`: bounded (services and routes come from config and policy,
+/// codes from a small set).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Side of the proxy.
     pub direction: Direction,
-    /// The local service (inbound) or the upstream (outbound), `namespace/name`.
+    /// The calling service (`namespace/name`), or `external` for plaintext callers.
+    pub source: String,
+    /// The called service.
+    pub destination: String,
+    /// The matching Route entry (empty: none).
+    pub route: String,
+    /// HTTP status returned to the caller.
+    pub code: u16,
+    /// `grpc-status` of a gRPC answer, empty otherwise.
+    pub grpc_status: String,
+}
+
+/// Labels of `meshd_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// Caller.
+    pub source: String,
+    /// Callee.
+    pub destination: String,
+    /// Route entry.
+    pub route: String,
+    /// `2xx`, `4xx`, `5xx`, ...
+    pub class: &'static str,
+}
+
+/// Labels of the per-edge counters (retries).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EdgeLabels {
+    /// Caller.
+    pub source: String,
+    /// Callee.
+    pub destination: String,
+    /// Route entry.
+    pub route: String,
+}
+
+/// Labels naming one service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OneService {
+    /// `namespace/name`.
     pub service: String,
-    /// Response status code.
-    pub status: u16,
+}
+
+/// Request duration buckets (seconds): 1 ms to 10 s, the same bounds as the edge reports.
+fn duration_histogram() -> Histogram {
+    Histogram::new(
+        mesh_api::observe::LATENCY_BOUNDS_MS
+            .iter()
+            .map(|ms| *ms as f64 / 1000.0),
+    )
 }
 
 /// All proxy metrics.
@@ -141,9 +190,17 @@ pub struct Metrics {
     /// `meshd_plaintext_connections_total{direction,service}`: plaintext connections accepted
     /// on a service's `listen` address under PERMISSIVE; what is left to migrate before STRICT.
     pub plaintext: Family<ServiceLabels, Counter>,
-    /// `meshd_http_requests_total{direction,service,status}`: requests of HTTP-family
-    /// services, by the status returned to the caller (meshd's own errors included).
+    /// `meshd_requests_total{direction,source,destination,route,code,grpc_status}`: HTTP
+    /// requests, by the status returned to the caller (meshd's own errors included).
     pub requests: Family<RequestLabels, Counter>,
+    /// `meshd_request_duration_seconds{direction,source,destination,route,class}`.
+    pub request_duration: Family<DurationLabels, Histogram, fn() -> Histogram>,
+    /// `meshd_retries_total{source,destination,route}`: requests sent again (outbound).
+    pub retries: Family<EdgeLabels, Counter>,
+    /// `meshd_outlier_ejections_total{service}`: endpoints of an upstream ejected.
+    pub ejections: Family<OneService, Counter>,
+    /// `meshd_rate_limited_total{service}`: requests refused with 429 (inbound).
+    pub rate_limited: Family<OneService, Counter>,
 }
 
 impl Metrics {
@@ -161,6 +218,10 @@ impl Metrics {
             authz_decisions: Family::default(),
             plaintext: Family::default(),
             requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            retries: Family::default(),
+            ejections: Family::default(),
+            rate_limited: Family::default(),
         };
         reg.register(
             "meshd_connections",
@@ -203,20 +264,90 @@ impl Metrics {
             m.plaintext.clone(),
         );
         reg.register(
-            "meshd_http_requests",
-            "HTTP requests proxied, by direction, service and status",
+            "meshd_requests",
+            "HTTP requests, by direction, source and destination service, route, status and gRPC status",
             m.requests.clone(),
+        );
+        reg.register(
+            "meshd_request_duration_seconds",
+            "Time from a request's arrival to its response headers, by direction, source, destination, route and class",
+            m.request_duration.clone(),
+        );
+        reg.register(
+            "meshd_retries",
+            "Requests sent again by an outbound retry policy",
+            m.retries.clone(),
+        );
+        reg.register(
+            "meshd_outlier_ejections",
+            "Endpoints ejected by outlier detection, by upstream service",
+            m.ejections.clone(),
+        );
+        reg.register(
+            "meshd_rate_limited",
+            "Requests refused by a RateLimit (429), by local service",
+            m.rate_limited.clone(),
         );
         m
     }
 
-    /// Counts one HTTP request and the status it got.
-    pub fn record_request(&self, direction: Direction, service: &str, status: u16) {
+    /// Counts one HTTP request: its status, duration and retries.
+    #[allow(clippy::too_many_arguments)] // one call site per hop, each with every label at hand
+    pub fn record_http(
+        &self,
+        direction: Direction,
+        source: &str,
+        destination: &str,
+        route: &str,
+        code: u16,
+        grpc_status: Option<u32>,
+        elapsed: std::time::Duration,
+        retries: u32,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 direction,
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+                route: route.to_owned(),
+                code,
+                grpc_status: grpc_status.map(|g| g.to_string()).unwrap_or_default(),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&DurationLabels {
+                direction,
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+                route: route.to_owned(),
+                class: super::observe::class_of(code),
+            })
+            .observe(elapsed.as_secs_f64());
+        if retries > 0 {
+            self.retries
+                .get_or_create(&EdgeLabels {
+                    source: source.to_owned(),
+                    destination: destination.to_owned(),
+                    route: route.to_owned(),
+                })
+                .inc_by(u64::from(retries));
+        }
+    }
+
+    /// Counts an ejected endpoint of `service`.
+    pub fn ejected(&self, service: &str) {
+        self.ejections
+            .get_or_create(&OneService {
                 service: service.to_owned(),
-                status,
+            })
+            .inc();
+    }
+
+    /// Counts a request of local `service` refused by a rate limit.
+    pub fn limited(&self, service: &str) {
+        self.rate_limited
+            .get_or_create(&OneService {
+                service: service.to_owned(),
             })
             .inc();
     }

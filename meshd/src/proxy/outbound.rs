@@ -11,10 +11,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Blame, Shared, copy, route, tls};
+use super::{Blame, Shared, copy, observe, route, tls};
 use crate::config::{Service, Upstream};
 
 /// Endpoints tried for one connection before giving up (first choice + fallbacks).
@@ -321,6 +321,27 @@ async fn handle(
     let _ = app.set_nodelay(true);
     let started = Instant::now();
     let dst = upstream.service.to_string();
+    // The connection's record, finished on every way out.
+    let record = |dst_addr: Option<SocketAddr>, t: copy::Transferred, error: Option<String>| {
+        observe::Record {
+            direction: Direction::Outbound,
+            started,
+            src_addr: peer,
+            src_service: Some(source.key.clone()),
+            src_identity: None,
+            mtls: true,
+            dst_service: upstream.service.clone(),
+            dst_addr,
+            kind: observe::Kind::Tcp {
+                to_service: t.to_service,
+                to_caller: t.to_caller,
+                failed: error.is_some(),
+            },
+            decision: None,
+            trace_id: None,
+            error: error.unwrap_or_default(),
+        }
+    };
     // Circuit breaker: connections open to the destination from this host.
     let max = {
         let snapshot = shared.policy_rx.borrow().clone();
@@ -333,9 +354,14 @@ async fn handle(
         shared.metrics.reject(Direction::Outbound, "overflow");
         warn!(src.service = %source.key, dst.service = %dst, max_connections = max, "outbound connection refused: circuit breaker open");
         copy::reset(&app);
+        let why = "circuit breaker open (max_connections)".to_owned();
+        observe::finish(
+            shared,
+            record(None, copy::Transferred::default(), Some(why)),
+        );
         return;
     };
-    let (mut tls_stream, addr, node) = match connect(shared, source, upstream, cursor).await {
+    let (mut tls_stream, addr, _node) = match connect(shared, source, upstream, cursor).await {
         Ok(c) => c,
         Err(e) => {
             if !matches!(
@@ -346,6 +372,8 @@ async fn handle(
             }
             warn!(src.service = %source.key, dst.service = %dst, reason = e.reason(), error = %e, "outbound connection failed");
             copy::reset(&app);
+            let rec = record(None, copy::Transferred::default(), Some(e.to_string()));
+            observe::finish(shared, rec);
             return;
         }
     };
@@ -373,23 +401,7 @@ async fn handle(
             (copy::Transferred::default(), Some(e.to_string()))
         }
     };
-    shared
-        .metrics
-        .record_bytes(Direction::Outbound, &dst, t.to_service, t.to_caller);
-    info!(
-        target: "access",
-        direction = "outbound",
-        src.addr = %peer,
-        src.service = %source.key,
-        dst.service = %dst,
-        dst.node = %node,
-        dst.addr = %addr,
-        bytes.to_service = t.to_service,
-        bytes.to_caller = t.to_caller,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = error.as_deref().unwrap_or(""),
-        "connection"
-    );
+    observe::finish(shared, record(Some(addr), t, error));
 }
 
 #[cfg(test)]

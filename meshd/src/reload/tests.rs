@@ -205,6 +205,6 @@ fn summary_reads_well() {
     };
     assert_eq!(
         s.to_string(),
-        "services added: default/api; removed: none; changed: default/web; listeners bound 1, updated 2, closed 0; timeouts changed"
+        "services added: default/api; removed: none; changed: default/web; listeners bound 1, updated 2, closed 0; settings changed"
     );
 }

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    ApplyOutcome, CertRecord, Error, GossipKeyring, NodeRecord, PolicyChange, PolicyRecord, Store,
-    TokenRecord, consume_token, newest_certs, plan_policies,
+    ApplyOutcome, CertRecord, EdgeKey, EdgeMinute, Error, GossipKeyring, NodeRecord,
+    NodeReportRecord, PolicyChange, PolicyRecord, Protocol, ServiceSlot, SloAlertRecord, Step,
+    Store, TokenRecord, Traffic, consume_token, newest_certs, plan_policies, service_rollup,
 };
 
 /// A policy resource's key: kind, namespace, name (sorts like the sled keys).
@@ -29,6 +30,12 @@ struct State {
     /// Every version of every resource, oldest first.
     policy_history: BTreeMap<PolicyKey, Vec<PolicyRecord>>,
     gossip_keyring: Option<GossipKeyring>,
+    node_reports: BTreeMap<String, NodeReportRecord>,
+    /// Edge minutes by (minute, edge), the order of the sled keys.
+    edge_minutes: BTreeMap<(u64, EdgeKey), Traffic>,
+    /// Service series by (destination, step, slot start, protocol).
+    service_slots: BTreeMap<(String, Step, u64, Protocol), Traffic>,
+    slo_alerts: BTreeMap<String, SloAlertRecord>,
 }
 
 fn key_of(kind: &str, namespace: &str, name: &str) -> PolicyKey {
@@ -166,6 +173,109 @@ impl Store for MemoryStore {
 
     fn put_gossip_keyring(&self, keyring: &GossipKeyring) -> Result<(), Error> {
         self.state().gossip_keyring = Some(keyring.clone());
+        Ok(())
+    }
+
+    fn record_report(
+        &self,
+        report: &NodeReportRecord,
+        minute_unix: u64,
+        edges: &[(EdgeKey, Traffic)],
+    ) -> Result<(), Error> {
+        let mut state = self.state();
+        state
+            .node_reports
+            .insert(report.node.clone(), report.clone());
+        for (edge, traffic) in edges {
+            state
+                .edge_minutes
+                .entry((minute_unix, edge.clone()))
+                .or_default()
+                .add(traffic);
+        }
+        for ((destination, protocol), traffic) in service_rollup(edges) {
+            for step in [Step::Minute, Step::Hour] {
+                let key = (
+                    destination.to_owned(),
+                    step,
+                    step.slot(minute_unix),
+                    protocol,
+                );
+                state.service_slots.entry(key).or_default().add(&traffic);
+            }
+        }
+        Ok(())
+    }
+
+    fn node_reports(&self) -> Result<Vec<NodeReportRecord>, Error> {
+        Ok(self.state().node_reports.values().cloned().collect())
+    }
+
+    fn edge_minutes(&self, from_unix: u64) -> Result<Vec<EdgeMinute>, Error> {
+        let state = self.state();
+        let minutes = state
+            .edge_minutes
+            .iter()
+            .filter(|((minute, _), _)| *minute >= from_unix)
+            .map(|((minute_unix, edge), traffic)| EdgeMinute {
+                minute_unix: *minute_unix,
+                edge: edge.clone(),
+                traffic: traffic.clone(),
+            });
+        Ok(minutes.collect())
+    }
+
+    fn service_slots(
+        &self,
+        destination: &str,
+        step: Step,
+        from_unix: u64,
+    ) -> Result<Vec<ServiceSlot>, Error> {
+        let state = self.state();
+        let slots = state
+            .service_slots
+            .iter()
+            .filter(|((d, s, start, _), _)| d == destination && *s == step && *start >= from_unix)
+            .map(|((_, _, start_unix, protocol), traffic)| ServiceSlot {
+                start_unix: *start_unix,
+                protocol: *protocol,
+                traffic: traffic.clone(),
+            });
+        Ok(slots.collect())
+    }
+
+    fn prune_traffic(&self, before_unix: u64, minutes_before_unix: u64) -> Result<usize, Error> {
+        let mut state = self.state();
+        let before = state.edge_minutes.len() + state.service_slots.len();
+        state
+            .edge_minutes
+            .retain(|(minute, _), _| *minute >= before_unix);
+        state
+            .service_slots
+            .retain(|(_, step, start, _), _| match step {
+                Step::Minute => *start >= minutes_before_unix,
+                Step::Hour => *start >= before_unix,
+            });
+        Ok(before - state.edge_minutes.len() - state.service_slots.len())
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn slo_alerts(&self) -> Result<Vec<SloAlertRecord>, Error> {
+        Ok(self.state().slo_alerts.values().cloned().collect())
+    }
+
+    fn put_slo_alert(&self, alert: &SloAlertRecord) -> Result<(), Error> {
+        self.state()
+            .slo_alerts
+            .insert(alert.slo.clone(), alert.clone());
+        Ok(())
+    }
+
+    fn delete_slo_alert(&self, slo: &str) -> Result<(), Error> {
+        self.state().slo_alerts.remove(slo);
         Ok(())
     }
 }

@@ -2,8 +2,11 @@
 //! `nodes`, `certs`) plus `meta` for the schema version, and three policy trees: `policies`
 //! (latest version of every resource, deletions kept as markers so watchers can catch up),
 //! `policy_history` (every version, keyed by resource then big-endian revision) and
-//! `policy_meta` (the mesh revision), and `gossip_keys` (one record: the gossip keyring). Values
-//! are JSON; every write is flushed (fsync) before it is acknowledged.
+//! `policy_meta` (the mesh revision), `gossip_keys` (one record: the gossip keyring), and the
+//! observability trees: `node_reports` (last report per node), `edge_minutes` (keyed by minute,
+//! then edge), `service_slots` (keyed by destination, step, slot, protocol) and `slo_alerts`.
+//! Values are JSON; every write is flushed (fsync) before it is acknowledged, except node
+//! reports and traffic, which the registry flushes on a timer (see [`Store::record_report`]).
 
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -14,8 +17,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    ApplyOutcome, CertRecord, Error, GossipKeyring, NodeRecord, PolicyChange, PolicyRecord,
-    SCHEMA_VERSION, Store, TokenRecord, consume_token, newest_certs, plan_policies,
+    ApplyOutcome, CertRecord, EdgeKey, EdgeMinute, Error, GossipKeyring, NodeRecord,
+    NodeReportRecord, PolicyChange, PolicyRecord, Protocol, SCHEMA_VERSION, ServiceSlot,
+    SloAlertRecord, Step, Store, TokenRecord, Traffic, consume_token, newest_certs, plan_policies,
+    service_rollup,
 };
 
 const TOKENS: &str = "tokens";
@@ -29,6 +34,10 @@ const POLICY_META: &str = "policy_meta";
 const REVISION_KEY: &str = "revision";
 const GOSSIP_KEYS: &str = "gossip_keys";
 const KEYRING_KEY: &str = "keyring";
+const NODE_REPORTS: &str = "node_reports";
+const EDGE_MINUTES: &str = "edge_minutes";
+const SERVICE_SLOTS: &str = "service_slots";
+const SLO_ALERTS: &str = "slo_alerts";
 
 /// A [`Store`] in a sled database directory. Cloning is cheap and shares the database.
 #[derive(Debug, Clone)]
@@ -41,6 +50,10 @@ pub struct SledStore {
     policy_history: ::sled::Tree,
     policy_meta: ::sled::Tree,
     gossip_keys: ::sled::Tree,
+    node_reports: ::sled::Tree,
+    edge_minutes: ::sled::Tree,
+    service_slots: ::sled::Tree,
+    slo_alerts: ::sled::Tree,
     /// Policy applies hold it for writing from their first read until after the flush, and
     /// policy reads for reading, so a reader sees whole revisions and never one that is not
     /// yet durable (a watcher must not be sent a revision a crash could take back).
@@ -68,6 +81,10 @@ impl SledStore {
             policy_history: tree(POLICY_HISTORY)?,
             policy_meta: tree(POLICY_META)?,
             gossip_keys: tree(GOSSIP_KEYS)?,
+            node_reports: tree(NODE_REPORTS)?,
+            edge_minutes: tree(EDGE_MINUTES)?,
+            service_slots: tree(SERVICE_SLOTS)?,
+            slo_alerts: tree(SLO_ALERTS)?,
             policy_lock: Arc::default(),
             db: db.clone(),
         };
@@ -99,6 +116,10 @@ impl SledStore {
             &self.policy_history,
             &self.policy_meta,
             &self.gossip_keys,
+            &self.node_reports,
+            &self.edge_minutes,
+            &self.service_slots,
+            &self.slo_alerts,
             meta,
         ]
         .iter()
@@ -110,13 +131,7 @@ impl SledStore {
         }
         meta.insert(SCHEMA_KEY, encode(&SCHEMA_VERSION))
             .map_err(sled_err("write schema version"))?;
-        self.flush()
-    }
-
-    /// Makes every write so far durable (fsync).
-    fn flush(&self) -> Result<(), Error> {
-        self.db.flush().map_err(sled_err("flush"))?;
-        Ok(())
+        Store::flush(self)
     }
 
     fn put<T: Serialize>(
@@ -127,7 +142,7 @@ impl SledStore {
         value: &T,
     ) -> Result<(), Error> {
         tree.insert(key, encode(value)).map_err(sled_err(op))?;
-        self.flush()
+        Store::flush(self)
     }
 
     fn read_revision(&self) -> Result<u64, Error> {
@@ -151,6 +166,60 @@ impl SledStore {
 /// namespace, then name (names never contain NUL; the policy model validates them).
 fn policy_key(kind: &str, namespace: &str, name: &str) -> Vec<u8> {
     [kind.as_bytes(), namespace.as_bytes(), name.as_bytes()].join(&0u8)
+}
+
+/// Key of an edge minute: the big-endian minute, then `source \0 destination \0 mtls protocol`,
+/// so keys sort like [`EdgeMinute`]s (minute, then edge) and a range scan starts at a minute.
+fn edge_minute_key(minute_unix: u64, edge: &EdgeKey) -> Vec<u8> {
+    let mut key = minute_unix.to_be_bytes().to_vec();
+    key.extend_from_slice(edge.source.as_bytes());
+    key.push(0);
+    key.extend_from_slice(edge.destination.as_bytes());
+    key.push(0);
+    key.push(u8::from(edge.mtls));
+    key.push(protocol_byte(edge.protocol));
+    key
+}
+
+/// Prefix of a destination's series of one step: `destination \0 step`. Names never contain
+/// NUL (the report check accepts only labels), so one destination's prefix is never another's.
+fn service_prefix(destination: &str, step: Step) -> Vec<u8> {
+    let mut key = destination.as_bytes().to_vec();
+    key.push(0);
+    key.push(match step {
+        Step::Minute => b'm',
+        Step::Hour => b'h',
+    });
+    key
+}
+
+/// Key of a service slot: the prefix, the big-endian slot start, the protocol.
+fn service_slot_key(destination: &str, step: Step, start_unix: u64, protocol: Protocol) -> Vec<u8> {
+    let mut key = service_prefix(destination, step);
+    key.extend_from_slice(&start_unix.to_be_bytes());
+    key.push(protocol_byte(protocol));
+    key
+}
+
+/// The step and slot start of a service slot key (see [`service_slot_key`]): read from its
+/// end, since the destination before them varies in length.
+fn slot_of_key(key: &[u8]) -> Option<(Step, u64)> {
+    let (_protocol, rest) = key.split_last()?;
+    let (rest, start) = rest.split_at_checked(rest.len().checked_sub(8)?)?;
+    let step = match rest.last()? {
+        b'm' => Step::Minute,
+        b'h' => Step::Hour,
+        _ => return None,
+    };
+    Some((step, u64::from_be_bytes(start.try_into().ok()?)))
+}
+
+/// Sorts like [`Protocol`]'s `Ord`.
+fn protocol_byte(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Http => b'h',
+        Protocol::Tcp => b't',
+    }
 }
 
 /// Key of one version in `policy_history`: the resource key, NUL, then the big-endian revision
@@ -207,7 +276,7 @@ impl Store for SledStore {
                 source,
             },
         })?;
-        self.flush()?;
+        Store::flush(self)?;
         Ok(used)
     }
 
@@ -286,7 +355,7 @@ impl Store for SledStore {
                     source,
                 },
             })?;
-        self.flush()?;
+        Store::flush(self)?;
         Ok((plan.revision, plan.outcomes))
     }
 
@@ -339,6 +408,154 @@ impl Store for SledStore {
             KEYRING_KEY,
             keyring,
         )
+    }
+
+    fn record_report(
+        &self,
+        report: &NodeReportRecord,
+        minute_unix: u64,
+        edges: &[(EdgeKey, Traffic)],
+    ) -> Result<(), Error> {
+        let report_json = encode(report);
+        let mut slots = Vec::new();
+        for ((destination, protocol), traffic) in service_rollup(edges) {
+            for step in [Step::Minute, Step::Hour] {
+                let start_unix = step.slot(minute_unix);
+                let key = service_slot_key(destination, step, start_unix, protocol);
+                slots.push((key, start_unix, protocol, traffic.clone()));
+            }
+        }
+        // One transaction: reports from several nodes add into the same records, and sled
+        // serialises transactions, so no addition is lost to a concurrent read-modify-write.
+        let result = (&self.node_reports, &self.edge_minutes, &self.service_slots).transaction(
+            |(reports, minutes, services)| {
+                reports.insert(report.node.as_bytes(), report_json.as_slice())?;
+                for (edge, traffic) in edges {
+                    let key = edge_minute_key(minute_unix, edge);
+                    let mut record = match minutes.get(&key)? {
+                        Some(raw) => decode::<EdgeMinute>(EDGE_MINUTES, &key, &raw)
+                            .map_err(ConflictableTransactionError::Abort)?,
+                        None => EdgeMinute {
+                            minute_unix,
+                            edge: edge.clone(),
+                            traffic: Traffic::default(),
+                        },
+                    };
+                    record.traffic.add(traffic);
+                    minutes.insert(key, encode(&record))?;
+                }
+                for (key, start_unix, protocol, traffic) in &slots {
+                    let mut record = match services.get(key)? {
+                        Some(raw) => decode::<ServiceSlot>(SERVICE_SLOTS, key, &raw)
+                            .map_err(ConflictableTransactionError::Abort)?,
+                        None => ServiceSlot {
+                            start_unix: *start_unix,
+                            protocol: *protocol,
+                            traffic: Traffic::default(),
+                        },
+                    };
+                    record.traffic.add(traffic);
+                    services.insert(key.as_slice(), encode(&record))?;
+                }
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            },
+        );
+        result.map_err(|err| match err {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(source) => Error::Sled {
+                op: "node report transaction",
+                source,
+            },
+        })
+    }
+
+    fn node_reports(&self) -> Result<Vec<NodeReportRecord>, Error> {
+        list(&self.node_reports, NODE_REPORTS)
+    }
+
+    fn edge_minutes(&self, from_unix: u64) -> Result<Vec<EdgeMinute>, Error> {
+        self.edge_minutes
+            .range(from_unix.to_be_bytes()..)
+            .map(|entry| {
+                let (key, raw) = entry.map_err(sled_err("scan"))?;
+                decode(EDGE_MINUTES, &key, &raw)
+            })
+            .collect()
+    }
+
+    fn service_slots(
+        &self,
+        destination: &str,
+        step: Step,
+        from_unix: u64,
+    ) -> Result<Vec<ServiceSlot>, Error> {
+        let prefix = service_prefix(destination, step);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&from_unix.to_be_bytes());
+        self.service_slots
+            .range(start..)
+            .take_while(|entry| entry.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .map(|entry| {
+                let (key, raw) = entry.map_err(sled_err("scan"))?;
+                decode(SERVICE_SLOTS, &key, &raw)
+            })
+            .collect()
+    }
+
+    fn prune_traffic(&self, before_unix: u64, minutes_before_unix: u64) -> Result<usize, Error> {
+        let mut removed = 0;
+        for entry in self.edge_minutes.range(..before_unix.to_be_bytes()) {
+            let (key, _) = entry.map_err(sled_err("scan"))?;
+            self.edge_minutes
+                .remove(key)
+                .map_err(sled_err("prune traffic"))?;
+            removed += 1;
+        }
+        // Keyed by destination first, so every series is visited; there is one per called
+        // service and protocol, and this runs rarely.
+        for entry in self.service_slots.iter() {
+            let (key, raw) = entry.map_err(sled_err("scan"))?;
+            // The key says step and start, so values need no decoding; a key that does not
+            // parse is decoded to report it as corrupt.
+            let (step, start_unix) = match slot_of_key(&key) {
+                Some(parsed) => parsed,
+                None => {
+                    let slot: ServiceSlot = decode(SERVICE_SLOTS, &key, &raw)?;
+                    (Step::Minute, slot.start_unix)
+                }
+            };
+            let cutoff = match step {
+                Step::Hour => before_unix,
+                Step::Minute => minutes_before_unix,
+            };
+            if start_unix < cutoff {
+                self.service_slots
+                    .remove(key)
+                    .map_err(sled_err("prune traffic"))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.db.flush().map_err(sled_err("flush"))?;
+        Ok(())
+    }
+
+    fn slo_alerts(&self) -> Result<Vec<SloAlertRecord>, Error> {
+        list(&self.slo_alerts, SLO_ALERTS)
+    }
+
+    fn put_slo_alert(&self, alert: &SloAlertRecord) -> Result<(), Error> {
+        self.put(&self.slo_alerts, "write slo alert", &alert.slo, alert)
+    }
+
+    fn delete_slo_alert(&self, slo: &str) -> Result<(), Error> {
+        self.slo_alerts
+            .remove(slo)
+            .map_err(sled_err("delete slo alert"))?;
+        Store::flush(self)
     }
 }
 

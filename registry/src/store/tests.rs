@@ -1,7 +1,7 @@
 //! The [`Store`] contract suite, run against both [`MemoryStore`] and [`SledStore`], plus
 //! sled-only tests: reopen, schema checks, corrupt records and acknowledged writes surviving
 //! a hard kill of the process. Policy cases live in `tests/policy.rs`, gossip keyring cases in
-//! `tests/gossip_keys.rs`.
+//! `tests/gossip_keys.rs`, node report, traffic and SLO alert cases in `tests/observe.rs`.
 
 use std::path::Path;
 use std::process::Command;
@@ -37,6 +37,7 @@ macro_rules! contract_suite {
 
 // Declared after the macro so these suites can use it.
 mod gossip_keys;
+mod observe;
 mod policy;
 
 contract_suite!(

@@ -1,7 +1,7 @@
 //! Helpers shared by the in-process API tests: mTLS registry clients like meshd's and
 //! meshctl's, and a scrape of the admin metrics.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +79,12 @@ pub struct Running {
     pub _dir: tempfile::TempDir,
     /// What `init` printed.
     pub report: mesh_registry::init::Report,
+    /// The trust domain.
+    pub td: TrustDomain,
+    /// The registry's data dir (CA, store).
+    pub data: PathBuf,
+    /// gRPC address.
+    pub addr: std::net::SocketAddr,
     /// Admin (metrics) address.
     pub admin_addr: std::net::SocketAddr,
     /// Starts the drain.
@@ -95,10 +101,14 @@ pub struct Running {
 
 /// Starts a registry whose drain grace period is far longer than [`TIMEOUT`]: a test that sees
 /// it stop within TIMEOUT proves no stream held the drain open.
+#[allow(dead_code)]
 pub async fn start() -> Running {
-    use mesh_api::NodeName;
-    use mesh_ca::{Authority, SignRequest};
-    use mesh_registry::{app, config::Config, init};
+    start_with(|_| {}).await
+}
+
+/// [`start`], with `tweak` applied to the config `init` wrote.
+pub async fn start_with(tweak: impl Fn(&mut mesh_registry::config::Config)) -> Running {
+    use mesh_registry::init;
     use std::time::SystemTime;
 
     tls::install_default_provider();
@@ -116,9 +126,61 @@ pub async fn start() -> Running {
         SystemTime::now(),
     )
     .expect("init");
+    serve(dir, report, td, data, tweak).await
+}
+
+/// Drains `running` until it has stopped, then serves its data dir again (new ports, same
+/// store and CA), with `tweak` applied to the config.
+#[allow(dead_code)]
+pub async fn restart(
+    running: Running,
+    tweak: impl Fn(&mut mesh_registry::config::Config),
+) -> Running {
+    let Running {
+        _dir,
+        report,
+        td,
+        data,
+        stop_tx,
+        running,
+        ..
+    } = running;
+    stop_tx.send(()).expect("registry running");
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .expect("registry stops within the timeout")
+        .expect("serving task");
+    serve(_dir, report, td, data, tweak).await
+}
+
+async fn serve(
+    dir: tempfile::TempDir,
+    report: mesh_registry::init::Report,
+    td: TrustDomain,
+    data: PathBuf,
+    tweak: impl Fn(&mut mesh_registry::config::Config),
+) -> Running {
+    use mesh_api::NodeName;
+    use mesh_registry::{app, config::Config};
+
     let mut config = Config::load(&report.config_file).expect("config");
     config.drain_grace_period = Duration::from_secs(120);
-    let bound = app::build(config).await.expect("registry starts");
+    tweak(&mut config);
+    // The store of a registry that just stopped may still be closing (sled releases its lock
+    // when the last handle drops); retry briefly.
+    let bound = {
+        let mut tries = 0;
+        loop {
+            match app::build(config.clone()).await {
+                Ok(bound) => break bound,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("registry starts: {e:?}"),
+            }
+        }
+    };
     let (addr, admin_addr) = (bound.listen_addr, bound.admin_addr);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(bound.wait_termination(async {
@@ -126,35 +188,72 @@ pub async fn start() -> Running {
     }));
     let admin = credentials_client(addr, &td, &report.admin_dir);
     let viewer = credentials_client(addr, &td, &report.viewer_dir);
-    let ca = Authority::load(
-        &td,
-        &init::CaPaths::new(&data).read().expect("ca paths"),
-        SystemTime::now(),
-    )
-    .expect("ca");
-    let (node_cert, node_key) = ca
-        .issue(&SignRequest {
-            identity: Identity::node(&td, &NodeName::new("node-1").expect("name")),
-            dns_names: Vec::new(),
-            ttl: Duration::from_secs(3600),
-            now: SystemTime::now(),
-        })
-        .expect("node cert");
-    let node = client(
+    let node = identity_client(
         addr,
         &td,
-        &ca.trust_bundle_pem(),
-        &node_cert.chain_pem,
-        &node_key,
+        &data,
+        Identity::node(&td, &NodeName::new("node-1").expect("name")),
     );
     Running {
         _dir: dir,
         report,
+        td,
+        data,
+        addr,
         admin_addr,
         stop_tx,
         running,
         admin,
         viewer,
         node,
+    }
+}
+
+/// A client presenting a certificate for `identity`, issued by the registry's CA in `data`.
+pub fn identity_client(
+    addr: std::net::SocketAddr,
+    td: &TrustDomain,
+    data: &Path,
+    identity: Identity,
+) -> RegistryClient<Channel> {
+    use mesh_ca::{Authority, SignRequest};
+    use mesh_registry::init;
+    use std::time::SystemTime;
+
+    let ca = Authority::load(
+        td,
+        &init::CaPaths::new(data).read().expect("ca paths"),
+        SystemTime::now(),
+    )
+    .expect("ca");
+    let (cert, key) = ca
+        .issue(&SignRequest {
+            identity,
+            dns_names: Vec::new(),
+            ttl: Duration::from_secs(3600),
+            now: SystemTime::now(),
+        })
+        .expect("cert");
+    client(addr, td, &ca.trust_bundle_pem(), &cert.chain_pem, &key)
+}
+
+/// Polls `check` until it returns `Some` (every few ms, up to [`TIMEOUT`]); panics naming
+/// `what` otherwise. For conditions a background task makes true.
+#[allow(dead_code)]
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::super::authz::{self, Attrs};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::{Shared, ratelimit, route};
+use super::super::{Shared, observe, ratelimit, route};
 use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::Service;
 
@@ -133,23 +133,41 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     } else {
         forward(conn, req).await
     };
-    conn.shared
-        .metrics
-        .record_request(Direction::Inbound, &service, resp.status().as_u16());
-    info!(
-        target: "access",
-        direction = "inbound",
-        src.addr = %conn.peer,
-        src.identity = %conn.caller,
-        dst.service = %service,
-        http.method = %method,
-        http.path = %path,
-        http.status = resp.status().as_u16(),
-        decision = if decision.is_allowed() { "allow" } else { "deny" },
-        policy = %authz::policy_of(&decision),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    let rec = observe::Record {
+        direction: Direction::Inbound,
+        started,
+        src_addr: conn.peer,
+        src_service: super::super::inbound::workload_service(&conn.caller),
+        src_identity: Some(conn.caller.clone()),
+        mtls: true,
+        dst_service: conn.local.key.clone(),
+        dst_addr: Some(conn.local.address),
+        kind: observe::Kind::Http {
+            method,
+            path,
+            status: resp.status().as_u16(),
+            grpc_status: super::grpc_status(resp.headers()),
+            route: String::new(),
+            subset: String::new(),
+            attempts: 1,
+        },
+        decision: Some((
+            if decision.is_allowed() {
+                "allow"
+            } else {
+                "deny"
+            },
+            authz::policy_of(&decision),
+        )),
+        trace_id: None,
+        error: resp
+            .headers()
+            .get(super::ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    observe::finish(&conn.shared, rec);
     resp
 }
 
@@ -184,6 +202,7 @@ fn too_many(conn: &Conn, limited: &ratelimit::Limited, method: &str, path: &str)
     conn.shared
         .metrics
         .reject(Direction::Inbound, "rate_limited");
+    conn.shared.metrics.limited(&conn.local.key.to_string());
     debug!(
         src.identity = %conn.caller,
         dst.service = %conn.local.key,

@@ -16,11 +16,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{Instrument as _, debug, debug_span, info, warn};
+use tracing::{Instrument as _, debug, debug_span, warn};
 
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::outbound::{Error, MAX_CONNECT_ATTEMPTS, attempt};
-use super::super::{Shared, balance, route};
+use super::super::{Shared, balance, observe, route};
 use super::replay::ReplayBody;
 use super::{Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::{Service, Upstream};
@@ -185,30 +185,38 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let dst = conn.upstream.service.to_string();
     let mut log = Log::default();
     let resp = match send(conn, req, &mut log).await {
         Ok(resp) | Err(resp) => resp,
     };
-    conn.shared
-        .metrics
-        .record_request(Direction::Outbound, &dst, resp.status().as_u16());
-    info!(
-        target: "access",
-        direction = "outbound",
-        src.addr = %conn.peer,
-        src.service = %conn.source.key,
-        dst.service = %dst,
-        dst.addr = %log.endpoint.map(|a| a.to_string()).unwrap_or_default(),
-        route = %log.route,
-        subset = %log.subset,
-        http.method = %method,
-        http.path = %path,
-        http.status = resp.status().as_u16(),
-        attempts = log.attempts,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    let rec = observe::Record {
+        direction: Direction::Outbound,
+        started,
+        src_addr: conn.peer,
+        src_service: Some(conn.source.key.clone()),
+        src_identity: None,
+        mtls: true,
+        dst_service: conn.upstream.service.clone(),
+        dst_addr: log.endpoint,
+        kind: observe::Kind::Http {
+            method: method.as_str().to_owned(),
+            path,
+            status: resp.status().as_u16(),
+            grpc_status: super::grpc_status(resp.headers()),
+            route: log.route,
+            subset: log.subset,
+            attempts: log.attempts,
+        },
+        decision: None,
+        trace_id: None,
+        error: resp
+            .headers()
+            .get(super::ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    observe::finish(&conn.shared, rec);
     resp
 }
 
@@ -375,7 +383,6 @@ async fn send(
                     if !again {
                         return result.map_err(|(_, resp)| resp);
                     }
-                    conn.shared.metrics.reject(Direction::Outbound, "retried");
                     debug!(dst.service = %dst, attempt = n, ?outcome, "retrying");
                     tokio::time::sleep(route::backoff(n, rand::random::<f64>())).await;
                 }
@@ -676,9 +683,7 @@ fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::
         .balance
         .record(dst, addr, &addrs, outcome, cfg, now)
     {
-        conn.shared
-            .metrics
-            .reject(Direction::Outbound, "outlier_ejected");
+        conn.shared.metrics.ejected(&dst.to_string());
         warn!(dst.service = %dst, dst.addr = %addr, ejected_for = ?d, ?outcome, "endpoint ejected by outlier detection");
     }
 }

@@ -1,0 +1,376 @@
+//! What comes out of every hop once it is over: the access-log event, the request metrics and
+//! the per-edge traffic this node reports to the registry (topology, SLOs).
+//!
+//! Every HTTP request and TCP connection fills one [`Record`] and hands it to [`finish`].
+//! An edge is counted once in the mesh: by the caller's meshd when the caller is a mesh service
+//! (so faults it injects, retries and failed connections count), and by the callee's meshd only
+//! for plaintext callers from outside the mesh, which have no meshd of their own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use tokio::time::Instant;
+
+use mesh_api::observe::{BUCKETS, EXTERNAL, bucket_of};
+use mesh_api::proto::v1 as pb;
+use mesh_api::{Identity, ServiceKey};
+
+use super::Shared;
+use super::metrics::Direction;
+
+/// One finished HTTP request or TCP connection.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Which side of the proxy saw it.
+    pub direction: Direction,
+    /// When it started.
+    pub started: Instant,
+    /// The caller's address (the app's, outbound; the remote meshd's or plaintext client's,
+    /// inbound).
+    pub src_addr: SocketAddr,
+    /// The calling service: the local one (outbound), the caller's identity (inbound mTLS),
+    /// or `None` for a plaintext caller.
+    pub src_service: Option<ServiceKey>,
+    /// The caller's full identity (inbound mTLS), for the log.
+    pub src_identity: Option<Identity>,
+    /// Carried over mutual TLS.
+    pub mtls: bool,
+    /// The called service.
+    pub dst_service: ServiceKey,
+    /// The endpoint (outbound) or app address (inbound) it went to, if it got that far.
+    pub dst_addr: Option<SocketAddr>,
+    /// Request or connection details.
+    pub kind: Kind,
+    /// The authorization decision (inbound): `allow` or `deny`, and the deciding policy.
+    pub decision: Option<(&'static str, String)>,
+    /// Trace id of the hop's span, if traced.
+    pub trace_id: Option<String>,
+    /// Why it failed, for people (empty when it did not).
+    pub error: String,
+}
+
+/// Protocol-specific part of a [`Record`].
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// One HTTP request.
+    Http {
+        /// Method.
+        method: String,
+        /// Path (no query).
+        path: String,
+        /// Status returned to the caller (the mesh's own errors included).
+        status: u16,
+        /// `grpc-status` of a gRPC answer (headers or trailers-only), if any.
+        grpc_status: Option<u32>,
+        /// Route entry that matched (`""`: none).
+        route: String,
+        /// Subset chosen by the route.
+        subset: String,
+        /// Attempts made (1 + retries).
+        attempts: u32,
+    },
+    /// One TCP connection.
+    Tcp {
+        /// Bytes towards the service.
+        to_service: u64,
+        /// Bytes back to the caller.
+        to_caller: u64,
+        /// It failed (refused, reset, no endpoint, denied).
+        failed: bool,
+    },
+}
+
+/// Traffic on one edge since the last report.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct EdgeKey {
+    source: String,
+    destination: String,
+    mtls: bool,
+    http: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct EdgeAcc {
+    requests: u64,
+    errors: u64,
+    buckets: Vec<u64>,
+    bytes: u64,
+}
+
+/// Per-edge traffic waiting for the next report.
+#[derive(Debug, Default)]
+pub struct Edges {
+    map: Mutex<HashMap<EdgeKey, EdgeAcc>>,
+}
+
+impl Edges {
+    /// Takes what was counted since the last call.
+    pub fn take(&self) -> Vec<pb::EdgeStats> {
+        let map = std::mem::take(&mut *self.map.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out: Vec<pb::EdgeStats> = map
+            .into_iter()
+            .map(|(k, a)| pb::EdgeStats {
+                source: k.source,
+                destination: k.destination,
+                mtls: k.mtls,
+                protocol: if k.http { "http" } else { "tcp" }.to_owned(),
+                requests: a.requests,
+                errors: a.errors,
+                latency_buckets: a.buckets,
+                bytes: a.bytes,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+        out
+    }
+
+    fn add(&self, key: EdgeKey, failed: bool, ms: Option<f64>, bytes: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let acc = map.entry(key).or_default();
+        acc.requests += 1;
+        acc.errors += u64::from(failed);
+        acc.bytes += bytes;
+        if let Some(ms) = ms {
+            if acc.buckets.len() < BUCKETS {
+                acc.buckets.resize(BUCKETS, 0);
+            }
+            acc.buckets[bucket_of(ms)] += 1;
+        }
+    }
+}
+
+/// Whether a finished hop is this node's to report as an edge (see the module docs).
+pub fn reports_edge(direction: Direction, caller_in_mesh: bool) -> bool {
+    match direction {
+        Direction::Outbound => true,
+        Direction::Inbound => !caller_in_mesh,
+    }
+}
+
+/// The response class of a status, for the duration histogram (`2xx` .. `5xx`).
+pub fn class_of(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl Record {
+    /// `namespace/name` of the caller, or `external`.
+    pub fn source_name(&self) -> String {
+        self.src_service
+            .as_ref()
+            .map_or_else(|| EXTERNAL.to_owned(), ToString::to_string)
+    }
+
+    fn failed(&self) -> bool {
+        match &self.kind {
+            Kind::Http { status, .. } => *status >= 500,
+            Kind::Tcp { failed, .. } => *failed,
+        }
+    }
+}
+
+/// Metrics, the access-log event (as configured) and the edge count of one finished hop.
+pub fn finish(shared: &Shared, rec: Record) {
+    let elapsed = rec.started.elapsed();
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    let source = rec.source_name();
+    let dst = rec.dst_service.to_string();
+    let config = shared.config();
+    match &rec.kind {
+        Kind::Http {
+            status,
+            grpc_status,
+            route,
+            attempts,
+            ..
+        } => {
+            shared.metrics.record_http(
+                rec.direction,
+                &source,
+                &dst,
+                route,
+                *status,
+                *grpc_status,
+                elapsed,
+                attempts.saturating_sub(1),
+            );
+        }
+        Kind::Tcp {
+            to_service,
+            to_caller,
+            ..
+        } => {
+            shared
+                .metrics
+                .record_bytes(rec.direction, &dst, *to_service, *to_caller);
+        }
+    }
+    if reports_edge(rec.direction, rec.src_service.is_some()) {
+        let (http, bytes) = match &rec.kind {
+            Kind::Http { .. } => (true, 0),
+            Kind::Tcp {
+                to_service,
+                to_caller,
+                ..
+            } => (false, to_service + to_caller),
+        };
+        let key = EdgeKey {
+            source: source.clone(),
+            destination: dst.clone(),
+            mtls: rec.mtls,
+            http,
+        };
+        shared
+            .edges
+            .add(key, rec.failed(), http.then_some(ms), bytes);
+    }
+    let access = &config.telemetry.access_log;
+    let logged = match &rec.kind {
+        Kind::Http { path, status, .. } => access.logs_request(path, *status),
+        Kind::Tcp { failed, .. } => access.logs_connection(*failed),
+    };
+    if logged {
+        log(&rec, &source, &dst, ms);
+    }
+}
+
+/// The access-log event: journal fields under systemd, a JSON line on stdout otherwise
+/// (see mesh_runtime::telemetry).
+fn log(rec: &Record, source: &str, dst: &str, ms: f64) {
+    let direction = match rec.direction {
+        Direction::Inbound => "inbound",
+        Direction::Outbound => "outbound",
+    };
+    let identity = match (&rec.src_identity, rec.mtls) {
+        (Some(id), _) => id.to_string(),
+        (None, true) => String::new(),
+        (None, false) => "plaintext".to_owned(),
+    };
+    let dst_addr = rec.dst_addr.map(|a| a.to_string()).unwrap_or_default();
+    let (decision, policy) = rec
+        .decision
+        .as_ref()
+        .map_or(("", ""), |(d, p)| (*d, p.as_str()));
+    let trace_id = rec.trace_id.as_deref().unwrap_or("");
+    let src_ip = rec.src_addr.ip().to_string();
+    match &rec.kind {
+        Kind::Http {
+            method,
+            path,
+            status,
+            grpc_status,
+            route,
+            subset,
+            attempts,
+        } => tracing::info!(
+            target: mesh_runtime::telemetry::ACCESS_TARGET,
+            parent: None,
+            direction,
+            protocol = "http",
+            src.addr = %rec.src_addr,
+            src.ip = %src_ip,
+            src.service = %source,
+            src.identity = %identity,
+            mtls = rec.mtls,
+            dst.service = %dst,
+            dst.addr = %dst_addr,
+            route = %route,
+            subset = %subset,
+            http.method = %method,
+            http.path = %path,
+            http.status = status,
+            grpc.status = grpc_status.map(i64::from).unwrap_or(-1),
+            retries = attempts.saturating_sub(1),
+            decision,
+            policy,
+            trace_id,
+            duration_ms = ms,
+            error = %rec.error,
+            "request"
+        ),
+        Kind::Tcp {
+            to_service,
+            to_caller,
+            failed,
+        } => tracing::info!(
+            target: mesh_runtime::telemetry::ACCESS_TARGET,
+            parent: None,
+            direction,
+            protocol = "tcp",
+            src.addr = %rec.src_addr,
+            src.ip = %src_ip,
+            src.service = %source,
+            src.identity = %identity,
+            mtls = rec.mtls,
+            dst.service = %dst,
+            dst.addr = %dst_addr,
+            decision,
+            policy,
+            bytes.to_service = to_service,
+            bytes.to_caller = to_caller,
+            failed,
+            duration_ms = ms,
+            error = %rec.error,
+            "connection"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_reports_an_edge() {
+        // (direction, caller in mesh, reported here)
+        for (d, in_mesh, want) in [
+            (Direction::Outbound, true, true),
+            (Direction::Inbound, true, false),
+            (Direction::Inbound, false, true),
+        ] {
+            assert_eq!(reports_edge(d, in_mesh), want, "{d:?} {in_mesh}");
+        }
+    }
+
+    #[test]
+    fn classes() {
+        for (s, c) in [
+            (101, "1xx"),
+            (200, "2xx"),
+            (304, "3xx"),
+            (429, "4xx"),
+            (503, "5xx"),
+            (0, "5xx"),
+        ] {
+            assert_eq!(class_of(s), c);
+        }
+    }
+
+    #[test]
+    fn edges_accumulate_and_drain() {
+        let e = Edges::default();
+        let key = |src: &str| EdgeKey {
+            source: src.into(),
+            destination: "default/api".into(),
+            mtls: true,
+            http: true,
+        };
+        e.add(key("default/web"), false, Some(3.0), 0);
+        e.add(key("default/web"), true, Some(40.0), 0);
+        e.add(key("external"), false, None, 100);
+        let got = e.take();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].source, "default/web");
+        assert_eq!((got[0].requests, got[0].errors), (2, 1));
+        assert_eq!(got[0].latency_buckets.iter().sum::<u64>(), 2);
+        assert_eq!(got[0].latency_buckets[bucket_of(3.0)], 1);
+        assert_eq!(got[1].bytes, 100);
+        assert!(got[1].latency_buckets.is_empty());
+        assert!(e.take().is_empty(), "taken means gone");
+    }
+}

@@ -1,0 +1,158 @@
+//! Observability over the registry API: nodes report their state and edge traffic (`Report`);
+//! operators and viewers read the service graph (`GetTopology`), SLO status (`GetSloStatus`)
+//! and every node's last report (`GetNodeReports`). The checks and arithmetic live in
+//! `traffic`, `slo` and `alerts`; this module authorises, times and stores.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mesh_api::proto::v1 as pb;
+use tonic::Status;
+use tracing::debug;
+
+use super::{RegistryApi, Rejected, reject};
+use crate::alerts;
+use crate::server::PeerInfo;
+use crate::slo::Severity;
+use crate::store::{NodeReportRecord, Step};
+use crate::traffic;
+
+// === impl RegistryApi ===
+
+impl RegistryApi {
+    /// A node's report: the node is its certificate's, never the message's. The report's edges
+    /// land in the minute the registry received it (registry clock, so node clock skew cannot
+    /// misplace traffic).
+    pub(super) async fn do_report(
+        &self,
+        peer: &PeerInfo,
+        req: pb::NodeReport,
+    ) -> Result<pb::ReportResponse, Rejected> {
+        let node = self.require_node(peer)?;
+        let received_unix_ms = unix_ms(SystemTime::now());
+        let checked = traffic::check(node.as_str(), &req, received_unix_ms).map_err(|e| {
+            reject(
+                "bad_report",
+                Status::invalid_argument(format!("report refused, nothing stored: {e}")),
+            )
+        })?;
+        let minute_unix = Step::Minute.slot(received_unix_ms / 1_000);
+        let edges = checked.edges.len();
+        let skew = checked.record.clock_skew_ms;
+        self.blocking(move |s| s.record_report(&checked.record, minute_unix, &checked.edges))
+            .await?;
+        debug!(node = %node, edges, clock_skew_ms = skew, "node report stored");
+        Ok(pb::ReportResponse {
+            interval_ms: u64::try_from(self.inner.config.report_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        })
+    }
+
+    pub(super) async fn do_get_topology(
+        &self,
+        peer: &PeerInfo,
+        req: pb::TopologyRequest,
+    ) -> Result<pb::Topology, Rejected> {
+        self.require_reader(peer)?;
+        let window = traffic::topology_window(req.window_seconds);
+        let now = unix_ms(SystemTime::now()) / 1_000;
+        let from = traffic::first_minute(now, window);
+        let minutes = self.blocking(move |s| s.edge_minutes(from)).await?;
+        Ok(traffic::topology(&minutes, window))
+    }
+
+    pub(super) async fn do_get_slo_status(
+        &self,
+        peer: &PeerInfo,
+    ) -> Result<pb::SloStatusResponse, Rejected> {
+        self.require_reader(peer)?;
+        let now = unix_ms(SystemTime::now()) / 1_000;
+        let (evaluated, alerts) = self
+            .blocking(move |s| Ok((alerts::evaluate_all(s, now)?, s.slo_alerts()?)))
+            .await?;
+        let alerts: BTreeMap<String, _> = alerts.into_iter().map(|a| (a.slo.clone(), a)).collect();
+        let slos = evaluated
+            .into_iter()
+            .map(|e| {
+                let alert = alerts.get(&e.resource.name);
+                let (r, s) = (e.resource, e.status);
+                pb::SloStatus {
+                    service: r.service,
+                    objective: r.slo.objective.as_str().to_owned(),
+                    goal: r.slo.goal,
+                    window: crate::slo::window_name(r.slo.window),
+                    total: s.total.round() as u64,
+                    good: s.good.round() as u64,
+                    sli: s.sli,
+                    budget_remaining: s.budget_remaining,
+                    burn_5m: s.burn.m5,
+                    burn_30m: s.burn.m30,
+                    burn_1h: s.burn.h1,
+                    burn_6h: s.burn.h6,
+                    alert: alert
+                        .map_or(Severity::Ok, |a| a.severity)
+                        .as_str()
+                        .to_owned(),
+                    alert_since_unix: alert.map_or(0, |a| a.since_unix),
+                    slo: r.name,
+                }
+            })
+            .collect();
+        Ok(pb::SloStatusResponse { slos })
+    }
+
+    pub(super) async fn do_get_node_reports(
+        &self,
+        peer: &PeerInfo,
+    ) -> Result<pb::NodeReportsResponse, Rejected> {
+        self.require_reader(peer)?;
+        let (reports, policy_revision, keyring) = self
+            .blocking(|s| {
+                Ok((
+                    s.node_reports()?,
+                    s.policy_revision()?,
+                    s.get_gossip_keyring()?,
+                ))
+            })
+            .await?;
+        Ok(pb::NodeReportsResponse {
+            now_unix_ms: unix_ms(SystemTime::now()),
+            policy_revision,
+            keyring_revision: keyring.map_or(0, |k| k.revision),
+            nodes: reports.into_iter().map(node_report_state).collect(),
+        })
+    }
+}
+
+/// The wire form of a kept report; its edges are not kept (they are in the topology).
+fn node_report_state(r: NodeReportRecord) -> pb::NodeReportState {
+    pb::NodeReportState {
+        node: r.node,
+        received_unix_ms: r.received_unix_ms,
+        clock_skew_ms: r.clock_skew_ms,
+        report: Some(pb::NodeReport {
+            sent_unix_ms: r.sent_unix_ms,
+            period_ms: r.period_ms,
+            policy_revision: r.policy_revision,
+            keyring_revision: r.keyring_revision,
+            config_generation: r.config_generation,
+            members: r.members,
+            members_digest: r.members_digest,
+            certificates: r
+                .certificates
+                .into_iter()
+                .map(|c| pb::CertExpiry {
+                    identity: c.identity,
+                    not_after_unix: c.not_after_unix,
+                })
+                .collect(),
+            edges: Vec::new(),
+            version: r.version,
+        }),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -99,6 +99,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         seal_opened.clone(),
     );
     let reload_metrics = reload::Metrics::new(&mut registry);
+    let trace_metrics = crate::trace::Metrics::new(&mut registry);
     let registry = Arc::new(registry);
     let (reload_status_tx, reload_status_rx) = watch::channel(reload::Status::initial());
 
@@ -204,6 +205,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     }
 
     let tls_rx = proxy::tls_updates(certs_rx.clone(), shutdown_rx.clone())?;
+    let (tracer, exporter) = crate::trace::Tracer::new(trace_settings(&config)?, trace_metrics);
+    // Ends after the drain (shutdown comes after it), flushing the spans of the last requests.
+    tasks.spawn(
+        exporter
+            .run(shutdown_rx.clone())
+            .instrument(info_span!("trace")),
+    );
     let (drain_trigger, drain_watch) = drain::channel();
     let shared = proxy::Shared {
         config_rx: config_rx.clone(),
@@ -216,6 +224,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         http: Arc::new(proxy::http::State::new(&config)),
         balance: Arc::new(proxy::balance::Table::new()),
         edges: Arc::new(proxy::observe::Edges::default()),
+        tracer,
     };
     proxy::spawn_inbound(
         inbound_listener,
@@ -411,4 +420,21 @@ async fn export_seal_stats(
             }
         }
     }
+}
+
+/// The tracer's settings from `[tracing]` (validated by the config already).
+fn trace_settings(config: &Config) -> anyhow::Result<crate::trace::Settings> {
+    let mut settings = crate::trace::Settings::new(config.node_name.to_string());
+    settings.sampling = config.telemetry.tracing.sampling;
+    settings.collector = match &config.telemetry.tracing.collector {
+        Some(uri) => Some(
+            uri.parse()
+                .with_context(|| format!("tracing.collector {uri:?}"))?,
+        ),
+        None => None,
+    };
+    if let Some(e) = settings.problems().into_iter().next() {
+        anyhow::bail!("[tracing]: {e}");
+    }
+    Ok(settings)
 }

@@ -153,6 +153,8 @@ pub struct Shared {
     pub balance: Arc<balance::Table>,
     /// Per-edge traffic since the last report to the registry.
     pub edges: Arc<observe::Edges>,
+    /// Spans of HTTP hops (disabled without a collector: context passes through).
+    pub tracer: crate::trace::Tracer,
 }
 
 impl Shared {

@@ -8,12 +8,16 @@ use std::sync::atomic::Ordering;
 
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::http_app::{Client, HttpApp};
+use mesh_e2e::otlp::Receiver;
 use mesh_e2e::{Cluster, Node, NodeSpec, RegistryOpts, ServiceSpec, eventually, next_ip};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use std::time::Duration;
 
 const WEB: &str = "default/web";
 const API: &str = "default/api";
 const DB: &str = "default/db";
+const COLLECTOR: &str = "default/collector";
 
 /// The access-log events (JSON lines on stdout) in a node's log.
 fn access_events(node: &Node) -> Vec<serde_json::Value> {
@@ -41,19 +45,34 @@ async fn metrics_and_access_log_match_the_traffic() {
         .unwrap();
     api.behavior.delay_ms.store(20, Ordering::SeqCst);
     let db = Echo::start(SocketAddr::new(ip_b.into(), 0)).await.unwrap();
+    // A gRPC service: an OTLP trace receiver (any real gRPC server would do).
+    let grpc = Receiver::start(SocketAddr::new(ip_b.into(), 0))
+        .await
+        .unwrap();
     let listen = SocketAddr::new(ip_b.into(), 18443);
     let mut api_spec = ServiceSpec::new("api", api.addr).protocol("http");
     api_spec.listen = Some(listen);
-    let mut b = NodeSpec::new("b", cluster.registry.token(&["api", "db"], 1).unwrap());
+    let mut b = NodeSpec::new(
+        "b",
+        cluster
+            .registry
+            .token(&["api", "db", "collector"], 1)
+            .unwrap(),
+    );
     b.ip = ip_b.into();
-    b.services = vec![api_spec, ServiceSpec::new("db", db.addr)];
+    b.services = vec![
+        api_spec,
+        ServiceSpec::new("db", db.addr),
+        ServiceSpec::new("collector", grpc.addr()).protocol("grpc"),
+    ];
     cluster.add_spec(b).await.unwrap();
 
     // a: web calls api (HTTP) and db (TCP).
     let ip_a = next_ip();
-    let (to_api, to_db) = (
+    let (to_api, to_db, to_grpc) = (
         SocketAddr::new(ip_a.into(), 19301),
         SocketAddr::new(ip_a.into(), 19302),
+        SocketAddr::new(ip_a.into(), 19303),
     );
     let mut a = NodeSpec::new("a", cluster.registry.token(&["web"], 1).unwrap());
     a.ip = ip_a.into();
@@ -62,13 +81,15 @@ async fn metrics_and_access_log_match_the_traffic() {
         ServiceSpec::new("web", SocketAddr::new(ip_a.into(), 18080))
             .protocol("http")
             .upstream("api", to_api)
-            .upstream("db", to_db),
+            .upstream("db", to_db)
+            .upstream("collector", to_grpc),
     ];
     cluster.add_spec(a).await.unwrap();
     cluster.converge().await.unwrap();
     let (node_a, node_b) = (&cluster.nodes[1], &cluster.nodes[0]);
     node_a.wait_endpoints(API, 1).await.unwrap();
     node_a.wait_endpoints(DB, 1).await.unwrap();
+    node_a.wait_endpoints(COLLECTOR, 1).await.unwrap();
 
     // HTTP: 40 OK, 10 answered 404 by the app.
     let client = Client::new();
@@ -80,6 +101,16 @@ async fn metrics_and_access_log_match_the_traffic() {
         assert_eq!(r.status, if i < 40 { 200 } else { 404 });
     }
     api.behavior.status.store(0, Ordering::SeqCst);
+    // gRPC: 20 unary calls on one channel.
+    let mut grpc_client = TraceServiceClient::connect(format!("http://{to_grpc}"))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        grpc_client
+            .export(ExportTraceServiceRequest::default())
+            .await
+            .unwrap();
+    }
     // TCP: 10 connections, 1000 bytes each way.
     for i in 0..10 {
         let data = apps::payload(1000, i);
@@ -132,6 +163,21 @@ async fn metrics_and_access_log_match_the_traffic() {
         )
         .await;
         assert_eq!(fast, 0.0, "{direction}: none under the app's 20 ms");
+    }
+    // gRPC: the calls succeeded (grpc-status 0 arrives in trailers, after the headers the count
+    // is taken at, so it is not a label here).
+    for (node, direction) in [(node_a, "outbound"), (node_b, "inbound")] {
+        let labels = [
+            ("direction", direction),
+            ("source", WEB),
+            ("destination", COLLECTOR),
+            ("code", "200"),
+        ];
+        assert_eq!(
+            metric(node, "meshd_requests_total", &labels).await,
+            20.0,
+            "{direction}"
+        );
     }
     // TCP connections and bytes are counted when the connection ends, just after the client saw
     // its last byte.

@@ -25,6 +25,7 @@ use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::{Shared, observe, ratelimit, route};
 use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::Service;
+use crate::trace::{Kind, attr};
 
 /// What each request of one connection needs.
 struct Conn {
@@ -87,8 +88,23 @@ pub async fn serve(
 }
 
 /// One request: authorize, forward, log.
-async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    // The SERVER span of this hop, a child of the caller meshd's CLIENT span; the app's own
+    // spans become its children.
+    let mut span = (conn.shared.tracer).span(
+        req.headers(),
+        Kind::Server,
+        format!("{} {}", req.method(), conn.local.key),
+    );
+    if span.is_recording() {
+        span.attr(attr::HTTP_REQUEST_METHOD, req.method().as_str());
+        span.attr(attr::URL_PATH, req.uri().path());
+        span.attr(attr::MESH_SERVICE, conn.local.key.to_string());
+        span.attr(attr::MESH_PEER_IDENTITY, conn.caller.to_string());
+        span.attr(attr::NETWORK_PEER_ADDRESS, conn.peer.to_string());
+    }
+    span.inject(req.headers_mut());
     // An upgrade is authorized as what the app will see: the GET that asks to switch.
     let method = if upgrade_protocol(&req).is_some() {
         "GET".to_owned()
@@ -133,6 +149,16 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     } else {
         forward(conn, req).await
     };
+    let mesh_error = (resp.headers().get(super::ERROR_HEADER))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    span.response_status(resp.status());
+    if !mesh_error.is_empty() {
+        span.attr(attr::ERROR_TYPE, mesh_error.as_str());
+    }
+    let trace_id = span.trace_id().map(|t| t.to_string());
+    span.end();
     let rec = observe::Record {
         direction: Direction::Inbound,
         started,
@@ -159,13 +185,8 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             },
             authz::policy_of(&decision),
         )),
-        trace_id: None,
-        error: resp
-            .headers()
-            .get(super::ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
+        trace_id,
+        error: mesh_error,
     };
     observe::finish(&conn.shared, rec);
     resp

@@ -24,6 +24,7 @@ use super::super::{Shared, balance, observe, route};
 use super::replay::ReplayBody;
 use super::{Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::{Service, Upstream};
+use crate::trace::{Kind, attr};
 use mesh_api::ServiceKey;
 use mesh_api::name::Label;
 
@@ -141,7 +142,7 @@ async fn serve_conn(
 }
 
 /// One request: route, send (with retries), pass the response back, log.
-async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     if conn.by_host {
         let host = (req.uri().authority().map(|a| a.as_str().to_owned()))
             .or_else(|| {
@@ -185,10 +186,35 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // The CLIENT span of this hop: continues the app's context, and the peer's meshd continues
+    // ours (every attempt of a retried request carries the same context).
+    let dst = &conn.upstream.service;
+    let mut span =
+        (conn.shared.tracer).span(req.headers(), Kind::Client, format!("{method} {dst}"));
+    if span.is_recording() {
+        span.attr(attr::HTTP_REQUEST_METHOD, method.as_str());
+        span.attr(attr::URL_PATH, path.as_str());
+        span.attr(attr::MESH_SERVICE, dst.to_string());
+        span.attr(attr::NETWORK_PEER_ADDRESS, conn.peer.to_string());
+    }
+    span.inject(req.headers_mut());
     let mut log = Log::default();
     let resp = match send(conn, req, &mut log).await {
         Ok(resp) | Err(resp) => resp,
     };
+    let mesh_error = (resp.headers().get(super::ERROR_HEADER))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    span.response_status(resp.status());
+    if !mesh_error.is_empty() {
+        span.attr(attr::ERROR_TYPE, mesh_error.as_str());
+    }
+    if let Some(addr) = log.endpoint {
+        span.attr(attr::SERVER_ADDRESS, addr.to_string());
+    }
+    let trace_id = span.trace_id().map(|t| t.to_string());
+    span.end();
     let rec = observe::Record {
         direction: Direction::Outbound,
         started,
@@ -208,13 +234,8 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             attempts: log.attempts,
         },
         decision: None,
-        trace_id: None,
-        error: resp
-            .headers()
-            .get(super::ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
+        trace_id,
+        error: mesh_error,
     };
     observe::finish(&conn.shared, rec);
     resp

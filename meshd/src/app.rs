@@ -100,6 +100,16 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     );
     let reload_metrics = reload::Metrics::new(&mut registry);
     let trace_metrics = crate::trace::Metrics::new(&mut registry);
+    // Under the journal, access events are journal entries; otherwise JSON lines on stdout,
+    // written in batches. Either way by a task of their own (spawned below).
+    let (access_log, access_journal_rx) = if mesh_runtime::telemetry::to_journal() {
+        let (sink, rx) = proxy::access_log::JournalSink::new(&mut registry);
+        (proxy::access_log::Sink::Journal(sink), Some(rx))
+    } else {
+        let sink = Arc::new(proxy::access_log::JsonSink::new(&mut registry));
+        (proxy::access_log::Sink::Json(sink), None)
+    };
+    let access_log = Arc::new(access_log);
     let registry = Arc::new(registry);
     let (reload_status_tx, reload_status_rx) = watch::channel(reload::Status::initial());
 
@@ -225,7 +235,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         balance: Arc::new(proxy::balance::Table::new()),
         edges: Arc::new(proxy::observe::Edges::default()),
         tracer,
+        access_log: access_log.clone(),
     };
+    // Both end after the drain, writing the last connections' events.
+    match (&*access_log, access_journal_rx) {
+        (proxy::access_log::Sink::Json(sink), _) => {
+            tasks.spawn(sink.clone().run(shutdown_rx.clone()));
+        }
+        (proxy::access_log::Sink::Journal(_), Some(rx)) => {
+            tasks.spawn(proxy::access_log::JournalSink::run(rx, shutdown_rx.clone()));
+        }
+        (proxy::access_log::Sink::Journal(_), None) => {}
+    }
     proxy::spawn_inbound(
         inbound_listener,
         shared.clone(),

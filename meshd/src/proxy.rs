@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::identity::Certs;
 use crate::membership::MeshView;
 
+pub mod access_log;
 pub mod authz;
 pub mod balance;
 pub mod copy;
@@ -155,6 +156,8 @@ pub struct Shared {
     pub edges: Arc<observe::Edges>,
     /// Spans of HTTP hops (disabled without a collector: context passes through).
     pub tracer: crate::trace::Tracer,
+    /// Where access-log events go: the journal under systemd, JSON lines on stdout otherwise.
+    pub access_log: Arc<access_log::Sink>,
 }
 
 impl Shared {

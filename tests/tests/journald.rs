@@ -37,31 +37,47 @@ fn decode(mut buf: &[u8]) -> BTreeMap<String, String> {
     fields
 }
 
-/// Entries received until one matches `want` (or the deadline passes).
-fn until(
-    sock: &UnixDatagram,
-    seen: &mut Vec<BTreeMap<String, String>>,
-    what: &str,
-    want: impl Fn(&BTreeMap<String, String>) -> bool,
-) -> BTreeMap<String, String> {
-    if let Some(e) = seen.iter().find(|e| want(e)) {
-        return e.clone();
+/// Every entry received so far, read continuously by a thread: journald drains its socket at
+/// once, and a socket left full would make meshd drop (access) or wait (log) on its writes.
+#[derive(Clone, Default)]
+struct Journal(std::sync::Arc<std::sync::Mutex<Vec<BTreeMap<String, String>>>>);
+
+impl Journal {
+    fn listen(sock: UnixDatagram) -> Journal {
+        let j = Journal::default();
+        let entries = j.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) => entries.lock().unwrap().push(decode(&buf[..n])),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        j
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = vec![0u8; 256 * 1024];
-    while Instant::now() < deadline {
-        let Ok(n) = sock.recv(&mut buf) else { continue };
-        let entry = decode(&buf[..n]);
-        seen.push(entry.clone());
-        if want(&entry) {
-            return entry;
+
+    /// The first entry matching `want`, waiting up to 20 s for it.
+    async fn until(
+        &self,
+        what: &str,
+        want: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(e) = self.0.lock().unwrap().iter().find(|e| want(e)) {
+                return e.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let messages: Vec<String> = (self.0.lock().unwrap().iter())
+            .filter_map(|e| e.get("MESSAGE").cloned())
+            .collect();
+        panic!("no journal entry {what}; got: {messages:?}");
     }
-    let messages: Vec<&str> = seen
-        .iter()
-        .filter_map(|e| e.get("MESSAGE").map(String::as_str))
-        .collect();
-    panic!("no journal entry {what}; got: {messages:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,6 +88,7 @@ async fn journal_entries_carry_structured_fields() {
     let sock = UnixDatagram::bind(dir.join("socket")).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
+    let journal = Journal::listen(sock);
 
     // api's node logs to the "journal"; web's node calls it.
     let ip = next_ip();
@@ -103,25 +120,24 @@ async fn journal_entries_carry_structured_fields() {
         .await
         .unwrap();
     let reply = Client::new().get(upstream, "/hello", &[]).await.unwrap();
-    assert_eq!(reply.status, 200);
+    assert_eq!(reply.status, 200, "{reply:?}");
 
-    let mut seen = Vec::new();
-    let ready = tokio::task::block_in_place(|| {
-        until(&sock, &mut seen, "saying meshd is ready", |e| {
+    let ready = journal
+        .until("saying meshd is ready", |e| {
             e.get("MESSAGE").is_some_and(|m| m == "meshd ready")
         })
-    });
+        .await;
     assert_eq!(ready["SYSLOG_IDENTIFIER"], "meshd");
     assert_eq!(ready["PRIORITY"], "6", "info");
     assert_eq!(ready["MESHD_NODE"], "api-node");
     assert!(ready.contains_key("CODE_FILE"), "{ready:?}");
 
     // The access log of the request, found by caller identity and decision.
-    let access = tokio::task::block_in_place(|| {
-        until(&sock, &mut seen, "for the request", |e| {
+    let access = journal
+        .until("for the request", |e| {
             e.get("MESHD_HTTP_PATH").is_some_and(|p| p == "/hello")
         })
-    });
+        .await;
     assert_eq!(
         access["MESHD_SRC_IDENTITY"],
         "spiffe://mesh.test/ns/default/svc/web"
@@ -137,12 +153,12 @@ async fn journal_entries_carry_structured_fields() {
     tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n")
         .await
         .unwrap();
-    let rejected = tokio::task::block_in_place(|| {
-        until(&sock, &mut seen, "for the plaintext connection", |e| {
+    let rejected = journal
+        .until("for the plaintext connection", |e| {
             e.get("MESSAGE")
                 .is_some_and(|m| m == "inbound connection rejected")
         })
-    });
+        .await;
     assert_eq!(rejected["PRIORITY"], "4", "warning");
     assert!(rejected.contains_key("MESHD_REASON"), "{rejected:?}");
     assert!(

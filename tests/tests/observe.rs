@@ -201,8 +201,22 @@ async fn metrics_and_access_log_match_the_traffic() {
         .unwrap();
     }
 
-    // Access log, outbound: one event per request, with route, status and endpoint.
-    let events_a = access_events(node_a);
+    // Access log, outbound: one event per request, with route, status and endpoint (written
+    // in batches, within a fraction of a second).
+    let events_a = eventually(Duration::from_secs(5), "a's access events", || async {
+        let events = access_events(node_a);
+        let http = events
+            .iter()
+            .filter(|e| e["protocol"] == "http" && e["dst.service"] == API)
+            .count();
+        let tcp = events
+            .iter()
+            .filter(|e| e["protocol"] == "tcp" && e["dst.service"] == DB)
+            .count();
+        (http >= 50 && tcp >= 10).then_some(events)
+    })
+    .await
+    .unwrap();
     let http_a: Vec<_> = events_a
         .iter()
         .filter(|e| e["protocol"] == "http" && e["dst.service"] == API)
@@ -225,11 +239,14 @@ async fn metrics_and_access_log_match_the_traffic() {
     assert_eq!(tcp_a, 10);
 
     // Inbound: the caller's identity and IP, the decision.
-    let events_b = access_events(node_b);
-    let e = events_b
-        .iter()
-        .find(|e| e["protocol"] == "http" && e["http.status"] == 404)
-        .unwrap_or_else(|| panic!("no inbound 404 event: {events_b:?}"));
+    let e = eventually(Duration::from_secs(5), "b's 404 event", || async {
+        access_events(node_b)
+            .into_iter()
+            .find(|e| e["protocol"] == "http" && e["http.status"] == 404)
+    })
+    .await
+    .unwrap();
+    let e = &e;
     assert_eq!(e["src.identity"], "spiffe://mesh.test/ns/default/svc/web");
     assert_eq!(e["src.service"], WEB);
     // The address the connection came from (on loopback, meshd a dials from 127.0.0.1).

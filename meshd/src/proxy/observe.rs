@@ -16,6 +16,7 @@ use mesh_api::proto::v1 as pb;
 use mesh_api::{Identity, ServiceKey};
 
 use super::Shared;
+use super::access_log::{Entry, Line, Sink};
 use super::metrics::Direction;
 
 /// One finished HTTP request or TCP connection.
@@ -235,29 +236,66 @@ pub fn finish(shared: &Shared, rec: Record) {
         Kind::Tcp { failed, .. } => access.logs_connection(*failed),
     };
     if logged {
-        log(&rec, &source, &dst, ms);
+        log(&shared.access_log, &rec, &source, &dst, ms);
     }
 }
 
-/// The access-log event: journal fields under systemd, a JSON line on stdout otherwise
-/// (see mesh_runtime::telemetry).
-fn log(rec: &Record, source: &str, dst: &str, ms: f64) {
-    let direction = match rec.direction {
+fn direction_name(d: Direction) -> &'static str {
+    match d {
         Direction::Inbound => "inbound",
         Direction::Outbound => "outbound",
-    };
-    let identity = match (&rec.src_identity, rec.mtls) {
+    }
+}
+
+fn identity_text(rec: &Record) -> String {
+    match (&rec.src_identity, rec.mtls) {
         (Some(id), _) => id.to_string(),
         (None, true) => String::new(),
         (None, false) => "plaintext".to_owned(),
-    };
-    let dst_addr = rec.dst_addr.map(|a| a.to_string()).unwrap_or_default();
-    let (decision, policy) = rec
-        .decision
-        .as_ref()
-        .map_or(("", ""), |(d, p)| (*d, p.as_str()));
-    let trace_id = rec.trace_id.as_deref().unwrap_or("");
-    let src_ip = rec.src_addr.ip().to_string();
+    }
+}
+
+/// A field value of an access-log event.
+pub enum Val<'a> {
+    /// Text.
+    Str(&'a str),
+    /// Integer.
+    Int(i64),
+    /// Number.
+    Float(f64),
+    /// Flag.
+    Bool(bool),
+}
+
+/// The event's message and every field, in order: one list for both sinks, so the journal and
+/// the JSON lines always carry the same fields.
+pub fn fields(
+    rec: &Record,
+    source: &str,
+    dst: &str,
+    ms: f64,
+    f: &mut dyn FnMut(&'static str, Val<'_>),
+) {
+    use Val::{Bool, Float, Int, Str};
+    f("direction", Str(direction_name(rec.direction)));
+    f(
+        "protocol",
+        Str(if matches!(rec.kind, Kind::Http { .. }) {
+            "http"
+        } else {
+            "tcp"
+        }),
+    );
+    f("src.addr", Str(&rec.src_addr.to_string()));
+    f("src.ip", Str(&rec.src_addr.ip().to_string()));
+    f("src.service", Str(source));
+    f("src.identity", Str(&identity_text(rec)));
+    f("mtls", Bool(rec.mtls));
+    f("dst.service", Str(dst));
+    f(
+        "dst.addr",
+        Str(&rec.dst_addr.map(|a| a.to_string()).unwrap_or_default()),
+    );
     match &rec.kind {
         Kind::Http {
             method,
@@ -267,57 +305,70 @@ fn log(rec: &Record, source: &str, dst: &str, ms: f64) {
             route,
             subset,
             attempts,
-        } => tracing::info!(
-            target: mesh_runtime::telemetry::ACCESS_TARGET,
-            parent: None,
-            direction,
-            protocol = "http",
-            src.addr = %rec.src_addr,
-            src.ip = %src_ip,
-            src.service = %source,
-            src.identity = %identity,
-            mtls = rec.mtls,
-            dst.service = %dst,
-            dst.addr = %dst_addr,
-            route = %route,
-            subset = %subset,
-            http.method = %method,
-            http.path = %path,
-            http.status = status,
-            grpc.status = grpc_status.map(i64::from).unwrap_or(-1),
-            retries = attempts.saturating_sub(1),
-            decision,
-            policy,
-            trace_id,
-            duration_ms = ms,
-            error = %rec.error,
-            "request"
-        ),
+        } => {
+            f("route", Str(route));
+            f("subset", Str(subset));
+            f("http.method", Str(method));
+            f("http.path", Str(path));
+            f("http.status", Int(i64::from(*status)));
+            f("grpc.status", Int(grpc_status.map_or(-1, i64::from)));
+            f("retries", Int(i64::from(attempts.saturating_sub(1))));
+        }
         Kind::Tcp {
             to_service,
             to_caller,
             failed,
-        } => tracing::info!(
-            target: mesh_runtime::telemetry::ACCESS_TARGET,
-            parent: None,
-            direction,
-            protocol = "tcp",
-            src.addr = %rec.src_addr,
-            src.ip = %src_ip,
-            src.service = %source,
-            src.identity = %identity,
-            mtls = rec.mtls,
-            dst.service = %dst,
-            dst.addr = %dst_addr,
-            decision,
-            policy,
-            bytes.to_service = to_service,
-            bytes.to_caller = to_caller,
-            failed,
-            duration_ms = ms,
-            error = %rec.error,
-            "connection"
-        ),
+        } => {
+            f("bytes.to_service", Int(*to_service as i64));
+            f("bytes.to_caller", Int(*to_caller as i64));
+            f("failed", Bool(*failed));
+        }
+    }
+    let (decision, policy) = rec
+        .decision
+        .as_ref()
+        .map_or(("", ""), |(d, p)| (*d, p.as_str()));
+    f("decision", Str(decision));
+    f("policy", Str(policy));
+    f("trace_id", Str(rec.trace_id.as_deref().unwrap_or("")));
+    f("duration_ms", Float(ms));
+    f("error", Str(&rec.error));
+}
+
+fn message(rec: &Record) -> &'static str {
+    match rec.kind {
+        Kind::Http { .. } => "request",
+        Kind::Tcp { .. } => "connection",
+    }
+}
+
+/// Formats the event for `sink` and hands it over.
+fn log(sink: &Sink, rec: &Record, source: &str, dst: &str, ms: f64) {
+    match sink {
+        Sink::Json(json) => {
+            let mut l = Line::new(message(rec));
+            fields(rec, source, dst, ms, &mut |k, v| {
+                match v {
+                    Val::Str(s) => l.str(k, s),
+                    Val::Int(i) => l.int(k, i),
+                    Val::Float(x) => l.float(k, x),
+                    Val::Bool(b) => l.bool(k, b),
+                };
+            });
+            json.push(&l.finish());
+        }
+        Sink::Journal(journal) => {
+            let mut e = Entry::new(message(rec));
+            fields(rec, source, dst, ms, &mut |k, v| {
+                match v {
+                    Val::Str(s) => e.field(k, s),
+                    Val::Int(i) => e.field(k, &i.to_string()),
+                    Val::Float(x) => e.field(k, &x.to_string()),
+                    Val::Bool(b) => e.field(k, if b { "true" } else { "false" }),
+                };
+            });
+            journal.push(e.finish());
+        }
     }
 }
 

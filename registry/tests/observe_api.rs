@@ -88,6 +88,20 @@ async fn reports_build_the_topology_for_readers_only() {
         mut node,
         ..
     } = common::start_with(fast).await;
+    // Nodes report only edges of their own services (or plaintext callers of them).
+    common::join(&mut admin, &td, "node-1", &["shop/web", "shop/db"]).await;
+    common::join(&mut admin, &td, "node-2", &["shop/web", "shop/db"]).await;
+    let not_mine = node
+        .report(report(vec![http_edge("shop/api", "shop/db", 1, 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(not_mine.code(), tonic::Code::PermissionDenied, "{not_mine}");
+    assert!(
+        not_mine
+            .message()
+            .contains("shop/api is not a service of this node"),
+        "{not_mine}"
+    );
     let mut node2 = identity_client(
         addr,
         &td,
@@ -271,6 +285,7 @@ fn slo_resource(webhook: &str) -> pb::Resource {
 async fn slo_fast_burn_fires_once_across_a_restart() {
     let (url, mut hooks) = webhook_server().await;
     let mut reg = common::start_with(fast).await;
+    common::join(&mut reg.admin, &reg.td, "node-1", &["shop/web"]).await;
     reg.admin
         .apply(pb::ApplyRequest {
             resources: vec![slo_resource(&url)],

@@ -100,6 +100,26 @@ pub fn allows_service(allowed: &[String], service: &ServiceKey) -> bool {
     })
 }
 
+/// Whether a node whose token allowed `allowed` may report the edge `source` → `destination`:
+/// the caller's side is its own service, or, for callers from outside the mesh (`external`),
+/// the callee is. So a node cannot put traffic (and errors, and SLO pages) on other nodes'
+/// services.
+pub fn may_report_edge(allowed: &[String], source: &str, destination: &str) -> Result<(), String> {
+    let own = if source == mesh_api::observe::EXTERNAL {
+        destination
+    } else {
+        source
+    };
+    let key = ServiceKey::parse(own).map_err(|e| format!("{own:?}: {e}"))?;
+    if allows_service(allowed, &key) {
+        Ok(())
+    } else {
+        Err(format!(
+            "edge {source} -> {destination}: {own} is not a service of this node (its join token allows {allowed:?})"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +169,26 @@ mod tests {
         );
         assert!(normalize_services(&s(&["a/b/c"])).is_err());
         assert!(normalize_services(&s(&["*/web"])).is_err());
+    }
+
+    #[test]
+    fn who_reports_which_edges() {
+        let allowed = vec!["default/web".to_owned(), "ops/*".to_owned()];
+        // (source, destination, may report)
+        let cases = [
+            ("default/web", "default/api", true),
+            ("ops/cron", "default/api", true),
+            ("default/api", "default/db", false),
+            ("external", "default/web", true),
+            ("external", "default/api", false),
+        ];
+        for (src, dst, want) in cases {
+            assert_eq!(
+                may_report_edge(&allowed, src, dst).is_ok(),
+                want,
+                "{src} -> {dst}"
+            );
+        }
     }
 
     #[test]

@@ -36,6 +36,31 @@ impl RegistryApi {
                 Status::invalid_argument(format!("report refused, nothing stored: {e}")),
             )
         })?;
+        let key = node.to_string();
+        let record = self
+            .blocking(move |s| s.get_node(&key))
+            .await?
+            .ok_or_else(|| {
+                reject(
+                    "unknown_node",
+                    Status::permission_denied(format!("node {node} is not registered")),
+                )
+            })?;
+        for (i, (edge, _)) in checked.edges.iter().enumerate() {
+            super::decide::may_report_edge(
+                &record.allowed_services,
+                &edge.source,
+                &edge.destination,
+            )
+            .map_err(|e| {
+                reject(
+                    "edge_not_owned",
+                    Status::permission_denied(format!(
+                        "report refused, nothing stored: edges[{i}]: {e}"
+                    )),
+                )
+            })?;
+        }
         let minute_unix = Step::Minute.slot(received_unix_ms / 1_000);
         let edges = checked.edges.len();
         let skew = checked.record.clock_skew_ms;

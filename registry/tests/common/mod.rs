@@ -209,6 +209,40 @@ async fn serve(
     }
 }
 
+/// Registers node `name` the way a host does (a token for `services`, then Join with a CSR),
+/// so the registry knows which services it may host and report on.
+#[allow(dead_code)]
+pub async fn join(
+    admin: &mut RegistryClient<Channel>,
+    td: &TrustDomain,
+    name: &str,
+    services: &[&str],
+) {
+    use mesh_api::proto::v1 as pb;
+    let token = admin
+        .create_token(pb::CreateTokenRequest {
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+            ttl_seconds: 3600,
+            uses: 1,
+        })
+        .await
+        .expect("create token")
+        .into_inner()
+        .token;
+    let node = mesh_api::name::NodeName::new(name).expect("node name");
+    let (_key, csr_pem) = tls::new_key_and_csr(&Identity::node(td, &node)).expect("csr");
+    admin
+        .join(pb::JoinRequest {
+            token,
+            node_name: name.to_owned(),
+            csr_pem,
+            datacenter: "dc1".to_owned(),
+            zone: "a".to_owned(),
+        })
+        .await
+        .expect("join");
+}
+
 /// A client presenting a certificate for `identity`, issued by the registry's CA in `data`.
 pub fn identity_client(
     addr: std::net::SocketAddr,

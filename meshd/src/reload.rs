@@ -600,7 +600,7 @@ impl fmt::Display for Summary {
             list(&self.removed),
             list(&self.changed),
             if self.settings {
-                "; timeouts changed"
+                "; settings changed"
             } else {
                 ""
             }

@@ -406,6 +406,17 @@ impl Tracer {
     /// Starts the span of one hop: reads the request's context, decides sampling, and (when
     /// enabled) picks a new span id, parented to the caller's span if there is one.
     pub fn span(&self, headers: &HeaderMap, kind: Kind, name: impl Into<String>) -> Span {
+        self.span_named(headers, kind, || name.into())
+    }
+
+    /// [`Tracer::span`] with the name made only if the span is recorded (most requests are
+    /// not sampled; the proxy's names are formatted).
+    pub fn span_named(
+        &self,
+        headers: &HeaderMap,
+        kind: Kind,
+        name: impl FnOnce() -> String,
+    ) -> Span {
         let incoming = extract(headers);
         let Some(shared) = &self.inner else {
             return Span::passthrough(&incoming);
@@ -427,7 +438,7 @@ impl Tracer {
                     span_id: context.span_id,
                     parent: incoming.parent.map(|p| p.span_id),
                     trace_state: context.trace_state.clone(),
-                    name: name.into(),
+                    name: name(),
                     kind,
                     start_unix_nanos: unix_nanos(SystemTime::now()),
                     end_unix_nanos: 0,

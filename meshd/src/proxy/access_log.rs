@@ -33,8 +33,10 @@ impl Line {
             buf: String::with_capacity(512),
             first: true,
         };
-        let ts = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
-        l.str("timestamp", &ts);
+        l.disp(
+            "timestamp",
+            &humantime::format_rfc3339_micros(SystemTime::now()),
+        );
         l.str("target", "access");
         l.str("message", message);
         l
@@ -51,6 +53,16 @@ impl Line {
     pub fn str(&mut self, key: &str, value: &str) -> &mut Line {
         self.key(key);
         escape_into(&mut self.buf, value);
+        self
+    }
+
+    /// A field written by its `Display`, escaped as it is written (no intermediate `String`:
+    /// addresses and identities are formatted straight into the line).
+    pub fn disp(&mut self, key: &str, value: &dyn std::fmt::Display) -> &mut Line {
+        self.key(key);
+        self.buf.push('"');
+        let _ = write!(Escaper(&mut self.buf), "{value}");
+        self.buf.push('"');
         self
     }
 
@@ -92,20 +104,44 @@ impl Line {
 /// Appends `s` as a JSON string (quotes, escapes, control characters as \u00XX).
 pub fn escape_into(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
+    let _ = Escaper(out).write_str_escaped(s);
     out.push('"');
+}
+
+/// Writes what it is given into a JSON string's body, escaped.
+struct Escaper<'a>(&'a mut String);
+
+impl Escaper<'_> {
+    fn write_str_escaped(&mut self, s: &str) -> std::fmt::Result {
+        // Runs of plain characters are copied whole.
+        let mut plain = 0;
+        for (i, c) in s.char_indices() {
+            let escaped = match c {
+                '"' => "\\\"",
+                '\\' => "\\\\",
+                '\n' => "\\n",
+                '\r' => "\\r",
+                '\t' => "\\t",
+                c if (c as u32) < 0x20 => "",
+                _ => continue,
+            };
+            self.0.push_str(&s[plain..i]);
+            if escaped.is_empty() {
+                write!(self.0, "\\u{:04x}", c as u32)?;
+            } else {
+                self.0.push_str(escaped);
+            }
+            plain = i + c.len_utf8();
+        }
+        self.0.push_str(&s[plain..]);
+        Ok(())
+    }
+}
+
+impl std::fmt::Write for Escaper<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.write_str_escaped(s)
+    }
 }
 
 /// The shared buffer and its writer.
@@ -223,6 +259,11 @@ impl Entry {
             self.buf.extend_from_slice(value.as_bytes());
         }
         self.buf.push(b'\n');
+    }
+
+    /// A field written by its `Display`.
+    pub fn field_disp(&mut self, key: &str, value: &dyn std::fmt::Display) -> &mut Entry {
+        self.field(key, &value.to_string())
     }
 
     /// A field named after `key` (`src.identity` → `MESHD_SRC_IDENTITY`).

@@ -247,18 +247,12 @@ fn direction_name(d: Direction) -> &'static str {
     }
 }
 
-fn identity_text(rec: &Record) -> String {
-    match (&rec.src_identity, rec.mtls) {
-        (Some(id), _) => id.to_string(),
-        (None, true) => String::new(),
-        (None, false) => "plaintext".to_owned(),
-    }
-}
-
 /// A field value of an access-log event.
 pub enum Val<'a> {
     /// Text.
     Str(&'a str),
+    /// Text written by its `Display` (formatted straight into the event).
+    Disp(&'a dyn std::fmt::Display),
     /// Integer.
     Int(i64),
     /// Number.
@@ -276,7 +270,7 @@ pub fn fields(
     ms: f64,
     f: &mut dyn FnMut(&'static str, Val<'_>),
 ) {
-    use Val::{Bool, Float, Int, Str};
+    use Val::{Bool, Disp, Float, Int, Str};
     f("direction", Str(direction_name(rec.direction)));
     f(
         "protocol",
@@ -286,16 +280,20 @@ pub fn fields(
             "tcp"
         }),
     );
-    f("src.addr", Str(&rec.src_addr.to_string()));
-    f("src.ip", Str(&rec.src_addr.ip().to_string()));
+    f("src.addr", Disp(&rec.src_addr));
+    f("src.ip", Disp(&rec.src_addr.ip()));
     f("src.service", Str(source));
-    f("src.identity", Str(&identity_text(rec)));
+    match (&rec.src_identity, rec.mtls) {
+        (Some(id), _) => f("src.identity", Disp(id)),
+        (None, true) => f("src.identity", Str("")),
+        (None, false) => f("src.identity", Str("plaintext")),
+    }
     f("mtls", Bool(rec.mtls));
     f("dst.service", Str(dst));
-    f(
-        "dst.addr",
-        Str(&rec.dst_addr.map(|a| a.to_string()).unwrap_or_default()),
-    );
+    match &rec.dst_addr {
+        Some(a) => f("dst.addr", Disp(a)),
+        None => f("dst.addr", Str("")),
+    }
     match &rec.kind {
         Kind::Http {
             method,
@@ -350,6 +348,7 @@ fn log(sink: &Sink, rec: &Record, source: &str, dst: &str, ms: f64) {
             fields(rec, source, dst, ms, &mut |k, v| {
                 match v {
                     Val::Str(s) => l.str(k, s),
+                    Val::Disp(d) => l.disp(k, d),
                     Val::Int(i) => l.int(k, i),
                     Val::Float(x) => l.float(k, x),
                     Val::Bool(b) => l.bool(k, b),
@@ -362,6 +361,7 @@ fn log(sink: &Sink, rec: &Record, source: &str, dst: &str, ms: f64) {
             fields(rec, source, dst, ms, &mut |k, v| {
                 match v {
                     Val::Str(s) => e.field(k, s),
+                    Val::Disp(d) => e.field_disp(k, d),
                     Val::Int(i) => e.field(k, &i.to_string()),
                     Val::Float(x) => e.field(k, &x.to_string()),
                     Val::Bool(b) => e.field(k, if b { "true" } else { "false" }),

@@ -92,11 +92,9 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     // The SERVER span of this hop, a child of the caller meshd's CLIENT span; the app's own
     // spans become its children.
-    let mut span = (conn.shared.tracer).span(
-        req.headers(),
-        Kind::Server,
-        format!("{} {}", req.method(), conn.local.key),
-    );
+    let mut span = (conn.shared.tracer).span_named(req.headers(), Kind::Server, || {
+        format!("{} {}", req.method(), conn.local.key)
+    });
     if span.is_recording() {
         span.attr(attr::HTTP_REQUEST_METHOD, req.method().as_str());
         span.attr(attr::URL_PATH, req.uri().path());

@@ -190,7 +190,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     // ours (every attempt of a retried request carries the same context).
     let dst = &conn.upstream.service;
     let mut span =
-        (conn.shared.tracer).span(req.headers(), Kind::Client, format!("{method} {dst}"));
+        (conn.shared.tracer).span_named(req.headers(), Kind::Client, || format!("{method} {dst}"));
     if span.is_recording() {
         span.attr(attr::HTTP_REQUEST_METHOD, method.as_str());
         span.attr(attr::URL_PATH, path.as_str());

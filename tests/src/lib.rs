@@ -702,7 +702,7 @@ impl Node {
         cmd.arg("run")
             .arg("--config")
             .arg(self.dir.join("meshd.toml"));
-        cmd.env("MESHD_LOG", "info,access=info,chitchat=warn");
+        cmd.env("MESHD_LOG", "info,chitchat=warn");
         for (k, v) in &self.spec.env {
             cmd.env(k, v);
         }

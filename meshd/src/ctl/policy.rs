@@ -325,10 +325,10 @@ pub fn table(resources: &[pb::Resource]) -> String {
     if resources.is_empty() {
         return String::new();
     }
-    let rows: Vec<[String; 6]> = resources
+    let rows: Vec<Vec<String>> = resources
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.kind.clone(),
                 r.namespace.clone(),
                 r.name.clone(),
@@ -338,19 +338,19 @@ pub fn table(resources: &[pb::Resource]) -> String {
             ]
         })
         .collect();
-    columns(
-        ["KIND", "NAMESPACE", "NAME", "REVISION", "AUTHOR", "UPDATED"],
+    crate::ctl::columns(
+        &["KIND", "NAMESPACE", "NAME", "REVISION", "AUTHOR", "UPDATED"],
         &rows,
     )
 }
 
 /// `REVISION AUTHOR TIME ACTION`, oldest first.
 pub fn history_table(versions: &[pb::Resource]) -> String {
-    let rows: Vec<[String; 4]> = versions
+    let rows: Vec<Vec<String>> = versions
         .iter()
         .zip(actions(versions))
         .map(|(v, action)| {
-            [
+            vec![
                 v.revision.to_string(),
                 v.author.clone(),
                 time(v.updated_unix),
@@ -358,7 +358,7 @@ pub fn history_table(versions: &[pb::Resource]) -> String {
             ]
         })
         .collect();
-    columns(["REVISION", "AUTHOR", "TIME", "ACTION"], &rows)
+    crate::ctl::columns(&["REVISION", "AUTHOR", "TIME", "ACTION"], &rows)
 }
 
 /// Every version with its action and full spec (`null` for deletions).
@@ -491,33 +491,6 @@ fn time(unix: i64) -> String {
         return "-".to_owned();
     }
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix as u64)).to_string()
-}
-
-fn columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}   ");
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
 }
 
 #[cfg(test)]

@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meshd::{app, config};
 
+// The proxy allocates per request in hyper, h2 and rustls: glibc's malloc/free took 7–8% of its
+// CPU at saturation (perf, BENCHMARKS.md "HTTP (L7)"), mimalloc's thread-local free lists less.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad command line or configuration (EX_USAGE): systemd must not restart-loop.
 const EX_USAGE: u8 = 64;
 

@@ -113,25 +113,26 @@ struct Escaper<'a>(&'a mut String);
 
 impl Escaper<'_> {
     fn write_str_escaped(&mut self, s: &str) -> std::fmt::Result {
-        // Runs of plain characters are copied whole.
+        // Runs of plain characters are copied whole. Everything escaped is ASCII, so bytes are
+        // scanned (a UTF-8 continuation byte is never below 0x80), not chars.
         let mut plain = 0;
-        for (i, c) in s.char_indices() {
-            let escaped = match c {
-                '"' => "\\\"",
-                '\\' => "\\\\",
-                '\n' => "\\n",
-                '\r' => "\\r",
-                '\t' => "\\t",
-                c if (c as u32) < 0x20 => "",
+        for (i, b) in s.bytes().enumerate() {
+            let escaped = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..0x20 => "",
                 _ => continue,
             };
             self.0.push_str(&s[plain..i]);
             if escaped.is_empty() {
-                write!(self.0, "\\u{:04x}", c as u32)?;
+                write!(self.0, "\\u{b:04x}")?;
             } else {
                 self.0.push_str(escaped);
             }
-            plain = i + c.len_utf8();
+            plain = i + 1;
         }
         self.0.push_str(&s[plain..]);
         Ok(())

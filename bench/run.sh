@@ -19,6 +19,9 @@
 #                         http-trace1:   as http, spans exported to an OTLP collector (otlp-sink)
 #                                        at 1% sampling
 #                         http-trace100: as http-trace1 at 100% sampling
+#                         http-base:     as http, run from the binary BASE_MESHD (A/B of a change
+#                                        in one run: build the baseline, copy it aside, rebuild)
+#   BASE_MESHD            meshd binary of the http-base variant (its file name must be meshd)
 #   PIN_CPU [1]           CPU of the pinned meshd processes: "1" puts both on CPU 1 (one CPU for
 #                         the pair); "0 1" puts the client-side meshd on CPU 0, the server side on 1
 #   TARGETS               override the target list, e.g. "direct meshd-pinned haproxy-l4"
@@ -108,11 +111,11 @@ command -v curl >/dev/null || die "curl not found (peers.sh start installs it)"
 # variant -> client IP, server IP, upstream port (the app-facing listener of the client meshd)
 # Not the 127.0.0.2/.3 and :17700 of the getting-started example, so a dev mesh can keep running.
 declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16
-  [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22)
+  [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22 [http-base]=127.0.0.24)
 declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17
-  [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23)
+  [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23 [http-base]=127.0.0.25)
 declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006 [http-quiet]=18007
-  [http-trace1]=18008 [http-trace100]=18009)
+  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010)
 # Observability settings of each variant (appended to its nodes' meshd.toml).
 OTLP=127.0.0.1:17712
 declare -A OBSERVE=(
@@ -136,7 +139,10 @@ wait_for() { # description, command...: retries until success or READY_TIMEOUT
 
 for a in $REG_LISTEN $REG_ADMIN; do ! port_busy "${a%:*}" "${a#*:}" || die "$a is in use (a previous run still alive?)"; done
 for v in $MESHD_VARIANTS; do
-  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100)"
+  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base)"
+  if [ "$v" = http-base ]; then
+    [ -x "${BASE_MESHD:-}" ] || die "MESHD_VARIANTS has http-base: set BASE_MESHD to an executable meshd binary"
+  fi
   ! port_busy 127.0.0.1 "${UP_PORT[$v]}" || die "127.0.0.1:${UP_PORT[$v]} is in use (a previous run still alive?)"
   for ip in "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}"; do
     for p in 15000 15008 17946; do ! port_busy "$ip" $p || die "$ip:$p is in use (a previous run still alive?)"; done
@@ -154,7 +160,8 @@ wait_for "the registry (http://$REG_ADMIN/ready)" curl -fsS "http://$REG_ADMIN/r
 token() { "$BIN/meshctl" --credentials "$TMP/registry/admin" token create --services "$1" 2>>"$TMP/meshctl.log"; }
 
 start_node() { # variant name ip gossip-seed-ip service-file-body
-  local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2"
+  local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2" bin="$BIN/meshd"
+  [ "$v" = http-base ] && bin=$BASE_MESHD
   mkdir -p "$dir/services.d"
   cat >"$dir/node.toml" <<EOF
 node_name = "$name"
@@ -179,9 +186,9 @@ EOF
   token "$svc_name" >"$dir/token" || die "meshctl token create --services $svc_name failed"
   if [ "$v" != default ]; then
     local cpu=$PIN_CLIENT; [[ $name == server-* ]] && cpu=$PIN_SERVER
-    (cd "$dir" && exec env TOKIO_WORKER_THREADS=1 taskset -c "$cpu" "$BIN/meshd" run --config node.toml) >"$TMP/$name.log" 2>&1 &
+    (cd "$dir" && exec env TOKIO_WORKER_THREADS=1 taskset -c "$cpu" "$bin" run --config node.toml) >"$TMP/$name.log" 2>&1 &
   else
-    (cd "$dir" && exec "$BIN/meshd" run --config node.toml) >"$TMP/$name.log" 2>&1 &
+    (cd "$dir" && exec "$bin" run --config node.toml) >"$TMP/$name.log" 2>&1 &
   fi
   OUR_PIDS+=($!)
   MESHD_PIDS[$v]="${MESHD_PIDS[$v]:-} $!"

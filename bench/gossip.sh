@@ -3,36 +3,58 @@
 # N-node mesh over meshd's gossip (chitchat with meshd's configuration), and what gossip costs
 # each node in bandwidth. N chitchat nodes are simulated in one process over chitchat's
 # in-memory transport (see the top of bench/loadgen/src/bin/gossip_convergence.rs). Prints a
-# markdown report and writes it to bench/results/gossip-<UTC time>.md. About 5 minutes with
-# the defaults. Never run by CI.
+# markdown report and writes it to bench/results/gossip-<UTC time>.md. About 30 minutes with
+# the defaults on 2 vCPUs, 26 of them for 1,000 nodes; ALSO_REAL="10 100 200" adds ~3 (and a
+# busy host can make its 200-node run collapse and wait out every timeout: ~10).
+# Never run by CI.
+#
+# Clock: by default every run is a discrete-event simulation in virtual time (one thread,
+# tokio's clock paused and moved from timer to timer), so every gossip round happens on time
+# however much CPU N nodes need, and the results do not depend on the host. Simulating one
+# second of 1,000 nodes takes about a minute on one core. REAL=1 runs everything in real time
+# on a multi-thread runtime instead (the old mode: past ~200 nodes on 2 vCPUs the rounds run
+# late and the numbers measure the host). Both are built from the same binary, built with
+# tokio's test-util feature (needed to pause the clock).
 #
 # Environment (defaults in brackets):
-#   NODES ["10 100 200 1000"]  cluster sizes, one process each, one after the other. 200 is
-#                            the largest size that keeps up on 2 vCPUs (see the report).
-#   REPS [5]                 new-endpoint repetitions per size, each from a different node
+#   NODES ["10 100 200 1000"]  cluster sizes, one process each, one after the other
+#   REAL [0]                 1: every run in real time instead of virtual time
+#   ALSO_REAL [""]           sizes to run again in real time, to compare (e.g. "10 100 200")
+#   REPS [5]                 new-endpoint repetitions per size below LARGE, each from a
+#                            different node
 #   DEATH_REPS [5]           death repetitions per size below LARGE
-#   LARGE [500]              sizes from here on get LARGE_DEATH_REPS death repetitions
-#   LARGE_DEATH_REPS [2]     (each death at least ~3 s, and a large run may barely fit in memory)
-#   WINDOW [10s]             steady-state bandwidth window
+#   WINDOW [10s]             steady-state bandwidth window, below LARGE
+#   LARGE [500]              sizes from here on get LARGE_REPS, LARGE_DEATH_REPS, LARGE_WINDOW
+#   LARGE_REPS [3]           (each simulated second of 1,000 nodes takes ~1 minute, and the
+#   LARGE_DEATH_REPS [2]     run holds ~11 GB: each death is at least ~3 s,
+#   LARGE_WINDOW [5s]        each new endpoint ~2 s with the pause before it)
+#   MAX_WALL [50m]           stop a run (keeping what it measured) after this wall time
 #   GOSSIP_INTERVAL [200ms]  meshd's default gossip.interval
 #   CONVERGE_TIMEOUT [5m]    give up waiting for every node to see every other
-#   MAX_RSS_MB [12000]       stop a run (keeping what it measured) past this RSS; the machine is
-#                            shared, and a simulated node costs ~8 MB of RAM per 1,000 peers
-#   CEILING [1]              1: also run 240 nodes with 253-character node names, whose digest
-#                            no longer fits one sealed datagram (the size limit of meshd gossip)
+#   MAX_RSS_MB [12500]       stop a run (keeping what it measured) past this RSS; the machine is
+#                            shared, and a simulated node costs ~11 MB of RAM per 1,000 peers
+#                            (8 of them its failure detector's 1,000-sample windows)
+#   CEILING [1]              1: also run 240 nodes with 253-character node names: the longest
+#                            digests at that size (with protocol V0 they no longer fit one sealed
+#                            datagram, the size limit of meshd gossip; with V1 they do)
 #   SEED [1]                 seed of the random choices
 set -euo pipefail
 export LC_ALL=C
 
 NODES=${NODES:-10 100 200 1000}
+REAL=${REAL:-0}
+ALSO_REAL=${ALSO_REAL:-}
 REPS=${REPS:-5}
 DEATH_REPS=${DEATH_REPS:-5}
-LARGE=${LARGE:-500}
-LARGE_DEATH_REPS=${LARGE_DEATH_REPS:-2}
 WINDOW=${WINDOW:-10s}
+LARGE=${LARGE:-500}
+LARGE_REPS=${LARGE_REPS:-3}
+LARGE_DEATH_REPS=${LARGE_DEATH_REPS:-2}
+LARGE_WINDOW=${LARGE_WINDOW:-5s}
+MAX_WALL=${MAX_WALL:-50m}
 GOSSIP_INTERVAL=${GOSSIP_INTERVAL:-200ms}
 CONVERGE_TIMEOUT=${CONVERGE_TIMEOUT:-5m}
-MAX_RSS_MB=${MAX_RSS_MB:-12000}
+MAX_RSS_MB=${MAX_RSS_MB:-12500}
 CEILING=${CEILING:-1}
 SEED=${SEED:-1}
 CEILING_NODES=240
@@ -56,12 +78,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for n in $NODES; do
-  [[ $n =~ ^[0-9]+$ && $n -ge 2 && $n -le 60000 ]] || die "NODES entries must be 2..60000, got '$n'"
+for n in $NODES $ALSO_REAL; do
+  [[ $n =~ ^[0-9]+$ && $n -ge 2 && $n -le 60000 ]] || die "NODES and ALSO_REAL entries must be 2..60000, got '$n'"
 done
+[[ $REAL == 0 || $REAL == 1 ]] || die "REAL must be 0 or 1, got '$REAL'"
+if [ "$REAL" = 1 ]; then CLOCK_ARGS=(); CLOCK=real; else CLOCK_ARGS=(--virtual-time); CLOCK=virtual; fi
 
-log "building gossip-convergence (release)"
-(cd "$ROOT" && cargo build --release -p mesh-bench --bin gossip-convergence) ||
+# tokio's test-util feature pauses the clock for virtual time. Asked for here only, not in
+# bench/loadgen/Cargo.toml: there it would be unified into every workspace build of meshd.
+log "building gossip-convergence (release, tokio/test-util)"
+(cd "$ROOT" && nice cargo build --release -p mesh-bench --bin gossip-convergence --features tokio/test-util) ||
   die "cargo build --release failed"
 
 # A 253-character node name (the longest a NodeName may be): node-0001 + 244 characters.
@@ -72,16 +98,18 @@ long_suffix() {
 }
 
 run_one() { # label N extra-args...
-  local label=$1 n=$2 death=$DEATH_REPS
+  local label=$1 n=$2 reps=$REPS death=$DEATH_REPS window=$WINDOW
   shift 2
-  [ "$n" -ge "$LARGE" ] && death=$LARGE_DEATH_REPS
-  log "$label: $n nodes, gossip every $GOSSIP_INTERVAL, $REPS + $death repetitions"
+  if [ "$n" -ge "$LARGE" ]; then
+    reps=$LARGE_REPS death=$LARGE_DEATH_REPS window=$LARGE_WINDOW
+  fi
+  log "$label: $n nodes, gossip every $GOSSIP_INTERVAL, $reps + $death repetitions, window $window"
   # In the background so that Ctrl-C reaches it through cleanup.
   # No backtraces: a panic of a node's gossip task is counted from its first line.
-  RUST_BACKTRACE=0 "$BIN" run --nodes "$n" --gossip-interval "$GOSSIP_INTERVAL" --reps "$REPS" \
-    --death-reps "$death" --window "$WINDOW" --converge-timeout "$CONVERGE_TIMEOUT" \
-    --max-rss-mb "$MAX_RSS_MB" --seed "$SEED" --json "$TMP/$label.json" "$@" \
-    2> >(tee "$TMP/$label.log" >&2) &
+  RUST_BACKTRACE=0 "$BIN" run --nodes "$n" --gossip-interval "$GOSSIP_INTERVAL" --reps "$reps" \
+    --death-reps "$death" --window "$window" --converge-timeout "$CONVERGE_TIMEOUT" \
+    --max-rss-mb "$MAX_RSS_MB" --max-wall "$MAX_WALL" --seed "$SEED" \
+    --json "$TMP/$label.json" "$@" 2> >(tee "$TMP/$label.log" >&2) &
   RUN_PID=$!
   local rc=0
   wait "$RUN_PID" || rc=$?
@@ -106,10 +134,11 @@ busy_cores() { # vCPUs busy (not idle, not iowait) over the next $1 seconds, fro
 }
 BUSY_START=$(busy_cores 3)
 : >"$TMP/failed.md"
-for n in $NODES; do run_one "n$n" "$n"; done
+for n in $ALSO_REAL; do [ "$REAL" = 1 ] || run_one "real-n$n" "$n"; done
+for n in $NODES; do run_one "n$n" "$n" "${CLOCK_ARGS[@]}"; done
 if [ "$CEILING" = 1 ]; then
   REPS=1 DEATH_REPS=0 CONVERGE_TIMEOUT=60s run_one ceiling "$CEILING_NODES" \
-    --name-suffix "$(long_suffix)" --endpoint-timeout 20s
+    --name-suffix "$(long_suffix)" --endpoint-timeout 20s "${CLOCK_ARGS[@]}"
 fi
 shopt -s nullglob
 jsons=("$TMP"/*.json)
@@ -123,14 +152,13 @@ OUT="$RESULTS/gossip-$STAMP.md"
   echo
   echo "git $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)'), gossip-convergence built $(date -u -r "$BIN" +%FT%TZ); chitchat $(sed -n '/^name = "chitchat"/{n;s/^version = "\(.*\)"/\1/p}' "$ROOT/Cargo.lock")."
   echo "Machine: $(nproc) vCPU ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)), $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1048576}' /proc/meminfo) RAM, kernel $(uname -r)."
-  echo "**Shared machine**: other sessions may build or test on the same 2 vCPUs meanwhile. Before the first run, the machine was busy on $BUSY_START of its $(nproc) vCPUs (3 s sample) with load average $LOAD_START; at the end the load average was $(cut -d' ' -f1-3 /proc/loadavg). The \"machine busy\" column below minus \"simulation CPU\" is what others used during the bandwidth window."
-  echo "Settings: NODES=\"$NODES\" REPS=$REPS DEATH_REPS=$DEATH_REPS (LARGE_DEATH_REPS=$LARGE_DEATH_REPS from $LARGE nodes) WINDOW=$WINDOW GOSSIP_INTERVAL=$GOSSIP_INTERVAL CONVERGE_TIMEOUT=$CONVERGE_TIMEOUT MAX_RSS_MB=$MAX_RSS_MB SEED=$SEED$([ "$CEILING" = 1 ] && echo "; CEILING=1: $CEILING_NODES nodes with 253-character names, 60 s to converge, one new-endpoint try of 20 s"); wall time $((SECONDS / 60))m$((SECONDS % 60))s."
+  echo "**Shared machine**: other sessions may build or test on the same 2 vCPUs meanwhile. Before the first run, the machine was busy on $BUSY_START of its $(nproc) vCPUs (3 s sample) with load average $LOAD_START; at the end the load average was $(cut -d' ' -f1-3 /proc/loadavg). The \"machine busy\" column below minus what the simulation used (\"simulation CPU\" in real time, at most 1 core in virtual time) is what others used during the bandwidth window. That matters to real-time runs only: a virtual-time run is slower on a busy machine, not different."
+  echo "Settings: NODES=\"$NODES\" in $CLOCK time$([ -n "$ALSO_REAL" ] && [ "$REAL" = 0 ] && echo ", ALSO_REAL=\"$ALSO_REAL\" in real time") REPS=$REPS DEATH_REPS=$DEATH_REPS WINDOW=$WINDOW (from $LARGE nodes: LARGE_REPS=$LARGE_REPS LARGE_DEATH_REPS=$LARGE_DEATH_REPS LARGE_WINDOW=$LARGE_WINDOW) GOSSIP_INTERVAL=$GOSSIP_INTERVAL CONVERGE_TIMEOUT=$CONVERGE_TIMEOUT MAX_RSS_MB=$MAX_RSS_MB MAX_WALL=$MAX_WALL SEED=$SEED$([ "$CEILING" = 1 ] && echo "; CEILING=1: $CEILING_NODES nodes with 253-character names, 60 s to converge, one new-endpoint try of 20 s"); wall time $((SECONDS / 60))m$((SECONDS % 60))s."
   echo
   cat <<'EOF'
 ## How
 
-N chitchat 0.13 nodes run in one process (one tokio runtime, one worker per vCPU), each built by
-`meshd::membership::chitchat_config`: meshd's gossip interval, its failure detector (values
+N chitchat 0.13 nodes run in one process, each built by `meshd::membership::chitchat_config`: meshd's gossip interval, its failure detector (values
 under Results) and its wire format (protocol V1, zstd-compressed digests).
 They talk over chitchat's in-memory `ChannelTransport`: every message is really serialized and
 deserialized, but there is no kernel UDP and no sealing (meshd encrypts every datagram with
@@ -143,6 +171,22 @@ full. Node i lists 3 random earlier nodes as seeds, as an operator lists a few e
 and publishes what meshd publishes: its `node` key (an encoded `NodeInfo`, ~100 bytes) and one
 `svc/default/svc-NN` key (an encoded `ServiceInfo`, ~70 bytes). Node names are `node-0001` etc.
 (9 characters). All nodes start together, each at a random offset within one interval.
+
+Clock (a column of every table):
+
+- **virtual**: a discrete-event simulation. The nodes run on one tokio `current_thread` runtime
+  whose clock is paused: tokio moves it only when every task is idle, straight to the next
+  timer. chitchat takes all its time from tokio (its round interval, its failure detector's and
+  its state's instants), so every node gossips exactly every interval however long the CPU work
+  of N nodes takes, and the result does not depend on the host's speed or load. The measuring
+  thread runs the simulation 10 ms of virtual time at a time and looks at the nodes in between,
+  while the clock stands still. Not modelled: network latency (a message arrives in the instant
+  it is sent, where a LAN takes well under a millisecond), the CPU each node spends on a round
+  (a real node spends the "gossip CPU per node" below, a few percent of a core at most), UDP
+  and sealing, and contention for CPU on a real host.
+- **real**: real time on a multi-thread runtime (one worker per vCPU). The simulation then
+  needs N × the CPU of one node, which grows as N²: once the host cannot keep up, rounds run
+  late (see gossip rounds/s and timer lateness) and the times measure the host, not gossip.
 
 After every node sees N live nodes (the setup time) and 5 s of settling:
 
@@ -158,15 +202,17 @@ After every node sees N live nodes (the setup time) and 5 s of settling:
   different random nodes, 1 s plus a random part of an interval apart.
 - **death**: one node's gossip task is aborted (no goodbye, as `kill -9` or a power cut); time
   until every remaining node has dropped it from its live set.
-- **gossip rounds/s per node**: SYNs sent ÷ N ÷ 3. Nominal is 1 / interval (5/s at 200 ms). Fewer
-  means the simulation could not keep up: the rounds ran late. "In gossip rounds" is the time
-  of the last node × the rounds/s achieved meanwhile.
-- **timer lateness**: a tokio task sleeps 50 ms again and again and records how late it wakes.
-  chitchat's round timers sit in the same queues, so this is how late rounds start. "—" means
-  it never woke in that period: the workers were saturated.
-- **gossip CPU per node**: this process's CPU ÷ N. It is an upper bound for one real node: it
-  includes what the simulation adds (each message is serialized, deserialized and compared in
-  one go by `ChannelTransport`, and the measuring thread polls), and excludes sealing and UDP.
+- **gossip rounds/s per node**: SYNs sent ÷ N ÷ 3. Nominal is 1 / interval (5/s at 200 ms; a
+  little more, as a round sometimes also tries a seed or a dead node). Fewer means the
+  simulation could not keep up (real time only): the rounds ran late. "In gossip rounds" is the
+  time of the last node × the rounds/s achieved meanwhile.
+- **timer lateness** (real time only): a tokio task sleeps 50 ms again and again and records
+  how late it wakes. chitchat's round timers sit in the same queues, so this is how late rounds
+  start. "—" means it never woke in that period: the workers were saturated.
+- **gossip CPU per node**: this process's CPU ÷ N, per second (per simulated second in virtual
+  time). It is an upper bound for one real node: it includes what the simulation adds (each
+  message is serialized, deserialized and compared in one go by `ChannelTransport`, and the
+  measuring thread polls), and excludes sealing and UDP.
 
 Aims: a new endpoint known everywhere within 2 s at 1,000 nodes; bandwidth per node flat as N
 grows.

@@ -35,6 +35,31 @@
 //! cluster, so its memory grows as N²: `--max-rss-mb` stops a run (keeping what was measured)
 //! before it starves the machine. The results go to `--json`; `report` turns the JSON of several
 //! runs into the markdown tables `bench/gossip.sh` prints.
+//!
+//! ## Clocks
+//!
+//! By default the nodes run in real time on a multi-thread runtime. Every node gossips every
+//! interval, so the CPU the simulation needs grows as N² (N nodes × digests of N entries), and
+//! past ~200 nodes on 2 vCPUs the rounds run late and the results measure the host, not gossip.
+//!
+//! `--virtual-time` makes it a discrete-event simulation instead: the nodes run on a
+//! `current_thread` runtime whose clock is paused (`start_paused`), so tokio moves the clock
+//! only when every task is idle, straight to the next timer. chitchat takes all its time from
+//! tokio (`tokio::time::interval` for rounds, `tokio::time::Instant` in its failure detector and
+//! state), so every round happens at its virtual time however long the CPU work of the rounds
+//! before took, and the results do not depend on the CPU speed or on what else runs on the
+//! host. The measuring thread drives the runtime: it polls the nodes (the runtime does not run
+//! meanwhile, so the clock stands still), then runs it for 10 ms of virtual time
+//! (`block_on(sleep)`), and so on. Messages arrive with no latency (the transport delivers them
+//! in the same instant) and cost no time; a real node spends its "gossip CPU per node" (reported)
+//! on them. Timer lateness means nothing then (it is always 0) and is not reported; CPU is
+//! reported as CPU seconds per simulated second. Memory guards and wall time stay on the real
+//! clock; `--max-wall` stops a run that would take too long.
+//!
+//! Pausing tokio's clock needs tokio's `test-util` feature, which this crate does not enable by
+//! itself (in a workspace build it would reach meshd through feature unification):
+//! `bench/gossip.sh` builds with `--features tokio/test-util`. Without it `--virtual-time` fails
+//! with a message saying so; real time works either way.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -45,7 +70,8 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-// std's clock, not tokio's: the measuring thread is not a tokio thread, and time is never paused.
+// `Instant` is the real clock (memory guard, wall time); measured durations use `SimInstant`
+// through `Clock`, which is virtual with `--virtual-time`.
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -63,6 +89,7 @@ use meshd::membership;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
+use tokio::time::Instant as SimInstant;
 
 /// Cluster id of the simulated mesh (meshd uses the trust domain).
 const CLUSTER_ID: &str = "mesh.test";
@@ -152,9 +179,16 @@ struct RunArgs {
     /// for comparison with older meshd builds.
     #[arg(long)]
     protocol_v0: bool,
-    /// tokio worker threads [default: one per CPU].
+    /// Simulate in virtual time: one thread, tokio's clock paused and moved by the simulation
+    /// (see the top of the source). Needs tokio's `test-util` feature.
     #[arg(long)]
+    virtual_time: bool,
+    /// tokio worker threads in real time [default: one per CPU].
+    #[arg(long, conflicts_with = "virtual_time")]
     workers: Option<usize>,
+    /// Stop (and write what was measured) after this much wall time.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_wall: Option<Duration>,
     /// Stop (and write what was measured) when this process's RSS passes this many MB.
     #[arg(long, default_value_t = 12_000.0)]
     max_rss_mb: f64,
@@ -190,12 +224,13 @@ struct Node {
 }
 
 /// The running simulation, as the measuring thread sees it.
-struct Sim {
+struct Sim<'rt> {
     n: usize,
     nodes: Vec<Node>,
     transport: CountingTransport,
     lag: LagProbe,
     guard: Guard,
+    clock: Clock<'rt>,
 }
 
 /// How waiting for convergence ended.
@@ -206,29 +241,127 @@ enum Setup {
 }
 
 /// Stops a run before it takes the shared machine's memory: one process holding every node's
-/// copy of the cluster grows as N², and a CPU-starved simulation also queues messages.
+/// copy of the cluster grows as N², and a CPU-starved simulation also queues messages. Also
+/// stops it after `--max-wall`. On the real clock, in either mode.
 struct Guard {
     max_rss_mb: f64,
     min_available_mb: f64,
+    deadline: Option<Instant>,
     next_check: Cell<Instant>,
     reason: RefCell<Option<String>>,
 }
 
-fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let interval = args.gossip_interval.unwrap_or(DEFAULT_GOSSIP_INTERVAL);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(w) = args.workers {
-        builder.worker_threads(w);
+/// The clock measured durations are taken on.
+///
+/// Real time: the multi-thread runtime runs by itself; `sleep` sleeps the measuring thread.
+/// Virtual time: the runtime runs only inside `sleep` (`block_on`), and tokio's paused clock
+/// jumps from timer to timer while every task is idle; between two `sleep`s nothing runs and
+/// the clock stands still, so the measuring thread's own work takes no virtual time.
+struct Clock<'rt> {
+    rt: &'rt Runtime,
+    virtual_time: bool,
+    /// Wall time spent inside `sleep`: in virtual time, running the simulation (the rest of
+    /// the wall time is the measuring thread's own work, e.g. polling).
+    sleeping: Cell<Duration>,
+}
+
+impl Clock<'_> {
+    /// tokio's clock: the real one, or the virtual one of a paused runtime.
+    fn now(&self) -> SimInstant {
+        let _rt = self.rt.enter();
+        SimInstant::now()
     }
-    let rt = builder
+
+    fn since(&self, t: SimInstant) -> Duration {
+        self.now().saturating_duration_since(t)
+    }
+
+    fn sleep(&self, d: Duration) {
+        let wall = Instant::now();
+        if self.virtual_time {
+            // The timer is made inside the runtime: it needs the runtime's time driver.
+            self.rt.block_on(async { tokio::time::sleep(d).await });
+        } else {
+            std::thread::sleep(d);
+        }
+        self.sleeping.set(self.sleeping.get() + wall.elapsed());
+    }
+
+    fn name(&self) -> &'static str {
+        if self.virtual_time { "virtual" } else { "real" }
+    }
+}
+
+/// `Builder::start_paused` exists only when tokio has its `test-util` feature (see the top of
+/// the source). With the feature the inherent method wins over this one; without it this one
+/// is called, does nothing, and `run` finds the clock running and says what to do.
+trait StartPausedFallback {
+    #[allow(
+        dead_code,
+        reason = "unused when tokio has `test-util`: the inherent method is called then"
+    )]
+    fn start_paused(&mut self, paused: bool) -> &mut Self;
+}
+
+impl StartPausedFallback for tokio::runtime::Builder {
+    fn start_paused(&mut self, _paused: bool) -> &mut Self {
+        self
+    }
+}
+
+fn build_runtime(args: &RunArgs) -> anyhow::Result<Runtime> {
+    if !args.virtual_time {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(w) = args.workers {
+            builder.worker_threads(w);
+        }
+        return builder
+            .enable_all()
+            .build()
+            .context("building the tokio runtime");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .start_paused(true)
         .build()
         .context("building the tokio runtime")?;
+    // A paused clock does not move while the runtime is not running.
+    let paused = {
+        let _rt = rt.enter();
+        let before = SimInstant::now();
+        std::thread::sleep(Duration::from_millis(5));
+        SimInstant::now() == before
+    };
+    if !paused {
+        bail!(
+            "--virtual-time needs tokio's test-util feature: build with `cargo build --release \
+             -p mesh-bench --bin gossip-convergence --features tokio/test-util` (as \
+             bench/gossip.sh does)"
+        );
+    }
+    Ok(rt)
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let interval = args.gossip_interval.unwrap_or(DEFAULT_GOSSIP_INTERVAL);
+    let wall0 = Instant::now();
+    let rt = build_runtime(args)?;
+    let clock = Clock {
+        rt: &rt,
+        virtual_time: args.virtual_time,
+        sleeping: Cell::new(Duration::ZERO),
+    };
     let transport = CountingTransport::new();
-    let lag = LagProbe::spawn(&rt);
+    // In virtual time every timer fires exactly on time: nothing to probe.
+    let lag = if args.virtual_time {
+        LagProbe::disabled()
+    } else {
+        LagProbe::spawn(&rt)
+    };
     let mut rng = SplitMix(args.seed);
     let mut out = json!({
         "nodes": args.nodes,
+        "clock": clock.name(),
         "gossip_interval_ms": interval.as_secs_f64() * 1e3,
         "seeds_per_node": SEEDS_PER_NODE,
         "node_name_example": node_name(0, &args.name_suffix),
@@ -239,22 +372,32 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         "endpoint_timeout_s": args.endpoint_timeout.as_secs_f64(),
         "death_timeout_s": args.death_timeout.as_secs_f64(),
     });
-    let t0 = Instant::now();
+    let t0 = clock.now();
     let nodes = spawn_cluster(&rt, args, interval, &transport, &mut rng)?;
-    let guard = Guard::new(args.max_rss_mb, args.min_available_mb);
+    let guard = Guard::new(args.max_rss_mb, args.min_available_mb, args.max_wall);
     let mut sim = Sim {
         n: nodes.len(),
         nodes,
         transport,
         lag,
         guard,
+        clock,
     };
-    out["spawn_s"] = json!(t0.elapsed().as_secs_f64());
+    out["spawn_s"] = json!(sim.clock.since(t0).as_secs_f64());
+    out["spawn_wall_s"] = json!(wall0.elapsed().as_secs_f64());
     measure(&mut sim, args, interval, &mut rng, t0, &mut out);
     out["aborted"] = json!(sim.guard.reason());
     out["loadavg_end"] = json!(loadavg());
     out["refused_total"] = json!(sim.transport.counters.snapshot().refused);
-    out["wall_s"] = json!(t0.elapsed().as_secs_f64());
+    out["sim_s"] = json!(sim.clock.since(t0).as_secs_f64());
+    let wall = wall0.elapsed();
+    out["wall_s"] = json!(wall.as_secs_f64());
+    // In virtual time, what the measuring thread itself took (start-up, polling, reporting).
+    out["measuring_wall_s"] = json!(
+        args.virtual_time
+            .then(|| wall.saturating_sub(sim.clock.sleeping.get()).as_secs_f64())
+    );
+    out["peak_rss_mb"] = json!(peak_rss_mb());
     let text = serde_json::to_string_pretty(&out).context("encoding the results")?;
     std::fs::write(&args.json, text).with_context(|| format!("writing {}", args.json.display()))?;
     // The nodes hold the runtime's tasks; dropping the runtime stops them without waiting.
@@ -265,33 +408,33 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
 
 /// The phases, in order, each recorded into `out`; stops early if the guard trips.
 fn measure(
-    sim: &mut Sim,
+    sim: &mut Sim<'_>,
     args: &RunArgs,
     interval: Duration,
     rng: &mut SplitMix,
-    t0: Instant,
+    t0: SimInstant,
     out: &mut Value,
 ) {
     let n = sim.n;
     let (setup, timeline) = sim.wait_converged(t0, args.converge_timeout);
-    out["setup_s"] = json!(t0.elapsed().as_secs_f64());
+    out["setup_s"] = json!(sim.clock.since(t0).as_secs_f64());
     out["converged"] = json!(matches!(setup, Setup::Converged));
     out["setup_timeline"] = json!(timeline);
     out["smallest_view_at_setup"] = json!(sim.views().into_iter().min());
     log(
         n,
         format_args!(
-            "setup: converged={} after {:.1}s, smallest view {}",
+            "setup: converged={} after {:.1}s ({} clock)",
             out["converged"],
             out["setup_s"].as_f64().unwrap_or_default(),
-            out["smallest_view_at_setup"]
+            sim.clock.name(),
         ),
     );
     if let Setup::Aborted(why) = setup {
         log(n, format_args!("aborted: {why}"));
         return;
     }
-    std::thread::sleep(SETTLE);
+    sim.wait(SETTLE);
     out["rss_mb_after_setup"] = json!(rss_mb());
     out["steady"] = sim.measure_steady(args.window);
     log(n, format_args!("steady state: {}", out["steady"]));
@@ -304,7 +447,7 @@ fn measure(
         if sim.guard.stop() {
             break;
         }
-        pause(rng, interval);
+        pause(sim, rng, interval);
         let r = sim.new_endpoint(origin, rep, args.endpoint_timeout);
         log(n, format_args!("new endpoint from node {origin}: {r}"));
         endpoint.push(r);
@@ -316,7 +459,7 @@ fn measure(
         if sim.guard.stop() {
             break;
         }
-        pause(rng, interval);
+        pause(sim, rng, interval);
         let r = sim.kill(victim, args.death_timeout);
         log(n, format_args!("killed node {victim}: {r}"));
         death.push(r);
@@ -329,10 +472,10 @@ fn log(n: usize, what: std::fmt::Arguments<'_>) {
     eprintln!("[gossip-convergence N={n}] {what}");
 }
 
-/// Sleeps between repetitions.
-fn pause(rng: &mut SplitMix, interval: Duration) {
+/// Waits between repetitions.
+fn pause(sim: &Sim<'_>, rng: &mut SplitMix, interval: Duration) {
     let jitter = interval.mul_f64(rng.below(1000) as f64 / 1000.0);
-    std::thread::sleep(REP_GAP + jitter);
+    sim.wait(REP_GAP + jitter);
 }
 
 /// Starts all N nodes together, as a fleet booting at once, each at a random offset within
@@ -461,7 +604,7 @@ fn pct(v: &[f64], q: f64) -> Option<f64> {
 
 // === impl Sim ===
 
-impl Sim {
+impl Sim<'_> {
     /// Size of every node's live set.
     fn views(&self) -> Vec<usize> {
         self.nodes
@@ -477,31 +620,46 @@ impl Sim {
         syn as f64 / nodes as f64 / secs / GOSSIP_FANOUT
     }
 
+    /// Lets the simulation run for `d` (in steps, so that the guard is looked at meanwhile).
+    fn wait(&self, d: Duration) {
+        let start = self.clock.now();
+        loop {
+            let left = d.saturating_sub(self.clock.since(start));
+            if left.is_zero() || self.guard.stop() {
+                return;
+            }
+            self.clock.sleep(left.min(Guard::EVERY));
+        }
+    }
+
     /// Waits until every node's live set has N members, sampling progress every
     /// `PROGRESS_EVERY`.
-    fn wait_converged(&self, t0: Instant, timeout: Duration) -> (Setup, Vec<Value>) {
+    fn wait_converged(&self, t0: SimInstant, timeout: Duration) -> (Setup, Vec<Value>) {
         let n = self.n;
         let mut timeline = Vec::new();
-        let mut mark = (Instant::now(), self.transport.counters.snapshot());
+        let mut mark = (self.clock.now(), self.transport.counters.snapshot());
+        let wall0 = Instant::now();
         loop {
             let mut views = self.views();
             let full = views.iter().filter(|&&v| v >= n).count();
             if full == n {
                 return (Setup::Converged, timeline);
             }
-            if t0.elapsed() > timeout {
+            if self.clock.since(t0) > timeout {
                 return (Setup::TimedOut, timeline);
             }
             if self.guard.stop() {
                 let why = self.guard.reason().unwrap_or_default();
                 return (Setup::Aborted(why), timeline);
             }
-            if mark.0.elapsed() >= PROGRESS_EVERY {
+            let since_mark = self.clock.since(mark.0);
+            if since_mark >= PROGRESS_EVERY {
                 views.sort_unstable();
-                let secs = mark.0.elapsed().as_secs_f64();
+                let secs = since_mark.as_secs_f64();
                 let synack = self.transport.counters.snapshot().msgs[1] - mark.1.msgs[1];
                 let sample = json!({
-                    "t_s": t0.elapsed().as_secs_f64(),
+                    "t_s": self.clock.since(t0).as_secs_f64(),
+                    "wall_s": wall0.elapsed().as_secs_f64(),
                     "nodes_seeing_all": full,
                     "smallest_view": views[0],
                     "median_view": views[n / 2],
@@ -512,9 +670,9 @@ impl Sim {
                 });
                 log(n, format_args!("setup progress: {sample}"));
                 timeline.push(sample);
-                mark = (Instant::now(), self.transport.counters.snapshot());
+                mark = (self.clock.now(), self.transport.counters.snapshot());
             }
-            std::thread::sleep(POLL_INTERVAL);
+            self.clock.sleep(POLL_INTERVAL);
         }
     }
 
@@ -522,11 +680,13 @@ impl Sim {
     fn measure_steady(&self, window: Duration) -> Value {
         let counters = &self.transport.counters;
         let (c0, p0, m0) = (counters.snapshot(), process_cpu_ns(), machine_cpu());
-        let t0 = Instant::now();
+        let (t0, wall0) = (self.clock.now(), Instant::now());
         self.lag.take();
-        std::thread::sleep(window);
+        self.wait(window);
         let (c1, p1, m1) = (counters.snapshot(), process_cpu_ns(), machine_cpu());
-        let secs = t0.elapsed().as_secs_f64();
+        // Seconds of the cluster's life (virtual in virtual time), and of the machine's.
+        let secs = self.clock.since(t0).as_secs_f64();
+        let wall = wall0.elapsed().as_secs_f64();
         let per_node = |v: u64| v as f64 / self.n as f64 / secs;
         let kinds: Vec<Value> = (0..KINDS)
             .map(|k| {
@@ -541,9 +701,11 @@ impl Sim {
             .collect();
         let msgs: u64 = (0..KINDS).map(|k| c1.msgs[k] - c0.msgs[k]).sum();
         let bytes: u64 = (0..KINDS).map(|k| c1.bytes[k] - c0.bytes[k]).sum();
-        let cpu_cores = (p1 - p0) as f64 / 1e9 / secs;
+        // Real time: cores. Virtual time: CPU seconds per simulated second.
+        let cpu_per_s = (p1 - p0) as f64 / 1e9 / secs;
         json!({
             "window_s": secs,
+            "window_wall_s": wall,
             "msgs_per_node_s": per_node(msgs),
             "bytes_per_node_s": per_node(bytes),
             "wire_bytes_per_node_s": per_node(c1.wire_bytes - c0.wire_bytes),
@@ -551,10 +713,11 @@ impl Sim {
             "kinds": kinds,
             "largest_message_bytes": c1.max_len,
             "refused": c1.refused - c0.refused,
-            "process_cpu_cores": cpu_cores,
-            "cpu_ms_per_node_s": cpu_cores * 1e3 / self.n as f64,
-            "machine_busy_cores": (m1.busy - m0.busy) / USER_HZ / secs,
-            "machine_steal_cores": (m1.steal - m0.steal) / USER_HZ / secs,
+            "process_cpu_cores": (!self.clock.virtual_time).then_some(cpu_per_s),
+            "process_cpu_s_per_sim_s": self.clock.virtual_time.then_some(cpu_per_s),
+            "cpu_ms_per_node_s": cpu_per_s * 1e3 / self.n as f64,
+            "machine_busy_cores": (m1.busy - m0.busy) / USER_HZ / wall,
+            "machine_steal_cores": (m1.steal - m0.steal) / USER_HZ / wall,
             "timer_lateness": self.lag.take(),
         })
     }
@@ -568,36 +731,39 @@ impl Sim {
         let origin_id = nodes[origin].id.clone();
         let mark = self.transport.counters.snapshot();
         let start = {
+            // Not in an async context (in virtual time the runtime is not even running).
             let mut chitchat = nodes[origin].chitchat.blocking_lock();
             chitchat.self_node_state().set(&key, &value);
-            Instant::now()
+            self.clock.now()
         };
         let has_key = |state: Option<&NodeState>| state.is_some_and(|s| s.get(&key).is_some());
         let watched = |i: usize| i != origin && nodes[i].alive;
         let mut in_state = vec![None; nodes.len()];
         let mut in_view = vec![None; nodes.len()];
         loop {
+            let now = self.clock.since(start);
             for (i, node) in nodes.iter().enumerate().filter(|(i, _)| watched(*i)) {
-                // A node busy in a gossip round is looked at again on the next pass.
+                // A node busy in a gossip round is looked at again on the next pass (in real
+                // time; in virtual time no round runs while the nodes are looked at).
                 if in_state[i].is_none()
                     && let Ok(chitchat) = node.chitchat.try_lock()
                     && has_key(chitchat.node_state(&origin_id))
                 {
-                    in_state[i] = Some(start.elapsed());
+                    in_state[i] = Some(now);
                 }
                 if in_view[i].is_none() && has_key(node.live_rx.borrow().get(&origin_id)) {
-                    in_view[i] = Some(start.elapsed());
+                    in_view[i] = Some(now);
                 }
             }
             let pending = (0..nodes.len())
                 .filter(|&i| watched(i) && (in_state[i].is_none() || in_view[i].is_none()))
                 .count();
-            if pending == 0 || start.elapsed() > timeout || self.guard.stop() {
+            if pending == 0 || now > timeout || self.guard.stop() {
                 break;
             }
-            std::thread::sleep(POLL_INTERVAL);
+            self.clock.sleep(POLL_INTERVAL);
         }
-        let secs = start.elapsed().as_secs_f64();
+        let secs = self.clock.since(start).as_secs_f64();
         let alive = nodes.iter().filter(|nd| nd.alive).count();
         let pick = |v: &[Option<Duration>]| -> Vec<Option<Duration>> {
             (0..nodes.len())
@@ -619,23 +785,24 @@ impl Sim {
         self.nodes[victim].handle.abort();
         self.nodes[victim].alive = false;
         let mark = self.transport.counters.snapshot();
-        let start = Instant::now();
+        let start = self.clock.now();
         let victim_id = self.nodes[victim].id.clone();
         let alive: Vec<&Node> = self.nodes.iter().filter(|nd| nd.alive).collect();
         let mut gone = vec![None; alive.len()];
         loop {
+            let now = self.clock.since(start);
             for (i, node) in alive.iter().enumerate() {
                 if gone[i].is_none() && !node.live_rx.borrow().contains_key(&victim_id) {
-                    gone[i] = Some(start.elapsed());
+                    gone[i] = Some(now);
                 }
             }
             let done = gone.iter().all(Option::is_some);
-            if done || start.elapsed() > timeout || self.guard.stop() {
+            if done || now > timeout || self.guard.stop() {
                 break;
             }
-            std::thread::sleep(POLL_INTERVAL);
+            self.clock.sleep(POLL_INTERVAL);
         }
-        let secs = start.elapsed().as_secs_f64();
+        let secs = self.clock.since(start).as_secs_f64();
         json!({
             "node": victim,
             "rounds_per_node_s": self.rounds_per_node_s(&mark, secs, alive.len()),
@@ -650,10 +817,11 @@ impl Guard {
     /// How often memory is looked at.
     const EVERY: Duration = Duration::from_secs(1);
 
-    fn new(max_rss_mb: f64, min_available_mb: f64) -> Self {
+    fn new(max_rss_mb: f64, min_available_mb: f64, max_wall: Option<Duration>) -> Self {
         Self {
             max_rss_mb,
             min_available_mb,
+            deadline: max_wall.map(|d| Instant::now() + d),
             next_check: Cell::new(Instant::now()),
             reason: RefCell::new(None),
         }
@@ -664,10 +832,11 @@ impl Guard {
         if self.reason.borrow().is_some() {
             return true;
         }
-        if Instant::now() < self.next_check.get() {
+        let now = Instant::now();
+        if now < self.next_check.get() {
             return false;
         }
-        self.next_check.set(Instant::now() + Self::EVERY);
+        self.next_check.set(now + Self::EVERY);
         let (rss, available) = (rss_mb(), mem_available_mb());
         let why = if rss > self.max_rss_mb {
             format!(
@@ -676,6 +845,8 @@ impl Guard {
             )
         } else if available < self.min_available_mb {
             format!("the machine had only {available:.0} MB available")
+        } else if self.deadline.is_some_and(|d| now >= d) {
+            "wall time limit (--max-wall) reached".to_owned()
         } else {
             return false;
         };
@@ -723,9 +894,10 @@ impl SplitMix {
 // === impl LagProbe ===
 
 /// A tokio task that sleeps `LAG_PROBE_PERIOD` again and again and records how late it wakes:
-/// chitchat's round timer sits in the same queues, so this is how late rounds start.
+/// chitchat's round timer sits in the same queues, so this is how late rounds start. None in
+/// virtual time, where every timer fires exactly on time.
 struct LagProbe {
-    hist: Arc<Mutex<Histogram<u64>>>,
+    hist: Option<Arc<Mutex<Histogram<u64>>>>,
 }
 
 impl LagProbe {
@@ -744,13 +916,20 @@ impl LagProbe {
                     .saturating_record(late.max(1));
             }
         });
-        Self { hist }
+        Self { hist: Some(hist) }
     }
 
-    /// Lateness (ms) since the last call, and starts over.
+    fn disabled() -> Self {
+        Self { hist: None }
+    }
+
+    /// Lateness (ms) since the last call, and starts over; null when disabled.
     /// No sample at all means the probe itself never got to run: the workers were saturated.
     fn take(&self) -> Value {
-        let mut h = self.hist.lock().expect("lag lock is never poisoned");
+        let Some(hist) = &self.hist else {
+            return Value::Null;
+        };
+        let mut h = hist.lock().expect("lag lock is never poisoned");
         let ms = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3);
         let out = json!({
             "samples": h.len(),
@@ -951,10 +1130,20 @@ fn mem_available_mb() -> f64 {
 
 /// This process's resident memory, MB.
 fn rss_mb() -> f64 {
+    proc_status_mb("VmRSS:")
+}
+
+/// This process's peak resident memory, MB.
+fn peak_rss_mb() -> f64 {
+    proc_status_mb("VmHWM:")
+}
+
+/// A `kB` field of `/proc/self/status`, MB.
+fn proc_status_mb(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -969,6 +1158,8 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
     runs.sort_by_key(|r| {
         (
             r["nodes"].as_u64(),
+            r["node_name_example"].as_str().map(str::len),
+            clock_of(r) == "real",
             r["gossip_interval_ms"].as_f64().map(|v| v as u64),
         )
     });
@@ -981,19 +1172,28 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
         membership::DEFAULT_MAX_INTERVAL,
         membership::DEFAULT_DEAD_NODE_GRACE,
     );
-    out += "| nodes | gossip interval, ms | setup: start → every node sees N live, s | new endpoint known by all, ms: median (min–max, reps) | same, in gossip rounds | new endpoint, median node, ms | new endpoint in every node's live-nodes watch (meshd's view), ms | death known by all, s: median (min–max, reps) | bytes/s per node | msgs/s per node |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += "Clock: *virtual* = discrete-event simulation on tokio's paused clock (every round on \
+            time whatever the CPU; all times are simulated time), *real* = real time on a \
+            multi-thread runtime (rounds run late when the host cannot keep up).\n\n";
+    out += "| nodes | clock | gossip interval, ms | setup: start → every node sees N live, s | new endpoint known by all, ms: median (min–max, reps) | same, in gossip rounds | new endpoint, median node, ms | new endpoint in every node's live-nodes watch (meshd's view), ms | death known by all, s: median (min–max, reps) | bytes/s per node | msgs/s per node |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in &runs {
         let _ = writeln!(out, "{}", headline(r));
     }
-    out += "\n| nodes | gossip interval, ms | gossip rounds/s per node (SYNs ÷ 3) | mean SYN / SYN-ACK / ACK, bytes | largest message, bytes | refused as too long for one sealed datagram | est. wire bytes/s per node (sealed, UDP, IPv4 fragments) | gossip CPU per node, ms/s | simulation CPU, cores | machine busy / steal, cores | timer lateness p50 / p99 / max, ms: steady · endpoint · death | RSS, MB | load average start → end |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += "\nIn virtual time, CPU is per simulated second: \"gossip CPU per node\" is CPU ms per \
+            node per simulated second, \"simulation CPU\" is CPU seconds per simulated second (on \
+            one thread, so also about the wall seconds each simulated second took), and timer \
+            lateness is n/a (every timer fires on time). \"Machine busy\" is always per real \
+            second.\n\n";
+    out += "| nodes | clock | gossip interval, ms | gossip rounds/s per node (SYNs ÷ 3) | mean SYN / SYN-ACK / ACK, bytes | largest message, bytes | refused as too long for one sealed datagram | est. wire bytes/s per node (sealed, UDP, IPv4 fragments) | gossip CPU per node, ms/s | simulation CPU: cores (real) or CPU s per simulated s (virtual) | machine busy / steal, cores | timer lateness p50 / p99 / max, ms: steady · endpoint · death | RSS, MB | load average start → end |\n";
+    out +=
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in runs.iter().filter(|r| r["steady"].is_object()) {
         let _ = writeln!(out, "{}", costs(r));
     }
     out += "\nEvery repetition (ms; median / p99 / max over the nodes; rounds/s is the gossip rate the nodes achieved meanwhile):\n\n";
-    out += "| nodes | event | from / victim node | median | p99 | max | seen by | rounds/s per node |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    out += "| nodes | clock | event | from / victim node | median | p99 | max | seen by | rounds/s per node |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in &runs {
         for (what, list, field) in [
             ("new endpoint, in state", "endpoint", "state"),
@@ -1004,8 +1204,9 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
                 let d = &e[field];
                 let _ = writeln!(
                     out,
-                    "| {} | {what} | {} | {} | {} | {} | {} of {} | {} |",
+                    "| {} | {} | {what} | {} | {} | {} | {} | {} of {} | {} |",
                     nodes_label(r),
+                    clock_of(r),
                     e["node"],
                     num(d["p50_ms"].as_f64(), 0),
                     num(d["p99_ms"].as_f64(), 0),
@@ -1020,8 +1221,9 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
     for r in runs.iter().filter(|r| r["converged"] != json!(true)) {
         let _ = writeln!(
             out,
-            "\nSetup of the run with {} nodes, which did not converge:\n",
-            nodes_label(r)
+            "\nSetup of the run with {} nodes ({} clock), which did not converge:\n",
+            nodes_label(r),
+            clock_of(r),
         );
         out += "| s since start | nodes seeing all | smallest / median view | rounds/s per node | SYN-ACKs/s per node | timer lateness p99 / max, ms (— = the timer never fired) | RSS, MB |\n";
         out += "| --- | --- | --- | --- | --- | --- | --- |\n";
@@ -1041,8 +1243,34 @@ fn report(paths: &[PathBuf]) -> anyhow::Result<()> {
             );
         }
     }
+    out += "\nRuns: simulated (or real) seconds from start to end, the wall time they took, and \
+            the measuring thread's own share of it in virtual time (start-up, polling every \
+            node every 10 ms, the results; the rest is the simulation running).\n\n";
+    out += "| nodes | clock | run, s | wall time, s | wall s per run s | measuring thread, s of wall | peak RSS, MB | stopped early |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in &runs {
+        let run_s = r["sim_s"].as_f64().or(r["wall_s"].as_f64());
+        let wall_s = r["wall_s"].as_f64();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            nodes_label(r),
+            clock_of(r),
+            num(run_s, 0),
+            num(wall_s, 0),
+            num(wall_s.zip(run_s).map(|(w, s)| w / s), 2),
+            num(r["measuring_wall_s"].as_f64(), 1),
+            num(r["peak_rss_mb"].as_f64(), 0),
+            r["aborted"].as_str().unwrap_or("no"),
+        );
+    }
     print!("{out}");
     Ok(())
+}
+
+/// "virtual" or "real" (runs from before the virtual clock were real).
+fn clock_of(r: &Value) -> &str {
+    r["clock"].as_str().unwrap_or("real")
 }
 
 /// The headline row of one run.
@@ -1065,8 +1293,9 @@ fn headline(r: &Value) -> String {
         .collect();
     rounds.sort_by(f64::total_cmp);
     format!(
-        "| {} | {} | {setup} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {setup} | {} | {} | {} | {} | {} | {} | {} |",
         nodes_label(r),
+        clock_of(r),
         num(r["gossip_interval_ms"].as_f64(), 0),
         over_reps(&ep, "/state/max_ms", ep_timeout, 1.0, 0),
         num(pct(&rounds, 0.5), 1),
@@ -1085,8 +1314,8 @@ fn nodes_label(r: &Value) -> String {
     if name_len != node_name(0, "").len() {
         let _ = write!(label, " ({name_len}-character names)");
     }
-    if r["protocol"] == "V1" {
-        label += " (protocol V1)";
+    if r["protocol"] == "V0" {
+        label += " (protocol V0)";
     }
     label
 }
@@ -1099,9 +1328,23 @@ fn costs(r: &Value) -> String {
         let f = |k: &str| num(v[k].as_f64(), 0);
         format!("{} / {} / {}", f("p50_ms"), f("p99_ms"), f("max_ms"))
     };
+    let lateness = if clock_of(r) == "virtual" {
+        "n/a".to_owned()
+    } else {
+        format!(
+            "{} · {} · {}",
+            lag(&s["timer_lateness"]),
+            lag(&r["endpoint_lag"]),
+            lag(&r["death_lag"])
+        )
+    };
+    let cpu = s["process_cpu_cores"]
+        .as_f64()
+        .or(s["process_cpu_s_per_sim_s"].as_f64());
     format!(
-        "| {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} / {} | {} · {} · {} | {} | {} → {} |",
+        "| {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} / {} | {lateness} | {} | {} → {} |",
         nodes_label(r),
+        clock_of(r),
         num(r["gossip_interval_ms"].as_f64(), 0),
         num(s["rounds_per_node_s"].as_f64(), 2),
         size(0),
@@ -1111,12 +1354,9 @@ fn costs(r: &Value) -> String {
         r["refused_total"],
         si(s["wire_bytes_per_node_s"].as_f64()),
         num(s["cpu_ms_per_node_s"].as_f64(), 1),
-        num(s["process_cpu_cores"].as_f64(), 2),
+        num(cpu, 2),
         num(s["machine_busy_cores"].as_f64(), 2),
         num(s["machine_steal_cores"].as_f64(), 2),
-        lag(&s["timer_lateness"]),
-        lag(&r["endpoint_lag"]),
-        lag(&r["death_lag"]),
         num(r["rss_mb_after_setup"].as_f64(), 0),
         r["loadavg_start"].as_str().unwrap_or(""),
         r["loadavg_end"].as_str().unwrap_or(""),

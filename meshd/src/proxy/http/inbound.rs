@@ -147,16 +147,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     } else {
         forward(conn, req).await
     };
-    let mesh_error = (resp.headers().get(super::ERROR_HEADER))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    span.response_status(resp.status());
-    if !mesh_error.is_empty() {
-        span.attr(attr::ERROR_TYPE, mesh_error.as_str());
-    }
-    let trace_id = span.trace_id().map(|t| t.to_string());
-    span.end();
+    let (mesh_error, trace_id) = super::end_span(span, &resp);
     let rec = observe::Record {
         direction: Direction::Inbound,
         started,

@@ -56,6 +56,10 @@
 //! * Mesh-wide default: `MeshConfig.default_authorization = "deny"` denies every workload that
 //!   no ALLOW policy selects (in Istio, an empty ALLOW policy in the root namespace). Also
 //!   `default_mtls` sets the mesh-wide mTLS mode where no PeerAuthentication applies.
+//! * Paths are normalized before authorization, rate limits and routing, and the app receives
+//!   the normalized path: `MeshConfig.path_normalization` = `none` | `base` | `merge_slashes`
+//!   (the default; Istio's default is `NONE`) | `decode_and_merge_slashes`, and
+//!   `escaped_slashes` = `reject` (400, the default) | `keep`. See [`path`].
 //! * AuthorizationPolicy: no `CUSTOM` action, `when` conditions, `request_principals` (JWT),
 //!   `hosts`, or `remote_ip_blocks`. Header conditions live in `to` entries as
 //!   `headers = { "x-env" = ["prod", "stag*"] }` (Istio: `when: request.headers[...]`), names
@@ -102,6 +106,7 @@ mod decode;
 mod destination;
 mod gateway;
 mod parse;
+pub mod path;
 mod rate_limit;
 mod route;
 mod security;

@@ -38,6 +38,8 @@ pub struct AdminState {
     pub liveness_rx: Arc<OnceLock<watch::Receiver<Arc<Vec<Liveness>>>>>,
     /// The policy being enforced (revision 0 and empty until a snapshot is in place).
     pub policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
+    /// `true` once a policy snapshot is in place; owned by discovery.
+    pub policy_synced_rx: watch::Receiver<bool>,
 }
 
 /// The admin router.
@@ -55,7 +57,14 @@ async fn ready(State(s): State<AdminState>) -> Response {
     if *s.ready_rx.borrow() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        // Say why, so an operator does not have to read the log to learn it.
+        let why = if *s.policy_synced_rx.borrow() {
+            "starting or draining"
+        } else {
+            "no policy snapshot yet (none persisted, or the persisted one was unusable): \
+             waiting for the registry; the inbound refuses callers until then"
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
     }
 }
 

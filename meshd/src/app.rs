@@ -135,6 +135,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         view_rx: view_cell.clone(),
         liveness_rx: liveness_cell.clone(),
         policy_rx: policy.policy_rx.clone(),
+        policy_synced_rx: policy.synced_rx.clone(),
     };
     let mut admin_shutdown = shutdown_rx.clone();
     tasks.spawn(async move {
@@ -228,6 +229,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         tls_rx,
         view_rx: view_rx.clone(),
         policy_rx: policy.policy_rx.clone(),
+        policy_synced_rx: policy.synced_rx.clone(),
         metrics: proxy_metrics,
         drain: drain_watch,
         force_rx,

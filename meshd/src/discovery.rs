@@ -2,6 +2,12 @@
 //! a policy [`Snapshot`], persists it to `<data_dir>/policy.json` and only then publishes it as
 //! a `watch` snapshot. At startup the persisted snapshot is loaded first, so the last policy is
 //! enforced while the registry is down, also across a restart of meshd (static stability).
+//!
+//! It fails closed: until a snapshot is in place (`synced_rx`) the inbound refuses callers; a
+//! persisted snapshot that does not load is set aside (renamed, never deleted) and the node
+//! waits for the registry; an incremental event that does not validate is never applied in
+//! part — the node reconnects asking for a full snapshot, which is read resource by resource
+//! ([`standin`]: whatever is unreadable is skipped, counted, reported, and never widens access).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::control;
 
+pub mod standin;
 pub mod store;
 
 /// First reconnect delay after the stream failed or ended.
@@ -77,6 +84,15 @@ pub struct Metrics {
     /// `meshd_policy_stream_reconnects_total`: attempts to re-open the watch stream after it
     /// failed or ended (each retry while the registry is down counts).
     pub reconnects: Counter,
+    /// `meshd_policy_resyncs_total`: full snapshots asked for because an incremental event did
+    /// not validate.
+    pub resyncs: Counter,
+    /// `meshd_policy_unreadable_resources`: resources of the snapshot in force that this node
+    /// could not read (skipped, or enforced as a fail-closed stand-in).
+    pub unreadable: Gauge,
+    /// `meshd_policy_snapshots_set_aside_total`: persisted snapshots that did not load and were
+    /// renamed out of the way.
+    pub set_aside: Counter,
 }
 
 /// What other components read.
@@ -86,6 +102,8 @@ pub struct Handle {
     pub policy_rx: watch::Receiver<Arc<Snapshot>>,
     /// `true` once a snapshot is in place: loaded from disk, or the first event received.
     pub synced_rx: watch::Receiver<bool>,
+    /// The resources of the snapshot in force that this node could not read.
+    pub unreadable_rx: watch::Receiver<Arc<Vec<standin::Unreadable>>>,
 }
 
 /// The policy watch client; built with [`Discovery::load`], started with [`Discovery::run`].
@@ -98,6 +116,10 @@ pub struct Discovery {
     /// Whether `current` is on disk (a "you are current" answer to a fresh node persists the
     /// empty snapshot, so a restart with the registry down is ready too).
     persisted: bool,
+    /// Set when an incremental event did not validate: the next stream asks for a full
+    /// snapshot (revision 0) instead of the changes since `current`.
+    resync: bool,
+    unreadable_tx: watch::Sender<Arc<Vec<standin::Unreadable>>>,
     metrics: Metrics,
 }
 
@@ -121,6 +143,21 @@ impl Metrics {
             "meshd_policy_stream_reconnects",
             "Attempts to re-open the policy watch stream after it failed or ended",
             m.reconnects.clone(),
+        );
+        reg.register(
+            "meshd_policy_resyncs",
+            "Full policy snapshots asked for because an incremental event did not validate",
+            m.resyncs.clone(),
+        );
+        reg.register(
+            "meshd_policy_unreadable_resources",
+            "Resources of the enforced policy this node could not read (skipped or replaced by a fail-closed stand-in)",
+            m.unreadable.clone(),
+        );
+        reg.register(
+            "meshd_policy_snapshots_set_aside",
+            "Persisted policy snapshots that did not load and were renamed out of the way",
+            m.set_aside.clone(),
         );
         m
     }
@@ -149,7 +186,9 @@ impl Discovery {
                 (Snapshot::default(), false)
             }
             Err(e) => {
-                error!(error = %e, "persisted policy snapshot unusable; waiting for the registry");
+                metrics.set_aside.inc();
+                let aside = set_aside(&path);
+                error!(error = %e, set_aside_as = %aside, "persisted policy snapshot unusable; set aside, waiting for the registry (the inbound refuses callers until then)");
                 (Snapshot::default(), false)
             }
         };
@@ -157,6 +196,7 @@ impl Discovery {
         let current = Arc::new(initial);
         let (policy_tx, policy_rx) = watch::channel(current.clone());
         let (synced_tx, synced_rx) = watch::channel(synced);
+        let (unreadable_tx, unreadable_rx) = watch::channel(Arc::new(Vec::new()));
         (
             Self {
                 path,
@@ -164,11 +204,14 @@ impl Discovery {
                 policy_tx,
                 synced_tx,
                 persisted: synced,
+                resync: false,
+                unreadable_tx,
                 metrics,
             },
             Handle {
                 policy_rx,
                 synced_rx,
+                unreadable_rx,
             },
         )
     }
@@ -183,7 +226,12 @@ impl Discovery {
                 self.metrics.reconnects.inc();
             }
             first_attempt = false;
-            let since = self.current.revision;
+            // After a rejected event, a full snapshot: never the changes on top of a hole.
+            let since = if self.resync {
+                0
+            } else {
+                self.current.revision
+            };
             let opened = tokio::select! {
                 r = client.watch_policy(since) => r,
                 _ = mesh_runtime::drain::until_true(&mut shutdown) => break,
@@ -201,9 +249,10 @@ impl Discovery {
                             Ok(Some(event)) => {
                                 backoff.reset();
                                 if let Err(e) = self.handle(&event, first_event).await {
-                                    // Only a failed persist ends the stream: reconnecting from
-                                    // the persisted revision makes the registry send it again.
-                                    error!(error = %e, "policy update not applied; reconnecting");
+                                    // A failed persist or a rejected incremental event ends the
+                                    // stream: reconnecting from the persisted revision (or 0,
+                                    // to resync) makes the registry send it again, whole.
+                                    error!(error = %e, resync = self.resync, "policy update not applied; reconnecting");
                                     break;
                                 }
                                 first_event = false;
@@ -232,16 +281,39 @@ impl Discovery {
         debug!("policy discovery stopped");
     }
 
-    /// Applies one event: invalid events are logged and skipped; an applied snapshot is
-    /// persisted, then published. Fails only when persisting fails (nothing is published then).
+    /// Applies one event; an applied snapshot is persisted, then published. An incremental
+    /// event that does not validate fails (and asks for a resync); a full one is read
+    /// resource by resource. Fails too when persisting fails (nothing is published then).
     async fn handle(&mut self, event: &pb::PolicyEvent, first_event: bool) -> Result<(), Error> {
+        let mut unreadable = Vec::new();
         let outcome = match apply_event(&self.current, event, first_event) {
             Ok(o) => o,
+            Err(e) if !event.full_snapshot => {
+                self.resync = true;
+                self.metrics.resyncs.inc();
+                return Err(e);
+            }
             Err(e) => {
-                error!(error = %e, "policy event skipped; keeping the current policy");
-                return Ok(());
+                let (resources, skipped) = standin::read_full(event);
+                for u in &skipped {
+                    error!(resource = %u.resource, problems = %u.problems.join("; "), stand_in = u.stand_in.unwrap_or("none (skipped)"), "policy resource unreadable by this meshd version");
+                }
+                warn!(error = %e, unreadable = skipped.len(), "full policy snapshot applied without the resources this node cannot read");
+                unreadable = skipped;
+                Outcome::Applied {
+                    snapshot: Snapshot {
+                        revision: event.revision,
+                        resources,
+                    },
+                    full: true,
+                }
             }
         };
+        if event.full_snapshot && !matches!(outcome, Outcome::Stale) {
+            self.resync = false;
+            self.metrics.unreadable.set(unreadable.len() as i64);
+            self.unreadable_tx.send_replace(Arc::new(unreadable));
+        }
         match outcome {
             Outcome::Stale => {
                 debug!(
@@ -281,6 +353,19 @@ impl Discovery {
         self.synced_tx
             .send_if_modified(|synced| !std::mem::replace(synced, true));
         Ok(())
+    }
+}
+
+/// Renames an unusable snapshot file out of the way (kept for the operator, never deleted);
+/// returns where it went, or why it could not be moved.
+fn set_aside(path: &std::path::Path) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = path.with_extension(format!("json.unusable-{secs}"));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => aside.display().to_string(),
+        Err(e) => format!("(not moved: {e})"),
     }
 }
 

@@ -142,6 +142,10 @@ pub struct Shared {
     /// The policy enforced at the inbound; owned by discovery. Each connection watches it and
     /// is closed when a change no longer allows it.
     pub policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
+    /// `true` once a policy snapshot is in place (persisted, or from the registry). Until then
+    /// the inbound fails closed: TCP callers are reset, HTTP callers get 503
+    /// `inbound/no_policy` — an empty policy would allow everything.
+    pub policy_synced_rx: watch::Receiver<bool>,
     /// Metrics.
     pub metrics: Metrics,
     /// Held by each connection; the drain waits for all of them.
@@ -161,6 +165,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether a policy snapshot is in place (else the inbound refuses callers).
+    pub fn has_policy(&self) -> bool {
+        *self.policy_synced_rx.borrow()
+    }
+
     /// The current configuration.
     pub fn config(&self) -> Arc<Config> {
         self.config_rx.borrow().clone()

@@ -373,3 +373,6 @@ pub fn mtls_mode(snapshot: &Snapshot, workload: &Workload<'_>) -> MtlsMode {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod props;

@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::authz::MtlsMode;
+use super::path::{self, EscapedSlashes, Normalization};
 use super::decode::{self, Cx, Table, choice_enum};
 use super::value::{self, IpBlock, Pattern};
 use crate::identity::Identity;
@@ -133,6 +134,10 @@ pub struct MeshConfig {
     pub default_authorization: DefaultAction,
     /// The mTLS mode where no PeerAuthentication applies (default strict).
     pub default_mtls: MtlsMode,
+    /// How request paths are normalized before policy and routing (default `merge_slashes`).
+    pub path_normalization: Normalization,
+    /// What `%2F`/`%5C` in a path do under `base`/`merge_slashes` (default `reject`).
+    pub escaped_slashes: EscapedSlashes,
 }
 
 // === impl Selector ===
@@ -373,12 +378,31 @@ impl Default for MeshConfig {
         Self {
             default_authorization: DefaultAction::Allow,
             default_mtls: MtlsMode::Strict,
+            path_normalization: path::DEFAULT_NORMALIZATION,
+            escaped_slashes: path::DEFAULT_ESCAPED_SLASHES,
         }
     }
 }
 
+impl MeshConfig {
+    /// The path normalization settings.
+    pub fn path_options(&self) -> path::Options {
+        path::Options {
+            normalization: self.path_normalization,
+            escaped_slashes: self.escaped_slashes,
+        }
+    }
+}
+
+const MESH_CONFIG_KEYS: &[&str] = &[
+    "default_authorization",
+    "default_mtls",
+    "path_normalization",
+    "escaped_slashes",
+];
+
 pub(crate) fn mesh_config(map: &Map<String, Value>, cx: &mut Cx) -> Option<MeshConfig> {
-    let t = Table::from_map(map, "", &["default_authorization", "default_mtls"], cx);
+    let t = Table::from_map(map, "", MESH_CONFIG_KEYS, cx);
     let d = MeshConfig::default();
     Some(MeshConfig {
         default_authorization: t
@@ -387,5 +411,11 @@ pub(crate) fn mesh_config(map: &Map<String, Value>, cx: &mut Cx) -> Option<MeshC
         default_mtls: t
             .opt("default_mtls", cx, decode::choice)
             .unwrap_or(d.default_mtls),
+        path_normalization: t
+            .opt("path_normalization", cx, decode::choice)
+            .unwrap_or(d.path_normalization),
+        escaped_slashes: t
+            .opt("escaped_slashes", cx, decode::choice)
+            .unwrap_or(d.escaped_slashes),
     })
 }

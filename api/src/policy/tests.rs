@@ -250,7 +250,7 @@ name = "default"
             r#"{"service":"api","load_balancer":"ewma","locality":{"enabled":true,"failover":true},"outlier_detection":{"consecutive_5xx":5,"consecutive_gateway_errors":0,"interval":"10s","base_ejection_time":"30s","max_ejection_percent":10}}"#,
             r#"{"service":"api","http":[{"route":[{"weight":100}],"retries":{"attempts":2,"retry_on":["connect-failure","reset"],"budget_percent":20}}]}"#,
             r#"{"service":"api","objective":"availability","goal":99.0,"window":"30d","alerting":{"fast_burn":14.4,"slow_burn":6.0}}"#,
-            r#"{"default_authorization":"allow","default_mtls":"strict"}"#,
+            r#"{"default_authorization":"allow","default_mtls":"strict","path_normalization":"merge_slashes","escaped_slashes":"reject"}"#,
         ]
     );
     assert_eq!(resources[4].key.namespace.as_str(), ROOT_NAMESPACE);

@@ -252,12 +252,41 @@ async fn startup_loads_the_persisted_snapshot_and_events_persist_before_publishi
     let on_disk = store::load(&dir.path().join(POLICY_FILE)).unwrap().unwrap();
     assert_eq!(on_disk, *published);
 
-    // An invalid event changes nothing, published or persisted.
+    // An invalid incremental event changes nothing, published or persisted, and asks for a
+    // resync (the next stream starts from revision 0: a full snapshot).
     let mut bad = wire()[0].clone();
     bad.spec_json = "[]".into();
-    d.handle(&event(8, false, vec![bad]), false).await.unwrap();
+    assert!(d.handle(&event(8, false, vec![bad.clone()]), false).await.is_err());
     assert_eq!(handle.policy_rx.borrow().revision, 7);
     assert_eq!(d.metrics.updates.get(), 1);
+    assert!(d.resync);
+    assert_eq!(d.metrics.resyncs.get(), 1);
+    // The full snapshot of the resync is read resource by resource: the readable changes
+    // apply, the unreadable policy is enforced as a fail-closed stand-in, and it is reported.
+    let mut full = wire();
+    full[0] = bad;
+    full.push(pb::Resource {
+        kind: "FutureKind".into(),
+        namespace: "shop".into(),
+        name: "x".into(),
+        spec_json: "{}".into(),
+        ..Default::default()
+    });
+    d.handle(&event(8, true, full), true).await.unwrap();
+    assert!(!d.resync);
+    let now = handle.policy_rx.borrow().clone();
+    assert_eq!(now.revision, 8);
+    assert_eq!(now.resources.len(), wire().len());
+    let unreadable = handle.unreadable_rx.borrow().clone();
+    assert_eq!(unreadable.len(), 2, "{unreadable:?}");
+    assert_eq!(d.metrics.unreadable.get(), 2);
+    // A later snapshot it can read clears the report.
+    d.handle(&event(9, true, wire()), true).await.unwrap();
+    assert!(handle.unreadable_rx.borrow().is_empty());
+    assert_eq!(d.metrics.unreadable.get(), 0);
+    drop(d);
+    let (mut d, _) = Discovery::load(dir.path(), Metrics::default());
+    d.handle(&event(7, true, wire()), true).await.unwrap();
 
     // After a restart the snapshot is in place before any registry contact.
     drop(d);
@@ -277,6 +306,24 @@ async fn startup_loads_the_persisted_snapshot_and_events_persist_before_publishi
     let (_d4, h4) = Discovery::load(empty.path(), Metrics::default());
     assert!(*h4.synced_rx.borrow());
     assert_eq!(h4.policy_rx.borrow().revision, 0);
+}
+
+#[test]
+fn an_unusable_persisted_snapshot_is_set_aside_and_the_node_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(POLICY_FILE);
+    std::fs::write(&path, r#"{"format":1,"revision":4,"resour"#).unwrap();
+    let metrics = Metrics::default();
+    let (_d, handle) = Discovery::load(dir.path(), metrics.clone());
+    assert!(!*handle.synced_rx.borrow(), "fails closed: no snapshot in place");
+    assert_eq!(metrics.set_aside.get(), 1);
+    assert!(!path.exists());
+    let aside: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert!(aside[0].starts_with("policy.json.unusable-"), "{aside:?}");
 }
 
 #[test]

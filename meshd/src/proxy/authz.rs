@@ -21,6 +21,9 @@ pub const REASON_POLICY_CHANGED: &str = "policy_changed";
 pub const REASON_ALLOW_POLICY: &str = "allow_policy";
 /// Metric `reason` of an allow because no ALLOW policy selects the service (mesh default).
 pub const REASON_DEFAULT_ALLOW: &str = "default_allow";
+/// Metric `reason` (and `x-mesh-error`) of a caller refused because the node holds no policy
+/// snapshot yet: it fails closed.
+pub const REASON_NO_POLICY: &str = "no_policy";
 /// Metric `reason` of an AUDIT policy match (counted besides the allow or deny).
 pub const REASON_AUDIT_POLICY: &str = "audit_policy";
 

@@ -90,6 +90,60 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes what only the mesh may say — the caller's identity (XFCC) and every `x-mesh-*`
+/// header — from headers an app (or a plaintext caller) wrote, on every path in both
+/// directions, so no app can forge an identity or pass its error off as the mesh's.
+pub fn strip_mesh_owned(headers: &mut HeaderMap) {
+    headers.remove(XFCC);
+    // Rare: only build the list when such a header is present.
+    let owned: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with(MESH_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in owned {
+        headers.remove(name);
+    }
+}
+
+/// The prefix of the headers the mesh owns.
+pub const MESH_HEADER_PREFIX: &str = "x-mesh-";
+
+/// Rewrites the request's path to its normalized form (the query is kept byte for byte), so
+/// policy, routing and the app all see one spelling. Nothing is copied when the path is
+/// already normal.
+pub fn normalize_path<B>(
+    req: &mut http::Request<B>,
+    opts: mesh_api::path::Options,
+) -> Result<(), mesh_api::path::Rejected> {
+    let uri = req.uri();
+    // CONNECT (authority form) has no path to normalize.
+    if uri.path_and_query().is_none() {
+        return Ok(());
+    }
+    let normal = match mesh_api::path::normalize(uri.path(), opts)? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(p) => p,
+    };
+    let pq = match uri.query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    // A normalized path holds only bytes of the original path, so it parses.
+    parts.path_and_query = Some(
+        http::uri::PathAndQuery::from_maybe_shared(Bytes::from(pq))
+            .map_err(|_| mesh_api::path::Rejected::NotOriginForm)?,
+    );
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| mesh_api::path::Rejected::NotOriginForm)?;
+    Ok(())
+}
+
+/// The 400 answer to a path that normalization refused.
+pub fn bad_path(hop: &str, e: mesh_api::path::Rejected) -> Response<Body> {
+    mesh_response(StatusCode::BAD_REQUEST, hop, e.reason(), format!("{e}\n"))
+}
+
 /// The `grpc-status` in response headers (a trailers-only gRPC answer); a status sent in
 /// trailers after messages is not seen here, so a streamed call's status is not counted.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::policy::Snapshot;
-use mesh_api::policy::authz::{Decision, REASON_MTLS_REQUIRED};
+use mesh_api::policy::authz::{Decision, MtlsMode, REASON_MTLS_REQUIRED};
 use mesh_api::{Identity, ServiceKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -101,6 +101,9 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
             match detect(&tcp).await {
                 Transport::Gone => return,
                 Transport::Tls => Some(local),
+                Transport::Plaintext if local.protocol.is_http() => {
+                    return serve_plaintext_http(tcp, local, peer, shared, started).await;
+                }
                 Transport::Plaintext => {
                     return serve_caller(tcp, None, local, peer, shared, started).await;
                 }
@@ -130,6 +133,41 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
             );
         }
     }
+}
+
+/// A plaintext caller of an HTTP-family service: refused like any plaintext caller unless the
+/// service is PERMISSIVE, then served request by request (each one authorized on its own).
+async fn serve_plaintext_http(
+    tcp: TcpStream,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+    started: Instant,
+) {
+    let attrs = Attrs {
+        caller: None,
+        source_ip: peer.ip(),
+        service: local,
+        http: None,
+    };
+    if !shared.has_policy() {
+        // Answered per request with 503 `inbound/no_policy`, as an mTLS caller is.
+        return super::http::inbound::serve_plaintext(tcp, local, peer, shared).await;
+    }
+    let mode = mesh_api::policy::authz::mtls_mode(&shared.policy_rx.borrow(), &attrs.request().workload);
+    if mode != MtlsMode::Permissive {
+        let mut policy_rx = shared.policy_rx.clone();
+        // Counted, logged and answered exactly as a plaintext TCP caller under STRICT.
+        let decision = admit(shared, &attrs, peer, &mut policy_rx);
+        copy::reset(&tcp);
+        let end = End {
+            transferred: copy::Transferred::default(),
+            decision: &decision,
+            error: Some("denied by policy".to_owned()),
+        };
+        return access_log(shared, &attrs, peer, started, &end);
+    }
+    super::http::inbound::serve_plaintext(tcp, local, peer, shared).await;
 }
 
 /// The mTLS handshake: a mesh workload identity from this trust domain, for a local service
@@ -248,6 +286,16 @@ async fn serve_caller<S: CallerStream>(
 ) {
     let svc = &local.key;
     let service = svc.to_string();
+    if !shared.has_policy() {
+        // Fail closed: an empty policy would allow everything.
+        copy::reset(stream.tcp());
+        return reject(
+            shared,
+            peer,
+            authz::REASON_NO_POLICY,
+            &format!("no policy snapshot yet; {svc} refuses callers until the registry sends one"),
+        );
+    }
     let attrs = Attrs {
         caller,
         source_ip: peer.ip(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use mesh_api::policy::authz::{self, Decision, Request, Workload};
-use mesh_api::policy::{Resource, Snapshot, parse_file};
+use mesh_api::policy::{Resource, Snapshot, parse_file, path};
 use mesh_api::{Identity, ServiceKey};
 
 /// Times `authorize` over a 100-policy snapshot; `--print-policies` prints the policy file
@@ -152,6 +152,44 @@ fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
+    // What the inbound adds per HTTP request: the snapshot's path options, path
+    // normalization, and the decision with the request's method and path.
+    let no_headers: Vec<(String, String)> = Vec::new();
+    let http_req = |path: &'static str| Request {
+        http: Some(authz::Http {
+            method: "GET",
+            path,
+            headers: &no_headers,
+        }),
+        ..req(&web, "10.1.2.3".parse().expect("ip"), &target)
+    };
+    let opts = snapshot.mesh_config().path_options();
+    let normal = "/api/v1/items/42";
+    let spelled = "//api/./v1/x/../%69tems/42";
+    anyhow::ensure!(
+        path::normalize(spelled, opts).ok().as_deref() == Some(normal),
+        "{spelled} does not normalize to {normal}"
+    );
+    runs.push(Runner::new("path options of the snapshot (mesh_config)", || {
+        black_box(black_box(&snapshot).mesh_config().path_options());
+    }));
+    runs.push(Runner::new("normalize a normal path (borrowed)", move || {
+        black_box(path::normalize(black_box(normal), opts).ok());
+    }));
+    runs.push(Runner::new("normalize an obfuscated path", move || {
+        black_box(path::normalize(black_box(spelled), opts).ok());
+    }));
+    let allow_http = http_req(normal);
+    runs.push(Runner::new(
+        "per HTTP request: options + normalize + authorize (allow)",
+        || {
+            let s = black_box(&snapshot);
+            let o = s.mesh_config().path_options();
+            let p = path::normalize(black_box(normal), o).ok();
+            black_box(&p);
+            black_box(authz::authorize(s, black_box(&allow_http)));
+        },
+    ));
     // What a node does per policy event besides the fsync: decode one resource from its wire
     // JSON, and (incremental events) clone the whole snapshot to apply it to.
     let one = resources

@@ -14,13 +14,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::Identity;
+use mesh_api::policy::Snapshot;
 use mesh_api::policy::authz::{Decision, Http};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
-use super::super::authz::{self, Attrs};
+use super::super::authz::{self, Attrs, REASON_NO_POLICY};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::{Shared, observe, ratelimit, route};
 use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
@@ -30,7 +31,8 @@ use crate::trace::{Kind, attr};
 /// What each request of one connection needs.
 struct Conn {
     shared: Shared,
-    caller: Identity,
+    /// The verified caller; `None` for a plaintext caller of a PERMISSIVE service.
+    caller: Option<Identity>,
     /// The local service's own identity (the `By` of XFCC).
     callee: String,
     local: Service,
@@ -45,23 +47,7 @@ pub async fn serve(
     peer: SocketAddr,
     shared: &Shared,
 ) {
-    let labels = ServiceLabels {
-        direction: Direction::Inbound,
-        service: local.key.to_string(),
-    };
-    shared.metrics.connections.get_or_create(&labels).inc();
-    let _active = ActiveGuard::new(&shared.metrics, Direction::Inbound);
-    let callee = {
-        let td = shared.tls_rx.borrow().trust_domain.clone();
-        Identity::workload(&td, &local.key).to_string()
-    };
-    let conn = Arc::new(Conn {
-        shared: shared.clone(),
-        caller,
-        callee,
-        local: local.clone(),
-        peer,
-    });
+    let (conn, _active) = open(Some(caller), local, peer, shared);
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
@@ -75,86 +61,134 @@ pub async fn serve(
         .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT)
         .serve_connection(io, service);
+    until_done_or_forced(connection, peer, shared).await;
+}
+
+/// Serves a plaintext caller of a PERMISSIVE HTTP-family service on its `listen` address:
+/// HTTP/1.1 (with upgrades) or HTTP/2 with prior knowledge, and every request goes through the
+/// same normalization, authorization, rate limits, header rules and access log as an mTLS
+/// caller's — only without an identity.
+pub async fn serve_plaintext(tcp: TcpStream, local: &Service, peer: SocketAddr, shared: &Shared) {
+    let (conn, _active) = open(None, local, peer, shared);
+    let service = service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    until_done_or_forced(connection, peer, shared).await;
+}
+
+/// Counts the connection and builds what its requests share.
+fn open(
+    caller: Option<Identity>,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> (Arc<Conn>, ActiveGuard) {
+    let labels = ServiceLabels {
+        direction: Direction::Inbound,
+        service: local.key.to_string(),
+    };
+    shared.metrics.connections.get_or_create(&labels).inc();
+    if caller.is_none() {
+        shared.metrics.plaintext.get_or_create(&labels).inc();
+    }
+    let active = ActiveGuard::new(&shared.metrics, Direction::Inbound);
+    let callee = {
+        let td = shared.tls_rx.borrow().trust_domain.clone();
+        Identity::workload(&td, &local.key).to_string()
+    };
+    let conn = Arc::new(Conn {
+        shared: shared.clone(),
+        caller,
+        callee,
+        local: local.clone(),
+        peer,
+    });
+    (conn, active)
+}
+
+/// Runs a server connection until it ends, or closes it at the end of the drain grace period.
+async fn until_done_or_forced<F, E>(connection: F, peer: SocketAddr, shared: &Shared)
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(connection);
     let mut force = shared.force_rx.clone();
     tokio::select! {
         r = &mut connection => if let Err(e) = r {
-            debug!(src.addr = %peer, error = %e, "inbound http/2 connection ended with an error");
+            debug!(src.addr = %peer, error = %e, "inbound http connection ended with an error");
         },
         _ = mesh_runtime::drain::until_true(&mut force) => {
-            debug!(src.addr = %peer, "inbound http/2 connection closed at the end of the drain grace period");
+            debug!(src.addr = %peer, "inbound http connection closed at the end of the drain grace period");
         }
     }
 }
 
-/// One request: authorize, forward, log.
+/// One request: normalize its path, authorize, rate-limit, forward, log.
 async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    // What the caller wrote in the mesh's own headers is never believed (the caller's meshd
+    // strips them too; a plaintext caller may have written anything).
+    super::strip_mesh_owned(req.headers_mut());
+    let snapshot = conn.shared.policy_rx.borrow().clone();
+    // One spelling of the path for policy, rate limits and the app.
+    let normalized = super::normalize_path(&mut req, snapshot.mesh_config().path_options());
     // The SERVER span of this hop, a child of the caller meshd's CLIENT span; the app's own
     // spans become its children.
     let mut span = (conn.shared.tracer).span_named(req.headers(), Kind::Server, || {
         format!("{} {}", req.method(), conn.local.key)
     });
+    let caller = authz::caller_text(conn.caller.as_ref());
     if span.is_recording() {
         span.attr(attr::HTTP_REQUEST_METHOD, req.method().as_str());
         span.attr(attr::URL_PATH, req.uri().path());
         span.attr(attr::MESH_SERVICE, conn.local.key.to_string());
-        span.attr(attr::MESH_PEER_IDENTITY, conn.caller.to_string());
+        span.attr(attr::MESH_PEER_IDENTITY, caller.clone());
         span.attr(attr::NETWORK_PEER_ADDRESS, conn.peer.to_string());
     }
     span.inject(req.headers_mut());
+    let upgrade = Upgrade::of(&req, conn.caller.is_none());
     // An upgrade is authorized as what the app will see: the GET that asks to switch.
-    let method = if upgrade_protocol(&req).is_some() {
+    let method = if upgrade.is_some() {
         "GET".to_owned()
     } else {
         req.method().as_str().to_owned()
     };
     let path = req.uri().path().to_owned();
-    let decision = {
-        let headers = authz::HeaderView(req.headers());
-        let attrs = Attrs {
-            caller: Some(&conn.caller),
-            source_ip: conn.peer.ip(),
-            service: &conn.local,
-            http: Some(Http {
-                method: &method,
-                path: &path,
-                headers: &headers,
-            }),
-        };
-        attrs.decide(&conn.shared.policy_rx.borrow())
-    };
-    let service = conn.local.key.to_string();
-    conn.shared
-        .metrics
-        .record_decision(&service, &decision, false);
-    if !decision.audit().is_empty() {
-        info!(
-            src.identity = %conn.caller,
-            src.addr = %conn.peer,
-            dst.service = %service,
-            http.method = %method,
-            http.path = %path,
-            allowed = decision.is_allowed(),
-            audit = ?decision.audit().iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "request matched an audit policy"
-        );
-    }
-    let resp = if !decision.is_allowed() {
-        denied(conn, &decision, &method, &path)
-    } else if let Err(limited) = rate_limit(conn, &req) {
-        too_many(conn, &limited, &method, &path)
-    } else {
-        forward(conn, req).await
+    let (resp, decision) = match normalized {
+        // Fail closed: an empty policy would allow everything.
+        _ if !conn.shared.has_policy() => {
+            conn.shared.metrics.reject(Direction::Inbound, REASON_NO_POLICY);
+            (no_policy(), None)
+        }
+        Err(e) => {
+            conn.shared.metrics.reject(Direction::Inbound, e.reason());
+            debug!(src.identity = %caller, src.addr = %conn.peer, dst.service = %conn.local.key, http.path = %path, error = %e, "request path refused");
+            (super::bad_path("inbound", e), None)
+        }
+        Ok(()) => {
+            let decision = decide(conn, &req, &snapshot, &method, &path);
+            let resp = if !decision.is_allowed() {
+                denied(conn, &decision, &method, &path)
+            } else if let Err(limited) = rate_limit(conn, &req, &snapshot) {
+                too_many(conn, &limited, &method, &path)
+            } else {
+                forward(conn, req, upgrade).await
+            };
+            (resp, Some(decision))
+        }
     };
     let (mesh_error, trace_id) = super::end_span(span, &resp);
     let rec = observe::Record {
         direction: Direction::Inbound,
         started,
         src_addr: conn.peer,
-        src_service: super::super::inbound::workload_service(&conn.caller),
-        src_identity: Some(conn.caller.clone()),
-        mtls: true,
+        src_service: conn.caller.as_ref().and_then(super::super::inbound::workload_service),
+        src_identity: conn.caller.clone(),
+        mtls: conn.caller.is_some(),
         dst_service: conn.local.key.clone(),
         dst_addr: Some(conn.local.address),
         kind: observe::Kind::Http {
@@ -166,14 +200,12 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
             subset: String::new(),
             attempts: 1,
         },
-        decision: Some((
-            if decision.is_allowed() {
-                "allow"
-            } else {
-                "deny"
-            },
-            authz::policy_of(&decision),
-        )),
+        decision: decision.map(|d| {
+            (
+                if d.is_allowed() { "allow" } else { "deny" },
+                authz::policy_of(&d),
+            )
+        }),
         trace_id,
         error: mesh_error,
     };
@@ -181,15 +213,60 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
+/// Authorizes the request over `snapshot` (on its normalized path), counts the decision and
+/// logs AUDIT matches.
+fn decide(
+    conn: &Conn,
+    req: &Request<Incoming>,
+    snapshot: &Snapshot,
+    method: &str,
+    path: &str,
+) -> Decision {
+    let decision = {
+        let headers = authz::HeaderView(req.headers());
+        let attrs = Attrs {
+            caller: conn.caller.as_ref(),
+            source_ip: conn.peer.ip(),
+            service: &conn.local,
+            http: Some(Http {
+                method,
+                path,
+                headers: &headers,
+            }),
+        };
+        attrs.decide(snapshot)
+    };
+    let service = conn.local.key.to_string();
+    conn.shared
+        .metrics
+        .record_decision(&service, &decision, false);
+    if !decision.audit().is_empty() {
+        info!(
+            src.identity = %authz::caller_text(conn.caller.as_ref()),
+            src.addr = %conn.peer,
+            dst.service = %service,
+            http.method = %method,
+            http.path = %path,
+            allowed = decision.is_allowed(),
+            audit = ?decision.audit().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "request matched an audit policy"
+        );
+    }
+    decision
+}
+
 /// Checks the service's RateLimits; the route is the name of the entry of the service's own
 /// Route that the request matches (what `route` limits refer to).
-fn rate_limit(conn: &Conn, req: &Request<Incoming>) -> Result<(), ratelimit::Limited> {
-    let snapshot = conn.shared.policy_rx.borrow().clone();
-    let limiter = conn.shared.http.limiter(&snapshot, &conn.local.key);
+fn rate_limit(
+    conn: &Conn,
+    req: &Request<Incoming>,
+    snapshot: &Arc<Snapshot>,
+) -> Result<(), ratelimit::Limited> {
+    let limiter = conn.shared.http.limiter(snapshot, &conn.local.key);
     if limiter.is_empty() {
         return Ok(());
     }
-    let table = conn.shared.http.table(&snapshot);
+    let table = conn.shared.http.table(snapshot);
     let route_name = table.route(&conn.local.key).and_then(|r| {
         let view = route::RequestView {
             method: req.method().as_str(),
@@ -202,7 +279,7 @@ fn rate_limit(conn: &Conn, req: &Request<Incoming>) -> Result<(), ratelimit::Lim
     });
     limiter.check(
         route_name.as_deref(),
-        &conn.caller.to_string(),
+        &authz::caller_text(conn.caller.as_ref()),
         std::time::Instant::now(),
     )
 }
@@ -214,7 +291,7 @@ fn too_many(conn: &Conn, limited: &ratelimit::Limited, method: &str, path: &str)
         .reject(Direction::Inbound, "rate_limited");
     conn.shared.metrics.limited(&conn.local.key.to_string());
     debug!(
-        src.identity = %conn.caller,
+        src.identity = %authz::caller_text(conn.caller.as_ref()),
         dst.service = %conn.local.key,
         http.method = %method,
         http.path = %path,
@@ -233,12 +310,24 @@ fn too_many(conn: &Conn, limited: &ratelimit::Limited, method: &str, path: &str)
     resp
 }
 
+/// 503 while the node holds no policy snapshot: the caller's meshd tries another instance.
+fn no_policy() -> Response<Body> {
+    mesh_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "inbound",
+        REASON_NO_POLICY,
+        "this node has no policy snapshot yet and refuses requests until the registry sends one\n"
+            .into(),
+    )
+}
+
 /// 403 with a body naming what denied the request.
 fn denied(conn: &Conn, decision: &Decision, method: &str, path: &str) -> Response<Body> {
     let (_, reason) = authz::labels(decision, false);
     let policy = authz::policy_of(decision);
+    let caller = authz::caller_text(conn.caller.as_ref());
     warn!(
-        src.identity = %conn.caller,
+        src.identity = %caller,
         src.addr = %conn.peer,
         dst.service = %conn.local.key,
         http.method = %method,
@@ -253,22 +342,46 @@ fn denied(conn: &Conn, decision: &Decision, method: &str, path: &str) -> Respons
         policy
     };
     let body = format!(
-        "RBAC: access denied: {} may not call {} {} on {}: {by}\n",
-        conn.caller, method, path, conn.local.key
+        "RBAC: access denied: {caller} may not call {method} {path} on {}: {by}\n",
+        conn.local.key
     );
     mesh_response(StatusCode::FORBIDDEN, "inbound", "denied", body)
 }
 
-/// The protocol of an upgrade sent as extended CONNECT by the caller's meshd.
-fn upgrade_protocol(req: &Request<Incoming>) -> Option<&str> {
-    (req.method() == http::Method::CONNECT)
-        .then(|| req.extensions().get::<hyper::ext::Protocol>())
-        .flatten()
-        .map(hyper::ext::Protocol::as_str)
+/// An upgrade a request asks for, and how the caller asked for it.
+enum Upgrade {
+    /// Extended CONNECT from the caller's meshd (RFC 8441): answered 200, then the tunnel.
+    Connect(String),
+    /// HTTP/1.1 `Upgrade:` from a plaintext caller: answered with the app's own 101.
+    Http1(String),
+}
+
+// === impl Upgrade ===
+
+impl Upgrade {
+    fn of(req: &Request<Incoming>, plaintext: bool) -> Option<Self> {
+        if req.method() == http::Method::CONNECT {
+            return (req.extensions().get::<hyper::ext::Protocol>())
+                .map(|p| Self::Connect(p.as_str().to_owned()));
+        }
+        (plaintext && req.version() == http::Version::HTTP_11)
+            .then(|| upgrade::requested(req.headers()).map(Self::Http1))
+            .flatten()
+    }
+
+    fn protocol(&self) -> &str {
+        match self {
+            Self::Connect(p) | Self::Http1(p) => p,
+        }
+    }
 }
 
 /// Sends the request to the app and passes its response back.
-async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
+async fn forward(
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    upgrade: Option<Upgrade>,
+) -> Response<Body> {
     let Some((addr, client)) = conn.shared.http.app(&conn.local.key) else {
         // Removed (or made a TCP service) by a reload since this connection was accepted;
         // 503 so the caller can try another instance.
@@ -282,7 +395,7 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
             ),
         );
     };
-    let upgrade = match upgrade_protocol(&req).map(str::to_owned) {
+    let upgrade = match upgrade {
         Some(_) if !matches!(*client, AppClient::Http1(_)) => {
             return mesh_response(
                 StatusCode::NOT_IMPLEMENTED,
@@ -294,7 +407,7 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
                 ),
             );
         }
-        Some(protocol) => Some((protocol, hyper::upgrade::on(&mut req))),
+        Some(u) => Some((u, hyper::upgrade::on(&mut req))),
         None if req.method() == http::Method::CONNECT => {
             return mesh_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -347,14 +460,16 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     } else {
         headers.remove(header::HOST);
     }
-    headers.remove(XFCC);
-    if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", conn.callee, conn.caller)) {
+    // Only a verified caller has an identity to pass on; a plaintext one gets none.
+    if let Some(caller) = &conn.caller
+        && let Ok(v) = HeaderValue::from_str(&format!("By={};URI={caller}", conn.callee))
+    {
         headers.insert(XFCC, v);
     }
     let body = match &upgrade {
-        Some((protocol, _)) => {
+        Some((u, _)) => {
             parts.method = http::Method::GET;
-            upgrade::mark(&mut parts.headers, protocol);
+            upgrade::mark(&mut parts.headers, u.protocol());
             super::empty()
         }
         None => body.boxed(),
@@ -362,16 +477,22 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     match client.send(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
             let tunnel = match upgrade {
-                Some((_, caller_side)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    Some((caller_side, hyper::upgrade::on(&mut resp)))
+                Some((u, caller_side)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    Some((u, caller_side, hyper::upgrade::on(&mut resp)))
                 }
                 _ => None,
             };
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            if let Some((caller_side, app_side)) = tunnel {
-                // The extended CONNECT succeeded: 200 with no body, then the tunnel.
-                parts.status = StatusCode::OK;
+            // An app cannot speak for the mesh (x-mesh-error) or name a caller.
+            super::strip_mesh_owned(&mut parts.headers);
+            if let Some((u, caller_side, app_side)) = tunnel {
+                match &u {
+                    // The extended CONNECT succeeded: 200 with no body, then the tunnel.
+                    Upgrade::Connect(_) => parts.status = StatusCode::OK,
+                    // The plaintext caller gets the app's 101 with the upgrade it asked for.
+                    Upgrade::Http1(protocol) => upgrade::mark(&mut parts.headers, protocol),
+                }
                 parts.headers.remove(header::CONTENT_LENGTH);
                 upgrade::tunnel(&conn.shared, caller_side, app_side, "inbound");
                 return Response::from_parts(parts, super::empty());

@@ -22,7 +22,7 @@ use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::outbound::{Error, MAX_CONNECT_ATTEMPTS, attempt};
 use super::super::{Shared, balance, observe, route};
 use super::replay::ReplayBody;
-use super::{Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
+use super::{Body, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::{Service, Upstream};
 use crate::trace::{Kind, attr};
 use mesh_api::ServiceKey;
@@ -184,6 +184,12 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         return Box::pin(handle(&per_request, req)).await;
     }
     let started = Instant::now();
+    // Routes match, and the callee authorizes, one spelling of the path.
+    let opts = conn.shared.policy_rx.borrow().mesh_config().path_options();
+    if let Err(e) = super::normalize_path(&mut req, opts) {
+        conn.shared.metrics.reject(Direction::Outbound, e.reason());
+        return super::bad_path("outbound", e);
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     // The CLIENT span of this hop: continues the app's context, and the peer's meshd continues
@@ -295,8 +301,9 @@ async fn send(
         })?;
     parts.version = http::Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
-    // Only the callee's meshd says who called; an app cannot claim an identity.
-    parts.headers.remove(XFCC);
+    // Only the callee's meshd says who called, and only the mesh writes `x-mesh-*`: an app
+    // can neither claim an identity nor pass its errors off as the mesh's.
+    super::strip_mesh_owned(&mut parts.headers);
     // :authority replaces Host on HTTP/2.
     parts.headers.remove(header::HOST);
 

@@ -106,11 +106,18 @@ async fn report(
             .unwrap_or("")
             .to_owned()
     };
+    // The mesh's own headers that reached the app (none should).
+    let mesh_headers: Vec<&str> = (parts.headers.keys())
+        .map(http::HeaderName::as_str)
+        .filter(|n| n.starts_with("x-mesh-"))
+        .collect();
     let text = format!(
-        "app={name}\nversion={:?}\nmethod={}\npath={}\nauthority={}\nhost={}\nxfcc={}\nbody_len={}\nbody_sha={}\n",
+        "app={name}\nversion={:?}\nmethod={}\npath={}\nquery={}\nmesh_headers={}\nauthority={}\nhost={}\nxfcc={}\nbody_len={}\nbody_sha={}\n",
         parts.version,
         parts.method,
         parts.uri.path(),
+        parts.uri.query().unwrap_or(""),
+        mesh_headers.join(","),
         parts
             .uri
             .authority()
@@ -138,6 +145,16 @@ async fn report(
         "x-app",
         http::HeaderValue::from_str(&name).unwrap_or(http::HeaderValue::from_static("?")),
     );
+    // A hostile app tries to speak for the mesh: `/forge` answers with the mesh's headers.
+    if parts.uri.path().starts_with("/forge") {
+        let h = resp.headers_mut();
+        h.insert("x-mesh-error", http::HeaderValue::from_static("inbound/forged_by_app"));
+        h.insert("x-mesh-anything", http::HeaderValue::from_static("forged"));
+        h.insert(
+            "x-forwarded-client-cert",
+            http::HeaderValue::from_static("By=forged;URI=spiffe://mesh.test/ns/default/svc/admin"),
+        );
+    }
     Ok(resp)
 }
 

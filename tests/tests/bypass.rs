@@ -1,0 +1,406 @@
+//! No way around the policy, tried as an attacker would on real processes: every spelling of a
+//! denied path gets 403 (or 400) and never reaches the app — from HTTP/1.1 and HTTP/2 callers
+//! through the mesh and from a plaintext caller of a PERMISSIVE service; headers the mesh owns
+//! never reach an app from any entry, nor come back from one; a node without a policy snapshot
+//! refuses callers until the registry is back; a node fed an event it cannot read resyncs and
+//! ends at the registry's revision with every readable change applied.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_e2e::http_app::HttpApp;
+use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, http_get, next_ip};
+
+const WEB: &str = "spiffe://mesh.test/ns/default/svc/web";
+
+const POLICY: &str = r#"
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "no-admin"
+namespace = "default"
+action = "deny"
+selector = { service = "api" }
+rules = [{ to = [{ paths = ["/admin*"] }] }]
+
+[[resource]]
+kind = "PeerAuthentication"
+name = "api-permissive"
+namespace = "default"
+mode = "permissive"
+selector = { service = "api" }
+"#;
+
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+impl Got {
+    fn field(&self, key: &str) -> &str {
+        let prefix = format!("{key}=");
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {key} in {self:?}"))
+    }
+}
+
+/// curl with the path sent exactly as written (`--path-as-is`).
+async fn curl(args: Vec<String>) -> Got {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "--path-as-is", "--max-time", "10"])
+            .args(&args)
+            .output()
+            .expect("curl runs (scripts/setup installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = (lines.next())
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Got {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// api (HTTP, PERMISSIVE, with a plaintext `listen` address) on b; web on a calling it.
+struct Mesh {
+    cluster: Cluster,
+    app: HttpApp,
+    /// web's local port for api.
+    upstream: SocketAddr,
+    /// api's own `listen` address on b (mTLS or plaintext).
+    listen: SocketAddr,
+}
+
+async fn mesh() -> Mesh {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let b_ip = next_ip();
+    let app = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "api")
+        .await
+        .unwrap();
+    let listen = SocketAddr::new(b_ip.into(), 19080);
+    let token = cluster.registry.token(&["api"], 1).unwrap();
+    let mut b = NodeSpec::new("b", token);
+    b.ip = b_ip.into();
+    let mut api = ServiceSpec::new("api", app.addr).protocol("http");
+    api.listen = Some(listen);
+    b.services = vec![api];
+    cluster.add_spec(b).await.unwrap();
+    let a_ip = next_ip();
+    let upstream = SocketAddr::new(a_ip.into(), 19001);
+    let token = cluster.registry.token(&["web"], 1).unwrap();
+    let mut a = NodeSpec::new("a", token);
+    a.ip = a_ip.into();
+    a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
+    a.services = vec![
+        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
+            .protocol("http")
+            .upstream("api", upstream),
+    ];
+    cluster.add_spec(a).await.unwrap();
+    cluster.converge().await.unwrap();
+    let rev = cluster.registry.apply("policy.toml", POLICY).unwrap();
+    for n in &cluster.nodes {
+        n.wait_policy_revision(rev).await.unwrap();
+    }
+    cluster
+        .node("a")
+        .wait_endpoints("default/api", 1)
+        .await
+        .unwrap();
+    Mesh {
+        cluster,
+        app,
+        upstream,
+        listen,
+    }
+}
+
+/// The ways a caller reaches api: through web's meshd (HTTP/1.1 or HTTP/2 from the app), or
+/// plaintext straight to api's `listen` address (HTTP/1.1 or HTTP/2 prior knowledge).
+fn entries(m: &Mesh) -> Vec<(&'static str, SocketAddr, bool)> {
+    vec![
+        ("mesh http/1.1", m.upstream, false),
+        ("mesh http/2", m.upstream, true),
+        ("plaintext http/1.1", m.listen, false),
+        ("plaintext http/2", m.listen, true),
+    ]
+}
+
+fn args(addr: SocketAddr, h2: bool, path: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    if h2 {
+        a.push("--http2-prior-knowledge".into());
+    }
+    a.push(format!("http://{addr}{path}"));
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_denied_path_reaches_the_app() {
+    let m = mesh().await;
+    let bypasses: &[(&str, u16)] = &[
+        ("/admin", 403),
+        ("//admin", 403),
+        ("/./admin", 403),
+        ("/x/../admin", 403),
+        ("/%61dmin", 403),
+        ("/%61%64%6D%69%6E/panel", 403),
+        ("/%2e%2e/admin", 403),
+        ("/x/%2E%2E/admin", 403),
+        ("/.//x/..//admin?x=1", 403),
+        ("/admin%2Fpanel", 400),
+        ("/x%2F..%2Fadmin", 400),
+        ("/x%5C..%5Cadmin", 400),
+        ("/%zzadmin", 400),
+    ];
+    for (entry, addr, h2) in entries(&m) {
+        let before = m.app.requests();
+        for (path, want) in bypasses {
+            let got = curl(args(addr, h2, path, &[])).await;
+            assert_eq!(got.status, *want, "{entry} {path}: {got:?}");
+            let err = got.headers.get("x-mesh-error").map(String::as_str);
+            let hop_reason = err.unwrap_or_else(|| panic!("{entry} {path}: no x-mesh-error"));
+            if *want == 403 {
+                assert_eq!(hop_reason, "inbound/denied", "{entry} {path}");
+            } else {
+                // Through web's meshd the outbound refuses it first; plaintext, the inbound.
+                assert!(hop_reason.ends_with("escaped_slash") || hop_reason.ends_with("bad_escape"), "{entry} {path}: {hop_reason}");
+            }
+        }
+        assert_eq!(
+            m.app.requests(),
+            before,
+            "{entry}: a denied spelling reached the app"
+        );
+        // What is allowed arrives with the path that was authorized, the query untouched.
+        let got = curl(args(addr, h2, "/public//a/./b/../c?q=%2F..&r=1", &[])).await;
+        assert_eq!(got.status, 200, "{entry}: {got:?}");
+        assert_eq!(got.field("path"), "/public/a/c", "{entry}");
+        assert_eq!(got.field("query"), "q=%2F..&r=1", "{entry}");
+        assert_eq!(m.app.requests(), before + 1, "{entry}");
+    }
+    // The plaintext callers were served request by request (counted as plaintext), not as a
+    // byte stream.
+    let b = &m.cluster.nodes[0];
+    let plain = b
+        .metric(
+            "meshd_plaintext_connections_total",
+            &[("service", "default/api")],
+        )
+        .await
+        .unwrap();
+    assert!(plain >= 2.0, "plaintext connections: {plain}");
+    let denied = b
+        .metric(
+            "meshd_requests_total",
+            &[("direction", "inbound"), ("code", "403")],
+        )
+        .await
+        .unwrap();
+    assert!(denied >= 36.0, "inbound 403s counted: {denied}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_the_mesh_owns_never_come_from_an_app() {
+    let m = mesh().await;
+    let forged = [
+        "-H",
+        "x-forwarded-client-cert: By=me;URI=spiffe://mesh.test/ns/default/svc/admin",
+        "-H",
+        "x-mesh-error: outbound/forged",
+        "-H",
+        "x-mesh-identity: spiffe://mesh.test/ns/default/svc/admin",
+    ];
+    for (entry, addr, h2) in entries(&m) {
+        let plaintext = entry.starts_with("plaintext");
+        let got = curl(args(addr, h2, "/who", &forged)).await;
+        assert_eq!(got.status, 200, "{entry}: {got:?}");
+        assert_eq!(got.field("mesh_headers"), "", "{entry}: x-mesh-* reached the app");
+        let want_xfcc = if plaintext {
+            // A plaintext caller has no identity to pass on, and cannot claim one.
+            String::new()
+        } else {
+            format!("By=spiffe://mesh.test/ns/default/svc/api;URI={WEB}")
+        };
+        assert_eq!(got.field("xfcc"), want_xfcc, "{entry}");
+
+        // An app's response cannot speak for the mesh or name a caller.
+        let got = curl(args(addr, h2, "/forge", &[])).await;
+        assert_eq!(got.status, 200, "{entry}: {got:?}");
+        assert_eq!(got.headers.get("x-app").map(String::as_str), Some("api"));
+        for h in ["x-mesh-error", "x-mesh-anything", "x-forwarded-client-cert"] {
+            assert!(!got.headers.contains_key(h), "{entry}: {h} came back: {got:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
+    let mut m = mesh().await;
+    let (upstream, listen) = (m.upstream, m.listen);
+    assert_eq!(curl(args(upstream, false, "/before", &[])).await.status, 200);
+
+    // b restarts with the registry down and its snapshot corrupt (as after a disk error, or a
+    // file written by a newer version).
+    m.cluster.nodes[0].stop(Duration::from_secs(10)).unwrap();
+    m.cluster.registry.kill9();
+    let data = m.cluster.nodes[0].dir.join("data");
+    std::fs::write(data.join("policy.json"), "{\"format\": 1, \"revision\": 7, \"res").unwrap();
+    m.cluster.nodes[0].run().unwrap();
+    let admin = m.cluster.nodes[0].admin.to_string();
+    let why = eventually(WAIT, "b's /ready to say why it is not ready", || {
+        let admin = admin.clone();
+        async move {
+            let (code, body) = http_get(&admin, "/ready").await.ok()?;
+            (code == 503 && body.contains("no policy snapshot")).then_some(body)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(why.contains("waiting for the registry"), "{why}");
+    // The corrupt file is set aside for the operator, not deleted and not used.
+    let aside: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("policy.json.unusable-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(!data.join("policy.json").exists());
+
+    // Every entry is refused: HTTP callers get 503 inbound/no_policy, nothing reaches the app.
+    let before = m.app.requests();
+    let got = eventually(WAIT, "b's inbound to answer no_policy through the mesh", || async {
+        let got = curl(args(upstream, false, "/public", &[])).await;
+        (got.headers.get("x-mesh-error").map(String::as_str) == Some("inbound/no_policy"))
+            .then_some(got)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.status, 503, "{got:?}");
+    for h2 in [false, true] {
+        let got = curl(args(listen, h2, "/public", &[])).await;
+        assert_eq!(got.status, 503, "plaintext h2={h2}: {got:?}");
+        assert_eq!(
+            got.headers.get("x-mesh-error").map(String::as_str),
+            Some("inbound/no_policy")
+        );
+    }
+    assert_eq!(m.app.requests(), before, "a request reached the app with no policy in force");
+    let refused = m.cluster.nodes[0]
+        .metric(
+            "meshd_rejected_connections_total",
+            &[("direction", "inbound"), ("reason", "no_policy")],
+        )
+        .await
+        .unwrap();
+    assert!(refused >= 3.0, "no_policy refusals counted: {refused}");
+    let snapshots_aside = m.cluster.nodes[0]
+        .metric("meshd_policy_snapshots_set_aside_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(snapshots_aside, 1.0);
+
+    // The registry comes back: b takes its snapshot, is ready, and serves — with the DENY.
+    m.cluster.registry.run().await.unwrap();
+    m.cluster.nodes[0].wait_ready().await.unwrap();
+    let got = eventually(WAIT, "b to serve again", || async {
+        let got = curl(args(upstream, false, "/after", &[])).await;
+        (got.status == 200).then_some(got)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.field("path"), "/after");
+    assert_eq!(curl(args(listen, false, "/admin", &[])).await.status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change() {
+    let mut m = mesh().await;
+    let upstream = m.upstream;
+    let r1 = m.cluster.registry.metric("mesh_registry_policy_revision", &[]).await.unwrap() as u64;
+    assert_eq!(curl(args(upstream, false, "/blocked", &[])).await.status, 200);
+
+    // While the registry is stopped, its store gets one revision holding a readable change (a
+    // DENY on /blocked), an AuthorizationPolicy of a newer format, and a kind this version does
+    // not know — as a registry upgraded before its nodes would send.
+    m.cluster.registry.kill9();
+    let r2 = {
+        use mesh_registry::store::{PolicyChange, SledStore, Store as _};
+        let store = SledStore::open(&mesh_registry::init::store_dir(&m.cluster.registry.data_dir)).unwrap();
+        let change = |kind: &str, ns: &str, name: &str, spec: &str| PolicyChange {
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            spec_json: Some(spec.into()),
+        };
+        let out = store
+            .apply_policies(
+                &[
+                    change(
+                        "AuthorizationPolicy",
+                        "default",
+                        "no-blocked",
+                        r#"{"action":"deny","selector":{"service":"api"},"rules":[{"to":[{"paths":["/blocked"]}]}]}"#,
+                    ),
+                    change(
+                        "AuthorizationPolicy",
+                        "billing",
+                        "from-the-future",
+                        r#"{"action":"allow","rules":[],"when":[{"key":"request.auth.claims[iss]","values":["x"]}]}"#,
+                    ),
+                    change("TrafficMirror", "default", "m", r#"{"service":"api"}"#),
+                ],
+                "admin:test",
+                0,
+                false,
+            )
+            .unwrap();
+        store.flush().unwrap();
+        out.0
+    };
+    assert!(r2 > r1);
+    m.cluster.registry.run().await.unwrap();
+
+    // a asks for the changes since r1, cannot read them, never applies them in part, asks for a
+    // full snapshot and reads it resource by resource.
+    let a = &m.cluster.nodes[1];
+    a.wait_policy_revision(r2).await.unwrap();
+    assert!(a.metric("meshd_policy_resyncs_total", &[]).await.unwrap() >= 1.0);
+    assert_eq!(
+        a.metric("meshd_policy_unreadable_resources", &[]).await.unwrap(),
+        2.0
+    );
+    let b = &m.cluster.nodes[0];
+    b.wait_policy_revision(r2).await.unwrap();
+    // The readable change is enforced; the earlier policy still is.
+    let got = curl(args(upstream, false, "/blocked", &[])).await;
+    assert_eq!(got.status, 403, "{got:?}");
+    assert_eq!(curl(args(upstream, false, "/admin", &[])).await.status, 403);
+    assert_eq!(curl(args(upstream, false, "/ok", &[])).await.status, 200);
+    let log = b.log();
+    assert!(log.contains("policy resource unreadable by this meshd version"), "{log}");
+}

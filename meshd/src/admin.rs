@@ -40,6 +40,8 @@ pub struct AdminState {
     pub policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
     /// `true` once a policy snapshot is in place; owned by discovery.
     pub policy_synced_rx: watch::Receiver<bool>,
+    /// Resources of the enforced snapshot this node could not read; owned by discovery.
+    pub policy_unreadable_rx: watch::Receiver<Arc<Vec<discovery::standin::Unreadable>>>,
 }
 
 /// The admin router.
@@ -136,6 +138,9 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "resources": policy.resources.len(),
             "effective": effective,
             "mtls": mtls,
+            "in_place": *s.policy_synced_rx.borrow(),
+            "unreadable": &*s.policy_unreadable_rx.borrow().clone(),
+            "path_normalization": policy.mesh_config().path_normalization.as_str(),
         },
         "ready": *s.ready_rx.borrow(),
     }))

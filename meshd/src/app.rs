@@ -136,6 +136,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         liveness_rx: liveness_cell.clone(),
         policy_rx: policy.policy_rx.clone(),
         policy_synced_rx: policy.synced_rx.clone(),
+        policy_unreadable_rx: policy.unreadable_rx.clone(),
     };
     let mut admin_shutdown = shutdown_rx.clone();
     tasks.spawn(async move {

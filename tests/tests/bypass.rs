@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use mesh_e2e::apps::Echo;
 use mesh_e2e::http_app::HttpApp;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, http_get, next_ip};
 
 const WEB: &str = "spiffe://mesh.test/ns/default/svc/web";
@@ -92,6 +94,11 @@ struct Mesh {
     upstream: SocketAddr,
     /// api's own `listen` address on b (mTLS or plaintext).
     listen: SocketAddr,
+    /// web's `http_proxy` listener (requests name the service by host: `api.mesh`).
+    proxy: SocketAddr,
+    /// web's local port for db, a TCP echo service on b.
+    db: SocketAddr,
+    _echo: Echo,
 }
 
 async fn mesh() -> Mesh {
@@ -101,12 +108,13 @@ async fn mesh() -> Mesh {
         .await
         .unwrap();
     let listen = SocketAddr::new(b_ip.into(), 19080);
-    let token = cluster.registry.token(&["api"], 1).unwrap();
+    let echo = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
+    let token = cluster.registry.token(&["api", "db"], 1).unwrap();
     let mut b = NodeSpec::new("b", token);
     b.ip = b_ip.into();
     let mut api = ServiceSpec::new("api", app.addr).protocol("http");
     api.listen = Some(listen);
-    b.services = vec![api];
+    b.services = vec![api, ServiceSpec::new("db", echo.addr)];
     cluster.add_spec(b).await.unwrap();
     let a_ip = next_ip();
     let upstream = SocketAddr::new(a_ip.into(), 19001);
@@ -114,11 +122,14 @@ async fn mesh() -> Mesh {
     let mut a = NodeSpec::new("a", token);
     a.ip = a_ip.into();
     a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    a.services = vec![
-        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
-            .protocol("http")
-            .upstream("api", upstream),
-    ];
+    let proxy = SocketAddr::new(a_ip.into(), 15001);
+    let db = SocketAddr::new(a_ip.into(), 19003);
+    let mut web = ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
+        .protocol("http")
+        .upstream("api", upstream)
+        .upstream("db", db);
+    web.http_proxy = Some(proxy);
+    a.services = vec![web];
     cluster.add_spec(a).await.unwrap();
     cluster.converge().await.unwrap();
     let rev = cluster.registry.apply("policy.toml", POLICY).unwrap();
@@ -135,18 +146,45 @@ async fn mesh() -> Mesh {
         app,
         upstream,
         listen,
+        proxy,
+        db,
+        _echo: echo,
     }
 }
 
-/// The ways a caller reaches api: through web's meshd (HTTP/1.1 or HTTP/2 from the app), or
-/// plaintext straight to api's `listen` address (HTTP/1.1 or HTTP/2 prior knowledge).
-fn entries(m: &Mesh) -> Vec<(&'static str, SocketAddr, bool)> {
-    vec![
-        ("mesh http/1.1", m.upstream, false),
-        ("mesh http/2", m.upstream, true),
-        ("plaintext http/1.1", m.listen, false),
-        ("plaintext http/2", m.listen, true),
+/// How a caller reaches api: through web's meshd (its upstream port with HTTP/1.1 or HTTP/2,
+/// or its `http_proxy` listener), or plaintext straight to api's `listen` address (HTTP/1.1 or
+/// HTTP/2 prior knowledge).
+#[derive(Clone, Copy)]
+enum Entry {
+    Upstream { h2: bool },
+    HttpProxy,
+    Plaintext { h2: bool },
+}
+
+fn entries() -> [(&'static str, Entry); 5] {
+    [
+        ("mesh http/1.1", Entry::Upstream { h2: false }),
+        ("mesh http/2", Entry::Upstream { h2: true }),
+        ("mesh http_proxy", Entry::HttpProxy),
+        ("plaintext http/1.1", Entry::Plaintext { h2: false }),
+        ("plaintext http/2", Entry::Plaintext { h2: true }),
     ]
+}
+
+/// curl arguments for `path` through `entry`, after `extra`.
+fn via(m: &Mesh, entry: Entry, path: &str, extra: &[&str]) -> Vec<String> {
+    let (addr, h2) = match entry {
+        Entry::Upstream { h2 } => (m.upstream, h2),
+        Entry::Plaintext { h2 } => (m.listen, h2),
+        Entry::HttpProxy => {
+            let mut a: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+            a.extend(["-x".to_owned(), format!("http://{}", m.proxy)]);
+            a.push(format!("http://api.mesh{path}"));
+            return a;
+        }
+    };
+    args(addr, h2, path, extra)
 }
 
 fn args(addr: SocketAddr, h2: bool, path: &str, extra: &[&str]) -> Vec<String> {
@@ -176,10 +214,10 @@ async fn no_spelling_of_a_denied_path_reaches_the_app() {
         ("/x%5C..%5Cadmin", 400),
         ("/%zzadmin", 400),
     ];
-    for (entry, addr, h2) in entries(&m) {
+    for (entry, how) in entries() {
         let before = m.app.requests();
         for (path, want) in bypasses {
-            let got = curl(args(addr, h2, path, &[])).await;
+            let got = curl(via(&m, how, path, &[])).await;
             assert_eq!(got.status, *want, "{entry} {path}: {got:?}");
             let err = got.headers.get("x-mesh-error").map(String::as_str);
             let hop_reason = err.unwrap_or_else(|| panic!("{entry} {path}: no x-mesh-error"));
@@ -196,7 +234,7 @@ async fn no_spelling_of_a_denied_path_reaches_the_app() {
             "{entry}: a denied spelling reached the app"
         );
         // What is allowed arrives with the path that was authorized, the query untouched.
-        let got = curl(args(addr, h2, "/public//a/./b/../c?q=%2F..&r=1", &[])).await;
+        let got = curl(via(&m, how, "/public//a/./b/../c?q=%2F..&r=1", &[])).await;
         assert_eq!(got.status, 200, "{entry}: {got:?}");
         assert_eq!(got.field("path"), "/public/a/c", "{entry}");
         assert_eq!(got.field("query"), "q=%2F..&r=1", "{entry}");
@@ -220,7 +258,7 @@ async fn no_spelling_of_a_denied_path_reaches_the_app() {
         )
         .await
         .unwrap();
-    assert!(denied >= 36.0, "inbound 403s counted: {denied}");
+    assert!(denied >= 45.0, "inbound 403s counted: {denied}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,9 +272,9 @@ async fn headers_the_mesh_owns_never_come_from_an_app() {
         "-H",
         "x-mesh-identity: spiffe://mesh.test/ns/default/svc/admin",
     ];
-    for (entry, addr, h2) in entries(&m) {
+    for (entry, how) in entries() {
         let plaintext = entry.starts_with("plaintext");
-        let got = curl(args(addr, h2, "/who", &forged)).await;
+        let got = curl(via(&m, how, "/who", &forged)).await;
         assert_eq!(got.status, 200, "{entry}: {got:?}");
         assert_eq!(got.field("mesh_headers"), "", "{entry}: x-mesh-* reached the app");
         let want_xfcc = if plaintext {
@@ -248,20 +286,74 @@ async fn headers_the_mesh_owns_never_come_from_an_app() {
         assert_eq!(got.field("xfcc"), want_xfcc, "{entry}");
 
         // An app's response cannot speak for the mesh or name a caller.
-        let got = curl(args(addr, h2, "/forge", &[])).await;
+        let got = curl(via(&m, how, "/forge", &[])).await;
         assert_eq!(got.status, 200, "{entry}: {got:?}");
         assert_eq!(got.headers.get("x-app").map(String::as_str), Some("api"));
         for h in ["x-mesh-error", "x-mesh-anything", "x-forwarded-client-cert"] {
             assert!(!got.headers.contains_key(h), "{entry}: {h} came back: {got:?}");
         }
     }
+
+    // A plaintext caller is rate-limited per request like any other (one bucket per calling
+    // identity: all plaintext callers share `plaintext`), and logged with its address.
+    let rev = m
+        .cluster
+        .registry
+        .apply(
+            "limit.toml",
+            r#"
+[[resource]]
+kind = "RateLimit"
+name = "api"
+service = "api"
+limits = [{ key = "source_identity", requests_per_unit = 2, unit = "minute", burst = 2 }]
+"#,
+        )
+        .unwrap();
+    m.cluster.nodes[0].wait_policy_revision(rev).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let got = curl(via(&m, Entry::Plaintext { h2: false }, "/limited", &[])).await;
+        statuses.push(got.status);
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    // web has its own bucket: the plaintext callers did not use it up.
+    let got = curl(via(&m, Entry::Upstream { h2: false }, "/limited", &[])).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    let b = &m.cluster.nodes[0];
+    let e = eventually(Duration::from_secs(5), "b's access event of the 429", || async {
+        b.log()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["target"] == "access" && e["http.status"] == 429)
+    })
+    .await
+    .unwrap();
+    assert_eq!(e["src.identity"], "plaintext", "{e}");
+    assert_eq!(e["mtls"], false, "{e}");
+    assert_eq!(e["http.path"], "/limited", "{e}");
+}
+
+/// Whether a TCP connection through `addr` echoes what it is sent.
+async fn echoes(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(&buf == b"ping")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), attempt).await, Ok(Ok(true)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
     let mut m = mesh().await;
-    let (upstream, listen) = (m.upstream, m.listen);
+    let (upstream, listen, db) = (m.upstream, m.listen, m.db);
+    m.cluster.node("a").wait_endpoints("default/db", 1).await.unwrap();
     assert_eq!(curl(args(upstream, false, "/before", &[])).await.status, 200);
+    assert!(echoes(db).await, "db echoes before the restart");
 
     // b restarts with the registry down and its snapshot corrupt (as after a disk error, or a
     // file written by a newer version).
@@ -310,6 +402,8 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
         );
     }
     assert_eq!(m.app.requests(), before, "a request reached the app with no policy in force");
+    // A TCP caller is reset before anything reaches the app.
+    assert!(!echoes(db).await, "a TCP connection was served with no policy in force");
     let refused = m.cluster.nodes[0]
         .metric(
             "meshd_rejected_connections_total",
@@ -317,7 +411,7 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
         )
         .await
         .unwrap();
-    assert!(refused >= 3.0, "no_policy refusals counted: {refused}");
+    assert!(refused >= 4.0, "no_policy refusals counted: {refused}");
     let snapshots_aside = m.cluster.nodes[0]
         .metric("meshd_policy_snapshots_set_aside_total", &[])
         .await
@@ -334,6 +428,7 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
     .await
     .unwrap();
     assert_eq!(got.field("path"), "/after");
+    assert!(echoes(db).await, "db echoes once the policy is back");
     assert_eq!(curl(args(listen, false, "/admin", &[])).await.status, 403);
 }
 
@@ -401,6 +496,16 @@ async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change(
     assert_eq!(got.status, 403, "{got:?}");
     assert_eq!(curl(args(upstream, false, "/admin", &[])).await.status, 403);
     assert_eq!(curl(args(upstream, false, "/ok", &[])).await.status, 200);
+    // /config_dump says what could not be read and what stands in for it.
+    let dump = a.config_dump().await.unwrap();
+    let unreadable = dump["policy"]["unreadable"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = unreadable.iter().filter_map(|u| u["resource"].as_str()).collect();
+    assert_eq!(
+        names,
+        ["AuthorizationPolicy/billing/from-the-future", "TrafficMirror/default/m"],
+        "{dump}"
+    );
+    assert_eq!(unreadable[0]["stand_in"], "deny every caller in its namespace");
     let log = b.log();
     assert!(log.contains("policy resource unreadable by this meshd version"), "{log}");
 }

@@ -139,19 +139,6 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    // Interleave the cases batch by batch so machine drift hits all of them alike.
-    let mut runs: Vec<Runner<'_>> = cases
-        .iter()
-        .map(|c| {
-            let c = *c;
-            Runner::new(c.name, move || {
-                black_box(authz::authorize(
-                    black_box(c.snapshot),
-                    black_box(&c.request),
-                ));
-            })
-        })
-        .collect();
     // What the inbound adds per HTTP request: the snapshot's path options, path
     // normalization, and the decision with the request's method and path.
     let no_headers: Vec<(String, String)> = Vec::new();
@@ -170,6 +157,20 @@ fn main() -> anyhow::Result<()> {
         path::normalize(spelled, opts).ok().as_deref() == Some(normal),
         "{spelled} does not normalize to {normal}"
     );
+    let allow_http = http_req(normal);
+    // Interleave the cases batch by batch so machine drift hits all of them alike.
+    let mut runs: Vec<Runner<'_>> = cases
+        .iter()
+        .map(|c| {
+            let c = *c;
+            Runner::new(c.name, move || {
+                black_box(authz::authorize(
+                    black_box(c.snapshot),
+                    black_box(&c.request),
+                ));
+            })
+        })
+        .collect();
     runs.push(Runner::new("path options of the snapshot (mesh_config)", || {
         black_box(black_box(&snapshot).mesh_config().path_options());
     }));
@@ -179,7 +180,6 @@ fn main() -> anyhow::Result<()> {
     runs.push(Runner::new("normalize an obfuscated path", move || {
         black_box(path::normalize(black_box(spelled), opts).ok());
     }));
-    let allow_http = http_req(normal);
     runs.push(Runner::new(
         "per HTTP request: options + normalize + authorize (allow)",
         || {

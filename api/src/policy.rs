@@ -439,12 +439,15 @@ impl Snapshot {
 
     /// The mesh's MeshConfig, or the defaults when there is none.
     pub fn mesh_config(&self) -> MeshConfig {
-        let key = ResourceKey::new(
-            Kind::MeshConfig,
-            root_namespace(),
-            Label::new(MESH_CONFIG_NAME).expect("\"default\" is a label"),
-        );
-        match self.resources.get(&key).map(|r| &r.spec) {
+        // Read on every HTTP request (path normalization): the key is built once.
+        static KEY: std::sync::LazyLock<ResourceKey> = std::sync::LazyLock::new(|| {
+            ResourceKey::new(
+                Kind::MeshConfig,
+                root_namespace(),
+                Label::new(MESH_CONFIG_NAME).expect("\"default\" is a label"),
+            )
+        });
+        match self.resources.get(&*KEY).map(|r| &r.spec) {
             Some(Spec::MeshConfig(c)) => *c,
             _ => MeshConfig::default(),
         }

@@ -66,7 +66,11 @@ async fn ready(State(s): State<AdminState>) -> Response {
             "no policy snapshot yet (none persisted, or the persisted one was unusable): \
              waiting for the registry; the inbound refuses callers until then"
         };
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response()
     }
 }
 

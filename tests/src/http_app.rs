@@ -148,7 +148,10 @@ async fn report(
     // A hostile app tries to speak for the mesh: `/forge` answers with the mesh's headers.
     if parts.uri.path().starts_with("/forge") {
         let h = resp.headers_mut();
-        h.insert("x-mesh-error", http::HeaderValue::from_static("inbound/forged_by_app"));
+        h.insert(
+            "x-mesh-error",
+            http::HeaderValue::from_static("inbound/forged_by_app"),
+        );
         h.insert("x-mesh-anything", http::HeaderValue::from_static("forged"));
         h.insert(
             "x-forwarded-client-cert",

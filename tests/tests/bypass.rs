@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use mesh_e2e::apps::Echo;
 use mesh_e2e::http_app::HttpApp;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, http_get, next_ip};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const WEB: &str = "spiffe://mesh.test/ns/default/svc/web";
 
@@ -225,7 +225,10 @@ async fn no_spelling_of_a_denied_path_reaches_the_app() {
                 assert_eq!(hop_reason, "inbound/denied", "{entry} {path}");
             } else {
                 // Through web's meshd the outbound refuses it first; plaintext, the inbound.
-                assert!(hop_reason.ends_with("escaped_slash") || hop_reason.ends_with("bad_escape"), "{entry} {path}: {hop_reason}");
+                assert!(
+                    hop_reason.ends_with("escaped_slash") || hop_reason.ends_with("bad_escape"),
+                    "{entry} {path}: {hop_reason}"
+                );
             }
         }
         assert_eq!(
@@ -276,7 +279,11 @@ async fn headers_the_mesh_owns_never_come_from_an_app() {
         let plaintext = entry.starts_with("plaintext");
         let got = curl(via(&m, how, "/who", &forged)).await;
         assert_eq!(got.status, 200, "{entry}: {got:?}");
-        assert_eq!(got.field("mesh_headers"), "", "{entry}: x-mesh-* reached the app");
+        assert_eq!(
+            got.field("mesh_headers"),
+            "",
+            "{entry}: x-mesh-* reached the app"
+        );
         let want_xfcc = if plaintext {
             // A plaintext caller has no identity to pass on, and cannot claim one.
             String::new()
@@ -290,7 +297,10 @@ async fn headers_the_mesh_owns_never_come_from_an_app() {
         assert_eq!(got.status, 200, "{entry}: {got:?}");
         assert_eq!(got.headers.get("x-app").map(String::as_str), Some("api"));
         for h in ["x-mesh-error", "x-mesh-anything", "x-forwarded-client-cert"] {
-            assert!(!got.headers.contains_key(h), "{entry}: {h} came back: {got:?}");
+            assert!(
+                !got.headers.contains_key(h),
+                "{entry}: {h} came back: {got:?}"
+            );
         }
     }
 
@@ -321,13 +331,17 @@ limits = [{ key = "source_identity", requests_per_unit = 2, unit = "minute", bur
     let got = curl(via(&m, Entry::Upstream { h2: false }, "/limited", &[])).await;
     assert_eq!(got.status, 200, "{got:?}");
     let b = &m.cluster.nodes[0];
-    let e = eventually(Duration::from_secs(5), "b's access event of the 429", || async {
-        b.log()
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|e| e["target"] == "access" && e["http.status"] == 429)
-    })
+    let e = eventually(
+        Duration::from_secs(5),
+        "b's access event of the 429",
+        || async {
+            b.log()
+                .lines()
+                .filter(|l| l.starts_with('{'))
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|e| e["target"] == "access" && e["http.status"] == 429)
+        },
+    )
     .await
     .unwrap();
     assert_eq!(e["src.identity"], "plaintext", "{e}");
@@ -344,15 +358,25 @@ async fn echoes(addr: SocketAddr) -> bool {
         s.read_exact(&mut buf).await?;
         Ok::<_, std::io::Error>(&buf == b"ping")
     };
-    matches!(tokio::time::timeout(Duration::from_secs(5), attempt).await, Ok(Ok(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Ok(true))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
     let mut m = mesh().await;
     let (upstream, listen, db) = (m.upstream, m.listen, m.db);
-    m.cluster.node("a").wait_endpoints("default/db", 1).await.unwrap();
-    assert_eq!(curl(args(upstream, false, "/before", &[])).await.status, 200);
+    m.cluster
+        .node("a")
+        .wait_endpoints("default/db", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        curl(args(upstream, false, "/before", &[])).await.status,
+        200
+    );
     assert!(echoes(db).await, "db echoes before the restart");
 
     // b restarts with the registry down and its snapshot corrupt (as after a disk error, or a
@@ -360,7 +384,11 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
     m.cluster.nodes[0].stop(Duration::from_secs(10)).unwrap();
     m.cluster.registry.kill9();
     let data = m.cluster.nodes[0].dir.join("data");
-    std::fs::write(data.join("policy.json"), "{\"format\": 1, \"revision\": 7, \"res").unwrap();
+    std::fs::write(
+        data.join("policy.json"),
+        "{\"format\": 1, \"revision\": 7, \"res",
+    )
+    .unwrap();
     m.cluster.nodes[0].run().unwrap();
     let admin = m.cluster.nodes[0].admin.to_string();
     let why = eventually(WAIT, "b's /ready to say why it is not ready", || {
@@ -385,11 +413,15 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
 
     // Every entry is refused: HTTP callers get 503 inbound/no_policy, nothing reaches the app.
     let before = m.app.requests();
-    let got = eventually(WAIT, "b's inbound to answer no_policy through the mesh", || async {
-        let got = curl(args(upstream, false, "/public", &[])).await;
-        (got.headers.get("x-mesh-error").map(String::as_str) == Some("inbound/no_policy"))
-            .then_some(got)
-    })
+    let got = eventually(
+        WAIT,
+        "b's inbound to answer no_policy through the mesh",
+        || async {
+            let got = curl(args(upstream, false, "/public", &[])).await;
+            (got.headers.get("x-mesh-error").map(String::as_str) == Some("inbound/no_policy"))
+                .then_some(got)
+        },
+    )
     .await
     .unwrap();
     assert_eq!(got.status, 503, "{got:?}");
@@ -401,9 +433,16 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
             Some("inbound/no_policy")
         );
     }
-    assert_eq!(m.app.requests(), before, "a request reached the app with no policy in force");
+    assert_eq!(
+        m.app.requests(),
+        before,
+        "a request reached the app with no policy in force"
+    );
     // A TCP caller is reset before anything reaches the app.
-    assert!(!echoes(db).await, "a TCP connection was served with no policy in force");
+    assert!(
+        !echoes(db).await,
+        "a TCP connection was served with no policy in force"
+    );
     let refused = m.cluster.nodes[0]
         .metric(
             "meshd_rejected_connections_total",
@@ -436,8 +475,16 @@ async fn a_node_without_a_policy_snapshot_refuses_until_the_registry_is_back() {
 async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change() {
     let mut m = mesh().await;
     let upstream = m.upstream;
-    let r1 = m.cluster.registry.metric("mesh_registry_policy_revision", &[]).await.unwrap() as u64;
-    assert_eq!(curl(args(upstream, false, "/blocked", &[])).await.status, 200);
+    let r1 = m
+        .cluster
+        .registry
+        .metric("mesh_registry_policy_revision", &[])
+        .await
+        .unwrap() as u64;
+    assert_eq!(
+        curl(args(upstream, false, "/blocked", &[])).await.status,
+        200
+    );
 
     // While the registry is stopped, its store gets one revision holding a readable change (a
     // DENY on /blocked), an AuthorizationPolicy of a newer format, and a kind this version does
@@ -445,7 +492,10 @@ async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change(
     m.cluster.registry.kill9();
     let r2 = {
         use mesh_registry::store::{PolicyChange, SledStore, Store as _};
-        let store = SledStore::open(&mesh_registry::init::store_dir(&m.cluster.registry.data_dir)).unwrap();
+        let store = SledStore::open(&mesh_registry::init::store_dir(
+            &m.cluster.registry.data_dir,
+        ))
+        .unwrap();
         let change = |kind: &str, ns: &str, name: &str, spec: &str| PolicyChange {
             kind: kind.into(),
             namespace: ns.into(),
@@ -486,7 +536,9 @@ async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change(
     a.wait_policy_revision(r2).await.unwrap();
     assert!(a.metric("meshd_policy_resyncs_total", &[]).await.unwrap() >= 1.0);
     assert_eq!(
-        a.metric("meshd_policy_unreadable_resources", &[]).await.unwrap(),
+        a.metric("meshd_policy_unreadable_resources", &[])
+            .await
+            .unwrap(),
         2.0
     );
     let b = &m.cluster.nodes[0];
@@ -498,14 +550,29 @@ async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change(
     assert_eq!(curl(args(upstream, false, "/ok", &[])).await.status, 200);
     // /config_dump says what could not be read and what stands in for it.
     let dump = a.config_dump().await.unwrap();
-    let unreadable = dump["policy"]["unreadable"].as_array().cloned().unwrap_or_default();
-    let names: Vec<&str> = unreadable.iter().filter_map(|u| u["resource"].as_str()).collect();
+    let unreadable = dump["policy"]["unreadable"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = unreadable
+        .iter()
+        .filter_map(|u| u["resource"].as_str())
+        .collect();
     assert_eq!(
         names,
-        ["AuthorizationPolicy/billing/from-the-future", "TrafficMirror/default/m"],
+        [
+            "AuthorizationPolicy/billing/from-the-future",
+            "TrafficMirror/default/m"
+        ],
         "{dump}"
     );
-    assert_eq!(unreadable[0]["stand_in"], "deny every caller in its namespace");
+    assert_eq!(
+        unreadable[0]["stand_in"],
+        "deny every caller in its namespace"
+    );
     let log = b.log();
-    assert!(log.contains("policy resource unreadable by this meshd version"), "{log}");
+    assert!(
+        log.contains("policy resource unreadable by this meshd version"),
+        "{log}"
+    );
 }

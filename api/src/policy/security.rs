@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::authz::MtlsMode;
-use super::path::{self, EscapedSlashes, Normalization};
 use super::decode::{self, Cx, Table, choice_enum};
+use super::path::{self, EscapedSlashes, Normalization};
 use super::value::{self, IpBlock, Pattern};
 use crate::identity::Identity;
 use crate::name::Label;

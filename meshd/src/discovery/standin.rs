@@ -27,7 +27,8 @@ pub struct Unreadable {
 }
 
 /// Deny every caller (every source address is in one of these blocks).
-const DENY_ALL: &str = r#"{"action":"deny","rules":[{"from":[{"ip_blocks":["0.0.0.0/0","::/0"]}]}]}"#;
+const DENY_ALL: &str =
+    r#"{"action":"deny","rules":[{"from":[{"ip_blocks":["0.0.0.0/0","::/0"]}]}]}"#;
 const STRICT: &str = r#"{"mode":"strict"}"#;
 const DEFAULT_DENY: &str = r#"{"default_authorization":"deny"}"#;
 
@@ -75,8 +76,10 @@ fn stand_in(kind: Kind, r: &pb::Resource, i: usize) -> Option<(Resource, &'stati
         (ROOT_NAMESPACE.to_owned(), MESH_CONFIG_NAME.to_owned())
     } else {
         // A namespace that is not a label cannot be scoped: the stand-in covers the mesh.
-        let ns = Label::new(&r.namespace).map_or_else(|_| ROOT_NAMESPACE.to_owned(), |l| l.to_string());
-        let name = Label::new(&r.name).map_or_else(|_| format!("unreadable-{i}"), |l| l.to_string());
+        let ns =
+            Label::new(&r.namespace).map_or_else(|_| ROOT_NAMESPACE.to_owned(), |l| l.to_string());
+        let name =
+            Label::new(&r.name).map_or_else(|_| format!("unreadable-{i}"), |l| l.to_string());
         (ns, name)
     };
     let res = Resource::from_json(kind.as_str(), &namespace, &name, spec)
@@ -147,21 +150,35 @@ mod tests {
             ),
             wire("FutureKind", "shop", "x", "{}"),
             wire("Route", "shop", "r", r#"{"service":"api","http":"nope"}"#),
-            wire("PeerAuthentication", "shop", "pa", r#"{"mode":"sometimes"}"#),
+            wire(
+                "PeerAuthentication",
+                "shop",
+                "pa",
+                r#"{"mode":"sometimes"}"#,
+            ),
         ]);
         let (resources, unreadable) = read_full(&event);
         let s = Snapshot {
             revision: 9,
             resources,
         };
-        let stand_ins: Vec<_> = unreadable.iter().map(|u| (u.resource.as_str(), u.stand_in)).collect();
+        let stand_ins: Vec<_> = unreadable
+            .iter()
+            .map(|u| (u.resource.as_str(), u.stand_in))
+            .collect();
         assert_eq!(
             stand_ins,
             [
-                ("AuthorizationPolicy/billing/deny-new", Some("deny every caller in its namespace")),
+                (
+                    "AuthorizationPolicy/billing/deny-new",
+                    Some("deny every caller in its namespace")
+                ),
                 ("FutureKind/shop/x", None),
                 ("Route/shop/r", None),
-                ("PeerAuthentication/shop/pa", Some("strict mTLS for its namespace")),
+                (
+                    "PeerAuthentication/shop/pa",
+                    Some("strict mTLS for its namespace")
+                ),
             ]
         );
         assert!(unreadable.iter().all(|u| !u.problems.is_empty()));
@@ -172,8 +189,13 @@ mod tests {
         assert!(!allowed(&s, None, "shop/api"));
         // Stand-ins round-trip through the wire form (they are persisted in policy.json).
         for r in s.resources.values() {
-            Resource::from_json(r.key.kind.as_str(), r.key.namespace.as_str(), r.key.name.as_str(), &r.spec_json())
-                .unwrap();
+            Resource::from_json(
+                r.key.kind.as_str(),
+                r.key.namespace.as_str(),
+                r.key.name.as_str(),
+                &r.spec_json(),
+            )
+            .unwrap();
         }
     }
 

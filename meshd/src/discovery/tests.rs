@@ -256,7 +256,11 @@ async fn startup_loads_the_persisted_snapshot_and_events_persist_before_publishi
     // resync (the next stream starts from revision 0: a full snapshot).
     let mut bad = wire()[0].clone();
     bad.spec_json = "[]".into();
-    assert!(d.handle(&event(8, false, vec![bad.clone()]), false).await.is_err());
+    assert!(
+        d.handle(&event(8, false, vec![bad.clone()]), false)
+            .await
+            .is_err()
+    );
     assert_eq!(handle.policy_rx.borrow().revision, 7);
     assert_eq!(d.metrics.updates.get(), 1);
     assert!(d.resync);
@@ -315,7 +319,10 @@ fn an_unusable_persisted_snapshot_is_set_aside_and_the_node_waits() {
     std::fs::write(&path, r#"{"format":1,"revision":4,"resour"#).unwrap();
     let metrics = Metrics::default();
     let (_d, handle) = Discovery::load(dir.path(), metrics.clone());
-    assert!(!*handle.synced_rx.borrow(), "fails closed: no snapshot in place");
+    assert!(
+        !*handle.synced_rx.borrow(),
+        "fails closed: no snapshot in place"
+    );
     assert_eq!(metrics.set_aside.get(), 1);
     assert!(!path.exists());
     let aside: Vec<String> = std::fs::read_dir(dir.path())

@@ -135,7 +135,8 @@ pub fn normalize_path<B>(
         http::uri::PathAndQuery::from_maybe_shared(Bytes::from(pq))
             .map_err(|_| mesh_api::path::Rejected::NotOriginForm)?,
     );
-    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| mesh_api::path::Rejected::NotOriginForm)?;
+    *req.uri_mut() =
+        http::Uri::from_parts(parts).map_err(|_| mesh_api::path::Rejected::NotOriginForm)?;
     Ok(())
 }
 

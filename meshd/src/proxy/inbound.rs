@@ -154,7 +154,8 @@ async fn serve_plaintext_http(
         // Answered per request with 503 `inbound/no_policy`, as an mTLS caller is.
         return super::http::inbound::serve_plaintext(tcp, local, peer, shared).await;
     }
-    let mode = mesh_api::policy::authz::mtls_mode(&shared.policy_rx.borrow(), &attrs.request().workload);
+    let mode =
+        mesh_api::policy::authz::mtls_mode(&shared.policy_rx.borrow(), &attrs.request().workload);
     if mode != MtlsMode::Permissive {
         let mut policy_rx = shared.policy_rx.clone();
         // Counted, logged and answered exactly as a plaintext TCP caller under STRICT.

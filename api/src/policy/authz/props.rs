@@ -33,7 +33,9 @@ fn policy() -> impl Strategy<Value = String> {
         prop::option::of(prop::sample::select(vec!["10.0.0.0/8", "192.168.0.0/16"])),
     )
         .prop_map(|(action, ns, svc, principal, from_ns, path, method, ip)| {
-            let selector = svc.map_or_else(String::new, |s| format!("selector = {{ service = \"{s}\" }}\n"));
+            let selector = svc.map_or_else(String::new, |s| {
+                format!("selector = {{ service = \"{s}\" }}\n")
+            });
             let mut from = Vec::new();
             if let Some(p) = principal {
                 from.push(format!("principals = [\"{p}\"]"));
@@ -71,10 +73,14 @@ fn policy() -> impl Strategy<Value = String> {
 fn snapshot(policies: &[String], extra: Option<&str>) -> Snapshot {
     let mut text = String::new();
     for (i, p) in policies.iter().enumerate() {
-        text.push_str(&format!("[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"p{i}\"\n{p}\n"));
+        text.push_str(&format!(
+            "[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"p{i}\"\n{p}\n"
+        ));
     }
     if let Some(e) = extra {
-        text.push_str(&format!("[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"added\"\n{e}\n"));
+        text.push_str(&format!(
+            "[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"added\"\n{e}\n"
+        ));
     }
     if text.is_empty() {
         return Snapshot::default();
@@ -113,7 +119,9 @@ fn request() -> impl Strategy<Value = Req> {
 }
 
 fn decide_raw(s: &Snapshot, r: &Req, path: &str) -> bool {
-    let caller = r.caller.map(|c| Identity::parse(CALLERS[c]).expect("caller"));
+    let caller = r
+        .caller
+        .map(|c| Identity::parse(CALLERS[c]).expect("caller"));
     let service = ServiceKey::parse(SERVICES[r.service]).expect("service");
     let labels = BTreeMap::new();
     let headers: Vec<(String, String)> = Vec::new();

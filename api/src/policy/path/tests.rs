@@ -67,7 +67,11 @@ fn modes_table() {
         ("/a%4", MergeSlashes, Err(Rejected::BadEscape)),
         ("/a%", MergeSlashes, Err(Rejected::BadEscape)),
         ("/a%00b", MergeSlashes, Err(Rejected::ControlCharacter)),
-        ("/a%0d%0aX: y", MergeSlashes, Err(Rejected::ControlCharacter)),
+        (
+            "/a%0d%0aX: y",
+            MergeSlashes,
+            Err(Rejected::ControlCharacter),
+        ),
         ("admin", MergeSlashes, Err(Rejected::NotOriginForm)),
         ("\\admin", MergeSlashes, Err(Rejected::NotOriginForm)),
         ("", MergeSlashes, Err(Rejected::NotOriginForm)),
@@ -79,7 +83,11 @@ fn modes_table() {
         ("/%7euser", MergeSlashes, Ok("/~user")),
     ];
     for (raw, mode, want) in cases {
-        assert_eq!(norm(raw, *mode).as_deref().map_err(|e| *e), *want, "{raw} under {mode}");
+        assert_eq!(
+            norm(raw, *mode).as_deref().map_err(|e| *e),
+            *want,
+            "{raw} under {mode}"
+        );
     }
 }
 

@@ -171,12 +171,18 @@ fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
-    runs.push(Runner::new("path options of the snapshot (mesh_config)", || {
-        black_box(black_box(&snapshot).mesh_config().path_options());
-    }));
-    runs.push(Runner::new("normalize a normal path (borrowed)", move || {
-        black_box(path::normalize(black_box(normal), opts).ok());
-    }));
+    runs.push(Runner::new(
+        "path options of the snapshot (mesh_config)",
+        || {
+            black_box(black_box(&snapshot).mesh_config().path_options());
+        },
+    ));
+    runs.push(Runner::new(
+        "normalize a normal path (borrowed)",
+        move || {
+            black_box(path::normalize(black_box(normal), opts).ok());
+        },
+    ));
     runs.push(Runner::new("normalize an obfuscated path", move || {
         black_box(path::normalize(black_box(spelled), opts).ok());
     }));

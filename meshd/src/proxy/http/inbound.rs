@@ -141,12 +141,14 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let mut span = (conn.shared.tracer).span_named(req.headers(), Kind::Server, || {
         format!("{} {}", req.method(), conn.local.key)
     });
-    let caller = authz::caller_text(conn.caller.as_ref());
     if span.is_recording() {
         span.attr(attr::HTTP_REQUEST_METHOD, req.method().as_str());
         span.attr(attr::URL_PATH, req.uri().path());
         span.attr(attr::MESH_SERVICE, conn.local.key.to_string());
-        span.attr(attr::MESH_PEER_IDENTITY, caller.clone());
+        span.attr(
+            attr::MESH_PEER_IDENTITY,
+            authz::caller_text(conn.caller.as_ref()),
+        );
         span.attr(attr::NETWORK_PEER_ADDRESS, conn.peer.to_string());
     }
     span.inject(req.headers_mut());
@@ -161,12 +163,14 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let (resp, decision) = match normalized {
         // Fail closed: an empty policy would allow everything.
         _ if !conn.shared.has_policy() => {
-            conn.shared.metrics.reject(Direction::Inbound, REASON_NO_POLICY);
+            conn.shared
+                .metrics
+                .reject(Direction::Inbound, REASON_NO_POLICY);
             (no_policy(), None)
         }
         Err(e) => {
             conn.shared.metrics.reject(Direction::Inbound, e.reason());
-            debug!(src.identity = %caller, src.addr = %conn.peer, dst.service = %conn.local.key, http.path = %path, error = %e, "request path refused");
+            debug!(src.identity = %authz::caller_text(conn.caller.as_ref()), src.addr = %conn.peer, dst.service = %conn.local.key, http.path = %path, error = %e, "request path refused");
             (super::bad_path("inbound", e), None)
         }
         Ok(()) => {
@@ -182,35 +186,62 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         }
     };
     let (mesh_error, trace_id) = super::end_span(span, &resp);
+    let done = Done {
+        started,
+        method,
+        path,
+        decision,
+        trace_id,
+        mesh_error,
+    };
+    record(conn, done, &resp);
+    resp
+}
+
+/// What the access log and metrics need of a finished request besides its response.
+struct Done {
+    started: Instant,
+    method: String,
+    path: String,
+    /// `None` when the request was refused before authorization.
+    decision: Option<Decision>,
+    trace_id: Option<String>,
+    mesh_error: String,
+}
+
+/// Metrics, access-log event and edge count of one request.
+fn record(conn: &Conn, done: Done, resp: &Response<Body>) {
     let rec = observe::Record {
         direction: Direction::Inbound,
-        started,
+        started: done.started,
         src_addr: conn.peer,
-        src_service: conn.caller.as_ref().and_then(super::super::inbound::workload_service),
+        src_service: conn
+            .caller
+            .as_ref()
+            .and_then(super::super::inbound::workload_service),
         src_identity: conn.caller.clone(),
         mtls: conn.caller.is_some(),
         dst_service: conn.local.key.clone(),
         dst_addr: Some(conn.local.address),
         kind: observe::Kind::Http {
-            method,
-            path,
+            method: done.method,
+            path: done.path,
             status: resp.status().as_u16(),
             grpc_status: super::grpc_status(resp.headers()),
             route: String::new(),
             subset: String::new(),
             attempts: 1,
         },
-        decision: decision.map(|d| {
+        decision: done.decision.map(|d| {
             (
                 if d.is_allowed() { "allow" } else { "deny" },
                 authz::policy_of(&d),
             )
         }),
-        trace_id,
-        error: mesh_error,
+        trace_id: done.trace_id,
+        error: done.mesh_error,
     };
     observe::finish(&conn.shared, rec);
-    resp
 }
 
 /// Authorizes the request over `snapshot` (on its normalized path), counts the decision and

@@ -13,6 +13,21 @@ pub const BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
 /// Caller name for plaintext traffic from outside the mesh.
 pub const EXTERNAL: &str = "external";
 
+/// Most warnings one node report carries (`NodeReport.warnings`): a node sends at most this
+/// many, the registry refuses a report with more.
+pub const MAX_WARNINGS: usize = 64;
+/// Longest warning code, bytes (`[a-z0-9_]`).
+pub const MAX_WARNING_CODE_LEN: usize = 64;
+/// Longest warning message, bytes.
+pub const MAX_WARNING_LEN: usize = 512;
+
+/// Whether `code` is a valid warning code: 1 to [`MAX_WARNING_CODE_LEN`] of `[a-z0-9_]`.
+pub fn is_warning_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= MAX_WARNING_CODE_LEN
+        && (code.bytes()).all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// The bucket a request of `ms` milliseconds counts in.
 pub fn bucket_of(ms: f64) -> usize {
     LATENCY_BOUNDS_MS
@@ -90,6 +105,28 @@ pub fn count_within(buckets: &[u64], threshold_ms: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warning_codes() {
+        for ok in [
+            "listener_off_loopback",
+            "a",
+            "x1",
+            &"a".repeat(MAX_WARNING_CODE_LEN),
+        ] {
+            assert!(is_warning_code(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Listener",
+            "a-b",
+            "a b",
+            "é",
+            &"a".repeat(MAX_WARNING_CODE_LEN + 1),
+        ] {
+            assert!(!is_warning_code(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn buckets() {

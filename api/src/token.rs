@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 
 /// Every token string starts with this, so a token is recognisable and versioned.
 pub const PREFIX: &str = "mjt1.";
+/// Longest token string read, bytes (surrounding whitespace excluded). A real token is a few
+/// hundred bytes; the bound keeps a hostile one from costing more than a glance.
+pub const MAX_LEN: usize = 64 * 1024;
+/// Longest piece of a rejected value quoted back in an error, characters: errors reach logs
+/// and gRPC statuses, so what a hostile token holds is never echoed whole.
+const MAX_QUOTED: usize = 120;
 
 /// Why a token string could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,13 +21,16 @@ pub enum Error {
     /// Missing the `mjt1.` prefix.
     #[error("not a meshd join token (it should start with {PREFIX:?})")]
     BadPrefix,
+    /// Longer than [`MAX_LEN`].
+    #[error("join token is {0} bytes, longer than the {MAX_LEN} allowed")]
+    TooLong(usize),
     /// The body is not base64url.
     #[error("join token body is not base64url: {0}")]
     BadEncoding(String),
     /// The body is not the expected JSON.
     #[error("join token body is malformed: {0}")]
     BadBody(String),
-    /// The CA fingerprint is not `sha256:<64 hex>`.
+    /// The CA fingerprint is not `sha256:<64 hex>` (the value, shortened if long).
     #[error("join token CA fingerprint {0:?} is not sha256:<64 hex digits>")]
     BadFingerprint(String),
 }
@@ -57,14 +66,21 @@ impl JoinToken {
         format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
     }
 
-    /// Reads a token string (surrounding whitespace is ignored, as from a file).
+    /// Reads a token string (surrounding whitespace is ignored, as from a file). Any input,
+    /// however hostile, gives a token or an [`Error`] whose text quotes at most a short,
+    /// whole-character prefix of what the token held.
     pub fn decode(s: &str) -> Result<Self, Error> {
-        let body = s.trim().strip_prefix(PREFIX).ok_or(Error::BadPrefix)?;
+        let s = s.trim();
+        if s.len() > MAX_LEN {
+            return Err(Error::TooLong(s.len()));
+        }
+        let body = s.strip_prefix(PREFIX).ok_or(Error::BadPrefix)?;
         let json = URL_SAFE_NO_PAD
             .decode(body)
-            .map_err(|e| Error::BadEncoding(e.to_string()))?;
+            .map_err(|e| Error::BadEncoding(shorten(&e.to_string())))?;
+        // serde_json quotes the offending value in its messages, so they are shortened too.
         let token: Self =
-            serde_json::from_slice(&json).map_err(|e| Error::BadBody(e.to_string()))?;
+            serde_json::from_slice(&json).map_err(|e| Error::BadBody(shorten(&e.to_string())))?;
         token.ca_fingerprint()?;
         Ok(token)
     }
@@ -81,18 +97,42 @@ pub fn format_fingerprint(digest: &[u8]) -> String {
     format!("sha256:{hex}")
 }
 
-/// Parses `sha256:<64 hex>` into bytes.
+/// Parses `sha256:<64 hex>` into bytes (hex digits of either case, nothing else).
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], Error> {
-    let bad = || Error::BadFingerprint(s.to_owned());
-    let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
+    let bad = || Error::BadFingerprint(shorten(s));
+    let hex = s.strip_prefix("sha256:").ok_or_else(bad)?.as_bytes();
+    // Bytes, not chars: any multi-byte character fails the digit test, so no index below
+    // can fall inside one (slicing the str at byte offsets once panicked on such input).
     if hex.len() != 64 {
         return Err(bad());
     }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (Some(hi), Some(lo)) = (hex_digit(pair[0]), hex_digit(pair[1])) else {
+            return Err(bad());
+        };
+        *byte = hi << 4 | lo;
     }
     Ok(out)
+}
+
+/// The value of one ASCII hex digit (`u8::from_str_radix` would also take a leading `+`).
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// `s` as it may be quoted in an error: whole if short, else its first [`MAX_QUOTED`]
+/// characters (never a split one) and `…`.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED) {
+        None => s.to_owned(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
 }
 
 #[cfg(test)]
@@ -147,5 +187,78 @@ mod tests {
         assert_eq!(parse_fingerprint(&f).unwrap(), [0x01; 32]);
         assert!(parse_fingerprint("md5:00").is_err());
         assert!(parse_fingerprint(&format!("sha256:{}", "g".repeat(64))).is_err());
+        let upper = format!("sha256:{}", "AB".repeat(32));
+        assert_eq!(parse_fingerprint(&upper).unwrap(), [0xab; 32]);
+        // `u8::from_str_radix` reads "+f" as 15; a fingerprint holds hex digits only.
+        assert!(parse_fingerprint(&format!("sha256:{}", "+f".repeat(32))).is_err());
+    }
+
+    /// Fingerprints whose 64 bytes hold multi-byte UTF-8, so byte offsets fall inside
+    /// characters: each is an error (this once panicked the registry's join handler).
+    #[test]
+    fn multi_byte_fingerprints_are_errors_not_panics() {
+        let cases = [
+            "é".repeat(32),                        // 2-byte chars, 64 bytes
+            format!("a{}a", "é".repeat(31)),       // offsets 1, 3, ... inside chars
+            format!("{}€", "0".repeat(61)),        // 3-byte char at the end
+            format!("€{}", "0".repeat(61)),        // and at the start
+            "😀".repeat(16),                       // 4-byte chars
+            format!("{}\u{0301}", "a".repeat(62)), // combining mark
+            "é".repeat(1_000),
+        ];
+        for hex in cases {
+            let fp = format!("sha256:{hex}");
+            let e = parse_fingerprint(&fp).unwrap_err();
+            let Error::BadFingerprint(quoted) = &e else {
+                panic!("{e:?}")
+            };
+            assert!(quoted.chars().count() <= MAX_QUOTED + 1, "{quoted}");
+            assert!(fp.starts_with(quoted.trim_end_matches('…')));
+            // And through a whole token, as the registry and meshd read it.
+            let mut t = sample();
+            t.ca = fp;
+            assert!(matches!(
+                JoinToken::decode(&t.encode()),
+                Err(Error::BadFingerprint(_))
+            ));
+        }
+    }
+
+    /// Other hostile tokens: multi-byte text anywhere, huge values, huge tokens. Errors quote
+    /// only a short prefix of what the token held.
+    #[test]
+    fn hostile_tokens_get_short_errors() {
+        let json = |body: &str| format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(body));
+        let huge = "ж".repeat(10_000);
+        let wrong_type = json(&format!(r#"{{"id":"{huge}","exp":"{huge}"}}"#));
+        let unknown_key = json(&format!(r#"{{"{huge}":1}}"#));
+        for token in [wrong_type, unknown_key] {
+            let e = JoinToken::decode(&token).unwrap_err();
+            assert!(matches!(e, Error::BadBody(_)), "{e:?}");
+            assert!(e.to_string().chars().count() < 200, "{e}");
+        }
+        let e = JoinToken::decode(&format!("{PREFIX}{}", "ж".repeat(100))).unwrap_err();
+        assert!(matches!(e, Error::BadEncoding(_)), "{e:?}");
+        let long = format!("{PREFIX}{}", "A".repeat(MAX_LEN));
+        assert_eq!(
+            JoinToken::decode(&long),
+            Err(Error::TooLong(MAX_LEN + PREFIX.len()))
+        );
+        assert_eq!(JoinToken::decode("mjt1"), Err(Error::BadPrefix));
+        assert_eq!(JoinToken::decode("ж"), Err(Error::BadPrefix));
+        // Multi-byte text where text is expected is fine: the registry judges it.
+        let mut t = sample();
+        t.id = "идентификатор".into();
+        t.services = vec!["ns/сервис".into()];
+        assert_eq!(JoinToken::decode(&t.encode()).unwrap(), t);
+    }
+
+    #[test]
+    fn shortening_keeps_whole_characters() {
+        assert_eq!(shorten("abc"), "abc");
+        let s = "é".repeat(MAX_QUOTED + 5);
+        let short = shorten(&s);
+        assert_eq!(short, format!("{}…", "é".repeat(MAX_QUOTED)));
+        assert_eq!(shorten(&"é".repeat(MAX_QUOTED)), "é".repeat(MAX_QUOTED));
     }
 }

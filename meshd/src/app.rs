@@ -118,9 +118,23 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (force_tx, force_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    // Node warnings for `meshctl check`: every component that has some adds a source here.
+    let mut warnings = crate::report::Warnings::default();
+    tasks.spawn(
+        crate::report::watch_listeners(config_rx.clone(), warnings.source(), shutdown_rx.clone())
+            .instrument(info_span!("listeners")),
+    );
 
     // The persisted policy first: with the registry down it is what we enforce.
     let (discovery, policy) = Discovery::load(&config.data_dir, policy_metrics);
+    tasks.spawn(
+        crate::report::watch_unreadable_policy(
+            policy.unreadable_rx.clone(),
+            warnings.source(),
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("policy_warnings")),
+    );
 
     // Admin first, so /live answers (and /ready says 503) while the node is still joining.
     let certs_cell = Arc::new(std::sync::OnceLock::new());
@@ -287,6 +301,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 keyring_revision,
                 interval: config.telemetry.report_interval,
             },
+            warnings,
             shutdown_rx.clone(),
         )
         .instrument(info_span!("report")),

@@ -17,6 +17,7 @@ use crate::health::StatusRange;
 mod check;
 mod example;
 mod health;
+mod listeners;
 mod node;
 mod service;
 mod telemetry;
@@ -25,6 +26,7 @@ mod tests;
 
 pub use example::{EXAMPLE_NODE_TOML, EXAMPLE_SERVICE_TOML};
 pub use health::{RawCheck, RawTcpTarget};
+pub use listeners::{LISTENER_OFF_LOOPBACK, Listener, OffLoopback, is_loopback};
 pub use node::{RawAdmin, RawConfig, RawDrain, RawGossip, RawInbound, RawOutbound, RawRegistry};
 pub use service::{Candidate, Protocol, RawService, RawUpstream, Service, Upstream};
 pub use telemetry::{
@@ -68,6 +70,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin (health, metrics, config dump) listener; keep it on loopback.
 pub const DEFAULT_ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+/// Whether the admin listener may be bound off loopback: it has no authentication, so an
+/// address other hosts can reach must be asked for explicitly.
+pub const DEFAULT_ADMIN_ALLOW_REMOTE: bool = false;
 /// Time open connections get to finish after shutdown starts.
 pub const DEFAULT_DRAIN_GRACE_PERIOD: Duration = Duration::from_secs(15);
 /// Time between two runs of a service's health check (Kubernetes' probe period).
@@ -114,6 +119,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Local services, sorted by file name; empty from [`Config::from_toml_str`].
     pub services: Vec<Service>,
+    /// The node file this was read from, as given (not a setting: it names the file in
+    /// warnings).
+    pub node_file: PathBuf,
 }
 
 /// `[registry]`: how to reach the registry.
@@ -172,9 +180,10 @@ pub struct OutboundConfig {
 /// `[admin]`: the admin endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AdminConfig {
-    /// Listen address; any address is accepted, but it should be loopback since the endpoint
-    /// has no authentication.
+    /// Listen address: loopback, unless `allow_remote` (the endpoint has no authentication).
     pub bind: SocketAddr,
+    /// `bind` may be an address other hosts can reach (still warned about).
+    pub allow_remote: bool,
 }
 
 /// `[drain]`: graceful shutdown.
@@ -307,7 +316,10 @@ impl Config {
             outbound: OutboundConfig {
                 connect_timeout: DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
             },
-            admin: AdminConfig { bind: loopback },
+            admin: AdminConfig {
+                bind: loopback,
+                allow_remote: DEFAULT_ADMIN_ALLOW_REMOTE,
+            },
             drain: DrainConfig {
                 grace_period: DEFAULT_DRAIN_GRACE_PERIOD,
             },
@@ -324,7 +336,15 @@ impl Config {
                 },
             },
             services: Vec::new(),
+            node_file: data_dir.join("meshd.toml"),
         }
+    }
+
+    /// Every listener meshd opens for local apps (upstreams, `http_proxy`) or for its admin
+    /// endpoint that is bound to an address other hosts can reach: node file first, then the
+    /// services in order. Valid, but worth a warning (see [`OffLoopback`]).
+    pub fn listeners_off_loopback(&self) -> Vec<OffLoopback> {
+        listeners::off_loopback(self)
     }
 }
 

@@ -202,6 +202,11 @@ fn check_config(
                 c.services.len(),
                 c.services_dir.display()
             );
+            // Valid, so exit 0; but other hosts could act as a local service (or read the
+            // admin endpoint).
+            for w in c.listeners_off_loopback() {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

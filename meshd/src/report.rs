@@ -1,20 +1,27 @@
 //! Periodic report to the registry: this node's state (clock, policy and keyring revisions,
-//! config generation, gossip view, certificate expiries) and the traffic of each edge since the
-//! last report — what `meshctl topology`, SLOs and `meshctl check` are computed from.
+//! config generation, gossip view, certificate expiries, warnings) and the traffic of each edge
+//! since the last report — what `meshctl topology`, SLOs and `meshctl check` are computed from.
+//!
+//! Warnings: any component publishes its current list on a `watch` registered with
+//! [`Warnings`]; each report carries the union (bounded, see [`Warnings::current`]). The
+//! listeners bound off loopback are one such source ([`watch_listeners`]).
 //!
 //! Static stability: a registry that cannot be reached costs nothing but the report; the edge
 //! counts of a failed report are merged into the next one (bounded), so a short outage loses
 //! no traffic from the SLOs.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_api::Identity;
+use mesh_api::observe::{MAX_WARNING_LEN, MAX_WARNINGS};
 use mesh_api::proto::v1 as pb;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::config::{self, Config};
 use crate::control;
 use crate::identity::Certs;
 use crate::membership::MeshView;
@@ -27,6 +34,31 @@ pub const MAX_PENDING_EDGES: usize = 10_000;
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest interval the registry may ask for.
 const MAX_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The code of the warning that stands for those left out of a full report.
+pub const WARNINGS_TRUNCATED: &str = "warnings_truncated";
+
+/// Something about this node its operator should know of (not a failure: the node serves),
+/// carried in every report and shown by `meshctl check`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Warning {
+    /// Stable, machine-readable: `[a-z0-9_]`, e.g. `listener_off_loopback`
+    /// (see [`mesh_api::observe::is_warning_code`]).
+    pub code: String,
+    /// One line for people naming what it is about (file, key, value) and why it matters.
+    pub message: String,
+}
+
+/// A warning source: its current list, replaced whole on each change. The component that
+/// owns the sender sends a new list whenever its warnings change (an empty one when they are
+/// gone); a dropped sender leaves its last list in force.
+pub type WarningsRx = watch::Receiver<Arc<Vec<Warning>>>;
+
+/// The merge point of warning sources; the reporter reads the union at each report.
+#[derive(Clone, Default)]
+pub struct Warnings {
+    sources: Vec<WarningsRx>,
+}
 
 /// What the reporter reads.
 pub struct Inputs {
@@ -48,6 +80,168 @@ pub struct Inputs {
     pub keyring_revision: Gauge<i64>,
     /// Configured interval (the registry's answer may change it).
     pub interval: Duration,
+}
+
+// === impl Warning ===
+
+impl Warning {
+    /// A warning with `code` (a `'static` constant of the component that raises it).
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        debug_assert!(
+            mesh_api::observe::is_warning_code(code),
+            "warning code {code:?} must be [a-z0-9_]"
+        );
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The wire form, made acceptable to the registry whatever the message holds: control
+    /// characters become spaces and a long message is cut, between characters, with `…`.
+    fn to_proto(&self) -> pb::NodeWarning {
+        let mut message: String = (self.message.chars())
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if message.len() > MAX_WARNING_LEN {
+            const ELLIPSIS: char = '…';
+            let mut end = MAX_WARNING_LEN - ELLIPSIS.len_utf8();
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push(ELLIPSIS);
+        }
+        if message.is_empty() {
+            message = self.code.clone();
+        }
+        pb::NodeWarning {
+            code: self.code.clone(),
+            message,
+        }
+    }
+}
+
+impl From<&config::OffLoopback> for Warning {
+    fn from(w: &config::OffLoopback) -> Self {
+        Warning::new(config::LISTENER_OFF_LOOPBACK, w.to_string())
+    }
+}
+
+// === impl Warnings ===
+
+impl Warnings {
+    /// Registers a new source and returns its sender, starting with no warnings.
+    pub fn source(&mut self) -> watch::Sender<Arc<Vec<Warning>>> {
+        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        self.sources.push(rx);
+        tx
+    }
+
+    /// Registers a source a component already publishes.
+    pub fn add(&mut self, rx: WarningsRx) {
+        self.sources.push(rx);
+    }
+
+    /// Every source's current warnings: sorted, each once, and at most
+    /// [`MAX_WARNINGS`] — beyond that the last place says how many more there are (the
+    /// node's log has them all).
+    pub fn current(&self) -> Vec<Warning> {
+        let all: BTreeSet<Warning> = (self.sources.iter())
+            .flat_map(|rx| rx.borrow().iter().cloned().collect::<Vec<_>>())
+            .collect();
+        let mut out: Vec<Warning> = all.into_iter().collect();
+        if out.len() > MAX_WARNINGS {
+            let more = out.len() - (MAX_WARNINGS - 1);
+            out.truncate(MAX_WARNINGS - 1);
+            out.push(Warning::new(
+                WARNINGS_TRUNCATED,
+                format!("{more} more warnings are not reported; see the node's log"),
+            ));
+        }
+        out
+    }
+}
+
+/// Publishes the listeners bound off loopback of each configuration (the first, then each
+/// applied reload) on `warnings_tx`, and logs each at `warn` when it first appears — at start,
+/// and when a reload adds one — until `shutdown`.
+pub async fn watch_listeners(
+    mut config_rx: watch::Receiver<Arc<Config>>,
+    warnings_tx: watch::Sender<Arc<Vec<Warning>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut warnings: Vec<Warning> = Vec::new();
+    loop {
+        let config = config_rx.borrow_and_update().clone();
+        let (now, new) = listener_warnings(&config, &warnings);
+        for w in new {
+            warn!(
+                file = %w.file.display(),
+                key = %w.key,
+                addr = %w.addr,
+                risk = %w.risk(),
+                "listener bound off loopback"
+            );
+        }
+        warnings = now;
+        warnings_tx.send_replace(Arc::new(warnings.clone()));
+        tokio::select! {
+            r = config_rx.changed() => if r.is_err() { return },
+            _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Publishes, as warnings, the resources of the enforced policy this node could not read
+/// (discovery skipped them or enforces a fail-closed stand-in), until `shutdown`.
+pub async fn watch_unreadable_policy(
+    mut unreadable_rx: watch::Receiver<Arc<Vec<crate::discovery::standin::Unreadable>>>,
+    warnings_tx: watch::Sender<Arc<Vec<Warning>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let list = unreadable_rx.borrow_and_update().clone();
+        let warnings = list.iter().map(unreadable_warning).collect();
+        warnings_tx.send_replace(Arc::new(warnings));
+        tokio::select! {
+            r = unreadable_rx.changed() => if r.is_err() { return },
+            _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Warning code of a policy resource this node could not read.
+pub const WARNING_POLICY_UNREADABLE: &str = "policy_unreadable";
+
+fn unreadable_warning(u: &crate::discovery::standin::Unreadable) -> Warning {
+    let enforced = u.stand_in.map_or_else(
+        || "skipped (it never grants access)".to_owned(),
+        |s| format!("enforced as a fail-closed stand-in: {s}"),
+    );
+    Warning::new(
+        WARNING_POLICY_UNREADABLE,
+        format!(
+            "{}: unreadable by this meshd version ({}); {enforced}; upgrade meshd",
+            u.resource,
+            u.problems.join("; ")
+        ),
+    )
+}
+
+/// The listener warnings of `config`, and the listeners among them that `before` (the
+/// previous configuration's warnings) did not have: those are logged.
+fn listener_warnings(
+    config: &Config,
+    before: &[Warning],
+) -> (Vec<Warning>, Vec<config::OffLoopback>) {
+    let found = config.listeners_off_loopback();
+    let now: Vec<Warning> = found.iter().map(Warning::from).collect();
+    let new = (found.into_iter().zip(&now))
+        .filter(|(_, w)| !before.contains(w))
+        .map(|(l, _)| l)
+        .collect();
+    (now, new)
 }
 
 /// A digest of the member names: nodes that see the same members report the same digest.
@@ -96,8 +290,8 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reports every interval until `shutdown`.
-pub async fn run(inputs: Inputs, mut shutdown: watch::Receiver<bool>) {
+/// Reports every interval until `shutdown`, each report with the current `warnings`.
+pub async fn run(inputs: Inputs, warnings: Warnings, mut shutdown: watch::Receiver<bool>) {
     let mut interval = inputs.interval;
     let mut pending: Vec<pb::EdgeStats> = Vec::new();
     let mut last = SystemTime::now();
@@ -112,6 +306,7 @@ pub async fn run(inputs: Inputs, mut shutdown: watch::Receiver<bool>) {
         let report = build(
             &inputs,
             edges,
+            &warnings.current(),
             now,
             now.duration_since(last).unwrap_or(interval),
         );
@@ -133,6 +328,7 @@ pub async fn run(inputs: Inputs, mut shutdown: watch::Receiver<bool>) {
 fn build(
     inputs: &Inputs,
     edges: Vec<pb::EdgeStats>,
+    warnings: &[Warning],
     now: SystemTime,
     period: Duration,
 ) -> pb::NodeReport {
@@ -162,75 +358,9 @@ fn build(
         certificates,
         edges,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        warnings: warnings.iter().map(Warning::to_proto).collect(),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn edge(src: &str, requests: u64) -> pb::EdgeStats {
-        pb::EdgeStats {
-            source: src.into(),
-            destination: "default/api".into(),
-            mtls: true,
-            protocol: "http".into(),
-            requests,
-            errors: 1,
-            latency_buckets: vec![requests],
-            bytes: 0,
-        }
-    }
-
-    #[test]
-    fn pending_merges_and_is_bounded() {
-        let mut newer = vec![edge("default/web", 5)];
-        merge_pending(
-            &mut newer,
-            vec![edge("default/web", 3), edge("default/batch", 2)],
-            10,
-        );
-        assert_eq!(newer.len(), 2);
-        assert_eq!((newer[0].requests, newer[0].errors), (8, 2));
-        assert_eq!(newer[0].latency_buckets, [8]);
-        let mut full = vec![edge("a/a", 1)];
-        merge_pending(&mut full, vec![edge("b/b", 1)], 1);
-        assert_eq!(full.len(), 1, "bounded");
-    }
-
-    #[test]
-    fn intervals() {
-        let ten = Duration::from_secs(10);
-        assert_eq!(next_interval(ten, 0), ten);
-        assert_eq!(next_interval(ten, 500), Duration::from_millis(500));
-        assert_eq!(next_interval(ten, 1), MIN_INTERVAL);
-        assert_eq!(next_interval(ten, 3_600_000), MAX_INTERVAL);
-    }
-
-    #[test]
-    fn digest_ignores_order() {
-        use crate::membership::Member;
-        let m = |n: &str| Member {
-            node: n.into(),
-            gossip_addr: "127.0.0.1:1".parse().unwrap(),
-            generation: 1,
-            info: None,
-            services: Vec::new(),
-        };
-        let a = MeshView {
-            members: vec![m("a"), m("b")],
-            ..MeshView::default()
-        };
-        let b = MeshView {
-            members: vec![m("b"), m("a")],
-            ..MeshView::default()
-        };
-        let c = MeshView {
-            members: vec![m("a")],
-            ..MeshView::default()
-        };
-        assert_eq!(members_digest(&a), members_digest(&b));
-        assert_ne!(members_digest(&a), members_digest(&c));
-        assert_eq!(members_digest(&a).len(), 16);
-    }
-}
+mod tests;

@@ -138,6 +138,18 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
+/// Longest prefix of a caller's value quoted back in a status, characters.
+const MAX_QUOTED: usize = 80;
+
+/// `value` quoted for a status or log line: whole if short, else a prefix of whole characters
+/// (a caller's bytes are never cut inside a character, and never echoed without bound).
+fn quoted(value: &str) -> String {
+    match value.char_indices().nth(MAX_QUOTED) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+    }
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::Rng::fill(&mut rand::rng(), buf.as_mut_slice());
@@ -326,7 +338,7 @@ impl RegistryApi {
         let name = NodeName::new(&req.node_name).map_err(|e| {
             reject(
                 "bad_request",
-                Status::invalid_argument(format!("node_name {:?}: {e}", req.node_name)),
+                Status::invalid_argument(format!("node_name {}: {e}", quoted(&req.node_name))),
             )
         })?;
         let id = token.id.clone();
@@ -776,5 +788,23 @@ impl pb::registry_server::Registry for RegistryApi {
         let peer = peer_of(&req);
         let r = self.do_get_node_reports(&peer).await;
         self.finish("get_node_reports", &peer, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_bounded_and_cut_between_characters() {
+        assert_eq!(quoted("node-1"), "\"node-1\"");
+        let long = "é".repeat(MAX_QUOTED + 1);
+        assert_eq!(
+            quoted(&long),
+            format!("{:?}… ({} bytes)", "é".repeat(MAX_QUOTED), long.len())
+        );
+        for s in ["😀".repeat(500), format!("a{}", "€".repeat(300))] {
+            assert!(quoted(&s).chars().count() < MAX_QUOTED + 20);
+        }
     }
 }

@@ -295,6 +295,19 @@ pub struct NodeReportRecord {
     pub certificates: Vec<CertExpiryRecord>,
     /// meshd's version.
     pub version: String,
+    /// What the node's operator should know of, as the node reported it (none in records
+    /// stored before warnings were reported).
+    #[serde(default)]
+    pub warnings: Vec<WarningRecord>,
+}
+
+/// One warning of a node's report (`NodeWarning`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarningRecord {
+    /// Stable machine-readable code, e.g. `listener_off_loopback`.
+    pub code: String,
+    /// One line for people.
+    pub message: String,
 }
 
 /// The alert state of one SLO, kept while it fires so a restart neither loses nor repeats it.

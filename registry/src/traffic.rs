@@ -9,7 +9,9 @@ use mesh_api::name::Label;
 use mesh_api::observe;
 use mesh_api::proto::v1 as pb;
 
-use crate::store::{CertExpiryRecord, EdgeKey, EdgeMinute, NodeReportRecord, Protocol, Traffic};
+use crate::store::{
+    CertExpiryRecord, EdgeKey, EdgeMinute, NodeReportRecord, Protocol, Traffic, WarningRecord,
+};
 
 /// Most edges one report may carry. A node reports each (caller, callee, mTLS, protocol) it
 /// saw in one interval; thousands already means a scan or a bug, and every edge is a write.
@@ -43,6 +45,34 @@ pub enum Error {
     TooManyCertificates {
         /// How many the report had.
         count: usize,
+    },
+    /// Too many warnings.
+    #[error(
+        "warnings: {count} warnings in one report, more than the {} allowed",
+        observe::MAX_WARNINGS
+    )]
+    TooManyWarnings {
+        /// How many the report had.
+        count: usize,
+    },
+    /// A warning code is not 1 to 64 of `[a-z0-9_]`.
+    #[error(
+        "{field}: {value:?} is not a warning code (1 to {} of a-z, 0-9 and '_')",
+        observe::MAX_WARNING_CODE_LEN
+    )]
+    BadWarningCode {
+        /// The field, e.g. `warnings[2].code`.
+        field: String,
+        /// What it held, shortened if long.
+        value: String,
+    },
+    /// A warning message is too long or not one line of text.
+    #[error("{field}: {why}")]
+    BadWarningMessage {
+        /// The field, e.g. `warnings[2].message`.
+        field: String,
+        /// What is wrong with it.
+        why: String,
     },
     /// A free-text field is too long.
     #[error("{field}: {len} bytes, longer than the {MAX_TEXT_LEN} allowed")]
@@ -120,6 +150,7 @@ pub fn check(node: &str, report: &pb::NodeReport, received_unix_ms: u64) -> Resu
     for (i, c) in report.certificates.iter().enumerate() {
         text(&format!("certificates[{i}].identity"), &c.identity)?;
     }
+    let warnings = warnings(&report.warnings)?;
     let mut edges: BTreeMap<EdgeKey, Traffic> = BTreeMap::new();
     for (i, e) in report.edges.iter().enumerate() {
         let (key, traffic) = edge(i, e)?;
@@ -152,11 +183,59 @@ pub fn check(node: &str, report: &pb::NodeReport, received_unix_ms: u64) -> Resu
             })
             .collect(),
         version: report.version.clone(),
+        warnings,
     };
     Ok(Checked {
         record,
         edges: edges.into_iter().collect(),
     })
+}
+
+/// A report's warnings, checked: bounded in number and length, codes as documented, messages
+/// one line without control characters (they end up on operators' terminals).
+fn warnings(warnings: &[pb::NodeWarning]) -> Result<Vec<WarningRecord>, Error> {
+    if warnings.len() > observe::MAX_WARNINGS {
+        return Err(Error::TooManyWarnings {
+            count: warnings.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(warnings.len());
+    for (i, w) in warnings.iter().enumerate() {
+        if !observe::is_warning_code(&w.code) {
+            return Err(Error::BadWarningCode {
+                field: format!("warnings[{i}].code"),
+                value: w.code.chars().take(observe::MAX_WARNING_CODE_LEN).collect(),
+            });
+        }
+        warning_message(&w.message).map_err(|why| Error::BadWarningMessage {
+            field: format!("warnings[{i}].message"),
+            why,
+        })?;
+        out.push(WarningRecord {
+            code: w.code.clone(),
+            message: w.message.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// A warning message is one non-empty line of at most `MAX_WARNING_LEN` bytes without control
+/// characters; `Err` says what is wrong.
+fn warning_message(message: &str) -> Result<(), String> {
+    if message.is_empty() {
+        return Err("empty".to_owned());
+    }
+    if message.len() > observe::MAX_WARNING_LEN {
+        return Err(format!(
+            "{} bytes, longer than the {} allowed",
+            message.len(),
+            observe::MAX_WARNING_LEN
+        ));
+    }
+    match message.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!("holds the control character {c:?}")),
+        None => Ok(()),
+    }
 }
 
 /// The window of a topology request: `requested_secs` (0: the default), at most what is

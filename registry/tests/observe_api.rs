@@ -65,6 +65,7 @@ fn report(edges: Vec<pb::EdgeStats>) -> pb::NodeReport {
         }],
         edges,
         version: "0.1.0-test".to_owned(),
+        warnings: Vec::new(),
     }
 }
 
@@ -227,6 +228,72 @@ async fn reports_build_the_topology_for_readers_only() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_warnings_are_kept_with_the_last_report() {
+    let common::Running {
+        _dir,
+        td,
+        stop_tx,
+        running,
+        mut admin,
+        mut viewer,
+        mut node,
+        ..
+    } = common::start().await;
+    common::join(&mut admin, &td, "node-1", &["shop/web"]).await;
+    let warning = |code: &str, message: &str| pb::NodeWarning {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    };
+    let off_loopback = warning(
+        "listener_off_loopback",
+        "/etc/meshd/services.d/web.toml: upstreams[0].bind: 0.0.0.0:9001 is not a loopback \
+         address; any host that can reach it can call shop/api as shop/web",
+    );
+    let read = |viewer: &mut mesh_api::proto::v1::registry_client::RegistryClient<_>| {
+        let mut viewer = viewer.clone();
+        async move {
+            let reports = viewer
+                .get_node_reports(pb::NodeReportsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            reports.nodes[0].report.clone().unwrap().warnings
+        }
+    };
+    node.report(pb::NodeReport {
+        warnings: vec![off_loopback.clone()],
+        ..report(Vec::new())
+    })
+    .await
+    .unwrap();
+    assert_eq!(read(&mut viewer).await, std::slice::from_ref(&off_loopback));
+
+    // A report with a warning the registry cannot show is refused whole; the last one stays.
+    let refused = node
+        .report(pb::NodeReport {
+            warnings: vec![warning("x", "clear the screen \u{1b}[2J")],
+            ..report(Vec::new())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("warnings[0].message"),
+        "{refused:?}"
+    );
+    assert_eq!(read(&mut viewer).await, [off_loopback]);
+
+    // Fixed on the node: its next report carries none, and none are shown.
+    node.report(report(Vec::new())).await.unwrap();
+    assert_eq!(read(&mut viewer).await, []);
     stop_tx.send(()).unwrap();
     tokio::time::timeout(TIMEOUT, running)
         .await

@@ -648,12 +648,18 @@ impl Node {
         let zone = (spec.zone.as_ref())
             .map(|z| format!("zone = \"{z}\"\n"))
             .unwrap_or_default();
+        // Nodes in network namespaces serve admin on their own address, for the test process.
+        let allow_remote = if spec.ip.is_loopback() {
+            ""
+        } else {
+            "allow_remote = true\n"
+        };
         let cfg = format!(
             "node_name = \"{name}\"\n{zone}data_dir = \"data\"\nservices_dir = \"services.d\"\n\
              [registry]\naddress = \"{reg}\"\njoin_token_file = \"token\"\n\
              [gossip]\nbind = \"{ip}:{gp}\"\nseeds = [{seeds}]\ninterval = \"100ms\"\n\
              [inbound]\nbind = \"{inbound}\"\n{advertise}\
-             [admin]\nbind = \"{admin}\"\n\
+             [admin]\nbind = \"{admin}\"\n{allow_remote}\
              [drain]\ngrace_period = \"5s\"\n{extra}",
             name = spec.name,
             reg = registry.addr,

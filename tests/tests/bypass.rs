@@ -35,6 +35,8 @@ mode = "permissive"
 selector = { service = "api" }
 "#;
 
+const REPORT_FAST: &str = "[telemetry]\nreport_interval = \"200ms\"\n";
+
 #[derive(Debug)]
 struct Got {
     status: u16,
@@ -102,7 +104,13 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
-    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    // Reports every 200 ms, so `meshctl check` sees node warnings at once.
+    let mut cluster = Cluster::new(RegistryOpts {
+        extra: vec!["report_interval = \"200ms\"".to_owned()],
+        ..RegistryOpts::default()
+    })
+    .await
+    .unwrap();
     let b_ip = next_ip();
     let app = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "api")
         .await
@@ -112,6 +120,7 @@ async fn mesh() -> Mesh {
     let token = cluster.registry.token(&["api", "db"], 1).unwrap();
     let mut b = NodeSpec::new("b", token);
     b.ip = b_ip.into();
+    b.extra = REPORT_FAST.to_owned();
     let mut api = ServiceSpec::new("api", app.addr).protocol("http");
     api.listen = Some(listen);
     b.services = vec![api, ServiceSpec::new("db", echo.addr)];
@@ -121,6 +130,7 @@ async fn mesh() -> Mesh {
     let token = cluster.registry.token(&["web"], 1).unwrap();
     let mut a = NodeSpec::new("a", token);
     a.ip = a_ip.into();
+    a.extra = REPORT_FAST.to_owned();
     a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
     let proxy = SocketAddr::new(a_ip.into(), 15001);
     let db = SocketAddr::new(a_ip.into(), 19003);
@@ -574,5 +584,24 @@ async fn a_node_fed_an_unreadable_event_resyncs_and_keeps_every_readable_change(
     assert!(
         log.contains("policy resource unreadable by this meshd version"),
         "{log}"
+    );
+    // ...and reported: `meshctl check` names each node's unreadable resources.
+    let registry = &m.cluster.registry;
+    let text = eventually(
+        WAIT,
+        "meshctl check to report the unreadable policy",
+        || async {
+            let out = registry.meshctl(&["check"]).ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text.contains("a: policy_unreadable: AuthorizationPolicy/billing/from-the-future")
+                && text.contains("b: policy_unreadable: TrafficMirror/default/m"))
+            .then_some(text)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        text.contains("deny every caller in its namespace"),
+        "{text}"
     );
 }

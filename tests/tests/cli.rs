@@ -1,5 +1,6 @@
 //! The command lines as operators meet them: config checks with exit code 64 and messages that
-//! name the file and key, init refusing to overwrite, start-up failures that say why.
+//! name the file and key, warnings for listeners off loopback (exit 0; the admin endpoint off
+//! loopback needs `allow_remote`), init refusing to overwrite, start-up failures that say why.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -119,6 +120,236 @@ fn check_config_reports_every_problem_with_file_and_key() {
     // Without --as the file's own name is used, and it is not a .toml name here.
     let out = check_candidate(clash, None);
     assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn check_config_warns_about_listeners_off_loopback() {
+    let b = bins();
+    let dir = tempfile::tempdir().unwrap();
+    let svc = dir.path().join("services.d");
+    std::fs::create_dir_all(&svc).unwrap();
+    let node_file = dir.path().join("meshd.toml");
+    let write_node = |admin: &str| {
+        std::fs::write(
+            &node_file,
+            format!(
+                "node_name = \"n1\"\nservices_dir = \"services.d\"\n\
+                 [registry]\naddress = \"127.0.0.1:7700\"\n\
+                 [gossip]\nbind = \"127.0.0.1:7946\"\n[inbound]\nbind = \"127.0.0.1:15008\"\n\
+                 [admin]\n{admin}\n"
+            ),
+        )
+        .unwrap();
+    };
+    let check = |service: Option<&std::path::Path>| {
+        let mut cmd = Command::new(&b.meshd);
+        cmd.args(["check-config", "--config"]).arg(&node_file);
+        if let Some(s) = service {
+            cmd.arg("--service").arg(s).args(["--as", "api.toml"]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    write_node("bind = \"127.0.0.1:15000\"");
+    std::fs::write(
+        svc.join("web.toml"),
+        "name = \"web\"\naddress = \"127.0.0.1:8080\"\n\
+         [[upstreams]]\nservice = \"api\"\nbind = \"127.0.0.1:9001\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(None);
+    assert_eq!(
+        (code, err.as_str()),
+        (Some(0), ""),
+        "all on loopback: no warning"
+    );
+
+    // An upstream on every address: valid (exit 0), with one warning line on stderr naming the
+    // file, the key and the address, and the risk.
+    std::fs::write(
+        svc.join("web.toml"),
+        "name = \"web\"\naddress = \"127.0.0.1:8080\"\n\
+         [[upstreams]]\nservice = \"api\"\nbind = \"0.0.0.0:9001\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(None);
+    assert_eq!(code, Some(0), "a warning, not an error: {err}");
+    let web = svc.join("web.toml");
+    assert_eq!(
+        err,
+        format!(
+            "warning: {}: upstreams[0].bind: 0.0.0.0:9001 is not on loopback (it listens on \
+             every address of this host); any host that can reach it can call default/api with \
+             default/web's identity\n",
+            web.display()
+        )
+    );
+
+    // A candidate service file (--service) with an http_proxy on a specific address: named at
+    // the file it will become, beside web's warning.
+    let cand = dir.path().join("candidate.toml");
+    std::fs::write(
+        &cand,
+        "name = \"api\"\naddress = \"127.0.0.1:8081\"\nprotocol = \"http\"\n\
+         http_proxy = \"10.0.0.5:15001\"\n",
+    )
+    .unwrap();
+    let (code, err) = check(Some(&cand));
+    assert_eq!(code, Some(0), "{err}");
+    let api = svc.join("api.toml");
+    assert!(
+        err.contains(&format!(
+            "warning: {}: http_proxy: 10.0.0.5:15001 is not on loopback; any host that can \
+             reach it can call the mesh's HTTP services with default/api's identity\n",
+            api.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 2, "{err}");
+
+    // The admin endpoint off loopback is refused (64) unless allow_remote, then warned about.
+    std::fs::write(
+        svc.join("web.toml"),
+        "name = \"web\"\naddress = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    for admin in [
+        "bind = \"0.0.0.0:15000\"",
+        "bind = \"[::]:15000\"\nallow_remote = false",
+    ] {
+        write_node(admin);
+        let (code, err) = check(None);
+        assert_eq!(code, Some(64), "{admin}: {err}");
+        assert!(
+            err.contains("meshd.toml: admin.bind: ")
+                && err.contains("is not a loopback address")
+                && err.contains("admin.allow_remote = true"),
+            "{admin}: {err}"
+        );
+    }
+    write_node("bind = \"0.0.0.0:15000\"\nallow_remote = true");
+    let (code, err) = check(None);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "warning: {}: admin.bind: 0.0.0.0:15000 is not on loopback (it listens on every \
+             address of this host); the admin endpoint has no authentication: any host that \
+             can reach it can read this node's configuration, metrics and members \
+             (admin.allow_remote is set)\n",
+            node_file.display()
+        )
+    );
+}
+
+/// A port nothing listens on right now, on every address (for a wildcard bind).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Lines of `log` saying a listener is off loopback.
+fn off_loopback_lines(log: &str) -> Vec<&str> {
+    (log.lines())
+        .filter(|l| l.contains("listener bound off loopback"))
+        .collect()
+}
+
+/// Runs `meshctl check` until its output holds `want`; its exit code and output.
+async fn check_shows(registry: &mesh_e2e::Registry, want: String) -> (Option<i32>, String) {
+    eventually(Duration::from_secs(20), "meshctl check to show it", || {
+        let want = want.clone();
+        async move {
+            let out = registry.meshctl(&["check", "--cert-warn", "10m"]).ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains(&want).then_some((out.status.code(), text))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A running node with an upstream off loopback logs it at start and reports it: `meshctl check`
+/// warns (exit 2) naming node, file, key and address. A reload that adds an `http_proxy` off
+/// loopback (and moves the upstream back) logs only the new one, and the check follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_off_loopback_are_logged_and_shown_by_meshctl_check() {
+    let mut cluster = Cluster::new(RegistryOpts {
+        extra: vec!["report_interval = \"200ms\"".to_owned()],
+        ..RegistryOpts::default()
+    })
+    .await
+    .unwrap();
+    let ip = next_ip();
+    let token = cluster.registry.token(&["web"], 1).unwrap();
+    let mut spec = NodeSpec::new("a", token);
+    spec.ip = ip.into();
+    spec.extra = "[telemetry]\nreport_interval = \"200ms\"\n".to_owned();
+    let upstream = SocketAddr::from(([0, 0, 0, 0], free_port()));
+    let web = ServiceSpec::new("web", SocketAddr::new(ip.into(), 18080)).upstream("api", upstream);
+    spec.services = vec![web];
+    cluster.add_spec(spec).await.unwrap();
+    let node = cluster.node("a");
+    let web_file = node.dir.join("services.d/web.toml");
+    let log = node.log();
+    let lines = off_loopback_lines(&log);
+    assert_eq!(lines.len(), 1, "logged once at start:\n{log}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains("upstreams[0].bind")
+            && lines[0].contains(&upstream.to_string()),
+        "{}",
+        lines[0]
+    );
+
+    let (code, text) = check_shows(
+        &cluster.registry,
+        format!(
+        "    a: listener_off_loopback: {}: upstreams[0].bind: {upstream} is not on loopback (it \
+         listens on every address of this host); any host that can reach it can call default/api \
+         with default/web's identity\n",
+        web_file.display()
+    ))
+    .await;
+    assert!(
+        text.contains("! warnings       1 warning from 1 node"),
+        "{text}"
+    );
+    assert_eq!(code, Some(2), "warnings only:\n{text}");
+
+    // Reload: the upstream back on loopback, an http_proxy on every address.
+    let proxy = SocketAddr::from(([0, 0, 0, 0], free_port()));
+    let node = cluster.node("a");
+    node.write_service_file(
+        "web.toml",
+        &format!(
+            "name = \"web\"\naddress = \"{ip}:18080\"\nhttp_proxy = \"{proxy}\"\n\
+             [[upstreams]]\nservice = \"api\"\nbind = \"{ip}:19001\"\n"
+        ),
+    )
+    .unwrap();
+    node.reload().await.unwrap().unwrap();
+    let log = eventually(Duration::from_secs(10), "the new listener logged", || {
+        let log = node.log();
+        async move { (off_loopback_lines(&log).len() == 2).then_some(log) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        off_loopback_lines(&log)[1].contains("http_proxy"),
+        "only the added listener is logged again:\n{log}"
+    );
+    let (code, text) = check_shows(
+        &cluster.registry,
+        format!(
+            "    a: listener_off_loopback: {}: http_proxy: {proxy} is not on loopback",
+            web_file.display()
+        ),
+    )
+    .await;
+    assert!(!text.contains("upstreams[0].bind"), "{text}");
+    assert_eq!(code, Some(2), "{text}");
 }
 
 #[test]

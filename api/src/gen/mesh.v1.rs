@@ -31,6 +31,22 @@ pub struct NodeReport {
     /// meshd's version.
     #[prost(string, tag = "10")]
     pub version: ::prost::alloc::string::String,
+    /// What the node's operator should know of (a listener bound off loopback, ...), from every
+    /// component of the node; `meshctl check` shows them. The registry keeps the last report's.
+    /// At most 64 (mesh_api::observe::MAX_WARNINGS).
+    #[prost(message, repeated, tag = "11")]
+    pub warnings: ::prost::alloc::vec::Vec<NodeWarning>,
+}
+/// One thing about a node its operator should know of; not a failure, the node serves.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeWarning {
+    /// Stable and machine-readable: 1 to 64 of \[a-z0-9_\], e.g. "listener_off_loopback".
+    #[prost(string, tag = "1")]
+    pub code: ::prost::alloc::string::String,
+    /// One line for people naming what it is about (file, key, value) and why it matters; at
+    /// most 512 bytes (mesh_api::observe::MAX_WARNING_LEN), no control characters.
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CertExpiry {

@@ -62,6 +62,9 @@ connect_timeout = "5s"
 [admin]
 # Health, readiness, metrics and config dump. It has no authentication: keep it on loopback.
 bind = "127.0.0.1:15000"
+# An address other hosts can reach (e.g. for a Prometheus elsewhere) is refused unless this
+# is true; check-config and `meshctl check` still warn about it.
+allow_remote = false
 
 [drain]
 # On shutdown, time open connections get to finish before they are closed.

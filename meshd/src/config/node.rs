@@ -13,11 +13,12 @@ use super::{
     RegistryConfig,
 };
 use super::{
-    DEFAULT_ADMIN_BIND, DEFAULT_DATA_DIR, DEFAULT_DATACENTER, DEFAULT_DRAIN_GRACE_PERIOD,
-    DEFAULT_GOSSIP_BIND, DEFAULT_GOSSIP_INTERVAL, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
-    DEFAULT_JOIN_TOKEN_FILE, DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
-    DEFAULT_REGISTRY_CONNECT_TIMEOUT, DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR,
-    DEFAULT_ZONE, MAX_GOSSIP_INTERVAL, MIN_GOSSIP_INTERVAL,
+    DEFAULT_ADMIN_ALLOW_REMOTE, DEFAULT_ADMIN_BIND, DEFAULT_DATA_DIR, DEFAULT_DATACENTER,
+    DEFAULT_DRAIN_GRACE_PERIOD, DEFAULT_GOSSIP_BIND, DEFAULT_GOSSIP_INTERVAL,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND, DEFAULT_JOIN_TOKEN_FILE,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT, DEFAULT_REGISTRY_CONNECT_TIMEOUT,
+    DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR, DEFAULT_ZONE, MAX_GOSSIP_INTERVAL,
+    MIN_GOSSIP_INTERVAL,
 };
 
 /// The node file as written, with defaults for absent keys; unknown keys are rejected.
@@ -110,8 +111,10 @@ pub struct RawOutbound {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAdmin {
-    /// IP address and port.
+    /// IP address and port; loopback unless `allow_remote`.
     pub bind: String,
+    /// Accept a `bind` other hosts can reach.
+    pub allow_remote: bool,
 }
 
 /// `[drain]` as written.
@@ -134,7 +137,7 @@ impl RawConfig {
     /// base for relative paths. The result has no services.
     pub fn validate(self, path: &Path) -> Result<Config, Vec<Problem>> {
         let mut c = Checker::new(path);
-        let config = self.check(&mut c, check::base_dir(path));
+        let config = self.check(&mut c, path);
         match config {
             Some(config) if c.is_empty() => Ok(config),
             _ => Err(c.into_problems()),
@@ -147,7 +150,8 @@ impl RawConfig {
             .then(|| check::resolve(check::base_dir(path), &self.services_dir))
     }
 
-    fn check(self, c: &mut Checker<'_>, base: &Path) -> Option<Config> {
+    fn check(self, c: &mut Checker<'_>, path: &Path) -> Option<Config> {
+        let base = check::base_dir(path);
         let node_name = c
             .required("node_name", self.node_name.as_deref())
             .and_then(|v| {
@@ -163,7 +167,7 @@ impl RawConfig {
         let inbound = self.inbound.check(c);
         let outbound_connect =
             c.timeout("outbound.connect_timeout", &self.outbound.connect_timeout);
-        let admin = c.socket_addr("admin.bind", &self.admin.bind);
+        let admin = self.admin.check(c);
         let grace_period = c.duration("drain.grace_period", &self.drain.grace_period);
         let telemetry = super::telemetry::check(c, self.telemetry, self.access_log, self.tracing);
         Some(Config {
@@ -178,12 +182,13 @@ impl RawConfig {
             outbound: OutboundConfig {
                 connect_timeout: outbound_connect?,
             },
-            admin: AdminConfig { bind: admin? },
+            admin: admin?,
             drain: DrainConfig {
                 grace_period: grace_period?,
             },
             telemetry: telemetry?,
             services: Vec::new(),
+            node_file: path.to_owned(),
         })
     }
 }
@@ -346,10 +351,32 @@ impl Default for RawOutbound {
 
 // === impl RawAdmin ===
 
+impl RawAdmin {
+    /// The endpoint has no authentication: off loopback only when asked for explicitly.
+    fn check(self, c: &mut Checker<'_>) -> Option<AdminConfig> {
+        let bind = c.socket_addr("admin.bind", &self.bind)?;
+        if !self.allow_remote && !super::is_loopback(bind.ip()) {
+            let message = format!(
+                "{bind} is not a loopback address, and the admin endpoint has no \
+                 authentication: any host that can reach it could read this node's \
+                 configuration, metrics and members; bind it to 127.0.0.1 or [::1], or set \
+                 admin.allow_remote = true to accept that"
+            );
+            c.push("admin.bind", message);
+            return None;
+        }
+        Some(AdminConfig {
+            bind,
+            allow_remote: self.allow_remote,
+        })
+    }
+}
+
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             bind: DEFAULT_ADMIN_BIND.to_string(),
+            allow_remote: DEFAULT_ADMIN_ALLOW_REMOTE,
         }
     }
 }

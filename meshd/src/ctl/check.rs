@@ -8,8 +8,9 @@
 //! periods; no reported certificate has expired (fail) or expires within the warning time
 //! (warn); node clocks are within the allowed skew of the registry's; gossip converged (every
 //! reporting node has the same member digest and as many members as there are reporting
-//! nodes); every reporting node enforces the registry's policy and keyring revisions; every
-//! stored policy resource validates; no SLO alert fires (fast burn fails, slow burn warns).
+//! nodes); every reporting node enforces the registry's policy and keyring revisions; no node
+//! reports a warning (a listener off loopback, ...: warns); every stored policy resource
+//! validates; no SLO alert fires (fast burn fails, slow burn warns).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -59,6 +60,8 @@ pub enum Check {
     Gossip,
     /// Policy and keyring revisions.
     Config,
+    /// Warnings the nodes report.
+    Warnings,
     /// Stored policy resources validate.
     Policies,
     /// SLO alerts.
@@ -123,6 +126,7 @@ impl Check {
             Self::Clocks => "clocks",
             Self::Gossip => "gossip",
             Self::Config => "config",
+            Self::Warnings => "warnings",
             Self::Policies => "policies",
             Self::Slos => "slos",
         }
@@ -207,6 +211,7 @@ pub fn evaluate(inputs: &CheckInputs, now: SystemTime, t: &Thresholds) -> Vec<Fi
         out.push(clocks(&fresh, t));
         out.push(gossip(&fresh));
         out.push(config(&fresh, reports));
+        out.push(warnings(&all));
     }
     if let Ok(resources) = &inputs.resources {
         out.push(policies(resources));
@@ -504,6 +509,35 @@ fn config(fresh: &[&Reporting<'_>], reports: &pb::NodeReportsResponse) -> Findin
                 "not at the registry's {current}: {} (nodes catch up within a report period \
                  of a change)",
                 plural(details.len(), "node")
+            ),
+        )
+        .with(details)
+    }
+}
+
+/// The warnings of each node's last report, one line each (a stale node's too: they are the
+/// last word on it).
+fn warnings(all: &[Reporting<'_>]) -> Finding {
+    let details: Vec<String> = (all.iter())
+        .flat_map(|r| {
+            (r.report.warnings.iter()).map(|w| format!("{}: {}: {}", r.node, w.code, w.message))
+        })
+        .collect();
+    let nodes = all.iter().filter(|r| !r.report.warnings.is_empty()).count();
+    if details.is_empty() {
+        Finding::new(
+            Check::Warnings,
+            Severity::Ok,
+            format!("none from {}", plural(all.len(), "reporting node")),
+        )
+    } else {
+        Finding::new(
+            Check::Warnings,
+            Severity::Warn,
+            format!(
+                "{} from {}",
+                plural(details.len(), "warning"),
+                plural(nodes, "node")
             ),
         )
         .with(details)

@@ -52,6 +52,7 @@ fn traffic(store: &dyn Store, minute: u64, requests: u64, errors: u64) {
         members_digest: String::new(),
         certificates: Vec::new(),
         version: String::new(),
+        warnings: Vec::new(),
     };
     let edge = EdgeKey {
         source: "shop/web".to_owned(),

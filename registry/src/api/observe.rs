@@ -173,6 +173,12 @@ fn node_report_state(r: NodeReportRecord) -> pb::NodeReportState {
                 .collect(),
             edges: Vec::new(),
             version: r.version,
+            warnings: (r.warnings.into_iter())
+                .map(|w| pb::NodeWarning {
+                    code: w.code,
+                    message: w.message,
+                })
+                .collect(),
         }),
     }
 }

@@ -38,6 +38,14 @@ fn report(edges: Vec<pb::EdgeStats>) -> pb::NodeReport {
         }],
         edges,
         version: "0.1.0".to_owned(),
+        warnings: Vec::new(),
+    }
+}
+
+fn warning(code: &str, message: &str) -> pb::NodeWarning {
+    pb::NodeWarning {
+        code: code.to_owned(),
+        message: message.to_owned(),
     }
 }
 
@@ -127,6 +135,14 @@ fn bad_reports_name_the_field() {
         version: "v".repeat(MAX_TEXT_LEN + 1),
         ..report(Vec::new())
     };
+    let with_warning = |code: &str, message: &str| pb::NodeReport {
+        warnings: vec![warning("ok", "fine"), warning(code, message)],
+        ..report(Vec::new())
+    };
+    let many_warnings = pb::NodeReport {
+        warnings: vec![warning("w", "m"); observe::MAX_WARNINGS + 1],
+        ..report(Vec::new())
+    };
     for (name, r, want) in [
         (
             "unknown protocol",
@@ -189,6 +205,42 @@ fn bad_reports_name_the_field() {
             "certificates: 1025 certificates",
         ),
         ("long version", long_version, "version: 513 bytes"),
+        (
+            "too many warnings",
+            many_warnings,
+            "warnings: 65 warnings in one report, more than the 64 allowed",
+        ),
+        (
+            "a code with capitals",
+            with_warning("Listener", "m"),
+            "warnings[1].code: \"Listener\" is not a warning code",
+        ),
+        ("an empty code", with_warning("", "m"), "warnings[1].code"),
+        (
+            "a multi-byte code",
+            with_warning(&"é".repeat(100), "m"),
+            "warnings[1].code",
+        ),
+        (
+            "an empty message",
+            with_warning("w", ""),
+            "warnings[1].message: empty",
+        ),
+        (
+            "a long message",
+            with_warning("w", &"é".repeat(257)),
+            "warnings[1].message: 514 bytes, longer than the 512 allowed",
+        ),
+        (
+            "a terminal escape in a message",
+            with_warning("w", "ok\u{1b}[2J"),
+            "warnings[1].message: holds the control character '\\u{1b}'",
+        ),
+        (
+            "a newline in a message",
+            with_warning("w", "two\nlines"),
+            "warnings[1].message: holds the control character '\\n'",
+        ),
     ] {
         let err = check("n1", &r, RECEIVED_MS).unwrap_err().to_string();
         assert!(err.contains(want), "{name}: {err}");
@@ -196,6 +248,45 @@ fn bad_reports_name_the_field() {
     // Exactly the limits is fine.
     let full = with(|e| e.latency_buckets = vec![1; BUCKETS]);
     assert!(check("n1", &full, RECEIVED_MS).is_ok());
+    let full = pb::NodeReport {
+        warnings: vec![
+            warning(
+                &"a".repeat(observe::MAX_WARNING_CODE_LEN),
+                &"é".repeat(observe::MAX_WARNING_LEN / 2)
+            );
+            observe::MAX_WARNINGS
+        ],
+        ..report(Vec::new())
+    };
+    assert!(check("n1", &full, RECEIVED_MS).is_ok());
+}
+
+#[test]
+fn warnings_are_kept_as_reported() {
+    let r = pb::NodeReport {
+        warnings: vec![
+            warning(
+                "listener_off_loopback",
+                "/etc/meshd/services.d/web.toml: upstreams[0].bind: 0.0.0.0:9001 is not loopback",
+            ),
+            warning(
+                "policy_kind_skipped",
+                "Gateway/shop/x: kind unknown to this meshd — «skipped»",
+            ),
+        ],
+        ..report(Vec::new())
+    };
+    let kept = check("n1", &r, RECEIVED_MS).unwrap().record.warnings;
+    let got: Vec<(&str, &str)> = kept
+        .iter()
+        .map(|w| (w.code.as_str(), w.message.as_str()))
+        .collect();
+    let want: Vec<(&str, &str)> = r
+        .warnings
+        .iter()
+        .map(|w| (w.code.as_str(), w.message.as_str()))
+        .collect();
+    assert_eq!(got, want);
 }
 
 fn minute(

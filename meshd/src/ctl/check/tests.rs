@@ -67,6 +67,7 @@ fn state(name: &str) -> pb::NodeReportState {
             ],
             edges: vec![],
             version: "0.1.0".into(),
+            warnings: vec![],
         }),
     }
 }
@@ -145,6 +146,19 @@ fn problems(findings: &[Finding]) -> Vec<Problem> {
         .collect()
 }
 
+fn warning(code: &str, message: &str) -> pb::NodeWarning {
+    pb::NodeWarning {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// What meshd reports for an upstream bound on every address (see `config::OffLoopback`).
+const OFF_LOOPBACK: &str = "/etc/meshd/services.d/web.toml: upstreams[0].bind: 0.0.0.0:9001 \
+                            is not on loopback (it listens on every address of this host); any \
+                            host that can reach it can call default/api with default/web's \
+                            identity";
+
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| (*s).to_owned()).collect()
 }
@@ -163,6 +177,7 @@ fn a_healthy_mesh_passes_every_check() {
             Clocks,
             Gossip,
             Config,
+            Warnings,
             Policies,
             Slos
         ]
@@ -179,6 +194,7 @@ fn a_healthy_mesh_passes_every_check() {
             "within 2s of the registry's clock: 3 reporting nodes",
             "converged: 3 reporting nodes with the same view of 3 members",
             "at the registry's policy revision 42, keyring revision 3: 3 reporting nodes",
+            "none from 3 reporting nodes",
             "valid: 2 stored policy resources",
             "no alert firing (1 SLO)",
         ]
@@ -335,6 +351,50 @@ fn each_failure_mode() {
                     "node-c: policy revision 43, keyring revision 4",
                 ]),
             )],
+        ),
+        (
+            "a node reports a listener off loopback",
+            |i| report(i, "node-b").warnings = vec![warning("listener_off_loopback", OFF_LOOPBACK)],
+            vec![(
+                Warnings,
+                Warn,
+                vec![format!("node-b: listener_off_loopback: {OFF_LOOPBACK}")],
+            )],
+        ),
+        (
+            "warnings of several nodes and kinds, a stale node's included",
+            |i| {
+                c_down(i);
+                report(i, "node-a").warnings = vec![
+                    warning(
+                        "listener_off_loopback",
+                        "meshd.toml: admin.bind: 10.0.0.5:15000",
+                    ),
+                    warning(
+                        "policy_kind_skipped",
+                        "Gateway/shop/edge: kind unknown, skipped",
+                    ),
+                ];
+                report(i, "node-c").warnings = vec![warning("listener_off_loopback", "x")];
+            },
+            vec![
+                (
+                    Reports,
+                    Fail,
+                    strings(&[
+                        "node-c: stale: last report 31s ago, reports every 10s (stale after 30s)",
+                    ]),
+                ),
+                (
+                    Warnings,
+                    Warn,
+                    strings(&[
+                        "node-a: listener_off_loopback: meshd.toml: admin.bind: 10.0.0.5:15000",
+                        "node-a: policy_kind_skipped: Gateway/shop/edge: kind unknown, skipped",
+                        "node-c: listener_off_loopback: x",
+                    ]),
+                ),
+            ],
         ),
         (
             "a stored resource does not validate; a deleted one is not looked at",
@@ -652,13 +712,34 @@ fn the_report_has_one_line_per_check_and_the_culprits_under_it() {
 ✓ clocks         within 2s of the registry's clock: 2 reporting nodes
 ✓ gossip         converged: 2 reporting nodes with the same view of 2 members
 ✓ config         at the registry's policy revision 42, keyring revision 3: 2 reporting nodes
+✓ warnings       none from 3 reporting nodes
 ✓ policies       valid: 2 stored policy resources
 ✓ slos           no alert firing (1 SLO)
-unhealthy: 1 of 8 checks failed, 1 warned
+unhealthy: 1 of 9 checks failed, 1 warned
 "
     );
     let ok = render(&evaluate(&healthy(), now(), &thresholds()));
-    assert!(ok.ends_with("healthy: 8 checks passed\n"), "{ok}");
+    assert!(ok.ends_with("healthy: 9 checks passed\n"), "{ok}");
+}
+
+#[test]
+fn node_warnings_are_a_warning_line_per_node_and_exit_2() {
+    let mut inputs = healthy();
+    report(&mut inputs, "node-b").warnings = vec![warning("listener_off_loopback", OFF_LOOPBACK)];
+    let findings = evaluate(&inputs, now(), &thresholds());
+    assert_eq!(exit_code(&findings), 2, "a warning, not a failure");
+    let out = render(&findings);
+    assert!(
+        out.contains(&format!(
+            "! warnings       1 warning from 1 node\n    node-b: listener_off_loopback: \
+             {OFF_LOOPBACK}\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("healthy with warnings: 1 of 9 checks warned\n"),
+        "{out}"
+    );
 }
 
 #[test]

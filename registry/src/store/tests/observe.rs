@@ -7,11 +7,12 @@ use super::{CRASH_DIR_ENV, reopen, run_aborting_child};
 use crate::slo::Severity;
 use crate::store::{
     CertExpiryRecord, EdgeKey, MemoryStore, NodeReportRecord, Protocol, ServiceSlot, SledStore,
-    SloAlertRecord, Step, Store, Traffic,
+    SloAlertRecord, Step, Store, Traffic, WarningRecord,
 };
 
 contract_suite!(
     last_report_per_node,
+    reports_keep_the_last_warnings,
     edges_add_up_per_minute,
     service_series_roll_up_callers,
     service_series_do_not_leak_between_similar_names,
@@ -39,6 +40,7 @@ fn report(node: &str, received_unix_ms: u64) -> NodeReportRecord {
             not_after_unix: 1,
         }],
         version: "0.1.0".to_owned(),
+        warnings: Vec::new(),
     }
 }
 
@@ -81,6 +83,43 @@ fn last_report_per_node(store: &dyn Store) {
         store.node_reports().unwrap(),
         [report("n1", 2_000), report("n2", 3_000)]
     );
+}
+
+/// A node's warnings are those of its last report: added, changed, and gone once it reports
+/// none.
+fn reports_keep_the_last_warnings(store: &dyn Store) {
+    let warning = |code: &str, message: &str| WarningRecord {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    };
+    let with = |received, warnings: Vec<WarningRecord>| NodeReportRecord {
+        warnings,
+        ..report("n1", received)
+    };
+    let two = vec![
+        warning(
+            "listener_off_loopback",
+            "web.toml: upstreams[0].bind: 0.0.0.0:9001 — «x»",
+        ),
+        warning("policy_kind_skipped", "Gateway/shop/edge"),
+    ];
+    for r in [
+        with(1, two),
+        with(2, vec![warning("a", "b")]),
+        with(3, Vec::new()),
+    ] {
+        store.record_report(&r, MINUTE, &[]).unwrap();
+        assert_eq!(store.node_reports().unwrap(), [r]);
+    }
+}
+
+/// Records written before reports carried warnings read as reports without any.
+#[test]
+fn reports_stored_without_warnings_still_read() {
+    let mut old = serde_json::to_value(report("n1", 1)).unwrap();
+    old.as_object_mut().unwrap().remove("warnings");
+    let read: NodeReportRecord = serde_json::from_value(old).unwrap();
+    assert_eq!(read, report("n1", 1));
 }
 
 fn edges_add_up_per_minute(store: &dyn Store) {

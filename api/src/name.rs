@@ -69,6 +69,12 @@ impl Label {
         Ok(Self(s.to_owned()))
     }
 
+    /// The empty string: not a valid label, sorts before every label, and costs no allocation
+    /// — the lower bound of a range scan over keys that hold labels.
+    pub(crate) fn least() -> Self {
+        Self(String::new())
+    }
+
     /// The label as text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -398,7 +398,15 @@ impl Resource {
 }
 
 pub(crate) fn root_namespace() -> Label {
-    Label::new(ROOT_NAMESPACE).expect("the root namespace is a label")
+    root_namespace_ref().clone()
+}
+
+/// The root namespace, built once (authorization reads it per request).
+pub(crate) fn root_namespace_ref() -> &'static Label {
+    static ROOT: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| {
+        Label::new(ROOT_NAMESPACE).expect("the root namespace is a label")
+    });
+    &ROOT
 }
 
 // === parse_file ===
@@ -463,17 +471,15 @@ impl Snapshot {
     }
 
     /// Every resource of `kind` in `namespace`, in key order.
-    pub fn in_namespace<'s>(
+    pub fn in_namespace<'s, 'n>(
         &'s self,
         kind: Kind,
-        namespace: &Label,
-    ) -> impl Iterator<Item = &'s Resource> + use<'s> {
-        // "0" sorts before every other label: labels start with a letter or digit.
-        let least = Label::new("0").expect("\"0\" is a label");
-        let ns = namespace.clone();
+        namespace: &'n Label,
+    ) -> impl Iterator<Item = &'s Resource> + use<'s, 'n> {
+        // Walked per request by authorization: one allocation (the range's start key).
         self.resources
-            .range(ResourceKey::new(kind, namespace.clone(), least)..)
-            .take_while(move |(k, _)| k.kind == kind && k.namespace == ns)
+            .range(ResourceKey::new(kind, namespace.clone(), Label::least())..)
+            .take_while(move |(k, _)| k.kind == kind && k.namespace == *namespace)
             .map(|(_, r)| r)
     }
 }

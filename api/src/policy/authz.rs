@@ -9,7 +9,7 @@ use super::decode::choice_enum;
 use super::{Action, AuthorizationPolicy, DefaultAction, Kind, Operation, ROOT_NAMESPACE};
 use super::{Pattern, ResourceKey, Rule, Selector, Snapshot, Source, Spec};
 use crate::identity::Identity;
-use crate::name::ServiceKey;
+use crate::name::{Label, ServiceKey};
 
 /// [`Decision::Deny`] reason: a DENY policy matched.
 pub const REASON_DENY_POLICY: &str = "deny_policy";
@@ -231,28 +231,26 @@ pub fn selecting<'s>(
 
 /// Resources of `kind` in the workload's namespace and the root namespace, in key order, each
 /// with whether it comes from the workload's own namespace.
-fn scopes<'s>(
+fn scopes<'s, 'w>(
     snapshot: &'s Snapshot,
     kind: Kind,
-    workload: &Workload<'_>,
-) -> impl Iterator<Item = (&'s super::Resource, bool)> {
-    let own = &workload.service.namespace;
-    let root = super::root_namespace();
+    workload: &Workload<'w>,
+) -> impl Iterator<Item = (&'s super::Resource, bool)> + use<'s, 'w> {
+    let own: &'w Label = &workload.service.namespace;
+    let root = super::root_namespace_ref();
     let (first, second) = if own.as_str() <= ROOT_NAMESPACE {
-        (own.clone(), (own != &root).then_some(root))
+        (own, (own != root).then_some(root))
     } else {
-        (root, Some(own.clone()))
+        (root, Some(own))
     };
-    let own = own.clone();
-    let firsts = snapshot.in_namespace(kind, &first);
+    let firsts = snapshot.in_namespace(kind, first);
     let seconds = second
-        .as_ref()
         .map(|ns| snapshot.in_namespace(kind, ns))
         .into_iter()
         .flatten();
     firsts
         .chain(seconds)
-        .map(move |r| (r, r.key.namespace == own))
+        .map(move |r| (r, r.key.namespace == *own))
 }
 
 fn selector_matches(selector: &Selector, workload: &Workload<'_>) -> bool {

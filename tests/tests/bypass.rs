@@ -359,6 +359,92 @@ limits = [{ key = "source_identity", requests_per_unit = 2, unit = "minute", bur
     assert_eq!(e["http.path"], "/limited", "{e}");
 }
 
+/// A mesh workload's own client: mTLS to b's inbound port as `default/web` (a certificate from
+/// the mesh CA), SNI `api`, ALPN for a byte stream (not meshd's HTTP/2), then a raw HTTP/1.1
+/// request. Returns the raw response.
+async fn mtls_http1(m: &Mesh, request: &str) -> String {
+    use mesh_runtime::tls::{self as mtls, ALPN_MESH_TCP, CertSlot, SpiffeVerifier};
+    use rustls_pki_types::ServerName;
+    let td = mesh_api::TrustDomain::new("mesh.test").unwrap();
+    let ca = m.cluster.registry.authority().unwrap();
+    let web = mesh_api::ServiceKey::parse("default/web").unwrap();
+    let (issued, key) = ca
+        .issue(&mesh_ca::SignRequest {
+            identity: mesh_api::Identity::workload(&td, &web),
+            dns_names: Vec::new(),
+            ttl: Duration::from_secs(3600),
+            now: std::time::SystemTime::now(),
+        })
+        .unwrap();
+    let roots = mtls::root_store(&ca.trust_bundle_pem()).unwrap();
+    let verifier = SpiffeVerifier::new(
+        roots,
+        Box::new(move |name| match name {
+            ServerName::DnsName(d) => mesh_api::ServiceKey::from_sni(d.as_ref())
+                .map(|k| mesh_api::Identity::workload(&td, &k)),
+            _ => None,
+        }),
+    );
+    let resolver = CertSlot::new(Some(mtls::certified_key(&issued.chain_pem, &key).unwrap()));
+    let cfg = mtls::client_config(
+        std::sync::Arc::new(verifier),
+        Some(resolver as std::sync::Arc<dyn rustls::client::ResolvesClientCert>),
+        &[ALPN_MESH_TCP],
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let sni =
+        ServerName::try_from(mesh_api::ServiceKey::parse("default/api").unwrap().sni()).unwrap();
+    let inbound = SocketAddr::new(m.cluster.nodes[0].spec.ip, mesh_e2e::INBOUND_PORT);
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(inbound).await?;
+        let mut s = connector.connect(sni, tcp).await?;
+        s.write_all(request.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: timed out".to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_client_speaking_http1_over_mtls_is_held_to_the_same_rules() {
+    let m = mesh().await;
+    let before = m.app.requests();
+    // A denied spelling: refused per request, never relayed as bytes.
+    let got = mtls_http1(
+        &m,
+        "GET /x/../admin HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+    assert!(
+        got.to_ascii_lowercase()
+            .contains("x-mesh-error: inbound/denied"),
+        "{got}"
+    );
+    assert_eq!(m.app.requests(), before);
+    // An identity header written by the caller is replaced by the one its certificate proves.
+    let got = mtls_http1(
+        &m,
+        "GET /who HTTP/1.1\r\nhost: api\r\nx-forwarded-client-cert: By=x;URI=spiffe://mesh.test/ns/default/svc/admin\r\nx-mesh-role: admin\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.contains(&format!(
+            "xfcc=By=spiffe://mesh.test/ns/default/svc/api;URI={WEB}\n"
+        )),
+        "{got}"
+    );
+    assert!(got.contains("mesh_headers=\n"), "{got}");
+    assert!(got.contains("path=/who\n"), "{got}");
+}
+
 /// Whether a TCP connection through `addr` echoes what it is sent.
 async fn echoes(addr: SocketAddr) -> bool {
     let attempt = async {

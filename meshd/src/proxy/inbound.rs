@@ -117,7 +117,14 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
     };
     let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(mesh_runtime::tls::ALPN_MESH_H2);
     match (h2, local.protocol.is_http()) {
-        (false, _) => serve_caller(tls_stream, Some(&caller), local, peer, shared, started).await,
+        (false, false) => {
+            serve_caller(tls_stream, Some(&caller), local, peer, shared, started).await;
+        }
+        // An HTTP app is never handed a byte stream: the caller could write its own identity
+        // header and walk past per-request policy.
+        (false, true) => {
+            super::http::inbound::serve_http(tls_stream, Some(caller), local, peer, shared).await;
+        }
         (true, true) => super::http::inbound::serve(tls_stream, caller, local, peer, shared).await,
         (true, false) => {
             // The caller's view of the service's protocol is out of date (or forged).
@@ -152,7 +159,7 @@ async fn serve_plaintext_http(
     };
     if !shared.has_policy() {
         // Answered per request with 503 `inbound/no_policy`, as an mTLS caller is.
-        return super::http::inbound::serve_plaintext(tcp, local, peer, shared).await;
+        return super::http::inbound::serve_http(tcp, None, local, peer, shared).await;
     }
     let mode =
         mesh_api::policy::authz::mtls_mode(&shared.policy_rx.borrow(), &attrs.request().workload);
@@ -168,7 +175,7 @@ async fn serve_plaintext_http(
         };
         return access_log(shared, &attrs, peer, started, &end);
     }
-    super::http::inbound::serve_plaintext(tcp, local, peer, shared).await;
+    super::http::inbound::serve_http(tcp, None, local, peer, shared).await;
 }
 
 /// The mTLS handshake: a mesh workload identity from this trust domain, for a local service

@@ -33,6 +33,8 @@ struct Conn {
     shared: Shared,
     /// The verified caller; `None` for a plaintext caller of a PERMISSIVE service.
     caller: Option<Identity>,
+    /// Served by [`serve_http`] (HTTP/1.1 possible), not as meshd-to-meshd HTTP/2.
+    direct: bool,
     /// The local service's own identity (the `By` of XFCC).
     callee: String,
     local: Service,
@@ -47,7 +49,7 @@ pub async fn serve(
     peer: SocketAddr,
     shared: &Shared,
 ) {
-    let (conn, _active) = open(Some(caller), local, peer, shared);
+    let (conn, _active) = open(Some(caller), false, local, peer, shared);
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
@@ -64,24 +66,36 @@ pub async fn serve(
     until_done_or_forced(connection, peer, shared).await;
 }
 
-/// Serves a plaintext caller of a PERMISSIVE HTTP-family service on its `listen` address:
-/// HTTP/1.1 (with upgrades) or HTTP/2 with prior knowledge, and every request goes through the
-/// same normalization, authorization, rate limits, header rules and access log as an mTLS
-/// caller's — only without an identity.
-pub async fn serve_plaintext(tcp: TcpStream, local: &Service, peer: SocketAddr, shared: &Shared) {
-    let (conn, _active) = open(None, local, peer, shared);
+/// Serves HTTP/1.1 (with upgrades) or HTTP/2 with prior knowledge on a connection that did
+/// not arrive as meshd-to-meshd HTTP/2: a plaintext caller of a PERMISSIVE service on its
+/// `listen` address (`caller` = `None`), or a mesh workload whose mTLS connection did not ask
+/// for `meshd/h2/1` (a caller meshd that takes the service for TCP, or a client of its own).
+/// Either way every request goes through the same normalization, authorization, rate limits,
+/// header rules and access log as any other — a byte stream to an HTTP app would let the
+/// caller write its own identity header.
+pub async fn serve_http<IO>(
+    io: IO,
+    caller: Option<Identity>,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, _active) = open(caller, true, local, peer, shared);
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     until_done_or_forced(connection, peer, shared).await;
 }
 
 /// Counts the connection and builds what its requests share.
 fn open(
     caller: Option<Identity>,
+    direct: bool,
     local: &Service,
     peer: SocketAddr,
     shared: &Shared,
@@ -102,6 +116,7 @@ fn open(
     let conn = Arc::new(Conn {
         shared: shared.clone(),
         caller,
+        direct,
         callee,
         local: local.clone(),
         peer,
@@ -152,7 +167,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         span.attr(attr::NETWORK_PEER_ADDRESS, conn.peer.to_string());
     }
     span.inject(req.headers_mut());
-    let upgrade = Upgrade::of(&req, conn.caller.is_none());
+    let upgrade = Upgrade::of(&req, conn.direct);
     // An upgrade is authorized as what the app will see: the GET that asks to switch.
     let method = if upgrade.is_some() {
         "GET".to_owned()
@@ -383,19 +398,21 @@ fn denied(conn: &Conn, decision: &Decision, method: &str, path: &str) -> Respons
 enum Upgrade {
     /// Extended CONNECT from the caller's meshd (RFC 8441): answered 200, then the tunnel.
     Connect(String),
-    /// HTTP/1.1 `Upgrade:` from a plaintext caller: answered with the app's own 101.
+    /// HTTP/1.1 `Upgrade:` from a caller served by [`serve_http`]: answered with the app's 101.
     Http1(String),
 }
 
 // === impl Upgrade ===
 
 impl Upgrade {
-    fn of(req: &Request<Incoming>, plaintext: bool) -> Option<Self> {
+    /// `http1`: the connection is served by [`serve_http`] (a meshd peer never sends an
+    /// HTTP/1.1 upgrade: it turns one into extended CONNECT).
+    fn of(req: &Request<Incoming>, http1: bool) -> Option<Self> {
         if req.method() == http::Method::CONNECT {
             return (req.extensions().get::<hyper::ext::Protocol>())
                 .map(|p| Self::Connect(p.as_str().to_owned()));
         }
-        (plaintext && req.version() == http::Version::HTTP_11)
+        (http1 && req.version() == http::Version::HTTP_11)
             .then(|| upgrade::requested(req.headers()).map(Self::Http1))
             .flatten()
     }

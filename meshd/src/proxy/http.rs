@@ -688,4 +688,48 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[ERROR_HEADER], "outbound/no_endpoints");
     }
+
+    #[test]
+    fn only_the_mesh_writes_its_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            (
+                "x-forwarded-client-cert",
+                "By=x;URI=spiffe://t/ns/a/svc/admin",
+            ),
+            ("x-mesh-error", "inbound/denied"),
+            ("X-Mesh-Anything", "1"),
+            ("x-meshy", "kept: not the mesh's prefix"),
+            ("x-app", "kept"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_mesh_owned(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-app", "x-meshy"]);
+    }
+
+    #[test]
+    fn paths_are_rewritten_in_place_and_queries_kept() {
+        let opts = mesh_api::path::Options::default();
+        let req = |uri: &str| http::Request::builder().uri(uri).body(()).unwrap();
+        #[rustfmt::skip]
+        let cases: &[(&str, Result<&str, mesh_api::path::Rejected>)] = &[
+            ("/a//b/../c?x=%2F..&y", Ok("/a/c?x=%2F..&y")),
+            ("http://api.mesh/./%61dmin", Ok("http://api.mesh/admin")),
+            ("/normal?q", Ok("/normal?q")),
+            ("/a%2Fb", Err(mesh_api::path::Rejected::EscapedSlash)),
+            // Authority form (CONNECT) has no path.
+            ("api.mesh:443", Ok("api.mesh:443")),
+        ];
+        for (uri, want) in cases {
+            let mut r = req(uri);
+            let got = normalize_path(&mut r, opts).map(|()| r.uri().to_string());
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "{uri}");
+        }
+    }
 }

@@ -294,19 +294,9 @@ impl Discovery {
                 return Err(e);
             }
             Err(e) => {
-                let (resources, skipped) = standin::read_full(event);
-                for u in &skipped {
-                    error!(resource = %u.resource, problems = %u.problems.join("; "), stand_in = u.stand_in.unwrap_or("none (skipped)"), "policy resource unreadable by this meshd version");
-                }
-                warn!(error = %e, unreadable = skipped.len(), "full policy snapshot applied without the resources this node cannot read");
+                let (outcome, skipped) = read_with_stand_ins(event, &e);
                 unreadable = skipped;
-                Outcome::Applied {
-                    snapshot: Snapshot {
-                        revision: event.revision,
-                        resources,
-                    },
-                    full: true,
-                }
+                outcome
             }
         };
         if event.full_snapshot && !matches!(outcome, Outcome::Stale) {
@@ -354,6 +344,32 @@ impl Discovery {
             .send_if_modified(|synced| !std::mem::replace(synced, true));
         Ok(())
     }
+}
+
+/// A full snapshot that does not validate as a whole, read resource by resource: what reads
+/// applies, the rest is skipped or enforced as a fail-closed stand-in, each one logged.
+fn read_with_stand_ins(event: &pb::PolicyEvent, e: &Error) -> (Outcome, Vec<standin::Unreadable>) {
+    let (resources, skipped) = standin::read_full(event);
+    for u in &skipped {
+        error!(
+            resource = %u.resource,
+            problems = %u.problems.join("; "),
+            stand_in = u.stand_in.unwrap_or("none (skipped)"),
+            "policy resource unreadable by this meshd version"
+        );
+    }
+    warn!(error = %e, unreadable = skipped.len(), "full policy snapshot applied without the resources this node cannot read");
+    let snapshot = Snapshot {
+        revision: event.revision,
+        resources,
+    };
+    (
+        Outcome::Applied {
+            snapshot,
+            full: true,
+        },
+        skipped,
+    )
 }
 
 /// Renames an unusable snapshot file out of the way (kept for the operator, never deleted);

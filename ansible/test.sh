@@ -11,9 +11,10 @@
 #    meshd_services_absent and meshd_services_exclusive remove what they should;
 #  - a second run changes nothing (changed=0 on every host);
 #  - a bad value is refused by the template's validate: step (the installed binary's
-#    check-config) and the live file stays as it was: meshd_gossip_interval out of range, a
-#    service whose upstream bind is not an address, a service whose upstream bind clashes with
-#    another service file's, a registry duration that is not one;
+#    check-config) and the live file stays as it was: meshd_gossip_interval out of range, an
+#    admin bind off loopback without meshd_admin_allow_remote (accepted, with a warning, with
+#    it), a service whose upstream bind is not an address, a service whose upstream bind
+#    clashes with another service file's, a registry duration that is not one;
 #  - argument_specs refuse a wrongly typed variable, an unknown choice and a service without its
 #    required key before any task runs; the registry role refuses to change the trust domain;
 #  - service management, against a stand-in systemctl (no systemd runs in the roots, nor on this
@@ -316,6 +317,7 @@ has "meshd.toml: inbound.advertise (from meshd_advertise_address)" "$mc" 'advert
 has "meshd.toml: gossip.seeds" "$mc" 'seeds = ["192.0.2.11:7946", "seed.test:7946"]'
 has "meshd.toml: max_connections is an integer" "$mc" 'max_connections = 10000'
 check "meshd.toml: no cluster_id (empty variable)" sh -c "! grep -q '^cluster_id' '$mc'"
+check "meshd.toml: no allow_remote (meshd_admin_allow_remote false)" sh -c "! grep -q '^allow_remote' '$mc'"
 check "meshd.toml: meshd check-config accepts it" inr "$RN" meshd check-config --config /etc/meshd/meshd.toml
 tok=$RN/etc/meshd/join-token
 eq "join-token: content" "$(cat "$tok" 2>/dev/null || true)" "$token"
@@ -391,6 +393,11 @@ say "refused: meshd_gossip_interval out of range"
 refused bad-interval "Render the node config" 'gossip\.interval.*out of range' --limit node1 -e meshd_gossip_interval=1h
 eq "bad-interval: meshd.toml unchanged" "$(sum "$mc")" "$mc_sum"
 
+say "refused: an admin bind off loopback without meshd_admin_allow_remote"
+refused admin-remote "Render the node config" 'admin\.allow_remote = true' --limit node1 \
+  -e meshd_admin_bind=0.0.0.0:15000
+eq "admin-remote: meshd.toml unchanged" "$(sum "$mc")" "$mc_sum"
+
 say "refused: argument_specs"
 refused bad-type "Validating arguments against arg spec" 'meshd_inbound_max_connections' \
   --limit node1 -e '{"meshd_inbound_max_connections": "lots"}'
@@ -423,6 +430,25 @@ refused other-trust-domain "Refuse to change the trust domain" 'trust domain is'
   --limit registry -e mesh_registry_trust_domain=other.test
 eq "registry.toml unchanged" "$(sum "$rc")" "$rc_sum"
 
+# --- admin off loopback, opted in -----------------------------------------------------------------
+say "accepted: an admin bind off loopback with meshd_admin_allow_remote"
+if play admin-remote-allowed --limit node1 -e meshd_admin_bind=0.0.0.0:15000 -e meshd_admin_allow_remote=true; then
+  ok "admin-remote-allowed: the run succeeds"
+else
+  ko "admin-remote-allowed: the run succeeds"
+  show admin-remote-allowed
+fi
+has "admin-remote-allowed: meshd.toml admin.bind" "$mc" 'bind = "0.0.0.0:15000"'
+has "admin-remote-allowed: meshd.toml admin.allow_remote" "$mc" 'allow_remote = true'
+# Accepted (exit 0), with a warning on stderr that names the key.
+if cc_err=$(inr "$RN" meshd check-config --config /etc/meshd/meshd.toml 2>&1 >/dev/null); then
+  check "admin-remote-allowed: check-config accepts it and warns ($(head -n1 <<<"$cc_err"))" \
+    grep -q '^warning: .*admin\.bind: 0\.0\.0\.0:15000 is not on loopback' <<<"$cc_err"
+else
+  ko "admin-remote-allowed: check-config accepts it ($cc_err)"
+fi
+# The exclusive run below renders the defaults again (admin on loopback, no allow_remote).
+
 # --- meshd_services_exclusive ---------------------------------------------------------------------
 say "meshd_services_exclusive removes files not in meshd_services"
 if play exclusive --limit node1 -e meshd_services_exclusive=true; then
@@ -436,6 +462,7 @@ if [ "$services_supported" = yes ]; then
   check "exclusive: web.toml and api.toml kept" test -e "$RN/etc/meshd/services.d/web.toml" -a -e "$RN/etc/meshd/services.d/api.toml"
 fi
 check "exclusive: meshd check-config still accepts the node" inr "$RN" meshd check-config --config /etc/meshd/meshd.toml
+check "exclusive: meshd.toml back to defaults (no allow_remote)" sh -c "! grep -q '^allow_remote' '$mc'"
 
 # --- service management, with a stand-in systemctl ----------------------------------------------
 # No systemd in a chroot, so a stand-in systemctl records what the roles ask of it and keeps

@@ -38,7 +38,8 @@ impl From<tonic::Status> for Error {
 }
 
 impl Error {
-    /// Whether the registry refused the call (as opposed to being unreachable).
+    /// Whether the registry refused the call (as opposed to being unreachable); retrying
+    /// would be refused again. `AlreadyExists`: a join under a registered node name.
     pub fn is_refusal(&self) -> bool {
         match self {
             Self::Status(s) => matches!(
@@ -46,6 +47,7 @@ impl Error {
                 tonic::Code::PermissionDenied
                     | tonic::Code::Unauthenticated
                     | tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
             ),
             _ => false,
         }
@@ -167,6 +169,26 @@ impl Client {
         req: pb::CreateTokenRequest,
     ) -> Result<pb::CreateTokenResponse, Error> {
         Ok(self.inner.clone().create_token(req).await?.into_inner())
+    }
+
+    /// Lists join tokens without their secrets (operators and viewers).
+    pub async fn list_tokens(&self) -> Result<pb::ListTokensResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .list_tokens(pb::ListTokensRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Revokes a join token by id (operators only).
+    pub async fn revoke_token(&self, id: &str) -> Result<pb::RevokeTokenResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .revoke_token(pb::RevokeTokenRequest { id: id.to_owned() })
+            .await?
+            .into_inner())
     }
 
     /// Lists registered nodes (operators only).

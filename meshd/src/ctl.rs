@@ -1,15 +1,15 @@
 //! Operator commands behind `meshctl` (and `meshd members`): registry calls with the operator
 //! credentials written by `mesh-registry init`, reads of a node's admin endpoint, and the text
 //! helpers the commands share (aligned columns, short durations). Each command group with
-//! decisions or formats of its own has a module here: [`policy`], [`gossip_key`], [`topology`]
-//! (the service graph), [`slo`] (SLO status) and [`check`] (the mesh health verdict).
+//! decisions or formats of its own has a module here: [`policy`], [`gossip_key`], [`token`]
+//! (join tokens), [`topology`] (the service graph), [`slo`] (SLO status) and [`check`] (the
+//! mesh health verdict).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use mesh_api::TrustDomain;
-use mesh_api::proto::v1 as pb;
 use mesh_runtime::tls::{self, CertSlot};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -19,6 +19,7 @@ pub mod check;
 pub mod gossip_key;
 pub mod policy;
 pub mod slo;
+pub mod token;
 pub mod topology;
 
 /// Time allowed for one registry or admin call.
@@ -91,22 +92,6 @@ impl Credentials {
             DEFAULT_TIMEOUT,
         )?)
     }
-}
-
-/// Creates a join token and returns its string.
-pub async fn create_token(
-    client: &control::Client,
-    services: Vec<String>,
-    ttl: Option<Duration>,
-    uses: u32,
-) -> anyhow::Result<pb::CreateTokenResponse> {
-    Ok(client
-        .create_token(pb::CreateTokenRequest {
-            services,
-            ttl_seconds: ttl.map_or(0, |d| d.as_secs()),
-            uses,
-        })
-        .await?)
 }
 
 /// A minimal HTTP/1.0 GET for loopback admin endpoints; returns the body of a 200.

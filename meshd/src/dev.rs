@@ -275,7 +275,12 @@ async fn start(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Resul
             layout.registry_log().display()
         );
         let token = wait_until(procs, &what, STARTUP_TIMEOUT, || async {
-            ctl::create_token(&client, vec![node.service.clone()], None, 1).await
+            let create = ctl::token::Create {
+                services: vec![node.service.clone()],
+                uses: 1,
+                ..Default::default()
+            };
+            ctl::token::create(&client, &create).await
         })
         .await?
         .token;

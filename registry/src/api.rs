@@ -1,7 +1,7 @@
-//! The registry's gRPC service: join with a token, node renewal, workload signing, token
-//! creation, inventory, policy resources (apply, get, history, watch), gossip keys (watch,
-//! report, change, status) and observability (node reports, topology, SLO status) — each call
-//! authorised by the caller's certificate identity.
+//! The registry's gRPC service: join with a token, node renewal, workload signing, join tokens
+//! (create, list, revoke), inventory, policy resources (apply, get, history, watch), gossip
+//! keys (watch, report, change, status) and observability (node reports, topology, SLO status)
+//! — each call authorised by the caller's certificate identity.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,13 +19,14 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::server::PeerInfo;
-use crate::store::{self, CertRecord, NodeRecord, Store, TokenRecord};
+use crate::store::{self, CertRecord, NodeRecord, Store};
 
 mod decide;
 mod diff;
 mod gossip_keys;
 mod observe;
 mod policy;
+mod token;
 mod watch;
 pub use decide::{allows_service, normalize_services};
 pub use diff::spec_diff;
@@ -162,6 +163,23 @@ fn store_error(e: store::Error) -> Rejected {
         "store_error",
         Status::unavailable(format!("registry storage failed: {e}")),
     )
+}
+
+/// A join the store's rules refused: the token (used up, expired, revoked, unknown) or the
+/// name (registered, or not the one a replace token is for).
+fn join_refused(e: store::Error) -> Rejected {
+    let (reason, status): (_, fn(String) -> Status) = match &e {
+        store::Error::TokenExhausted { .. } => ("token_used_up", Status::permission_denied),
+        store::Error::TokenExpired { .. } => ("token_expired", Status::permission_denied),
+        store::Error::TokenRevoked { .. } => ("token_revoked", Status::permission_denied),
+        store::Error::TokenNotFound => ("unknown_token", Status::permission_denied),
+        store::Error::NodeExists { .. } => ("node_exists", Status::already_exists),
+        store::Error::TokenForOtherNode { .. } => {
+            ("token_for_other_node", Status::permission_denied)
+        }
+        _ => return store_error(e),
+    };
+    reject(reason, status(e.to_string()))
 }
 
 impl RegistryApi {
@@ -341,18 +359,20 @@ impl RegistryApi {
                 Status::invalid_argument(format!("node_name {}: {e}", quoted(&req.node_name))),
             )
         })?;
-        let id = token.id.clone();
-        let record = self
-            .blocking(move |s| s.get_token(&id))
-            .await?
-            .ok_or_else(|| {
-                reject(
-                    "unknown_token",
-                    Status::permission_denied("unknown join token"),
-                )
-            })?;
+        let (id, key) = (token.id.clone(), name.to_string());
+        let (record, registered) = self
+            .blocking(move |s| Ok((s.get_token(&id)?, s.get_node(&key)?.is_some())))
+            .await?;
+        let record = record.ok_or_else(|| {
+            reject(
+                "unknown_token",
+                Status::permission_denied("unknown join token"),
+            )
+        })?;
         decide::check_token(&record, &token.secret, unix(now))
             .map_err(|e| reject(e.reason(), Status::permission_denied(e.to_string())))?;
+        // Early, before signing anything; the store decides again atomically with the use.
+        store::check_join_name(&record, name.as_str(), registered).map_err(join_refused)?;
         let node_id = Identity::node(&self.inner.config.trust_domain, &name);
         let issued = self.sign(&req.csr_pem, node_id, self.inner.config.node_cert_ttl, now)?;
         let node = NodeRecord {
@@ -379,19 +399,15 @@ impl RegistryApi {
         let updated = self
             .blocking(move |s| Ok(s.join(&token_id, unix(now), &n, &cert)))
             .await?
-            .map_err(|e| match e {
-                store::Error::TokenExhausted { .. } => {
-                    reject("token_used_up", Status::permission_denied(e.to_string()))
-                }
-                store::Error::TokenExpired { .. } => {
-                    reject("token_expired", Status::permission_denied(e.to_string()))
-                }
-                store::Error::TokenNotFound => {
-                    reject("unknown_token", Status::permission_denied(e.to_string()))
-                }
-                other => store_error(other),
-            })?;
-        info!(node = %name, token = %updated.id, uses = updated.uses, services = ?node.allowed_services, "node joined");
+            .map_err(join_refused)?;
+        info!(
+            node = %name,
+            token = %updated.id,
+            uses = updated.uses,
+            services = ?node.allowed_services,
+            replaced = registered,
+            "node joined"
+        );
         Ok(pb::JoinResponse {
             trust_domain: self.inner.config.trust_domain.to_string(),
             node_cert_chain_pem: issued.chain_pem,
@@ -483,60 +499,6 @@ impl RegistryApi {
         info!(node = %name, service = %svc, serial = %issued.serial, "workload certificate issued");
         Ok(self.cert_response(&issued))
     }
-
-    async fn do_create_token(
-        &self,
-        peer: &PeerInfo,
-        req: pb::CreateTokenRequest,
-    ) -> Result<pb::CreateTokenResponse, Rejected> {
-        let now = SystemTime::now();
-        let admin = self.require_admin(peer)?;
-        let services = normalize_services(&req.services)
-            .map_err(|e| reject("bad_request", Status::invalid_argument(e)))?;
-        let ttl = if req.ttl_seconds == 0 {
-            self.inner.config.default_token_ttl
-        } else {
-            Duration::from_secs(req.ttl_seconds)
-        };
-        if ttl > self.inner.config.max_token_ttl {
-            return Err(reject(
-                "bad_request",
-                Status::invalid_argument(format!(
-                    "ttl {} is longer than the registry's max_token_ttl {}",
-                    humantime::format_duration(ttl),
-                    humantime::format_duration(self.inner.config.max_token_ttl)
-                )),
-            ));
-        }
-        let secret = random_hex(32);
-        let record = TokenRecord {
-            id: random_hex(8),
-            secret_sha256: sha256_hex(secret.as_bytes()),
-            services: services.clone(),
-            created_unix: unix(now),
-            expires_unix: unix(now + ttl),
-            max_uses: req.uses,
-            uses: 0,
-            created_by: admin.to_string(),
-        };
-        let token = JoinToken {
-            id: record.id.clone(),
-            secret,
-            ca: self.inner.ca.root_fingerprint(),
-            td: self.inner.config.trust_domain.to_string(),
-            registry: self.inner.config.advertise.clone(),
-            services,
-            exp: record.expires_unix,
-        };
-        let r = record.clone();
-        self.blocking(move |s| s.put_token(&r)).await?;
-        info!(token = %record.id, services = ?record.services, max_uses = record.max_uses, by = %admin, "join token created");
-        Ok(pb::CreateTokenResponse {
-            token: token.encode(),
-            id: record.id,
-            expires_unix: record.expires_unix,
-        })
-    }
 }
 
 fn cert_record(issued: &mesh_ca::Issued, node: &NodeName, now: SystemTime) -> CertRecord {
@@ -611,6 +573,24 @@ impl pb::registry_server::Registry for RegistryApi {
         let peer = peer_of(&req);
         let r = self.do_create_token(&peer, req.into_inner()).await;
         self.finish("create_token", &peer, r)
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_list_tokens(&peer).await;
+        self.finish("list_tokens", &peer, r)
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_revoke_token(&peer, req.into_inner()).await;
+        self.finish("revoke_token", &peer, r)
     }
 
     async fn list_nodes(

@@ -87,6 +87,29 @@ pub enum Error {
         /// The token's `max_uses`.
         max_uses: u32,
     },
+    /// The join token was revoked.
+    #[error("join token was revoked at {revoked_unix} (Unix seconds)")]
+    TokenRevoked {
+        /// The token's `revoked_unix`.
+        revoked_unix: i64,
+    },
+    /// A node of that name is registered and the token was not created to replace it.
+    #[error(
+        "node {name} is already registered; to replace it (a reinstalled host), join with a \
+         token made by `meshctl token create --replace {name}`"
+    )]
+    NodeExists {
+        /// The node name.
+        name: String,
+    },
+    /// The token was created to replace another node, and joins only under that name.
+    #[error("join token was created to replace node {replace_node} and cannot join as {name}")]
+    TokenForOtherNode {
+        /// The name the token joins as.
+        replace_node: String,
+        /// The name the join asked for.
+        name: String,
+    },
     /// One apply named the same resource twice; nothing was written.
     #[error("policy resource {kind} {namespace}/{name} appears more than once in one apply")]
     DuplicatePolicyChange {
@@ -118,6 +141,17 @@ pub struct TokenRecord {
     pub uses: u32,
     /// Identity of the operator who created the token.
     pub created_by: String,
+    /// The node the token was created to replace: it joins only under this name, and may
+    /// while a node of that name is registered. `None`: any name not registered yet (and in
+    /// records stored before tokens could replace).
+    #[serde(default)]
+    pub replace_node: Option<String>,
+    /// When the token was revoked, Unix seconds; `None` while it is not.
+    #[serde(default)]
+    pub revoked_unix: Option<i64>,
+    /// Identity of the operator who revoked it; empty while it is not revoked.
+    #[serde(default)]
+    pub revoked_by: String,
 }
 
 /// A node that has joined the mesh.
@@ -366,11 +400,20 @@ pub trait Store: Send + Sync + 'static {
     fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, Error>;
     /// All tokens, sorted by id.
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, Error>;
+    /// Marks the token revoked at `now_unix` by `by`, durable before it returns, so no join
+    /// can use it again (one transaction with respect to [`Store::join`]). Returns the token
+    /// after the call and whether it had been revoked already (then nothing is written and
+    /// the first revocation is kept). Unknown id: [`Error::TokenNotFound`].
+    fn revoke_token(&self, id: &str, now_unix: i64, by: &str)
+    -> Result<(TokenRecord, bool), Error>;
     /// Atomically (one transaction): the token must exist ([`Error::TokenNotFound`]), not be
-    /// expired at `now_unix` ([`Error::TokenExpired`]), and have uses left
-    /// ([`Error::TokenExhausted`]); then `uses += 1`, the node record is inserted or replaced
-    /// and the cert record inserted. Returns the updated token. Of concurrent joins on a
-    /// single-use token exactly one wins. Nothing is written when any check fails.
+    /// revoked ([`Error::TokenRevoked`]), not be expired at `now_unix`
+    /// ([`Error::TokenExpired`]), have uses left ([`Error::TokenExhausted`]), and the node
+    /// name must suit it ([`check_join_name`]: [`Error::NodeExists`],
+    /// [`Error::TokenForOtherNode`]); then `uses += 1`, the node record is inserted (or, with
+    /// a replace token, replaced) and the cert record inserted. Returns the updated token. Of
+    /// concurrent joins on a single-use token, or under one new name, exactly one wins.
+    /// Nothing is written when any check fails.
     fn join(
         &self,
         token_id: &str,
@@ -611,9 +654,36 @@ fn plan_policies(
     })
 }
 
-/// The join rules both stores share: checks `token` at `now_unix` and returns it with one
-/// more use, or the reason it cannot be used.
-fn consume_token(token: &TokenRecord, now_unix: i64) -> Result<TokenRecord, Error> {
+/// The naming rule of a join, shared by both stores and the API's early check: a token
+/// created to replace a node joins only under that name (registered or not); any other token
+/// joins only under a name not registered yet (`registered`), so it cannot take over a node's
+/// record.
+pub fn check_join_name(token: &TokenRecord, name: &str, registered: bool) -> Result<(), Error> {
+    match &token.replace_node {
+        Some(replace) if replace != name => Err(Error::TokenForOtherNode {
+            replace_node: replace.clone(),
+            name: name.to_owned(),
+        }),
+        Some(_) => Ok(()),
+        None if registered => Err(Error::NodeExists {
+            name: name.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The join rules both stores share: checks `token` at `now_unix` for a join as `name`
+/// (`registered`: a node of that name exists) and returns it with one more use, or the reason
+/// it cannot be used.
+fn consume_token(
+    token: &TokenRecord,
+    now_unix: i64,
+    name: &str,
+    registered: bool,
+) -> Result<TokenRecord, Error> {
+    if let Some(revoked_unix) = token.revoked_unix {
+        return Err(Error::TokenRevoked { revoked_unix });
+    }
     if now_unix >= token.expires_unix {
         return Err(Error::TokenExpired {
             expired_unix: token.expires_unix,
@@ -624,9 +694,23 @@ fn consume_token(token: &TokenRecord, now_unix: i64) -> Result<TokenRecord, Erro
             max_uses: token.max_uses,
         });
     }
+    check_join_name(token, name, registered)?;
     let mut used = token.clone();
     used.uses = used.uses.saturating_add(1);
     Ok(used)
+}
+
+/// The revocation rule both stores share: `token` revoked at `now_unix` by `by`, or `None`
+/// if it already was (the first revocation stands).
+fn revoked(token: &TokenRecord, now_unix: i64, by: &str) -> Option<TokenRecord> {
+    if token.revoked_unix.is_some() {
+        return None;
+    }
+    Some(TokenRecord {
+        revoked_unix: Some(now_unix),
+        revoked_by: by.to_owned(),
+        ..token.clone()
+    })
 }
 
 /// Sorts certs newest first and applies `limit` (0 = all), as [`Store::list_certs`] promises.

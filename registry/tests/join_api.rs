@@ -94,6 +94,7 @@ async fn hostile_join_tokens_get_invalid_argument_and_the_registry_keeps_serving
             services: vec!["shop/web".to_owned()],
             ttl_seconds: 3600,
             uses: 1,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -562,6 +562,9 @@ impl ServiceSpec {
 pub struct NodeSpec {
     /// Node name.
     pub name: String,
+    /// Its directory under the cluster's (default: the node name), for a second host claiming
+    /// a name already in use.
+    pub dir_name: Option<String>,
     /// Its address (loopback or netns).
     pub ip: IpAddr,
     /// Local services.
@@ -598,6 +601,7 @@ impl NodeSpec {
     pub fn new(name: &str, token: String) -> Self {
         Self {
             name: name.to_owned(),
+            dir_name: None,
             ip: IpAddr::V4(next_ip()),
             services: Vec::new(),
             seeds: Vec::new(),
@@ -635,7 +639,9 @@ pub struct Node {
 impl Node {
     /// Writes the config and starts meshd; does not wait for readiness.
     pub fn start(registry: &Registry, spec: NodeSpec) -> anyhow::Result<Self> {
-        let dir = registry.dir.join(&spec.name);
+        let dir = registry
+            .dir
+            .join(spec.dir_name.as_deref().unwrap_or(&spec.name));
         std::fs::create_dir_all(dir.join("services.d"))?;
         std::fs::write(dir.join("token"), &spec.token)?;
         let seeds: Vec<String> = spec.seeds.iter().map(|s| format!("\"{s}\"")).collect();

@@ -497,11 +497,21 @@ pub struct CreateTokenRequest {
     /// "name" or "namespace/name"; "namespace/*" allows every service of a namespace.
     #[prost(string, repeated, tag = "1")]
     pub services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Lifetime; 0: the registry's default_token_ttl.
     #[prost(uint64, tag = "2")]
     pub ttl_seconds: u64,
-    /// How many joins the token allows; 0 means unlimited until it expires.
+    /// How many joins the token allows; 0 (unset) means 1. For a token without a limit set
+    /// `unlimited_uses` instead (and leave this 0).
     #[prost(uint32, tag = "3")]
     pub uses: u32,
+    /// The token joins exactly this node name, and may join it while a node of that name is
+    /// registered, replacing its record (a reinstalled host). Empty: the token joins any name
+    /// not registered yet; joining under a registered name is refused with ALREADY_EXISTS.
+    #[prost(string, tag = "4")]
+    pub replace_node: ::prost::alloc::string::String,
+    /// Any number of joins until the token expires. Exclusive with a non-zero `uses`.
+    #[prost(bool, tag = "5")]
+    pub unlimited_uses: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateTokenResponse {
@@ -511,6 +521,61 @@ pub struct CreateTokenResponse {
     pub id: ::prost::alloc::string::String,
     #[prost(int64, tag = "3")]
     pub expires_unix: i64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListTokensRequest {}
+/// A join token as the registry keeps it, without the secret.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TokenRecord {
+    /// Public id (16 hex digits), as `CreateTokenResponse.id`.
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Services a host joining with it may run.
+    #[prost(string, repeated, tag = "2")]
+    pub services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(int64, tag = "3")]
+    pub created_unix: i64,
+    #[prost(int64, tag = "4")]
+    pub expires_unix: i64,
+    /// Joins so far.
+    #[prost(uint32, tag = "5")]
+    pub uses: u32,
+    /// Joins allowed; 0 means unlimited until it expires.
+    #[prost(uint32, tag = "6")]
+    pub max_uses: u32,
+    /// The operator identity that created it.
+    #[prost(string, tag = "7")]
+    pub created_by: ::prost::alloc::string::String,
+    /// The node it was created to replace (the only name it joins as); empty for none.
+    #[prost(string, tag = "8")]
+    pub replace_node: ::prost::alloc::string::String,
+    /// When it was revoked; 0 while it is not.
+    #[prost(int64, tag = "9")]
+    pub revoked_unix: i64,
+    /// The operator identity that revoked it; empty while it is not.
+    #[prost(string, tag = "10")]
+    pub revoked_by: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListTokensResponse {
+    /// Sorted by id.
+    #[prost(message, repeated, tag = "1")]
+    pub tokens: ::prost::alloc::vec::Vec<TokenRecord>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeTokenRequest {
+    /// The token's id (16 hex digits, as `meshctl token list` shows it).
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeTokenResponse {
+    /// The token after the call.
+    #[prost(message, optional, tag = "1")]
+    pub token: ::core::option::Option<TokenRecord>,
+    /// It had been revoked before this call (which then changed nothing).
+    #[prost(bool, tag = "2")]
+    pub already_revoked: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListNodesRequest {}
@@ -766,6 +831,58 @@ pub mod registry_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("mesh.v1.Registry", "CreateToken"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Admin or viewer: every join token, revoked and expired ones included (never the secret or
+        /// its hash).
+        pub async fn list_tokens(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListTokensRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListTokensResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/mesh.v1.Registry/ListTokens",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("mesh.v1.Registry", "ListTokens"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Admin: revoke a join token so no host can join with it again (the record is kept, marked
+        /// revoked). Nodes that already joined with it are not affected. Unknown id: NOT_FOUND.
+        pub async fn revoke_token(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeTokenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/mesh.v1.Registry/RevokeToken",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("mesh.v1.Registry", "RevokeToken"));
             self.inner.unary(req, path, codec).await
         }
         /// Admin: the node inventory.
@@ -1171,6 +1288,24 @@ pub mod registry_server {
             tonic::Response<super::CreateTokenResponse>,
             tonic::Status,
         >;
+        /// Admin or viewer: every join token, revoked and expired ones included (never the secret or
+        /// its hash).
+        async fn list_tokens(
+            &self,
+            request: tonic::Request<super::ListTokensRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListTokensResponse>,
+            tonic::Status,
+        >;
+        /// Admin: revoke a join token so no host can join with it again (the record is kept, marked
+        /// revoked). Nodes that already joined with it are not affected. Unknown id: NOT_FOUND.
+        async fn revoke_token(
+            &self,
+            request: tonic::Request<super::RevokeTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeTokenResponse>,
+            tonic::Status,
+        >;
         /// Admin: the node inventory.
         async fn list_nodes(
             &self,
@@ -1567,6 +1702,96 @@ pub mod registry_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateTokenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/mesh.v1.Registry/ListTokens" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListTokensSvc<T: Registry>(pub Arc<T>);
+                    impl<
+                        T: Registry,
+                    > tonic::server::UnaryService<super::ListTokensRequest>
+                    for ListTokensSvc<T> {
+                        type Response = super::ListTokensResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListTokensRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registry>::list_tokens(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListTokensSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/mesh.v1.Registry/RevokeToken" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeTokenSvc<T: Registry>(pub Arc<T>);
+                    impl<
+                        T: Registry,
+                    > tonic::server::UnaryService<super::RevokeTokenRequest>
+                    for RevokeTokenSvc<T> {
+                        type Response = super::RevokeTokenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeTokenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registry>::revoke_token(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeTokenSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use mesh_api::policy::Kind;
 use meshd::control;
-use meshd::ctl::{self, check, policy, slo, topology};
+use meshd::ctl::{self, check, policy, slo, token, topology};
 
 const EX_USAGE: u8 = 64;
 
@@ -202,6 +202,10 @@ enum GossipKeyCommand {
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Create a join token; prints only the token on stdout.
+    ///
+    /// A host joins under a node name nobody has registered yet. To re-join a name that is
+    /// registered (a reinstalled host), create the token with --replace NAME: it joins as
+    /// exactly that name, replacing the node's record.
     Create {
         /// Services the host may run: name, namespace/name or namespace/* (comma separated).
         #[arg(long, value_delimiter = ',', required = true)]
@@ -209,9 +213,22 @@ enum TokenCommand {
         /// Lifetime, e.g. 24h (the registry's default when omitted).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
-        /// How many hosts may join with it (0 = unlimited until it expires).
+        /// How many hosts may join with it; 0 = unlimited until it expires (the registry
+        /// allows 1 unless unlimited is asked for explicitly).
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// The registered node this token may replace; it joins only under this name.
+        #[arg(long, value_name = "NAME")]
+        replace: Option<String>,
+    },
+    /// Every join token: services, created, expires, uses, the node it replaces, who created
+    /// it and whether it is still usable (never the secret).
+    List,
+    /// Revoke a join token: no host can join with it again. Nodes that joined with it keep
+    /// their identity.
+    Revoke {
+        /// Token id (as `list` and `create` show it), or the whole token.
+        id: String,
     },
 }
 
@@ -285,11 +302,39 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     services,
                     ttl,
                     uses,
+                    replace,
                 },
         } => {
-            let t = ctl::create_token(&client, services, ttl, uses).await?;
-            eprintln!("token {} expires {}", t.id, ago(t.expires_unix));
+            let create = token::Create {
+                services,
+                ttl,
+                uses,
+                replace,
+            };
+            let t = token::create(&client, &create).await?;
+            match &create.replace {
+                Some(node) => eprintln!(
+                    "token {} expires {}; it joins only as node {node}, replacing its record",
+                    t.id,
+                    ago(t.expires_unix)
+                ),
+                None => eprintln!("token {} expires {}", t.id, ago(t.expires_unix)),
+            }
             println!("{}", t.token);
+        }
+        Command::Token {
+            command: TokenCommand::List,
+        } => {
+            let tokens = client.list_tokens().await?.tokens;
+            if tokens.is_empty() {
+                eprintln!("no join tokens (meshctl token create makes one)");
+            }
+            print!("{}", token::table(&tokens, ctl::now_unix()));
+        }
+        Command::Token {
+            command: TokenCommand::Revoke { id },
+        } => {
+            print!("{}", token::revoke(&client, &id).await?);
         }
         Command::Nodes => {
             let nodes = client.list_nodes().await?.nodes;
@@ -418,6 +463,7 @@ fn describe(e: &anyhow::Error) -> (String, u8) {
             tonic::Code::Unauthenticated => format!("not authenticated: {msg}"),
             tonic::Code::InvalidArgument => format!("the registry refused the request: {msg}"),
             tonic::Code::NotFound => msg.to_owned(),
+            tonic::Code::AlreadyExists => format!("the registry refused the request: {msg}"),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 format!("registry unreachable: {msg}")
             }
@@ -488,6 +534,52 @@ mod tests {
     }
 
     #[test]
+    fn token_commands_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        match parse(&["meshctl", "token", "create", "--services", "web,api"]) {
+            Ok(Command::Token {
+                command:
+                    TokenCommand::Create {
+                        services,
+                        ttl: None,
+                        uses: 1,
+                        replace: None,
+                    },
+            }) => assert_eq!(services, ["web", "api"]),
+            _ => panic!("token create parses with one use by default"),
+        }
+        let replace = [
+            "meshctl",
+            "token",
+            "create",
+            "--services",
+            "web",
+            "--replace",
+            "node-1",
+            "--uses",
+            "0",
+        ];
+        assert!(matches!(
+            parse(&replace),
+            Ok(Command::Token {
+                command: TokenCommand::Create { uses: 0, replace: Some(r), .. },
+            }) if r == "node-1"
+        ));
+        assert!(matches!(
+            parse(&["meshctl", "token", "list"]),
+            Ok(Command::Token {
+                command: TokenCommand::List
+            })
+        ));
+        assert!(matches!(
+            parse(&["meshctl", "token", "revoke", "00000000000000aa"]),
+            Ok(Command::Token {
+                command: TokenCommand::Revoke { id },
+            }) if id == "00000000000000aa"
+        ));
+    }
+
+    #[test]
     fn bad_arguments_are_usage_errors() {
         for args in [
             &["meshctl", "topology", "--window", "0s"][..],
@@ -495,6 +587,24 @@ mod tests {
             &["meshctl", "check", "--stale", "0.5x"],
             &["meshctl", "check", "--cert-warn", "soon"],
             &["meshctl", "slo"],
+            &["meshctl", "token", "revoke"],
+            &[
+                "meshctl",
+                "token",
+                "create",
+                "--services",
+                "web",
+                "--replace",
+            ],
+            &[
+                "meshctl",
+                "token",
+                "create",
+                "--services",
+                "web",
+                "--uses",
+                "-1",
+            ],
         ] {
             let e = Cli::try_parse_from(args).err().expect("refused");
             assert!(e.use_stderr(), "{args:?} exits {EX_USAGE}");

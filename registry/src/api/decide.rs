@@ -17,6 +17,9 @@ pub enum TokenRejected {
     /// No uses left.
     #[error("join token has already been used (max_uses = {0})")]
     UsedUp(u32),
+    /// Revoked by an operator.
+    #[error("join token was revoked at unix time {0}")]
+    Revoked(i64),
 }
 
 impl TokenRejected {
@@ -26,6 +29,7 @@ impl TokenRejected {
             Self::BadSecret => "bad_token_secret",
             Self::Expired(_) => "token_expired",
             Self::UsedUp(_) => "token_used_up",
+            Self::Revoked(_) => "token_revoked",
         }
     }
 }
@@ -52,6 +56,9 @@ pub(crate) fn check_token(
     .is_ok();
     if !same {
         return Err(TokenRejected::BadSecret);
+    }
+    if let Some(at) = record.revoked_unix {
+        return Err(TokenRejected::Revoked(at));
     }
     if now_unix >= record.expires_unix {
         return Err(TokenRejected::Expired(record.expires_unix));
@@ -135,6 +142,9 @@ mod tests {
             max_uses,
             uses,
             created_by: "spiffe://m/admin/op".into(),
+            replace_node: None,
+            revoked_unix: None,
+            revoked_by: String::new(),
         }
     }
 
@@ -147,6 +157,24 @@ mod tests {
             (token(1, 1), "s3cret", 50, Err(TokenRejected::UsedUp(1))),
             (token(0, 99), "s3cret", 50, Ok(())),
             (token(3, 2), "s3cret", 50, Ok(())),
+            (
+                TokenRecord {
+                    revoked_unix: Some(40),
+                    ..token(0, 0)
+                },
+                "s3cret",
+                50,
+                Err(TokenRejected::Revoked(40)),
+            ),
+            (
+                TokenRecord {
+                    revoked_unix: Some(40),
+                    ..token(0, 0)
+                },
+                "wrong",
+                50,
+                Err(TokenRejected::BadSecret),
+            ),
         ];
         for (i, (rec, secret, now, want)) in cases.into_iter().enumerate() {
             assert_eq!(check_token(&rec, secret, now), want, "case {i}");

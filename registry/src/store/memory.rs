@@ -7,7 +7,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use super::{
     ApplyOutcome, CertRecord, EdgeKey, EdgeMinute, Error, GossipKeyring, NodeRecord,
     NodeReportRecord, PolicyChange, PolicyRecord, Protocol, ServiceSlot, SloAlertRecord, Step,
-    Store, TokenRecord, Traffic, consume_token, newest_certs, plan_policies, service_rollup,
+    Store, TokenRecord, Traffic, consume_token, newest_certs, plan_policies, revoked,
+    service_rollup,
 };
 
 /// A policy resource's key: kind, namespace, name (sorts like the sled keys).
@@ -71,6 +72,23 @@ impl Store for MemoryStore {
         Ok(self.state().tokens.values().cloned().collect())
     }
 
+    fn revoke_token(
+        &self,
+        id: &str,
+        now_unix: i64,
+        by: &str,
+    ) -> Result<(TokenRecord, bool), Error> {
+        let mut state = self.state();
+        let token = state.tokens.get(id).ok_or(Error::TokenNotFound)?;
+        match revoked(token, now_unix, by) {
+            Some(token) => {
+                state.tokens.insert(id.to_owned(), token.clone());
+                Ok((token, false))
+            }
+            None => Ok((token.clone(), true)),
+        }
+    }
+
     fn join(
         &self,
         token_id: &str,
@@ -79,8 +97,9 @@ impl Store for MemoryStore {
         cert: &CertRecord,
     ) -> Result<TokenRecord, Error> {
         let mut state = self.state();
+        let registered = state.nodes.contains_key(&node.name);
         let token = state.tokens.get(token_id).ok_or(Error::TokenNotFound)?;
-        let used = consume_token(token, now_unix)?;
+        let used = consume_token(token, now_unix, &node.name, registered)?;
         state.tokens.insert(token_id.to_owned(), used.clone());
         state.nodes.insert(node.name.clone(), node.clone());
         state.certs.insert(cert.serial.clone(), cert.clone());

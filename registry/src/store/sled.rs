@@ -20,7 +20,7 @@ use super::{
     ApplyOutcome, CertRecord, EdgeKey, EdgeMinute, Error, GossipKeyring, NodeRecord,
     NodeReportRecord, PolicyChange, PolicyRecord, Protocol, SCHEMA_VERSION, ServiceSlot,
     SloAlertRecord, Step, Store, TokenRecord, Traffic, consume_token, newest_certs, plan_policies,
-    service_rollup,
+    revoked, service_rollup,
 };
 
 const TOKENS: &str = "tokens";
@@ -244,6 +244,43 @@ impl Store for SledStore {
         list(&self.tokens, TOKENS)
     }
 
+    fn revoke_token(
+        &self,
+        id: &str,
+        now_unix: i64,
+        by: &str,
+    ) -> Result<(TokenRecord, bool), Error> {
+        // A transaction, so a join committing at the same moment either used the token before
+        // the revocation (and its use is kept) or sees it revoked.
+        let result = self.tokens.transaction(
+            |tokens| -> Result<(TokenRecord, bool), ConflictableTransactionError<Error>> {
+                let Some(raw) = tokens.get(id)? else {
+                    return Err(ConflictableTransactionError::Abort(Error::TokenNotFound));
+                };
+                let token: TokenRecord = decode(TOKENS, id.as_bytes(), &raw)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                match revoked(&token, now_unix, by) {
+                    Some(token) => {
+                        tokens.insert(id.as_bytes(), encode(&token))?;
+                        Ok((token, false))
+                    }
+                    None => Ok((token, true)),
+                }
+            },
+        );
+        let (token, already) = result.map_err(|err| match err {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(source) => Error::Sled {
+                op: "revoke token transaction",
+                source,
+            },
+        })?;
+        if !already {
+            Store::flush(self)?;
+        }
+        Ok((token, already))
+    }
+
     fn join(
         &self,
         token_id: &str,
@@ -260,8 +297,12 @@ impl Store for SledStore {
                 let Some(raw) = tokens.get(token_id)? else {
                     return Err(ConflictableTransactionError::Abort(Error::TokenNotFound));
                 };
+                // Read in the transaction: two joins under one new name cannot both see it free.
+                let registered = nodes.get(node.name.as_bytes())?.is_some();
                 let used = decode(TOKENS, token_id.as_bytes(), &raw)
-                    .and_then(|token: TokenRecord| consume_token(&token, now_unix))
+                    .and_then(|token: TokenRecord| {
+                        consume_token(&token, now_unix, &node.name, registered)
+                    })
                     .map_err(ConflictableTransactionError::Abort)?;
                 tokens.insert(token_id.as_bytes(), encode(&used))?;
                 nodes.insert(node.name.as_bytes(), node_json.as_slice())?;

@@ -48,6 +48,10 @@ contract_suite!(
     join_exhausted_token_writes_nothing,
     join_unlimited_token,
     concurrent_single_use_join_has_one_winner,
+    join_under_registered_name_is_refused_and_uses_nothing,
+    replace_token_joins_only_its_name,
+    concurrent_joins_under_one_new_name_have_one_winner,
+    revoked_token_cannot_join,
     list_certs_newest_first_with_limit,
     list_nodes_sorted_by_name,
     put_node_replaces,
@@ -65,6 +69,16 @@ fn token(id: &str, max_uses: u32) -> TokenRecord {
         max_uses,
         uses: 0,
         created_by: "operator@example".to_owned(),
+        replace_node: None,
+        revoked_unix: None,
+        revoked_by: String::new(),
+    }
+}
+
+fn replace_token(id: &str, max_uses: u32, replace: &str) -> TokenRecord {
+    TokenRecord {
+        replace_node: Some(replace.to_owned()),
+        ..token(id, max_uses)
     }
 }
 
@@ -263,6 +277,174 @@ fn concurrent_single_use_join_has_one_winner(store: &dyn Store) {
     assert_eq!(store.list_certs(0).unwrap().len(), 1);
 }
 
+fn join_under_registered_name_is_refused_and_uses_nothing(store: &dyn Store) {
+    let first = token("0000000000000010", 1);
+    let second = token("0000000000000011", 0);
+    store.put_token(&first).unwrap();
+    store.put_token(&second).unwrap();
+    let original = node("node-1", &first.id);
+    store
+        .join(&first.id, NOW, &original, &cert("s1", "node-1", NOW))
+        .unwrap();
+
+    let err = store
+        .join(
+            &second.id,
+            NOW,
+            &node("node-1", &second.id),
+            &cert("s2", "node-1", NOW),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NodeExists { name } if name == "node-1"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("meshctl token create --replace node-1"),
+        "{err}"
+    );
+    // The token is not used, the original record and certs are untouched.
+    assert_eq!(store.get_token(&second.id).unwrap(), Some(second));
+    assert_eq!(store.get_node("node-1").unwrap(), Some(original));
+    assert_eq!(serials(&store.list_certs(0).unwrap()), ["s1"]);
+}
+
+fn replace_token_joins_only_its_name(store: &dyn Store) {
+    let ordinary = token("0000000000000020", 1);
+    let replace = replace_token("0000000000000021", 2, "node-1");
+    store.put_token(&ordinary).unwrap();
+    store.put_token(&replace).unwrap();
+    store
+        .join(
+            &ordinary.id,
+            NOW,
+            &node("node-1", &ordinary.id),
+            &cert("s1", "node-1", NOW),
+        )
+        .unwrap();
+
+    // Not under another name, registered (node-3) or not (node-2); nothing is used.
+    store.put_node(&node("node-3", "t")).unwrap();
+    for (other, serial) in [("node-2", "s2"), ("node-3", "s3")] {
+        let err = store
+            .join(
+                &replace.id,
+                NOW,
+                &node(other, &replace.id),
+                &cert(serial, other, NOW),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::TokenForOtherNode { replace_node, name }
+                if replace_node == "node-1" && name == other),
+            "{err:?}"
+        );
+    }
+    assert_eq!(store.get_token(&replace.id).unwrap(), Some(replace.clone()));
+    assert_eq!(store.get_node("node-2").unwrap(), None);
+
+    // Under its own name it replaces the registered node's record.
+    let reinstalled = NodeRecord {
+        zone: "b".to_owned(),
+        ..node("node-1", &replace.id)
+    };
+    let used = store
+        .join(&replace.id, NOW, &reinstalled, &cert("s4", "node-1", NOW))
+        .unwrap();
+    assert_eq!(used.uses, 1);
+    assert_eq!(store.get_node("node-1").unwrap(), Some(reinstalled));
+    assert_eq!(serials(&store.list_certs(0).unwrap()), ["s4", "s1"]);
+}
+
+fn concurrent_joins_under_one_new_name_have_one_winner(store: &dyn Store) {
+    const THREADS: usize = 8;
+    let t = token("0000000000000030", 0);
+    store.put_token(&t).unwrap();
+    let start = Barrier::new(THREADS);
+    let results: Vec<Result<TokenRecord, Error>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|i| {
+                let (start, id) = (&start, t.id.as_str());
+                s.spawn(move || {
+                    start.wait();
+                    store.join(
+                        id,
+                        NOW,
+                        &node("node-1", id),
+                        &cert(&format!("s{i}"), "node-1", NOW),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        (results.iter().filter_map(|r| r.as_ref().err()))
+            .all(|e| matches!(e, Error::NodeExists { name } if name == "node-1")),
+        "{results:?}"
+    );
+    assert_eq!(store.get_token(&t.id).unwrap().unwrap().uses, 1);
+    assert_eq!(store.list_certs(0).unwrap().len(), 1);
+}
+
+fn revoked_token_cannot_join(store: &dyn Store) {
+    let t = token("0000000000000040", 0);
+    store.put_token(&t).unwrap();
+    store
+        .join(
+            &t.id,
+            NOW,
+            &node("node-1", &t.id),
+            &cert("s1", "node-1", NOW),
+        )
+        .unwrap();
+
+    let (revoked, already) = store.revoke_token(&t.id, NOW + 5, "admin-a").unwrap();
+    assert!(!already);
+    assert_eq!(
+        revoked,
+        TokenRecord {
+            uses: 1,
+            revoked_unix: Some(NOW + 5),
+            revoked_by: "admin-a".to_owned(),
+            ..t.clone()
+        }
+    );
+    assert_eq!(store.get_token(&t.id).unwrap().as_ref(), Some(&revoked));
+
+    let err = store
+        .join(
+            &t.id,
+            NOW + 6,
+            &node("node-2", &t.id),
+            &cert("s2", "node-2", NOW),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TokenRevoked { revoked_unix } if revoked_unix == NOW + 5),
+        "{err:?}"
+    );
+    assert_nothing_written(store, "node-2", Some(&revoked));
+
+    // A second revocation changes nothing; an unknown id is not found.
+    assert_eq!(
+        store.revoke_token(&t.id, NOW + 9, "admin-b").unwrap(),
+        (revoked, true)
+    );
+    let err = store
+        .revoke_token("0000000000000404", NOW, "admin-a")
+        .unwrap_err();
+    assert!(matches!(err, Error::TokenNotFound), "{err:?}");
+    assert_eq!(store.list_tokens().unwrap().len(), 1);
+}
+
 fn list_certs_newest_first_with_limit(store: &dyn Store) {
     for (serial, issued) in [
         ("a", NOW + 10),
@@ -364,6 +546,36 @@ fn sled_reopen_keeps_everything() {
     );
     assert_eq!(store.list_nodes().unwrap(), vec![n]);
     assert_eq!(store.list_certs(0).unwrap(), vec![extra, c]);
+}
+
+#[test]
+fn sled_reads_tokens_stored_before_replace_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(reopen(dir.path()).unwrap());
+    let t = token("0000000000000050", 1);
+    {
+        // The record as registries before `replace_node` and revocation wrote it.
+        let mut old = serde_json::to_value(&t).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        for new in ["replace_node", "revoked_unix", "revoked_by"] {
+            assert!(fields.remove(new).is_some(), "{new}");
+        }
+        let db = reopen_raw(dir.path());
+        (db.open_tree("tokens").unwrap())
+            .insert(&t.id, serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(dir.path()).unwrap();
+    assert_eq!(store.get_token(&t.id).unwrap(), Some(t.clone()));
+    store
+        .join(
+            &t.id,
+            NOW,
+            &node("node-1", &t.id),
+            &cert("s1", "node-1", NOW),
+        )
+        .unwrap();
 }
 
 #[test]

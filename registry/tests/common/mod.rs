@@ -224,6 +224,7 @@ pub async fn join(
             services: services.iter().map(|s| (*s).to_owned()).collect(),
             ttl_seconds: 3600,
             uses: 1,
+            ..Default::default()
         })
         .await
         .expect("create token")

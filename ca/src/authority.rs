@@ -39,6 +39,7 @@ pub struct Authority {
     root_der: Vec<u8>,
     root_pem: String,
     intermediate_pem: String,
+    root_not_after: SystemTime,
     intermediate_not_before: SystemTime,
     intermediate_not_after: SystemTime,
     issuer: Issuer<'static, KeyPair>,
@@ -213,6 +214,7 @@ impl Authority {
             root_pem: pem_encode("CERTIFICATE", &root_der),
             intermediate_pem: pem_encode("CERTIFICATE", &int_der),
             root_der,
+            root_not_after,
             intermediate_not_before,
             intermediate_not_after,
             issuer,
@@ -264,6 +266,11 @@ impl Authority {
     pub fn root_fingerprint(&self) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, &self.root_der);
         mesh_api::token::format_fingerprint(digest.as_ref())
+    }
+
+    /// The root's `notAfter`.
+    pub fn root_not_after(&self) -> SystemTime {
+        self.root_not_after
     }
 
     /// The intermediate's `notAfter`; no leaf outlives it.
@@ -376,6 +383,7 @@ impl fmt::Debug for Authority {
         f.debug_struct("Authority")
             .field("trust_domain", &self.trust_domain)
             .field("root_fingerprint", &self.root_fingerprint())
+            .field("root_not_after", &self.root_not_after)
             .field("intermediate_not_after", &self.intermediate_not_after)
             .finish_non_exhaustive()
     }

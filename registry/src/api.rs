@@ -43,6 +43,13 @@ pub struct CallLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the CA expiry gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaCertLabels {
+    /// `root` or `intermediate`.
+    pub cert: &'static str,
+}
+
 /// Registry API metrics.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -59,6 +66,9 @@ pub struct Metrics {
     pub gossip_key_changes: Family<GossipKeyChangeLabels, Counter>,
     /// The current gossip keyring revision (`mesh_registry_gossip_keyring_revision`).
     pub gossip_keyring_revision: Gauge,
+    /// When each CA certificate expires, Unix seconds
+    /// (`mesh_registry_ca_not_after_seconds{cert}`).
+    pub ca_not_after: Family<CaCertLabels, Gauge>,
 }
 
 impl Metrics {
@@ -95,8 +105,28 @@ impl Metrics {
             "The current gossip keyring revision",
             m.gossip_keyring_revision.clone(),
         );
+        registry.register(
+            "mesh_registry_ca_not_after_seconds",
+            "When each CA certificate (root, intermediate) expires, Unix time",
+            m.ca_not_after.clone(),
+        );
         m
     }
+
+    /// Sets the CA expiry gauges from `ca`.
+    pub fn set_ca(&self, ca: &Authority) {
+        for (cert, not_after) in ca_expiries(ca) {
+            (self.ca_not_after.get_or_create(&CaCertLabels { cert })).set(unix(not_after));
+        }
+    }
+}
+
+/// The CA's certificates by kind, root first, with their `notAfter`.
+fn ca_expiries(ca: &Authority) -> [(&'static str, SystemTime); 2] {
+    [
+        ("root", ca.root_not_after()),
+        ("intermediate", ca.intermediate_not_after()),
+    ]
 }
 
 /// A refused call: what the caller is told and the bounded reason used in metrics and logs.
@@ -183,7 +213,8 @@ fn join_refused(e: store::Error) -> Rejected {
 }
 
 impl RegistryApi {
-    /// Serves `store` and signs with `ca`; watch streams end once `shutdown` holds `true`.
+    /// Serves `store` and signs with `ca` (whose expiry it sets in `metrics`); watch streams
+    /// end once `shutdown` holds `true`.
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Authority>,
@@ -191,6 +222,7 @@ impl RegistryApi {
         metrics: Metrics,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        metrics.set_ca(&ca);
         Self {
             inner: Arc::new(Inner {
                 store,

@@ -3,7 +3,7 @@
 //! shows them; viewers read, nodes and workloads cannot read or report what is not theirs; an
 //! SLO with half its requests failing fires a fast-burn alert and a webhook to a local HTTP
 //! server; a restart on the same data dir keeps the alert and the traffic and does not fire
-//! again.
+//! again. The node reports carry the CA's expiry.
 
 #![allow(clippy::unwrap_used)]
 
@@ -294,6 +294,60 @@ async fn node_warnings_are_kept_with_the_last_report() {
     // Fixed on the node: its next report carries none, and none are shown.
     node.report(report(Vec::new())).await.unwrap();
     assert_eq!(read(&mut viewer).await, []);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, running)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// The CA's expiry, read from the certificates on disk, is in every `GetNodeReports` answer (for
+/// `meshctl check`) and in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_reports_and_metrics_carry_the_ca_expiry() {
+    let common::Running {
+        _dir,
+        data,
+        admin_addr,
+        stop_tx,
+        running,
+        mut viewer,
+        ..
+    } = common::start().await;
+    let files = mesh_registry::init::CaPaths::new(&data).read().unwrap();
+    let unix = |pem: &str| {
+        (mesh_ca::cert_not_after(pem).unwrap())
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let (root, intermediate) = (
+        unix(&files.root_cert_pem),
+        unix(&files.intermediate_cert_pem),
+    );
+    assert!(intermediate < root, "{intermediate} {root}");
+
+    let reports = viewer
+        .get_node_reports(pb::NodeReportsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ca = |kind: &str, not_after_unix| pb::CaCertExpiry {
+        kind: kind.to_owned(),
+        not_after_unix,
+    };
+    assert_eq!(
+        reports.ca_certificates,
+        [ca("root", root), ca("intermediate", intermediate)]
+    );
+
+    let scraped = metrics(admin_addr).await;
+    for line in [
+        format!("mesh_registry_ca_not_after_seconds{{cert=\"root\"}} {root}"),
+        format!("mesh_registry_ca_not_after_seconds{{cert=\"intermediate\"}} {intermediate}"),
+    ] {
+        assert!(scraped.contains(&line), "{line} in {scraped}");
+    }
     stop_tx.send(()).unwrap();
     tokio::time::timeout(TIMEOUT, running)
         .await

@@ -316,6 +316,11 @@ async fn listeners_off_loopback_are_logged_and_shown_by_meshctl_check() {
         text.contains("! warnings       1 warning from 1 node"),
         "{text}"
     );
+    // The registry's new CA (10-year root, 1-year intermediate) is far from expiry.
+    assert!(
+        text.contains("✓ ca             valid for more than 30d: root until "),
+        "{text}"
+    );
     assert_eq!(code, Some(2), "warnings only:\n{text}");
 
     // Reload: the upstream back on loopback, an http_proxy on every address.

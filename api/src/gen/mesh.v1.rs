@@ -211,6 +211,18 @@ pub struct NodeReportsResponse {
     pub keyring_revision: u64,
     #[prost(message, repeated, tag = "4")]
     pub nodes: ::prost::alloc::vec::Vec<NodeReportState>,
+    /// The registry's CA certificates: the root every node trusts and the intermediate that signs.
+    #[prost(message, repeated, tag = "5")]
+    pub ca_certificates: ::prost::alloc::vec::Vec<CaCertExpiry>,
+}
+/// When one of the registry's CA certificates expires.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CaCertExpiry {
+    /// "root" or "intermediate".
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub not_after_unix: i64,
 }
 /// The keys that seal gossip datagrams.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

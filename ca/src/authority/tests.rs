@@ -64,6 +64,7 @@ fn generate_then_load() {
     assert!(files.root_key_pem.is_some());
     assert_eq!(ca.trust_domain(), &td());
     assert!(close(ca.intermediate_not_after(), now() + YEAR));
+    assert!(close(ca.root_not_after(), now() + 10 * YEAR));
 
     type LoadCheck = fn(&Result<Authority, Error>) -> bool;
     let cases: Vec<(&str, SystemTime, LoadCheck)> = vec![

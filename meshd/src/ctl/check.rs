@@ -5,12 +5,14 @@
 //! ok), 1 (something failed) or 2 (only warnings).
 //!
 //! The checks: the registry answers; every joined node reported within N of its report
-//! periods; no reported certificate has expired (fail) or expires within the warning time
-//! (warn); node clocks are within the allowed skew of the registry's; gossip converged (every
-//! reporting node has the same member digest and as many members as there are reporting
-//! nodes); every reporting node enforces the registry's policy and keyring revisions; no node
-//! reports a warning (a listener off loopback, ...: warns); every stored policy resource
-//! validates; no SLO alert fires (fast burn fails, slow burn warns).
+//! periods; the registry's root and intermediate CA certificates have not expired (fail) and
+//! do not expire within [`CA_CERT_WARN`] (warn); no reported certificate has expired (fail) or
+//! expires within the warning time (warn); node clocks are within the allowed skew of the
+//! registry's; gossip converged (every reporting node has the same member digest and as many
+//! members as there are reporting nodes); every reporting node enforces the registry's policy
+//! and keyring revisions; no node reports a warning (a listener off loopback, ...: warns);
+//! every stored policy resource validates; no SLO alert fires (fast burn fails, slow burn
+//! warns).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -27,6 +29,9 @@ use crate::ctl::{self, slo};
 /// left), so one with under 2 h left has failed to renew for hours: a week would flag every
 /// healthy workload certificate.
 pub const DEFAULT_CERT_WARN: Duration = Duration::from_secs(2 * 3600);
+/// The registry's root or intermediate CA certificate expiring sooner than this is a warning:
+/// nothing renews them, and replacing one takes planning, so a month's notice.
+pub const CA_CERT_WARN: Duration = Duration::from_secs(30 * 24 * 3600);
 /// `--max-skew`: the largest node clock offset from the registry's that passes.
 pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(2);
 /// `--stale`: a node is stale after this many of its report periods without a report.
@@ -52,6 +57,8 @@ pub enum Check {
     Registry,
     /// Every joined node reports.
     Reports,
+    /// Expiry of the registry's CA certificates.
+    Ca,
     /// Certificate expiry.
     Certificates,
     /// Clock skew.
@@ -99,7 +106,8 @@ pub struct CheckInputs {
     pub registry: String,
     /// `ListNodes`: every node that joined.
     pub nodes: Result<Vec<pb::NodeRecord>, String>,
-    /// `GetNodeReports`: every node's last report and the registry's revisions and clock.
+    /// `GetNodeReports`: every node's last report and the registry's revisions, clock and CA
+    /// certificates.
     pub reports: Result<pb::NodeReportsResponse, String>,
     /// `GetResources`: every stored policy resource.
     pub resources: Result<Vec<pb::Resource>, String>,
@@ -122,6 +130,7 @@ impl Check {
         match self {
             Self::Registry => "registry",
             Self::Reports => "reports",
+            Self::Ca => "ca",
             Self::Certificates => "certificates",
             Self::Clocks => "clocks",
             Self::Gossip => "gossip",
@@ -207,6 +216,7 @@ pub fn evaluate(inputs: &CheckInputs, now: SystemTime, t: &Thresholds) -> Vec<Fi
         if let Ok(nodes) = &inputs.nodes {
             out.push(reporting(nodes, &all, registry_now_ms, t));
         }
+        out.push(ca_certificates(reports, now_unix));
         out.push(certificates(&all, now_unix, t));
         out.push(clocks(&fresh, t));
         out.push(gossip(&fresh));
@@ -347,52 +357,94 @@ fn reporting(
     }
 }
 
+/// Expired and soon-expiring certificates, one line each.
+#[derive(Default)]
+struct Expiries {
+    expired: Vec<String>,
+    expiring: Vec<String>,
+}
+
+impl Expiries {
+    /// Files `what` under expired (its `notAfter` is past) or expiring (at most `warn` left).
+    fn judge(&mut self, what: &str, not_after_unix: i64, now_unix: i64, warn: Duration) {
+        let left = not_after_unix - now_unix;
+        let at = rfc3339(not_after_unix);
+        let d = ctl::short_duration(Duration::from_secs(left.unsigned_abs()));
+        if left < 0 {
+            self.expired.push(format!("{what} expired {d} ago ({at})"));
+        } else if left <= warn.as_secs() as i64 {
+            self.expiring.push(format!("{what} expires in {d} ({at})"));
+        }
+    }
+
+    /// Ok with `ok` as summary when nothing was filed; a warning when only expiring ones were;
+    /// failed when any expired. The lines list the expired ones first.
+    fn finding(self, check: Check, warn: Duration, noun: &str, ok: String) -> Finding {
+        let warn = ctl::short_duration(warn);
+        let (severity, summary) = match (self.expired.len(), self.expiring.len()) {
+            (0, 0) => (Severity::Ok, ok),
+            (0, n) => (
+                Severity::Warn,
+                format!("expiring within {warn}: {}", plural(n, noun)),
+            ),
+            (n, 0) => (Severity::Fail, format!("expired: {}", plural(n, noun))),
+            (n, m) => (
+                Severity::Fail,
+                format!(
+                    "expired: {}; expiring within {warn}: {m} more",
+                    plural(n, noun)
+                ),
+            ),
+        };
+        let mut details = self.expired;
+        details.extend(self.expiring);
+        Finding::new(check, severity, summary).with(details)
+    }
+}
+
+/// The registry's CA certificates against [`CA_CERT_WARN`], on the operator's clock like the
+/// node certificates.
+fn ca_certificates(reports: &pb::NodeReportsResponse, now_unix: i64) -> Finding {
+    let certs = &reports.ca_certificates;
+    if certs.is_empty() {
+        return Finding::new(
+            Check::Ca,
+            Severity::Warn,
+            "the registry did not say when its CA certificates expire (a registry older than \
+             meshctl?)",
+        );
+    }
+    let mut judged = Expiries::default();
+    for c in certs {
+        judged.judge(&c.kind, c.not_after_unix, now_unix, CA_CERT_WARN);
+    }
+    let until: Vec<String> = (certs.iter())
+        .map(|c| format!("{} until {}", c.kind, rfc3339(c.not_after_unix)))
+        .collect();
+    let ok = format!(
+        "valid for more than {}: {}",
+        ctl::short_duration(CA_CERT_WARN),
+        until.join(", ")
+    );
+    judged.finding(Check::Ca, CA_CERT_WARN, "CA certificate", ok)
+}
+
 fn certificates(all: &[Reporting<'_>], now_unix: i64, t: &Thresholds) -> Finding {
-    let warn_secs = t.cert_warn.as_secs() as i64;
-    let (mut expired, mut expiring, mut total) = (Vec::new(), Vec::new(), 0);
+    let (mut judged, mut total) = (Expiries::default(), 0);
     for r in all {
         for c in &r.report.certificates {
             total += 1;
-            let left = c.not_after_unix - now_unix;
-            let at = rfc3339(c.not_after_unix);
             let what = format!("{}: {}", r.node, c.identity);
-            if left < 0 {
-                let ago = ctl::short_duration(Duration::from_secs(left.unsigned_abs()));
-                expired.push(format!("{what} expired {ago} ago ({at})"));
-            } else if left <= warn_secs {
-                let d = ctl::short_duration(Duration::from_secs(left.unsigned_abs()));
-                expiring.push(format!("{what} expires in {d} ({at})"));
-            }
+            judged.judge(&what, c.not_after_unix, now_unix, t.cert_warn);
         }
     }
-    let warn = ctl::short_duration(t.cert_warn);
-    let (severity, summary) = match (expired.len(), expiring.len()) {
-        (0, 0) => (
-            Severity::Ok,
-            format!(
-                "valid for more than {warn}: {} on {}",
-                plural(total, "certificate"),
-                plural(all.len(), "node")
-            ),
-        ),
-        (0, n) => (
-            Severity::Warn,
-            format!("expiring within {warn}: {}", plural(n, "certificate")),
-        ),
-        (n, 0) => (
-            Severity::Fail,
-            format!("expired: {}", plural(n, "certificate")),
-        ),
-        (n, m) => (
-            Severity::Fail,
-            format!(
-                "expired: {}; expiring within {warn}: {m} more",
-                plural(n, "certificate")
-            ),
-        ),
-    };
-    expired.extend(expiring);
-    Finding::new(Check::Certificates, severity, summary).with(expired)
+    let ok = format!(
+        "valid for more than {}: {} on {}",
+        ctl::short_duration(t.cert_warn),
+        plural(total, "certificate"),
+        plural(all.len(), "node")
+    );
+    judged.finding(Check::Certificates, t.cert_warn, "certificate", ok)
 }
 
 fn clocks(fresh: &[&Reporting<'_>], t: &Thresholds) -> Finding {

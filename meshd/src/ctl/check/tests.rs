@@ -1,5 +1,6 @@
 //! The mesh verdict: a healthy mesh, each failure mode on its own (table), the boundaries of
-//! every threshold, what a stale node is left out of, exit codes, and the printed report.
+//! every threshold (the CA's 30 days among them), what a stale node is left out of, exit codes,
+//! and the printed report.
 
 use super::*;
 
@@ -27,6 +28,11 @@ fn the_default_certificate_horizon_is_hours_not_days() {
         Thresholds::default().cert_warn,
         Duration::from_secs(2 * 3600)
     );
+}
+
+#[test]
+fn ca_certificates_warn_a_month_ahead() {
+    assert_eq!(CA_CERT_WARN, Duration::from_secs(30 * 24 * 3600));
 }
 
 fn now() -> SystemTime {
@@ -93,7 +99,15 @@ fn slo(name: &str, alert: &str) -> pb::SloStatus {
     }
 }
 
-/// Three nodes, all reporting and agreeing; two valid resources; one quiet SLO.
+fn ca_cert(kind: &str, not_after_unix: i64) -> pb::CaCertExpiry {
+    pb::CaCertExpiry {
+        kind: kind.into(),
+        not_after_unix,
+    }
+}
+
+/// Three nodes, all reporting and agreeing; a root for ten years and an intermediate for 200
+/// days; two valid resources; one quiet SLO.
 fn healthy() -> CheckInputs {
     CheckInputs {
         registry: "10.0.0.2:7700".into(),
@@ -103,6 +117,10 @@ fn healthy() -> CheckInputs {
             policy_revision: POLICY,
             keyring_revision: KEYRING,
             nodes: vec![state("node-c"), state("node-a"), state("node-b")],
+            ca_certificates: vec![
+                ca_cert("root", NOW + 3650 * DAY),
+                ca_cert("intermediate", NOW + 200 * DAY),
+            ],
         }),
         resources: Ok(vec![
             resource("AuthorizationPolicy", "allow-web", "{}"),
@@ -124,6 +142,16 @@ fn node<'a>(i: &'a mut CheckInputs, name: &str) -> &'a mut pb::NodeReportState {
 
 fn report<'a>(i: &'a mut CheckInputs, name: &str) -> &'a mut pb::NodeReport {
     node(i, name).report.as_mut().unwrap()
+}
+
+/// The `notAfter` of the registry's CA certificate of `kind`.
+fn ca_expiry<'a>(i: &'a mut CheckInputs, kind: &str) -> &'a mut i64 {
+    let ca = reports(i).ca_certificates.iter_mut();
+    &mut ca
+        .into_iter()
+        .find(|c| c.kind == kind)
+        .unwrap()
+        .not_after_unix
 }
 
 /// node-c went quiet 31s ago; the others' gossip already dropped it.
@@ -173,6 +201,7 @@ fn a_healthy_mesh_passes_every_check() {
         [
             Registry,
             Reports,
+            Ca,
             Certificates,
             Clocks,
             Gossip,
@@ -190,6 +219,8 @@ fn a_healthy_mesh_passes_every_check() {
         [
             "registry at 10.0.0.2:7700 answers",
             "3 joined nodes reported within 3x their report period",
+            "valid for more than 30d: root until 2035-12-30T00:00:00Z, intermediate until \
+             2026-07-20T00:00:00Z",
             "valid for more than 7d: 6 certificates on 3 nodes",
             "within 2s of the registry's clock: 3 reporting nodes",
             "converged: 3 reporting nodes with the same view of 3 members",
@@ -238,6 +269,50 @@ fn each_failure_mode() {
                     "node-c: stale: last report 31s ago, reports every 10s (stale after 30s)",
                 ]),
             )],
+        ),
+        (
+            "the intermediate expires within 30 days",
+            |i| *ca_expiry(i, "intermediate") = NOW + 12 * DAY,
+            vec![(
+                Ca,
+                Warn,
+                strings(&["intermediate expires in 12d (2026-01-13T00:00:00Z)"]),
+            )],
+        ),
+        (
+            "the root expired, the intermediate with it",
+            |i| {
+                *ca_expiry(i, "root") = NOW - DAY;
+                *ca_expiry(i, "intermediate") = NOW - DAY;
+            },
+            vec![(
+                Ca,
+                Fail,
+                strings(&[
+                    "root expired 1d ago (2025-12-31T00:00:00Z)",
+                    "intermediate expired 1d ago (2025-12-31T00:00:00Z)",
+                ]),
+            )],
+        ),
+        (
+            "the root expired and the intermediate expires soon: expired first",
+            |i| {
+                *ca_expiry(i, "intermediate") = NOW + 30 * DAY;
+                *ca_expiry(i, "root") = NOW - 60;
+            },
+            vec![(
+                Ca,
+                Fail,
+                strings(&[
+                    "root expired 1m ago (2025-12-31T23:59:00Z)",
+                    "intermediate expires in 30d (2026-01-31T00:00:00Z)",
+                ]),
+            )],
+        ),
+        (
+            "a registry that does not say when its CA expires",
+            |i| reports(i).ca_certificates.clear(),
+            vec![(Ca, Warn, vec![])],
         ),
         (
             "a certificate expired",
@@ -509,7 +584,7 @@ fn an_unreachable_registry_is_one_failure_naming_its_address() {
 
 #[test]
 fn thresholds_at_their_boundaries() {
-    use Check::{Certificates, Clocks, Reports};
+    use Check::{Ca, Certificates, Clocks, Reports};
     use Severity::{Fail, Ok, Warn};
     type Case = (&'static str, Thresholds, Mutation, Check, Severity);
     let t = thresholds;
@@ -602,6 +677,58 @@ fn thresholds_at_their_boundaries() {
             |i| report(i, "node-a").certificates[0].not_after_unix = NOW + 3 * DAY,
             Certificates,
             Ok,
+        ),
+        (
+            "30d left on the intermediate warns",
+            t(),
+            |i| *ca_expiry(i, "intermediate") = NOW + 30 * DAY,
+            Ca,
+            Warn,
+        ),
+        (
+            "30d1s left on the intermediate passes",
+            t(),
+            |i| *ca_expiry(i, "intermediate") = NOW + 30 * DAY + 1,
+            Ca,
+            Ok,
+        ),
+        (
+            "30d left on the root warns",
+            t(),
+            |i| *ca_expiry(i, "root") = NOW + 30 * DAY,
+            Ca,
+            Warn,
+        ),
+        (
+            "the intermediate's last valid second warns",
+            t(),
+            |i| *ca_expiry(i, "intermediate") = NOW,
+            Ca,
+            Warn,
+        ),
+        (
+            "a second later the intermediate fails",
+            t(),
+            |i| *ca_expiry(i, "intermediate") = NOW - 1,
+            Ca,
+            Fail,
+        ),
+        (
+            "a second past the root fails",
+            t(),
+            |i| *ca_expiry(i, "root") = NOW - 1,
+            Ca,
+            Fail,
+        ),
+        (
+            "--cert-warn does not move the CA's 30 days",
+            Thresholds {
+                cert_warn: Duration::from_secs(DAY as u64),
+                ..t()
+            },
+            |i| *ca_expiry(i, "intermediate") = NOW + 20 * DAY,
+            Ca,
+            Warn,
         ),
         (
             "2s skew passes",
@@ -700,6 +827,7 @@ fn the_report_has_one_line_per_check_and_the_culprits_under_it() {
     let mut inputs = healthy();
     c_down(&mut inputs);
     report(&mut inputs, "node-a").certificates[0].not_after_unix = NOW + DAY;
+    *ca_expiry(&mut inputs, "intermediate") = NOW + 12 * DAY;
     let findings = evaluate(&inputs, now(), &thresholds());
     assert_eq!(
         render(&findings),
@@ -707,6 +835,8 @@ fn the_report_has_one_line_per_check_and_the_culprits_under_it() {
 ✓ registry       registry at 10.0.0.2:7700 answers
 ✗ reports        not reporting within 3x their report period: 1 of 3 joined nodes
     node-c: stale: last report 31s ago, reports every 10s (stale after 30s)
+! ca             expiring within 30d: 1 CA certificate
+    intermediate expires in 12d (2026-01-13T00:00:00Z)
 ! certificates   expiring within 7d: 1 certificate
     node-a: spiffe://mesh.internal/node/node-a expires in 1d (2026-01-02T00:00:00Z)
 ✓ clocks         within 2s of the registry's clock: 2 reporting nodes
@@ -715,11 +845,11 @@ fn the_report_has_one_line_per_check_and_the_culprits_under_it() {
 ✓ warnings       none from 3 reporting nodes
 ✓ policies       valid: 2 stored policy resources
 ✓ slos           no alert firing (1 SLO)
-unhealthy: 1 of 9 checks failed, 1 warned
+unhealthy: 1 of 10 checks failed, 2 warned
 "
     );
     let ok = render(&evaluate(&healthy(), now(), &thresholds()));
-    assert!(ok.ends_with("healthy: 9 checks passed\n"), "{ok}");
+    assert!(ok.ends_with("healthy: 10 checks passed\n"), "{ok}");
 }
 
 #[test]
@@ -737,7 +867,7 @@ fn node_warnings_are_a_warning_line_per_node_and_exit_2() {
         "{out}"
     );
     assert!(
-        out.ends_with("healthy with warnings: 1 of 9 checks warned\n"),
+        out.ends_with("healthy with warnings: 1 of 10 checks warned\n"),
         "{out}"
     );
 }

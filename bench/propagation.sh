@@ -115,6 +115,9 @@ run_size() { # N
   "$BIN/mesh-registry" init --trust-domain mesh.test --data-dir "$dir/registry" \
     --listen $REG_LISTEN --admin-listen $REG_ADMIN >"$dir/registry-init.log" 2>&1 ||
     die "mesh-registry init failed: $(cat "$dir/registry-init.log")"
+  # Every meshd reaches the registry from 127.0.0.1 (one source address for N hosts): lift the
+  # per-source connection limit (default 32) above N.
+  echo "max_connections_per_ip = $((n + 100))" >>"$dir/registry/registry.toml"
   "$BIN/mesh-registry" run --config "$dir/registry/registry.toml" >"$dir/registry.log" 2>&1 &
   local reg_pid=$!
   OUR_PIDS+=("$reg_pid")

@@ -10,6 +10,6 @@ pub mod policy;
 pub mod proto;
 pub mod token;
 
-pub use policy::path;
 pub use identity::{Identity, TrustDomain};
 pub use name::{Label, NodeName, ServiceKey};
+pub use policy::path;

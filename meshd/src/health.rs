@@ -27,7 +27,7 @@ mod probe;
 mod tests;
 mod tracker;
 
-pub use probe::{Error, probe};
+pub use probe::{Error, decode_check_response, grpc_status, probe};
 pub use tracker::{Tracker, Update};
 
 /// Largest part of the interval taken off a wait between runs, as a fraction, so services

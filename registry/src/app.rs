@@ -92,6 +92,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = api::Metrics::new(&mut registry);
+    let server_metrics = server::Metrics::new(&mut registry);
     let slo_metrics = alerts::Metrics::new(&mut registry);
     metrics.policy_revision.set(policy_revision as i64);
     metrics
@@ -104,7 +105,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let incoming = server::incoming(
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
-        config.handshake_timeout,
+        server::Tracker::new(server::Limits::from_config(&config), server_metrics),
         shutdown_rx.clone(),
     );
     let svc = RegistryServer::new(RegistryApi::new(
@@ -113,10 +114,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config.clone(),
         metrics,
         shutdown_rx.clone(),
-    ));
+    ))
+    .max_decoding_message_size(config.max_request_message_size)
+    .max_encoding_message_size(config.max_response_message_size);
+    let mut grpc = server::grpc_server(&config);
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {
-        let res = tonic::transport::Server::builder()
+        let res = grpc
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 mesh_runtime::drain::until_true(&mut rx).await;
@@ -169,6 +173,19 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         gossip_keyring_revision = keyring.keyring.revision,
         gossip_primary_key_id = %keyring.primary,
         "registry listening"
+    );
+    info!(
+        max_connections = config.max_connections,
+        max_connections_per_ip = config.max_connections_per_ip,
+        max_unauthenticated_connections = config.max_unauthenticated_connections,
+        handshake_timeout = ?config.handshake_timeout,
+        max_concurrent_streams = config.max_concurrent_streams,
+        request_timeout = ?config.request_timeout,
+        http2_keepalive_interval = ?config.http2_keepalive_interval,
+        http2_keepalive_timeout = ?config.http2_keepalive_timeout,
+        max_request_message_size = config.max_request_message_size,
+        max_response_message_size = config.max_response_message_size,
+        "registry limits"
     );
     info!(addr = %admin_addr, "admin listening");
     // Under systemd (Type=notify): listeners are bound and the store is open.

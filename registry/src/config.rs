@@ -24,6 +24,43 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Time allowed for a TLS handshake before the connection is dropped.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most open gRPC connections, TLS handshakes in progress included; more are closed at accept.
+/// meshd holds one connection per host; stays well under the unit's `LimitNOFILE=65536`.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+/// Most open connections from one source (an IPv4 address or an IPv6 /64), handshakes in
+/// progress included. A host needs one for meshd plus one per running `meshctl`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 32;
+/// Most open connections whose client presented no certificate (hosts joining with a token);
+/// an attacker without credentials can hold no more than this many after the handshake.
+pub const DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS: u64 = 256;
+/// Most concurrent HTTP/2 streams (calls) per connection; a meshd uses two watches and a few
+/// unary calls. Streams beyond it are refused (`REFUSED_STREAM`).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u64 = 32;
+/// Longest a unary call may take from its request headers to its response; for the watch
+/// streams it bounds only the time until the stream opens. Longer than meshd's own 10 s
+/// `registry.request_timeout`, so a well-behaved client's deadline fires first.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a connection may stay silent before the registry pings it (HTTP/2 PING).
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed as dead.
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request message accepted per call, in bytes (tonic's own default, now explicit).
+pub const DEFAULT_MAX_REQUEST_MESSAGE_SIZE: u64 = 4 * 1024 * 1024;
+/// Largest response message sent per call, in bytes: what meshd and meshctl accept (tonic's
+/// client default), so the registry fails the call with a clear status instead of the client.
+pub const DEFAULT_MAX_RESPONSE_MESSAGE_SIZE: u64 = 4 * 1024 * 1024;
+/// Smallest message size limit accepted (a CSR or a certificate chain must fit).
+pub const MIN_MESSAGE_SIZE: u64 = 64 * 1024;
+/// Largest message size limit accepted.
+pub const MAX_MESSAGE_SIZE: u64 = 256 * 1024 * 1024;
+/// Most streams a client may reset before the registry accepted them, per connection, before
+/// the connection is closed with `GOAWAY(ENHANCE_YOUR_CALM)`: HTTP/2 rapid reset
+/// (CVE-2023-44487). h2's default, now explicit.
+pub const DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: u64 = 20;
+/// Most streams the registry may reset because the client misbehaved on them, per connection,
+/// before the connection is closed with `GOAWAY(ENHANCE_YOUR_CALM)` ("MadeYouReset",
+/// CVE-2025-8671). hyper's default, now explicit.
+pub const DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: u64 = 1024;
 /// Grace period for in-flight calls on shutdown.
 pub const DEFAULT_DRAIN_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// How often nodes should report (answered to every `Report`; meshd adopts it).
@@ -77,6 +114,17 @@ struct RawConfig {
     drain_grace_period: String,
     report_interval: String,
     slo_eval_interval: String,
+    max_connections: u64,
+    max_connections_per_ip: u64,
+    max_unauthenticated_connections: u64,
+    max_concurrent_streams: u64,
+    request_timeout: String,
+    http2_keepalive_interval: String,
+    http2_keepalive_timeout: String,
+    max_request_message_size: u64,
+    max_response_message_size: u64,
+    http2_max_pending_accept_reset_streams: u64,
+    http2_max_local_error_reset_streams: u64,
 }
 
 impl Default for RawConfig {
@@ -97,6 +145,17 @@ impl Default for RawConfig {
             drain_grace_period: h(DEFAULT_DRAIN_GRACE_PERIOD),
             report_interval: h(DEFAULT_REPORT_INTERVAL),
             slo_eval_interval: h(DEFAULT_SLO_EVAL_INTERVAL),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_unauthenticated_connections: DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            request_timeout: h(DEFAULT_REQUEST_TIMEOUT),
+            http2_keepalive_interval: h(DEFAULT_HTTP2_KEEPALIVE_INTERVAL),
+            http2_keepalive_timeout: h(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT),
+            max_request_message_size: DEFAULT_MAX_REQUEST_MESSAGE_SIZE,
+            max_response_message_size: DEFAULT_MAX_RESPONSE_MESSAGE_SIZE,
+            http2_max_pending_accept_reset_streams: DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            http2_max_local_error_reset_streams: DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
         }
     }
 }
@@ -141,6 +200,31 @@ pub struct Config {
     /// How often SLOs are evaluated.
     #[serde(with = "humantime_serde_compat")]
     pub slo_eval_interval: Duration,
+    /// Most open gRPC connections (handshakes in progress included).
+    pub max_connections: usize,
+    /// Most open connections per source IPv4 address or IPv6 /64.
+    pub max_connections_per_ip: usize,
+    /// Most open connections without a client certificate.
+    pub max_unauthenticated_connections: usize,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection.
+    pub max_concurrent_streams: u32,
+    /// Deadline of a unary call (for watches: until the stream opens).
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive ping interval.
+    #[serde(with = "humantime_serde_compat")]
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2 keepalive ping acknowledgement timeout.
+    #[serde(with = "humantime_serde_compat")]
+    pub http2_keepalive_timeout: Duration,
+    /// Largest request message per call, bytes.
+    pub max_request_message_size: usize,
+    /// Largest response message per call, bytes.
+    pub max_response_message_size: usize,
+    /// Streams reset by the client before being accepted, per connection, before GOAWAY.
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Streams reset by the registry for client errors, per connection, before GOAWAY.
+    pub http2_max_local_error_reset_streams: usize,
 }
 
 mod humantime_serde_compat {
@@ -156,8 +240,17 @@ impl Config {
     /// `data_dir`.
     pub fn from_toml_str(path: &Path, text: &str) -> Result<Self, Error> {
         let file = path.display();
-        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Invalid {
-            problems: vec![format!("{file}: {}", e.message().trim())],
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // Name the line (and so the key) a type error is on; toml's message does not.
+            let at = e.span().map_or(String::new(), |span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+                format!(" (line {line}: `{source}`)")
+            });
+            Error::Invalid {
+                problems: vec![format!("{file}: {}{at}", e.message().trim())],
+            }
         })?;
         let mut problems = Vec::new();
         let trust_domain = match TrustDomain::new(&raw.trust_domain) {
@@ -223,6 +316,10 @@ impl Config {
         let drain_grace_period = dur("drain_grace_period", &raw.drain_grace_period);
         let report_interval = dur("report_interval", &raw.report_interval);
         let slo_eval_interval = dur("slo_eval_interval", &raw.slo_eval_interval);
+        let request_timeout = dur("request_timeout", &raw.request_timeout);
+        let http2_keepalive_interval =
+            dur("http2_keepalive_interval", &raw.http2_keepalive_interval);
+        let http2_keepalive_timeout = dur("http2_keepalive_timeout", &raw.http2_keepalive_timeout);
         for (key, value, min, max) in [
             (
                 "report_interval",
@@ -244,6 +341,52 @@ impl Config {
                     humantime::format_duration(value),
                     humantime::format_duration(min),
                     humantime::format_duration(max),
+                ));
+            }
+        }
+        let mut count = |key: &str, v: u64, max: u64| -> u64 {
+            if v == 0 {
+                problems.push(format!("{file}: {key}: must be greater than zero"));
+            } else if v > max {
+                problems.push(format!("{file}: {key}: {v} is larger than {max}"));
+            }
+            v
+        };
+        // Every count must fit a usize (and u32 for the HTTP/2 setting) on every platform.
+        let max_connections = count("max_connections", raw.max_connections, u32::MAX.into());
+        let max_connections_per_ip = count(
+            "max_connections_per_ip",
+            raw.max_connections_per_ip,
+            max_connections,
+        );
+        let max_unauthenticated_connections = count(
+            "max_unauthenticated_connections",
+            raw.max_unauthenticated_connections,
+            max_connections,
+        );
+        let max_concurrent_streams = count(
+            "max_concurrent_streams",
+            raw.max_concurrent_streams,
+            u32::MAX.into(),
+        );
+        let http2_max_pending_accept_reset_streams = count(
+            "http2_max_pending_accept_reset_streams",
+            raw.http2_max_pending_accept_reset_streams,
+            u32::MAX.into(),
+        );
+        let http2_max_local_error_reset_streams = count(
+            "http2_max_local_error_reset_streams",
+            raw.http2_max_local_error_reset_streams,
+            u32::MAX.into(),
+        );
+        for (key, value) in [
+            ("max_request_message_size", raw.max_request_message_size),
+            ("max_response_message_size", raw.max_response_message_size),
+        ] {
+            if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&value) {
+                problems.push(format!(
+                    "{file}: {key}: {value} is out of range; expected {MIN_MESSAGE_SIZE} to \
+                     {MAX_MESSAGE_SIZE} bytes"
                 ));
             }
         }
@@ -272,6 +415,20 @@ impl Config {
                 drain_grace_period,
                 report_interval,
                 slo_eval_interval,
+                max_connections: to_usize(max_connections),
+                max_connections_per_ip: to_usize(max_connections_per_ip),
+                max_unauthenticated_connections: to_usize(max_unauthenticated_connections),
+                max_concurrent_streams: u32::try_from(max_concurrent_streams)
+                    .expect("validated: max_concurrent_streams fits u32"),
+                request_timeout,
+                http2_keepalive_interval,
+                http2_keepalive_timeout,
+                max_request_message_size: to_usize(raw.max_request_message_size),
+                max_response_message_size: to_usize(raw.max_response_message_size),
+                http2_max_pending_accept_reset_streams: to_usize(
+                    http2_max_pending_accept_reset_streams,
+                ),
+                http2_max_local_error_reset_streams: to_usize(http2_max_local_error_reset_streams),
             }),
             _ => Err(Error::Invalid { problems }),
         }
@@ -308,6 +465,11 @@ impl Config {
             humantime::format_duration(DEFAULT_NODE_CERT_TTL),
         )
     }
+}
+
+/// A validated count: at most `u32::MAX` (or [`MAX_MESSAGE_SIZE`]), so it fits a `usize`.
+fn to_usize(v: u64) -> usize {
+    usize::try_from(v).expect("validated counts are at most u32::MAX")
 }
 
 fn valid_host_port(s: &str) -> bool {
@@ -370,6 +532,170 @@ mod tests {
         ] {
             let err = parse(extra).unwrap_err().to_string();
             assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn connection_and_call_limits() {
+        let base = "trust_domain = \"mesh.test\"\ndata_dir = \"d\"\n";
+        let parse =
+            |extra: &str| Config::from_toml_str(Path::new("r.toml"), &format!("{base}{extra}"));
+        let c = parse("").unwrap();
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
+        assert_eq!(
+            c.max_connections_per_ip,
+            DEFAULT_MAX_CONNECTIONS_PER_IP as usize
+        );
+        assert_eq!(
+            c.max_unauthenticated_connections,
+            DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS as usize
+        );
+        assert_eq!(
+            c.max_concurrent_streams,
+            DEFAULT_MAX_CONCURRENT_STREAMS as u32
+        );
+        assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(c.http2_keepalive_interval, DEFAULT_HTTP2_KEEPALIVE_INTERVAL);
+        assert_eq!(c.http2_keepalive_timeout, DEFAULT_HTTP2_KEEPALIVE_TIMEOUT);
+        assert_eq!(c.max_request_message_size, 4 << 20);
+        assert_eq!(c.max_response_message_size, 4 << 20);
+        assert_eq!(c.http2_max_pending_accept_reset_streams, 20);
+        assert_eq!(c.http2_max_local_error_reset_streams, 1024);
+
+        let c = parse(
+            "max_connections = 100\nmax_connections_per_ip = 4\n\
+             max_unauthenticated_connections = 10\nmax_concurrent_streams = 8\n\
+             request_timeout = \"2s\"\nhttp2_keepalive_interval = \"5s\"\n\
+             http2_keepalive_timeout = \"1s\"\nmax_request_message_size = 65536\n\
+             max_response_message_size = 1048576\nhttp2_max_pending_accept_reset_streams = 5\n\
+             http2_max_local_error_reset_streams = 50\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.max_connections, c.max_connections_per_ip),
+            (100, 4),
+            "{c:?}"
+        );
+        assert_eq!(c.max_unauthenticated_connections, 10);
+        assert_eq!(c.max_concurrent_streams, 8);
+        assert_eq!(c.request_timeout, Duration::from_secs(2));
+        assert_eq!(c.http2_keepalive_interval, Duration::from_secs(5));
+        assert_eq!(c.http2_keepalive_timeout, Duration::from_secs(1));
+        assert_eq!(c.max_request_message_size, 65536);
+        assert_eq!(c.max_response_message_size, 1 << 20);
+        assert_eq!(c.http2_max_pending_accept_reset_streams, 5);
+        assert_eq!(c.http2_max_local_error_reset_streams, 50);
+
+        for (extra, want) in [
+            (
+                "max_connections = 0",
+                "r.toml: max_connections: must be greater than zero",
+            ),
+            (
+                "max_connections = 10\nmax_connections_per_ip = 11",
+                "r.toml: max_connections_per_ip: 11 is larger than 10",
+            ),
+            (
+                "max_connections = 10\nmax_connections_per_ip = 2\nmax_unauthenticated_connections = 20",
+                "r.toml: max_unauthenticated_connections: 20 is larger than 10",
+            ),
+            (
+                "max_concurrent_streams = 4294967296",
+                "r.toml: max_concurrent_streams: 4294967296 is larger than 4294967295",
+            ),
+            (
+                "http2_max_pending_accept_reset_streams = 0",
+                "r.toml: http2_max_pending_accept_reset_streams: must be greater than zero",
+            ),
+            (
+                "request_timeout = \"0s\"",
+                "r.toml: request_timeout: must be greater than zero",
+            ),
+            (
+                "http2_keepalive_timeout = \"never\"",
+                "r.toml: http2_keepalive_timeout: \"never\" is not a duration",
+            ),
+            (
+                "max_request_message_size = 1000",
+                "r.toml: max_request_message_size: 1000 is out of range; expected 65536 to 268435456 bytes",
+            ),
+            (
+                "max_response_message_size = 1000000000",
+                "r.toml: max_response_message_size: 1000000000 is out of range",
+            ),
+            (
+                "max_connections = -1",
+                "expected u64 (line 3: `max_connections = -1`)",
+            ),
+            (
+                "max_connections = \"10\"",
+                "(line 3: `max_connections = \"10\"`)",
+            ),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    /// The limits' keys and defaults are documented in README.md ("Registry limits"), so the
+    /// table stays honest.
+    #[test]
+    fn limits_are_documented_with_their_defaults() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split_once("### Registry limits")
+            .expect("README.md has a \"Registry limits\" section")
+            .1;
+        let h = |d: Duration| humantime::format_duration(d).to_string();
+        for (key, default) in [
+            ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+            (
+                "max_connections_per_ip",
+                DEFAULT_MAX_CONNECTIONS_PER_IP.to_string(),
+            ),
+            (
+                "max_unauthenticated_connections",
+                DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS.to_string(),
+            ),
+            (
+                "handshake_timeout",
+                format!("\"{}\"", h(DEFAULT_HANDSHAKE_TIMEOUT)),
+            ),
+            (
+                "max_concurrent_streams",
+                DEFAULT_MAX_CONCURRENT_STREAMS.to_string(),
+            ),
+            (
+                "request_timeout",
+                format!("\"{}\"", h(DEFAULT_REQUEST_TIMEOUT)),
+            ),
+            (
+                "http2_keepalive_interval",
+                format!("\"{}\"", h(DEFAULT_HTTP2_KEEPALIVE_INTERVAL)),
+            ),
+            (
+                "http2_keepalive_timeout",
+                format!("\"{}\"", h(DEFAULT_HTTP2_KEEPALIVE_TIMEOUT)),
+            ),
+            (
+                "max_request_message_size",
+                DEFAULT_MAX_REQUEST_MESSAGE_SIZE.to_string(),
+            ),
+            (
+                "max_response_message_size",
+                DEFAULT_MAX_RESPONSE_MESSAGE_SIZE.to_string(),
+            ),
+            (
+                "http2_max_pending_accept_reset_streams",
+                DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS.to_string(),
+            ),
+            (
+                "http2_max_local_error_reset_streams",
+                DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS.to_string(),
+            ),
+        ] {
+            let row = format!("| `{key}` | `{default}` |");
+            assert!(section.contains(&row), "README.md lacks the row {row:?}");
         }
     }
 

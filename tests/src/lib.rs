@@ -277,6 +277,9 @@ impl Registry {
                 opts.workload_cert_ttl.as_secs()
             ),
             format!("node_cert_ttl = \"{}s\"", opts.node_cert_ttl.as_secs()),
+            // Every test meshd reaches the registry from 127.0.0.1 (their own addresses are
+            // for listening): one source address for a whole fleet, unlike production.
+            "max_connections_per_ip = 4096".to_owned(),
         ];
         lines.extend(opts.extra.iter().cloned());
         let key_of = |l: &str| l.split('=').next().unwrap_or_default().trim().to_owned();

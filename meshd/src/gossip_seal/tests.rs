@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use proptest::prelude::*;
 use rand::Rng as _;
 
 use super::*;
@@ -253,6 +254,89 @@ fn seal_uses_the_primary_key_and_a_fresh_nonce() {
     assert_eq!(&first[VERSION_LEN..AAD_LEN], key(1).id().as_bytes());
     assert_ne!(first[AAD_LEN..HEADER_LEN], second[AAD_LEN..HEADER_LEN]);
     assert_ne!(first[HEADER_LEN..], second[HEADER_LEN..]);
+}
+
+/// A keyring of 1 to 3 distinct random keys, the message sealed under its primary key, and
+/// the message.
+fn sealed_message() -> impl Strategy<Value = (Keyring, Vec<u8>, Vec<u8>)> {
+    (
+        proptest::collection::btree_set(any::<[u8; KEY_LEN]>(), 1..=3),
+        proptest::collection::vec(any::<u8>(), 0..2048),
+    )
+        .prop_map(|(keys, message)| {
+            let mut keys = keys.into_iter().map(GossipKey::from_bytes);
+            let primary = keys.next().expect("at least one key");
+            let keyring = Keyring::new(primary, keys.collect()).expect("distinct random keys");
+            let datagram = seal(&keyring, &message);
+            (keyring, datagram, message)
+        })
+}
+
+proptest! {
+    #[test]
+    fn sealed_datagram_opens_to_its_message((keyring, datagram, message) in sealed_message()) {
+        prop_assert_eq!(datagram.len(), message.len() + SEAL_OVERHEAD);
+        prop_assert_eq!(open(&keyring, &datagram), Ok(message));
+    }
+
+    /// Any one byte changed, anywhere (version, key id, nonce, ciphertext or tag), is refused.
+    #[test]
+    fn any_changed_byte_is_rejected(
+        (keyring, datagram, _message) in sealed_message(),
+        index in any::<proptest::sample::Index>(),
+        mask in 1..=u8::MAX,
+    ) {
+        let at = index.index(datagram.len());
+        let mut tampered = datagram;
+        tampered[at] ^= mask;
+        let result = open(&keyring, &tampered);
+        if at == 0 {
+            prop_assert_eq!(result, Err(OpenError::UnknownVersion { version: tampered[0] }));
+        } else {
+            prop_assert!(result.is_err(), "byte {at} ^ {mask:#04x} was accepted");
+        }
+    }
+
+    #[test]
+    fn any_truncation_is_rejected(
+        (keyring, datagram, _message) in sealed_message(),
+        index in any::<proptest::sample::Index>(),
+    ) {
+        let len = index.index(datagram.len());
+        let result = open(&keyring, &datagram[..len]);
+        if len < SEAL_OVERHEAD {
+            prop_assert_eq!(result, Err(OpenError::Malformed { len }));
+        } else {
+            prop_assert_eq!(result, Err(OpenError::AuthenticationFailed));
+        }
+    }
+
+    #[test]
+    fn any_extension_is_rejected(
+        (keyring, datagram, _message) in sealed_message(),
+        extra in proptest::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let extended = [datagram, extra].concat();
+        prop_assert_eq!(open(&keyring, &extended), Err(OpenError::AuthenticationFailed));
+    }
+
+    /// A keyring that does not hold the sealing key opens nothing, even with the id forged.
+    #[test]
+    fn other_keys_open_nothing(
+        (keyring, datagram, _message) in sealed_message(),
+        other in any::<[u8; KEY_LEN]>(),
+    ) {
+        let other = GossipKey::from_bytes(other);
+        prop_assume!(keyring.key(other.id()).is_none());
+        let stranger = Keyring::single(other.clone());
+        prop_assert_eq!(
+            open(&stranger, &datagram),
+            Err(OpenError::UnknownKey { key_id: keyring.primary().id() })
+        );
+        let mut relabelled = datagram;
+        relabelled[VERSION_LEN..AAD_LEN].copy_from_slice(other.id().as_bytes());
+        prop_assert_eq!(open(&stranger, &relabelled), Err(OpenError::AuthenticationFailed));
+    }
 }
 
 #[test]

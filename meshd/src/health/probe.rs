@@ -218,7 +218,8 @@ async fn grpc(address: SocketAddr, service: &str) -> Result<String, Error> {
     }
 }
 
-fn grpc_status(headers: &HeaderMap) -> Result<(), Error> {
+/// Ok when the gRPC answer's headers or trailers say `grpc-status: 0`; else why not.
+pub fn grpc_status(headers: &HeaderMap) -> Result<(), Error> {
     let text = |name: &str| {
         headers
             .get(name)
@@ -317,7 +318,7 @@ pub(super) fn encode_check_request(service: &str) -> Bytes {
 
 /// The `status` (field 1) of the first gRPC-framed `HealthCheckResponse` in `body`; 0
 /// (UNKNOWN) when absent, as protobuf defaults say.
-pub(super) fn decode_check_response(body: &[u8]) -> Result<u64, Error> {
+pub fn decode_check_response(body: &[u8]) -> Result<u64, Error> {
     let malformed = Error::MalformedGrpcResponse;
     let [flag, a, b, c, d, rest @ ..] = body else {
         return Err(malformed("shorter than a gRPC frame header"));

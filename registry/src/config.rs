@@ -596,7 +596,8 @@ mod tests {
                 "r.toml: max_connections_per_ip: 11 is larger than 10",
             ),
             (
-                "max_connections = 10\nmax_connections_per_ip = 2\nmax_unauthenticated_connections = 20",
+                "max_connections = 10\nmax_connections_per_ip = 2\n\
+                 max_unauthenticated_connections = 20",
                 "r.toml: max_unauthenticated_connections: 20 is larger than 10",
             ),
             (
@@ -617,7 +618,8 @@ mod tests {
             ),
             (
                 "max_request_message_size = 1000",
-                "r.toml: max_request_message_size: 1000 is out of range; expected 65536 to 268435456 bytes",
+                "r.toml: max_request_message_size: 1000 is out of range; \
+                 expected 65536 to 268435456 bytes",
             ),
             (
                 "max_response_message_size = 1000000000",

@@ -459,11 +459,16 @@ pub fn incoming(
                     Ok(slot) => slot,
                     Err(why) => {
                         tracker.metrics.refused(why);
-                        debug!(src.addr = %addr, reason = why.as_str(), "registry connection refused");
+                        debug!(
+                            src.addr = %addr,
+                            reason = why.as_str(),
+                            "registry connection refused"
+                        );
                         continue; // drops `tcp`: closed
                     }
                 };
-                let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), tracker.metrics.clone());
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let metrics = tracker.metrics.clone();
                 // Fire-and-forget: bounded by the handshake timeout, and the slot it holds
                 // bounds how many run at once.
                 tokio::spawn(

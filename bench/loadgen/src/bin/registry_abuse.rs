@@ -996,7 +996,8 @@ fn render(args: &Args, results: &[PhaseResult]) -> String {
     let _ = writeln!(
         out,
         "| # | abuse | renewals (long-lived conn.): n / ok | p50 / p99 / max ms | \
-         renewals (new conn.): n / ok | p50 / p99 / max ms | registry CPU | registry RSS | loadgen CPU |"
+         renewals (new conn.): n / ok | p50 / p99 / max ms | registry CPU | registry RSS | \
+         loadgen CPU |"
     );
     let _ = writeln!(
         out,
@@ -1029,7 +1030,8 @@ fn render(args: &Args, results: &[PhaseResult]) -> String {
     let _ = writeln!(
         out,
         "\n| # | abuse | attack connections opened / most held at once | streams opened / \
-         refused | rapid-reset streams written | GOAWAY(ENHANCE_YOUR_CALM) received | registry: refused connections, failed handshakes |"
+         refused | rapid-reset streams written | GOAWAY(ENHANCE_YOUR_CALM) received | \
+         registry: refused connections, failed handshakes |"
     );
     let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
     for (i, r) in results.iter().enumerate() {

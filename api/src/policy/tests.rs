@@ -447,6 +447,23 @@ fn json_round_trip() {
     }
 }
 
+/// Found by the `policy_json` fuzz target: serde_json's default float parser is not correctly
+/// rounded: an 89-digit burn rate was read as an f64 whose shortest form
+/// (`1.4555555555555557e+88`) read back as its neighbour, so the canonical JSON was not stable
+/// (fixed by serde_json's `float_roundtrip` feature).
+#[test]
+fn json_round_trip_keeps_floats_exact() {
+    let burn = format!("14{}.4", "5".repeat(87));
+    let spec = format!(
+        r#"{{"service":"api","objective":"latency","threshold":"299ms","goal":99.5,"alerting":{{"fast_burn":{burn}}}}}"#
+    );
+    let r = Resource::from_json("SLO", "shop", "api-latency", &spec).unwrap();
+    let json = r.spec_json();
+    let back = Resource::from_json("SLO", "shop", "api-latency", &json).unwrap();
+    assert_eq!(back, r, "{json}");
+    assert_eq!(back.spec_json(), json, "canonical form is stable");
+}
+
 #[test]
 fn equal_specs_have_equal_json() {
     let a = parse_ok(

@@ -87,7 +87,15 @@ pub async fn serve_http<IO>(
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A caller that trickles its request head (or goes silent) is cut off: hyper's header read
+    // timeout (30 s) and HTTP/2 keep-alive need a timer, without which they never fire.
+    builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     until_done_or_forced(connection, peer, shared).await;
 }

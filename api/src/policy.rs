@@ -108,6 +108,7 @@ mod gateway;
 mod parse;
 pub mod path;
 mod rate_limit;
+pub mod revocation;
 mod route;
 mod security;
 mod slo;
@@ -121,6 +122,7 @@ pub use destination::{
 };
 pub use gateway::{Gateway, Server, Tls};
 pub use rate_limit::{Limit, LimitKey, RateLimit, Unit};
+pub use revocation::{DenyList, REVOCATION_NAME, RemovedNode, Revocation, RevokedCert};
 pub use route::{
     DEFAULT_RETRY_BUDGET_PERCENT, DEFAULT_RETRY_ON, Destination, Fault, FaultAbort, FaultDelay,
     HeaderOps, HttpMatch, HttpRoute, MAX_RETRY_ATTEMPTS, Retries, RetryOn, Route,
@@ -163,6 +165,8 @@ pub enum Kind {
     Gateway,
     /// Mesh-wide settings ([`MeshConfig`]).
     MeshConfig,
+    /// Revoked certificates and removed nodes ([`Revocation`]); written by the registry only.
+    Revocation,
 }
 
 /// A kind name that is none of [`Kind::ALL`].
@@ -201,6 +205,8 @@ pub enum Spec {
     Gateway(Gateway),
     /// See [`MeshConfig`].
     MeshConfig(MeshConfig),
+    /// See [`Revocation`].
+    Revocation(Revocation),
 }
 
 /// A validated policy resource.
@@ -239,7 +245,7 @@ pub struct Snapshot {
 
 impl Kind {
     /// Every kind, in order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Self::AuthorizationPolicy,
         Self::PeerAuthentication,
         Self::Route,
@@ -248,6 +254,7 @@ impl Kind {
         Self::Slo,
         Self::Gateway,
         Self::MeshConfig,
+        Self::Revocation,
     ];
 
     /// The canonical name (`AuthorizationPolicy`, …, `SLO`).
@@ -261,6 +268,7 @@ impl Kind {
             Self::Slo => "SLO",
             Self::Gateway => "Gateway",
             Self::MeshConfig => "MeshConfig",
+            Self::Revocation => "Revocation",
         }
     }
 
@@ -275,6 +283,7 @@ impl Kind {
             Self::Slo => &["slos"],
             Self::Gateway => &["gateways", "gw"],
             Self::MeshConfig => &["meshconfigs", "mc"],
+            Self::Revocation => &["revocations"],
         }
     }
 
@@ -351,6 +360,7 @@ impl Spec {
             Self::Slo(_) => Kind::Slo,
             Self::Gateway(_) => Kind::Gateway,
             Self::MeshConfig(_) => Kind::MeshConfig,
+            Self::Revocation(_) => Kind::Revocation,
         }
     }
 
@@ -371,6 +381,7 @@ impl Spec {
             Kind::Slo => slo::slo(fields, cx).map(Self::Slo),
             Kind::Gateway => gateway::gateway(fields, cx).map(Self::Gateway),
             Kind::MeshConfig => security::mesh_config(fields, cx).map(Self::MeshConfig),
+            Kind::Revocation => revocation::revocation(fields, cx).map(Self::Revocation),
         }
     }
 }

@@ -26,12 +26,17 @@ mod diff;
 mod gossip_keys;
 mod observe;
 mod policy;
+mod revoke;
 mod token;
 mod watch;
 pub use decide::{allows_service, normalize_services};
 pub use diff::spec_diff;
 pub use gossip_keys::{GOSSIP_WATCH_BUFFER, GossipKeyChangeLabels, GossipKeyStream, action_of};
 pub use policy::{WATCH_BUFFER, action_name, validate_apply};
+pub(crate) use revoke::credential_record;
+pub use revoke::{
+    MAX_CREDENTIAL_TTL, PRUNE_INTERVAL as REVOCATION_PRUNE_INTERVAL, Selector, select,
+};
 pub use watch::{PolicyStream, WatchStartLabels};
 
 /// Labels of the request counters.
@@ -69,6 +74,13 @@ pub struct Metrics {
     /// When each CA certificate expires, Unix seconds
     /// (`mesh_registry_ca_not_after_seconds{cert}`).
     pub ca_not_after: Family<CaCertLabels, Gauge>,
+    /// Certificates on the deny-list (`mesh_registry_revoked_certificates`).
+    pub revoked_certificates: Gauge,
+    /// Nodes on the deny-list (`mesh_registry_removed_nodes`).
+    pub removed_nodes: Gauge,
+    /// Calls refused because the caller's certificate is revoked
+    /// (`mesh_registry_revoked_calls_total`).
+    pub revoked_calls: Counter,
 }
 
 impl Metrics {
@@ -109,6 +121,21 @@ impl Metrics {
             "mesh_registry_ca_not_after_seconds",
             "When each CA certificate (root, intermediate) expires, Unix time",
             m.ca_not_after.clone(),
+        );
+        registry.register(
+            "mesh_registry_revoked_certificates",
+            "Unexpired certificates on the deny-list",
+            m.revoked_certificates.clone(),
+        );
+        registry.register(
+            "mesh_registry_removed_nodes",
+            "Removed nodes on the deny-list",
+            m.removed_nodes.clone(),
+        );
+        registry.register(
+            "mesh_registry_revoked_calls",
+            "Calls refused because the caller's certificate is revoked",
+            m.revoked_calls.clone(),
         );
         m
     }
@@ -152,6 +179,7 @@ struct Inner {
     metrics: Metrics,
     policy: policy::PolicyHub,
     gossip: gossip_keys::GossipHub,
+    revocations: revoke::Revocations,
     /// Becomes `true` when the registry drains; watch streams end then.
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -214,16 +242,20 @@ fn join_refused(e: store::Error) -> Rejected {
 
 impl RegistryApi {
     /// Serves `store` and signs with `ca` (whose expiry it sets in `metrics`); watch streams
-    /// end once `shutdown` holds `true`.
+    /// end once `shutdown` holds `true`. Reads the deny-list from `store`.
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Authority>,
         config: Config,
         metrics: Metrics,
         shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> Self {
+    ) -> Result<Self, store::Error> {
         metrics.set_ca(&ca);
-        Self {
+        let revocations = revoke::Revocations::load(store.as_ref())?;
+        let (certs, nodes) = revocations.current().deny.len();
+        metrics.revoked_certificates.set(certs as i64);
+        metrics.removed_nodes.set(nodes as i64);
+        Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 ca,
@@ -231,8 +263,36 @@ impl RegistryApi {
                 metrics,
                 policy: policy::PolicyHub::new(),
                 gossip: gossip_keys::GossipHub::new(),
+                revocations,
                 shutdown,
             }),
+        })
+    }
+
+    /// The interceptor in front of every call: a caller whose certificate is on the deny-list
+    /// is refused, whatever it calls (renew, sign, watch, gossip keys, report, admin calls).
+    pub fn revocation_check(
+        &self,
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static
+    {
+        let api = self.clone();
+        move |req: Request<()>| {
+            let peer = peer_of(&req);
+            match &peer.serial {
+                Some(serial) if api.inner.revocations.denies(serial) => {
+                    api.inner.metrics.revoked_calls.inc();
+                    warn!(
+                        src.addr = %peer.addr,
+                        src.identity = peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                        serial = %serial,
+                        "call refused: the caller's certificate is revoked"
+                    );
+                    Err(Status::permission_denied(format!(
+                        "certificate {serial} is revoked"
+                    )))
+                }
+                _ => Ok(req),
+            }
         }
     }
 
@@ -405,6 +465,7 @@ impl RegistryApi {
             .map_err(|e| reject(e.reason(), Status::permission_denied(e.to_string())))?;
         // Early, before signing anything; the store decides again atomically with the use.
         store::check_join_name(&record, name.as_str(), registered).map_err(join_refused)?;
+        let readmit = self.check_removed_join(&name, record.replace_node.as_deref())?;
         let node_id = Identity::node(&self.inner.config.trust_domain, &name);
         let issued = self.sign(&req.csr_pem, node_id, self.inner.config.node_cert_ttl, now)?;
         let node = NodeRecord {
@@ -438,8 +499,12 @@ impl RegistryApi {
             uses = updated.uses,
             services = ?node.allowed_services,
             replaced = registered,
+            readmitted = readmit,
             "node joined"
         );
+        if readmit {
+            self.readmit(&name).await;
+        }
         Ok(pb::JoinResponse {
             trust_domain: self.inner.config.trust_domain.to_string(),
             node_cert_chain_pem: issued.chain_pem,
@@ -475,11 +540,8 @@ impl RegistryApi {
         node.cert_serial = issued.serial.clone();
         node.cert_not_after_unix = unix(issued.not_after);
         let cert = cert_record(&issued, &name, now);
-        self.blocking(move |s| {
-            s.put_cert(&cert)?;
-            s.put_node(&node)
-        })
-        .await?;
+        self.record_issued(&name, cert).await?;
+        self.blocking(move |s| s.put_node(&node)).await?;
         info!(node = %name, not_after = unix(issued.not_after), "node certificate renewed");
         Ok(self.cert_response(&issued))
     }
@@ -527,7 +589,7 @@ impl RegistryApi {
             now,
         )?;
         let cert = cert_record(&issued, &name, now);
-        self.blocking(move |s| s.put_cert(&cert)).await?;
+        self.record_issued(&name, cert).await?;
         info!(node = %name, service = %svc, serial = %issued.serial, "workload certificate issued");
         Ok(self.cert_response(&issued))
     }
@@ -681,6 +743,42 @@ impl pb::registry_server::Registry for RegistryApi {
         self.finish("list_certificates", &peer, r)
     }
 
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RevocationResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_remove_node(&peer, req.into_inner()).await;
+        self.finish("remove_node", &peer, r)
+    }
+
+    async fn revoke_certificates(
+        &self,
+        req: Request<pb::RevokeCertificatesRequest>,
+    ) -> Result<Response<pb::RevocationResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_revoke_certificates(&peer, req.into_inner()).await;
+        self.finish("revoke_certificates", &peer, r)
+    }
+
+    async fn issue_credentials(
+        &self,
+        req: Request<pb::IssueCredentialsRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_issue_credentials(&peer, req.into_inner()).await;
+        self.finish("issue_credentials", &peer, r)
+    }
+
+    async fn list_credentials(
+        &self,
+        req: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = self.do_list_credentials(&peer).await;
+        self.finish("list_credentials", &peer, r)
+    }
+
     async fn apply(
         &self,
         req: Request<pb::ApplyRequest>,
@@ -725,6 +823,7 @@ impl pb::registry_server::Registry for RegistryApi {
     ) -> Result<Response<PolicyStream>, Status> {
         let peer = peer_of(&req);
         let r = self.do_watch_policy(&peer, req.into_inner()).await;
+        let r = r.map(|s| self.until_revoked(&peer, s));
         self.finish("watch_policy", &peer, r)
     }
 
@@ -736,6 +835,7 @@ impl pb::registry_server::Registry for RegistryApi {
     ) -> Result<Response<GossipKeyStream>, Status> {
         let peer = peer_of(&req);
         let r = self.do_watch_gossip_keys(&peer).await;
+        let r = r.map(|s| self.until_revoked(&peer, s));
         self.finish("watch_gossip_keys", &peer, r)
     }
 

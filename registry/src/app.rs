@@ -12,6 +12,7 @@ use mesh_ca::{Authority, SignRequest};
 use mesh_runtime::tls::{self, CertSlot};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::alerts::{self, Evaluator};
@@ -108,15 +109,30 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         server::Tracker::new(server::Limits::from_config(&config), server_metrics),
         shutdown_rx.clone(),
     );
-    let svc = RegistryServer::new(RegistryApi::new(
+    let registry_api = RegistryApi::new(
         store.clone(),
         ca.clone(),
         config.clone(),
         metrics,
         shutdown_rx.clone(),
-    ))
-    .max_decoding_message_size(config.max_request_message_size)
-    .max_encoding_message_size(config.max_response_message_size);
+    )
+    .context("reading the deny-list from the registry store")?;
+    let svc = InterceptedService::new(
+        RegistryServer::new(registry_api.clone())
+            .max_decoding_message_size(config.max_request_message_size)
+            .max_encoding_message_size(config.max_response_message_size),
+        registry_api.revocation_check(),
+    );
+    let mut rx = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(crate::api::REVOCATION_PRUNE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = every.tick() => registry_api.prune_revocations().await,
+                _ = mesh_runtime::drain::until_true(&mut rx) => return,
+            }
+        }
+    });
     let mut grpc = server::grpc_server(&config);
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {

@@ -14,7 +14,7 @@ use mesh_ca::{Authority, CaFiles, SignRequest};
 
 use crate::config::Config;
 use crate::keyring;
-use crate::store::SledStore;
+use crate::store::{SledStore, Store as _};
 
 /// Lifetime of the operator credential written by init.
 pub const DEFAULT_ADMIN_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -184,7 +184,7 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
             now,
         )?,
     };
-    let gossip_key_id = create_store(&store_dir(&args.data_dir))?;
+    let (store, gossip_key_id) = create_store(&store_dir(&args.data_dir))?;
     write(&paths.root_cert, &files.root_cert_pem, 0o644)?;
     if let Some(key) = &files.root_key_pem {
         write(&paths.root_key, key, 0o600)?;
@@ -201,13 +201,23 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
         name: Label::new(DEFAULT_ADMIN_NAME).expect("default admin name is a label"),
     };
     let admin_dir = args.data_dir.join("admin");
-    write_credentials(&ca, &admin_identity, &admin_dir, args.listen, now)?;
+    let admin_cert = write_credentials(&ca, &admin_identity, &admin_dir, args.listen, now)?;
     let viewer_identity = Identity::Viewer {
         trust_domain: args.trust_domain.clone(),
         name: Label::new(DEFAULT_VIEWER_NAME).expect("default viewer name is a label"),
     };
     let viewer_dir = args.data_dir.join("viewer");
-    write_credentials(&ca, &viewer_identity, &viewer_dir, args.listen, now)?;
+    let viewer_cert = write_credentials(&ca, &viewer_identity, &viewer_dir, args.listen, now)?;
+    // Recorded so `meshctl credentials list` shows them and `revoke` can name them.
+    for issued in [&admin_cert, &viewer_cert] {
+        store
+            .put_cert(&crate::api::credential_record(issued, now))
+            .map_err(|e| Error::Store {
+                path: store_dir(&args.data_dir),
+                source: e.into(),
+            })?;
+    }
+    drop(store);
     let config_file = args.data_dir.join("registry.toml");
     let data_dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
     write(
@@ -234,14 +244,14 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
 
 /// Creates the store with the first gossip keyring and returns its key's id. Done before any
 /// CA file is written: a failure here leaves a data dir that init may be run on again.
-fn create_store(dir: &Path) -> Result<KeyId, Error> {
+fn create_store(dir: &Path) -> Result<(SledStore, KeyId), Error> {
     let store_err = |source| Error::Store {
         path: dir.to_owned(),
         source,
     };
     let store = SledStore::open(dir).map_err(|e| store_err(e.into()))?;
     let ensured = keyring::ensure(&store).map_err(store_err)?;
-    Ok(ensured.primary)
+    Ok((store, ensured.primary))
 }
 
 /// Writes meshctl credentials for `identity` into `dir`: `ca.pem`, `admin.pem` (chain),
@@ -252,7 +262,7 @@ fn write_credentials(
     dir: &Path,
     registry: SocketAddr,
     now: SystemTime,
-) -> Result<(), Error> {
+) -> Result<mesh_ca::Issued, Error> {
     let (issued, key) = ca.issue(&SignRequest {
         identity: identity.clone(),
         dns_names: Vec::new(),
@@ -268,7 +278,8 @@ fn write_credentials(
             "# meshctl credentials ({identity}) written by mesh-registry init\nregistry = \"{registry}\"\n"
         ),
         0o644,
-    )
+    )?;
+    Ok(issued)
 }
 
 #[cfg(test)]
@@ -276,7 +287,6 @@ mod tests {
     use mesh_api::gossip_key::KeyMaterial;
 
     use super::*;
-    use crate::store::Store as _;
 
     fn args(data_dir: PathBuf) -> Args {
         Args {

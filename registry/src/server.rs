@@ -41,6 +41,8 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// Identity from the client certificate; `None` for a joining host without one.
     pub identity: Option<Identity>,
+    /// Serial of the client certificate (lowercase hex); `None` without one.
+    pub serial: Option<String>,
 }
 
 impl Default for PeerInfo {
@@ -48,6 +50,7 @@ impl Default for PeerInfo {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             identity: None,
+            serial: None,
         }
     }
 }
@@ -525,11 +528,9 @@ async fn handshake(
         debug!(reason = why.as_str(), "registry connection refused");
         return;
     }
-    let identity = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(mesh_runtime::tls::peer_identity);
+    let chain = tls.get_ref().1.peer_certificates();
+    let identity = chain.and_then(mesh_runtime::tls::peer_identity);
+    let serial = chain.and_then(mesh_runtime::tls::peer_serial);
     if identity.is_none()
         && let Err(why) = slot.mark_unauthenticated()
     {
@@ -539,7 +540,11 @@ async fn handshake(
     }
     let conn = MeshConn {
         tls,
-        peer: PeerInfo { addr, identity },
+        peer: PeerInfo {
+            addr,
+            identity,
+            serial,
+        },
         _slot: slot,
     };
     let _ = tx.send(Ok(conn)).await;

@@ -427,6 +427,8 @@ pub trait Store: Send + Sync + 'static {
     fn get_node(&self, name: &str) -> Result<Option<NodeRecord>, Error>;
     /// All nodes, sorted by name.
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, Error>;
+    /// Deletes the node record (durable before it returns); returns it, or `None` if absent.
+    fn delete_node(&self, name: &str) -> Result<Option<NodeRecord>, Error>;
     /// Inserts or replaces a cert (key: `serial`).
     fn put_cert(&self, cert: &CertRecord) -> Result<(), Error>;
     /// Newest first (by `issued_unix`, then `serial`, both descending), at most `limit`

@@ -149,6 +149,23 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<Identity> {
     uri_sans(leaf).iter().find_map(|u| Identity::parse(u).ok())
 }
 
+/// The serial of a DER certificate as the mesh CA writes it: lowercase hex of the serial's
+/// content octets, no colons (`None` when the certificate does not parse).
+pub fn serial(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// The serial of a peer chain's leaf; see [`serial`].
+pub fn peer_serial(chain: &[CertificateDer<'_>]) -> Option<String> {
+    serial(chain.first()?)
+}
+
 /// The `notAfter` of a DER certificate.
 pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, Error> {
     Ok(validity(cert_der)?.1)

@@ -638,6 +638,86 @@ pub struct ListCertificatesResponse {
     #[prost(message, repeated, tag = "1")]
     pub certificates: ::prost::alloc::vec::Vec<CertificateRecord>,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveNodeRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+/// Exactly one selector.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeCertificatesRequest {
+    /// One certificate (hex, colons allowed).
+    #[prost(string, tag = "1")]
+    pub serial: ::prost::alloc::string::String,
+    /// Every unexpired certificate issued to this node (node and workload certificates); the
+    /// node stays registered and may renew.
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    /// Every unexpired workload certificate of this service, `namespace/name`.
+    #[prost(string, tag = "3")]
+    pub service: ::prost::alloc::string::String,
+    /// Every unexpired certificate of this operator identity (`admin/NAME`, `viewer/NAME` or the
+    /// full SPIFFE id).
+    #[prost(string, tag = "4")]
+    pub identity: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokedCertificate {
+    #[prost(string, tag = "1")]
+    pub serial: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub identity: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub not_after_unix: i64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RevocationResponse {
+    /// The policy revision that carries the deny-list.
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    /// Certificates revoked by this call (already revoked ones are not repeated).
+    #[prost(message, repeated, tag = "2")]
+    pub revoked: ::prost::alloc::vec::Vec<RevokedCertificate>,
+    /// RemoveNode: the node was registered (false: only its name was added to the deny-list).
+    #[prost(bool, tag = "3")]
+    pub node_removed: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IssueCredentialsRequest {
+    /// `admin` or `viewer`.
+    #[prost(string, tag = "1")]
+    pub role: ::prost::alloc::string::String,
+    /// The identity's name (a DNS label).
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub csr_pem: ::prost::alloc::string::String,
+    /// 0 = the registry's default (one year).
+    #[prost(uint64, tag = "4")]
+    pub ttl_seconds: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListCredentialsRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Credential {
+    #[prost(string, tag = "1")]
+    pub serial: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub identity: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub not_before_unix: i64,
+    #[prost(int64, tag = "4")]
+    pub not_after_unix: i64,
+    #[prost(bool, tag = "5")]
+    pub revoked: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListCredentialsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub credentials: ::prost::alloc::vec::Vec<Credential>,
+}
 /// Generated client implementations.
 pub mod registry_client {
     #![allow(
@@ -945,6 +1025,109 @@ pub mod registry_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("mesh.v1.Registry", "ListCertificates"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Revocation (admin). RemoveNode: the node's record is deleted, every unexpired certificate
+        /// issued to it is revoked, its name is refused by gossip and by joins without a replace token.
+        /// RevokeCertificates: by serial, by node, by service or by operator identity. Both write the
+        /// deny-list (the Revocation resource, pushed to every node on the policy watch) durably
+        /// before returning; the registry refuses every call from a revoked certificate from then on.
+        pub async fn remove_node(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevocationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/mesh.v1.Registry/RemoveNode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("mesh.v1.Registry", "RemoveNode"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn revoke_certificates(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeCertificatesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevocationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/mesh.v1.Registry/RevokeCertificates",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("mesh.v1.Registry", "RevokeCertificates"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Operator credentials. Issue (admin): sign a CSR for an admin or viewer identity. List
+        /// (admin or viewer): every operator certificate the registry issued, revoked ones marked.
+        pub async fn issue_credentials(
+            &mut self,
+            request: impl tonic::IntoRequest<super::IssueCredentialsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/mesh.v1.Registry/IssueCredentials",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("mesh.v1.Registry", "IssueCredentials"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_credentials(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListCredentialsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListCredentialsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/mesh.v1.Registry/ListCredentials",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("mesh.v1.Registry", "ListCredentials"));
             self.inner.unary(req, path, codec).await
         }
         /// Policy resources. Apply/Delete need an operator identity (admin); Get/History also accept
@@ -1332,6 +1515,41 @@ pub mod registry_server {
             request: tonic::Request<super::ListCertificatesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListCertificatesResponse>,
+            tonic::Status,
+        >;
+        /// Revocation (admin). RemoveNode: the node's record is deleted, every unexpired certificate
+        /// issued to it is revoked, its name is refused by gossip and by joins without a replace token.
+        /// RevokeCertificates: by serial, by node, by service or by operator identity. Both write the
+        /// deny-list (the Revocation resource, pushed to every node on the policy watch) durably
+        /// before returning; the registry refuses every call from a revoked certificate from then on.
+        async fn remove_node(
+            &self,
+            request: tonic::Request<super::RemoveNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevocationResponse>,
+            tonic::Status,
+        >;
+        async fn revoke_certificates(
+            &self,
+            request: tonic::Request<super::RevokeCertificatesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevocationResponse>,
+            tonic::Status,
+        >;
+        /// Operator credentials. Issue (admin): sign a CSR for an admin or viewer identity. List
+        /// (admin or viewer): every operator certificate the registry issued, revoked ones marked.
+        async fn issue_credentials(
+            &self,
+            request: tonic::Request<super::IssueCredentialsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CertificateResponse>,
+            tonic::Status,
+        >;
+        async fn list_credentials(
+            &self,
+            request: tonic::Request<super::ListCredentialsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListCredentialsResponse>,
             tonic::Status,
         >;
         /// Policy resources. Apply/Delete need an operator identity (admin); Get/History also accept
@@ -1894,6 +2112,186 @@ pub mod registry_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListCertificatesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/mesh.v1.Registry/RemoveNode" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveNodeSvc<T: Registry>(pub Arc<T>);
+                    impl<
+                        T: Registry,
+                    > tonic::server::UnaryService<super::RemoveNodeRequest>
+                    for RemoveNodeSvc<T> {
+                        type Response = super::RevocationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveNodeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registry>::remove_node(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveNodeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/mesh.v1.Registry/RevokeCertificates" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeCertificatesSvc<T: Registry>(pub Arc<T>);
+                    impl<
+                        T: Registry,
+                    > tonic::server::UnaryService<super::RevokeCertificatesRequest>
+                    for RevokeCertificatesSvc<T> {
+                        type Response = super::RevocationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeCertificatesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registry>::revoke_certificates(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeCertificatesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/mesh.v1.Registry/IssueCredentials" => {
+                    #[allow(non_camel_case_types)]
+                    struct IssueCredentialsSvc<T: Registry>(pub Arc<T>);
+                    impl<
+                        T: Registry,
+                    > tonic::server::UnaryService<super::IssueCredentialsRequest>
+                    for IssueCredentialsSvc<T> {
+                        type Response = super::CertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::IssueCredentialsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registry>::issue_credentials(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = IssueCredentialsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/mesh.v1.Registry/ListCredentials" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListCredentialsSvc<T: Registry>(pub Arc<T>);
+                    impl<
+                        T: Registry,
+                    > tonic::server::UnaryService<super::ListCredentialsRequest>
+                    for ListCredentialsSvc<T> {
+                        type Response = super::ListCredentialsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListCredentialsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registry>::list_credentials(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListCredentialsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -5,7 +5,8 @@ use serde_json::{Map, Value};
 
 use super::decode;
 use super::{
-    Kind, MESH_CONFIG_NAME, Problem, ROOT_NAMESPACE, Resource, ResourceKey, Spec, root_namespace,
+    Kind, MESH_CONFIG_NAME, Problem, REVOCATION_NAME, ROOT_NAMESPACE, Resource, ResourceKey, Spec,
+    root_namespace,
 };
 use crate::name::{DEFAULT_NAMESPACE, Label};
 
@@ -80,12 +81,26 @@ fn build(key: ResourceKey, fields: &Map<String, Value>, cx: &mut decode::Cx) -> 
             );
         }
     }
+    if key.kind == Kind::Revocation {
+        if key.name.as_str() != REVOCATION_NAME {
+            cx.error(
+                "name",
+                format!("a Revocation must be named {REVOCATION_NAME:?} (there is one per mesh)"),
+            );
+        }
+        if key.namespace.as_str() != ROOT_NAMESPACE {
+            cx.error(
+                "namespace",
+                format!("a Revocation lives in namespace {ROOT_NAMESPACE:?}; omit `namespace`"),
+            );
+        }
+    }
     let spec = Spec::read(key.kind, fields, cx)?;
     Some(Resource { key, spec })
 }
 
 fn default_namespace(kind: Option<Kind>) -> Label {
-    if kind == Some(Kind::MeshConfig) {
+    if matches!(kind, Some(Kind::MeshConfig | Kind::Revocation)) {
         root_namespace()
     } else {
         Label::new(DEFAULT_NAMESPACE).expect("the default namespace is a label")

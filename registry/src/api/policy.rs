@@ -56,7 +56,7 @@ impl PolicyHub {
 
     /// Applies `changes` to `store` and, once that returned (durable) with a new revision,
     /// publishes it. Blocks: call from a blocking thread.
-    fn commit(
+    pub(super) fn commit(
         &self,
         store: &dyn Store,
         changes: &[PolicyChange],
@@ -152,6 +152,12 @@ impl RegistryApi {
         let admin = self.require_admin(peer)?;
         let (kind, namespace, name) = resource_key(&req.kind, &req.namespace, &req.name)
             .map_err(|e| reject("bad_request", Status::invalid_argument(e)))?;
+        if kind == Kind::Revocation.as_str() {
+            return Err(reject(
+                "registry_owned",
+                Status::permission_denied(registry_owned(&format!("{kind}/{namespace}/{name}"))),
+            ));
+        }
         let change = PolicyChange {
             kind,
             namespace,
@@ -254,6 +260,9 @@ pub fn validate_apply(resources: &[pb::Resource]) -> Result<Vec<PolicyChange>, V
     let mut seen = HashSet::new();
     for r in resources {
         match Resource::from_json(&r.kind, &r.namespace, &r.name, &r.spec_json) {
+            Ok(resource) if resource.key.kind == Kind::Revocation => {
+                problems.push(registry_owned(&resource.key.to_string()));
+            }
             Ok(resource) if !seen.insert(resource.key.clone()) => problems.push(format!(
                 "{}: appears more than once in this apply",
                 resource.key
@@ -274,6 +283,13 @@ pub fn validate_apply(resources: &[pb::Resource]) -> Result<Vec<PolicyChange>, V
     }
 }
 
+/// Why an operator may not write the deny-list directly.
+fn registry_owned(key: &str) -> String {
+    format!(
+        "{key}: the deny-list is written by the registry only; use `meshctl node remove` or `meshctl cert revoke`"
+    )
+}
+
 /// The canonical key of a named resource (for delete and history), as [`validate_apply`]
 /// stores it: the kind's canonical name and an empty namespace defaulted the same way.
 pub fn resource_key(
@@ -283,7 +299,9 @@ pub fn resource_key(
 ) -> Result<(String, String, String), String> {
     let kind = canonical_kind(kind)?;
     let namespace = match namespace {
-        "" if kind == Kind::MeshConfig.as_str() => ROOT_NAMESPACE,
+        "" if kind == Kind::MeshConfig.as_str() || kind == Kind::Revocation.as_str() => {
+            ROOT_NAMESPACE
+        }
         "" => DEFAULT_NAMESPACE,
         ns => ns,
     };

@@ -119,6 +119,10 @@ impl Store for MemoryStore {
         Ok(self.state().nodes.values().cloned().collect())
     }
 
+    fn delete_node(&self, name: &str) -> Result<Option<NodeRecord>, Error> {
+        Ok(self.state().nodes.remove(name))
+    }
+
     fn put_cert(&self, cert: &CertRecord) -> Result<(), Error> {
         self.state().certs.insert(cert.serial.clone(), cert.clone());
         Ok(())

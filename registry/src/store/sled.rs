@@ -333,6 +333,15 @@ impl Store for SledStore {
         list(&self.nodes, NODES)
     }
 
+    fn delete_node(&self, name: &str) -> Result<Option<NodeRecord>, Error> {
+        let Some(node) = get(&self.nodes, NODES, name)? else {
+            return Ok(None);
+        };
+        self.nodes.remove(name).map_err(sled_err("delete node"))?;
+        Store::flush(self)?;
+        Ok(Some(node))
+    }
+
     fn put_cert(&self, cert: &CertRecord) -> Result<(), Error> {
         self.put(&self.certs, "write cert", &cert.serial, cert)
     }

@@ -43,7 +43,8 @@ fn fixture() -> Fixture {
         config,
         Metrics::default(),
         shutdown_rx,
-    );
+    )
+    .unwrap();
     Fixture {
         api,
         store,
@@ -388,7 +389,8 @@ async fn a_store_without_a_keyring_is_a_failed_precondition() {
         f.api.inner.config.clone(),
         Metrics::default(),
         f.shutdown.subscribe(),
-    );
+    )
+    .unwrap();
     let watched = empty.do_watch_gossip_keys(&f.node("n1")).await.err();
     let got = empty.do_get_gossip_keys(&f.admin()).await.err();
     let req = pb::ChangeGossipKeysRequest {

@@ -41,7 +41,8 @@ fn fixture() -> Fixture {
         config,
         Metrics::default(),
         shutdown_rx,
-    );
+    )
+    .unwrap();
     Fixture { api, shutdown, td }
 }
 

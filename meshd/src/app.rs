@@ -205,11 +205,15 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         shutdown_rx.clone(),
     ));
     let transport = SealedTransport::new(keyring_rx, seal_stats);
+    // Compiled once per policy snapshot; gossip leaves removed nodes out of the view, and the
+    // proxy refuses (and closes) connections carried by revoked certificates.
+    let deny_rx = crate::deny::compile(policy.policy_rx.clone(), shutdown_rx.clone());
     let (membership, view_rx) = Membership::start(
         &config,
         cluster_id,
         advertise,
         &transport,
+        deny_rx.clone(),
         shutdown_rx.clone(),
     )
     .await?;
@@ -245,6 +249,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         view_rx: view_rx.clone(),
         policy_rx: policy.policy_rx.clone(),
         policy_synced_rx: policy.synced_rx.clone(),
+        deny_rx: deny_rx.clone(),
         metrics: proxy_metrics,
         drain: drain_watch,
         force_rx,

@@ -191,6 +191,54 @@ impl Client {
             .into_inner())
     }
 
+    /// Removes a node: its record, its certificates, its name from gossip (operators only).
+    pub async fn remove_node(&self, name: &str) -> Result<pb::RevocationResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .remove_node(pb::RemoveNodeRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Revokes the certificates `req` selects (operators only).
+    pub async fn revoke_certificates(
+        &self,
+        req: pb::RevokeCertificatesRequest,
+    ) -> Result<pb::RevocationResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .revoke_certificates(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Signs operator credentials (operators only).
+    pub async fn issue_credentials(
+        &self,
+        req: pb::IssueCredentialsRequest,
+    ) -> Result<pb::CertificateResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .issue_credentials(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Every operator certificate the registry issued (operators and viewers).
+    pub async fn list_credentials(&self) -> Result<pb::ListCredentialsResponse, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .list_credentials(pb::ListCredentialsRequest {})
+            .await?
+            .into_inner())
+    }
+
     /// Lists registered nodes (operators only).
     pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse, Error> {
         Ok(self

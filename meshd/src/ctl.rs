@@ -18,6 +18,7 @@ use crate::control::{self, Auth};
 pub mod check;
 pub mod gossip_key;
 pub mod policy;
+pub mod revoke;
 pub mod slo;
 pub mod token;
 pub mod topology;
@@ -66,6 +67,17 @@ impl Credentials {
             .context("no registry address: pass --registry or put registry = \"host:port\" in meshctl.toml")
     }
 
+    /// The trust domain of the operator certificate.
+    pub fn trust_domain(&self) -> anyhow::Result<TrustDomain> {
+        let p = self.dir.join("admin.pem");
+        let chain = std::fs::read_to_string(&p)
+            .with_context(|| format!("reading operator credential {}", p.display()))?;
+        let certs = tls::parse_certs(&chain, "operator certificate")?;
+        tls::peer_identity(&certs)
+            .map(|id| id.trust_domain().clone())
+            .context("operator certificate carries no mesh identity")
+    }
+
     /// A registry client authenticated as the operator; `registry` overrides the address.
     pub fn client(&self, registry: Option<&str>) -> anyhow::Result<control::Client> {
         let addr = self.registry_address(registry)?;
@@ -91,6 +103,16 @@ impl Credentials {
             DEFAULT_TIMEOUT,
             DEFAULT_TIMEOUT,
         )?)
+    }
+}
+
+/// `3h12m ago` or `in 21h`.
+pub fn when(unix: i64, now_unix: i64) -> String {
+    let d = short_duration(Duration::from_secs((now_unix - unix).unsigned_abs()));
+    if unix <= now_unix {
+        format!("{d} ago")
+    } else {
+        format!("in {d}")
     }
 }
 

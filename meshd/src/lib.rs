@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod demo;
+pub mod deny;
 pub mod dev;
 pub mod discovery;
 pub mod fsutil;

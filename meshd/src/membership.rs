@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, Protocol, Service};
 use crate::gossip_seal::SealedTransport;
 use crate::health::ServiceHealth;
+use mesh_api::policy::DenyList;
 
 /// Phi-accrual threshold above which a silent node is considered dead. chitchat's phi is the
 /// silence divided by the mean time between heartbeat updates, which is a third to 0.9 of a
@@ -98,10 +99,14 @@ pub struct MeshView {
 }
 
 /// Builds the view from chitchat's live nodes. Values this build cannot read (newer schema,
-/// garbage) are skipped with a debug log, never trusted half-way.
-pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>) -> MeshView {
+/// garbage) are skipped with a debug log, never trusted half-way. Nodes on the deny-list
+/// (removed by an operator) are left out whatever they gossip.
+pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>, deny: &DenyList) -> MeshView {
     let mut view = MeshView::default();
     for (id, state) in nodes {
+        if deny.denies_node(&id.node_id) {
+            continue;
+        }
         let info = state
             .get(gossip::KEY_NODE)
             .and_then(|v| match gossip::decode::<NodeInfo>(v) {
@@ -278,6 +283,7 @@ impl Membership {
         cluster_id: String,
         inbound: SocketAddr,
         transport: &SealedTransport,
+        mut deny_rx: watch::Receiver<Arc<DenyList>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, watch::Receiver<Arc<MeshView>>), Error> {
         let generation = SystemTime::now()
@@ -318,7 +324,10 @@ impl Membership {
                 reason: format!("{e:#}"),
             })?;
         let mut live_rx = handle.chitchat().lock().await.live_nodes_watcher();
-        let initial = Arc::new(build_view(&live_rx.borrow_and_update()));
+        let initial = Arc::new(build_view(
+            &live_rx.borrow_and_update(),
+            &deny_rx.borrow_and_update(),
+        ));
         let (view_tx, view_rx) = watch::channel(initial);
         let mut shutdown_view = shutdown.clone();
         // Fire-and-forget: ends when chitchat stops (sender dropped) or on shutdown.
@@ -327,9 +336,12 @@ impl Membership {
             loop {
                 tokio::select! {
                     r = live_rx.changed() => if r.is_err() { return },
+                    // Discovery gone (shutting down): the last deny-list stays in force.
+                    Ok(()) = deny_rx.changed() => {}
                     _ = mesh_runtime::drain::until_true(&mut shutdown_view) => return,
                 }
-                let view = build_view(&live_rx.borrow_and_update());
+                let deny = deny_rx.borrow_and_update().clone();
+                let view = build_view(&live_rx.borrow_and_update(), &deny);
                 if view.members.len() != members {
                     info!(members = view.members.len(), "mesh membership changed");
                     members = view.members.len();
@@ -532,7 +544,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let view = build_view(&nodes);
+        let view = build_view(&nodes, &DenyList::default());
         assert_eq!(view.members.len(), 3);
         let api = &view.endpoints[&ServiceKey::parse("api").unwrap()];
         assert_eq!(api.len(), 2);

@@ -146,6 +146,9 @@ pub struct Shared {
     /// the inbound fails closed: TCP callers are reset, HTTP callers get 503
     /// `inbound/no_policy` — an empty policy would allow everything.
     pub policy_synced_rx: watch::Receiver<bool>,
+    /// Revoked certificates (compiled from the policy snapshot): checked after every TLS
+    /// handshake, and watched by every open mTLS connection, which is closed on revocation.
+    pub deny_rx: watch::Receiver<Arc<mesh_api::policy::DenyList>>,
     /// Metrics.
     pub metrics: Metrics,
     /// Held by each connection; the drain waits for all of them.

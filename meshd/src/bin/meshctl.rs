@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use mesh_api::policy::Kind;
 use meshd::control;
-use meshd::ctl::{self, check, policy, slo, token, topology};
+use meshd::ctl::{self, check, policy, revoke, slo, token, topology};
 
 const EX_USAGE: u8 = 64;
 
@@ -91,6 +91,22 @@ enum Command {
     },
     /// Nodes registered with the registry.
     Nodes,
+    /// Cut a node off: `meshctl node remove NAME`.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Revoke certificates: `meshctl cert revoke SERIAL | --node NAME | --service NS/NAME |
+    /// --identity admin/NAME`.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Operator credentials: create, list, revoke.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
     /// Certificates the registry issued, newest first.
     Certs {
         /// How many to show (0 = all).
@@ -196,6 +212,62 @@ enum GossipKeyCommand {
         /// How long to wait for the nodes at each step.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Remove a node from the mesh: its record is deleted, every certificate issued to it is
+    /// revoked (every meshd refuses them within seconds and closes connections they carry),
+    /// gossip drops it and refuses it back, and its renewals are refused. To let a reinstalled
+    /// host join under the name again, create a token with `token create --replace NAME`.
+    Remove {
+        /// The node's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Revoke certificates (name exactly one: a serial, or --node, --service, --identity).
+    Revoke {
+        /// A certificate serial (hex, as `meshctl certs` shows it).
+        serial: Option<String>,
+        /// Every unexpired certificate issued to this node (it stays registered and may renew).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Every unexpired workload certificate of this service.
+        #[arg(long, value_name = "NS/NAME")]
+        service: Option<String>,
+        /// Every unexpired certificate of an operator identity.
+        #[arg(long, value_name = "admin/NAME|viewer/NAME")]
+        identity: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Issue operator credentials into a new directory (the key is made on this host).
+    Create {
+        /// `admin` (may change the mesh) or `viewer` (read-only).
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        /// The identity's name, e.g. a person's user name.
+        name: String,
+        /// Directory to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime (default and limit: one year).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Every operator certificate the registry issued: identity, serial, state, expiry.
+    List,
+    /// Revoke operator credentials: a serial, or every certificate of `admin/NAME` /
+    /// `viewer/NAME`. The credentials making the call cannot revoke themselves.
+    Revoke {
+        /// A serial, or an identity (`admin/NAME`, `viewer/NAME`).
+        what: String,
     },
 }
 
@@ -336,6 +408,61 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             print!("{}", token::revoke(&client, &id).await?);
         }
+        Command::Node {
+            command: NodeCommand::Remove { name },
+        } => {
+            print!("{}", revoke::remove_node(&client, &name).await?);
+        }
+        Command::Cert {
+            command:
+                CertCommand::Revoke {
+                    serial,
+                    node,
+                    service,
+                    identity,
+                },
+        } => {
+            let r = revoke::Revoke {
+                serial,
+                node,
+                service,
+                identity,
+            };
+            print!("{}", revoke::revoke(&client, &r).await?);
+        }
+        Command::Credentials { command } => match command {
+            CredentialsCommand::Create {
+                role,
+                name,
+                out,
+                ttl,
+            } => {
+                let td = creds.trust_domain()?;
+                let registry = creds.registry_address(cli.registry.as_deref())?;
+                let msg =
+                    revoke::create_credentials(&client, &td, &registry, &role, &name, ttl, &out)
+                        .await?;
+                print!("{msg}");
+            }
+            CredentialsCommand::List => {
+                let list = client.list_credentials().await?.credentials;
+                print!("{}", revoke::credentials_table(&list, ctl::now_unix()));
+            }
+            CredentialsCommand::Revoke { what } => {
+                let r = if what.contains('/') {
+                    revoke::Revoke {
+                        identity: Some(what),
+                        ..Default::default()
+                    }
+                } else {
+                    revoke::Revoke {
+                        serial: Some(what),
+                        ..Default::default()
+                    }
+                };
+                print!("{}", revoke::revoke(&client, &r).await?);
+            }
+        },
         Command::Nodes => {
             let nodes = client.list_nodes().await?.nodes;
             println!(
@@ -463,6 +590,7 @@ fn describe(e: &anyhow::Error) -> (String, u8) {
             tonic::Code::Unauthenticated => format!("not authenticated: {msg}"),
             tonic::Code::InvalidArgument => format!("the registry refused the request: {msg}"),
             tonic::Code::NotFound => msg.to_owned(),
+            tonic::Code::FailedPrecondition => format!("the registry refused the request: {msg}"),
             tonic::Code::AlreadyExists => format!("the registry refused the request: {msg}"),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 format!("registry unreachable: {msg}")

@@ -124,15 +124,7 @@ pub fn table(tokens: &[pb::TokenRecord], now_unix: i64) -> String {
     )
 }
 
-/// `3h12m ago` or `in 21h`.
-fn when(unix: i64, now_unix: i64) -> String {
-    let d = ctl::short_duration(Duration::from_secs((now_unix - unix).unsigned_abs()));
-    if unix <= now_unix {
-        format!("{d} ago")
-    } else {
-        format!("in {d}")
-    }
-}
+use ctl::when;
 
 fn dash(s: &str) -> String {
     if s.is_empty() { "-" } else { s }.to_owned()

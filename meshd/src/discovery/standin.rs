@@ -66,6 +66,12 @@ pub fn read_full(event: &pb::PolicyEvent) -> (BTreeMap<ResourceKey, Resource>, V
 
 /// The fail-closed stand-in for an unreadable resource of kind `kind`, and what it does.
 fn stand_in(kind: Kind, r: &pb::Resource, i: usize) -> Option<(Resource, &'static str)> {
+    if kind == Kind::Revocation {
+        return Some((
+            salvage_revocation(&r.spec_json),
+            "every serial and node name it lists is denied",
+        ));
+    }
     let (spec, what) = match kind {
         Kind::AuthorizationPolicy => (DENY_ALL, "deny every caller in its namespace"),
         Kind::PeerAuthentication => (STRICT, "strict mTLS for its namespace"),
@@ -85,6 +91,46 @@ fn stand_in(kind: Kind, r: &pb::Resource, i: usize) -> Option<(Resource, &'stati
     let res = Resource::from_json(kind.as_str(), &namespace, &name, spec)
         .expect("stand-in specs are valid resources");
     Some((res, what))
+}
+
+/// The deny-list read leniently: every well-formed serial and node name found in it, whatever
+/// else is wrong (denying what it lists is the safe direction; dropping it would readmit them).
+fn salvage_revocation(spec_json: &str) -> Resource {
+    use mesh_api::policy::{Revocation, RevokedCert, Spec, revocation::canonical_serial};
+    let v: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
+    let mut r = Revocation::default();
+    let entries = |key: &str| {
+        v.get(key)
+            .and_then(|l| l.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    r.add_certs(entries("certificates").iter().filter_map(|c| {
+        let serial = canonical_serial(c.get("serial")?.as_str()?)?;
+        Some(RevokedCert {
+            serial,
+            not_after: c
+                .get("not_after")
+                .and_then(|n| n.as_i64())
+                .unwrap_or(i64::MAX),
+            identity: String::new(),
+            node: String::new(),
+            revoked_unix: 0,
+        })
+    }));
+    for n in entries("nodes") {
+        if let Some(name) = n
+            .get("name")
+            .and_then(|s| s.as_str())
+            .and_then(|s| mesh_api::NodeName::new(s).ok())
+        {
+            r.add_node(name, 0);
+        }
+    }
+    Resource {
+        key: Revocation::key(),
+        spec: Spec::Revocation(r),
+    }
 }
 
 #[cfg(test)]

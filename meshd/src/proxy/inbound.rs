@@ -115,6 +115,37 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
     else {
         return;
     };
+    let serial = crate::deny::peer_serial(tls_stream.get_ref().1);
+    let mut deny_rx = shared.deny_rx.clone();
+    tokio::select! {
+        () = serve_mtls(tls_stream, caller.clone(), local, peer, shared, started) => {}
+        () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
+            // The serving future is dropped here, which closes both sockets (caller and app).
+            shared.metrics.reject(Direction::Inbound, REASON_CERT_REVOKED);
+            warn!(
+                src.identity = %caller,
+                src.addr = %peer,
+                dst.service = %local.key,
+                serial = serial.as_deref().unwrap_or_default(),
+                reason = REASON_CERT_REVOKED,
+                "connection closed: the caller's certificate was revoked"
+            );
+        }
+    }
+}
+
+/// Reason of a refused or closed connection whose peer certificate is on the deny-list.
+pub const REASON_CERT_REVOKED: &str = "cert_revoked";
+
+/// An accepted mTLS caller: a byte stream, HTTP/1 or meshd's HTTP/2, by ALPN and protocol.
+async fn serve_mtls(
+    tls_stream: TlsStream<TcpStream>,
+    caller: Identity,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+    started: Instant,
+) {
     let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(mesh_runtime::tls::ALPN_MESH_H2);
     match (h2, local.protocol.is_http()) {
         (false, false) => {
@@ -223,6 +254,17 @@ async fn accept_tls<'s>(
     shared
         .metrics
         .handshake(Direction::Inbound, tls_stream.get_ref().1);
+    if let Some(serial) = crate::deny::denied_peer(&shared.deny_rx.borrow(), tls_stream.get_ref().1)
+    {
+        copy::reset(tls_stream.get_ref().0);
+        reject(
+            shared,
+            peer,
+            REASON_CERT_REVOKED,
+            &format!("caller certificate {serial} is revoked"),
+        );
+        return None;
+    }
     let (_, conn) = tls_stream.get_ref();
     let Some(svc) = conn.server_name().and_then(ServiceKey::from_sni) else {
         reject(

@@ -307,6 +307,14 @@ async fn attempt_once(
     shared
         .metrics
         .handshake(Direction::Outbound, tls.get_ref().1);
+    if let Some(serial) = crate::deny::denied_peer(&shared.deny_rx.borrow(), tls.get_ref().1) {
+        copy::reset(tls.get_ref().0);
+        return Err(Error::Handshake {
+            addr,
+            reason: super::inbound::REASON_CERT_REVOKED,
+            source: std::io::Error::other(format!("server certificate {serial} is revoked")),
+        });
+    }
     Ok(tls)
 }
 
@@ -387,11 +395,19 @@ async fn handle(
         .inc();
     let _active = ActiveGuard::new(&shared.metrics, Direction::Outbound);
     let mut force = shared.force_rx.clone();
+    let mut deny_rx = shared.deny_rx.clone();
+    let serial = crate::deny::peer_serial(tls_stream.get_ref().1);
     let result = tokio::select! {
         r = copy::bidirectional(&mut app, &mut tls_stream, true) => r,
         _ = mesh_runtime::drain::until_true(&mut force) => {
             copy::reset(&app);
             Err(std::io::Error::other("closed at the end of the drain grace period"))
+        }
+        () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
+            copy::reset(&app);
+            shared.metrics.reject(Direction::Outbound, super::inbound::REASON_CERT_REVOKED);
+            warn!(src.service = %source.key, dst.service = %dst, dst.addr = %addr, "connection closed: the server's certificate was revoked");
+            Err(std::io::Error::other("closed: the server's certificate was revoked"))
         }
     };
     let (t, error) = match result {

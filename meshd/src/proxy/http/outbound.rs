@@ -881,6 +881,7 @@ async fn connection(
                 continue;
             }
         };
+        let serial = crate::deny::peer_serial(stream.get_ref().1);
         // Bounded like the TLS handshake before it: other requests wait on this attempt.
         let handshake = tokio::time::timeout(
             shared.config().outbound.connect_timeout,
@@ -896,8 +897,11 @@ async fn connection(
             Ok(Ok((mut sender, driver))) => {
                 let addr = ep.addr;
                 let mut force = shared.force_rx.clone();
+                let mut deny_rx = shared.deny_rx.clone();
+                let metrics = shared.metrics.clone();
                 // Runs until the last sender is dropped (pool eviction), the peer closes or
-                // stops answering keep-alive pings, or the drain's grace period is over.
+                // stops answering keep-alive pings, the drain's grace period is over, or the
+                // peer's certificate is revoked (the pool then drops the closed sender).
                 tokio::spawn(
                     async move {
                         tokio::select! {
@@ -905,6 +909,10 @@ async fn connection(
                                 debug!(error = %e, "http/2 connection to a peer ended with an error");
                             },
                             _ = mesh_runtime::drain::until_true(&mut force) => {}
+                            () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
+                                metrics.reject(Direction::Outbound, crate::proxy::inbound::REASON_CERT_REVOKED);
+                                warn!(dst.addr = %addr, "http/2 connection closed: the server's certificate was revoked");
+                            }
                         }
                     }
                     .instrument(debug_span!("h2", dst.addr = %addr)),

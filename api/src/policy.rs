@@ -112,6 +112,7 @@ pub mod revocation;
 mod route;
 mod security;
 mod slo;
+pub mod trust_bundle;
 mod value;
 
 pub use authz::MtlsMode;
@@ -135,6 +136,7 @@ pub use slo::{
     Alerting, Calendar, DEFAULT_FAST_BURN, DEFAULT_SLOW_BURN, DEFAULT_WINDOW, Objective, Slo,
     Window,
 };
+pub use trust_bundle::{TRUST_BUNDLE_NAME, TrustBundle};
 pub use value::{
     IpBlock, Pattern, REGEX_SIZE_LIMIT, StringMatch, compile_regex, format_duration, parse_duration,
 };
@@ -167,6 +169,8 @@ pub enum Kind {
     MeshConfig,
     /// Revoked certificates and removed nodes ([`Revocation`]); written by the registry only.
     Revocation,
+    /// The mesh's root certificates ([`TrustBundle`]); written by the registry only.
+    TrustBundle,
 }
 
 /// A kind name that is none of [`Kind::ALL`].
@@ -207,6 +211,8 @@ pub enum Spec {
     MeshConfig(MeshConfig),
     /// See [`Revocation`].
     Revocation(Revocation),
+    /// See [`TrustBundle`].
+    TrustBundle(TrustBundle),
 }
 
 /// A validated policy resource.
@@ -245,7 +251,7 @@ pub struct Snapshot {
 
 impl Kind {
     /// Every kind, in order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Self::AuthorizationPolicy,
         Self::PeerAuthentication,
         Self::Route,
@@ -255,6 +261,7 @@ impl Kind {
         Self::Gateway,
         Self::MeshConfig,
         Self::Revocation,
+        Self::TrustBundle,
     ];
 
     /// The canonical name (`AuthorizationPolicy`, …, `SLO`).
@@ -269,6 +276,7 @@ impl Kind {
             Self::Gateway => "Gateway",
             Self::MeshConfig => "MeshConfig",
             Self::Revocation => "Revocation",
+            Self::TrustBundle => "TrustBundle",
         }
     }
 
@@ -284,7 +292,18 @@ impl Kind {
             Self::Gateway => &["gateways", "gw"],
             Self::MeshConfig => &["meshconfigs", "mc"],
             Self::Revocation => &["revocations"],
+            Self::TrustBundle => &["trustbundles"],
         }
+    }
+
+    /// Written by the registry only (operators cannot apply or delete it).
+    pub fn is_registry_owned(self) -> bool {
+        matches!(self, Self::Revocation | Self::TrustBundle)
+    }
+
+    /// Exists once per mesh, in the root namespace (the namespace may be omitted).
+    pub fn is_mesh_wide(self) -> bool {
+        matches!(self, Self::MeshConfig | Self::Revocation | Self::TrustBundle)
     }
 
     fn names() -> Vec<&'static str> {
@@ -361,6 +380,7 @@ impl Spec {
             Self::Gateway(_) => Kind::Gateway,
             Self::MeshConfig(_) => Kind::MeshConfig,
             Self::Revocation(_) => Kind::Revocation,
+            Self::TrustBundle(_) => Kind::TrustBundle,
         }
     }
 
@@ -382,6 +402,7 @@ impl Spec {
             Kind::Gateway => gateway::gateway(fields, cx).map(Self::Gateway),
             Kind::MeshConfig => security::mesh_config(fields, cx).map(Self::MeshConfig),
             Kind::Revocation => revocation::revocation(fields, cx).map(Self::Revocation),
+            Kind::TrustBundle => trust_bundle::trust_bundle(fields, cx).map(Self::TrustBundle),
         }
     }
 }

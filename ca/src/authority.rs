@@ -11,6 +11,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
 
 use crate::cert::{self, asn1_to_system, first_cert_der, parse_cert, pem_encode};
 use crate::{Error, csr};
@@ -43,6 +44,8 @@ pub struct Authority {
     intermediate_not_before: SystemTime,
     intermediate_not_after: SystemTime,
     issuer: Issuer<'static, KeyPair>,
+    /// Roots peers must trust: the current root, and during a root rotation the other one.
+    bundle_pem: String,
 }
 
 /// What to issue: the identity and lifetime are imposed, never taken from a CSR.
@@ -209,6 +212,7 @@ impl Authority {
             what: "load intermediate as issuer",
             source,
         })?;
+        let root_der_copy = root_der.clone();
         Ok(Authority {
             trust_domain: trust_domain.clone(),
             root_pem: pem_encode("CERTIFICATE", &root_der),
@@ -218,7 +222,88 @@ impl Authority {
             intermediate_not_before,
             intermediate_not_after,
             issuer,
+            bundle_pem: pem_encode("CERTIFICATE", &root_der_copy),
         })
+    }
+
+    /// This authority with `bundle_pem` as the roots peers trust: every certificate in it must
+    /// be a CA, and the current root must be one of them (else what it signs would not verify).
+    pub fn with_trust_bundle(mut self, bundle_pem: &str) -> Result<Authority, Error> {
+        let mut normalised = String::new();
+        let mut has_root = false;
+        for (index, der) in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()).enumerate() {
+            let der = der.map_err(|e| Error::BadPem {
+                what: "trust bundle",
+                reason: e.to_string(),
+            })?;
+            let cert = parse_cert(der.as_ref(), "trust bundle")?;
+            if !cert.is_ca() {
+                return Err(Error::BundleNotCa { index });
+            }
+            has_root |= der.as_ref() == self.root_der.as_slice();
+            normalised.push_str(&pem_encode("CERTIFICATE", der.as_ref()));
+        }
+        if !has_root {
+            return Err(Error::BundleWithoutRoot);
+        }
+        self.bundle_pem = normalised;
+        Ok(self)
+    }
+
+    /// A new signing intermediate under the root of `files` (which must hold the root key),
+    /// valid for a year (within the root's validity) from `now`: the files to store instead.
+    pub fn new_intermediate(
+        trust_domain: &TrustDomain,
+        files: &CaFiles,
+        now: SystemTime,
+    ) -> Result<CaFiles, Error> {
+        let root_key_pem = files.root_key_pem.as_ref().ok_or(Error::RootKeyMissing)?;
+        let current = Self::load(trust_domain, files, now)?;
+        let root_key = load_key(root_key_pem, "root")?;
+        let root =
+            Issuer::from_ca_cert_der(&CertificateDer::from(current.root_der.as_slice()), root_key)
+                .map_err(|source| Error::Rcgen {
+                    what: "load root as issuer",
+                    source,
+                })?;
+        let not_before = now.checked_sub(CLOCK_SKEW).ok_or(Error::TimeOutOfRange)?;
+        let not_after = now
+            .checked_add(INTERMEDIATE_LIFETIME)
+            .ok_or(Error::TimeOutOfRange)?
+            .min(current.root_not_after);
+        let mut params = ca_params(
+            format!("{trust_domain} mesh intermediate CA"),
+            0,
+            not_before,
+            not_after,
+        )?;
+        params.use_authority_key_identifier_extension = true;
+        let key = generate_key("generate intermediate key")?;
+        let cert = params
+            .signed_by(&key, &root)
+            .map_err(|source| Error::Rcgen {
+                what: "sign intermediate certificate",
+                source,
+            })?;
+        let next = CaFiles {
+            root_cert_pem: files.root_cert_pem.clone(),
+            root_key_pem: files.root_key_pem.clone(),
+            intermediate_cert_pem: cert.pem(),
+            intermediate_key_pem: key.serialize_pem(),
+        };
+        // Every check `load` runs, on what we are about to store.
+        Self::load(trust_domain, &next, now)?;
+        Ok(next)
+    }
+
+    /// The intermediate certificate, PEM.
+    pub fn intermediate_pem(&self) -> &str {
+        &self.intermediate_pem
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// Imports an operator-provided root certificate, intermediate certificate and intermediate
@@ -252,9 +337,10 @@ impl Authority {
         &self.trust_domain
     }
 
-    /// PEM of the root(s) a peer must trust (just the root for now).
+    /// PEM of the roots a peer must trust: the root, or the bundle set by
+    /// [`Authority::with_trust_bundle`] (old and new root during a rotation).
     pub fn trust_bundle_pem(&self) -> String {
-        self.root_pem.clone()
+        self.bundle_pem.clone()
     }
 
     /// DER of the root certificate.

@@ -49,6 +49,21 @@ pub enum Error {
         /// Which certificate: "root" or "intermediate".
         which: &'static str,
     },
+    /// A trust bundle does not hold the CA's current root.
+    #[error("trust bundle does not contain the current root certificate")]
+    BundleWithoutRoot,
+    /// A trust bundle holds something other than CA certificates.
+    #[error("trust bundle certificate {index} is not a CA certificate")]
+    BundleNotCa {
+        /// Position in the bundle, from 0.
+        index: usize,
+    },
+    /// Rotating the intermediate needs the root's key, which this CA does not hold.
+    #[error(
+        "the root key is not in the CA directory (kept offline, or the CA was imported): \
+         sign a new intermediate with it elsewhere and import it"
+    )]
+    RootKeyMissing,
     /// The intermediate's issuer name or signature does not match the root.
     #[error("intermediate certificate is not signed by the root certificate")]
     NotSignedByRoot,

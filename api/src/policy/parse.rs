@@ -81,17 +81,23 @@ fn build(key: ResourceKey, fields: &Map<String, Value>, cx: &mut decode::Cx) -> 
             );
         }
     }
-    if key.kind == Kind::Revocation {
-        if key.name.as_str() != REVOCATION_NAME {
+    if let Some(only) = singleton_name(key.kind) {
+        if key.name.as_str() != only {
             cx.error(
                 "name",
-                format!("a Revocation must be named {REVOCATION_NAME:?} (there is one per mesh)"),
+                format!(
+                    "a {} must be named {only:?} (there is one per mesh)",
+                    key.kind
+                ),
             );
         }
         if key.namespace.as_str() != ROOT_NAMESPACE {
             cx.error(
                 "namespace",
-                format!("a Revocation lives in namespace {ROOT_NAMESPACE:?}; omit `namespace`"),
+                format!(
+                    "a {} lives in namespace {ROOT_NAMESPACE:?}; omit `namespace`",
+                    key.kind
+                ),
             );
         }
     }
@@ -99,8 +105,20 @@ fn build(key: ResourceKey, fields: &Map<String, Value>, cx: &mut decode::Cx) -> 
     Some(Resource { key, spec })
 }
 
+/// The one name a registry-owned, once-per-mesh kind may have.
+fn singleton_name(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Revocation => Some(REVOCATION_NAME),
+        Kind::TrustBundle => Some(super::TRUST_BUNDLE_NAME),
+        _ => None,
+    }
+}
+
 fn default_namespace(kind: Option<Kind>) -> Label {
-    if matches!(kind, Some(Kind::MeshConfig | Kind::Revocation)) {
+    if matches!(
+        kind,
+        Some(Kind::MeshConfig | Kind::Revocation | Kind::TrustBundle)
+    ) {
         root_namespace()
     } else {
         Label::new(DEFAULT_NAMESPACE).expect("the default namespace is a label")

@@ -368,3 +368,61 @@ fn signing_as_of_before_the_intermediate_existed_is_refused() {
         Err(Error::IntermediateNotYetValid { .. })
     ));
 }
+
+#[test]
+fn a_new_intermediate_signs_under_the_same_root() {
+    let (old, files) = Authority::generate(&td(), now()).unwrap();
+    let later = now() + 30 * DAY;
+    let next = Authority::new_intermediate(&td(), &files, later).unwrap();
+    assert_eq!(next.root_cert_pem, files.root_cert_pem, "same root");
+    assert_ne!(next.intermediate_cert_pem, files.intermediate_cert_pem);
+    let new = Authority::load(&td(), &next, later).unwrap();
+    assert_eq!(new.root_der(), old.root_der());
+    assert!(new.intermediate_not_after() > old.intermediate_not_after());
+    // A leaf of the new intermediate chains to the root the old leaves chain to.
+    let issued = new
+        .sign_csr(
+            &csr_for(web().to_string().as_str()),
+            &SignRequest {
+                now: later,
+                ..request(web(), DAY)
+            },
+        )
+        .unwrap();
+    let chain = ders(&issued.chain_pem);
+    let int = parse(&chain[1]);
+    assert!(
+        int.verify_signature(Some(parse(old.root_der()).public_key()))
+            .is_ok()
+    );
+    // Without the root key there is nothing to sign with.
+    let offline = CaFiles {
+        root_key_pem: None,
+        ..files
+    };
+    assert!(matches!(
+        Authority::new_intermediate(&td(), &offline, later),
+        Err(Error::RootKeyMissing)
+    ));
+}
+
+#[test]
+fn trust_bundles_must_hold_the_root_and_only_cas() {
+    let (a, _) = Authority::generate(&td(), now()).unwrap();
+    let (b, _) = Authority::generate(&td(), now()).unwrap();
+    let both = format!("{}{}", b.root_pem(), a.root_pem());
+    let a = a.with_trust_bundle(&both).unwrap();
+    assert_eq!(ders(&a.trust_bundle_pem()).len(), 2);
+    let (c, _) = Authority::generate(&td(), now()).unwrap();
+    assert!(matches!(
+        c.with_trust_bundle(b.root_pem()),
+        Err(Error::BundleWithoutRoot)
+    ));
+    let (d, _) = Authority::generate(&td(), now()).unwrap();
+    let (leaf, _) = d.issue(&request(web(), DAY)).unwrap();
+    let with_leaf = format!("{}{}", d.root_pem(), leaf.leaf_pem);
+    assert!(matches!(
+        d.with_trust_bundle(&with_leaf),
+        Err(Error::BundleNotCa { index: 1 })
+    ));
+}

@@ -491,7 +491,7 @@ fn deleted_key(r: &pb::Resource) -> Result<ResourceKey, String> {
     let at = format!("{}/{}/{}", r.kind, r.namespace, r.name);
     let kind: Kind = r.kind.parse().map_err(|e| format!("{at}: {e}"))?;
     let ns = match r.namespace.as_str() {
-        "" if matches!(kind, Kind::MeshConfig | Kind::Revocation) => ROOT_NAMESPACE,
+        "" if kind.is_mesh_wide() => ROOT_NAMESPACE,
         "" => mesh_api::name::DEFAULT_NAMESPACE,
         ns => ns,
     };

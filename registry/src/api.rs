@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::server::PeerInfo;
 use crate::store::{self, CertRecord, NodeRecord, Store};
 
+mod bundle;
 mod decide;
 mod diff;
 mod gossip_keys;
@@ -174,7 +175,7 @@ pub struct RegistryApi {
 
 struct Inner {
     store: Arc<dyn Store>,
-    ca: Arc<Authority>,
+    ca: Arc<crate::ca::CaHandle>,
     config: Config,
     metrics: Metrics,
     policy: policy::PolicyHub,
@@ -245,12 +246,12 @@ impl RegistryApi {
     /// end once `shutdown` holds `true`. Reads the deny-list from `store`.
     pub fn new(
         store: Arc<dyn Store>,
-        ca: Arc<Authority>,
+        ca: Arc<crate::ca::CaHandle>,
         config: Config,
         metrics: Metrics,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, store::Error> {
-        metrics.set_ca(&ca);
+        metrics.set_ca(&ca.current());
         let revocations = revoke::Revocations::load(store.as_ref())?;
         let (certs, nodes) = revocations.current().deny.len();
         metrics.revoked_certificates.set(certs as i64);
@@ -267,6 +268,11 @@ impl RegistryApi {
                 shutdown,
             }),
         })
+    }
+
+    /// Sets the CA expiry gauges after a CA reload.
+    pub fn set_ca_metrics(&self, ca: &Authority) {
+        self.inner.metrics.set_ca(ca);
     }
 
     /// The interceptor in front of every call: a caller whose certificate is on the deny-list
@@ -408,6 +414,7 @@ impl RegistryApi {
         let issued = self
             .inner
             .ca
+            .current()
             .sign_csr(
                 csr_pem,
                 &SignRequest {
@@ -430,7 +437,7 @@ impl RegistryApi {
     fn cert_response(&self, issued: &mesh_ca::Issued) -> pb::CertificateResponse {
         pb::CertificateResponse {
             cert_chain_pem: issued.chain_pem.clone(),
-            trust_bundle_pem: self.inner.ca.trust_bundle_pem(),
+            trust_bundle_pem: self.inner.ca.current().trust_bundle_pem(),
             identity: issued.identity.to_string(),
             not_after_unix: unix(issued.not_after),
             serial: issued.serial.clone(),
@@ -508,7 +515,7 @@ impl RegistryApi {
         Ok(pb::JoinResponse {
             trust_domain: self.inner.config.trust_domain.to_string(),
             node_cert_chain_pem: issued.chain_pem,
-            trust_bundle_pem: self.inner.ca.trust_bundle_pem(),
+            trust_bundle_pem: self.inner.ca.current().trust_bundle_pem(),
             allowed_services: node.allowed_services,
         })
     }
@@ -650,7 +657,7 @@ impl pb::registry_server::Registry for RegistryApi {
         let r = match &peer.identity {
             Some(_) => Ok(pb::TrustBundle {
                 trust_domain: self.inner.config.trust_domain.to_string(),
-                trust_bundle_pem: self.inner.ca.trust_bundle_pem(),
+                trust_bundle_pem: self.inner.ca.current().trust_bundle_pem(),
             }),
             None => Err(reject(
                 "unauthenticated",

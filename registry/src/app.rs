@@ -17,8 +17,9 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::alerts::{self, Evaluator};
 use crate::api::{self, RegistryApi};
+use crate::ca;
 use crate::config::Config;
-use crate::init::{self, CaPaths};
+use crate::init;
 use crate::keyring;
 use crate::store::{SledStore, Store};
 use crate::upkeep::Upkeep;
@@ -60,13 +61,12 @@ fn serving_cert(
 /// Opens the store, loads the CA and binds every listener.
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
     tls::install_default_provider();
-    let files = CaPaths::new(&config.data_dir)
-        .read()
-        .context("reading the CA files")?;
-    let ca = Arc::new(
-        Authority::load(&config.trust_domain, &files, SystemTime::now())
+    let layout = ca::Layout::new(&config.data_dir);
+    let ca = Arc::new(ca::CaHandle::new(
+        layout
+            .load(&config.trust_domain, SystemTime::now())
             .context("loading the CA")?,
-    );
+    ));
     let store_dir = init::store_dir(&config.data_dir);
     let (store, policy_revision) = tokio::task::spawn_blocking(move || {
         let store = SledStore::open(&store_dir)?;
@@ -78,10 +78,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let store: Arc<dyn Store> = Arc::new(store);
     let keyring = ensure_keyring(store.clone()).await?;
 
-    let (key, not_after) = serving_cert(&ca, &config)?;
+    let (key, not_after) = serving_cert(&ca.current(), &config)?;
     let slot = CertSlot::new(Some(key));
-    let roots = tls::root_store(&ca.trust_bundle_pem())?;
-    let server_cfg = tls::server_config(roots, slot.clone(), true, &[b"h2"])?;
+    let (acceptor_tx, acceptor_rx) = watch::channel(acceptor(&ca.current(), &slot)?);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the registry listener on {}", config.listen))?;
@@ -105,7 +104,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 
     let incoming = server::incoming(
         listener,
-        tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
+        acceptor_rx,
         server::Tracker::new(server::Limits::from_config(&config), server_metrics),
         shutdown_rx.clone(),
     );
@@ -123,6 +122,21 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .max_encoding_message_size(config.max_response_message_size),
         registry_api.revocation_check(),
     );
+    registry_api
+        .publish_trust_bundle()
+        .await
+        .map_err(|e| anyhow::anyhow!("publishing the trust bundle: {e}"))?;
+    tasks.spawn(reload_ca(
+        CaReload {
+            layout,
+            ca: ca.clone(),
+            api: registry_api.clone(),
+            slot: slot.clone(),
+            acceptor: acceptor_tx,
+            config: config.clone(),
+        },
+        shutdown_rx.clone(),
+    ));
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(crate::api::REVOCATION_PRUNE_INTERVAL);
@@ -234,9 +248,81 @@ async fn ensure_keyring(store: Arc<dyn Store>) -> anyhow::Result<keyring::Ensure
     Ok(ensured)
 }
 
+/// The TLS acceptor for `ca`: client certificates verified against its trust bundle.
+fn acceptor(ca: &Authority, slot: &Arc<CertSlot>) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let roots = tls::root_store(&ca.trust_bundle_pem())?;
+    let cfg = tls::server_config(roots, slot.clone(), true, &[b"h2"])?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// What a CA reload replaces.
+struct CaReload {
+    layout: ca::Layout,
+    ca: Arc<ca::CaHandle>,
+    api: RegistryApi,
+    slot: Arc<CertSlot>,
+    acceptor: watch::Sender<tokio_rustls::TlsAcceptor>,
+    config: Config,
+}
+
+/// Picks up changed CA files (a rotation) without a restart: the new authority signs, the
+/// serving certificate is reissued under it, clients are verified against the new bundle and
+/// the bundle is published to every node. Files that do not load are skipped (a rotation
+/// midway between two renames), and reported once if they stay that way.
+async fn reload_ca(r: CaReload, mut shutdown: watch::Receiver<bool>) {
+    let mut seen = r.layout.fingerprint();
+    let mut reported = String::new();
+    let mut tick = tokio::time::interval(ca::RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+        }
+        let now = r.layout.fingerprint();
+        if now == seen {
+            continue;
+        }
+        let loaded = r.layout.load(&r.config.trust_domain, SystemTime::now());
+        let authority = match loaded {
+            Ok(a) => a,
+            Err(e) => {
+                let text = e.to_string();
+                if text == reported {
+                    warn!(error = %e, "changed CA files do not load; still signing with the previous CA");
+                }
+                reported = text;
+                continue;
+            }
+        };
+        let applied = serving_cert(&authority, &r.config).and_then(|(key, _)| {
+            r.slot.set(key);
+            acceptor(&authority, &r.slot)
+        });
+        match applied {
+            Ok(a) => {
+                r.acceptor.send_replace(a);
+            }
+            Err(e) => {
+                warn!(error = %e, "the new CA cannot serve; still signing with the previous CA");
+                seen = now;
+                continue;
+            }
+        }
+        r.api.set_ca_metrics(&authority);
+        info!(root = %authority.root_fingerprint(), "CA files changed: signing with the new CA");
+        r.ca.set(authority);
+        seen = now;
+        reported.clear();
+        if let Err(e) = r.api.publish_trust_bundle().await {
+            warn!(error = %e, "publishing the new trust bundle failed");
+        }
+    }
+}
+
 /// Renews the serving certificate at half-life; existing connections keep the old one.
 async fn renew_serving_cert(
-    ca: Arc<Authority>,
+    ca: Arc<ca::CaHandle>,
     config: Config,
     slot: Arc<CertSlot>,
     mut not_after: SystemTime,
@@ -250,7 +336,7 @@ async fn renew_serving_cert(
             _ = tokio::time::sleep(left / 2) => {}
             _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
         }
-        match serving_cert(&ca, &config) {
+        match serving_cert(&ca.current(), &config) {
             Ok((key, na)) => {
                 slot.set(key);
                 not_after = na;

@@ -116,7 +116,11 @@ pub struct CaPaths {
 impl CaPaths {
     /// The layout under `data_dir/ca`.
     pub fn new(data_dir: &Path) -> Self {
-        let ca = data_dir.join("ca");
+        Self::in_dir(&data_dir.join("ca"))
+    }
+
+    /// The same file names in `ca` (the next CA of a root rotation lives in `ca/next`).
+    pub fn in_dir(ca: &Path) -> Self {
         Self {
             root_cert: ca.join("root.pem"),
             root_key: ca.join("root-key.pem"),

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod ca;
 pub mod config;
 pub mod init;
 pub mod keyring;

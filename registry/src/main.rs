@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mesh_api::TrustDomain;
-use mesh_registry::{app, config, init};
+use mesh_registry::{app, ca, config, init};
 
 /// Exit code for bad command line or configuration (EX_USAGE), so systemd does not restart.
 const EX_USAGE: u8 = 64;
@@ -54,12 +54,71 @@ enum Command {
         #[arg(long, env = "MESH_REGISTRY_CONFIG")]
         config: PathBuf,
     },
+    /// Rotate the CA while the registry runs (it picks up the new files within a second).
+    Ca {
+        /// Config file written by init (names the data directory and trust domain).
+        #[arg(long, env = "MESH_REGISTRY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Validate a config file and exit (0 valid, 64 invalid).
     CheckConfig {
         /// Config file to check.
         #[arg(long, env = "MESH_REGISTRY_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// A new signing intermediate under the same root (needs the root key in ca/). Leaves of
+    /// the old intermediate stay valid until they expire.
+    RotateIntermediate,
+    /// Move the mesh to a new root in three steps: `prepare` (both roots trusted, pushed to
+    /// every node), `activate` (sign under the new root), `finish` (trust only the new root,
+    /// once the old root's leaves have expired).
+    RotateRoot {
+        /// The step to run.
+        #[arg(value_enum)]
+        step: ca::RootStep,
+        /// `finish` before the node certificate lifetime has passed since `activate`.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn run_ca(config: Option<PathBuf>, command: CaCommand) -> ExitCode {
+    let Some(path) = config else {
+        eprintln!("error: --config (or MESH_REGISTRY_CONFIG) is required");
+        return ExitCode::from(EX_USAGE);
+    };
+    let cfg = match config::Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let layout = ca::Layout::new(&cfg.data_dir);
+    let now = std::time::SystemTime::now();
+    let done = match command {
+        CaCommand::RotateIntermediate => ca::rotate_intermediate(&layout, &cfg.trust_domain, now),
+        CaCommand::RotateRoot { step, force } => {
+            let wait = cfg.node_cert_ttl.max(cfg.workload_cert_ttl);
+            ca::rotate_root(&layout, &cfg.trust_domain, step, now, wait, force)
+        }
+    };
+    match done {
+        Ok(msg) => {
+            print!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -153,6 +212,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca { config, command } => run_ca(config, command),
         Command::CheckConfig { config } => match config::Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

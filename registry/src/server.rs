@@ -434,7 +434,7 @@ impl Drop for Slot {
 /// accept loop itself never waits for anything but the next connection.
 pub fn incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: tokio::sync::watch::Receiver<TlsAcceptor>,
     tracker: Arc<Tracker>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<MeshConn, std::io::Error>> {
@@ -470,7 +470,8 @@ pub fn incoming(
                         continue; // drops `tcp`: closed
                     }
                 };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                // The current one: a CA rotation replaces it without a restart.
+                let (acceptor, tx) = (acceptor.borrow().clone(), tx.clone());
                 let metrics = tracker.metrics.clone();
                 // Fire-and-forget: bounded by the handshake timeout, and the slot it holds
                 // bounds how many run at once.

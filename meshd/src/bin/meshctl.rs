@@ -224,6 +224,13 @@ enum NodeCommand {
     Remove {
         /// The node's name.
         name: String,
+        /// Then rotate the gossip key, so the key the removed host holds opens nothing any
+        /// more (waits for every connected node at each step).
+        #[arg(long)]
+        rotate_gossip_key: bool,
+        /// How long to wait for the nodes at each rotation step.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -409,9 +416,25 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             print!("{}", token::revoke(&client, &id).await?);
         }
         Command::Node {
-            command: NodeCommand::Remove { name },
+            command:
+                NodeCommand::Remove {
+                    name,
+                    rotate_gossip_key,
+                    timeout,
+                },
         } => {
             print!("{}", revoke::remove_node(&client, &name).await?);
+            if rotate_gossip_key {
+                let status = meshd::ctl::gossip_key::rotate(&client, timeout).await?;
+                print!(
+                    "gossip key rotated\n{}",
+                    meshd::ctl::gossip_key::render(&status)
+                );
+            } else {
+                println!(
+                    "the host still holds the gossip key: run `meshctl gossip-key rotate` (or pass --rotate-gossip-key)"
+                );
+            }
         }
         Command::Cert {
             command:

@@ -145,7 +145,7 @@ impl RegistryApi {
             policy_revision,
             keyring_revision: keyring.map_or(0, |k| k.revision),
             nodes: reports.into_iter().map(node_report_state).collect(),
-            ca_certificates: (super::ca_expiries(&self.inner.ca).into_iter())
+            ca_certificates: (super::ca_expiries(&self.inner.ca.current()).into_iter())
                 .map(|(kind, not_after)| pb::CaCertExpiry {
                     kind: kind.to_owned(),
                     not_after_unix: super::unix(not_after),

@@ -152,7 +152,7 @@ impl RegistryApi {
         let admin = self.require_admin(peer)?;
         let (kind, namespace, name) = resource_key(&req.kind, &req.namespace, &req.name)
             .map_err(|e| reject("bad_request", Status::invalid_argument(e)))?;
-        if kind == Kind::Revocation.as_str() {
+        if kind.parse::<Kind>().is_ok_and(Kind::is_registry_owned) {
             return Err(reject(
                 "registry_owned",
                 Status::permission_denied(registry_owned(&format!("{kind}/{namespace}/{name}"))),
@@ -260,7 +260,7 @@ pub fn validate_apply(resources: &[pb::Resource]) -> Result<Vec<PolicyChange>, V
     let mut seen = HashSet::new();
     for r in resources {
         match Resource::from_json(&r.kind, &r.namespace, &r.name, &r.spec_json) {
-            Ok(resource) if resource.key.kind == Kind::Revocation => {
+            Ok(resource) if resource.key.kind.is_registry_owned() => {
                 problems.push(registry_owned(&resource.key.to_string()));
             }
             Ok(resource) if !seen.insert(resource.key.clone()) => problems.push(format!(
@@ -286,7 +286,7 @@ pub fn validate_apply(resources: &[pb::Resource]) -> Result<Vec<PolicyChange>, V
 /// Why an operator may not write the deny-list directly.
 fn registry_owned(key: &str) -> String {
     format!(
-        "{key}: the deny-list is written by the registry only; use `meshctl node remove` or `meshctl cert revoke`"
+        "{key}: written by the registry only (the deny-list: use `meshctl node remove` or `meshctl cert revoke`; the trust bundle: `mesh-registry ca rotate-root`)"
     )
 }
 
@@ -299,9 +299,7 @@ pub fn resource_key(
 ) -> Result<(String, String, String), String> {
     let kind = canonical_kind(kind)?;
     let namespace = match namespace {
-        "" if kind == Kind::MeshConfig.as_str() || kind == Kind::Revocation.as_str() => {
-            ROOT_NAMESPACE
-        }
+        "" if kind.parse::<Kind>().is_ok_and(Kind::is_mesh_wide) => ROOT_NAMESPACE,
         "" => DEFAULT_NAMESPACE,
         ns => ns,
     };

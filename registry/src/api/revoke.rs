@@ -405,6 +405,7 @@ impl RegistryApi {
         let issued = self
             .inner
             .ca
+            .current()
             .sign_csr(
                 &req.csr_pem,
                 &SignRequest {

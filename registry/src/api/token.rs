@@ -108,7 +108,7 @@ impl RegistryApi {
         let token = JoinToken {
             id: record.id.clone(),
             secret,
-            ca: self.inner.ca.root_fingerprint(),
+            ca: self.inner.ca.current().root_fingerprint(),
             td: self.inner.config.trust_domain.to_string(),
             registry: self.inner.config.advertise.clone(),
             services,

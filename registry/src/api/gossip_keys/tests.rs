@@ -39,7 +39,7 @@ fn fixture() -> Fixture {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let api = RegistryApi::new(
         store.clone(),
-        Arc::new(ca),
+        Arc::new(crate::ca::CaHandle::new(ca)),
         config,
         Metrics::default(),
         shutdown_rx,

@@ -37,7 +37,7 @@ fn fixture() -> Fixture {
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let api = RegistryApi::new(
         store.clone(),
-        Arc::new(ca),
+        Arc::new(crate::ca::CaHandle::new(ca)),
         config,
         Metrics::default(),
         shutdown_rx,

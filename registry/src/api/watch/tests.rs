@@ -37,7 +37,7 @@ fn fixture() -> Fixture {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let api = RegistryApi::new(
         Arc::new(MemoryStore::new()),
-        Arc::new(ca),
+        Arc::new(crate::ca::CaHandle::new(ca)),
         config,
         Metrics::default(),
         shutdown_rx,

@@ -174,7 +174,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .instrument(info_span!("discovery")),
     );
     let registry_client = manager.client();
-    tasks.spawn(manager.run(config_rx.clone(), shutdown_rx.clone()));
+    tasks.spawn(manager.run(
+        config_rx.clone(),
+        policy.policy_rx.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let mut advertise = config.inbound.advertise;
     if advertise.port() == 0 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_api::proto::v1 as pb;
 use mesh_api::{Identity, TrustDomain};
-use mesh_runtime::tls::{self, CertSlot, PinnedRootVerifier, SpiffeVerifier};
+use mesh_runtime::tls::{self, CertSlot, PinnedRootVerifier, RootsSlot, SpiffeVerifier};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint};
@@ -61,13 +61,79 @@ pub enum Auth {
     /// A mesh member: the registry must prove `spiffe://<td>/registry` under `roots`; we present
     /// whatever certificate `cert` holds at handshake time (so renewal needs no reconnect).
     Mesh {
-        /// The trust bundle.
-        roots: Arc<RootCertStore>,
+        /// The trust bundle; read at each new connection, so a root rotation applies to the
+        /// next reconnect without rebuilding the client.
+        roots: Arc<RootsSlot>,
         /// The mesh's trust domain.
         trust_domain: TrustDomain,
         /// Our certificate.
         cert: Arc<CertSlot>,
     },
+}
+
+/// Builds the TLS connector of each new registry connection.
+enum Connector {
+    /// First contact: one fixed configuration.
+    Fixed(tokio_rustls::TlsConnector),
+    /// A member: rebuilt when the roots changed since the last connection.
+    Mesh {
+        roots: Arc<RootsSlot>,
+        trust_domain: TrustDomain,
+        cert: Arc<CertSlot>,
+        last: std::sync::Mutex<Option<(Arc<RootCertStore>, tokio_rustls::TlsConnector)>>,
+    },
+}
+
+impl Connector {
+    fn new(auth: Auth) -> Result<Self, Error> {
+        Ok(match auth {
+            Auth::Pinned(fp) => Self::Fixed(tokio_rustls::TlsConnector::from(Arc::new(
+                tls::client_config(Arc::new(PinnedRootVerifier::new(fp)), None, &[b"h2"])?,
+            ))),
+            Auth::Mesh {
+                roots,
+                trust_domain,
+                cert,
+            } => Self::Mesh {
+                roots,
+                trust_domain,
+                cert,
+                last: std::sync::Mutex::new(None),
+            },
+        })
+    }
+
+    fn current(&self) -> Result<tokio_rustls::TlsConnector, Error> {
+        let (roots, trust_domain, cert, last) = match self {
+            Self::Fixed(c) => return Ok(c.clone()),
+            Self::Mesh {
+                roots,
+                trust_domain,
+                cert,
+                last,
+            } => (roots, trust_domain, cert, last),
+        };
+        let roots = roots.get();
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((r, c)) = &*last
+            && Arc::ptr_eq(r, &roots)
+        {
+            return Ok(c.clone());
+        }
+        let cfg = tls::client_config(
+            Arc::new(SpiffeVerifier::exact(
+                roots.clone(),
+                Identity::registry(trust_domain),
+            )),
+            Some(cert.clone()),
+            &[b"h2"],
+        )?;
+        let c = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        *last = Some((roots, c.clone()));
+        Ok(c)
+    }
 }
 
 /// A connected (lazily) registry client.
@@ -88,24 +154,7 @@ impl Client {
         if address.rsplit_once(':').is_none() {
             return Err(Error::BadAddress(address.to_owned()));
         }
-        let cfg = match auth {
-            Auth::Pinned(fp) => {
-                tls::client_config(Arc::new(PinnedRootVerifier::new(fp)), None, &[b"h2"])?
-            }
-            Auth::Mesh {
-                roots,
-                trust_domain,
-                cert,
-            } => tls::client_config(
-                Arc::new(SpiffeVerifier::exact(
-                    roots,
-                    Identity::registry(&trust_domain),
-                )),
-                Some(cert),
-                &[b"h2"],
-            )?,
-        };
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let connector = Arc::new(Connector::new(auth)?);
         let addr = address.to_owned();
         let endpoint = Endpoint::from_static("http://registry.mesh.invalid")
             .connect_timeout(connect_timeout)
@@ -131,7 +180,11 @@ impl Client {
                     let _ = tcp.set_nodelay(true);
                     let name = ServerName::try_from(REGISTRY_SERVER_NAME)
                         .expect("constant registry server name is a valid DNS name");
-                    let tls = connector.connect(name, tcp).await?;
+                    let tls = connector
+                        .current()
+                        .map_err(std::io::Error::other)?
+                        .connect(name, tcp)
+                        .await?;
                     Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
                 }
             }));
@@ -187,6 +240,16 @@ impl Client {
             .inner
             .clone()
             .revoke_token(pb::RevokeTokenRequest { id: id.to_owned() })
+            .await?
+            .into_inner())
+    }
+
+    /// The roots the registry signs under (any mesh identity).
+    pub async fn trust_bundle(&self) -> Result<pb::TrustBundle, Error> {
+        Ok(self
+            .inner
+            .clone()
+            .get_trust_bundle(pb::TrustBundleRequest {})
             .await?
             .into_inner())
     }

@@ -78,6 +78,24 @@ impl Credentials {
             .context("operator certificate carries no mesh identity")
     }
 
+    /// Replaces `ca.pem` with the registry's current trust bundle when it differs (a root
+    /// rotation), so these credentials keep reaching the registry after it switches roots.
+    /// The bundle arrives over a connection verified against the old one. Returns whether the
+    /// file changed.
+    pub async fn refresh_bundle(&self, client: &control::Client) -> anyhow::Result<bool> {
+        let bundle = client.trust_bundle().await?.trust_bundle_pem;
+        let path = self.dir.join("ca.pem");
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if bundle.is_empty() || bundle == current {
+            return Ok(false);
+        }
+        tls::root_store(&bundle).context("the registry's trust bundle does not parse")?;
+        let tmp = self.dir.join("ca.pem.tmp");
+        std::fs::write(&tmp, &bundle).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        Ok(true)
+    }
+
     /// A registry client authenticated as the operator; `registry` overrides the address.
     pub fn client(&self, registry: Option<&str>) -> anyhow::Result<control::Client> {
         let addr = self.registry_address(registry)?;
@@ -96,7 +114,7 @@ impl Credentials {
         Ok(control::Client::new(
             &addr,
             Auth::Mesh {
-                roots: tls::root_store(&bundle)?,
+                roots: tls::RootsSlot::new(tls::root_store(&bundle)?),
                 trust_domain,
                 cert: CertSlot::new(Some(tls::certified_key(&chain, &key)?)),
             },

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mesh_api::policy::{Snapshot, TrustBundle};
 use mesh_api::proto::v1 as pb;
 use mesh_api::token::JoinToken;
 use mesh_api::{Identity, ServiceKey, TrustDomain};
 use mesh_runtime::backoff::Backoff;
-use mesh_runtime::tls::{self, CertSlot};
+use mesh_runtime::tls::{self, CertSlot, RootsSlot};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -157,6 +158,8 @@ pub struct Manager {
     store: store::Dir,
     client: control::Client,
     node_slot: Arc<CertSlot>,
+    /// The roots the registry client verifies the registry with (replaced by a root rotation).
+    roots_slot: Arc<RootsSlot>,
     node_obtained: SystemTime,
     node_not_after: SystemTime,
     certs_tx: watch::Sender<Arc<Certs>>,
@@ -204,10 +207,11 @@ impl Manager {
         };
         let roots = tls::root_store(&node.bundle_pem)?;
         let node_slot = CertSlot::new(Some(tls::certified_key(&node.chain_pem, &node.key_pem)?));
+        let roots_slot = RootsSlot::new(roots.clone());
         let client = control::Client::new(
             &config.registry.address,
             Auth::Mesh {
-                roots: roots.clone(),
+                roots: roots_slot.clone(),
                 trust_domain: node.trust_domain.clone(),
                 cert: node_slot.clone(),
             },
@@ -245,6 +249,7 @@ impl Manager {
             store,
             client,
             node_slot,
+            roots_slot,
             node_obtained: node.obtained,
             node_not_after: node.not_after,
             certs_tx,
@@ -351,6 +356,45 @@ impl Manager {
         Ok(())
     }
 
+    /// Trusts the roots of the registry's TrustBundle, when it differs from what this node
+    /// trusts: TLS configs are rebuilt (new handshakes verify against them), the registry
+    /// client reconnects with them, and the node's stored bundle is replaced so a restart
+    /// with the registry down starts from them. An unusable bundle is refused (logged); the
+    /// current roots stay.
+    fn follow_trust_bundle(&mut self, snapshot: &Snapshot) {
+        let Some(bundle) = TrustBundle::of(snapshot) else {
+            return;
+        };
+        let pem = bundle.pem();
+        if pem == self.certs_tx.borrow().bundle_pem {
+            return;
+        }
+        let roots = match tls::root_store(&pem) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "the registry's trust bundle is unusable; keeping the current roots");
+                return;
+            }
+        };
+        self.roots_slot.set(roots.clone());
+        self.certs_tx.send_modify(|c| {
+            let c = Arc::make_mut(c);
+            c.roots = roots;
+            c.bundle_pem = pem.clone();
+        });
+        match self.store.load_node() {
+            Ok(Some(mut node)) => {
+                node.bundle_pem = pem;
+                if let Err(e) = self.store.save_node(&node) {
+                    warn!(error = %e, "storing the new trust bundle failed");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "reading the stored identity failed"),
+        }
+        info!(roots = bundle.roots.len(), "trust bundle updated");
+    }
+
     /// Checks that a signed certificate is for `id` and matches our key before we use it.
     fn accept_cert(
         &self,
@@ -394,8 +438,11 @@ impl Manager {
     pub async fn run(
         mut self,
         mut config_rx: watch::Receiver<Arc<Config>>,
+        mut policy_rx: watch::Receiver<Arc<Snapshot>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut policy_open = true;
+        self.follow_trust_bundle(&policy_rx.borrow_and_update());
         let mut node_due = renew_at(self.node_obtained, self.node_not_after);
         let mut due: BTreeMap<ServiceKey, SystemTime> = BTreeMap::new();
         let mut backoff: BTreeMap<Option<ServiceKey>, Backoff> = BTreeMap::new();
@@ -441,6 +488,15 @@ impl Manager {
                     // Closed: the configuration is final (the reloader is gone); keep renewing.
                     config_open = r.is_ok();
                     reconfigure = config_open;
+                    continue;
+                }
+                r = policy_rx.changed(), if policy_open => {
+                    // Closed: discovery is gone (shutting down); the roots stay as they are.
+                    policy_open = r.is_ok();
+                    if policy_open {
+                        let snapshot = policy_rx.borrow_and_update().clone();
+                        self.follow_trust_bundle(&snapshot);
+                    }
                     continue;
                 }
                 _ = mesh_runtime::drain::until_true(&mut shutdown) => return,

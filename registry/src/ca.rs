@@ -137,6 +137,22 @@ impl Layout {
         }
     }
 
+    /// Writes `bundle` as `ca.pem` of the credentials `init` made beside the CA (admin/,
+    /// viewer/), so meshctl run here keeps verifying the registry after the switch. meshctl
+    /// elsewhere updates its own `ca.pem` from the registry on its next run.
+    fn refresh_local_credentials(&self, bundle: &str) -> Result<(), Error> {
+        let Some(data_dir) = self.dir.parent() else {
+            return Ok(());
+        };
+        for who in ["admin", "viewer"] {
+            let dir = data_dir.join(who);
+            if dir.join("ca.pem").exists() {
+                write_atomic(&dir.join("ca.pem"), bundle, 0o644)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every file the running registry reads, concatenated: a change to any is a reload.
     pub fn fingerprint(&self) -> String {
         let c = self.current();
@@ -216,6 +232,7 @@ fn prepare(layout: &Layout, td: &TrustDomain, now: SystemTime) -> Result<String,
     )?;
     let bundle = format!("{}{}", current.root_pem(), next.root_pem());
     write_atomic(&layout.bundle(), &bundle, 0o644)?;
+    layout.refresh_local_credentials(&bundle)?;
     Ok(format!(
         "next root {} prepared; every node now trusts both roots (pushed on the policy watch). \
          When `meshctl check` shows every node at the new policy revision, run \
@@ -285,6 +302,7 @@ fn finish(
         }
     }
     write_atomic(&layout.bundle(), current.root_pem(), 0o644)?;
+    layout.refresh_local_credentials(current.root_pem())?;
     Ok(format!(
         "the trust bundle holds only root {}; nodes drop the old root within seconds.\n",
         current.root_fingerprint()

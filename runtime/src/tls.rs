@@ -473,6 +473,33 @@ impl CertSlot {
     }
 }
 
+/// The roots to verify peers against, replaceable at runtime (a root rotation): each new
+/// handshake reads the current set.
+pub struct RootsSlot(RwLock<Arc<RootCertStore>>);
+
+impl RootsSlot {
+    /// A slot holding `roots`.
+    pub fn new(roots: Arc<RootCertStore>) -> Arc<Self> {
+        Arc::new(Self(RwLock::new(roots)))
+    }
+
+    /// Replaces the roots for future handshakes.
+    pub fn set(&self, roots: Arc<RootCertStore>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = roots;
+    }
+
+    /// The current roots.
+    pub fn get(&self) -> Arc<RootCertStore> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl fmt::Debug for RootsSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RootsSlot").finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for CertSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertSlot").finish_non_exhaustive()

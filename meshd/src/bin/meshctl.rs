@@ -340,6 +340,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
     let creds = ctl::Credentials::load(&cli.credentials)?;
     let client = creds.client(cli.registry.as_deref())?;
+    // Keeps ca.pem in step with a root rotation; a failure here is the command's to report.
+    if let Ok(true) = creds.refresh_bundle(&client).await {
+        eprintln!(
+            "note: the registry's trust bundle changed (a root rotation); updated {}",
+            cli.credentials.join("ca.pem").display()
+        );
+    }
     match cli.command {
         Command::Apply { files, dry_run } => {
             print!("{}", policy::apply(&client, &files, dry_run).await?);

@@ -82,6 +82,9 @@ pub struct Metrics {
     /// Calls refused because the caller's certificate is revoked
     /// (`mesh_registry_revoked_calls_total`).
     pub revoked_calls: Counter,
+    /// Report edges dropped because their destination is no known service
+    /// (`mesh_registry_report_edges_dropped_total`).
+    pub report_edges_dropped: Counter,
 }
 
 impl Metrics {
@@ -138,6 +141,11 @@ impl Metrics {
             "Calls refused because the caller's certificate is revoked",
             m.revoked_calls.clone(),
         );
+        registry.register(
+            "mesh_registry_report_edges_dropped",
+            "Report edges dropped because their destination is no service any node may host",
+            m.report_edges_dropped.clone(),
+        );
         m
     }
 
@@ -181,6 +189,7 @@ struct Inner {
     policy: policy::PolicyHub,
     gossip: gossip_keys::GossipHub,
     revocations: revoke::Revocations,
+    reports: observe::ReportQuota,
     /// Becomes `true` when the registry drains; watch streams end then.
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -265,6 +274,7 @@ impl RegistryApi {
                 policy: policy::PolicyHub::new(),
                 gossip: gossip_keys::GossipHub::new(),
                 revocations,
+                reports: observe::ReportQuota::default(),
                 shutdown,
             }),
         })

@@ -92,6 +92,8 @@ async fn reports_build_the_topology_for_readers_only() {
     // Nodes report only edges of their own services (or plaintext callers of them).
     common::join(&mut admin, &td, "node-1", &["shop/web", "shop/db"]).await;
     common::join(&mut admin, &td, "node-2", &["shop/web", "shop/db"]).await;
+    // Reports may name only destinations some node may host.
+    common::join(&mut admin, &td, "node-api", &["shop/api"]).await;
     let not_mine = node
         .report(report(vec![http_edge("shop/api", "shop/db", 1, 1)]))
         .await
@@ -130,6 +132,13 @@ async fn reports_build_the_topology_for_readers_only() {
     };
     node2
         .report(report(vec![http_edge("shop/web", "shop/api", 30, 0), tcp]))
+        .await
+        .unwrap();
+
+    // Calls to a service no node may host are dropped (the rest of the report is kept): a
+    // node cannot invent services, nor grow the store with them.
+    node2
+        .report(report(vec![http_edge("shop/web", "shop/ghost", 5, 5)]))
         .await
         .unwrap();
 
@@ -407,6 +416,7 @@ async fn slo_fast_burn_fires_once_across_a_restart() {
     let (url, mut hooks) = webhook_server().await;
     let mut reg = common::start_with(fast).await;
     common::join(&mut reg.admin, &reg.td, "node-1", &["shop/web"]).await;
+    common::join(&mut reg.admin, &reg.td, "node-api", &["shop/api"]).await;
     reg.admin
         .apply(pb::ApplyRequest {
             resources: vec![slo_resource(&url)],

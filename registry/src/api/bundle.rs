@@ -11,9 +11,20 @@ use crate::store::PolicyChange;
 
 impl RegistryApi {
     /// Writes the CA's current trust bundle as the TrustBundle resource if the stored one
-    /// differs. Returns the new revision, or `None` when nothing changed.
+    /// differs. A mesh that never rotated its root has none (nodes trust the root they joined
+    /// with): the resource appears with the first bundle of two roots. Returns the new
+    /// revision, or `None` when nothing changed.
     pub async fn publish_trust_bundle(&self) -> Result<Option<u64>, String> {
         let bundle = TrustBundle::from_pem(&self.inner.ca.current().trust_bundle_pem());
+        if bundle.roots.len() == 1 {
+            let (_, records) = self
+                .blocking(|s| s.list_policies())
+                .await
+                .map_err(|r: Rejected| r.status.message().to_owned())?;
+            if !records.iter().any(|r| r.kind == Kind::TrustBundle.as_str()) {
+                return Ok(None);
+            }
+        }
         let spec_json = Resource {
             key: TrustBundle::key(),
             spec: Spec::TrustBundle(bundle.clone()),

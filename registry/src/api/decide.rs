@@ -127,9 +127,92 @@ pub fn may_report_edge(allowed: &[String], source: &str, destination: &str) -> R
     }
 }
 
+/// Whether `destination` is a service some registered node may host (`known` holds every
+/// node's allowed `ns/name` and `ns/*` entries): a node may report calls only to services
+/// that exist, so its reports cannot invent services (and grow the store without bound).
+/// `external` callers' edges name the reporting node's own service, checked by
+/// [`may_report_edge`].
+pub fn is_known_destination(known: &[String], destination: &str) -> Result<(), String> {
+    let key = ServiceKey::parse(destination).map_err(|e| format!("{destination:?}: {e}"))?;
+    if allows_service(known, &key) {
+        Ok(())
+    } else {
+        Err(format!(
+            "destination {destination} is not a service any registered node may host"
+        ))
+    }
+}
+
+/// Reports a node may send at once (a restart's first report, a retry, the final report of
+/// a drain) before its pace applies.
+pub const REPORT_BURST: f64 = 5.0;
+/// Sustained reports per report interval a node may send (meshd sends one).
+pub const REPORTS_PER_INTERVAL: f64 = 2.0;
+
+/// A node's report allowance: tokens left, and when it was last topped up (ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReportBucket {
+    tokens: f64,
+    at_ms: u64,
+}
+
+/// Whether a report received at `now_ms` fits the node's quota (a token bucket of
+/// [`REPORT_BURST`] refilled at [`REPORTS_PER_INTERVAL`] per `interval_ms`), and the bucket
+/// after it. A clock going back refills nothing.
+pub fn report_quota(
+    bucket: Option<ReportBucket>,
+    now_ms: u64,
+    interval_ms: u64,
+) -> (bool, ReportBucket) {
+    let b = bucket.unwrap_or(ReportBucket {
+        tokens: REPORT_BURST,
+        at_ms: now_ms,
+    });
+    let elapsed = now_ms.saturating_sub(b.at_ms) as f64;
+    let refill = elapsed * REPORTS_PER_INTERVAL / interval_ms.max(1) as f64;
+    let tokens = (b.tokens + refill).min(REPORT_BURST);
+    let at_ms = now_ms.max(b.at_ms);
+    if tokens >= 1.0 {
+        (
+            true,
+            ReportBucket {
+                tokens: tokens - 1.0,
+                at_ms,
+            },
+        )
+    } else {
+        (false, ReportBucket { tokens, at_ms })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destinations_must_exist_and_reports_keep_their_pace() {
+        let known = vec!["shop/*".to_owned(), "default/api".to_owned()];
+        assert!(is_known_destination(&known, "shop/cart").is_ok());
+        assert!(is_known_destination(&known, "default/api").is_ok());
+        assert!(is_known_destination(&known, "default/ghost").is_err());
+        assert!(is_known_destination(&known, "not a key").is_err());
+        // A burst, then one per half interval.
+        let mut b = None;
+        let mut sent = 0;
+        for _ in 0..10 {
+            let (ok, next) = report_quota(b, 1_000, 10_000);
+            sent += usize::from(ok);
+            b = Some(next);
+        }
+        assert_eq!(sent, REPORT_BURST as usize);
+        assert!(!report_quota(b, 5_999, 10_000).0);
+        let (ok, next) = report_quota(b, 6_000, 10_000);
+        assert!(ok);
+        assert!(
+            !report_quota(Some(next), 1_000, 10_000).0,
+            "a clock going back is no credit"
+        );
+    }
 
     fn token(max_uses: u32, uses: u32) -> TokenRecord {
         let hash = ring::digest::digest(&ring::digest::SHA256, b"s3cret");

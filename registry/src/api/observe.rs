@@ -3,8 +3,9 @@
 //! and every node's last report (`GetNodeReports`). The checks and arithmetic live in
 //! `traffic`, `slo` and `alerts`; this module authorises, times and stores.
 
-use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesh_api::proto::v1 as pb;
 use tonic::Status;
@@ -16,6 +17,49 @@ use crate::server::PeerInfo;
 use crate::slo::Severity;
 use crate::store::{NodeReportRecord, Step};
 use crate::traffic;
+
+/// How long the known services (for report checks) are reused before the nodes are read
+/// again: a service a node joined with is reportable within this long.
+pub const KNOWN_SERVICES_TTL: Duration = Duration::from_secs(5);
+
+/// Per-node report pacing and the cached list of known services.
+#[derive(Default)]
+pub(super) struct ReportQuota {
+    last: Mutex<HashMap<String, super::decide::ReportBucket>>,
+    known: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+}
+
+impl ReportQuota {
+    /// Counts a report of `node` at `now_ms` against its quota (see
+    /// [`super::decide::report_quota`]). One entry per registered node that reported.
+    fn admit(&self, node: &str, now_ms: u64, interval_ms: u64) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let (ok, bucket) =
+            super::decide::report_quota(last.get(node).copied(), now_ms, interval_ms);
+        last.insert(node.to_owned(), bucket);
+        ok
+    }
+
+    fn known(&self, now: Instant) -> Option<Arc<Vec<String>>> {
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known
+            .as_ref()
+            .filter(|(at, _)| now.duration_since(*at) < KNOWN_SERVICES_TTL)
+            .map(|(_, k)| k.clone())
+    }
+
+    fn set_known(&self, known: Arc<Vec<String>>, now: Instant) {
+        *self.known.lock().unwrap_or_else(PoisonError::into_inner) = Some((now, known));
+    }
+
+    /// Forgets a removed node's pace.
+    pub(super) fn forget(&self, node: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(node);
+    }
+}
 
 // === impl RegistryApi ===
 
@@ -36,16 +80,46 @@ impl RegistryApi {
                 Status::invalid_argument(format!("report refused, nothing stored: {e}")),
             )
         })?;
+        let interval_ms =
+            u64::try_from(self.inner.config.report_interval.as_millis()).unwrap_or(u64::MAX);
+        if !self
+            .inner
+            .reports
+            .admit(node.as_str(), received_unix_ms, interval_ms)
+        {
+            return Err(reject(
+                "too_frequent",
+                Status::resource_exhausted(format!(
+                    "report refused, nothing stored: node {node} sends more than {} reports per {interval_ms} ms",
+                    super::decide::REPORTS_PER_INTERVAL
+                )),
+            ));
+        }
         let key = node.to_string();
-        let record = self
-            .blocking(move |s| s.get_node(&key))
-            .await?
-            .ok_or_else(|| {
-                reject(
-                    "unknown_node",
-                    Status::permission_denied(format!("node {node} is not registered")),
-                )
-            })?;
+        let record = self.blocking(move |s| s.get_node(&key)).await?;
+        let record = record.ok_or_else(|| {
+            reject(
+                "unknown_node",
+                Status::permission_denied(format!("node {node} is not registered")),
+            )
+        })?;
+        // Calls to services no node may host are dropped, the rest kept: a caller whose
+        // upstream does not exist yet still reports, and nobody grows the store with invented
+        // services.
+        let known = self.known_services().await?;
+        let mut checked = checked;
+        let before = checked.edges.len();
+        checked.edges.retain(|(edge, _)| {
+            super::decide::is_known_destination(&known, &edge.destination).is_ok()
+        });
+        let dropped = before - checked.edges.len();
+        if dropped > 0 {
+            self.inner
+                .metrics
+                .report_edges_dropped
+                .inc_by(dropped as u64);
+            debug!(node = %node, dropped, "report edges to unknown services dropped");
+        }
         for (i, (edge, _)) in checked.edges.iter().enumerate() {
             super::decide::may_report_edge(
                 &record.allowed_services,
@@ -71,6 +145,21 @@ impl RegistryApi {
             interval_ms: u64::try_from(self.inner.config.report_interval.as_millis())
                 .unwrap_or(u64::MAX),
         })
+    }
+
+    /// Every registered node's allowed services, read at most once per
+    /// [`KNOWN_SERVICES_TTL`] (a report per node per interval must not scan every node).
+    async fn known_services(&self) -> Result<Arc<Vec<String>>, Rejected> {
+        if let Some(known) = self.inner.reports.known(Instant::now()) {
+            return Ok(known);
+        }
+        let nodes = self.blocking(|s| s.list_nodes()).await?;
+        let mut all: Vec<String> = nodes.into_iter().flat_map(|n| n.allowed_services).collect();
+        all.sort();
+        all.dedup();
+        let all = Arc::new(all);
+        self.inner.reports.set_known(all.clone(), Instant::now());
+        Ok(all)
     }
 
     pub(super) async fn do_get_topology(

@@ -266,6 +266,7 @@ impl RegistryApi {
                 Ok((revoked, registered))
             })
             .await?;
+        self.inner.reports.forget(name.as_str());
         info!(
             node = %name,
             by = %admin,

@@ -230,7 +230,8 @@ async fn reports_build_the_topology_for_readers_only() {
 
     let text = metrics(admin_addr).await;
     for line in [
-        "mesh_registry_calls_total{rpc=\"report\",outcome=\"ok\"} 2",
+        "mesh_registry_calls_total{rpc=\"report\",outcome=\"ok\"} 3",
+        "mesh_registry_report_edges_dropped_total 1",
         "mesh_registry_calls_total{rpc=\"report\",outcome=\"bad_report\"} 1",
         "mesh_registry_calls_total{rpc=\"report\",outcome=\"wrong_identity\"} 2",
         "mesh_registry_calls_total{rpc=\"get_topology\",outcome=\"not_admin\"} 1",

@@ -312,17 +312,39 @@ impl Client {
             .into_inner())
     }
 
-    /// Lists issued certificates (operators only).
+    /// Lists issued certificates, newest first, following pages until `limit` (0 = all;
+    /// operators only).
     pub async fn list_certificates(
         &self,
         limit: u32,
     ) -> Result<pb::ListCertificatesResponse, Error> {
-        Ok(self
-            .inner
-            .clone()
-            .list_certificates(pb::ListCertificatesRequest { limit })
-            .await?
-            .into_inner())
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let want = if limit == 0 {
+                0
+            } else {
+                limit - all.len() as u32
+            };
+            let resp = self
+                .inner
+                .clone()
+                .list_certificates(pb::ListCertificatesRequest {
+                    limit: want,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            all.extend(resp.certificates);
+            let done = limit != 0 && all.len() as u32 >= limit;
+            if resp.next_page_token.is_empty() || done {
+                return Ok(pb::ListCertificatesResponse {
+                    certificates: all,
+                    next_page_token: resp.next_page_token,
+                });
+            }
+            page_token = resp.next_page_token;
+        }
     }
 
     /// Applies (or, with `dry_run`, validates) policy resources (operators only).

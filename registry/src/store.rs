@@ -434,6 +434,9 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first (by `issued_unix`, then `serial`, both descending), at most `limit`
     /// (0 = all).
     fn list_certs(&self, limit: usize) -> Result<Vec<CertRecord>, Error>;
+    /// Deletes the records of certificates that expired before `before_unix` (durable before
+    /// it returns); returns how many went.
+    fn prune_certs(&self, before_unix: i64) -> Result<usize, Error>;
 
     /// The current mesh policy revision (0 before the first change).
     fn policy_revision(&self) -> Result<u64, Error>;

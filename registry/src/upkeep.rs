@@ -1,6 +1,6 @@
 //! Background upkeep of the observability data: makes node reports durable on a timer (they
 //! are not flushed one by one; `app` flushes once more after the drain), and deletes traffic
-//! older than its retention.
+//! older than its retention and the records of certificates long expired.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,6 +18,8 @@ use crate::traffic;
 pub const REPORT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// How often traffic past retention is deleted (also once at startup).
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3_600);
+/// How long the record of an expired certificate is kept (for `meshctl certs` and audits).
+pub const CERT_RECORD_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 
 /// The upkeep task.
 pub struct Upkeep {
@@ -81,6 +83,14 @@ fn prune_now(store: &dyn Store) -> Result<(), store::Error> {
     let removed = store.prune_traffic(before, minutes_before)?;
     if removed > 0 {
         info!(removed, "deleted traffic past retention");
+    }
+    let expired_before = now.saturating_sub(CERT_RECORD_RETENTION.as_secs());
+    let certs = store.prune_certs(i64::try_from(expired_before).unwrap_or(i64::MAX))?;
+    if certs > 0 {
+        info!(
+            certs,
+            "deleted records of certificates expired a week ago or more"
+        );
     }
     Ok(())
 }

@@ -615,10 +615,14 @@ pub struct ListNodesResponse {
     #[prost(message, repeated, tag = "1")]
     pub nodes: ::prost::alloc::vec::Vec<NodeRecord>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListCertificatesRequest {
+    /// At most this many (0, or more than a page: one page of 1000).
     #[prost(uint32, tag = "1")]
     pub limit: u32,
+    /// From a previous response's next_page_token; empty for the newest.
+    #[prost(string, tag = "2")]
+    pub page_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CertificateRecord {
@@ -637,6 +641,9 @@ pub struct CertificateRecord {
 pub struct ListCertificatesResponse {
     #[prost(message, repeated, tag = "1")]
     pub certificates: ::prost::alloc::vec::Vec<CertificateRecord>,
+    /// Empty on the last page.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RemoveNodeRequest {

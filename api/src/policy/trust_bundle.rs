@@ -129,9 +129,8 @@ mod tests {
         let b = TrustBundle::from_pem(&format!("junk\n{A}{B}"));
         assert_eq!(b.roots, [A, B]);
         assert_eq!(b.pem(), format!("{A}{B}"));
-        let key = TrustBundle::key();
         let res = Resource {
-            key: key.clone(),
+            key: TrustBundle::key(),
             spec: Spec::TrustBundle(b.clone()),
         };
         let back = Resource::from_json("TrustBundle", "mesh-system", "roots", &res.spec_json());

@@ -482,11 +482,8 @@ impl RegistryApi {
                 if !next.is_removed(&key) && store.get_node(&key)?.is_some() {
                     return Ok(false);
                 }
-                next.add_certs(select(
-                    &[cert.clone()],
-                    &Selector::Serial(cert.serial.clone()),
-                    0,
-                ));
+                let serial = Selector::Serial(cert.serial.clone());
+                next.add_certs(select(std::slice::from_ref(&cert), &serial, 0));
                 Ok(true)
             })
             .await?

@@ -128,6 +128,13 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn prune_certs(&self, before_unix: i64) -> Result<usize, Error> {
+        let mut state = self.state();
+        let before = state.certs.len();
+        state.certs.retain(|_, c| c.not_after_unix >= before_unix);
+        Ok(before - state.certs.len())
+    }
+
     fn list_certs(&self, limit: usize) -> Result<Vec<CertRecord>, Error> {
         let certs = self.state().certs.values().cloned().collect();
         Ok(newest_certs(certs, limit))

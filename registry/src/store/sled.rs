@@ -346,6 +346,22 @@ impl Store for SledStore {
         self.put(&self.certs, "write cert", &cert.serial, cert)
     }
 
+    fn prune_certs(&self, before_unix: i64) -> Result<usize, Error> {
+        let expired: Vec<CertRecord> = list::<CertRecord>(&self.certs, CERTS)?
+            .into_iter()
+            .filter(|c| c.not_after_unix < before_unix)
+            .collect();
+        for c in &expired {
+            self.certs
+                .remove(c.serial.as_str())
+                .map_err(sled_err("delete cert"))?;
+        }
+        if !expired.is_empty() {
+            Store::flush(self)?;
+        }
+        Ok(expired.len())
+    }
+
     fn list_certs(&self, limit: usize) -> Result<Vec<CertRecord>, Error> {
         // Keyed by serial, so sorted in memory; fine while the cert count stays modest.
         Ok(newest_certs(list(&self.certs, CERTS)?, limit))

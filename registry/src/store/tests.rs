@@ -53,6 +53,8 @@ contract_suite!(
     concurrent_joins_under_one_new_name_have_one_winner,
     revoked_token_cannot_join,
     list_certs_newest_first_with_limit,
+    prune_certs_drops_only_long_expired,
+    delete_node_returns_the_record,
     list_nodes_sorted_by_name,
     put_node_replaces,
 );
@@ -458,6 +460,32 @@ fn list_certs_newest_first_with_limit(store: &dyn Store) {
     assert_eq!(serials(&store.list_certs(0).unwrap()), ["d", "b", "c", "a"]);
     assert_eq!(serials(&store.list_certs(2).unwrap()), ["d", "b"]);
     assert_eq!(store.list_certs(10).unwrap().len(), 4);
+}
+
+fn prune_certs_drops_only_long_expired(store: &dyn Store) {
+    for (serial, issued) in [("old", NOW - 10_000), ("new", NOW)] {
+        store.put_cert(&cert(serial, "node-1", issued)).unwrap();
+    }
+    let all = store.list_certs(0).unwrap();
+    let old_expiry = all
+        .iter()
+        .find(|c| c.serial == "old")
+        .unwrap()
+        .not_after_unix;
+    assert_eq!(
+        store.prune_certs(old_expiry).unwrap(),
+        0,
+        "expiring at the cutoff stays"
+    );
+    assert_eq!(store.prune_certs(old_expiry + 1).unwrap(), 1);
+    assert_eq!(serials(&store.list_certs(0).unwrap()), ["new"]);
+}
+
+fn delete_node_returns_the_record(store: &dyn Store) {
+    store.put_node(&node("node-a", "t")).unwrap();
+    assert_eq!(store.delete_node("node-a").unwrap().unwrap().name, "node-a");
+    assert_eq!(store.delete_node("node-a").unwrap(), None);
+    assert!(store.get_node("node-a").unwrap().is_none());
 }
 
 fn list_nodes_sorted_by_name(store: &dyn Store) {

@@ -92,6 +92,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         "Gossip datagrams dropped: not sealed with a key of the keyring, tampered, malformed or too large",
         seal_dropped.clone(),
     );
+    let states_refused = Counter::default();
+    registry.register(
+        "meshd_gossip_states_refused",
+        "Gossip states of other nodes not used: unsigned, not signed by the node they are about, tampered or over the size caps",
+        states_refused.clone(),
+    );
     let seal_opened = Counter::default();
     registry.register(
         "meshd_gossip_datagrams_opened",
@@ -174,6 +180,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .instrument(info_span!("discovery")),
     );
     let registry_client = manager.client();
+    let gossip_signer = crate::gossip_auth::Signer::new(manager.node_slot());
     tasks.spawn(manager.run(
         config_rx.clone(),
         policy.policy_rx.clone(),
@@ -217,6 +224,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         cluster_id,
         advertise,
         &transport,
+        crate::membership::Auth {
+            signer: gossip_signer,
+            certs_rx: certs_rx.clone(),
+            refused: states_refused,
+        },
         deny_rx.clone(),
         shutdown_rx.clone(),
     )

@@ -11,6 +11,7 @@ pub mod deny;
 pub mod dev;
 pub mod discovery;
 pub mod fsutil;
+pub mod gossip_auth;
 pub mod gossip_keys;
 pub mod gossip_seal;
 pub mod health;

@@ -19,6 +19,8 @@ use crate::gossip_seal::SealedTransport;
 use crate::health::ServiceHealth;
 use mesh_api::policy::DenyList;
 
+use crate::gossip_auth::{Signer, StateVerifier};
+
 /// Phi-accrual threshold above which a silent node is considered dead. chitchat's phi is the
 /// silence divided by the mean time between heartbeat updates, which is a third to 0.9 of a
 /// gossip interval whatever the cluster size (measured with 2–40 nodes), so 20 means dead after
@@ -100,24 +102,39 @@ pub struct MeshView {
 
 /// Builds the view from chitchat's live nodes. Values this build cannot read (newer schema,
 /// garbage) are skipped with a debug log, never trusted half-way. Nodes on the deny-list
-/// (removed by an operator) are left out whatever they gossip.
-pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>, deny: &DenyList) -> MeshView {
+/// (removed by an operator) are left out whatever they gossip. With a `verifier`, a node's
+/// state is used only as far as it proves signed by that node (see [`crate::gossip_auth`]);
+/// `None` reads states as they are (unit tests and the in-memory simulation).
+pub fn build_view(
+    nodes: &BTreeMap<ChitchatId, NodeState>,
+    deny: &DenyList,
+    mut verifier: Option<&mut StateVerifier>,
+) -> MeshView {
     let mut view = MeshView::default();
     for (id, state) in nodes {
         if deny.denies_node(&id.node_id) {
             continue;
         }
-        let info = state
-            .get(gossip::KEY_NODE)
-            .and_then(|v| match gossip::decode::<NodeInfo>(v) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    debug!(node = %id.node_id, error = %e, "unreadable node info");
-                    None
-                }
-            });
+        let kvs: Vec<(String, String)> = match verifier.as_deref_mut() {
+            Some(v) => match v.usable(id, state) {
+                Some(kvs) => kvs,
+                None => continue,
+            },
+            None => state
+                .key_values()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        let get = |key: &str| kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let info = get(gossip::KEY_NODE).and_then(|v| match gossip::decode::<NodeInfo>(v) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                debug!(node = %id.node_id, error = %e, "unreadable node info");
+                None
+            }
+        });
         let mut services = Vec::new();
-        for (key, value) in state.key_values() {
+        for (key, value) in kvs.iter().map(|(k, v)| (k.as_str(), v.as_str())) {
             let Some(svc) = gossip::parse_service_key(key) else {
                 continue;
             };
@@ -153,6 +170,9 @@ pub fn build_view(nodes: &BTreeMap<ChitchatId, NodeState>, deny: &DenyList) -> M
     // Stable order so round robin is consistent across rebuilds.
     for eps in view.endpoints.values_mut() {
         eps.sort_by(|a, b| (&a.node, a.addr).cmp(&(&b.node, b.addr)));
+    }
+    if let Some(v) = verifier {
+        v.retain(|n| nodes.keys().any(|id| &*id.node_id == n));
     }
     view
 }
@@ -274,6 +294,7 @@ pub struct Membership {
     handle: ChitchatHandle,
     node_info: NodeInfo,
     liveness_rx: watch::Receiver<Arc<Vec<Liveness>>>,
+    signer: Signer,
 }
 
 impl Membership {
@@ -283,9 +304,15 @@ impl Membership {
         cluster_id: String,
         inbound: SocketAddr,
         transport: &SealedTransport,
+        auth: Auth,
         mut deny_rx: watch::Receiver<Arc<DenyList>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, watch::Receiver<Arc<MeshView>>), Error> {
+        let Auth {
+            signer,
+            mut certs_rx,
+            refused,
+        } = auth;
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -323,11 +350,19 @@ impl Membership {
                 addr: config.gossip.bind,
                 reason: format!("{e:#}"),
             })?;
+        handle.with_chitchat(|c| resign(c, &signer)).await;
+        let mut verifier = {
+            let certs = certs_rx.borrow_and_update();
+            StateVerifier::new(certs.trust_domain.clone(), certs.roots.clone()).counting(refused)
+        };
         let mut live_rx = handle.chitchat().lock().await.live_nodes_watcher();
         let initial = Arc::new(build_view(
             &live_rx.borrow_and_update(),
             &deny_rx.borrow_and_update(),
+            Some(&mut verifier),
         ));
+        let chitchat_for_certs = handle.chitchat();
+        let signer_for_certs = signer.clone();
         let (view_tx, view_rx) = watch::channel(initial);
         let mut shutdown_view = shutdown.clone();
         // Fire-and-forget: ends when chitchat stops (sender dropped) or on shutdown.
@@ -338,10 +373,17 @@ impl Membership {
                     r = live_rx.changed() => if r.is_err() { return },
                     // Discovery gone (shutting down): the last deny-list stays in force.
                     Ok(()) = deny_rx.changed() => {}
+                    // A renewed node certificate re-signs this node's state; new roots (a
+                    // root rotation) verify every state again.
+                    Ok(()) = certs_rx.changed() => {
+                        let roots = certs_rx.borrow_and_update().roots.clone();
+                        verifier.set_roots(roots);
+                        resign(&mut *chitchat_for_certs.lock().await, &signer_for_certs);
+                    }
                     _ = mesh_runtime::drain::until_true(&mut shutdown_view) => return,
                 }
                 let deny = deny_rx.borrow_and_update().clone();
-                let view = build_view(&live_rx.borrow_and_update(), &deny);
+                let view = build_view(&live_rx.borrow_and_update(), &deny, Some(&mut verifier));
                 if view.members.len() != members {
                     info!(members = view.members.len(), "mesh membership changed");
                     members = view.members.len();
@@ -384,6 +426,7 @@ impl Membership {
                 handle,
                 node_info,
                 liveness_rx,
+                signer,
             },
             view_rx,
         ))
@@ -393,8 +436,12 @@ impl Membership {
     pub async fn set_draining(&mut self) {
         self.node_info.state = gossip::NodeState::Draining;
         let value = gossip::encode(&self.node_info);
+        let signer = self.signer.clone();
         self.handle
-            .with_chitchat(|c| c.self_node_state().set(gossip::KEY_NODE, &value))
+            .with_chitchat(|c| {
+                c.self_node_state().set(gossip::KEY_NODE, &value);
+                resign(c, &signer);
+            })
             .await;
     }
 
@@ -415,6 +462,7 @@ impl Membership {
     pub fn publisher(&self) -> Publisher {
         Publisher {
             chitchat: self.handle.chitchat(),
+            signer: self.signer.clone(),
         }
     }
 
@@ -430,6 +478,23 @@ impl Membership {
 #[derive(Clone)]
 pub struct Publisher {
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    signer: Signer,
+}
+
+/// What gossip needs to sign this node's state and check everyone else's.
+pub struct Auth {
+    /// Signs with the node certificate.
+    pub signer: Signer,
+    /// The node's certificates: the roots to verify others against, and renewals (re-sign).
+    pub certs_rx: watch::Receiver<Arc<crate::identity::Certs>>,
+    /// Counts states refused by verification.
+    pub refused: prometheus_client::metrics::counter::Counter,
+}
+
+/// Signs this node's state after a change (see [`crate::gossip_auth`]).
+fn resign(c: &mut chitchat::Chitchat, signer: &Signer) {
+    let id = c.self_chitchat_id().clone();
+    signer.sign(&id, c.self_node_state());
 }
 
 impl Publisher {
@@ -438,18 +503,18 @@ impl Publisher {
     pub async fn set_service(&self, svc: &Service, healthy: bool) {
         let key = gossip::service_key(&svc.key);
         let value = gossip::encode(&service_info(svc, healthy));
-        self.chitchat
-            .lock()
-            .await
-            .self_node_state()
-            .set(&key, &value);
+        let mut c = self.chitchat.lock().await;
+        c.self_node_state().set(&key, &value);
+        resign(&mut c, &self.signer);
     }
 
     /// Stops publishing `svc` (a reload removed it): peers drop this instance when the
     /// deletion reaches them.
     pub async fn remove_service(&self, svc: &mesh_api::ServiceKey) {
         let key = gossip::service_key(svc);
-        self.chitchat.lock().await.self_node_state().delete(&key);
+        let mut c = self.chitchat.lock().await;
+        c.self_node_state().delete(&key);
+        resign(&mut c, &self.signer);
     }
 
     /// A task that publishes `svc`'s health by gossip each time it flips, until `health_rx`
@@ -468,6 +533,7 @@ impl Publisher {
         mut shutdown: watch::Receiver<bool>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let chitchat = self.chitchat.clone();
+        let signer = self.signer.clone();
         let key = gossip::service_key(&svc.key);
         let mut settled = published.is_none();
         let mut info = service_info(svc, published.unwrap_or(svc.checks.is_empty()));
@@ -482,7 +548,9 @@ impl Publisher {
                 if settled && healthy != published {
                     info.healthy = healthy;
                     let value = gossip::encode(&info);
-                    chitchat.lock().await.self_node_state().set(&key, value);
+                    let mut c = chitchat.lock().await;
+                    c.self_node_state().set(&key, value);
+                    resign(&mut c, &signer);
                     published = healthy;
                     debug!(key, healthy, "service health published");
                 }
@@ -544,7 +612,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let view = build_view(&nodes, &DenyList::default());
+        let view = build_view(&nodes, &DenyList::default(), None);
         assert_eq!(view.members.len(), 3);
         let api = &view.endpoints[&ServiceKey::parse("api").unwrap()];
         assert_eq!(api.len(), 2);

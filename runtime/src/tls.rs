@@ -166,6 +166,12 @@ pub fn peer_serial(chain: &[CertificateDer<'_>]) -> Option<String> {
     serial(chain.first()?)
 }
 
+/// The subject public key of a DER certificate (for an EC key: the uncompressed point).
+pub fn public_key(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.public_key().subject_public_key.data.to_vec())
+}
+
 /// The `notAfter` of a DER certificate.
 pub fn not_after(cert_der: &[u8]) -> Result<SystemTime, Error> {
     Ok(validity(cert_der)?.1)

@@ -38,6 +38,9 @@ pub const MAX_KEY_LEN: usize = 256;
 
 const DOMAIN: &[u8] = b"meshd gossip state v1\0";
 
+/// A node's key-values, as used in the view.
+pub type KeyValues = Vec<(String, String)>;
+
 /// What a node's state proved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -62,7 +65,7 @@ pub struct StateVerifier {
     /// node id → (generation, max_version) → verdict.
     cache: HashMap<Arc<str>, ((u64, u64), Verdict)>,
     /// node id → the key-values of its last state that verified, with its generation.
-    last_good: HashMap<Arc<str>, (u64, Vec<(String, String)>)>,
+    last_good: HashMap<Arc<str>, (u64, KeyValues)>,
     /// States refused (each version once): `meshd_gossip_states_refused_total`.
     refused: prometheus_client::metrics::counter::Counter,
 }

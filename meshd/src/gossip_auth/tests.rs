@@ -115,7 +115,7 @@ fn a_node_speaks_for_itself_only() {
             id("b", 1),
             ok.clone(),
         ),
-        ("unsigned", a.clone(), state(KVS)),
+        ("unsigned", a, state(KVS)),
     ];
     for (what, who, st) in cases {
         assert!(
@@ -156,7 +156,7 @@ fn the_last_verified_state_stays_in_force() {
     // A forger rewrites a's state (new versions): what was verified stays.
     let mut forged = good.clone();
     forged.set("node", "{\"state\":\"draining\"}");
-    assert_eq!(v.usable(&a, &forged), Some(kvs.clone()));
+    assert_eq!(v.usable(&a, &forged), Some(kvs));
     // A never-verified node is not used at all; a new generation needs its own proof.
     assert_eq!(v.usable(&id("ghost", 1), &state(KVS)), None);
     assert_eq!(v.usable(&id("a", 2), &forged), None);

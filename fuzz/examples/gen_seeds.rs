@@ -23,7 +23,7 @@ use mesh_api::identity::{Identity, TrustDomain};
 use mesh_api::name::{Label, NodeName};
 use mesh_api::policy;
 use mesh_api::token::{self, JoinToken};
-use meshd::gossip_seal::{GossipKey, KEY_LEN, Keyring, seal};
+use meshd::gossip_seal::{GossipKey, KEY_LEN, Keyring, Sealer, seal};
 use rcgen::string::Ia5String;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use rustls_pki_types::CertificateSigningRequestDer;
@@ -279,8 +279,10 @@ fn gossip(messages: &BTreeMap<String, Vec<u8>>) {
             .expect("captured")
     };
     // Mode byte 0: a datagram from the network.
-    let network =
-        |keyring: &Keyring, message: &[u8]| [&[0u8][..], &seal(keyring, message)].concat();
+    let network = |keyring: &Keyring, message: &[u8]| {
+        let d = seal(keyring, &mut Sealer::new(), 1_750_000_000, message);
+        [&[0u8][..], &d].concat()
+    };
     write(
         "gossip_open",
         "sealed-syn-key1",

@@ -13,14 +13,14 @@
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chitchat::transport::{RecvOutcome, Socket, Transport as _};
 use chitchat::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 use libfuzzer_sys::fuzz_target;
 use meshd::gossip_seal::{
-    DropReason, GossipKey, KEY_LEN, Keyring, MAX_PLAINTEXT_LEN, SealStats, SealedTransport, open,
-    seal,
+    DropReason, GossipKey, KEY_LEN, Keyring, Legacy, MAX_PLAINTEXT_LEN, Opener, SealStats,
+    SealedTransport, Sealer, open, seal,
 };
 use tokio::net::UdpSocket;
 use tokio::runtime::Runtime;
@@ -41,6 +41,10 @@ struct Harness {
 struct Io {
     keyring: Arc<Keyring>,
     stats: Arc<SealStats>,
+    /// The peer's sender instance: every datagram it sends is new to the socket under test.
+    sealer: Sealer,
+    /// The peer's replay state for what the socket under test sends.
+    opener: Opener,
     /// The transport's socket under test (meshd's sealed socket with its chitchat codec).
     sealed: Box<dyn Socket>,
     sealed_addr: SocketAddr,
@@ -77,6 +81,8 @@ impl Harness {
         let mut io = Io {
             keyring,
             stats,
+            sealer: Sealer::new(),
+            opener: Opener::new(Legacy::Refuse),
             sealed,
             sealed_addr,
             peer,
@@ -116,7 +122,8 @@ impl Io {
             .await
             .expect("sealed datagram arrives")
             .expect("peer receives");
-        open(&self.keyring, &buf[..len]).expect("the transport's datagram opens")
+        open(&self.keyring, &mut self.opener, unix_now(), &buf[..len])
+            .expect("the transport's datagram opens, once")
     }
 
     /// What the sealed socket decodes from `message`, or `None` if it dropped it as
@@ -124,8 +131,9 @@ impl Io {
     /// whether the first envelope out is the message's, so an input that decodes to something
     /// like the sentinel cannot confuse the harness.
     async fn decode(&mut self, message: &[u8]) -> Option<ChitchatEnvelope> {
-        let datagram = seal(&self.keyring, message);
-        let sentinel = seal(&self.keyring, &self.sentinel);
+        let now = unix_now();
+        let datagram = seal(&self.keyring, &mut self.sealer, now, message);
+        let sentinel = seal(&self.keyring, &mut self.sealer, now, &self.sentinel);
         let undecodable = self.stats.dropped(DropReason::Undecodable);
         for d in [&datagram, &sentinel] {
             self.peer
@@ -151,6 +159,8 @@ impl Io {
             DropReason::CodecInjected,
             DropReason::Malformed,
             DropReason::AuthenticationFailed,
+            DropReason::Replayed,
+            DropReason::Stale,
         ] {
             assert_eq!(self.stats.dropped(reason), 0, "{reason:?}");
         }
@@ -165,6 +175,13 @@ impl Io {
         assert_eq!(outcome.from_addr, self.peer_addr);
         outcome
     }
+}
+
+/// The wall clock in Unix seconds, as the sealed socket reads it.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 fn is_sentinel(envelope: &ChitchatEnvelope) -> bool {

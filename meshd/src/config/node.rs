@@ -14,11 +14,11 @@ use super::{
 };
 use super::{
     DEFAULT_ADMIN_ALLOW_REMOTE, DEFAULT_ADMIN_BIND, DEFAULT_DATA_DIR, DEFAULT_DATACENTER,
-    DEFAULT_DRAIN_GRACE_PERIOD, DEFAULT_GOSSIP_BIND, DEFAULT_GOSSIP_INTERVAL,
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND, DEFAULT_JOIN_TOKEN_FILE,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT, DEFAULT_REGISTRY_CONNECT_TIMEOUT,
-    DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR, DEFAULT_ZONE, MAX_GOSSIP_INTERVAL,
-    MIN_GOSSIP_INTERVAL,
+    DEFAULT_DRAIN_GRACE_PERIOD, DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL, DEFAULT_GOSSIP_BIND,
+    DEFAULT_GOSSIP_INTERVAL, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
+    DEFAULT_JOIN_TOKEN_FILE, DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
+    DEFAULT_REGISTRY_CONNECT_TIMEOUT, DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR,
+    DEFAULT_ZONE, MAX_GOSSIP_INTERVAL, MIN_GOSSIP_INTERVAL,
 };
 
 /// The node file as written, with defaults for absent keys; unknown keys are rejected.
@@ -83,6 +83,13 @@ pub struct RawGossip {
     pub interval: String,
     /// Optional cluster id.
     pub cluster_id: Option<String>,
+    /// Also accept gossip sealed by meshd before the replay-protected format (version 2):
+    /// datagrams in format version 1, which has no replay protection, so any captured one could
+    /// be sent again at any time. A rolling-upgrade aid only, and a partial one: it lets
+    /// upgraded nodes hear older ones, but older ones cannot open what upgraded nodes send, so
+    /// the two groups only merge once every node runs the new format. Leave it off (the
+    /// default) outside an upgrade.
+    pub accept_legacy_seal: bool,
 }
 
 /// `[inbound]` as written.
@@ -284,6 +291,7 @@ impl RawGossip {
             seeds: seeds.into_iter().collect::<Option<_>>()?,
             interval: interval?,
             cluster_id: cluster_id?,
+            accept_legacy_seal: self.accept_legacy_seal,
         })
     }
 }
@@ -296,6 +304,7 @@ impl Default for RawGossip {
             seeds: Vec::new(),
             interval: humane(DEFAULT_GOSSIP_INTERVAL),
             cluster_id: None,
+            accept_legacy_seal: DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL,
         }
     }
 }

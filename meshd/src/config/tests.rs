@@ -99,7 +99,12 @@ fn default_node_config() {
             seeds: vec![],
             interval: DEFAULT_GOSSIP_INTERVAL,
             cluster_id: None,
+            accept_legacy_seal: DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL,
         }
+    );
+    assert!(
+        !config.gossip.accept_legacy_seal,
+        "version-1 gossip is refused unless asked for"
     );
     assert_eq!(
         config.inbound,
@@ -159,6 +164,7 @@ fn node_values_accepted() {
         seeds = ["10.0.0.2:7946", "node-2.dc1.example:7946", "[fd00::2]:7946"]
         interval = "1s 500ms"
         cluster_id = "prod"
+        accept_legacy_seal = true
         "#,
     );
     let config = Config::from_toml_str(node_path(), &text).unwrap();
@@ -166,6 +172,7 @@ fn node_values_accepted() {
     assert_eq!(config.gossip.seeds.len(), 3);
     assert_eq!(config.gossip.interval, Duration::from_millis(1500));
     assert_eq!(config.gossip.cluster_id.as_deref(), Some("prod"));
+    assert!(config.gossip.accept_legacy_seal);
 }
 
 #[test]
@@ -205,6 +212,8 @@ fn bad_node_values() {
         ("[gossip]\nintervall = \"1s\"", "", "unknown field `intervall`"),
         ("[tls]\nenabled = true", "", "unknown field `tls`"),
         ("datacenter = 1", "", "invalid type: integer `1`, expected a string"),
+        ("[gossip]\naccept_legacy_seal = \"yes\"", "", "invalid type: string \"yes\", expected a boolean"),
+        ("[gossip]\naccept_legacy_seals = true", "", "unknown field `accept_legacy_seals`"),
         ("[inbound]\nmax_connections = -1", "", "max_connections = -1"),
     ];
     for (overrides, key, fragment) in cases {

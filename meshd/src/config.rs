@@ -60,7 +60,7 @@ pub const MIN_GOSSIP_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest gossip interval accepted.
 pub const MAX_GOSSIP_INTERVAL: Duration = Duration::from_secs(10);
 /// Whether gossip sealed with format version 1 (no replay protection) is accepted.
-pub const DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL: bool = false;
+pub const DEFAULT_GOSSIP_LEGACY_PEERS: bool = false;
 /// Inbound (mTLS from other nodes) listener.
 pub const DEFAULT_INBOUND_BIND: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15008);
@@ -155,9 +155,9 @@ pub struct GossipConfig {
     pub interval: Duration,
     /// Separates clusters sharing a network; `None` means the trust domain is used.
     pub cluster_id: Option<String>,
-    /// Also open gossip sealed by older meshd (format version 1, no replay protection): a
-    /// rolling-upgrade aid, off by default; see [`RawGossip::accept_legacy_seal`].
-    pub accept_legacy_seal: bool,
+    /// Gossip with older meshd during a rolling upgrade (format-1 datagrams both ways, unsigned
+    /// state of nodes never seen signed); off by default; see [`RawGossip::legacy_peers`].
+    pub legacy_peers: bool,
 }
 
 /// `[inbound]`: the mTLS listener other nodes connect to.
@@ -311,7 +311,7 @@ impl Config {
                 seeds: Vec::new(),
                 interval: DEFAULT_GOSSIP_INTERVAL,
                 cluster_id: None,
-                accept_legacy_seal: DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL,
+                legacy_peers: DEFAULT_GOSSIP_LEGACY_PEERS,
             },
             inbound: InboundConfig {
                 bind: loopback,

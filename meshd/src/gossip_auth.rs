@@ -37,6 +37,8 @@ pub const MAX_VALUE_LEN: usize = 8 * 1024;
 pub const MAX_KEY_LEN: usize = 256;
 
 const DOMAIN: &[u8] = b"meshd gossip state v1\0";
+/// Why a state without signature or chain is refused.
+const UNSIGNED: &str = "unsigned";
 
 /// A node's key-values, as used in the view.
 pub type KeyValues = Vec<(String, String)>;
@@ -68,6 +70,9 @@ pub struct StateVerifier {
     last_good: HashMap<Arc<str>, (u64, KeyValues)>,
     /// States refused (each version once): `meshd_gossip_states_refused_total`.
     refused: prometheus_client::metrics::counter::Counter,
+    /// `gossip.legacy_peers`: unsigned states of nodes never seen signed are used as they are
+    /// (older meshd during a rolling upgrade).
+    accept_unsigned: bool,
 }
 
 /// The message a node signs for its state; `kvs` may hold the signature key (skipped).
@@ -173,7 +178,15 @@ impl StateVerifier {
             cache: HashMap::new(),
             last_good: HashMap::new(),
             refused: Default::default(),
+            accept_unsigned: false,
         }
+    }
+
+    /// Uses unsigned states of nodes never seen signed (a rolling upgrade from meshd that did
+    /// not sign); a node that signed once is held to it.
+    pub fn accepting_unsigned(mut self, accept: bool) -> Self {
+        self.accept_unsigned = accept;
+        self
     }
 
     /// Counts refused states in `counter`.
@@ -205,6 +218,12 @@ impl StateVerifier {
         }
         match self.last_good.get(&*id.node_id) {
             Some((generation, kvs)) if *generation == id.generation_id => Some(kvs.clone()),
+            None if self.accept_unsigned && verdict == Verdict::Refused(UNSIGNED) => Some(
+                state
+                    .key_values()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            ),
             _ => None,
         }
     }
@@ -250,7 +269,7 @@ pub fn verify(
         return Verdict::Refused("key or value too long");
     }
     let (Some(chain), Some(sig)) = (state.get(KEY_CERT), state.get(KEY_SIG)) else {
-        return Verdict::Refused("unsigned");
+        return Verdict::Refused(UNSIGNED);
     };
     let Some(chain) = decode_chain(chain) else {
         return Verdict::Refused("certificate chain is not base64 DER");

@@ -76,7 +76,7 @@
 //! # Version 1 and upgrades
 //!
 //! Version 1 (`version | key id | random nonce`, see `legacy`) has no replay protection, so
-//! its datagrams are dropped as [`DropReason::Legacy`] unless `gossip.accept_legacy_seal` is
+//! its datagrams are dropped as [`DropReason::Legacy`] unless `gossip.legacy_peers` is
 //! set ([`Legacy::Accept`]). meshd always seals version 2, which older meshd drop as an unknown
 //! version. So the flag only lets upgraded nodes *hear* old ones: an old node's SYN reaches an
 //! upgraded one (liveness of the nodes in its digest), but the upgraded node's SYN-ACK does not
@@ -243,7 +243,7 @@ pub enum OpenError {
     },
     /// Version 1, refused because it has no replay protection.
     #[error(
-        "gossip datagram is sealed with format version 1, which has no replay protection (an older meshd; gossip.accept_legacy_seal = true accepts it during an upgrade)"
+        "gossip datagram is sealed with format version 1, which has no replay protection (an older meshd; gossip.legacy_peers = true accepts it during an upgrade)"
     )]
     Legacy,
     /// Authentic, but sent too long ago (or too far in the future).
@@ -309,7 +309,7 @@ pub enum Legacy {
     /// Drop them as [`DropReason::Legacy`]: the default.
     #[default]
     Refuse,
-    /// Open them, without replay protection (`gossip.accept_legacy_seal = true`).
+    /// Open them, without replay protection (`gossip.legacy_peers = true`).
     Accept,
 }
 
@@ -625,8 +625,8 @@ impl SealedTransport {
         }
     }
 
-    /// Also opens version-1 datagrams if `accept` (`gossip.accept_legacy_seal`).
-    pub fn accept_legacy(mut self, accept: bool) -> Self {
+    /// Also opens version-1 datagrams if `accept` (`gossip.legacy_peers`).
+    pub fn legacy_peers(mut self, accept: bool) -> Self {
         self.legacy = if accept {
             Legacy::Accept
         } else {

@@ -353,7 +353,9 @@ impl Membership {
         handle.with_chitchat(|c| resign(c, &signer)).await;
         let mut verifier = {
             let certs = certs_rx.borrow_and_update();
-            StateVerifier::new(certs.trust_domain.clone(), certs.roots.clone()).counting(refused)
+            StateVerifier::new(certs.trust_domain.clone(), certs.roots.clone())
+                .counting(refused)
+                .accepting_unsigned(config.gossip.legacy_peers)
         };
         let mut live_rx = handle.chitchat().lock().await.live_nodes_watcher();
         let initial = Arc::new(build_view(

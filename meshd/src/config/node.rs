@@ -14,8 +14,8 @@ use super::{
 };
 use super::{
     DEFAULT_ADMIN_ALLOW_REMOTE, DEFAULT_ADMIN_BIND, DEFAULT_DATA_DIR, DEFAULT_DATACENTER,
-    DEFAULT_DRAIN_GRACE_PERIOD, DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL, DEFAULT_GOSSIP_BIND,
-    DEFAULT_GOSSIP_INTERVAL, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
+    DEFAULT_DRAIN_GRACE_PERIOD, DEFAULT_GOSSIP_BIND, DEFAULT_GOSSIP_INTERVAL,
+    DEFAULT_GOSSIP_LEGACY_PEERS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
     DEFAULT_JOIN_TOKEN_FILE, DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
     DEFAULT_REGISTRY_CONNECT_TIMEOUT, DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR,
     DEFAULT_ZONE, MAX_GOSSIP_INTERVAL, MIN_GOSSIP_INTERVAL,
@@ -83,13 +83,12 @@ pub struct RawGossip {
     pub interval: String,
     /// Optional cluster id.
     pub cluster_id: Option<String>,
-    /// Also accept gossip sealed by meshd before the replay-protected format (version 2):
-    /// datagrams in format version 1, which has no replay protection, so any captured one could
-    /// be sent again at any time. A rolling-upgrade aid only, and a partial one: it lets
-    /// upgraded nodes hear older ones, but older ones cannot open what upgraded nodes send, so
-    /// the two groups only merge once every node runs the new format. Leave it off (the
-    /// default) outside an upgrade.
-    pub accept_legacy_seal: bool,
+    /// Gossip with meshd from before replay-protected sealing (format version 2) and signed
+    /// state, during a rolling upgrade: open their format-1 datagrams and answer each peer
+    /// heard in format 1 in format 1, and use the unsigned state of nodes never seen signed.
+    /// Format 1 has no replay protection and unsigned state can be forged by any key holder, so
+    /// this reopens both holes while it is on: leave it off (the default) outside an upgrade.
+    pub legacy_peers: bool,
 }
 
 /// `[inbound]` as written.
@@ -291,7 +290,7 @@ impl RawGossip {
             seeds: seeds.into_iter().collect::<Option<_>>()?,
             interval: interval?,
             cluster_id: cluster_id?,
-            accept_legacy_seal: self.accept_legacy_seal,
+            legacy_peers: self.legacy_peers,
         })
     }
 }
@@ -304,7 +303,7 @@ impl Default for RawGossip {
             seeds: Vec::new(),
             interval: humane(DEFAULT_GOSSIP_INTERVAL),
             cluster_id: None,
-            accept_legacy_seal: DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL,
+            legacy_peers: DEFAULT_GOSSIP_LEGACY_PEERS,
         }
     }
 }

@@ -99,11 +99,11 @@ fn default_node_config() {
             seeds: vec![],
             interval: DEFAULT_GOSSIP_INTERVAL,
             cluster_id: None,
-            accept_legacy_seal: DEFAULT_GOSSIP_ACCEPT_LEGACY_SEAL,
+            legacy_peers: DEFAULT_GOSSIP_LEGACY_PEERS,
         }
     );
     assert!(
-        !config.gossip.accept_legacy_seal,
+        !config.gossip.legacy_peers,
         "version-1 gossip is refused unless asked for"
     );
     assert_eq!(
@@ -164,7 +164,7 @@ fn node_values_accepted() {
         seeds = ["10.0.0.2:7946", "node-2.dc1.example:7946", "[fd00::2]:7946"]
         interval = "1s 500ms"
         cluster_id = "prod"
-        accept_legacy_seal = true
+        legacy_peers = true
         "#,
     );
     let config = Config::from_toml_str(node_path(), &text).unwrap();
@@ -172,7 +172,7 @@ fn node_values_accepted() {
     assert_eq!(config.gossip.seeds.len(), 3);
     assert_eq!(config.gossip.interval, Duration::from_millis(1500));
     assert_eq!(config.gossip.cluster_id.as_deref(), Some("prod"));
-    assert!(config.gossip.accept_legacy_seal);
+    assert!(config.gossip.legacy_peers);
 }
 
 #[test]
@@ -212,8 +212,8 @@ fn bad_node_values() {
         ("[gossip]\nintervall = \"1s\"", "", "unknown field `intervall`"),
         ("[tls]\nenabled = true", "", "unknown field `tls`"),
         ("datacenter = 1", "", "invalid type: integer `1`, expected a string"),
-        ("[gossip]\naccept_legacy_seal = \"yes\"", "", "invalid type: string \"yes\", expected a boolean"),
-        ("[gossip]\naccept_legacy_seals = true", "", "unknown field `accept_legacy_seals`"),
+        ("[gossip]\nlegacy_peers = \"yes\"", "", "invalid type: string \"yes\", expected a boolean"),
+        ("[gossip]\nlegacy_peerss = true", "", "unknown field `legacy_peerss`"),
         ("[inbound]\nmax_connections = -1", "", "max_connections = -1"),
     ];
     for (overrides, key, fragment) in cases {

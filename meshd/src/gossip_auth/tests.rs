@@ -184,3 +184,22 @@ fn oversized_state_is_refused_before_any_crypto() {
         Verdict::Refused("too many keys")
     );
 }
+
+#[test]
+fn unsigned_states_pass_only_for_legacy_peers_never_seen_signed() {
+    let m = mesh("mesh.test");
+    let a = id("a", 1);
+    let mut strict = StateVerifier::new(m.td.clone(), m.roots.clone());
+    assert_eq!(strict.usable(&a, &state(KVS)), None);
+    let mut upgrading = StateVerifier::new(m.td.clone(), m.roots.clone()).accepting_unsigned(true);
+    assert!(
+        upgrading.usable(&a, &state(KVS)).is_some(),
+        "an older meshd is heard"
+    );
+    // Once a signed, an unsigned state for it is a forgery: the signed one stays.
+    let good = signed(&node_signer(&m, "a"), &a, KVS);
+    let kvs = upgrading.usable(&a, &good).unwrap();
+    let mut stripped = state(KVS);
+    stripped.set("node", "{\"state\":\"draining\"}");
+    assert_eq!(upgrading.usable(&a, &stripped), Some(kvs));
+}

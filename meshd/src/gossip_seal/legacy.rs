@@ -1,5 +1,5 @@
-//! Version 1 of the wire format, opened only when `gossip.accept_legacy_seal` is set; meshd no
-//! longer seals it (tests do, to check it is refused or opened as configured).
+//! Version 1 of the wire format, opened (and sent back to peers heard in it) only when
+//! `gossip.legacy_peers` is set, for a rolling upgrade from meshd that knew nothing else.
 //!
 //! ```text
 //! | version=1 | key id  | nonce    | ChaCha20-Poly1305(chitchat message) | tag      |
@@ -46,8 +46,8 @@ pub(super) fn open(keyring: &Keyring, datagram: &[u8]) -> Result<Vec<u8>, OpenEr
     Ok(in_out)
 }
 
-/// Seals as meshd before version 2 did: the keyring's primary key, a random nonce.
-#[cfg(test)]
+/// Seals as meshd before version 2 did: the keyring's primary key, a random nonce. Sent only to
+/// peers last heard in format 1, while `gossip.legacy_peers` is on.
 pub(super) fn seal(keyring: &Keyring, plaintext: &[u8]) -> Vec<u8> {
     use rand::Rng as _;
 

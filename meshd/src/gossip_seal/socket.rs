@@ -26,6 +26,9 @@ const CODEC_TIMEOUT: Duration = Duration::from_secs(1);
 const CODEC_MARKER_PREFIX: &str = "meshd-gossip-seal-codec-marker-";
 
 /// The socket [`super::SealedTransport`] opens.
+/// Most format-1 peers remembered (a fleet being upgraded; only key holders get in).
+const MAX_LEGACY_PEERS: usize = 8_192;
+
 pub(super) struct SealedSocket {
     socket: tokio::net::UdpSocket,
     pub(super) codec: Codec,
@@ -35,6 +38,8 @@ pub(super) struct SealedSocket {
     sealer: Sealer,
     /// Replay windows of the instances this socket hears.
     opener: Opener,
+    /// Peers whose last authentic datagram was format 1: answered in format 1.
+    legacy_peers: std::collections::HashSet<SocketAddr>,
     /// One byte more than a valid datagram, so an over-long datagram is seen, not truncated.
     recv_buf: Box<[u8]>,
     /// An opened datagram on its way through the codec. `Socket::recv` must be cancellable
@@ -102,7 +107,12 @@ impl Socket for SealedSocket {
             return Ok(self.refuse_oversized(to_addr, Some(plaintext.len())));
         }
         let keyring = Arc::clone(&self.keyring_rx.borrow());
-        let datagram = seal(&keyring, &mut self.sealer, unix_now(), &plaintext);
+        // A peer heard in format 1 (an older meshd, `legacy_peers` on) cannot open format 2.
+        let datagram = if self.legacy_peers.contains(&to_addr) {
+            super::legacy::seal(&keyring, &plaintext)
+        } else {
+            seal(&keyring, &mut self.sealer, unix_now(), &plaintext)
+        };
         let num_bytes_sent = self
             .socket
             .send_to(&datagram, to_addr)
@@ -153,8 +163,9 @@ impl SealedSocket {
             .with_context(|| format!("failed to bind to {listen_addr}/UDP for sealed gossip"))?;
         if legacy == Legacy::Accept {
             warn!(
-                "gossip accepts format version 1 from older meshd, which has no replay protection \
-                 (gossip.accept_legacy_seal); turn it off once every node is upgraded"
+                "gossip talks format version 1 with older meshd, which has no replay protection, \
+                 and uses unsigned state of nodes never seen signed (gossip.legacy_peers); turn it \
+                 off once every node is upgraded"
             );
         }
         Ok(SealedSocket {
@@ -164,9 +175,23 @@ impl SealedSocket {
             stats,
             sealer: Sealer::new(),
             opener: Opener::new(legacy),
+            legacy_peers: std::collections::HashSet::new(),
             recv_buf: vec![0; MAX_DATAGRAM_LEN + 1].into_boxed_slice(),
             pending: None,
         })
+    }
+
+    /// Remembers which format an authentic datagram from `addr` used, so replies match it
+    /// (only format-1 peers are kept, at most [`MAX_LEGACY_PEERS`]; only `legacy_peers` lets a
+    /// format-1 datagram open at all).
+    fn note_format(&mut self, addr: SocketAddr, legacy: bool) {
+        if legacy {
+            if self.legacy_peers.len() < MAX_LEGACY_PEERS {
+                self.legacy_peers.insert(addr);
+            }
+        } else if !self.legacy_peers.is_empty() {
+            self.legacy_peers.remove(&addr);
+        }
     }
 
     /// Receives one datagram and opens it; `None` if it was dropped.
@@ -182,13 +207,17 @@ impl SealedSocket {
             }
         };
         let keyring = Arc::clone(&self.keyring_rx.borrow());
+        let version = self.recv_buf.first().copied();
         match open(
             &keyring,
             &mut self.opener,
             unix_now(),
             &self.recv_buf[..len],
         ) {
-            Ok(plaintext) => Ok(Some((from_addr, len, plaintext))),
+            Ok(plaintext) => {
+                self.note_format(from_addr, version == Some(super::legacy::VERSION));
+                Ok(Some((from_addr, len, plaintext)))
+            }
             Err(err) => {
                 self.stats.record_drop(err.reason());
                 debug!(

@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let before: usize = state.key_values().map(|(k, v)| k.len() + v.len()).sum();
-    let signer = Signer::new(slot.clone());
+    let signer = Signer::new(slot);
     signer.sign(&id, &mut state);
     let after: usize = state.key_values().map(|(k, v)| k.len() + v.len()).sum();
     let cert_bytes = state.get(KEY_CERT).map_or(0, str::len);

@@ -303,7 +303,10 @@ impl Kind {
 
     /// Exists once per mesh, in the root namespace (the namespace may be omitted).
     pub fn is_mesh_wide(self) -> bool {
-        matches!(self, Self::MeshConfig | Self::Revocation | Self::TrustBundle)
+        matches!(
+            self,
+            Self::MeshConfig | Self::Revocation | Self::TrustBundle
+        )
     }
 
     fn names() -> Vec<&'static str> {

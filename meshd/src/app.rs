@@ -215,8 +215,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config.gossip.interval,
         shutdown_rx.clone(),
     ));
-    let transport = SealedTransport::new(keyring_rx, seal_stats)
-        .legacy_peers(config.gossip.legacy_peers);
+    let transport =
+        SealedTransport::new(keyring_rx, seal_stats).legacy_peers(config.gossip.legacy_peers);
     // Compiled once per policy snapshot; gossip leaves removed nodes out of the view, and the
     // proxy refuses (and closes) connections carried by revoked certificates.
     let deny_rx = crate::deny::compile(policy.policy_rx.clone(), shutdown_rx.clone());

@@ -1,7 +1,7 @@
 //! Gossip replay protection on real processes: a sealed datagram captured off the wire (a node
 //! gossips to a seed address that is the test's own UDP socket) is accepted once by another
 //! node and dropped as `replayed` after that; version-1 datagrams are dropped as `legacy` unless
-//! `gossip.accept_legacy_seal` is set.
+//! `gossip.legacy_peers` is set.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -121,15 +121,12 @@ async fn legacy_datagrams_are_refused_unless_configured() {
     tokio::task::block_in_place(|| upgrading.stop(Duration::from_secs(30))).unwrap();
     let config = upgrading.dir.join("meshd.toml");
     let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replacen("[gossip]\n", "[gossip]\naccept_legacy_seal = true\n", 1);
+    let text = text.replacen("[gossip]\n", "[gossip]\nlegacy_peers = true\n", 1);
     std::fs::write(&config, text).unwrap();
     upgrading.run().unwrap();
     upgrading.wait_ready().await.unwrap();
     let dump = upgrading.config_dump().await.unwrap();
-    assert_eq!(
-        dump["config"]["gossip"]["accept_legacy_seal"], true,
-        "{dump}"
-    );
+    assert_eq!(dump["config"]["gossip"]["legacy_peers"], true, "{dump}");
     cluster.converge().await.unwrap();
 
     // A version-1 datagram naming a key nobody holds.

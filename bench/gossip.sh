@@ -166,7 +166,7 @@ ChaCha20-Poly1305). That is fine for convergence: how fast a change spreads is d
 rounds (one every gossip interval) and the fan-out (3 peers per round, with a SYN / SYN-ACK / ACK
 exchange each), which are chitchat's own; UDP and sealing only add their per-message CPU and
 microseconds of latency. Like meshd, the transport refuses a message too long for one sealed
-datagram (65,474 bytes), and like UDP it drops a message when the receiver's queue (100) is
+datagram (65,454 bytes), and like UDP it drops a message when the receiver's queue (100) is
 full. Node i lists 3 random earlier nodes as seeds, as an operator lists a few existing hosts,
 and publishes what meshd publishes: its `node` key (an encoded `NodeInfo`, ~100 bytes) and one
 `svc/default/svc-NN` key (an encoded `ServiceInfo`, ~70 bytes). Node names are `node-0001` etc.
@@ -192,7 +192,7 @@ After every node sees N live nodes (the setup time) and 5 s of settling:
 
 - **bytes/s and msgs/s per node**: everything sent during the window (total from the transport
   ÷ N ÷ seconds; each node receives as much as it sends). "Est. wire" adds, per message, what
-  meshd and the network add: 33 bytes of sealing, 8 of UDP, 20 of IPv4 per 1,480-byte fragment.
+  meshd and the network add: 53 bytes of sealing, 8 of UDP, 20 of IPv4 per 1,480-byte fragment.
 - **new endpoint**: one node sets a new service key; the measuring thread (not a tokio worker)
   looks at every node every 10 ms and notes when the key appears in its chitchat state, and
   when it appears in its live-nodes watch, which is what meshd rebuilds its proxy view from

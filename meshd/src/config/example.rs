@@ -44,6 +44,9 @@ seeds = []
 interval = "200ms"
 # Separates clusters on a shared network. Default: the trust domain.
 # cluster_id = "prod"
+# Only during a rolling upgrade from a meshd without replay-protected sealing and signed
+# gossip state: talk its format and use its unsigned state. Reopens both holes; default false.
+# legacy_peers = false
 
 [inbound]
 # mTLS listener for connections from other nodes to local services.

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::control;
 
+pub mod parts;
 pub mod standin;
 pub mod store;
 
@@ -240,14 +241,25 @@ impl Discovery {
                 Ok(mut stream) => {
                     debug!(since_revision = since, "policy watch opened");
                     let mut first_event = true;
+                    let mut assembler = parts::Assembler::default();
                     loop {
                         let msg = tokio::select! {
                             m = stream.message() => m,
                             _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
                         };
                         match msg {
-                            Ok(Some(event)) => {
+                            Ok(Some(part)) => {
                                 backoff.reset();
+                                let event = match assembler.push(part) {
+                                    Ok(Some(event)) => event,
+                                    Ok(None) => continue,
+                                    Err(e) => {
+                                        warn!(error = %e, "policy event parts refused; reconnecting for a full snapshot");
+                                        self.resync = true;
+                                        self.metrics.resyncs.inc();
+                                        break;
+                                    }
+                                };
                                 if let Err(e) = self.handle(&event, first_event).await {
                                     // A failed persist or a rejected incremental event ends the
                                     // stream: reconnecting from the persisted revision (or 0,

@@ -440,6 +440,10 @@ pub struct PolicyEvent {
     pub full_snapshot: bool,
     #[prost(message, repeated, tag = "3")]
     pub resources: ::prost::alloc::vec::Vec<Resource>,
+    /// An event larger than one message is sent in parts (same revision and full_snapshot, the
+    /// resources split between them): true on every part but the last. Apply only the whole.
+    #[prost(bool, tag = "4")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct JoinRequest {

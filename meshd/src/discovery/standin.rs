@@ -159,6 +159,7 @@ mod tests {
             revision: 9,
             full_snapshot: true,
             resources,
+            more: false,
         }
     }
 

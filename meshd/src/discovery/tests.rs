@@ -61,6 +61,7 @@ fn event(revision: u64, full: bool, resources: Vec<pb::Resource>) -> pb::PolicyE
         revision,
         full_snapshot: full,
         resources,
+        more: false,
     }
 }
 

@@ -134,16 +134,41 @@ impl RegistryApi {
             )
         })?;
         let (revision, outcomes) = self.commit(changes.clone(), &admin, req.dry_run).await?;
-        Ok(pb::ApplyResponse {
+        let resp = pb::ApplyResponse {
             revision,
             changes: changes
                 .iter()
                 .zip(&outcomes)
                 .map(|(c, (action, previous))| change_of(c, *action, previous.as_deref()))
                 .collect(),
-        })
+        };
+        Ok(fit_apply_response(
+            resp,
+            self.inner.config.max_response_message_size,
+        ))
     }
+}
 
+/// Placeholder of a diff left out of an apply's answer to keep it within one message.
+pub const DIFF_OMITTED: &str =
+    "(diff omitted: the whole answer would exceed max_response_message_size)";
+
+/// An apply's answer that fits `limit` bytes: the change is committed by now, so an answer too
+/// large to send would tell the operator it failed when it did not. Diffs go first. Pure.
+pub fn fit_apply_response(mut resp: pb::ApplyResponse, limit: usize) -> pb::ApplyResponse {
+    // Room for the gRPC frame and the status.
+    let budget = limit.saturating_sub(1024);
+    if prost::Message::encoded_len(&resp) > budget {
+        for c in &mut resp.changes {
+            if !c.diff.is_empty() {
+                c.diff = DIFF_OMITTED.to_owned();
+            }
+        }
+    }
+    resp
+}
+
+impl RegistryApi {
     pub(super) async fn do_delete_resource(
         &self,
         peer: &PeerInfo,
@@ -378,6 +403,32 @@ fn display_key(c: &PolicyChange) -> String {
 
 fn display_record(r: &PolicyRecord) -> String {
     format!("{}/{}/{}", r.kind, r.namespace, r.name)
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_too_large_loses_its_diffs_not_its_changes() {
+        let change = |i: usize| pb::Change {
+            kind: "Route".into(),
+            namespace: "shop".into(),
+            name: format!("r{i}"),
+            action: "updated".into(),
+            diff: "x".repeat(2_000),
+        };
+        let resp = pb::ApplyResponse {
+            revision: 9,
+            changes: (0..100).map(change).collect(),
+        };
+        let small = fit_apply_response(resp.clone(), 4 * 1024 * 1024);
+        assert_eq!(small, resp, "what fits is untouched");
+        let fitted = fit_apply_response(resp, 64 * 1024);
+        assert_eq!(fitted.changes.len(), 100);
+        assert!(fitted.changes.iter().all(|c| c.diff == DIFF_OMITTED));
+        assert!(prost::Message::encoded_len(&fitted) < 64 * 1024);
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! node's revision, or an empty "you are current"), then every revision committed after it,
 //! until the node goes away or the registry drains.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt as _, stream};
@@ -37,6 +38,10 @@ struct Watcher {
     last: u64,
     /// An error was sent; the stream ends.
     done: bool,
+    /// Parts of an event not sent yet.
+    pending: VecDeque<pb::PolicyEvent>,
+    /// Most resource bytes per part.
+    budget: usize,
 }
 
 // === impl RegistryApi ===
@@ -78,17 +83,20 @@ impl RegistryApi {
                 if since != 0 {
                     let (current, changes) = s.policy_changes_since(since)?;
                     if since == current {
-                        return Ok(("current", event(current, false, Vec::new())));
+                        return Ok(("current", (current, false, Vec::new())));
                     }
                     if since < current {
-                        return Ok(("incremental", event(current, false, changes)));
+                        return Ok(("incremental", (current, false, changes)));
                     }
                     // The node is ahead of us (a restored or replaced registry): resync.
                 }
                 let (current, records) = s.list_policies()?;
-                Ok(("full", event(current, true, records)))
+                Ok(("full", (current, true, records)))
             })
             .await?;
+        let budget = self.part_budget();
+        let (revision, full, records) = first;
+        let first = parts(revision, full, records, budget);
         self.inner
             .metrics
             .policy_watch_starts
@@ -98,21 +106,74 @@ impl RegistryApi {
             watcher = %who,
             src.addr = %peer.addr,
             since_revision = since,
-            revision = first.revision,
+            revision,
             first_event = kind,
-            resources = first.resources.len(),
+            resources = first.iter().map(|p| p.resources.len()).sum::<usize>(),
+            parts = first.len(),
             "policy watch started"
         );
         let watcher = Watcher {
             api: self.clone(),
             events,
             shutdown: self.inner.shutdown.clone(),
-            last: first.revision,
+            last: revision,
             done: false,
+            pending: VecDeque::new(),
+            budget,
         };
         let rest = stream::unfold(watcher, Watcher::next_event);
-        Ok(Box::pin(stream::once(async { Ok(first) }).chain(rest)))
+        Ok(Box::pin(
+            stream::iter(first.into_iter().map(Ok)).chain(rest),
+        ))
     }
+
+    /// Most bytes of resources in one event part: the response limit less room for the rest.
+    fn part_budget(&self) -> usize {
+        self.inner
+            .config
+            .max_response_message_size
+            .saturating_sub(PART_MARGIN)
+            .max(MIN_PART_BUDGET)
+    }
+}
+
+/// Room left in a message for everything but the resources (field tags, revision, gRPC frame).
+const PART_MARGIN: usize = 64 * 1024;
+/// Smallest part budget, whatever the configured limit.
+const MIN_PART_BUDGET: usize = 16 * 1024;
+
+/// An event as the parts that carry it: consecutive runs of `records` of at most `budget`
+/// encoded bytes each (a single larger resource gets a part of its own), `more` set on all
+/// but the last. Always at least one part. Pure.
+pub fn parts(
+    revision: u64,
+    full_snapshot: bool,
+    records: Vec<PolicyRecord>,
+    budget: usize,
+) -> Vec<pb::PolicyEvent> {
+    let part = |resources| pb::PolicyEvent {
+        revision,
+        full_snapshot,
+        resources,
+        more: true,
+    };
+    let mut out = Vec::new();
+    let mut current: Vec<pb::Resource> = Vec::new();
+    let mut size = 0usize;
+    for r in records.into_iter().map(resource_of) {
+        let len = prost::Message::encoded_len(&r) + 8;
+        if !current.is_empty() && size + len > budget {
+            out.push(part(std::mem::take(&mut current)));
+            size = 0;
+        }
+        size += len;
+        current.push(r);
+    }
+    out.push(part(current));
+    if let Some(last) = out.last_mut() {
+        last.more = false;
+    }
+    out
 }
 
 // === impl Watcher ===
@@ -120,6 +181,9 @@ impl RegistryApi {
 impl Watcher {
     /// The next event to send, or `None` to end the stream (drain, or the hub is gone).
     async fn next_event(mut self) -> Option<(Result<pb::PolicyEvent, Status>, Self)> {
+        if let Some(part) = self.pending.pop_front() {
+            return Some((Ok(part), self));
+        }
         if self.done {
             return None;
         }
@@ -137,7 +201,8 @@ impl Watcher {
                 Ok(committed) => {
                     self.last = committed.revision;
                     let records = committed.records.as_ref().clone();
-                    return Some((Ok(event(committed.revision, false, records)), self));
+                    let parts = parts(committed.revision, false, records, self.budget);
+                    return self.send(parts);
                 }
                 Err(RecvError::Lagged(missed)) => {
                     warn!(
@@ -151,7 +216,8 @@ impl Watcher {
                     return match snapshot {
                         Ok((revision, records)) => {
                             self.last = revision;
-                            Some((Ok(event(revision, true, records)), self))
+                            let parts = parts(revision, true, records, self.budget);
+                            self.send(parts)
                         }
                         Err(rejected) => {
                             self.done = true;
@@ -165,11 +231,15 @@ impl Watcher {
     }
 }
 
-fn event(revision: u64, full_snapshot: bool, records: Vec<PolicyRecord>) -> pb::PolicyEvent {
-    pb::PolicyEvent {
-        revision,
-        full_snapshot,
-        resources: records.into_iter().map(resource_of).collect(),
+impl Watcher {
+    /// Sends the first part now and queues the rest.
+    fn send(
+        mut self,
+        parts: Vec<pb::PolicyEvent>,
+    ) -> Option<(Result<pb::PolicyEvent, Status>, Self)> {
+        self.pending.extend(parts);
+        let first = self.pending.pop_front()?;
+        Some((Ok(first), self))
     }
 }
 

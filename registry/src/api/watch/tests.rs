@@ -185,3 +185,46 @@ async fn who_may_watch() {
         assert_eq!(got.map(|r| r.status.code()), want, "{:?}", who.identity);
     }
 }
+
+#[test]
+fn parts_split_by_size_and_mark_all_but_the_last() {
+    let record = |i: usize| PolicyRecord {
+        kind: "Route".to_owned(),
+        namespace: "shop".to_owned(),
+        name: format!("r{i:03}"),
+        spec_json: format!("{{\"pad\":\"{}\"}}", "x".repeat(1_000)),
+        revision: 3,
+        author: String::new(),
+        updated_unix: 0,
+        deleted: false,
+    };
+    let all: Vec<PolicyRecord> = (0..50).map(record).collect();
+    let split = parts(3, true, all, 10_000);
+    assert!(split.len() >= 5, "{} parts", split.len());
+    let (last, rest) = split.split_last().unwrap();
+    assert!(rest.iter().all(|p| p.more) && !last.more);
+    assert!(split.iter().all(|p| p.revision == 3 && p.full_snapshot));
+    for p in &split {
+        let size: usize = p.resources.iter().map(prost::Message::encoded_len).sum();
+        assert!(size <= 10_000, "a part of {size} bytes");
+    }
+    let names: Vec<String> = split
+        .iter()
+        .flat_map(|p| p.resources.iter().map(|r| r.name.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        (0..50).map(|i| format!("r{i:03}")).collect::<Vec<_>>(),
+        "in order, each once"
+    );
+    // Nothing to send is still one (empty, final) part; one huge resource gets its own part.
+    let empty = parts(4, false, Vec::new(), 10_000);
+    assert_eq!((empty.len(), empty[0].more), (1, false));
+    let mut huge = record(0);
+    huge.spec_json = "y".repeat(50_000);
+    let alone = parts(5, true, vec![record(1), huge, record(2)], 10_000);
+    assert_eq!(
+        alone.iter().map(|p| p.resources.len()).collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+}

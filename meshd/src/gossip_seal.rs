@@ -144,6 +144,7 @@ use socket::SealedSocket;
 
 mod keys;
 mod legacy;
+pub mod pace;
 mod replay;
 mod socket;
 
@@ -285,6 +286,8 @@ pub enum DropReason {
     Stale,
     /// Received: [`OpenError::Replayed`].
     Replayed,
+    /// Received: authentic, but its source sent more than its pace (see [`pace`]).
+    Paced,
     /// Received: authentic, but chitchat cannot decode the message (e.g. a newer protocol).
     Undecodable,
     /// Sent: the message does not fit one sealed datagram, so it was not sent.
@@ -341,6 +344,8 @@ pub struct SealedTransport {
     keyring_rx: watch::Receiver<Arc<Keyring>>,
     stats: Arc<SealStats>,
     legacy: Legacy,
+    /// Gossip interval the per-source pace is set for; `None`: unpaced.
+    pace: Option<std::time::Duration>,
 }
 
 /// The fields of a version-2 header after the version byte.
@@ -427,7 +432,7 @@ impl OpenError {
 
 impl DropReason {
     /// Every reason, in declaration order (which indexes the counters).
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         Self::Malformed,
         Self::UnknownKey,
         Self::AuthenticationFailed,
@@ -435,6 +440,7 @@ impl DropReason {
         Self::Legacy,
         Self::Stale,
         Self::Replayed,
+        Self::Paced,
         Self::Undecodable,
         Self::Oversized,
         Self::CodecFailed,
@@ -451,6 +457,7 @@ impl DropReason {
             Self::Legacy => "legacy",
             Self::Stale => "stale",
             Self::Replayed => "replayed",
+            Self::Paced => "paced",
             Self::Undecodable => "undecodable",
             Self::Oversized => "oversized",
             Self::CodecFailed => "codec_failed",
@@ -622,7 +629,15 @@ impl SealedTransport {
             keyring_rx,
             stats,
             legacy: Legacy::Refuse,
+            pace: None,
         }
+    }
+
+    /// Drops authentic datagrams from a source past its pace for gossip rounds every
+    /// `interval` (see [`pace`]); unpaced without it.
+    pub fn paced(mut self, interval: std::time::Duration) -> Self {
+        self.pace = Some(interval);
+        self
     }
 
     /// Also opens version-1 datagrams if `accept` (`gossip.legacy_peers`).
@@ -650,7 +665,8 @@ impl Transport for SealedTransport {
             Arc::clone(&self.stats),
             self.legacy,
         )
-        .await?;
+        .await?
+        .paced(self.pace);
         Ok(Box::new(socket))
     }
 }

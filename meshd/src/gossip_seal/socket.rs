@@ -40,6 +40,9 @@ pub(super) struct SealedSocket {
     opener: Opener,
     /// Peers whose last authentic datagram was format 1: answered in format 1.
     legacy_peers: std::collections::HashSet<SocketAddr>,
+    /// Per-source pace of authentic datagrams, if set, and the start of its clock.
+    pace: Option<super::pace::Pace>,
+    epoch: tokio::time::Instant,
     /// One byte more than a valid datagram, so an over-long datagram is seen, not truncated.
     recv_buf: Box<[u8]>,
     /// An opened datagram on its way through the codec. `Socket::recv` must be cancellable
@@ -176,9 +179,17 @@ impl SealedSocket {
             sealer: Sealer::new(),
             opener: Opener::new(legacy),
             legacy_peers: std::collections::HashSet::new(),
+            pace: None,
+            epoch: tokio::time::Instant::now(),
             recv_buf: vec![0; MAX_DATAGRAM_LEN + 1].into_boxed_slice(),
             pending: None,
         })
+    }
+
+    /// Paces authentic datagrams per source for gossip rounds every `interval` (`None`: not).
+    pub(super) fn paced(mut self, interval: Option<std::time::Duration>) -> Self {
+        self.pace = interval.map(super::pace::Pace::new);
+        self
     }
 
     /// Remembers which format an authentic datagram from `addr` used, so replies match it
@@ -215,6 +226,14 @@ impl SealedSocket {
             &self.recv_buf[..len],
         ) {
             Ok(plaintext) => {
+                let now_ms = self.epoch.elapsed().as_millis() as u64;
+                if let Some(pace) = &mut self.pace
+                    && !pace.admit(from_addr, now_ms)
+                {
+                    self.stats.record_drop(DropReason::Paced);
+                    debug!(src.addr = %from_addr, "gossip datagram dropped: source past its pace");
+                    return Ok(None);
+                }
                 self.note_format(from_addr, version == Some(super::legacy::VERSION));
                 Ok(Some((from_addr, len, plaintext)))
             }

@@ -136,6 +136,9 @@ impl Connector {
     }
 }
 
+/// Listings of policy that span a change are read again at most this many times.
+const MAX_LISTING_ATTEMPTS: usize = 3;
+
 /// A connected (lazily) registry client.
 #[derive(Clone)]
 pub struct Client {
@@ -357,7 +360,39 @@ impl Client {
         &self,
         req: pb::GetResourcesRequest,
     ) -> Result<pb::GetResourcesResponse, Error> {
-        Ok(self.inner.clone().get_resources(req).await?.into_inner())
+        // Every page of one revision: a listing that spans a change starts over (at most a
+        // few times; then the last one is returned as it is).
+        let mut whole = pb::GetResourcesResponse::default();
+        for _ in 0..MAX_LISTING_ATTEMPTS {
+            whole = pb::GetResourcesResponse::default();
+            let mut page_token = String::new();
+            let mut consistent = true;
+            let mut first = true;
+            loop {
+                let page = self
+                    .inner
+                    .clone()
+                    .get_resources(pb::GetResourcesRequest {
+                        page_token,
+                        ..req.clone()
+                    })
+                    .await?
+                    .into_inner();
+                if std::mem::take(&mut first) {
+                    whole.revision = page.revision;
+                }
+                consistent &= page.revision == whole.revision;
+                whole.resources.extend(page.resources);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if consistent {
+                break;
+            }
+        }
+        Ok(whole)
     }
 
     /// Deletes (or, with `dry_run`, previews deleting) one policy resource (operators only).

@@ -390,13 +390,20 @@ pub struct GetResourcesRequest {
     pub namespace: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub name: ::prost::alloc::string::String,
+    /// From a previous response's next_page_token; empty for the first page.
+    #[prost(string, tag = "4")]
+    pub page_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct GetResourcesResponse {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
+    /// Sorted by kind, namespace, name; as many as fit one message.
     #[prost(message, repeated, tag = "2")]
     pub resources: ::prost::alloc::vec::Vec<Resource>,
+    /// Empty on the last page. Pages of one listing may come from different revisions: compare.
+    #[prost(string, tag = "3")]
+    pub next_page_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteResourceRequest {

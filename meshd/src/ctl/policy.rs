@@ -232,6 +232,7 @@ pub async fn get(
             kind: kind.wire(),
             namespace: namespace.unwrap_or_default().to_owned(),
             name: name.unwrap_or_default().to_owned(),
+            page_token: String::new(),
         })
         .await?;
     let mut resources = resp.resources;

@@ -149,6 +149,46 @@ impl RegistryApi {
     }
 }
 
+/// One page of `resources` (sorted by kind, namespace, name): those after `token` (the
+/// `kind/namespace/name` of the last one sent) that fit `budget` encoded bytes (at least one),
+/// and the token of the next page (empty on the last). Pure.
+pub fn resource_page(
+    resources: Vec<pb::Resource>,
+    token: &str,
+    budget: usize,
+) -> (Vec<pb::Resource>, String) {
+    let key = |r: &pb::Resource| format!("{}/{}/{}", r.kind, r.namespace, r.name);
+    let after = |r: &pb::Resource| {
+        token.is_empty() || (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()) > split3(token)
+    };
+    let mut page = Vec::new();
+    let mut size = 0usize;
+    let mut rest = resources.into_iter().filter(after).peekable();
+    while let Some(r) = rest.peek() {
+        let len = prost::Message::encoded_len(r) + 8;
+        if !page.is_empty() && size + len > budget {
+            break;
+        }
+        size += len;
+        page.extend(rest.next());
+    }
+    let next = match (rest.peek(), page.last()) {
+        (Some(_), Some(last)) => key(last),
+        _ => String::new(),
+    };
+    (page, next)
+}
+
+/// `kind/namespace/name` split in three (a malformed token sorts before everything).
+fn split3(token: &str) -> (&str, &str, &str) {
+    let mut it = token.splitn(3, '/');
+    (
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+    )
+}
+
 /// Placeholder of a diff left out of an apply's answer to keep it within one message.
 pub const DIFF_OMITTED: &str =
     "(diff omitted: the whole answer would exceed max_response_message_size)";
@@ -219,13 +259,22 @@ impl RegistryApi {
                 .map_err(|e| reject("bad_request", Status::invalid_argument(e)))?;
         }
         let (revision, records) = self.blocking(|s| s.list_policies()).await?;
+        let matching: Vec<pb::Resource> = records
+            .into_iter()
+            .filter(|r| matches_filter(&req, r))
+            .map(resource_of)
+            .collect();
+        let budget = self
+            .inner
+            .config
+            .max_response_message_size
+            .saturating_sub(64 * 1024)
+            .max(16 * 1024);
+        let (resources, next_page_token) = resource_page(matching, &req.page_token, budget);
         Ok(pb::GetResourcesResponse {
             revision,
-            resources: records
-                .into_iter()
-                .filter(|r| matches_filter(&req, r))
-                .map(resource_of)
-                .collect(),
+            resources,
+            next_page_token,
         })
     }
 
@@ -408,6 +457,46 @@ fn display_record(r: &PolicyRecord) -> String {
 #[cfg(test)]
 mod fit_tests {
     use super::*;
+
+    #[test]
+    fn resource_pages_cover_every_resource_once() {
+        let all: Vec<pb::Resource> = (0..60)
+            .map(|i| pb::Resource {
+                kind: if i < 30 {
+                    "AuthorizationPolicy"
+                } else {
+                    "Route"
+                }
+                .into(),
+                namespace: format!("ns{}", i % 3),
+                name: format!("r{i:02}"),
+                spec_json: "x".repeat(500),
+                ..Default::default()
+            })
+            .collect();
+        let mut sorted = all;
+        sorted.sort_by(|a, b| {
+            (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name))
+        });
+        let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let (page, next) = resource_page(sorted.clone(), &token, 4_000);
+            assert!(!page.is_empty());
+            pages += 1;
+            seen.extend(page.into_iter().map(|r| r.name));
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert!(pages > 5, "{pages}");
+        assert_eq!(
+            seen,
+            sorted.iter().map(|r| r.name.clone()).collect::<Vec<_>>()
+        );
+        let (one, next) = resource_page(sorted.clone(), "", usize::MAX);
+        assert_eq!((one.len(), next.as_str()), (60, ""));
+    }
 
     #[test]
     fn an_answer_too_large_loses_its_diffs_not_its_changes() {

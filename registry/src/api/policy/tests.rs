@@ -221,6 +221,7 @@ fn get_filters() {
         kind: kind.to_owned(),
         namespace: namespace.to_owned(),
         name: name.to_owned(),
+        page_token: String::new(),
     };
     let cases = [
         (filter("", "", ""), true),

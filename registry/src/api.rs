@@ -166,6 +166,7 @@ fn ca_expiries(ca: &Authority) -> [(&'static str, SystemTime); 2] {
 }
 
 /// A refused call: what the caller is told and the bounded reason used in metrics and logs.
+#[derive(Debug)]
 struct Rejected {
     reason: &'static str,
     status: Status,

@@ -599,6 +599,9 @@ fn operator_identity(td: &mesh_api::TrustDomain, text: &str) -> Result<Identity,
 }
 
 #[cfg(test)]
+mod flows;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

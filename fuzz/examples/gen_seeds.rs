@@ -159,6 +159,7 @@ async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: version,
+            admission: None,
         };
         let node = NodeInfo {
             v: gossip::VERSION,

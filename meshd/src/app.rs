@@ -98,6 +98,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         "Gossip states of other nodes not used: unsigned, not signed by the node they are about, tampered or over the size caps",
         states_refused.clone(),
     );
+    let nodes_refused = Counter::default();
+    registry.register(
+        "meshd_gossip_nodes_refused",
+        "New node ids kept out of the gossip table: not a node name, a removed node, or the table's digest at its bound",
+        nodes_refused.clone(),
+    );
     let seal_opened = Counter::default();
     registry.register(
         "meshd_gossip_datagrams_opened",
@@ -229,6 +235,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             signer: gossip_signer,
             certs_rx: certs_rx.clone(),
             refused: states_refused,
+            refused_nodes: nodes_refused,
         },
         deny_rx.clone(),
         shutdown_rx.clone(),

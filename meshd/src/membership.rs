@@ -286,6 +286,23 @@ pub fn chitchat_config(
         // than V0 at 100–200 members (bench/gossip.sh). A V1 node answers a V0 peer in V0, so
         // a mesh can be upgraded host by host.
         protocol_version: chitchat::ProtocolVersion::V1,
+        admission: Some(admission(|_| true)),
+    }
+}
+
+/// Most bytes the digest of a node's whole gossip table may take (an upper bound per entry),
+/// so a SYN always fits one sealed datagram whatever a key holder invents: room for the rest of
+/// the SYN (cluster id, envelope) is left. About 1,100 nodes with short names.
+pub const MAX_DIGEST_LEN: usize = crate::gossip_seal::MAX_PLAINTEXT_LEN - 2 * 1024;
+
+/// Which new node ids gossip takes into its table: valid node names for which `more` holds,
+/// while the table's digest fits [`MAX_DIGEST_LEN`] (see `third_party/README.md`).
+pub fn admission(more: impl Fn(&str) -> bool + Send + Sync + 'static) -> chitchat::Admission {
+    chitchat::Admission {
+        accept: Arc::new(move |id: &ChitchatId| {
+            mesh_api::NodeName::new(&id.node_id).is_ok() && more(&id.node_id)
+        }),
+        max_digest_len: MAX_DIGEST_LEN,
     }
 }
 
@@ -312,6 +329,7 @@ impl Membership {
             signer,
             mut certs_rx,
             refused,
+            refused_nodes,
         } = auth;
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -333,7 +351,7 @@ impl Membership {
                 gossip::encode(&service_info(svc, healthy)),
             ));
         }
-        let cc = chitchat_config(
+        let mut cc = chitchat_config(
             ChitchatId::new(
                 config.node_name.to_string(),
                 generation,
@@ -344,6 +362,9 @@ impl Membership {
             config.gossip.seeds.clone(),
             config.gossip.interval,
         );
+        // Removed nodes are not taken back into the table either.
+        let removed = deny_rx.clone();
+        cc.admission = Some(admission(move |name| !removed.borrow().denies_node(name)));
         let handle = chitchat::spawn_chitchat(cc, kvs, transport)
             .await
             .map_err(|e| Error::Start {
@@ -407,9 +428,11 @@ impl Membership {
             let chitchat = handle.chitchat();
             let interval = config.gossip.interval;
             let mut shutdown = shutdown.clone();
+            let refused_nodes = refused_nodes.clone();
             // Fire-and-forget: sampled once per gossip round until shutdown.
             tokio::spawn(async move {
                 let mut clock = HeartbeatClock::default();
+                let mut counted = 0u64;
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -417,8 +440,13 @@ impl Membership {
                         _ = tick.tick() => {}
                         _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
                     }
-                    let list = clock.observe(&*chitchat.lock().await, SystemTime::now());
+                    let (list, refused) = {
+                        let c = chitchat.lock().await;
+                        (clock.observe(&c, SystemTime::now()), c.refused_admissions())
+                    };
                     liveness_tx.send_replace(Arc::new(list));
+                    refused_nodes.inc_by(refused.saturating_sub(counted));
+                    counted = refused;
                 }
             });
         }
@@ -491,6 +519,8 @@ pub struct Auth {
     pub certs_rx: watch::Receiver<Arc<crate::identity::Certs>>,
     /// Counts states refused by verification.
     pub refused: prometheus_client::metrics::counter::Counter,
+    /// Counts new node ids kept out of the gossip table (admission).
+    pub refused_nodes: prometheus_client::metrics::counter::Counter,
 }
 
 /// Signs this node's state after a change (see [`crate::gossip_auth`]).

@@ -5,7 +5,9 @@
 //! node's state with thousands of keys. The forged states reach node a (they are in its gossip
 //! table, and it counts them refused), yet a's view — members, endpoints, their addresses and
 //! draining flags — does not change, traffic a → b keeps flowing, and gossip keeps working: a
-//! node joining afterwards, and its service, reach a's view within seconds.
+//! node joining afterwards, and its service, reach a's view within seconds. Invented node ids
+//! by the thousand cannot grow anyone's gossip table past one datagram's digest: b's later
+//! changes still reach a.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -201,6 +203,104 @@ async fn forged_gossip_changes_nothing_and_bloat_stops_nobody() {
         assert!(n.is_running(), "{} stopped", n.spec.name);
     }
     for f in [f1, f2, f3] {
+        let _ = f.shutdown().await;
+    }
+}
+
+/// An attacker's chitchat node whose table holds `count` invented nodes (ids `prefix-NNNN`),
+/// so its digests list them all.
+async fn inventor(
+    keys: &[String],
+    listen: SocketAddr,
+    seed: SocketAddr,
+    prefix: &str,
+    count: usize,
+) -> ChitchatHandle {
+    let id = ChitchatId::new(format!("{prefix}-self"), 1, listen);
+    let handle = forger(keys, id, listen, seed, Vec::new()).await;
+    let chitchat = handle.chitchat();
+    let mut c = chitchat.lock().await;
+    for i in 0..count {
+        // Valid node names of ~100 bytes: each costs a digest entry of ~130.
+        let fake = ChitchatId::new(
+            format!("{prefix}-{i:04}.{}.{}", "a".repeat(50), "b".repeat(35)),
+            1,
+            listen,
+        );
+        let kv = chitchat::VersionedValue {
+            value: "x".to_owned(),
+            version: 1,
+            status: chitchat::DeletionStatus::Set,
+        };
+        c.reset_node_state_if_update(&fake, std::iter::once(("k".to_owned(), kv)), 1, 0);
+    }
+    drop(c);
+    handle
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_node_ids_cannot_grow_digests_past_a_datagram() {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let b_ip = mesh_e2e::next_ip();
+    let api = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
+    let mut spec_b = NodeSpec::new("b", cluster.registry.token(&["api", "db"], 1).unwrap());
+    spec_b.ip = b_ip.into();
+    spec_b.services = vec![ServiceSpec::new("api", api.addr)];
+    cluster.add_spec(spec_b).await.unwrap();
+    let a_ip = mesh_e2e::next_ip();
+    let mut spec_a = NodeSpec::new("a", cluster.registry.token(&["web"], 1).unwrap());
+    spec_a.ip = a_ip.into();
+    spec_a.seeds = vec![cluster.node("b").spec.gossip_addr()];
+    spec_a.services = vec![ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))];
+    cluster.add_spec(spec_a).await.unwrap();
+    cluster.converge().await.unwrap();
+    let persisted: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cluster.nodes[1].dir.join("data/gossip-keys.json")).unwrap(),
+    )
+    .unwrap();
+    let keys: Vec<String> = serde_json::from_value(persisted["keys"].clone()).unwrap();
+    let seed = cluster.nodes[1].spec.gossip_addr();
+    let evil_ip = mesh_e2e::next_ip();
+    // Four inventors, 450 long ids each: each digest fits a datagram, together ~4 times over.
+    let mut inventors = Vec::new();
+    for (n, prefix) in ["ghost-a", "ghost-b", "ghost-c", "ghost-d"]
+        .iter()
+        .enumerate()
+    {
+        let listen = SocketAddr::new(evil_ip.into(), 17101 + n as u16);
+        inventors.push(inventor(&keys, listen, seed, prefix, 450).await);
+    }
+    let a = &cluster.nodes[1];
+    eventually(WAIT, "a keeping invented ids out", || async {
+        let n = a
+            .metric("meshd_gossip_nodes_refused_total", &[])
+            .await
+            .ok()?;
+        (n >= 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let (_, _, known) = view(a).await;
+    assert!(known.len() < 600, "a's table holds {} ids", known.len());
+    assert!(
+        known.iter().any(|n| n.starts_with("ghost-")),
+        "the inventions reached a"
+    );
+
+    // Gossip still carries real changes: a service b adds now reaches a.
+    let db = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
+    let b = cluster.node("b");
+    b.write_service_file("db.toml", &ServiceSpec::new("db", db.addr).to_toml())
+        .unwrap();
+    b.sighup().unwrap();
+    cluster.nodes[1]
+        .wait_endpoints("default/db", 1)
+        .await
+        .unwrap();
+    for n in &mut cluster.nodes {
+        assert!(n.is_running(), "{} stopped", n.spec.name);
+    }
+    for f in inventors {
         let _ = f.shutdown().await;
     }
 }

@@ -1261,6 +1261,7 @@ impl TestNode {
                 catchup_callback: None,
                 extra_liveness_predicate: None,
                 protocol_version: ProtocolVersion::V0,
+                admission: None,
             };
             let initial = vec![(NAME_KEY.to_owned(), name.to_owned())];
             match chitchat::spawn_chitchat(config, initial, &transport).await {

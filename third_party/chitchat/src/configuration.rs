@@ -12,6 +12,19 @@ pub type CatchupCallback = Box<dyn Fn() + Send>;
 /// failure detector.
 pub type ExtraLivenessPredicate = Box<dyn Fn(&NodeState) -> bool + Send>;
 
+/// Which node ids a node takes into its table when it first hears of them (in a peer's
+/// digest), and how large that table may grow. Added in meshd's copy of chitchat: without it,
+/// one SYN listing invented ids grows every node's table (and so its digest) until no node can
+/// send a digest in one datagram.
+#[derive(Clone)]
+pub struct Admission {
+    /// Whether a new id may enter at all.
+    pub accept: std::sync::Arc<dyn Fn(&ChitchatId) -> bool + Send + Sync>,
+    /// Most bytes the digest of the whole table may take (an upper bound per entry is counted),
+    /// so the SYN stays within one datagram.
+    pub max_digest_len: usize,
+}
+
 /// A struct for configuring a Chitchat instance.
 pub struct ChitchatConfig {
     pub chitchat_id: ChitchatId,
@@ -41,6 +54,9 @@ pub struct ChitchatConfig {
     /// compresses the digest. This MUST stay `V0` until every node in the cluster runs a version
     /// able to decode the newer format.
     pub protocol_version: ProtocolVersion,
+    /// New node ids: which are taken in, and how large the table may grow (meshd's addition;
+    /// `None`: every id, without bound, as upstream).
+    pub admission: Option<Admission>,
 }
 
 impl ChitchatConfig {
@@ -59,6 +75,7 @@ impl ChitchatConfig {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
+            admission: None,
         }
     }
 }
@@ -79,6 +96,7 @@ impl Default for ChitchatConfig {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
+            admission: None,
         }
     }
 }

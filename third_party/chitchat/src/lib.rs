@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tracing::{error, info, warn};
 
-pub use self::configuration::{CatchupCallback, ChitchatConfig};
+pub use self::configuration::{Admission, CatchupCallback, ChitchatConfig};
 pub use self::state::{ClusterStateSnapshot, NodeState};
 use crate::digest::Digest;
 pub use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
@@ -86,7 +86,13 @@ pub struct Chitchat {
     previous_live_nodes: HashMap<ChitchatId, Version>,
     live_nodes_watcher_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
     live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// meshd: new node ids kept out by `ChitchatConfig::admission`.
+    refused_admissions: u64,
 }
+
+/// Upper bound of a digest entry's bytes besides the node id: heartbeat, last GC version and
+/// max version, 8 bytes each uncompressed (meshd's admission bound).
+const DIGEST_ENTRY_MAX: usize = 24;
 
 impl Chitchat {
     pub fn with_chitchat_id_and_seeds(
@@ -104,6 +110,7 @@ impl Chitchat {
             previous_live_nodes,
             live_nodes_watcher_tx,
             live_nodes_watcher_rx,
+            refused_admissions: 0,
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -130,9 +137,34 @@ impl Chitchat {
     /// Digest contains important information about the list of members in
     /// the cluster.
     fn report_heartbeats_in_digest(&mut self, digest: &Digest) {
+        // meshd: ids not in the table yet enter only if admitted, and while the table's digest
+        // stays within its bound (see `Admission`).
+        let mut room = self.config.admission.as_ref().map(|admission| {
+            let used: usize = self
+                .cluster_state
+                .nodes()
+                .map(|id| id.serialized_len() + DIGEST_ENTRY_MAX)
+                .sum();
+            admission.max_digest_len.saturating_sub(used)
+        });
         for (chitchat_id, node_digest) in &digest.node_digests {
+            if let (Some(room), Some(admission)) = (room.as_mut(), self.config.admission.as_ref())
+                && self.cluster_state.node_state(chitchat_id).is_none()
+            {
+                let len = chitchat_id.serialized_len() + DIGEST_ENTRY_MAX;
+                if len > *room || !(admission.accept)(chitchat_id) {
+                    self.refused_admissions += 1;
+                    continue;
+                }
+                *room -= len;
+            }
             self.report_heartbeat(chitchat_id, node_digest.heartbeat);
         }
+    }
+
+    /// How many new node ids were kept out of the table (meshd's `Admission`).
+    pub fn refused_admissions(&self) -> u64 {
+        self.refused_admissions
     }
 
     fn process_delta(&mut self, delta: Delta) {
@@ -498,7 +530,7 @@ pub struct KeyChangeEvent<'a> {
 }
 
 impl KeyChangeEvent<'_> {
-    fn strip_key_prefix(&self, prefix: &str) -> Option<KeyChangeEvent> {
+    fn strip_key_prefix(&self, prefix: &str) -> Option<KeyChangeEvent<'_>> {
         let key_without_prefix = self.key.strip_prefix(prefix)?;
         Some(KeyChangeEvent {
             key: key_without_prefix,

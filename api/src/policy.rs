@@ -1,7 +1,9 @@
 //! Policy resources: the typed, validated model of everything an operator applies with
 //! `meshctl apply -f` — AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy,
-//! RateLimit, SLO, Gateway and MeshConfig — their TOML file format, their canonical JSON wire
-//! form, and (in [`authz`]) the pure authorization and mTLS decisions over a [`Snapshot`].
+//! RateLimit, SLO, Gateway and MeshConfig — and of the two the registry writes itself and pushes
+//! the same way (Revocation, the deny-list; TrustBundle, the roots), their TOML file format,
+//! their canonical JSON wire form, and (in [`authz`]) the pure authorization and mTLS decisions
+//! over a [`Snapshot`].
 //!
 //! # File format
 //!
@@ -38,7 +40,8 @@
 //! selector there still narrows by service name and labels. The `service` of Route,
 //! DestinationPolicy, RateLimit, SLO and Gateway's `routes_to` names a service in the resource's
 //! namespace. MeshConfig exists once: name `default` in `mesh-system` (the namespace may be
-//! omitted for it).
+//! omitted for it). So do Revocation (`revocations`) and TrustBundle (`roots`), which only the
+//! registry writes.
 //!
 //! # Authorization
 //!

@@ -253,13 +253,13 @@ impl RegistryApi {
             )
         })?;
         let now = unix(SystemTime::now());
-        let key = name.to_string();
+        let (key, node) = (name.to_string(), name.clone());
         let ((revoked, registered), revision) = self
             .edit_revocation(admin.to_string(), move |store, next| {
                 let certs = store.list_certs(0)?;
                 let revoked = select(&certs, &Selector::Node(key.clone()), now);
                 next.add_certs(revoked.clone());
-                next.add_node(NodeName::new(&key).expect("validated above"), now);
+                next.add_node(node, now);
                 // Deleted under the lock, after the deny-list is durable: from here renewals
                 // fail on both counts.
                 let registered = store.delete_node(&key)?.is_some();
@@ -318,19 +318,16 @@ impl RegistryApi {
                 ),
             )
         })?;
-        if revoked.is_empty() && matches!(selector, Selector::Serial(_)) {
-            let serial = match &selector {
-                Selector::Serial(s) => s.clone(),
-                _ => unreachable!(),
-            };
-            if !self.inner.revocations.denies(&serial) {
-                return Err(reject(
-                    "not_found",
-                    Status::not_found(format!(
-                        "no unexpired certificate with serial {serial} was issued by this registry"
-                    )),
-                ));
-            }
+        if let Selector::Serial(serial) = &selector
+            && revoked.is_empty()
+            && !self.inner.revocations.denies(serial)
+        {
+            return Err(reject(
+                "not_found",
+                Status::not_found(format!(
+                    "no unexpired certificate with serial {serial} was issued by this registry"
+                )),
+            ));
         }
         info!(by = %admin, ?selector, revoked = revoked.len(), revision, "certificates revoked");
         Ok(pb::RevocationResponse {
@@ -453,7 +450,11 @@ impl RegistryApi {
 
     /// Drops expired certificates from the deny-list (a new revision only when any expired).
     pub async fn prune_revocations(&self) {
-        let now = unix(SystemTime::now());
+        self.prune_revocations_at(unix(SystemTime::now())).await;
+    }
+
+    /// [`RegistryApi::prune_revocations`] as of `now` (Unix seconds).
+    pub(super) async fn prune_revocations_at(&self, now: i64) {
         let r = self
             .edit_revocation("registry".to_owned(), move |_, next| Ok(next.prune(now)))
             .await;

@@ -16,7 +16,6 @@ use mesh_runtime::tls::{self, CertSlot, RootsSlot};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use rand::Rng as _;
 use rustls::RootCertStore;
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
@@ -25,15 +24,14 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::control::{self, Auth};
 
+mod renew;
 mod store;
+
 
 /// First retry delay after a failed join or renewal.
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
 /// Longest delay between retries.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Share of a certificate's lifetime added at random to its half-life, so a fleet does not
-/// renew in lockstep.
-const RENEW_JITTER: f64 = 0.05;
 
 /// Identity errors.
 #[derive(Debug, thiserror::Error)]
@@ -164,15 +162,6 @@ pub struct Manager {
     node_not_after: SystemTime,
     certs_tx: watch::Sender<Arc<Certs>>,
     metrics: Metrics,
-}
-
-/// Half-life (plus jitter) of a certificate counted from when this node obtained it. Counting
-/// from `not_before` would be wrong: the CA backdates it for clock skew, which for short
-/// lifetimes puts the half-life in the past and renews in a loop.
-fn renew_at(obtained: SystemTime, not_after: SystemTime) -> SystemTime {
-    let life = not_after.duration_since(obtained).unwrap_or_default();
-    let jitter = rand::rng().random_range(0.0..RENEW_JITTER);
-    obtained + life.mul_f64(0.5 + jitter)
 }
 
 /// Never renew the same certificate more often than this, whatever its dates say.
@@ -443,7 +432,7 @@ impl Manager {
     ) {
         let mut policy_open = true;
         self.follow_trust_bundle(&policy_rx.borrow_and_update());
-        let mut node_due = renew_at(self.node_obtained, self.node_not_after);
+        let mut node_due = renew::renew_at_random(self.node_obtained, self.node_not_after);
         let mut due: BTreeMap<ServiceKey, SystemTime> = BTreeMap::new();
         let mut backoff: BTreeMap<Option<ServiceKey>, Backoff> = BTreeMap::new();
         let mut config_open = true;
@@ -467,7 +456,7 @@ impl Manager {
                 for svc in &self.config.services {
                     due.entry(svc.key.clone()).or_insert_with(|| {
                         match certs.workloads.get(&svc.key) {
-                            Some(w) => renew_at(w.obtained, w.not_after),
+                            Some(w) => renew::renew_at_random(w.obtained, w.not_after),
                             None => SystemTime::now(),
                         }
                     });
@@ -516,9 +505,9 @@ impl Manager {
                         Some(svc) => {
                             let certs = self.certs_tx.borrow();
                             let w = certs.workloads.get(svc).expect("just installed");
-                            renew_at(w.obtained, w.not_after)
+                            renew::renew_at_random(w.obtained, w.not_after)
                         }
-                        None => renew_at(self.node_obtained, self.node_not_after),
+                        None => renew::renew_at_random(self.node_obtained, self.node_not_after),
                     }
                     .max(SystemTime::now() + MIN_RENEW_INTERVAL)
                 }

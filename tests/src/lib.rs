@@ -4,20 +4,31 @@
 
 pub mod apps;
 pub mod http_app;
+pub mod knobs;
 pub mod netns;
 pub mod otlp;
+pub mod proc;
 pub mod py;
+pub mod scratch;
+
+pub use knobs::{can_run, scaled};
+use proc::wrap;
+pub use proc::{Proc, Within, output_within};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-/// Default time a test waits for a condition.
+/// Default time a test waits for a condition (scaled, like every wait, by
+/// `MESH_E2E_TIMEOUT_SCALE`).
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How long one `meshctl` (or other CLI) call may take before it is killed.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Paths of the binaries under test.
 #[derive(Debug, Clone)]
@@ -64,16 +75,36 @@ pub fn next_ip() -> Ipv4Addr {
     Ipv4Addr::new(127, 1, third, 2 + (n % 250) as u8)
 }
 
-/// Runs `f` until it returns `Some` or `timeout` passes.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+/// Runs `f` until it returns `Some` or `timeout` (scaled) passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    eventually_while(timeout, what, || None, f).await
+}
+
+/// Like [`eventually`], but fails at once when `gone` reports something (a process the wait
+/// depends on has exited) instead of waiting out the timeout.
+pub async fn eventually_while<T, F, Fut, G>(
+    timeout: Duration,
+    what: &str,
+    mut gone: G,
+    mut f: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+    G: FnMut() -> Option<String>,
+{
+    let timeout = scaled(timeout);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
             return Ok(v);
+        }
+        if let Some(why) = gone() {
+            bail!("gave up waiting for {what}: {why}");
         }
         if tokio::time::Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
@@ -82,107 +113,13 @@ where
     }
 }
 
-/// A child process killed (SIGKILL) when dropped.
-pub struct Proc {
-    child: Option<Child>,
-    /// Its combined stdout/stderr log.
-    pub log: PathBuf,
-}
-
-impl Proc {
-    /// Spawns `program args…` (inside `netns` when given), appending its output to `log`.
-    pub fn start(
-        netns: Option<&str>,
-        program: &Path,
-        args: &[&str],
-        log: &Path,
-    ) -> anyhow::Result<Self> {
-        let mut cmd = wrap(&netns.map(str::to_owned), program);
-        cmd.args(args);
-        Self::spawn(cmd, log)
-    }
-
-    fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdout(out.try_clone()?)
-            .stderr(out)
-            .stdin(Stdio::null());
-        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-        Ok(Self {
-            child: Some(child),
-            log: log.to_owned(),
-        })
-    }
-
-    /// Process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then wait up to `timeout` for exit; returns the exit code.
-    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(None);
-        };
-        // Never signal a pid that may already have been reaped and reused.
-        if let Some(status) = c.try_wait()? {
-            return Ok(status.code());
-        }
-        signal(c.id(), libc::SIGTERM);
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = c.try_wait()? {
-                return Ok(status.code());
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!(
-                    "process {} did not exit within {timeout:?} of SIGTERM",
-                    c.id()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// The log so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY-free alternative: the kill(1) binary is always present on the test machines.
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
+/// What `proc` (named `name`) did if it has exited, for [`eventually_while`].
+fn exited(name: &str, proc: Option<&Proc>) -> Option<String> {
+    let status = match proc {
+        Some(p) => p.exited()?,
+        None => "stopped by the test".to_owned(),
+    };
+    Some(format!("{name} exited ({status})"))
 }
 
 /// Options for the registry under test.
@@ -230,39 +167,30 @@ pub struct Registry {
     pub opts: RegistryOpts,
     /// The process (None while stopped).
     pub proc: Option<Proc>,
-    _tmp: Option<tempfile::TempDir>,
-}
-
-fn wrap(netns: &Option<String>, bin: &Path) -> Command {
-    match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    }
+    scratch: scratch::Scratch,
 }
 
 impl Registry {
     /// Inits and starts a registry in a new temp dir; waits until it answers.
     pub async fn start(opts: RegistryOpts) -> anyhow::Result<Self> {
         let bins = bins();
-        let tmp = tempfile::Builder::new().prefix("mesh-e2e-").tempdir()?;
-        let dir = tmp.path().to_owned();
+        let scratch = scratch::Scratch::new()?;
+        let dir = scratch.path().to_owned();
         let data_dir = dir.join("registry");
         let addr = SocketAddr::new(opts.ip, 7700);
         let admin = SocketAddr::new(opts.ip, 7701);
-        let out = Command::new(&bins.registry)
-            .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
-            .arg(&data_dir)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ])
-            .output()?;
+        let out = output_within(
+            Command::new(&bins.registry)
+                .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
+                .arg(&data_dir)
+                .args([
+                    "--listen",
+                    &addr.to_string(),
+                    "--admin-listen",
+                    &admin.to_string(),
+                ]),
+            CLI_TIMEOUT,
+        )?;
         if !out.status.success() {
             bail!(
                 "mesh-registry init failed: {}",
@@ -306,7 +234,7 @@ impl Registry {
             admin,
             opts,
             proc: None,
-            _tmp: Some(tmp),
+            scratch,
         };
         r.run().await?;
         Ok(r)
@@ -320,7 +248,9 @@ impl Registry {
             .arg(self.data_dir.join("registry.toml"));
         self.proc = Some(Proc::spawn(cmd, &self.dir.join("registry.log"))?);
         let admin = self.admin.to_string();
-        eventually(WAIT, "the registry to answer", || {
+        let proc = self.proc.as_ref();
+        let gone = || exited("the registry", proc);
+        eventually_while(WAIT, "the registry to answer", gone, || {
             let admin = admin.clone();
             async move {
                 http_get(&admin, "/ready")
@@ -353,7 +283,7 @@ impl Registry {
             .arg(&self.creds)
             .arg("--registry")
             .arg(self.addr.to_string());
-        Ok(cmd.args(args).output()?)
+        output_within(cmd.args(args), CLI_TIMEOUT)
     }
 
     /// Runs meshctl and returns its stdout, failing (with stderr) on a non-zero exit.
@@ -423,7 +353,16 @@ impl Registry {
         if code != 200 {
             bail!("registry /metrics answered {code}");
         }
-        Ok(metric_sum(&body, name, labels))
+        metric_sum(&body, name, labels)
+    }
+
+    /// Like [`Registry::metric`], but 0 for a declared family without such a series yet.
+    pub async fn metric_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let (code, body) = http_get(&self.admin.to_string(), "/metrics").await?;
+        if code != 200 {
+            bail!("registry /metrics answered {code}");
+        }
+        metric_sum_or_zero(&body, name, labels)
     }
 
     /// Creates a join token with `meshctl token create`.
@@ -463,10 +402,7 @@ impl Registry {
 
     /// Keeps the scratch dir after the test (for debugging a failure).
     pub fn keep(&mut self) -> PathBuf {
-        if let Some(t) = self._tmp.take() {
-            let _ = t.keep();
-        }
-        self.dir.clone()
+        self.scratch.keep()
     }
 }
 
@@ -728,7 +664,8 @@ impl Node {
     /// Waits until `/ready` answers 200.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let admin = self.admin.to_string();
-        eventually(WAIT, &format!("{} to be ready", self.spec.name), || {
+        let what = format!("{} to be ready", self.spec.name);
+        eventually_while(WAIT, &what, self.gone(), || {
             let admin = admin.clone();
             async move {
                 http_get(&admin, "/ready")
@@ -745,9 +682,10 @@ impl Node {
     /// Waits until this node sees `n` live members with endpoints for every service in `services`.
     pub async fn wait_members(&self, n: usize) -> anyhow::Result<()> {
         let admin = self.admin.to_string();
-        eventually(
+        eventually_while(
             WAIT,
             &format!("{} to see {n} members", self.spec.name),
+            self.gone(),
             || {
                 let admin = admin.clone();
                 async move {
@@ -830,7 +768,7 @@ impl Node {
     /// Waits until this node enforces policy revision `rev` or a later one.
     pub async fn wait_policy_revision(&self, rev: u64) -> anyhow::Result<()> {
         let what = format!("{} to enforce policy revision {rev}", self.spec.name);
-        eventually(WAIT, &what, || async {
+        eventually_while(WAIT, &what, self.gone(), || async {
             let r = self.metric("meshd_policy_revision", &[]).await.ok()?;
             (r as u64 >= rev).then_some(())
         })
@@ -840,7 +778,7 @@ impl Node {
     /// Waits until this node sees `n` usable endpoints of `service` (e.g. `default/api`).
     pub async fn wait_endpoints(&self, service: &str, n: usize) -> anyhow::Result<()> {
         let what = format!("{} to see {n} endpoint(s) of {service}", self.spec.name);
-        eventually(WAIT, &what, || async {
+        eventually_while(WAIT, &what, self.gone(), || async {
             let (_, eps) = self.view().await.ok()?;
             let got = eps
                 .iter()
@@ -850,6 +788,11 @@ impl Node {
         })
         .await
         .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
+    }
+
+    /// For [`eventually_while`]: what this node's process did, once it has exited.
+    pub fn gone(&self) -> impl FnMut() -> Option<String> + '_ {
+        || exited(&self.spec.name, self.proc.as_ref())
     }
 
     /// Whether the process is still running (false once it exited or was stopped).
@@ -866,9 +809,16 @@ impl Node {
         Ok(body)
     }
 
-    /// Sum of the samples of `name` whose label set contains every `labels` pair.
+    /// Sum of the samples of `name` whose label set contains every `labels` pair; an error
+    /// when there is none (see [`metric_sum`]).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
-        Ok(metric_sum(&self.metrics().await?, name, labels))
+        metric_sum(&self.metrics().await?, name, labels)
+    }
+
+    /// Like [`Node::metric`], but 0 for a declared family without such a series yet (see
+    /// [`metric_sum_or_zero`]).
+    pub async fn metric_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        metric_sum_or_zero(&self.metrics().await?, name, labels)
     }
 
     /// Writes (or replaces) `services.d/<file>` with `text`.
@@ -909,7 +859,7 @@ impl Node {
         };
         let n = attempts(&before);
         self.sighup()?;
-        let after = eventually(WAIT, "the reload to be decided", || async {
+        let after = eventually_while(WAIT, "the reload to be decided", self.gone(), || async {
             let v = self.reload_status().await.ok()?;
             (attempts(&v) > n).then_some(v)
         })
@@ -938,26 +888,74 @@ impl Node {
     }
 }
 
-/// Sums the samples of metric `name` (exact name, e.g. `meshd_bytes_total`) whose labels
-/// include all of `labels`.
-pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// One sample line: (metric name, raw label text, value).
+fn samples(text: &str) -> impl Iterator<Item = (&str, &str, &str)> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
-            let (metric, lbls) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let all = labels
-                .iter()
-                .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
+            Some(match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}'), value),
+                None => (series, "", value),
+            })
         })
-        .sum()
+}
+
+fn has_labels(lbls: &str, labels: &[(&str, &str)]) -> bool {
+    labels
+        .iter()
+        .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")))
+}
+
+/// Sums the samples of metric `name` (exact name, e.g. `meshd_bytes_total`) whose labels
+/// include all of `labels`. An error when no sample matches: a renamed metric or label must
+/// not read as zero (use [`metric_sum_or_zero`] for a series that may not exist yet).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let mut found = false;
+    let mut sum = 0.0;
+    for (metric, lbls, value) in samples(text) {
+        if metric == name && has_labels(lbls, labels) {
+            found = true;
+            sum += value
+                .parse::<f64>()
+                .with_context(|| format!("{name}{{{lbls}}}: value {value:?}"))?;
+        }
+    }
+    anyhow::ensure!(
+        found,
+        "no series {name} with labels {labels:?} in the metrics"
+    );
+    Ok(sum)
+}
+
+/// Like [`metric_sum`], but 0 when no sample has these label values yet — as long as the
+/// family is declared (`# TYPE`) and every label key asked for is one its samples carry (so a
+/// renamed metric or label key is still an error, not a zero).
+pub fn metric_sum_or_zero(text: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    if let Ok(v) = metric_sum(text, name, labels) {
+        return Ok(v);
+    }
+    let declared = text.lines().any(|l| {
+        l.strip_prefix("# TYPE ")
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|family| {
+                name == family
+                    || ["_total", "_count", "_sum", "_bucket"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(family))
+            })
+    });
+    anyhow::ensure!(declared, "no metric family declares {name}");
+    for (k, _) in labels {
+        let key = format!("{k}=\"");
+        let seen_any = samples(text).any(|(m, _, _)| m == name);
+        let key_known = samples(text).any(|(m, l, _)| m == name && l.contains(&key));
+        anyhow::ensure!(
+            !seen_any || key_known,
+            "{name} has samples, none with a label {k:?}"
+        );
+    }
+    Ok(0.0)
 }
 
 /// A plain HTTP/1.0 GET; returns (status, body).
@@ -1030,6 +1028,31 @@ impl Cluster {
         Ok(self.nodes.last_mut().expect("just pushed"))
     }
 
+    /// Starts the [`PairSpec`] (b, then a seeded with b), waits until both see each other and
+    /// a sees api's endpoint; returns a's upstream address for api.
+    pub async fn pair(&mut self, p: PairSpec) -> anyhow::Result<SocketAddr> {
+        let upstream = p.upstream();
+        let api_name = p.api.name.clone();
+        let mut b = NodeSpec::new("b", self.registry.token(&[&api_name], 1)?);
+        b.ip = p.b_ip.into();
+        b.services = vec![p.api];
+        b.extra = p.b_extra;
+        b.inbound_advertise = p.b_advertise;
+        b.seeds = self.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+        self.add_spec(b).await?;
+        let mut a = NodeSpec::new("a", self.registry.token(&[&p.web.name], 1)?);
+        a.ip = p.a_ip.into();
+        a.services = vec![p.web];
+        a.extra = p.a_extra;
+        a.seeds = self.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+        self.add_spec(a).await?;
+        self.converge().await?;
+        self.node("a")
+            .wait_endpoints(&format!("default/{api_name}"), 1)
+            .await?;
+        Ok(upstream)
+    }
+
     /// Waits until every running node sees all running nodes.
     pub async fn converge(&self) -> anyhow::Result<()> {
         let n = self.nodes.iter().filter(|n| n.proc.is_some()).count();
@@ -1050,6 +1073,64 @@ impl Cluster {
     /// Keeps the scratch dir (call from a failing test to debug).
     pub fn keep(&mut self) -> PathBuf {
         self.registry.keep()
+    }
+}
+
+/// The setup most tests start from: `web` on node `a` calls `api` on node `b` through a's
+/// upstream port. Fields are public for the tests that need to change one thing.
+pub struct PairSpec {
+    /// b's address (start the api app on it first).
+    pub b_ip: Ipv4Addr,
+    /// a's address.
+    pub a_ip: Ipv4Addr,
+    /// api as b serves it.
+    pub api: ServiceSpec,
+    /// web as a runs it: by default at a:18080 with an upstream to api bound at a:19001.
+    pub web: ServiceSpec,
+    /// Lines appended to b's meshd.toml.
+    pub b_extra: String,
+    /// Lines appended to a's meshd.toml.
+    pub a_extra: String,
+    /// b's advertised inbound address (a relay in front of the real port).
+    pub b_advertise: Option<SocketAddr>,
+}
+
+/// a's upstream port for api in the default [`PairSpec`].
+pub const PAIR_UPSTREAM_PORT: u16 = 19001;
+
+impl PairSpec {
+    /// b at `b_ip` serving `api`; a on a fresh address with the default web.
+    pub fn new(b_ip: Ipv4Addr, api: ServiceSpec) -> Self {
+        let a_ip = next_ip();
+        let web = ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
+            .upstream(&api.name, SocketAddr::new(a_ip.into(), PAIR_UPSTREAM_PORT));
+        Self {
+            b_ip,
+            a_ip,
+            api,
+            web,
+            b_extra: String::new(),
+            a_extra: String::new(),
+            b_advertise: None,
+        }
+    }
+
+    /// Changes web (its protocol, labels, upstreams).
+    pub fn web(mut self, f: impl FnOnce(ServiceSpec) -> ServiceSpec) -> Self {
+        self.web = f(self.web);
+        self
+    }
+
+    /// a's upstream bind for api.
+    pub fn upstream(&self) -> SocketAddr {
+        self.web
+            .upstreams
+            .iter()
+            .find(|(svc, _)| *svc == self.api.name)
+            .map_or(
+                SocketAddr::new(self.a_ip.into(), PAIR_UPSTREAM_PORT),
+                |(_, b)| *b,
+            )
     }
 }
 
@@ -1321,4 +1402,40 @@ impl Stream {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP meshd_requests Requests.\n# TYPE meshd_requests counter\n\
+        meshd_requests_total{direction=\"inbound\",code=\"200\"} 3\n\
+        meshd_requests_total{direction=\"outbound\",code=\"200\"} 4\n\
+        # TYPE meshd_rejected counter\n\
+        # TYPE meshd_policy_revision gauge\nmeshd_policy_revision 7\n";
+
+    #[test]
+    fn a_missing_series_is_an_error_not_a_zero() {
+        assert_eq!(metric_sum(TEXT, "meshd_requests_total", &[]).unwrap(), 7.0);
+        let inbound = [("direction", "inbound")];
+        assert_eq!(
+            metric_sum(TEXT, "meshd_requests_total", &inbound).unwrap(),
+            3.0
+        );
+        assert_eq!(metric_sum(TEXT, "meshd_policy_revision", &[]).unwrap(), 7.0);
+        // Renamed metric, renamed label key, label value never seen: all errors.
+        assert!(metric_sum(TEXT, "meshd_request_total", &[]).is_err());
+        assert!(metric_sum(TEXT, "meshd_requests_total", &[("dir", "inbound")]).is_err());
+        assert!(metric_sum(TEXT, "meshd_requests_total", &[("code", "503")]).is_err());
+    }
+
+    #[test]
+    fn or_zero_allows_an_unseen_value_of_a_known_family_and_key_only() {
+        let f = |name, labels: &[(&str, &str)]| metric_sum_or_zero(TEXT, name, labels);
+        assert_eq!(f("meshd_requests_total", &[("code", "503")]).unwrap(), 0.0);
+        assert_eq!(f("meshd_rejected_total", &[("reason", "x")]).unwrap(), 0.0);
+        assert_eq!(f("meshd_requests_total", &[("code", "200")]).unwrap(), 7.0);
+        assert!(f("meshd_requests_total", &[("status", "503")]).is_err());
+        assert!(f("meshd_refused_total", &[]).is_err());
+    }
 }

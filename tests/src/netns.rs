@@ -1,8 +1,11 @@
 //! Network-namespace hosts: each host gets its own namespace with one veth into a shared
 //! bridge and its own 10.213.<n>.0/24 address that exists only inside this test run.
-//! Needs root (CI runs as root); tests skip with a message when `ip netns` is not permitted.
+//! Needs root (CI runs as root); tests skip (counted by the test command) when `ip netns` is
+//! not permitted, or fail when `MESH_E2E_REQUIRE` names `netns`.
 
 use std::net::Ipv4Addr;
+
+use crate::Within as _;
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -10,7 +13,7 @@ use anyhow::{Context as _, bail};
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
-        .output()
+        .within(crate::CLI_TIMEOUT)
         .context("running ip")?;
     if !out.status.success() {
         bail!(

@@ -4,6 +4,8 @@
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+use crate::Within as _;
 use std::process::{Child, Command, Output, Stdio};
 
 /// The venv's interpreter.
@@ -24,12 +26,12 @@ pub struct Server(Child);
 impl Server {
     /// Starts it and waits for its `ready` line.
     pub fn start(rel: &str, addr: SocketAddr, name: &str) -> Self {
-        let mut child = Command::new(python())
-            .arg(script(rel))
+        let mut cmd = Command::new(python());
+        cmd.arg(script(rel))
             .args(["serve", &addr.to_string(), name])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python test server spawns");
+            .stdout(Stdio::piped());
+        crate::proc::contain(&mut cmd);
+        let mut child = cmd.spawn().expect("python test server spawns");
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().expect("stdout is piped"))
             .read_line(&mut line)
@@ -52,7 +54,7 @@ pub async fn run(rel: &'static str, args: Vec<String>) -> Output {
         Command::new(python())
             .arg(script(rel))
             .args(&args)
-            .output()
+            .within(crate::CLI_TIMEOUT)
             .expect("python test client runs")
     })
     .await

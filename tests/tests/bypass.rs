@@ -6,6 +6,7 @@
 //! ends at the registry's revision with every readable change applied.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -60,7 +61,7 @@ async fn curl(args: Vec<String>) -> Got {
         let out = Command::new("curl")
             .args(["-sS", "-i", "--path-as-is", "--max-time", "10"])
             .args(&args)
-            .output()
+            .within(mesh_e2e::CLI_TIMEOUT)
             .expect("curl runs (scripts/setup installs it)");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(

@@ -5,6 +5,7 @@
 //! each new CA while the test watches.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -47,7 +48,7 @@ fn registry_ca(reg: &Registry, args: &[&str]) -> String {
         .args(args)
         .arg("--config")
         .arg(reg.data_dir.join("registry.toml"))
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap();
     assert!(
         out.status.success(),
@@ -179,7 +180,7 @@ async fn intermediate_and_root_rotations_under_traffic_fail_no_request() {
             .arg("--registry")
             .arg(cluster.registry.addr.to_string())
             .arg("nodes")
-            .output()
+            .within(mesh_e2e::CLI_TIMEOUT)
             .unwrap()
     };
     let new = with(&creds);

@@ -3,6 +3,7 @@
 //! loopback needs `allow_remote`), init refusing to overwrite, start-up failures that say why.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -29,7 +30,7 @@ fn check_config_reports_every_problem_with_file_and_key() {
     let out = Command::new(&b.meshd)
         .args(["check-config", "--config"])
         .arg(dir.path().join("meshd.toml"))
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "bad config exits 64");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -54,7 +55,7 @@ fn check_config_reports_every_problem_with_file_and_key() {
     let out = Command::new(&b.meshd)
         .args(["check-config", "--config"])
         .arg(dir.path().join("meshd.toml"))
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap();
     assert!(
         out.status.success(),
@@ -77,7 +78,7 @@ fn check_config_reports_every_problem_with_file_and_key() {
         if let Some(n) = as_name {
             cmd.args(["--as", n]);
         }
-        cmd.output().unwrap()
+        cmd.within(mesh_e2e::CLI_TIMEOUT).unwrap()
     };
     // Its direct listener would take web's app address.
     let clash = "name = \"api\"\naddress = \"127.0.0.1:8081\"\nlisten = \"127.0.0.1:8080\"\n";
@@ -147,7 +148,7 @@ fn check_config_warns_about_listeners_off_loopback() {
         if let Some(s) = service {
             cmd.arg("--service").arg(s).args(["--as", "api.toml"]);
         }
-        let out = cmd.output().unwrap();
+        let out = cmd.within(mesh_e2e::CLI_TIMEOUT).unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         (out.status.code(), err)
     };
@@ -366,7 +367,7 @@ fn registry_init_refuses_to_overwrite_and_check_config_works() {
         Command::new(&b.registry)
             .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
             .arg(&data)
-            .output()
+            .within(mesh_e2e::CLI_TIMEOUT)
             .unwrap()
     };
     let first = init();
@@ -379,7 +380,7 @@ fn registry_init_refuses_to_overwrite_and_check_config_works() {
     let check = Command::new(&b.registry)
         .args(["check-config", "--config"])
         .arg(data.join("registry.toml"))
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap();
     assert!(check.status.success());
     std::fs::write(
@@ -390,7 +391,7 @@ fn registry_init_refuses_to_overwrite_and_check_config_works() {
     let check = Command::new(&b.registry)
         .args(["check-config", "--config"])
         .arg(data.join("registry.toml"))
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap();
     assert_eq!(check.status.code(), Some(64));
     let err = String::from_utf8_lossy(&check.stderr);
@@ -401,7 +402,7 @@ fn registry_init_refuses_to_overwrite_and_check_config_works() {
     let bad_td = Command::new(&b.registry)
         .args(["init", "--trust-domain", "Not Valid", "--data-dir"])
         .arg(dir.path().join("x"))
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap();
     assert_eq!(bad_td.status.code(), Some(64));
 }

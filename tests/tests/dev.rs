@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_e2e::bins;
+use mesh_e2e::proc::Guard;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshd_dev_runs_a_working_mesh_and_stops_cleanly() {
@@ -14,20 +15,23 @@ async fn meshd_dev_runs_a_working_mesh_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     // Below the ephemeral port range (32768+), so TIME-WAIT sockets of other tests cannot collide.
     let base = 20000 + (std::process::id() % 300) as u16 * 20;
-    let mut child = Command::new(&b.meshd)
-        .args([
-            "dev",
-            "--nodes",
-            "2",
-            "--base-port",
-            &base.to_string(),
-            "--dir",
-        ])
-        .arg(dir.path().join("mesh"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let stderr_log = dir.path().join("meshd-dev.stderr.log");
+    let mut guard = Guard::spawn(
+        Command::new(&b.meshd)
+            .args([
+                "dev",
+                "--nodes",
+                "2",
+                "--base-port",
+                &base.to_string(),
+                "--dir",
+            ])
+            .arg(dir.path().join("mesh"))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap()),
+    )
+    .unwrap();
+    let child = &mut guard.0;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -50,8 +54,11 @@ async fn meshd_dev_runs_a_working_mesh_and_stops_cleanly() {
                 }
             }
             Err(_) => {
-                let _ = child.kill();
-                panic!("meshd dev did not get ready; output:\n{}", out.join("\n"));
+                panic!(
+                    "meshd dev did not get ready; output:\n{}\n{}",
+                    out.join("\n"),
+                    mesh_e2e::scratch::report(dir.path())
+                );
             }
         }
     }

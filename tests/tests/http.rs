@@ -5,6 +5,7 @@
 //! the app's.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -38,7 +39,7 @@ fn curl(args: &[&str]) -> Got {
     let out = Command::new("curl")
         .args(["-sS", "-i", "--max-time", "10"])
         .args(args)
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .expect("curl runs (scripts/setup installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

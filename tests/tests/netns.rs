@@ -53,8 +53,11 @@ async fn sees(node: &Node, member: &str) -> Option<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_fails_fast_and_heals_between_namespaced_hosts() {
-    if !netns::available() {
-        eprintln!("skipping: this process may not create network namespaces (run as root)");
+    if !mesh_e2e::can_run(
+        "netns",
+        netns::available(),
+        "this process may not create network namespaces (run as root)",
+    ) {
         return;
     }
     // Declared first so it is dropped last: processes die before their namespaces go.

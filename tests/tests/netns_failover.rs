@@ -80,8 +80,11 @@ async fn usable_api(node: &Node) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
-    if !netns::available() {
-        eprintln!("skipping: this process may not create network namespaces (run as root)");
+    if !mesh_e2e::can_run(
+        "netns",
+        netns::available(),
+        "this process may not create network namespaces (run as root)",
+    ) {
         return;
     }
     let id = 100 + ((std::process::id() + 37) % 100) as u8;

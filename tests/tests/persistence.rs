@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{
-    Cluster, Load, Node, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, next_ip,
+    Cluster, Load, Node, NodeSpec, PairSpec, RegistryOpts, ServiceSpec, WAIT, eventually, next_ip,
 };
 
 struct Pair {
@@ -27,25 +27,8 @@ async fn pair_with(opts: RegistryOpts) -> Pair {
     let mut cluster = Cluster::new(opts).await.unwrap();
     let b_ip = next_ip();
     let echo = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
-    let token = cluster.registry.token(&["api"], 1).unwrap();
-    let mut spec_b = NodeSpec::new("b", token);
-    spec_b.ip = b_ip.into();
-    spec_b.services = vec![ServiceSpec::new("api", echo.addr)];
-    cluster.add_spec(spec_b).await.unwrap();
-    let a_ip = next_ip();
-    let upstream = SocketAddr::new(a_ip.into(), 19001);
-    let token = cluster.registry.token(&["web"], 1).unwrap();
-    let mut spec_a = NodeSpec::new("a", token);
-    spec_a.ip = a_ip.into();
-    spec_a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    spec_a.services = vec![
-        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080)).upstream("api", upstream),
-    ];
-    cluster.add_spec(spec_a).await.unwrap();
-    cluster.converge().await.unwrap();
-    cluster
-        .node("a")
-        .wait_endpoints("default/api", 1)
+    let upstream = cluster
+        .pair(PairSpec::new(b_ip, ServiceSpec::new("api", echo.addr)))
         .await
         .unwrap();
     Pair {

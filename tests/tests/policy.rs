@@ -4,6 +4,7 @@
 //! allows, static stability with the registry down, and the operator's view of it all.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -294,7 +295,7 @@ fn viewer(reg: &Registry, args: &[&str]) -> Output {
         .arg("--registry")
         .arg(reg.addr.to_string())
         .args(args)
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap()
 }
 

@@ -13,7 +13,7 @@ use mesh_ca::{Authority, SignRequest};
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{
     Cluster, Node, NodeSpec, Proc, Registry, RegistryOpts, ServiceSpec, WAIT, eventually, http_get,
-    metric_sum, next_ip,
+    metric_sum, metric_sum_or_zero, next_ip,
 };
 use mesh_runtime::tls::{self as mtls, ALPN_MESH_TCP, CertSlot, SpiffeVerifier};
 use rustls::{AlertDescription, RootCertStore};
@@ -106,7 +106,7 @@ fn metrics_text(node: &Node) -> String {
 }
 
 async fn rejected(node: &Node, direction: &str, reason: &str) -> f64 {
-    node.metric(REJECTED, &[("direction", direction), ("reason", reason)])
+    node.metric_or_zero(REJECTED, &[("direction", direction), ("reason", reason)])
         .await
         .unwrap()
 }
@@ -117,7 +117,7 @@ async fn registry_calls(registry: &Registry, rpc: &str, outcome: &str) -> f64 {
         .await
         .unwrap();
     assert_eq!(code, 200, "registry /metrics");
-    metric_sum(&body, REGISTRY_CALLS, &[("rpc", rpc), ("outcome", outcome)])
+    metric_sum_or_zero(&body, REGISTRY_CALLS, &[("rpc", rpc), ("outcome", outcome)]).unwrap()
 }
 
 async fn wait_registry_calls(registry: &Registry, rpc: &str, outcome: &str, above: f64) -> f64 {
@@ -722,7 +722,7 @@ async fn reused_single_use_token_and_garbage_token_stop_the_node() {
         let (_, body) = http_get(&cluster.registry.admin.to_string(), "/metrics")
             .await
             .unwrap();
-        metric_sum(&body, REGISTRY_CALLS, &[("rpc", "join")])
+        metric_sum(&body, REGISTRY_CALLS, &[("rpc", "join")]).unwrap()
     };
     assert_eq!(
         join_calls,

@@ -7,6 +7,7 @@
 //! by hand.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -243,7 +244,7 @@ async fn revoked_operator_credentials_are_refused() {
             .arg("--credentials")
             .arg(&dir)
             .args(args)
-            .output()
+            .within(mesh_e2e::CLI_TIMEOUT)
             .unwrap()
     };
     assert!(ops(&["nodes"]).status.success(), "the new credentials work");

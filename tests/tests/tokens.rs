@@ -4,6 +4,7 @@
 //! every token without its secret, to operators and viewers; a revoked token joins no host.
 #![allow(clippy::unwrap_used)]
 
+use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -22,7 +23,7 @@ fn viewer(reg: &Registry, args: &[&str]) -> Output {
         .arg("--registry")
         .arg(reg.addr.to_string())
         .args(args)
-        .output()
+        .within(mesh_e2e::CLI_TIMEOUT)
         .unwrap()
 }
 

@@ -316,7 +316,9 @@ fault = { abort = { status = 503, percent = 50 } }
             &metrics,
             "mesh_registry_slo_alerts_total",
             &[("severity", "fast_burn")]
-        ) >= 1.0,
+        )
+        .unwrap()
+            >= 1.0,
         "{metrics}"
     );
 

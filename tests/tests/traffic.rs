@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use mesh_e2e::apps::{self, Echo, Relay};
-use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, eventually, next_ip};
+use mesh_e2e::{Cluster, PairSpec, RegistryOpts, ServiceSpec, eventually, next_ip};
 use std::time::Duration;
 
 struct Pair {
@@ -19,10 +19,7 @@ async fn pair(relay_inbound: bool) -> (Pair, Option<Relay>) {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let b_ip = next_ip();
     let echo = Echo::start(SocketAddr::new(b_ip.into(), 0)).await.unwrap();
-    let token = cluster.registry.token(&["api"], 1).unwrap();
-    let mut spec_b = NodeSpec::new("b", token);
-    spec_b.ip = b_ip.into();
-    spec_b.services = vec![ServiceSpec::new("api", echo.addr)];
+    let mut spec = PairSpec::new(b_ip, ServiceSpec::new("api", echo.addr));
     // Optionally advertise a relay in front of b's inbound port, so the test sees the bytes.
     let relay = if relay_inbound {
         let r = Relay::start(
@@ -31,23 +28,12 @@ async fn pair(relay_inbound: bool) -> (Pair, Option<Relay>) {
         )
         .await
         .unwrap();
-        spec_b.inbound_advertise = Some(r.addr);
+        spec.b_advertise = Some(r.addr);
         Some(r)
     } else {
         None
     };
-    cluster.add_spec(spec_b).await.unwrap();
-    let a_ip = next_ip();
-    let upstream = SocketAddr::new(a_ip.into(), 19001);
-    let token = cluster.registry.token(&["web"], 1).unwrap();
-    let mut spec_a = NodeSpec::new("a", token);
-    spec_a.ip = a_ip.into();
-    spec_a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    spec_a.services = vec![
-        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080)).upstream("api", upstream),
-    ];
-    cluster.add_spec(spec_a).await.unwrap();
-    cluster.converge().await.unwrap();
+    let upstream = cluster.pair(spec).await.unwrap();
     (
         Pair {
             cluster,

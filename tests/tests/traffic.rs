@@ -160,21 +160,81 @@ async fn the_wire_between_hosts_carries_only_tls() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_propagates_through_the_mesh() {
+/// An app that proves half-close in both directions: on each connection it first reads a
+/// one-byte mode. `r`: read until the caller's FIN, then answer with how much arrived (data
+/// that can only travel after the FIN). `w`: send "bye" and FIN at once, then read until the
+/// caller's FIN and report what the caller sent after receiving ours on `after_fin`.
+async fn half_close_app(
+    ip: std::net::Ipv4Addr,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let (p, _) = pair(false).await;
-    let mut s = tokio::net::TcpStream::connect(p.upstream).await.unwrap();
-    s.write_all(b"first").await.unwrap();
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"first");
-    // Half-close our side: the echo app sees EOF, closes its side, and we see EOF.
-    s.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest))
+    let l = tokio::net::TcpListener::bind(SocketAddr::new(ip.into(), 0))
         .await
-        .expect("EOF arrives after half-close")
         .unwrap();
-    assert!(rest.is_empty());
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut mode = [0u8; 1];
+                s.read_exact(&mut mode).await?;
+                let mut got = Vec::new();
+                if mode[0] == b'r' {
+                    s.read_to_end(&mut got).await?;
+                    s.write_all(format!("after your FIN: {} bytes", got.len()).as_bytes())
+                        .await?;
+                    s.shutdown().await?;
+                } else {
+                    s.write_all(b"bye").await?;
+                    s.shutdown().await?;
+                    s.read_to_end(&mut got).await?;
+                    let _ = tx.send(got);
+                }
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_carries_data_after_each_sides_fin() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let wait = mesh_e2e::scaled(Duration::from_secs(10));
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let b_ip = next_ip();
+    let (app, mut after_fin) = half_close_app(b_ip).await;
+    let upstream = cluster
+        .pair(PairSpec::new(b_ip, ServiceSpec::new("api", app)))
+        .await
+        .unwrap();
+
+    // The caller's FIN first: the app's answer can only be sent after it, and must arrive.
+    let mut s = tokio::net::TcpStream::connect(upstream).await.unwrap();
+    s.write_all(b"r0123456789").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(wait, s.read_to_string(&mut answer))
+        .await
+        .expect("the answer sent after our FIN arrives, then EOF")
+        .unwrap();
+    assert_eq!(answer, "after your FIN: 10 bytes");
+
+    // The app's FIN first: we see "bye" and EOF, keep sending, and the app receives it.
+    let mut s = tokio::net::TcpStream::connect(upstream).await.unwrap();
+    s.write_all(b"w").await.unwrap();
+    let mut bye = Vec::new();
+    tokio::time::timeout(wait, s.read_to_end(&mut bye))
+        .await
+        .expect("the app's FIN arrives")
+        .unwrap();
+    assert_eq!(bye, b"bye");
+    s.write_all(b"still here after your FIN").await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(wait, after_fin.recv())
+        .await
+        .expect("the app hears what we sent after its FIN")
+        .unwrap();
+    assert_eq!(got, b"still here after your FIN");
 }

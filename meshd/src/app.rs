@@ -470,6 +470,12 @@ async fn export_seal_stats(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_opened = 0;
     let mut last_dropped = std::collections::HashMap::new();
+    // Every reason from the first scrape, at zero: "none dropped" is a visible 0, not a gap.
+    for (reason, _) in stats.drops() {
+        let _ = dropped.get_or_create(&SealDropLabels {
+            reason: reason.as_str(),
+        });
+    }
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -418,14 +418,11 @@ async fn a_taken_port_fails_startup_with_a_clear_error() {
     let mut spec = NodeSpec::new("n", token);
     spec.ip = ip.into();
     let mut node = mesh_e2e::Node::start(&cluster.registry, spec).unwrap();
-    let code = eventually(Duration::from_secs(10), "meshd to exit", || {
-        let exited = !node.proc.as_mut().unwrap().is_running();
-        async move { exited.then_some(()) }
-    })
-    .await;
-    assert!(
-        code.is_ok(),
-        "meshd must not start with its inbound port taken"
+    let code = node.exit_code().await.unwrap();
+    assert_eq!(
+        code,
+        Some(1),
+        "meshd must not start with its inbound port taken (exit 1: systemd retries)"
     );
     let log = node.log();
     assert!(

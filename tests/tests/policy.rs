@@ -336,8 +336,10 @@ async fn wait_revision(node: &Node, rev: u64) -> Duration {
     took
 }
 
+/// A counter that may have no series yet (before readings); waits and "after" checks compare
+/// it with a value the test saw move, so a renamed series cannot pass as a zero.
 async fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> f64 {
-    node.metric(name, labels).await.unwrap()
+    node.metric_or_zero(name, labels).await.unwrap()
 }
 
 async fn decisions(node: &Node, decision: &str, reason: &str, policy: &str) -> f64 {
@@ -769,7 +771,7 @@ async fn static_stability() {
     let reg = &m.cluster.registry;
     let nodes = m.cluster.nodes.len() as f64;
     let starts = |kind: &'static str| async move {
-        reg.metric(
+        reg.metric_or_zero(
             "mesh_registry_policy_watch_starts_total",
             &[("snapshot", kind)],
         )

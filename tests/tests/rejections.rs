@@ -12,7 +12,7 @@ use mesh_api::{Identity, ServiceKey, TrustDomain};
 use mesh_ca::{Authority, SignRequest};
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{
-    Cluster, Node, NodeSpec, Proc, Registry, RegistryOpts, ServiceSpec, WAIT, eventually, http_get,
+    Cluster, Node, NodeSpec, Registry, RegistryOpts, ServiceSpec, WAIT, eventually, http_get,
     metric_sum, metric_sum_or_zero, next_ip,
 };
 use mesh_runtime::tls::{self as mtls, ALPN_MESH_TCP, CertSlot, SpiffeVerifier};
@@ -618,35 +618,6 @@ async fn node_gets_no_certificate_for_a_service_its_token_does_not_allow() {
     wait_rejected(n, "inbound", "unknown_service", before).await;
 }
 
-/// Whether process `pid` (our unreaped child) has exited, i.e. is a zombie. Checked through
-/// /proc rather than `Proc::is_running`, which reaps the child: `Proc::terminate` would then
-/// signal a pid that may already belong to another process.
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-/// Waits for `proc` to exit on its own and returns its exit code.
-async fn exit_code(proc: &mut Proc, what: &str) -> Option<i32> {
-    let pid = proc.pid().unwrap();
-    let exited = eventually(WAIT, &format!("{what} to exit"), || {
-        std::future::ready(is_zombie(pid).then_some(()))
-    })
-    .await;
-    assert!(
-        exited.is_ok(),
-        "{exited:?}\n--- {what} log ---\n{}",
-        proc.log_text()
-    );
-    // Reaps it (the SIGTERM goes to the zombie, which ignores it) and reads the status.
-    proc.terminate(Duration::from_secs(5)).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_single_use_token_and_garbage_token_stop_the_node() {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
@@ -672,12 +643,8 @@ async fn reused_single_use_token_and_garbage_token_stop_the_node() {
     spec_y.services = vec![ServiceSpec::new("web", echo_y.addr)];
     spec_y.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
     let mut y = Node::start(&cluster.registry, spec_y).unwrap();
-    let code = exit_code(y.proc.as_mut().unwrap(), "y").await;
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "y exits non-zero, got {code:?}\n{}",
-        y.log()
-    );
+    let code = y.exit_code().await.unwrap();
+    assert_eq!(code, Some(1), "y exits 1\n{}", y.log());
     let log = y.log();
     assert!(
         log.contains("already been used"),
@@ -704,12 +671,8 @@ async fn reused_single_use_token_and_garbage_token_stop_the_node() {
     spec_z.ip = z_ip.into();
     spec_z.services = vec![ServiceSpec::new("web", echo_y.addr)];
     let mut z = Node::start(&cluster.registry, spec_z).unwrap();
-    let code = exit_code(z.proc.as_mut().unwrap(), "z").await;
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "z exits non-zero, got {code:?}\n{}",
-        z.log()
-    );
+    let code = z.exit_code().await.unwrap();
+    assert_eq!(code, Some(1), "z exits 1\n{}", z.log());
     let log = z.log();
     let token_file = z.dir.join("token");
     assert!(

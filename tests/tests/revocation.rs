@@ -210,12 +210,9 @@ async fn a_removed_node_is_cut_off_everywhere_within_seconds_with_the_registry_d
     let mut spec = NodeSpec::new("x", again);
     spec.dir_name = Some("x-again".to_owned());
     let mut node = mesh_e2e::Node::start(&cluster.registry, spec).unwrap();
-    let exited = eventually(WAIT, "the rejoin to be refused", || {
-        std::future::ready((!node.is_running()).then_some(()))
-    })
-    .await;
+    let code = node.exit_code().await.unwrap();
     let log = node.log();
-    assert!(exited.is_ok(), "{log}");
+    assert_eq!(code, Some(1), "the refused rejoin exits 1: {log}");
     assert!(
         log.contains("node x was removed") && log.contains("--replace x"),
         "the refused host's log says why and how:\n{log}"

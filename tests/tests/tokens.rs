@@ -64,14 +64,8 @@ fn node_row(reg: &Registry, name: &str) -> Vec<String> {
 /// Starts a host that must fail to join; waits for meshd to exit and returns its code and log.
 async fn refused_join(reg: &Registry, spec: NodeSpec) -> (Option<i32>, String) {
     let mut node = Node::start(reg, spec).unwrap();
-    let what = format!("{} to exit", node.spec.name);
-    let exited = eventually(WAIT, &what, || {
-        std::future::ready((!node.is_running()).then_some(()))
-    })
-    .await;
-    let log = node.log();
-    assert!(exited.is_ok(), "{exited:?}\n{log}");
-    (node.stop(Duration::from_secs(5)).unwrap(), log)
+    let code = node.exit_code().await.unwrap();
+    (code, node.log())
 }
 
 /// `n` checksummed round trips through `addr`; every one must succeed.
@@ -122,7 +116,7 @@ async fn a_registered_name_is_taken_over_only_with_a_replace_token() {
     impostor.zone = Some("zone-x".to_owned());
     impostor.services = vec![ServiceSpec::new("api", SocketAddr::new(impostor.ip, 18081))];
     let (code, log) = refused_join(reg, impostor).await;
-    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}\n{log}");
+    assert_eq!(code, Some(1), "exit {code:?}\n{log}");
     assert!(
         log.contains("node b is already registered")
             && log.contains("meshctl token create --replace b"),
@@ -232,7 +226,7 @@ async fn a_revoked_token_joins_no_host() {
     let mut spec = NodeSpec::new("c", t);
     spec.services = vec![ServiceSpec::new("api", SocketAddr::new(spec.ip, 18080))];
     let (code, log) = refused_join(reg, spec).await;
-    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}\n{log}");
+    assert_eq!(code, Some(1), "exit {code:?}\n{log}");
     assert!(
         log.contains("revoked"),
         "the log says the token was revoked:\n{log}"

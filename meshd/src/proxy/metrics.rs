@@ -223,6 +223,21 @@ impl Metrics {
             ejections: Family::default(),
             rate_limited: Family::default(),
         };
+        // Series that exist from the first scrape at zero, so `increase()` and "is it zero?"
+        // have an answer before the first event: every handshake kind and every TLS failure
+        // reason, for both directions.
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            for kind in ["full", "resumed"] {
+                let _ = m
+                    .handshakes
+                    .get_or_create(&HandshakeLabels { direction, kind });
+            }
+            for reason in crate::proxy::tls::FAILURE_REASONS {
+                let _ = m
+                    .rejected
+                    .get_or_create(&ReasonLabels { direction, reason });
+            }
+        }
         reg.register(
             "meshd_connections",
             "Connections proxied, by direction and service",

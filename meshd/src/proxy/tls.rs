@@ -224,6 +224,25 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
     })
 }
 
+/// Every value [`failure_reason`] returns: the `reason` label values of a failed handshake,
+/// whose series start at zero so a dashboard sees them before the first failure.
+pub const FAILURE_REASONS: &[&str] = &[
+    "peer_closed",
+    "peer_reset",
+    "handshake_io_error",
+    "not_tls",
+    "no_client_cert",
+    "cert_expired",
+    "cert_not_yet_valid",
+    "untrusted_cert",
+    "identity_mismatch",
+    "bad_cert",
+    "peer_alert",
+    "unknown_service",
+    "incompatible_peer",
+    "handshake_error",
+];
+
 /// A bounded reason for a TLS failure, for metrics and logs.
 pub fn failure_reason(e: &std::io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};
@@ -290,6 +309,42 @@ mod tests {
 
     use super::*;
     use crate::identity::Workload;
+
+    #[test]
+    fn every_failure_reason_is_listed() {
+        use rustls::{CertificateError as C, Error as E};
+        let io = |k| std::io::Error::from(k);
+        let tls = |e: E| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let errors = [
+            io(std::io::ErrorKind::UnexpectedEof),
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::TimedOut),
+            tls(E::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType,
+            )),
+            tls(E::NoCertificatesPresented),
+            tls(E::InvalidCertificate(C::Expired)),
+            tls(E::InvalidCertificate(C::NotValidYet)),
+            tls(E::InvalidCertificate(C::UnknownIssuer)),
+            tls(E::InvalidCertificate(C::BadEncoding)),
+            tls(E::AlertReceived(rustls::AlertDescription::BadCertificate)),
+            tls(E::General("no server certificate for x".into())),
+            tls(E::PeerIncompatible(
+                rustls::PeerIncompatible::Tls13RequiredForQuic,
+            )),
+            tls(E::HandshakeNotComplete),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for e in &errors {
+            let r = failure_reason(e);
+            assert!(FAILURE_REASONS.contains(&r), "{e:?} → {r} is not listed");
+            seen.insert(r);
+        }
+        assert!(
+            seen.len() >= 12,
+            "the table exercises most reasons: {seen:?}"
+        );
+    }
 
     fn workload(ca: &Authority, svc: &ServiceKey, ttl: Duration) -> (Workload, SystemTime) {
         let now = SystemTime::now();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_e2e::http_app::{Client, HttpApp, tally};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
 
-/// Checked every 200 ms; two failures make an instance unhealthy, one pass brings it back.
+/// Checked every second; two failures make an instance unhealthy, one pass brings it back.
 // A generous timeout: under a loaded CI machine a 150 ms one timed out twice in a row and took
 // a healthy instance out mid-test.
 const CHECK: &str = r#"http = "/healthz"
@@ -53,7 +53,17 @@ async fn failing_checks_take_an_instance_out_and_back() {
     ];
     cluster.add_spec(a).await.unwrap();
     cluster.converge().await.unwrap();
+    // Round robin, so "both serve" below is certain: the default peak-EWMA balancer rightly
+    // keeps a light load on whichever instance answered first.
+    let rev = cluster
+        .registry
+        .apply(
+            "rr.toml",
+            "[[resource]]\nkind = \"DestinationPolicy\"\nname = \"api\"\nservice = \"api\"\nload_balancer = \"round_robin\"\n",
+        )
+        .unwrap();
     let a = cluster.node("a");
+    a.wait_policy_revision(rev).await.unwrap();
     // Both instances pass their first check and are published healthy.
     a.wait_endpoints("default/api", 2).await.unwrap();
     let client = Client::new();
@@ -67,7 +77,15 @@ async fn failing_checks_take_an_instance_out_and_back() {
 
     // b1 fails its check: it leaves a's set and every request goes to b2.
     apps[0].behavior.status.store(503, Ordering::SeqCst);
+    let flipped = std::time::Instant::now();
     a.wait_endpoints("default/api", 1).await.unwrap();
+    // README: out of every caller's set within a round or two of the second failed check —
+    // at most 2 intervals after the flip, plus gossip rounds, a check's duration and polling.
+    let out = flipped.elapsed();
+    assert!(
+        out < Duration::from_secs(3),
+        "b1 left a's set {out:?} after failing (2 checks at 1 s, then a gossip round or two)"
+    );
     let replies = client.get_many(upstream, "/", &[], 200, 4).await.unwrap();
     let t = tally(&replies);
     assert!(

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use mesh_api::{Identity, ServiceKey, TrustDomain};
 use mesh_ca::{Authority, SignRequest};
+use mesh_e2e::Within as _;
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{
     Cluster, Node, NodeSpec, Registry, RegistryOpts, ServiceSpec, WAIT, eventually, http_get,
@@ -692,4 +693,124 @@ async fn reused_single_use_token_and_garbage_token_stop_the_node() {
         1.0 + after,
         "the garbage token was refused locally"
     );
+}
+
+/// One `openssl s_client` session against `addr`: sends "hello", keeps the connection a second
+/// for the echo, then closes. Returns (stdout, stderr).
+fn s_client(addr: SocketAddr, dir: &std::path::Path, args: &[&str]) -> (String, String) {
+    let script = format!(
+        "(printf hello; sleep 1) | openssl s_client -connect {addr} -quiet -no_ign_eof \
+         -servername api.default.svc.mesh -CAfile {ca} -verify_return_error {args}",
+        ca = dir.join("ca.pem").display(),
+        args = args.join(" "),
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .within(Duration::from_secs(20))
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The inbound port probed with OpenSSL, a TLS stack meshd shares no code with: the same
+/// certificate that gets a mesh client through gets `s_client` through (the control), and every
+/// refusal our own client sees, OpenSSL sees too — with the alert that names why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_is_refused_where_our_client_is() {
+    let s = Single::start().await;
+    let b = s.node();
+    let registry = &s.cluster.registry;
+    let ca = registry.authority().unwrap();
+    let dir = registry.dir.join("openssl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, (chain, key): (String, String)| {
+        std::fs::write(dir.join(format!("{name}.pem")), chain).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key).unwrap();
+    };
+    std::fs::write(dir.join("ca.pem"), ca.trust_bundle_pem()).unwrap();
+    let hour = Duration::from_secs(3600);
+    write("good", issue(&ca, "web", SystemTime::now(), hour));
+    let (foreign, _) = Authority::generate(&td(), SystemTime::now()).unwrap();
+    write("foreign", issue(&foreign, "web", SystemTime::now(), hour));
+    // Expired: issued as of the intermediate's notBefore for one second (see
+    // expired_client_certificate_is_refused), and used once that second is past.
+    let int_pem =
+        std::fs::read_to_string(registry.data_dir.join("ca").join("intermediate.pem")).unwrap();
+    let (int_not_before, _) =
+        mtls::validity(&mtls::parse_certs(&int_pem, "intermediate").unwrap()[0]).unwrap();
+    write(
+        "expired",
+        issue(&ca, "web", int_not_before, Duration::from_secs(1)),
+    );
+    eventually(
+        WAIT,
+        "the expired certificate to be past its notAfter",
+        || {
+            std::future::ready(
+                (SystemTime::now() > int_not_before + Duration::from_secs(2)).then_some(()),
+            )
+        },
+    )
+    .await
+    .unwrap();
+    // `-cert` sends only the file's first certificate: the intermediate goes in `-cert_chain`.
+    let cert = |name: &str| {
+        format!(
+            "-cert {d}/{name}.pem -cert_chain {d}/{name}.pem -key {d}/{name}-key.pem",
+            d = dir.display()
+        )
+    };
+    let alpn = "-alpn meshd/tcp/1";
+    let probe = |args: Vec<String>| {
+        let dir = dir.clone();
+        let inbound = b.inbound;
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            s_client(inbound, &dir, &refs)
+        })
+    };
+
+    // Control: a mesh certificate gets through, the server's chain verifies against the mesh
+    // CA, and the app's echo comes back.
+    let (out, err) = probe(vec![cert("good"), alpn.into()]).await.unwrap();
+    assert_eq!(out, "hello", "the control session echoes; stderr: {err}");
+
+    // Refusals, each with the TLS alert that says why, and nothing from the app. (A chain
+    // from another CA with the mesh CA's names fails on the intermediate's signature: rustls
+    // sends decrypt_error for a bad signature, unknown_ca for an unknown issuer.)
+    let cases: [(&str, Vec<String>, &[&str]); 4] = [
+        (
+            "no client certificate",
+            vec![alpn.into()],
+            &["certificate required"],
+        ),
+        (
+            "another CA",
+            vec![cert("foreign"), alpn.into()],
+            &["unknown ca", "decrypt error"],
+        ),
+        (
+            "an expired certificate",
+            vec![cert("expired"), alpn.into()],
+            &["certificate expired"],
+        ),
+        (
+            "TLS 1.2",
+            vec![cert("good"), alpn.into(), "-tls1_2".into()],
+            &["protocol version"],
+        ),
+    ];
+    for (what, args, alerts) in cases {
+        let (out, err) = probe(args).await.unwrap();
+        assert!(
+            out.is_empty(),
+            "{what}: the app answered through meshd: {out:?}"
+        );
+        assert!(
+            alerts.iter().any(|a| err.contains(&format!("alert {a}"))),
+            "{what}: OpenSSL was told one of {alerts:?}; stderr: {err}"
+        );
+    }
 }

@@ -142,6 +142,7 @@ use tokio::sync::watch;
 use keys::Subkey;
 use socket::SealedSocket;
 
+pub mod impair;
 mod keys;
 mod legacy;
 pub mod pace;
@@ -346,6 +347,8 @@ pub struct SealedTransport {
     legacy: Legacy,
     /// Gossip interval the per-source pace is set for; `None`: unpaced.
     pace: Option<std::time::Duration>,
+    /// A fault layer (tests only).
+    impair: Option<Arc<dyn impair::Impairment>>,
 }
 
 /// The fields of a version-2 header after the version byte.
@@ -630,7 +633,15 @@ impl SealedTransport {
             stats,
             legacy: Legacy::Refuse,
             pace: None,
+            impair: None,
         }
+    }
+
+    /// Puts `layer` under every socket: it decides which sealed datagrams are sent, lost or
+    /// delayed (the gossip scenario tests' lossy, slow and partitioned links).
+    pub fn impaired(mut self, layer: Arc<dyn impair::Impairment>) -> Self {
+        self.impair = Some(layer);
+        self
     }
 
     /// Drops authentic datagrams from a source past its pace for gossip rounds every
@@ -666,7 +677,8 @@ impl Transport for SealedTransport {
             self.legacy,
         )
         .await?
-        .paced(self.pace);
+        .paced(self.pace)
+        .impaired(self.impair.clone());
         Ok(Box::new(socket))
     }
 }

@@ -1,6 +1,8 @@
 //! Failure-detection scenarios for meshd's gossip membership, run against the exact chitchat
-//! configuration meshd ships (`meshd::membership::chitchat_config`, default gossip interval)
-//! over an in-memory network the test breaks while the cluster runs:
+//! configuration meshd ships (`meshd::membership::chitchat_config`: default gossip interval,
+//! protocol V1) over meshd's own sealed transport — real UDP sockets on loopback, every datagram
+//! encoded by chitchat, sealed, opened and replay-checked as in production — with a fault layer
+//! under the sockets (`gossip_seal::impair`) that the test turns while the cluster runs:
 //!
 //! 1. a 3/3 partition: each side marks the other dead within a bound, never its own side, and
 //!    the cluster is whole again within a bound after the heal;
@@ -19,15 +21,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
-use chitchat::{ChitchatEnvelope, ChitchatHandle, ChitchatId};
+use chitchat::{ChitchatHandle, ChitchatId};
 use meshd::config::DEFAULT_GOSSIP_INTERVAL;
+use meshd::gossip_seal::impair::{Fate, Impairment};
+use meshd::gossip_seal::{GossipKey, Keyring, SealStats, SealedTransport};
 use meshd::membership;
 use rand::Rng;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How often every node's view is sampled.
@@ -43,40 +47,38 @@ const DETECT_WITHIN: Duration = Duration::from_secs(15);
 /// Bound asserted on the cluster becoming whole again after a heal.
 const HEAL_WITHIN: Duration = Duration::from_secs(15);
 
-/// What happens to messages on one directed link, on top of the (bidirectional) cuts of
-/// `ChannelTransport`.
+/// What happens to sealed datagrams on one directed link.
 #[derive(Debug, Clone, Copy, Default)]
 struct Fault {
-    /// Fraction of messages dropped.
+    /// Every datagram lost (a cut link; [`Net::cut`] sets it both ways).
+    cut: bool,
+    /// Fraction of datagrams lost.
     loss: f64,
-    /// Each message is held for a uniformly random time in this range (so they also reorder).
+    /// Each datagram is held for a uniformly random time in this range (so they also reorder).
     delay: Option<(Duration, Duration)>,
 }
 
-/// The in-memory network: chitchat's `ChannelTransport` delivers and cuts links both ways; the
-/// faults map adds one-way loss and delay per (from, to) pair, changed by the test while the
-/// cluster runs.
+/// The faults per (from, to) link, changed by the test while the cluster runs.
 #[derive(Clone, Default)]
+struct Faults(Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Fault>>>);
+
+/// The network: meshd's sealed transport over loopback UDP with [`Faults`] under every socket.
+#[derive(Clone)]
 struct Net {
-    channels: ChannelTransport,
-    faults: Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Fault>>>,
+    faults: Faults,
+    transport: Arc<SealedTransport>,
+    _keyring: Arc<watch::Sender<Arc<Keyring>>>,
 }
 
-/// A socket of [`Net`]: applies the sender-side fault of each message.
-struct FaultySocket {
-    addr: SocketAddr,
-    inner: Box<dyn Socket>,
-    faults: Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Fault>>>,
-    /// Delayed messages: when they are due, and where they go.
-    held: Vec<(Instant, SocketAddr, ChitchatEnvelope)>,
-}
+static NEXT_ADDR: AtomicU32 = AtomicU32::new(0);
 
-/// What woke a [`FaultySocket::recv`].
-enum Wake {
-    Received(anyhow::Result<RecvOutcome>),
-    Due(usize),
+/// A loopback address of its own for each node of every cluster this binary starts (tests run
+/// in parallel), away from the 127.1.x.x the e2e hosts use.
+fn next_addr() -> SocketAddr {
+    let n = NEXT_ADDR.fetch_add(1, Ordering::Relaxed);
+    let third = (std::process::id() % 50) as u8 * 5 + (n / 250) as u8;
+    SocketAddr::from(([127, 3, third, 1 + (n % 250) as u8], 7946))
 }
-
 /// One node's view of the cluster at one instant.
 #[derive(Debug, Clone)]
 struct View {
@@ -114,100 +116,56 @@ struct Cluster {
 // === impl Net ===
 
 impl Net {
+    fn new() -> Self {
+        let (tx, rx) = watch::channel(Arc::new(Keyring::single(GossipKey::generate())));
+        let faults = Faults::default();
+        let transport = SealedTransport::new(rx, Arc::new(SealStats::default()))
+            .impaired(Arc::new(faults.clone()));
+        Self {
+            faults,
+            transport: Arc::new(transport),
+            _keyring: Arc::new(tx),
+        }
+    }
+
+    fn update(&self, from: SocketAddr, to: SocketAddr, f: impl FnOnce(&mut Fault)) {
+        let mut map = self.faults.0.lock().expect("faults lock is never poisoned");
+        f(map.entry((from, to)).or_default());
+    }
+
     fn set_fault(&self, from: SocketAddr, to: SocketAddr, fault: Fault) {
-        self.faults
-            .lock()
-            .expect("faults lock is never poisoned")
-            .insert((from, to), fault);
+        self.update(from, to, |f| *f = fault);
     }
 
     /// Cuts the link between `a` and `b`, both ways.
     async fn cut(&self, a: SocketAddr, b: SocketAddr) {
-        self.channels.remove_link(a, b).await;
+        self.update(a, b, |f| f.cut = true);
+        self.update(b, a, |f| f.cut = true);
     }
 
     /// Restores the link between `a` and `b`, both ways.
     async fn mend(&self, a: SocketAddr, b: SocketAddr) {
-        self.channels.add_link(a, b).await;
+        self.update(a, b, |f| f.cut = false);
+        self.update(b, a, |f| f.cut = false);
     }
 }
 
-#[async_trait]
-impl Transport for Net {
-    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let inner = self.channels.open(listen_addr).await?;
-        Ok(Box::new(FaultySocket {
-            addr: inner.local_addr()?,
-            inner,
-            faults: self.faults.clone(),
-            held: Vec::new(),
-        }))
-    }
-}
-
-// === impl FaultySocket ===
-
-#[async_trait]
-impl Socket for FaultySocket {
-    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.addr)
-    }
-
-    async fn send(
-        &mut self,
-        to: SocketAddr,
-        envelope: ChitchatEnvelope,
-    ) -> anyhow::Result<SendOutcome> {
+impl Impairment for Faults {
+    fn fate(&self, from: SocketAddr, to: SocketAddr) -> Fate {
         let fault = self
-            .faults
+            .0
             .lock()
             .expect("faults lock is never poisoned")
-            .get(&(self.addr, to))
+            .get(&(from, to))
             .copied()
             .unwrap_or_default();
-        // Decided before any await: the thread-local rng must not live across one.
-        let (lost, delay) = {
-            let mut rng = rand::rng();
-            let lost = fault.loss > 0.0 && rng.random_bool(fault.loss);
-            (lost, fault.delay.map(|(lo, hi)| rng.random_range(lo..=hi)))
-        };
-        // Like UDP: a lost or delayed datagram is still "sent".
-        let sent = SendOutcome { num_bytes_sent: 0 };
-        if lost {
-            return Ok(sent);
+        let mut rng = rand::rng();
+        if fault.cut || (fault.loss > 0.0 && rng.random_bool(fault.loss)) {
+            return Fate::Drop;
         }
-        if let Some(delay) = delay {
-            self.held.push((Instant::now() + delay, to, envelope));
-            return Ok(sent);
-        }
-        self.inner.send(to, envelope).await
-    }
-
-    /// Also releases delayed messages when they are due: chitchat's server always has a `recv`
-    /// pending between rounds, so they go out on time. Cancel-safe like the inner socket (a
-    /// due message is taken off `held` and sent within one poll).
-    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        loop {
-            let next = self
-                .held
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (due, _, _))| *due)
-                .map(|(i, (due, _, _))| (i, *due));
-            let Some((i, due)) = next else {
-                return self.inner.recv().await;
-            };
-            let wake = tokio::select! {
-                r = self.inner.recv() => Wake::Received(r),
-                () = tokio::time::sleep_until(due) => Wake::Due(i),
-            };
-            match wake {
-                Wake::Received(r) => return r,
-                Wake::Due(i) => {
-                    let (_, to, envelope) = self.held.swap_remove(i);
-                    self.inner.send(to, envelope).await?;
-                }
-            }
+        match fault.delay {
+            Some((lo, hi)) => Fate::Delay(rng.random_range(lo..=hi)),
+            None => Fate::Deliver,
         }
     }
 }
@@ -310,10 +268,8 @@ impl Timeline {
 impl Cluster {
     /// Starts `n` nodes and waits until every node sees all of them alive.
     async fn start(what: &str, n: usize) -> Self {
-        let net = Net::default();
-        let addrs: Vec<SocketAddr> = (0..n)
-            .map(|i| SocketAddr::from(([127, 0, 0, 1], 7946 + i as u16)))
-            .collect();
+        let net = Net::new();
+        let addrs: Vec<SocketAddr> = (0..n).map(|_| next_addr()).collect();
         let seeds = vec![addrs[0].to_string()];
         let mut nodes = Vec::new();
         for (i, &addr) in addrs.iter().enumerate() {
@@ -325,9 +281,9 @@ impl Cluster {
                 seeds.clone(),
                 DEFAULT_GOSSIP_INTERVAL,
             );
-            let handle = chitchat::spawn_chitchat(config, Vec::new(), &net)
+            let handle = chitchat::spawn_chitchat(config, Vec::new(), net.transport.as_ref())
                 .await
-                .expect("each in-memory address is opened once");
+                .expect("each node's loopback address is bound once");
             nodes.push(Node {
                 name,
                 addr,
@@ -350,6 +306,12 @@ impl Cluster {
         eprintln!(
             "{what}: {n} nodes converged in {:.2} s",
             converged.end().as_secs_f64()
+        );
+        // Every datagram went through the production seal and open.
+        let stats = cluster.net.transport.stats();
+        assert!(
+            stats.sealed() > 0 && stats.opened() > 0,
+            "{what}: gossip bypassed the sealed transport"
         );
         cluster
     }
@@ -692,6 +654,7 @@ async fn slow_node_never_gets_a_healthy_node_marked_dead() {
     degraded_node(
         "slow node (300-800 ms)",
         Fault {
+            cut: false,
             loss: 0.0,
             delay: Some(delay),
         },
@@ -704,6 +667,7 @@ async fn lossy_node_never_gets_a_healthy_node_marked_dead() {
     degraded_node(
         "lossy node (50% dropped)",
         Fault {
+            cut: false,
             loss: 0.5,
             delay: None,
         },

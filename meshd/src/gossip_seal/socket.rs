@@ -30,7 +30,11 @@ const CODEC_MARKER_PREFIX: &str = "meshd-gossip-seal-codec-marker-";
 const MAX_LEGACY_PEERS: usize = 8_192;
 
 pub(super) struct SealedSocket {
-    socket: tokio::net::UdpSocket,
+    socket: Arc<tokio::net::UdpSocket>,
+    /// Its bound address (the `from` of the fault layer).
+    local: SocketAddr,
+    /// The fault layer, if any (tests only).
+    impair: Option<Arc<dyn super::impair::Impairment>>,
     pub(super) codec: Codec,
     keyring_rx: watch::Receiver<Arc<Keyring>>,
     stats: Arc<SealStats>,
@@ -83,9 +87,7 @@ pub(super) struct Codec {
 #[async_trait]
 impl Socket for SealedSocket {
     fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.socket
-            .local_addr()
-            .context("failed to get sealed gossip socket address")
+        Ok(self.local)
     }
 
     /// `num_bytes_sent` counts bytes on the wire (sealed), 0 when the message was refused.
@@ -116,6 +118,27 @@ impl Socket for SealedSocket {
         } else {
             seal(&keyring, &mut self.sealer, unix_now(), &plaintext)
         };
+        if let Some(layer) = &self.impair {
+            use super::impair::Fate;
+            match layer.fate(self.local, to_addr) {
+                Fate::Deliver => {}
+                Fate::Drop => {
+                    self.stats.sealed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(SendOutcome {
+                        num_bytes_sent: datagram.len(),
+                    });
+                }
+                Fate::Delay(after) => {
+                    let (socket, num_bytes_sent) = (Arc::clone(&self.socket), datagram.len());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = socket.send_to(&datagram, to_addr).await;
+                    });
+                    self.stats.sealed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(SendOutcome { num_bytes_sent });
+                }
+            }
+        }
         let num_bytes_sent = self
             .socket
             .send_to(&datagram, to_addr)
@@ -171,8 +194,13 @@ impl SealedSocket {
                  off once every node is upgraded"
             );
         }
+        let local = socket
+            .local_addr()
+            .context("failed to get sealed gossip socket address")?;
         Ok(SealedSocket {
-            socket,
+            socket: Arc::new(socket),
+            local,
+            impair: None,
             codec: Codec::bind().await?,
             keyring_rx,
             stats,
@@ -184,6 +212,12 @@ impl SealedSocket {
             recv_buf: vec![0; MAX_DATAGRAM_LEN + 1].into_boxed_slice(),
             pending: None,
         })
+    }
+
+    /// Puts the fault layer `layer` under this socket (`None`: none).
+    pub(super) fn impaired(mut self, layer: Option<Arc<dyn super::impair::Impairment>>) -> Self {
+        self.impair = layer;
+        self
     }
 
     /// Paces authentic datagrams per source for gossip rounds every `interval` (`None`: not).

@@ -593,6 +593,46 @@ fn selectors_and_scope() {
     );
 }
 
+#[test]
+fn the_deciding_policy_is_the_first_match_in_key_order_across_both_scopes() {
+    // An ALLOW for everything in `default`, in `zzz`, and mesh-wide in the root namespace: the
+    // 403 body, log line and metric name the first matching policy in key order (namespace,
+    // then name), whichever side of the root namespace the workload's namespace sorts.
+    let allow_all = |ns: &str, name: &str| {
+        format!(
+            "[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"{name}\"\n\
+             namespace = \"{ns}\"\nrules = [{{}}]\n"
+        )
+    };
+    let snap = snapshot(&format!(
+        "{}{}{}",
+        allow_all("default", "own"),
+        allow_all("zzz", "own"),
+        allow_all(ROOT_NAMESPACE, "root")
+    ));
+    check(
+        &snap,
+        &[
+            (
+                "default sorts before the root namespace",
+                Req::new(),
+                "allow own",
+            ),
+            ("zzz sorts after it", Req::new().to("zzz/db"), "allow root"),
+            (
+                "no policy of its own",
+                Req::new().to("shop/db"),
+                "allow root",
+            ),
+            (
+                "the root namespace itself",
+                Req::new().to("mesh-system/x"),
+                "allow root",
+            ),
+        ],
+    );
+}
+
 const MESH_DENY: &str = r#"
 [[resource]]
 kind = "MeshConfig"
@@ -814,6 +854,18 @@ fn peer_authentication_precedence() {
             "namespace after root in order still wins",
             pa("r", ROOT_NAMESPACE, "strict", "") + &pa("n", "zoo", "permissive", ""),
             Req::new().to("zoo/api"),
+            MtlsMode::Permissive,
+        ),
+        (
+            "same rank: the first in key order wins",
+            pa("a", "default", "strict", svc_api) + &pa("b", "default", "permissive", svc_api),
+            Req::new(),
+            MtlsMode::Strict,
+        ),
+        (
+            "same rank, the other way round",
+            pa("a", "default", "permissive", svc_api) + &pa("b", "default", "strict", svc_api),
+            Req::new(),
             MtlsMode::Permissive,
         ),
     ];

@@ -103,6 +103,40 @@ fn escaped_slashes_kept_when_asked() {
 }
 
 #[test]
+fn each_rejection_has_its_reason() {
+    for (r, want) in [
+        (Rejected::EscapedSlash, "escaped_slash"),
+        (Rejected::BadEscape, "bad_escape"),
+        (Rejected::NotOriginForm, "bad_path"),
+        (Rejected::ControlCharacter, "control_character"),
+    ] {
+        assert_eq!(r.reason(), want, "{r:?}");
+    }
+}
+
+/// The fast path: which paths are recognized as already normal (and so borrowed unchanged).
+#[test]
+fn is_normal_table() {
+    for (p, merge, want) in [
+        ("/", true, true),
+        ("/a/b", true, true),
+        ("/a..", true, true),
+        ("/a../b", true, true),
+        ("/a.b/.c/..d", true, true),
+        ("/a//b", false, true),
+        ("/a//b", true, false),
+        ("/a/./b", true, false),
+        ("/a/../b", true, false),
+        ("/a/.", true, false),
+        ("/a/..", true, false),
+        ("/a%2e", true, false),
+        ("/a\\b", true, false),
+    ] {
+        assert_eq!(is_normal(p.as_bytes(), merge), want, "{p} (merge {merge})");
+    }
+}
+
+#[test]
 fn a_normal_path_is_borrowed() {
     for p in ["/", "/api/items", "/a.b/c..d/.e", "/a-b_c~d"] {
         assert!(matches!(

@@ -198,3 +198,35 @@ fn mismatch_names_the_requested_and_allowed_sans() {
         "{msg}"
     );
 }
+
+#[test]
+fn an_unsupported_key_is_named() {
+    let web = Identity::parse(WEB).unwrap();
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    for (name, pem, want) in [
+        (
+            "p-384",
+            csr_with(&p384, vec![san_uri(WEB)]),
+            "key is EC on curve secp384r1,",
+        ),
+        ("rsa", OPENSSL_RSA.to_owned(), "key is rsaEncryption,"),
+    ] {
+        let msg = check(&pem, &web, &[]).unwrap_err().to_string();
+        assert!(msg.contains(want), "{name}: {msg}");
+    }
+}
+
+#[test]
+fn a_san_extension_that_does_not_parse_is_refused() {
+    // Validly signed, but its subjectAltName (2.5.29.17) holds an INTEGER, not GeneralNames:
+    // skipping it would accept a request whose names were never checked.
+    let mut params = CertificateParams::default();
+    params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        &[2, 5, 29, 17],
+        vec![0x02, 0x01, 0x05],
+    )];
+    let pem = params.serialize_request(&p256()).unwrap().pem().unwrap();
+    let web = Identity::parse(WEB).unwrap();
+    let got = check(&pem, &web, &[]);
+    assert_eq!(classify(&got), Expect::BadCsr, "{got:?}");
+}

@@ -27,7 +27,6 @@ use crate::control::{self, Auth};
 mod renew;
 mod store;
 
-
 /// First retry delay after a failed join or renewal.
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
 /// Longest delay between retries.

@@ -14,7 +14,7 @@ use chitchat::{
 use proptest::prelude::*;
 use rand::Rng as _;
 
-use super::socket::{Codec, Pending, unix_now};
+use super::socket::{Codec, Pending, SealedSocket, unix_now};
 use super::*;
 
 const GOSSIP_INTERVAL: Duration = Duration::from_millis(50);
@@ -1063,6 +1063,15 @@ fn drop_reasons_index_their_own_counters() {
     assert_eq!(labels.len(), DropReason::ALL.len());
 }
 
+/// The next datagram `socket` opens, or a test failure after [`WAIT_DEADLINE`]: a broken seal
+/// or open must fail these tests, not hang them.
+async fn recv_within(socket: &mut dyn Socket) -> chitchat::transport::RecvOutcome {
+    tokio::time::timeout(WAIT_DEADLINE, socket.recv())
+        .await
+        .unwrap_or_else(|_| panic!("nothing opened within {WAIT_DEADLINE:?}"))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn codec_round_trips_and_survives_undecodable_plaintext() {
     let mut codec = Codec::bind().await.unwrap();
@@ -1102,7 +1111,7 @@ async fn oversized_message_is_refused_and_counted_not_truncated() {
 
     let sent = sender.send(to, syn(largest.clone())).await.unwrap();
     assert_eq!(sent.num_bytes_sent, MAX_DATAGRAM_LEN);
-    let received = receiver.recv().await.unwrap();
+    let received = recv_within(&mut *receiver).await;
     assert_eq!(received.envelope, syn(largest.clone()));
     assert_eq!(received.num_bytes_received, MAX_DATAGRAM_LEN);
 
@@ -1117,7 +1126,7 @@ async fn oversized_message_is_refused_and_counted_not_truncated() {
 
     // Nothing of the refused messages reached the receiver: the next datagram is this one.
     sender.send(to, syn("small".to_owned())).await.unwrap();
-    let received = receiver.recv().await.unwrap();
+    let received = recv_within(&mut *receiver).await;
     assert_eq!(received.envelope, syn("small".to_owned()));
     assert_eq!(stats.opened(), 2);
     assert_eq!(total_drops(&stats), 2);
@@ -1162,11 +1171,11 @@ async fn socket_drops_replayed_and_stale_datagrams() {
         forger.send_to(datagram, to).await.unwrap();
     }
     assert_eq!(
-        receiver.recv().await.unwrap().envelope,
+        recv_within(&mut receiver).await.envelope,
         syn("once".to_owned())
     );
     assert_eq!(
-        receiver.recv().await.unwrap().envelope,
+        recv_within(&mut receiver).await.envelope,
         syn("last".to_owned())
     );
     assert_eq!(stats.opened(), 2);
@@ -1192,7 +1201,7 @@ async fn recv_resumes_a_decode_cut_short_by_cancellation() {
         marker_sent: false,
         decoded: None,
     });
-    let received = receiver.recv().await.unwrap();
+    let received = recv_within(&mut receiver).await;
     assert_eq!(received.envelope, syn("cut-short".to_owned()));
     assert_eq!(received.from_addr, peer);
     assert_eq!(received.num_bytes_received, plaintext.len() + SEAL_OVERHEAD);
@@ -1221,7 +1230,7 @@ async fn codec_in_doubt_is_rebuilt_so_stale_messages_are_never_attributed() {
 
     let to = receiver.local_addr().unwrap();
     sender.send(to, syn("fresh".to_owned())).await.unwrap();
-    let received = receiver.recv().await.unwrap();
+    let received = recv_within(&mut receiver).await;
     assert_eq!(received.envelope, syn("fresh".to_owned()));
     assert_eq!(received.from_addr, sender.local_addr().unwrap());
     assert_eq!(stats.dropped(DropReason::CodecFailed), 1);

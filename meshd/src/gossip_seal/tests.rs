@@ -1151,6 +1151,22 @@ async fn socket_pair() -> (SealedSocket, SealedSocket, Arc<SealStats>) {
     )
 }
 
+/// Every datagram sent is counted sealed once, and every one delivered opened once.
+#[tokio::test(flavor = "current_thread")]
+async fn sealed_and_opened_are_counted_per_datagram() {
+    let (mut sender, mut receiver, stats) = socket_pair().await;
+    let to = receiver.local_addr().unwrap();
+    for i in 0..3 {
+        sender.send(to, syn(format!("n{i}"))).await.unwrap();
+        assert_eq!(
+            recv_within(&mut receiver).await.envelope,
+            syn(format!("n{i}"))
+        );
+    }
+    assert_eq!((stats.sealed(), stats.opened()), (3, 3));
+    assert_eq!(total_drops(&stats), 0);
+}
+
 /// The socket reads the wall clock and keeps replay state across datagrams: copies of an
 /// authentic datagram and a stale one are dropped and counted, and the next fresh one is
 /// delivered.

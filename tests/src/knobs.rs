@@ -25,7 +25,14 @@ pub fn scaled(d: Duration) -> Duration {
 
 /// Whether `MESH_E2E_REQUIRE` (a comma-separated list, or `all`) names `capability`.
 pub fn required(capability: &str) -> bool {
-    let list = std::env::var("MESH_E2E_REQUIRE").unwrap_or_default();
+    names(
+        &std::env::var("MESH_E2E_REQUIRE").unwrap_or_default(),
+        capability,
+    )
+}
+
+/// Whether the comma-separated `list` names `capability` (or says `all`).
+fn names(list: &str, capability: &str) -> bool {
     list.split(',')
         .map(str::trim)
         .any(|c| c == capability || c == "all")
@@ -52,4 +59,28 @@ pub fn can_run(capability: &str, available: bool, why: &str) -> bool {
         "mesh-e2e: SKIPPED {test}: needs {capability}: {why}"
     );
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_list() {
+        for (list, want) in [
+            ("", false),
+            ("netns", true),
+            ("journald, netns", true),
+            ("all", true),
+            ("netnsx", false),
+            ("net", false),
+        ] {
+            assert_eq!(names(list, "netns"), want, "{list:?}");
+        }
+    }
+
+    #[test]
+    fn an_available_capability_always_runs() {
+        assert!(can_run("anything", true, "never consulted"));
+    }
 }

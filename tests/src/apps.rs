@@ -64,7 +64,13 @@ pub async fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> std::io::R
 }
 
 /// Sends `data`, half-closes, and reads everything back.
-async fn exchange(mut s: TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+async fn exchange(s: TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(crate::scaled(crate::CLIENT_TIMEOUT), exchange_now(s, data))
+        .await
+        .map_err(|_| anyhow::anyhow!("no echo within {:?}", crate::CLIENT_TIMEOUT))?
+}
+
+async fn exchange_now(mut s: TcpStream, data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let (mut r, mut w) = s.split();
     let write = async {
         w.write_all(data).await?;

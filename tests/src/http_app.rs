@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt as _, Full};
@@ -211,10 +212,10 @@ impl Client {
             req = req.header(*k, *v);
         }
         let started = std::time::Instant::now();
-        let resp = self
-            .inner
-            .request(req.body(Full::new(Bytes::new()))?)
-            .await?;
+        let request = self.inner.request(req.body(Full::new(Bytes::new()))?);
+        let resp = tokio::time::timeout(crate::scaled(crate::CLIENT_TIMEOUT), request)
+            .await
+            .with_context(|| format!("GET {path} from {addr}: no answer"))??;
         let h = |n: &str| {
             (resp.headers().get(n))
                 .and_then(|v| v.to_str().ok())
@@ -227,7 +228,12 @@ impl Client {
             retry_after: h("retry-after"),
             elapsed: std::time::Duration::ZERO,
         };
-        resp.into_body().collect().await?;
+        tokio::time::timeout(
+            crate::scaled(crate::CLIENT_TIMEOUT),
+            resp.into_body().collect(),
+        )
+        .await
+        .with_context(|| format!("GET {path} from {addr}: body did not end"))??;
         Ok(Reply {
             elapsed: started.elapsed(),
             ..reply

@@ -27,6 +27,9 @@ use anyhow::{Context as _, bail};
 /// `MESH_E2E_TIMEOUT_SCALE`).
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// How long one HTTP request or echo round trip of the test clients may take.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long one `meshctl` (or other CLI) call may take before it is killed.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 

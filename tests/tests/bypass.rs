@@ -6,12 +6,12 @@
 //! ends at the registry's revision with every readable change applied.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use mesh_e2e::Within as _;
 use mesh_e2e::apps::Echo;
 use mesh_e2e::http_app::HttpApp;
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, http_get, next_ip};

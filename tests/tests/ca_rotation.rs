@@ -5,13 +5,13 @@
 //! each new CA while the test watches.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use mesh_api::policy::TrustBundle;
+use mesh_e2e::Within as _;
 use mesh_e2e::apps::Echo;
 use mesh_e2e::{Cluster, Load, Node, NodeSpec, Registry, RegistryOpts, ServiceSpec, eventually};
 

@@ -3,11 +3,11 @@
 //! loopback needs `allow_remote`), init refusing to overwrite, start-up failures that say why.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use mesh_e2e::Within as _;
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, bins, eventually, next_ip};
 

@@ -5,13 +5,13 @@
 //! the app's.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
 
+use mesh_e2e::Within as _;
 use mesh_e2e::http_app::HttpApp;
-use mesh_e2e::{Cluster, Node, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, next_ip};
+use mesh_e2e::{Cluster, Node, PairSpec, RegistryOpts, ServiceSpec, WAIT, eventually, next_ip};
 
 const WEB: &str = "spiffe://mesh.test/ns/default/svc/web";
 
@@ -93,32 +93,15 @@ async fn mesh(protocol: &str) -> Mesh {
     let app = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "api")
         .await
         .unwrap();
-    let token = cluster.registry.token(&["api"], 1).unwrap();
-    let mut b = NodeSpec::new("b", token);
-    b.ip = b_ip.into();
-    b.services = vec![ServiceSpec::new("api", app.addr).protocol(protocol)];
-    cluster.add_spec(b).await.unwrap();
-    let a_ip = next_ip();
-    let upstream = SocketAddr::new(a_ip.into(), 19001);
-    let token = cluster.registry.token(&["web"], 1).unwrap();
-    let mut a = NodeSpec::new("a", token);
-    a.ip = a_ip.into();
-    a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    let proxy = SocketAddr::new(a_ip.into(), 15001);
-    let ghost = SocketAddr::new(a_ip.into(), 19002);
-    let mut web = ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
-        .protocol("http")
-        .upstream("api", upstream)
-        .upstream("ghost", ghost);
-    web.http_proxy = Some(proxy);
-    a.services = vec![web];
-    cluster.add_spec(a).await.unwrap();
-    cluster.converge().await.unwrap();
-    cluster
-        .node("a")
-        .wait_endpoints("default/api", 1)
-        .await
-        .unwrap();
+    let spec = PairSpec::new(b_ip, ServiceSpec::new("api", app.addr).protocol(protocol));
+    let proxy = SocketAddr::new(spec.a_ip.into(), 15001);
+    let ghost = SocketAddr::new(spec.a_ip.into(), 19002);
+    let spec = spec.web(|w| {
+        let mut w = w.protocol("http").upstream("ghost", ghost);
+        w.http_proxy = Some(proxy);
+        w
+    });
+    let upstream = cluster.pair(spec).await.unwrap();
     Mesh {
         cluster,
         app,

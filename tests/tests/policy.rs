@@ -4,7 +4,6 @@
 //! allows, static stability with the registry down, and the operator's view of it all.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -12,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mesh_e2e::Within as _;
 use mesh_e2e::apps;
 use mesh_e2e::{Cluster, Load, Node, NodeSpec, Registry, RegistryOpts, ServiceSpec, WAIT};
 use mesh_e2e::{eventually, next_ip};

@@ -7,10 +7,10 @@
 //! by hand.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mesh_e2e::Within as _;
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{Cluster, Load, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,12 +4,12 @@
 //! every token without its secret, to operators and viewers; a revoked token joins no host.
 #![allow(clippy::unwrap_used)]
 
-use mesh_e2e::Within as _;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use mesh_api::token::JoinToken;
+use mesh_e2e::Within as _;
 use mesh_e2e::apps::{self, Echo};
 use mesh_e2e::{Cluster, Node, NodeSpec, Registry, RegistryOpts, ServiceSpec, WAIT, eventually};
 

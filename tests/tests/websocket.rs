@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::Output;
 
 use mesh_e2e::py::{self, Server};
-use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
+use mesh_e2e::{Cluster, PairSpec, RegistryOpts, ServiceSpec, next_ip};
 
 const SCRIPT: &str = "ws/echo.py";
 
@@ -22,29 +22,9 @@ async fn websocket_upgrades_cross_the_mesh() {
     let b_ip = next_ip();
     let app_addr = SocketAddr::new(b_ip.into(), 18081);
     let _server = Server::start(SCRIPT, app_addr, "b");
-    let token = cluster.registry.token(&["api"], 1).unwrap();
-    let mut b = NodeSpec::new("b", token);
-    b.ip = b_ip.into();
-    b.services = vec![ServiceSpec::new("api", app_addr).protocol("http")];
-    cluster.add_spec(b).await.unwrap();
-    let a_ip = next_ip();
-    let upstream = SocketAddr::new(a_ip.into(), 19001);
-    let token = cluster.registry.token(&["web"], 1).unwrap();
-    let mut a = NodeSpec::new("a", token);
-    a.ip = a_ip.into();
-    a.seeds = vec![cluster.nodes[0].spec.gossip_addr()];
-    a.services = vec![
-        ServiceSpec::new("web", SocketAddr::new(a_ip.into(), 18080))
-            .protocol("http")
-            .upstream("api", upstream),
-    ];
-    cluster.add_spec(a).await.unwrap();
-    cluster.converge().await.unwrap();
-    cluster
-        .node("a")
-        .wait_endpoints("default/api", 1)
-        .await
-        .unwrap();
+    let spec = PairSpec::new(b_ip, ServiceSpec::new("api", app_addr).protocol("http"))
+        .web(|w| w.protocol("http"));
+    let upstream = cluster.pair(spec).await.unwrap();
 
     // Two sessions at once share the pooled connection between the hosts.
     let (one, two) = tokio::join!(

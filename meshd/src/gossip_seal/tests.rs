@@ -596,6 +596,47 @@ fn counters_are_unique_and_never_wrap() {
     }
 }
 
+/// The subkey cache: one entry per instance from its first authentic datagram (so HKDF runs
+/// once per instance), kept after the replay window evicts the instance until the cache holds
+/// twice the window, then pruned to the window's instances — bounded memory.
+#[test]
+fn subkey_cache_is_filled_once_per_instance_and_bounded() {
+    let keyring = Keyring::single(key(1));
+    let mut opener = opener();
+    let id = |n: usize| {
+        let mut b = [0u8; INSTANCE_ID_LEN];
+        b[..8].copy_from_slice(&(n as u64).to_be_bytes());
+        InstanceId::from_bytes(b)
+    };
+    // Instance n speaks at NOW + n s: each new instance above the replay floor (the newest
+    // send time of what was forgotten), and the window forgets what is over a minute old.
+    let mut open_from = |opener: &mut Opener, n: usize| {
+        let at = NOW + n as u64;
+        let d = seal(&keyring, &mut Sealer::starting_at(id(n), 0), at, b"x");
+        open(&keyring, opener, at, &d).unwrap();
+    };
+    open_from(&mut opener, 0);
+    assert_eq!(opener.subkeys.len(), 1);
+    for n in 1..MAX_INSTANCES + 3 {
+        open_from(&mut opener, n);
+    }
+    // The window forgot all but the last minute's instances; their subkeys are still cached.
+    assert!(opener.replay().len() < 100);
+    assert_eq!(opener.subkeys.len(), MAX_INSTANCES + 3);
+    for n in MAX_INSTANCES + 3..2 * MAX_INSTANCES + 10 {
+        open_from(&mut opener, n);
+        assert!(opener.subkeys.len() <= 2 * MAX_INSTANCES);
+    }
+}
+
+#[test]
+fn the_transport_counts_into_the_stats_it_was_given() {
+    let (_tx, rx) = watch::channel(Arc::new(Keyring::single(key(1))));
+    let stats = Arc::new(SealStats::default());
+    let transport = SealedTransport::new(rx, Arc::clone(&stats));
+    assert!(Arc::ptr_eq(transport.stats(), &stats));
+}
+
 #[test]
 fn subkeys_differ_per_instance_and_per_key() {
     let mut seen = std::collections::HashSet::new();

@@ -610,7 +610,7 @@ fn subkey_cache_is_filled_once_per_instance_and_bounded() {
     };
     // Instance n speaks at NOW + n s: each new instance above the replay floor (the newest
     // send time of what was forgotten), and the window forgets what is over a minute old.
-    let mut open_from = |opener: &mut Opener, n: usize| {
+    let open_from = |opener: &mut Opener, n: usize| {
         let at = NOW + n as u64;
         let d = seal(&keyring, &mut Sealer::starting_at(id(n), 0), at, b"x");
         open(&keyring, opener, at, &d).unwrap();
@@ -627,6 +627,17 @@ fn subkey_cache_is_filled_once_per_instance_and_bounded() {
         open_from(&mut opener, n);
         assert!(opener.subkeys.len() <= 2 * MAX_INSTANCES);
     }
+}
+
+/// Instance ids appear in logs and errors (`replayed … instance …`) as 32 hex digits.
+#[test]
+fn instance_ids_print_as_hex() {
+    let mut b = [0u8; INSTANCE_ID_LEN];
+    b[0] = 0xab;
+    b[15] = 0x01;
+    let want = "ab000000000000000000000000000001";
+    assert_eq!(InstanceId::from_bytes(b).to_string(), want);
+    assert_eq!(format!("{:?}", InstanceId::from_bytes(b)), want);
 }
 
 #[test]

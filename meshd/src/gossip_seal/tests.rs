@@ -683,6 +683,15 @@ fn subkeys_differ_per_instance_and_per_key() {
 /// At the cap the least recently heard instance is forgotten, and nothing it sent (nor anything
 /// sent no later, by an instance heard for the first time) is accepted afterwards.
 #[test]
+fn replay_is_empty_until_an_instance_is_accepted() {
+    let mut replay = Replay::default();
+    assert!(replay.is_empty());
+    replay.accept(instance(1), 0, NOW, NOW).unwrap();
+    assert!(!replay.is_empty());
+    assert_eq!(replay.len(), 1);
+}
+
+#[test]
 fn replay_forgets_the_least_recently_heard_instance_at_the_cap() {
     let mut replay = Replay::default();
     let id = |n: usize| {

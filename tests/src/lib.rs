@@ -523,6 +523,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// Zone (meshd's default when `None`).
     pub zone: Option<String>,
+    /// Datacenter (meshd's default when `None`).
+    pub datacenter: Option<String>,
     /// Extra environment of the meshd process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
     /// Run meshd as under systemd's journal: in a private mount namespace whose
@@ -552,6 +554,7 @@ impl NodeSpec {
             netns: None,
             extra: String::new(),
             zone: None,
+            datacenter: None,
             env: Vec::new(),
             journal: None,
         }
@@ -595,7 +598,10 @@ impl Node {
             .unwrap_or_default();
         let zone = (spec.zone.as_ref())
             .map(|z| format!("zone = \"{z}\"\n"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &(spec.datacenter.as_ref())
+                .map(|dc| format!("datacenter = \"{dc}\"\n"))
+                .unwrap_or_default();
         // Nodes in network namespaces serve admin on their own address, for the test process.
         let allow_remote = if spec.ip.is_loopback() {
             ""

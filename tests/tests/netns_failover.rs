@@ -177,6 +177,13 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
     let load_start = Instant::now();
     let running = load(client, upstream, 4, stop.clone(), done.clone());
     served(&done, 200).await;
+    let unreachable_before = (cluster.node("a"))
+        .metric_or_zero(
+            "meshd_unreachable_endpoints_total",
+            &[("service", "default/api")],
+        )
+        .await
+        .unwrap();
     let killed_at = load_start.elapsed();
     let killed = Instant::now();
     cluster.node("b2").kill9();
@@ -223,6 +230,19 @@ async fn graceful_stop_drops_nothing_and_kill9_window_is_measured() {
         failed.is_empty(),
         "a kill -9 cost GET callers {} errors: {failed:?}",
         failed.len()
+    );
+    // Requests found b2 dead before gossip did (its kernel refused their connects): each of
+    // those went on to b3 at once, and b2 was skipped from then on.
+    let unreachable = (cluster.node("a"))
+        .metric(
+            "meshd_unreachable_endpoints_total",
+            &[("service", "default/api")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        unreachable > unreachable_before,
+        "no request ever found b2 unreachable: the failover path was not exercised"
     );
     // After the detection the load is served by b3 alone.
     let after: Vec<&Sample> = samples.iter().filter(|s| s.0 > limit).collect();

@@ -367,6 +367,89 @@ pub fn may_eject(ejected_now: usize, total: usize, max_percent: u32) -> bool {
     (ejected_now as u128 + 1) * 100 <= u128::from(max_percent) * total as u128
 }
 
+/// How long an endpoint is skipped after the `failures`-th refused or timed-out connect in a
+/// row (counting from 1): [`UNREACHABLE_BASE`], doubling, at most [`UNREACHABLE_MAX`].
+pub fn unreachable_for(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(UNREACHABLE_MAX_DOUBLINGS);
+    UNREACHABLE_BASE
+        .saturating_mul(1 << doublings)
+        .min(UNREACHABLE_MAX)
+}
+
+/// First skip of an endpoint whose connect failed: long enough that a burst of requests does
+/// not each pay for the same dead endpoint, short enough that a restarted host (same address)
+/// is used again within a second. Gossip removes a dead host within seconds anyway; this only
+/// covers the time until it does, with no policy needed.
+pub const UNREACHABLE_BASE: Duration = Duration::from_secs(1);
+/// Longest skip: an endpoint gossip still lists but nobody can connect to (a firewall, a
+/// crashed meshd whose host still gossips) is probed by one connect this often.
+pub const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
+/// 1 s × 2^5 = 32 s ≥ [`UNREACHABLE_MAX`]: more doublings cannot change the result.
+const UNREACHABLE_MAX_DOUBLINGS: u32 = 5;
+
+/// Whether connects to an endpoint are failing: set by a refused or timed-out connect, cleared
+/// by a successful one. Lock-free, as it is read for every candidate of every pick.
+#[derive(Debug)]
+pub struct Reachability {
+    /// Connect failures in a row that marked the endpoint (failures while it was already
+    /// marked do not count, so a burst of requests does not stretch the skip).
+    failures: AtomicU64,
+    /// End of the skip, in ns since `epoch`; 0 = not marked.
+    until_ns: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Reachability {
+    fn default() -> Self {
+        Self {
+            failures: AtomicU64::new(0),
+            until_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Reachability {
+    /// Counts a failed connect at `now`; returns how long the endpoint is now skipped, or
+    /// `None` if it was already being skipped (another request's connect failed first).
+    pub fn failed(&self, now: Instant) -> Option<Duration> {
+        if self.is_unreachable(now) {
+            return None;
+        }
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let skip = unreachable_for(u32::try_from(n).unwrap_or(u32::MAX));
+        let until = self.offset(now + skip);
+        self.until_ns.store(until, Ordering::Relaxed);
+        Some(skip)
+    }
+
+    /// Counts a successful connect: the endpoint is reachable again.
+    pub fn connected(&self) {
+        // Two relaxed stores; checking first keeps the common case (never failed) read-only.
+        if self.until_ns.load(Ordering::Relaxed) != 0 {
+            self.until_ns.store(0, Ordering::Relaxed);
+        }
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the endpoint is being skipped at `now`.
+    pub fn is_unreachable(&self, now: Instant) -> bool {
+        self.offset(now) < self.until_ns.load(Ordering::Relaxed)
+    }
+
+    fn offset(&self, t: Instant) -> u64 {
+        // At least 1: 0 means "not marked", and a mark made at the epoch must still count.
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
 /// Everything kept about one endpoint of one service.
 #[derive(Debug, Default)]
 pub struct EndpointState {
@@ -375,6 +458,17 @@ pub struct EndpointState {
     pub stats: Arc<Stats>,
     /// Outlier detection. Never hold this lock while calling into [`Table`].
     pub outlier: Mutex<Outlier>,
+    /// Whether connects to it are failing (no policy needed).
+    pub reachability: Reachability,
+}
+
+impl EndpointState {
+    /// Whether outlier detection has ejected the endpoint at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        (self.outlier.lock())
+            .map(|o| o.is_ejected(now))
+            .unwrap_or_else(|poisoned| poisoned.into_inner().is_ejected(now))
+    }
 }
 
 /// One endpoint of a service with its load and health state, as a request's pick reads them.
@@ -1151,5 +1245,36 @@ mod tests {
         );
         let other = ServiceKey::parse("shop/web").unwrap();
         assert_eq!(table.ejected_count(&other, &addrs, later), 0);
+    }
+
+    #[test]
+    fn unreachable_skips_double_up_to_the_cap() {
+        let s = Duration::from_secs;
+        #[rustfmt::skip]
+        let cases: &[(u32, Duration)] = &[
+            (0, s(1)), (1, s(1)), (2, s(2)), (3, s(4)), (4, s(8)), (5, s(16)), (6, s(30)),
+            (7, s(30)), (1000, s(30)), (u32::MAX, s(30)),
+        ];
+        for (failures, want) in cases {
+            assert_eq!(unreachable_for(*failures), *want, "{failures} failures");
+        }
+    }
+
+    #[test]
+    fn reachability_marks_once_per_skip_and_clears_on_connect() {
+        let r = Reachability::default();
+        let now = Instant::now();
+        assert!(!r.is_unreachable(now));
+        assert_eq!(r.failed(now), Some(Duration::from_secs(1)));
+        assert!(r.is_unreachable(now + Duration::from_millis(999)));
+        // A burst of failures during the skip does not lengthen it.
+        assert_eq!(r.failed(now + Duration::from_millis(10)), None);
+        let later = now + Duration::from_secs(1);
+        assert!(!r.is_unreachable(later));
+        assert_eq!(r.failed(later), Some(Duration::from_secs(2)));
+        assert!(r.is_unreachable(later + Duration::from_millis(1999)));
+        r.connected();
+        assert!(!r.is_unreachable(later));
+        assert_eq!(r.failed(later), Some(Duration::from_secs(1)));
     }
 }

@@ -201,6 +201,12 @@ pub struct Metrics {
     pub ejections: Family<OneService, Counter>,
     /// `meshd_rate_limited_total{service}`: requests refused with 429 (inbound).
     pub rate_limited: Family<OneService, Counter>,
+    /// `meshd_endpoint_failovers_total{service}`: connects that failed and were tried again
+    /// on another endpoint of the upstream (the app saw nothing).
+    pub failovers: Family<OneService, Counter>,
+    /// `meshd_unreachable_endpoints_total{service}`: endpoints skipped after a refused or
+    /// timed-out connect.
+    pub unreachable: Family<OneService, Counter>,
 }
 
 impl Metrics {
@@ -222,6 +228,8 @@ impl Metrics {
             retries: Family::default(),
             ejections: Family::default(),
             rate_limited: Family::default(),
+            failovers: Family::default(),
+            unreachable: Family::default(),
         };
         // Series that exist from the first scrape at zero, so `increase()` and "is it zero?"
         // have an answer before the first event: every handshake kind and every TLS failure
@@ -303,6 +311,16 @@ impl Metrics {
             "Requests refused by a RateLimit (429), by local service",
             m.rate_limited.clone(),
         );
+        reg.register(
+            "meshd_endpoint_failovers",
+            "Failed connects tried again at once on another endpoint, by upstream service",
+            m.failovers.clone(),
+        );
+        reg.register(
+            "meshd_unreachable_endpoints",
+            "Endpoints skipped after a refused or timed-out connect, by upstream service",
+            m.unreachable.clone(),
+        );
         m
     }
 
@@ -347,6 +365,24 @@ impl Metrics {
                 })
                 .inc_by(u64::from(retries));
         }
+    }
+
+    /// Counts a failed connect to `service` tried again on another endpoint.
+    pub fn failover(&self, service: &str) {
+        self.failovers
+            .get_or_create(&OneService {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an endpoint of `service` skipped as unreachable.
+    pub fn unreachable(&self, service: &str) {
+        self.unreachable
+            .get_or_create(&OneService {
+                service: service.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts an ejected endpoint of `service`.

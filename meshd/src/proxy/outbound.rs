@@ -6,89 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
-use tracing::{debug, warn};
+use tracing::warn;
 
+use super::connect::{self, Error};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Blame, Shared, copy, observe, route, tls};
+use super::{Shared, balance, copy, observe};
 use crate::config::{Service, Upstream};
-
-/// Endpoints tried for one connection before giving up (first choice + fallbacks).
-pub const MAX_CONNECT_ATTEMPTS: usize = 3;
-
-/// Why an outbound connection could not be established.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Gossip knows no usable endpoint.
-    #[error("no healthy endpoint of {0} is known")]
-    NoEndpoints(String),
-    /// The calling service has no certificate yet.
-    #[error("{0} has no workload certificate yet (is the registry reachable?)")]
-    NoCertificate(String),
-    /// TCP connect failed.
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        /// Endpoint.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TCP connect or TLS handshake timed out.
-    #[error("{what} with {addr} timed out")]
-    Timeout {
-        /// Connect or handshake.
-        what: &'static str,
-        /// Endpoint.
-        addr: SocketAddr,
-    },
-    /// TLS handshake failed (including the server proving the wrong identity).
-    #[error("tls handshake with {addr} failed: {source}")]
-    Handshake {
-        /// Endpoint.
-        addr: SocketAddr,
-        /// Bounded reason.
-        reason: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl Error {
-    /// Bounded reason for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::NoEndpoints(_) => "no_endpoints",
-            Self::NoCertificate(_) => "no_certificate",
-            Self::Connect { .. } => "connect_failed",
-            Self::Timeout { .. } => "timeout",
-            Self::Handshake { reason, .. } => reason,
-        }
-    }
-
-    /// Who is at fault.
-    pub fn blame(&self) -> Blame {
-        match self {
-            Self::NoEndpoints(_) | Self::NoCertificate(_) => Blame::Internal,
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Handshake { .. } => Blame::Upstream,
-        }
-    }
-
-    /// Whether another endpoint may succeed.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Connect { .. } | Self::Timeout { .. } => true,
-            // A wrong identity is a security event: never paper over it with a retry.
-            Self::Handshake { reason, .. } => *reason != "identity_mismatch",
-            Self::NoEndpoints(_) | Self::NoCertificate(_) => false,
-        }
-    }
-}
 
 /// Whether the app's first bytes on `tcp` (waiting at most
 /// [`super::inbound::PROTOCOL_DETECT_TIMEOUT`]) start an HTTP/1 request or the HTTP/2 preface.
@@ -173,151 +98,6 @@ pub async fn serve_http_proxy(
     .await;
 }
 
-async fn connect(
-    shared: &Shared,
-    source: &Service,
-    upstream: &Upstream,
-    cursor: &AtomicUsize,
-) -> Result<(TlsStream<TcpStream>, SocketAddr, String), Error> {
-    let dst = upstream.service.to_string();
-    let client = shared
-        .tls_rx
-        .borrow()
-        .clients
-        .get(&source.key)
-        .cloned()
-        .ok_or_else(|| Error::NoCertificate(source.key.to_string()))?;
-    let view = shared.view_rx.borrow().clone();
-    let endpoints = view
-        .endpoints
-        .get(&upstream.service)
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
-    let candidates = route::pick(
-        endpoints,
-        cursor.fetch_add(1, Ordering::Relaxed),
-        MAX_CONNECT_ATTEMPTS,
-    );
-    if candidates.is_empty() {
-        return Err(Error::NoEndpoints(dst));
-    }
-    let name =
-        ServerName::try_from(upstream.service.sni()).expect("service SNI is a valid DNS name");
-    let mut last = None;
-    for ep in candidates {
-        match attempt(shared, &client, false, name.clone(), ep.addr).await {
-            Ok(s) => return Ok((s, ep.addr, ep.node.clone())),
-            Err(e) => {
-                shared.metrics.reject(Direction::Outbound, e.reason());
-                debug!(dst.addr = %ep.addr, error = %e, "endpoint failed");
-                let retry = e.is_retryable();
-                last = Some(e);
-                if !retry {
-                    break;
-                }
-            }
-        }
-    }
-    Err(last.expect("at least one candidate was tried"))
-}
-
-/// One endpoint: a resumed session that turns out to carry an expired server certificate is
-/// refused, that server's tickets are dropped, and the connection is retried with a full
-/// handshake (which verifies the server's current certificate and starts a fresh ticket chain).
-/// The retry does not offer a ticket at all: connections that resumed before the certificate
-/// expired may still be storing tickets of the old chain after the `forget`.
-pub(super) async fn attempt(
-    shared: &Shared,
-    client: &tls::Client,
-    h2: bool,
-    name: ServerName<'static>,
-    addr: SocketAddr,
-) -> Result<TlsStream<TcpStream>, Error> {
-    let (config, fresh) = if h2 {
-        (&client.h2_config, &client.fresh_h2_config)
-    } else {
-        (&client.config, &client.fresh_config)
-    };
-    let connector = TlsConnector::from(config.clone());
-    match attempt_once(shared, &connector, name.clone(), addr).await {
-        Err(Error::Handshake {
-            reason: STALE_RESUMPTION,
-            ..
-        }) => {
-            // Counted, not logged: this is the normal cost of a peer's certificate rotation.
-            shared.metrics.reject(Direction::Outbound, STALE_RESUMPTION);
-            client.tickets.forget(&name);
-            let connector = TlsConnector::from(fresh.clone());
-            attempt_once(shared, &connector, name, addr).await
-        }
-        other => other,
-    }
-}
-
-/// Reason of a refused resumed session (peer certificate expired since the ticket was issued).
-const STALE_RESUMPTION: &str = "stale_resumption";
-
-async fn attempt_once(
-    shared: &Shared,
-    connector: &TlsConnector,
-    name: ServerName<'static>,
-    addr: SocketAddr,
-) -> Result<TlsStream<TcpStream>, Error> {
-    let cfg = shared.config();
-    let tcp = match timeout(cfg.outbound.connect_timeout, TcpStream::connect(addr)).await {
-        Err(_) => {
-            return Err(Error::Timeout {
-                what: "connect",
-                addr,
-            });
-        }
-        Ok(Err(source)) => return Err(Error::Connect { addr, source }),
-        Ok(Ok(t)) => t,
-    };
-    let _ = tcp.set_nodelay(true);
-    let started = Instant::now();
-    let tls = match timeout(cfg.inbound.handshake_timeout, connector.connect(name, tcp)).await {
-        Err(_) => {
-            return Err(Error::Timeout {
-                what: "tls handshake",
-                addr,
-            });
-        }
-        Ok(Err(source)) => {
-            return Err(Error::Handshake {
-                addr,
-                reason: tls::failure_reason(&source),
-                source,
-            });
-        }
-        Ok(Ok(t)) => t,
-    };
-    shared
-        .metrics
-        .handshake_duration
-        .observe(started.elapsed().as_secs_f64());
-    if tls::resumed_with_stale_cert(tls.get_ref().1) {
-        copy::reset(tls.get_ref().0);
-        return Err(Error::Handshake {
-            addr,
-            reason: STALE_RESUMPTION,
-            source: std::io::Error::other("resumed session of an expired server certificate"),
-        });
-    }
-    shared
-        .metrics
-        .handshake(Direction::Outbound, tls.get_ref().1);
-    if let Some(serial) = crate::deny::denied_peer(&shared.deny_rx.borrow(), tls.get_ref().1) {
-        copy::reset(tls.get_ref().0);
-        return Err(Error::Handshake {
-            addr,
-            reason: super::inbound::REASON_CERT_REVOKED,
-            source: std::io::Error::other(format!("server certificate {serial} is revoked")),
-        });
-    }
-    Ok(tls)
-}
-
 async fn handle(
     mut app: TcpStream,
     peer: SocketAddr,
@@ -350,15 +130,16 @@ async fn handle(
             error: error.unwrap_or_default(),
         }
     };
-    // Circuit breaker: connections open to the destination from this host.
-    let max = {
+    let service = &upstream.service;
+    let policy = {
         let snapshot = shared.policy_rx.borrow().clone();
-        let table = shared.http.table(&snapshot);
-        (table.destination(&upstream.service))
-            .and_then(|p| p.circuit_breaker.as_ref())
-            .and_then(|c| c.max_connections)
+        shared.http.table(&snapshot).destination(service).cloned()
     };
-    let Some(_slot) = shared.http.admit(&upstream.service, max) else {
+    // Circuit breaker: connections open to the destination from this host.
+    let max = (policy.as_ref())
+        .and_then(|p| p.circuit_breaker.as_ref())
+        .and_then(|c| c.max_connections);
+    let Some(_slot) = shared.http.admit(service, max) else {
         shared.metrics.reject(Direction::Outbound, "overflow");
         warn!(src.service = %source.key, dst.service = %dst, max_connections = max, "outbound connection refused: circuit breaker open");
         copy::reset(&app);
@@ -369,7 +150,13 @@ async fn handle(
         );
         return;
     };
-    let (mut tls_stream, addr, _node) = match connect(shared, source, upstream, cursor).await {
+    let targets = connect::targets(shared, service);
+    let dst_set = connect::Destination {
+        service,
+        targets: &targets,
+        policy: policy.as_deref(),
+    };
+    let (tls_stream, i) = match dial(shared, source, &dst_set, cursor).await {
         Ok(c) => c,
         Err(e) => {
             if !matches!(
@@ -385,6 +172,9 @@ async fn handle(
             return;
         }
     };
+    let addr = targets[i].endpoint.addr;
+    // Least-request and EWMA balancing of TCP count open connections as outstanding.
+    let _in_flight = targets[i].state.stats.start();
     shared
         .metrics
         .connections
@@ -397,6 +187,8 @@ async fn handle(
     let mut force = shared.force_rx.clone();
     let mut deny_rx = shared.deny_rx.clone();
     let serial = crate::deny::peer_serial(tls_stream.get_ref().1);
+    // Which side failed, if the copy fails: a reset by the endpoint counts against it.
+    let mut tls_stream = copy::Blamed::new(tls_stream);
     let result = tokio::select! {
         r = copy::bidirectional(&mut app, &mut tls_stream, true) => r,
         _ = mesh_runtime::drain::until_true(&mut force) => {
@@ -413,11 +205,32 @@ async fn handle(
     let (t, error) = match result {
         Ok(t) => (t, None),
         Err(e) => {
-            copy::reset(tls_stream.get_ref().0);
+            copy::reset(tls_stream.get_ref().get_ref().0);
+            if tls_stream.failed() {
+                let now = std::time::Instant::now();
+                connect::record(shared, &dst_set, i, balance::Outcome::ConnectFailure, now);
+            }
             (copy::Transferred::default(), Some(e.to_string()))
         }
     };
     observe::finish(shared, record(Some(addr), t, error));
+}
+
+/// Dials `dst` for one connection of `source`: the endpoint path, stepping over failed
+/// connects.
+async fn dial(
+    shared: &Shared,
+    source: &Service,
+    dst: &connect::Destination<'_>,
+    cursor: &AtomicUsize,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, usize), Error> {
+    let client = (shared.tls_rx.borrow().clients.get(&source.key).cloned())
+        .ok_or_else(|| Error::NoCertificate(source.key.to_string()))?;
+    let order = connect::order(shared, dst, None, cursor.fetch_add(1, Ordering::Relaxed));
+    if order.is_empty() {
+        return Err(Error::NoEndpoints(dst.service.to_string()));
+    }
+    connect::dial(shared, &client, dst, &order).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Request routing decisions, all pure: which Route entry handles a request, which weighted
 //! destination (subset) it goes to, injected faults, header edits, whether a failed attempt is
-//! retried, the retry budget and backoff — plus round-robin endpoint picking for byte streams.
+//! retried, the retry budget and backoff.
 //! Routes and subsets are compiled once per policy revision into a [`Table`].
 
 use std::collections::HashMap;
@@ -14,21 +14,6 @@ use mesh_api::policy::{
     Destination, DestinationPolicy, Fault, HeaderOps, HttpMatch, HttpRoute, Kind, ResourceKey,
     Retries, RetryOn, Snapshot, Spec, StringMatch, compile_regex,
 };
-
-use crate::membership::Endpoint;
-
-/// Picks up to `max` distinct usable endpoints starting at round-robin position `cursor`:
-/// the first is the choice, the rest are fallbacks for connect failures.
-pub fn pick(endpoints: &[Endpoint], cursor: usize, max: usize) -> Vec<&Endpoint> {
-    let usable: Vec<&Endpoint> = endpoints.iter().filter(|e| e.is_usable()).collect();
-    if usable.is_empty() {
-        return Vec::new();
-    }
-    let start = cursor % usable.len();
-    (0..usable.len().min(max))
-        .map(|i| usable[(start + i) % usable.len()])
-        .collect()
-}
 
 // === compiled routes ===
 
@@ -367,38 +352,8 @@ pub fn backoff(n: u32, jitter: f64) -> Duration {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     use mesh_api::policy::parse_file;
-
-    fn ep(node: &str, healthy: bool, draining: bool) -> Endpoint {
-        Endpoint {
-            node: node.into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            datacenter: "dc1".into(),
-            zone: "a".into(),
-            labels: BTreeMap::new(),
-            protocol: crate::config::Protocol::Tcp,
-            healthy,
-            draining,
-        }
-    }
-
-    #[test]
-    fn round_robin_over_usable() {
-        let eps = vec![
-            ep("a", true, false),
-            ep("b", false, false),
-            ep("c", true, true),
-            ep("d", true, false),
-        ];
-        let names = |v: Vec<&Endpoint>| v.iter().map(|e| e.node.clone()).collect::<Vec<_>>();
-        assert_eq!(names(pick(&eps, 0, 3)), ["a", "d"]);
-        assert_eq!(names(pick(&eps, 1, 3)), ["d", "a"]);
-        assert_eq!(names(pick(&eps, 2, 1)), ["a"]);
-        assert!(pick(&[ep("x", false, false)], 0, 3).is_empty());
-        assert!(pick(&[], 5, 3).is_empty());
-    }
 
     const ROUTES: &str = r#"
 [[resource]]

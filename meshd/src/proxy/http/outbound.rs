@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, debug_span, warn};
 
+use super::super::connect::{self, Error, attempt};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::outbound::{Error, MAX_CONNECT_ATTEMPTS, attempt};
 use super::super::{Shared, balance, observe, route};
 use super::replay::ReplayBody;
 use super::{Body, mesh_response, strip_hop_by_hop, upgrade};
@@ -685,103 +685,28 @@ async fn attempt_once(
 
 /// Feeds outlier detection, when the destination has it.
 fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::Outcome) {
-    let Some(cfg) = plan
+    if plan
         .policy
         .as_ref()
         .and_then(|p| p.outlier_detection.as_ref())
-    else {
+        .is_none()
+    {
+        return;
+    }
+    let targets = connect::targets(&conn.shared, &conn.upstream.service);
+    let Some(i) = targets.iter().position(|t| t.endpoint.addr == addr) else {
         return;
     };
-    let dst = &conn.upstream.service;
-    let view = conn.shared.view_rx.borrow().clone();
-    let targets = conn.shared.balance.targets(&view, dst);
-    let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.endpoint.addr).collect();
-    let now = std::time::Instant::now();
-    if let Some(d) = conn
-        .shared
-        .balance
-        .record(dst, addr, &addrs, outcome, cfg, now)
-    {
-        conn.shared.metrics.ejected(&dst.to_string());
-        warn!(dst.service = %dst, dst.addr = %addr, ejected_for = ?d, ?outcome, "endpoint ejected by outlier detection");
-    }
-}
-
-/// Endpoints a request may go to, in the order to try them (indices into `targets`):
-/// usable, in the subset, not ejected, in the preferred locality; the first is the load
-/// balancer's pick.
-struct Candidates {
-    targets: Arc<[balance::Target]>,
-    order: Vec<usize>,
-}
-
-fn candidates(conn: &Conn, plan: &Plan) -> Candidates {
-    let shared = &conn.shared;
-    let dst = &conn.upstream.service;
-    let targets = {
-        let view = shared.view_rx.borrow();
-        shared.balance.targets(&view, dst)
+    let dst = connect::Destination {
+        service: &conn.upstream.service,
+        targets: &targets,
+        policy: plan.policy.as_deref(),
     };
-    let now = std::time::Instant::now();
-    let usable: Vec<&balance::Target> = (targets.iter())
-        .filter(|t| t.endpoint.is_usable())
-        .filter(|t| (plan.subset.as_ref()).is_none_or(|l| balance::in_subset(&t.endpoint, l)))
-        .filter(|t| {
-            let ejected = (t.state.outlier.lock())
-                .map(|o| o.is_ejected(now))
-                .unwrap_or(false);
-            !ejected
-        })
-        .collect();
-    let default_locality = mesh_api::policy::Locality {
-        enabled: true,
-        failover: true,
-    };
-    let locality = plan
-        .policy
-        .as_ref()
-        .map_or(&default_locality, |p| &p.locality);
-    let cfg = shared.config();
-    let mut group = balance::by_locality(
-        &usable,
-        cfg.datacenter.as_str(),
-        cfg.zone.as_str(),
-        locality,
-    );
-    let lb = plan
-        .policy
-        .as_ref()
-        .map_or(mesh_api::policy::LoadBalancer::Ewma, |p| p.load_balancer);
-    let cands: Vec<balance::Cand> = group.iter().map(|t| t.state.stats.cand(now)).collect();
-    let cursor = conn.cursor.fetch_add(1, Ordering::Relaxed);
-    if let Some(first) = balance::pick(lb, &cands, cursor, &mut balance::random_index) {
-        group.swap(0, first);
-    }
-    let index = |t: &balance::Target| {
-        (targets.iter())
-            .position(|o| std::ptr::eq(o, t))
-            .unwrap_or_default()
-    };
-    // Fallbacks for connect failures: the rest of the group, then other localities if
-    // failover allows (they are in `usable`).
-    let mut order: Vec<usize> = group.iter().map(|t| index(t)).collect();
-    if locality.failover {
-        for t in &usable {
-            let i = index(t);
-            if !order.contains(&i) {
-                order.push(i);
-            }
-        }
-    }
-    order.truncate(MAX_CONNECT_ATTEMPTS);
-    Candidates {
-        targets: Arc::clone(&targets),
-        order,
-    }
+    connect::record(&conn.shared, &dst, i, outcome, std::time::Instant::now());
 }
 
 /// A ready HTTP/2 connection to an endpoint of the upstream: pooled, or made now (trying up
-/// to [`MAX_CONNECT_ATTEMPTS`] endpoints).
+/// to [`super::super::endpoints::MAX_CONNECT_ATTEMPTS`] endpoints).
 async fn connection(
     conn: &Conn,
     plan: &Plan,
@@ -809,8 +734,15 @@ async fn connection(
             ),
         ));
     };
-    let candidates = candidates(conn, plan);
-    if candidates.order.is_empty() {
+    let targets = connect::targets(shared, dst);
+    let dst_set = connect::Destination {
+        service: dst,
+        targets: &targets,
+        policy: plan.policy.as_deref(),
+    };
+    let cursor = conn.cursor.fetch_add(1, Ordering::Relaxed);
+    let order = connect::order(shared, &dst_set, plan.subset.as_ref(), cursor);
+    if order.is_empty() {
         let e = Error::NoEndpoints(dst.to_string());
         shared.metrics.reject(Direction::Outbound, e.reason());
         warn!(src.service = %conn.source.key, dst.service = %dst, reason = e.reason(), "no endpoint for the request");
@@ -828,8 +760,8 @@ async fn connection(
         .and_then(|p| p.circuit_breaker.as_ref())
         .and_then(|c| c.max_requests_per_connection);
     let mut last = None;
-    for &i in &candidates.order {
-        let target = &candidates.targets[i];
+    for (n, &i) in order.iter().enumerate() {
+        let target = &targets[i];
         let ep = &target.endpoint;
         if let Some(mut sender) = (shared.http).peer(
             &conn.source.key,
@@ -867,12 +799,13 @@ async fn connection(
         }
         let name = ServerName::try_from(dst.sni()).expect("service SNI is a valid DNS name");
         let stream = match attempt(shared, &client, true, name, ep.addr).await {
-            Ok(s) => s,
+            Ok(s) => {
+                target.state.reachability.connected();
+                s
+            }
             Err(e) => {
                 *failed_at = Some(std::time::Instant::now());
-                shared.metrics.reject(Direction::Outbound, e.reason());
-                debug!(dst.addr = %ep.addr, error = %e, "endpoint failed");
-                record_outlier(conn, plan, ep.addr, balance::Outcome::ConnectFailure);
+                connect::failed(shared, &dst_set, i, &e, n + 1 < order.len());
                 let retry = e.is_retryable();
                 last = Some(e);
                 if !retry {

@@ -1,0 +1,332 @@
+//! Dialling other hosts: one mTLS connection to one endpoint (connect, handshake, the stale
+//! resumption retry, the revocation check), the walk over a destination's endpoints in
+//! [`endpoints::order`] that steps over failed connects, and what each attempt teaches the
+//! endpoint state (reachability, latency, outlier detection).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use mesh_api::ServiceKey;
+use mesh_api::policy::DestinationPolicy;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::{debug, warn};
+
+use super::balance::{self, Target};
+use super::metrics::Direction;
+use super::{Blame, Shared, copy, endpoints, tls};
+
+/// Why an outbound connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Gossip knows no usable endpoint.
+    #[error("no healthy endpoint of {0} is known")]
+    NoEndpoints(String),
+    /// The calling service has no certificate yet.
+    #[error("{0} has no workload certificate yet (is the registry reachable?)")]
+    NoCertificate(String),
+    /// TCP connect failed.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP connect or TLS handshake timed out.
+    #[error("{what} with {addr} timed out")]
+    Timeout {
+        /// Connect or handshake.
+        what: &'static str,
+        /// Endpoint.
+        addr: SocketAddr,
+    },
+    /// TLS handshake failed (including the server proving the wrong identity).
+    #[error("tls handshake with {addr} failed: {source}")]
+    Handshake {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Bounded reason.
+        reason: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Bounded reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoEndpoints(_) => "no_endpoints",
+            Self::NoCertificate(_) => "no_certificate",
+            Self::Connect { .. } => "connect_failed",
+            Self::Timeout { .. } => "timeout",
+            Self::Handshake { reason, .. } => reason,
+        }
+    }
+
+    /// Who is at fault.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::NoEndpoints(_) | Self::NoCertificate(_) => Blame::Internal,
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Handshake { .. } => Blame::Upstream,
+        }
+    }
+
+    /// Whether another endpoint may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } => true,
+            // A wrong identity is a security event: never paper over it with a retry.
+            Self::Handshake { reason, .. } => *reason != "identity_mismatch",
+            Self::NoEndpoints(_) | Self::NoCertificate(_) => false,
+        }
+    }
+
+    /// Whether the endpoint could not be reached at all (refused, unroutable, or silent): it
+    /// is skipped for a while, policy or not. A failed handshake reached a live peer.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Timeout { what, .. } => *what == CONNECT,
+            Self::Handshake { .. } | Self::NoEndpoints(_) | Self::NoCertificate(_) => false,
+        }
+    }
+}
+
+/// [`Error::Timeout`]'s `what` for the TCP connect.
+const CONNECT: &str = "connect";
+
+/// Reason of a refused resumed session (peer certificate expired since the ticket was issued).
+const STALE_RESUMPTION: &str = "stale_resumption";
+
+/// One endpoint: a resumed session that turns out to carry an expired server certificate is
+/// refused, that server's tickets are dropped, and the connection is retried with a full
+/// handshake (which verifies the server's current certificate and starts a fresh ticket chain).
+/// The retry does not offer a ticket at all: connections that resumed before the certificate
+/// expired may still be storing tickets of the old chain after the `forget`.
+pub async fn attempt(
+    shared: &Shared,
+    client: &tls::Client,
+    h2: bool,
+    name: ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<TlsStream<TcpStream>, Error> {
+    let (config, fresh) = if h2 {
+        (&client.h2_config, &client.fresh_h2_config)
+    } else {
+        (&client.config, &client.fresh_config)
+    };
+    let connector = TlsConnector::from(config.clone());
+    match attempt_once(shared, &connector, name.clone(), addr).await {
+        Err(Error::Handshake {
+            reason: STALE_RESUMPTION,
+            ..
+        }) => {
+            // Counted, not logged: this is the normal cost of a peer's certificate rotation.
+            shared.metrics.reject(Direction::Outbound, STALE_RESUMPTION);
+            client.tickets.forget(&name);
+            let connector = TlsConnector::from(fresh.clone());
+            attempt_once(shared, &connector, name, addr).await
+        }
+        other => other,
+    }
+}
+
+async fn attempt_once(
+    shared: &Shared,
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+    addr: SocketAddr,
+) -> Result<TlsStream<TcpStream>, Error> {
+    let cfg = shared.config();
+    let tcp = match timeout(cfg.outbound.connect_timeout, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: CONNECT,
+                addr,
+            });
+        }
+        Ok(Err(source)) => return Err(Error::Connect { addr, source }),
+        Ok(Ok(t)) => t,
+    };
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let tls = match timeout(cfg.inbound.handshake_timeout, connector.connect(name, tcp)).await {
+        Err(_) => {
+            return Err(Error::Timeout {
+                what: "tls handshake",
+                addr,
+            });
+        }
+        Ok(Err(source)) => {
+            return Err(Error::Handshake {
+                addr,
+                reason: tls::failure_reason(&source),
+                source,
+            });
+        }
+        Ok(Ok(t)) => t,
+    };
+    shared
+        .metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    if tls::resumed_with_stale_cert(tls.get_ref().1) {
+        copy::reset(tls.get_ref().0);
+        return Err(Error::Handshake {
+            addr,
+            reason: STALE_RESUMPTION,
+            source: std::io::Error::other("resumed session of an expired server certificate"),
+        });
+    }
+    shared
+        .metrics
+        .handshake(Direction::Outbound, tls.get_ref().1);
+    if let Some(serial) = crate::deny::denied_peer(&shared.deny_rx.borrow(), tls.get_ref().1) {
+        copy::reset(tls.get_ref().0);
+        return Err(Error::Handshake {
+            addr,
+            reason: super::inbound::REASON_CERT_REVOKED,
+            source: std::io::Error::other(format!("server certificate {serial} is revoked")),
+        });
+    }
+    Ok(tls)
+}
+
+/// A destination as one connection or request sees it: its targets under the current view,
+/// and its policy.
+pub struct Destination<'a> {
+    /// The service.
+    pub service: &'a ServiceKey,
+    /// Its endpoints with their state.
+    pub targets: &'a [Target],
+    /// Its DestinationPolicy, if any.
+    pub policy: Option<&'a DestinationPolicy>,
+}
+
+/// Connects to the first endpoint of `order` (indices into `dst.targets`) that accepts,
+/// stepping over failed connects at once. Returns the stream and the index it reached; every
+/// attempt feeds the endpoint's state. A failure that another endpoint cannot fix (a wrong
+/// identity) ends the walk.
+pub async fn dial(
+    shared: &Shared,
+    client: &tls::Client,
+    dst: &Destination<'_>,
+    order: &[usize],
+) -> Result<(TlsStream<TcpStream>, usize), Error> {
+    let name = ServerName::try_from(dst.service.sni()).expect("service SNI is a valid DNS name");
+    let mut last = None;
+    for (n, &i) in order.iter().enumerate() {
+        let started = StdInstant::now();
+        match attempt(
+            shared,
+            client,
+            false,
+            name.clone(),
+            dst.targets[i].endpoint.addr,
+        )
+        .await
+        {
+            Ok(stream) => {
+                connected(shared, dst, i, started);
+                return Ok((stream, i));
+            }
+            Err(e) => {
+                let more = n + 1 < order.len();
+                failed(shared, dst, i, &e, more);
+                let retry = e.is_retryable();
+                last = Some(e);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::NoEndpoints(dst.service.to_string())))
+}
+
+/// A connect to `dst.targets[i]` that began at `started` succeeded: the endpoint is reachable,
+/// its latency estimate learns the connect time, and outlier detection counts a success.
+pub fn connected(shared: &Shared, dst: &Destination<'_>, i: usize, started: StdInstant) {
+    let state = &dst.targets[i].state;
+    state.reachability.connected();
+    let now = StdInstant::now();
+    state.stats.observe(now - started, now);
+    record(shared, dst, i, balance::Outcome::Success, now);
+}
+
+/// A connect to `dst.targets[i]` failed with `e`: counted, the endpoint skipped if it could not
+/// be reached, outlier detection told; `more` says whether another endpoint is tried next.
+pub fn failed(shared: &Shared, dst: &Destination<'_>, i: usize, e: &Error, more: bool) {
+    let addr = dst.targets[i].endpoint.addr;
+    let now = StdInstant::now();
+    shared.metrics.reject(Direction::Outbound, e.reason());
+    if e.is_unreachable()
+        && let Some(skip) = dst.targets[i].state.reachability.failed(now)
+    {
+        shared.metrics.unreachable(&dst.service.to_string());
+        warn!(dst.service = %dst.service, dst.addr = %addr, skipped_for = ?skip, error = %e, "endpoint unreachable; skipping it");
+    } else {
+        debug!(dst.service = %dst.service, dst.addr = %addr, error = %e, "endpoint failed");
+    }
+    if more && e.is_retryable() {
+        shared.metrics.failover(&dst.service.to_string());
+    }
+    record(shared, dst, i, balance::Outcome::ConnectFailure, now);
+}
+
+/// Feeds `outcome` of `dst.targets[i]` to outlier detection, when the destination has it.
+pub fn record(
+    shared: &Shared,
+    dst: &Destination<'_>,
+    i: usize,
+    outcome: balance::Outcome,
+    now: StdInstant,
+) {
+    let Some(cfg) = dst.policy.and_then(|p| p.outlier_detection.as_ref()) else {
+        return;
+    };
+    let addr = dst.targets[i].endpoint.addr;
+    let addrs: Vec<SocketAddr> = dst.targets.iter().map(|t| t.endpoint.addr).collect();
+    if let Some(d) = (shared.balance).record(dst.service, addr, &addrs, outcome, cfg, now) {
+        shared.metrics.ejected(&dst.service.to_string());
+        warn!(dst.service = %dst.service, dst.addr = %addr, ejected_for = ?d, ?outcome, "endpoint ejected by outlier detection");
+    }
+}
+
+/// The order in which this node tries `dst`'s endpoints now (see [`endpoints::order`]), for a
+/// request restricted to `subset`.
+pub fn order(
+    shared: &Shared,
+    dst: &Destination<'_>,
+    subset: Option<&std::collections::BTreeMap<String, String>>,
+    cursor: usize,
+) -> Vec<usize> {
+    let cfg = shared.config();
+    let ask = endpoints::Ask {
+        subset,
+        policy: dst.policy,
+        datacenter: cfg.datacenter.as_str(),
+        zone: cfg.zone.as_str(),
+    };
+    endpoints::order(
+        dst.targets,
+        &ask,
+        StdInstant::now(),
+        cursor,
+        &mut balance::random_index,
+    )
+}
+
+/// The targets of `service` under the current mesh view.
+pub fn targets(shared: &Shared, service: &ServiceKey) -> Arc<[Target]> {
+    let view = shared.view_rx.borrow().clone();
+    shared.balance.targets(&view, service)
+}

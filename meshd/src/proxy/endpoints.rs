@@ -1,0 +1,135 @@
+//! The one endpoint path of TCP connections and HTTP requests: a destination's targets →
+//! usable (healthy, not draining) → subset → not ejected, not unreachable → locality → the
+//! balancer's pick, then the order to fall back in when a connect fails. Pure: the caller
+//! passes the time, the round-robin cursor and the random source.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use mesh_api::policy::{DestinationPolicy, LoadBalancer, Locality};
+
+use super::balance::{self, Target};
+use crate::membership::Endpoint;
+
+/// Endpoints tried for one connection or request before its connect fails (the balancer's
+/// pick and two fallbacks): enough to step over a dead host and a second one dying with it,
+/// few enough that a destination that is down everywhere fails fast.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Locality when no DestinationPolicy says otherwise: prefer the caller's zone, then its
+/// datacenter, then anywhere.
+pub const DEFAULT_LOCALITY: Locality = Locality {
+    enabled: true,
+    failover: true,
+};
+
+/// Balancer when no DestinationPolicy says otherwise.
+pub const DEFAULT_LOAD_BALANCER: LoadBalancer = LoadBalancer::Ewma;
+
+/// What narrows a destination's targets for one connection or request.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// Endpoints must carry these labels (a Route's subset); `None`: any endpoint.
+    pub subset: Option<&'a BTreeMap<String, String>>,
+    /// The destination's policy: load balancer and locality.
+    pub policy: Option<&'a DestinationPolicy>,
+    /// The caller's datacenter.
+    pub datacenter: &'a str,
+    /// The caller's zone.
+    pub zone: &'a str,
+}
+
+/// A target with its index, so the locality filter can hand indices back.
+struct Indexed<'a> {
+    index: usize,
+    target: &'a Target,
+}
+
+impl std::borrow::Borrow<Endpoint> for Indexed<'_> {
+    fn borrow(&self) -> &Endpoint {
+        &self.target.endpoint
+    }
+}
+
+/// Indices into `targets` in the order to try them, at most [`MAX_CONNECT_ATTEMPTS`]: the
+/// balancer's pick within the preferred locality first, then the rest of that locality, then
+/// (if the locality allows failover) the other candidates. Empty: nothing may be used.
+///
+/// Candidates are usable, in the subset and not ejected by outlier detection. Endpoints whose
+/// last connect failed are left out while others remain; when only they remain they are tried
+/// anyway (gossip still lists them, and failing without trying helps nobody).
+pub fn order(
+    targets: &[Target],
+    ask: &Ask<'_>,
+    now: Instant,
+    cursor: usize,
+    rand: &mut dyn FnMut(usize) -> usize,
+) -> Vec<usize> {
+    let eligible = |t: &Target| {
+        t.endpoint.is_usable()
+            && ask
+                .subset
+                .is_none_or(|labels| balance::in_subset(&t.endpoint, labels))
+            && !t.state.is_ejected(now)
+    };
+    let indexed = |index: usize| Indexed {
+        index,
+        target: &targets[index],
+    };
+    let mut candidates: Vec<Indexed<'_>> = (0..targets.len())
+        .filter(|&i| eligible(&targets[i]) && !targets[i].state.reachability.is_unreachable(now))
+        .map(indexed)
+        .collect();
+    if candidates.is_empty() {
+        candidates = (0..targets.len())
+            .filter(|&i| eligible(&targets[i]))
+            .map(indexed)
+            .collect();
+    }
+    let locality = ask.policy.map_or(&DEFAULT_LOCALITY, |p| &p.locality);
+    let mut order: Vec<usize> = {
+        let refs: Vec<&Indexed<'_>> = candidates.iter().collect();
+        let group = balance::by_locality(&refs, ask.datacenter, ask.zone, locality);
+        let lb = ask
+            .policy
+            .map_or(DEFAULT_LOAD_BALANCER, |p| p.load_balancer);
+        let cands: Vec<balance::Cand> = group
+            .iter()
+            .map(|c| c.target.state.stats.cand(now))
+            .collect();
+        let mut order: Vec<usize> = group.iter().map(|c| c.index).collect();
+        if let Some(first) = balance::pick(lb, &cands, cursor, rand) {
+            order.swap(0, first);
+        }
+        order
+    };
+    order.truncate(MAX_CONNECT_ATTEMPTS);
+    if locality.failover {
+        // Fallbacks nearest first: the caller's zone, its datacenter, then the rest.
+        if locality.enabled {
+            candidates.sort_by_key(|c| tier(&c.target.endpoint, ask));
+        }
+        for c in &candidates {
+            if order.len() == MAX_CONNECT_ATTEMPTS {
+                break;
+            }
+            if !order.contains(&c.index) {
+                order.push(c.index);
+            }
+        }
+    }
+    order
+}
+
+/// How far `ep` is from the caller: 0 its zone, 1 its datacenter, 2 elsewhere.
+fn tier(ep: &Endpoint, ask: &Ask<'_>) -> u8 {
+    match (ep.datacenter == ask.datacenter, ep.zone == ask.zone) {
+        (true, true) => 0,
+        (true, false) => 1,
+        (false, _) => 2,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

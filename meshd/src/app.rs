@@ -241,7 +241,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         shutdown_rx.clone(),
     )
     .await?;
-    let _ = view_cell.set(view_rx.clone());
+    // Admin shows the view the proxy has compiled: a view seen there is one already in use.
+    let (compiled_rx, compiled_view_rx) = proxy::compiled::spawn(
+        config_rx.clone(),
+        policy.policy_rx.clone(),
+        view_rx.clone(),
+        shutdown_rx.clone(),
+    );
+    let _ = view_cell.set(compiled_view_rx);
     let _ = liveness_cell.set(membership.liveness());
     {
         let mut rx = view_rx.clone();
@@ -278,7 +285,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         drain: drain_watch,
         force_rx,
         http: Arc::new(proxy::http::State::new(&config)),
-        balance: Arc::new(proxy::balance::Table::new()),
+        compiled_rx,
         edges: Arc::new(proxy::observe::Edges::default()),
         tracer,
         access_log: access_log.clone(),

@@ -19,7 +19,9 @@ use crate::membership::MeshView;
 pub mod access_log;
 pub mod authz;
 pub mod balance;
+pub mod breaker;
 pub mod connect;
+pub mod compiled;
 pub mod copy;
 pub mod endpoints;
 pub mod http;
@@ -29,6 +31,7 @@ pub mod metrics;
 pub mod observe;
 pub mod outbound;
 pub mod ratelimit;
+pub mod retry;
 pub mod route;
 pub mod tls;
 
@@ -159,8 +162,9 @@ pub struct Shared {
     pub force_rx: watch::Receiver<bool>,
     /// Pooled HTTP clients (to local apps and to other hosts).
     pub http: Arc<http::State>,
-    /// Per-endpoint load and health (latency, in-flight requests, outlier ejections).
-    pub balance: Arc<balance::Table>,
+    /// Derived state (routes, destinations with their endpoints and live state, limiters),
+    /// compiled once per change of policy, membership or configuration.
+    pub compiled_rx: watch::Receiver<Arc<compiled::Compiled>>,
     /// Per-edge traffic since the last report to the registry.
     pub edges: Arc<observe::Edges>,
     /// Spans of HTTP hops (disabled without a collector: context passes through).
@@ -178,6 +182,11 @@ impl Shared {
     /// The current configuration.
     pub fn config(&self) -> Arc<Config> {
         self.config_rx.borrow().clone()
+    }
+
+    /// The current compiled state.
+    pub fn compiled(&self) -> Arc<compiled::Compiled> {
+        self.compiled_rx.borrow().clone()
     }
 }
 

@@ -211,7 +211,7 @@ async fn tcp_destination_policy_balances_and_ejects_on_resets() {
         backend("b3", "z2", "dc1"),
     ])
     .await;
-    // Default (EWMA, zone first): b3, in another zone, gets nothing.
+    // Default (least request, zone first): b3, in another zone, gets nothing.
     let t = tally(&f.connect_many(30).await);
     assert!(
         !t.contains_key("b3") && t.values().sum::<usize>() == 30,

@@ -1,20 +1,18 @@
 //! Load balancing and endpoint health: subset and locality filtering, picking one endpoint
 //! (round robin, random, least request, peak EWMA), live per-endpoint stats, and outlier
-//! detection with its ejection cap. Decisions are pure functions; `Stats` and `Table` only
-//! hold the state they read.
+//! detection with its ejection cap. Decisions are pure functions; `Stats`, `Reachability` and
+//! `Outlier` only hold the state they read.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mesh_api::ServiceKey;
 use mesh_api::policy::{LoadBalancer, Locality, OutlierDetection};
 use rand::Rng as _;
 
-use crate::membership::{Endpoint, MeshView};
+use crate::membership::Endpoint;
 
 /// Latency assumed for an endpoint that has never answered, in nanoseconds (30 ms, Linkerd's
 /// default RTT estimate). It sits above typical in-datacenter latencies so a fresh (maybe
@@ -456,7 +454,7 @@ pub struct EndpointState {
     /// Load and latency (lock-free). In an `Arc` so [`Stats::start`] guards can outlive a
     /// borrow of this state.
     pub stats: Arc<Stats>,
-    /// Outlier detection. Never hold this lock while calling into [`Table`].
+    /// Outlier detection. Never hold this lock while calling [`record`].
     pub outlier: Mutex<Outlier>,
     /// Whether connects to it are failing (no policy needed).
     pub reachability: Reachability,
@@ -486,124 +484,25 @@ impl Borrow<Endpoint> for Target {
     }
 }
 
-/// The targets of one service as of one mesh view.
-#[derive(Debug)]
-struct Cached {
-    /// The view they were built from. Held weakly: the allocation outlives the view, so its
-    /// address is never reused by a later view and comparing addresses is sound.
-    view: Weak<MeshView>,
-    targets: Arc<[Target]>,
-}
-
-/// Per-endpoint state of every service this node sends to, created on first use.
-#[derive(Debug, Default)]
-pub struct Table {
-    services: Mutex<HashMap<ServiceKey, HashMap<SocketAddr, Arc<EndpointState>>>>,
-    /// Per service, its endpoints and their states under the current view: one lock and no
-    /// copy per request. Lock order: `targets`, then `services`.
-    targets: Mutex<HashMap<ServiceKey, Cached>>,
-}
-
-impl Table {
-    /// An empty table.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The state of `addr` in `service`, created if new.
-    pub fn endpoint(&self, service: &ServiceKey, addr: SocketAddr) -> Arc<EndpointState> {
-        let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-        // Look up by reference first: the key is cloned only when a service is first seen.
-        if let Some(state) = services.get(service).and_then(|eps| eps.get(&addr)) {
-            return Arc::clone(state);
-        }
-        Arc::clone(
-            services
-                .entry(service.clone())
-                .or_default()
-                .entry(addr)
-                .or_default(),
-        )
-    }
-
-    /// How many of `addrs` (endpoints of `service`) are ejected at `now`; unknown ones are not.
-    pub fn ejected_count(&self, service: &ServiceKey, addrs: &[SocketAddr], now: Instant) -> usize {
-        // Collect first, then lock each outlier with the table unlocked: the table lock is
-        // never held together with an outlier lock, so no ordering between them can deadlock.
-        let states: Vec<Arc<EndpointState>> = {
-            let services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(eps) = services.get(service) else {
-                return 0;
-            };
-            addrs.iter().filter_map(|a| eps.get(a)).cloned().collect()
-        };
-        states
-            .iter()
-            .filter(|s| {
-                s.outlier
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .is_ejected(now)
-            })
-            .count()
-    }
-
-    /// Records `outcome` for `addr`, applying the ejection cap over `addrs` (all of the
-    /// service's current endpoints, `addr` included); returns the ejection time if ejected.
-    /// Prefer this to locking `outlier` by hand: the cap must be counted before that lock is
-    /// taken, or counting would try to lock it again.
-    pub fn record(
-        &self,
-        service: &ServiceKey,
-        addr: SocketAddr,
-        addrs: &[SocketAddr],
-        outcome: Outcome,
-        cfg: &OutlierDetection,
-        now: Instant,
-    ) -> Option<Duration> {
-        // Successes never eject, so they skip the O(endpoints) count.
-        let may = outcome != Outcome::Success
-            && may_eject(
-                self.ejected_count(service, addrs, now),
-                addrs.len(),
-                cfg.max_ejection_percent,
-            );
-        let state = self.endpoint(service, addr);
-        let mut outlier = state.outlier.lock().unwrap_or_else(PoisonError::into_inner);
-        outlier.record(outcome, cfg, now, may)
-    }
-
-    /// The endpoints of `service` in `view`, each with its state; built once per view and
-    /// service. Building forgets the state of the service's endpoints that left the view
-    /// (guards and `Arc`s already handed out stay valid).
-    pub fn targets(&self, view: &Arc<MeshView>, service: &ServiceKey) -> Arc<[Target]> {
-        let mut cache = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = cache.get(service)
-            && std::ptr::eq(c.view.as_ptr(), Arc::as_ptr(view))
-        {
-            return Arc::clone(&c.targets);
-        }
-        let eps = view.endpoints.get(service).map_or(&[][..], Vec::as_slice);
-        let targets: Arc<[Target]> = {
-            let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-            let states = services.entry(service.clone()).or_default();
-            states.retain(|addr, _| eps.iter().any(|e| e.addr == *addr));
-            (eps.iter())
-                .map(|e| Target {
-                    endpoint: e.clone(),
-                    state: Arc::clone(states.entry(e.addr).or_default()),
-                })
-                .collect()
-        };
-        cache.insert(
-            service.clone(),
-            Cached {
-                view: Arc::downgrade(view),
-                targets: Arc::clone(&targets),
-            },
+/// Records `outcome` for `targets[i]`, applying the ejection cap over all of `targets` (the
+/// destination's endpoints); returns the ejection time if it was just ejected.
+pub fn record(
+    targets: &[Target],
+    i: usize,
+    outcome: Outcome,
+    cfg: &OutlierDetection,
+    now: Instant,
+) -> Option<Duration> {
+    // Successes never eject, so they skip the O(endpoints) count. The count locks each
+    // outlier in turn, never two at once, and before `targets[i]`'s is held.
+    let may = outcome != Outcome::Success
+        && may_eject(
+            targets.iter().filter(|t| t.state.is_ejected(now)).count(),
+            targets.len(),
+            cfg.max_ejection_percent,
         );
-        targets
-    }
+    let mut outlier = (targets[i].state.outlier.lock()).unwrap_or_else(PoisonError::into_inner);
+    outlier.record(outcome, cfg, now, may)
 }
 
 #[cfg(test)]
@@ -615,7 +514,7 @@ mod tests {
     fn ep(port: u16, dc: &str, zone: &str, labels: &[(&str, &str)]) -> Endpoint {
         Endpoint {
             node: format!("n{port}"),
-            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            addr: std::net::SocketAddr::from(([10, 0, 0, 1], port)),
             datacenter: dc.to_owned(),
             zone: zone.to_owned(),
             labels: labels
@@ -632,10 +531,6 @@ mod tests {
         l.iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
-    }
-
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, 1], port))
     }
 
     /// A deterministic xorshift64 "uniform" index source.
@@ -1166,85 +1061,25 @@ mod tests {
     }
 
     #[test]
-    fn table_creates_shares_and_forgets() {
-        let table = Table::new();
-        let api = ServiceKey::parse("shop/api").unwrap();
-        let web = ServiceKey::parse("shop/web").unwrap();
-        let a = table.endpoint(&api, addr(1));
-        assert!(Arc::ptr_eq(&a, &table.endpoint(&api, addr(1))));
-        assert!(!Arc::ptr_eq(&a, &table.endpoint(&api, addr(2))));
-        assert!(!Arc::ptr_eq(&a, &table.endpoint(&web, addr(1))));
-        let guard = a.stats.start();
-
-        // Targets of a view share the table's states and are built once per view.
-        let view_of = |ports: &[u16]| {
-            let mut v = MeshView::default();
-            v.endpoints.insert(
-                api.clone(),
-                ports.iter().map(|p| ep(*p, "dc", "z", &[])).collect(),
-            );
-            Arc::new(v)
-        };
-        // `ep(p, ..)` has address 10.0.0.1:p, like `addr(p)`.
-        let v1 = view_of(&[1, 2]);
-        let t1 = table.targets(&v1, &api);
-        assert_eq!(t1.len(), 2);
-        assert!(Arc::ptr_eq(&t1[0].state, &a), "shares the table's state");
-        assert!(
-            Arc::ptr_eq(&t1, &table.targets(&v1, &api)),
-            "cached per view"
-        );
-        assert!(table.targets(&v1, &web).is_empty());
-
-        // A new view without endpoint 1 forgets it; handed-out state stays valid.
-        let v2 = view_of(&[2]);
-        let t2 = table.targets(&v2, &api);
-        assert!(!Arc::ptr_eq(&t1, &t2), "rebuilt for a new view");
-        assert!(
-            Arc::ptr_eq(&t2[0].state, &t1[1].state),
-            "endpoint 2 kept its state"
-        );
-        assert_eq!(guard.stats.in_flight(), 1, "handed-out state stays valid");
-        assert!(
-            !Arc::ptr_eq(&a, &table.endpoint(&api, addr(1))),
-            "forgotten"
-        );
-    }
-
-    #[test]
-    fn table_counts_ejections_and_applies_the_cap() {
-        let table = Table::new();
-        let svc = ServiceKey::parse("shop/api").unwrap();
-        let addrs: Vec<_> = (1..=10).map(addr).collect();
+    fn recording_counts_ejections_and_applies_the_cap() {
+        let targets: Vec<Target> = (1..=10)
+            .map(|p| Target {
+                endpoint: ep(p, "dc", "z", &[]),
+                state: Arc::default(),
+            })
+            .collect();
+        let ejected = |t| targets.iter().filter(|x| x.state.is_ejected(t)).count();
         let cfg = od(1, 0); // max 10%: one of ten
         let t = Instant::now();
-        assert_eq!(
-            table.ejected_count(&svc, &addrs, t),
-            0,
-            "unknown: not ejected"
-        );
         let fail = Outcome::ConnectFailure;
-        assert!(table.record(&svc, addr(1), &addrs, fail, &cfg, t).is_some());
-        assert_eq!(table.ejected_count(&svc, &addrs, t), 1);
-        assert_eq!(
-            table.record(&svc, addr(2), &addrs, fail, &cfg, t),
-            None,
-            "capped"
-        );
-        assert_eq!(table.ejected_count(&svc, &addrs, t), 1);
-        assert_eq!(
-            table.record(&svc, addr(3), &addrs, Outcome::Success, &cfg, t),
-            None
-        );
+        assert!(record(&targets, 0, fail, &cfg, t).is_some());
+        assert_eq!(ejected(t), 1);
+        assert_eq!(record(&targets, 1, fail, &cfg, t), None, "capped");
+        assert_eq!(ejected(t), 1);
+        assert_eq!(record(&targets, 2, Outcome::Success, &cfg, t), None);
         let later = t + Duration::from_secs(30);
-        assert_eq!(table.ejected_count(&svc, &addrs, later), 0, "ejection over");
-        assert!(
-            table
-                .record(&svc, addr(2), &addrs, fail, &cfg, later)
-                .is_some()
-        );
-        let other = ServiceKey::parse("shop/web").unwrap();
-        assert_eq!(table.ejected_count(&other, &addrs, later), 0);
+        assert_eq!(ejected(later), 0, "ejection over");
+        assert!(record(&targets, 1, fail, &cfg, later).is_some());
     }
 
     #[test]

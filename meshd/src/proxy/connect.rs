@@ -4,11 +4,8 @@
 //! endpoint state (reachability, latency, outlier detection).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
-use mesh_api::ServiceKey;
-use mesh_api::policy::DestinationPolicy;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -16,7 +13,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
-use super::balance::{self, Target};
+use super::balance;
+use super::compiled::Destination;
 use super::metrics::Direction;
 use super::{Blame, Shared, copy, endpoints, tls};
 
@@ -200,17 +198,6 @@ async fn attempt_once(
     Ok(tls)
 }
 
-/// A destination as one connection or request sees it: its targets under the current view,
-/// and its policy.
-pub struct Destination<'a> {
-    /// The service.
-    pub service: &'a ServiceKey,
-    /// Its endpoints with their state.
-    pub targets: &'a [Target],
-    /// Its DestinationPolicy, if any.
-    pub policy: Option<&'a DestinationPolicy>,
-}
-
 /// Connects to the first endpoint of `order` (indices into `dst.targets`) that accepts,
 /// stepping over failed connects at once. Returns the stream and the index it reached; every
 /// attempt feeds the endpoint's state. A failure that another endpoint cannot fix (a wrong
@@ -218,7 +205,7 @@ pub struct Destination<'a> {
 pub async fn dial(
     shared: &Shared,
     client: &tls::Client,
-    dst: &Destination<'_>,
+    dst: &Destination,
     order: &[usize],
 ) -> Result<(TlsStream<TcpStream>, usize), Error> {
     let name = ServerName::try_from(dst.service.sni()).expect("service SNI is a valid DNS name");
@@ -254,7 +241,7 @@ pub async fn dial(
 
 /// A connect to `dst.targets[i]` that began at `started` succeeded: the endpoint is reachable,
 /// its latency estimate learns the connect time, and outlier detection counts a success.
-pub fn connected(shared: &Shared, dst: &Destination<'_>, i: usize, started: StdInstant) {
+pub fn connected(shared: &Shared, dst: &Destination, i: usize, started: StdInstant) {
     let state = &dst.targets[i].state;
     state.reachability.connected();
     let now = StdInstant::now();
@@ -264,7 +251,7 @@ pub fn connected(shared: &Shared, dst: &Destination<'_>, i: usize, started: StdI
 
 /// A connect to `dst.targets[i]` failed with `e`: counted, the endpoint skipped if it could not
 /// be reached, outlier detection told; `more` says whether another endpoint is tried next.
-pub fn failed(shared: &Shared, dst: &Destination<'_>, i: usize, e: &Error, more: bool) {
+pub fn failed(shared: &Shared, dst: &Destination, i: usize, e: &Error, more: bool) {
     let addr = dst.targets[i].endpoint.addr;
     let now = StdInstant::now();
     shared.metrics.reject(Direction::Outbound, e.reason());
@@ -285,18 +272,21 @@ pub fn failed(shared: &Shared, dst: &Destination<'_>, i: usize, e: &Error, more:
 /// Feeds `outcome` of `dst.targets[i]` to outlier detection, when the destination has it.
 pub fn record(
     shared: &Shared,
-    dst: &Destination<'_>,
+    dst: &Destination,
     i: usize,
     outcome: balance::Outcome,
     now: StdInstant,
 ) {
-    let Some(cfg) = dst.policy.and_then(|p| p.outlier_detection.as_ref()) else {
+    let Some(cfg) = dst
+        .policy
+        .as_ref()
+        .and_then(|p| p.outlier_detection.as_ref())
+    else {
         return;
     };
-    let addr = dst.targets[i].endpoint.addr;
-    let addrs: Vec<SocketAddr> = dst.targets.iter().map(|t| t.endpoint.addr).collect();
-    if let Some(d) = (shared.balance).record(dst.service, addr, &addrs, outcome, cfg, now) {
+    if let Some(d) = balance::record(&dst.targets, i, outcome, cfg, now) {
         shared.metrics.ejected(&dst.service.to_string());
+        let addr = dst.targets[i].endpoint.addr;
         warn!(dst.service = %dst.service, dst.addr = %addr, ejected_for = ?d, ?outcome, "endpoint ejected by outlier detection");
     }
 }
@@ -305,28 +295,24 @@ pub fn record(
 /// request restricted to `subset`.
 pub fn order(
     shared: &Shared,
-    dst: &Destination<'_>,
+    dst: &Destination,
     subset: Option<&std::collections::BTreeMap<String, String>>,
+    default_lb: mesh_api::policy::LoadBalancer,
     cursor: usize,
 ) -> Vec<usize> {
     let cfg = shared.config();
     let ask = endpoints::Ask {
         subset,
-        policy: dst.policy,
+        policy: dst.policy.as_deref(),
+        default_lb,
         datacenter: cfg.datacenter.as_str(),
         zone: cfg.zone.as_str(),
     };
     endpoints::order(
-        dst.targets,
+        &dst.targets,
         &ask,
         StdInstant::now(),
         cursor,
         &mut balance::random_index,
     )
-}
-
-/// The targets of `service` under the current mesh view.
-pub fn targets(shared: &Shared, service: &ServiceKey) -> Arc<[Target]> {
-    let view = shared.view_rx.borrow().clone();
-    shared.balance.targets(&view, service)
 }

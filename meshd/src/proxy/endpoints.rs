@@ -23,8 +23,15 @@ pub const DEFAULT_LOCALITY: Locality = Locality {
     failover: true,
 };
 
-/// Balancer when no DestinationPolicy says otherwise.
-pub const DEFAULT_LOAD_BALANCER: LoadBalancer = LoadBalancer::Ewma;
+/// Balancer of HTTP requests when no DestinationPolicy says otherwise: peak EWMA of response
+/// latency, as Linkerd.
+pub const DEFAULT_HTTP_LOAD_BALANCER: LoadBalancer = LoadBalancer::Ewma;
+
+/// Balancer of TCP connections when no DestinationPolicy says otherwise: fewest open
+/// connections of two random candidates (Envoy's default). Latency is a poor signal here: a
+/// connect takes the same time to a busy database as to an idle one, and peak EWMA would send
+/// every short connection to whichever endpoint connected fastest.
+pub const DEFAULT_TCP_LOAD_BALANCER: LoadBalancer = LoadBalancer::LeastRequest;
 
 /// What narrows a destination's targets for one connection or request.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +40,9 @@ pub struct Ask<'a> {
     pub subset: Option<&'a BTreeMap<String, String>>,
     /// The destination's policy: load balancer and locality.
     pub policy: Option<&'a DestinationPolicy>,
+    /// The balancer without a policy ([`DEFAULT_HTTP_LOAD_BALANCER`] or
+    /// [`DEFAULT_TCP_LOAD_BALANCER`]).
+    pub default_lb: LoadBalancer,
     /// The caller's datacenter.
     pub datacenter: &'a str,
     /// The caller's zone.
@@ -90,9 +100,7 @@ pub fn order(
     let mut order: Vec<usize> = {
         let refs: Vec<&Indexed<'_>> = candidates.iter().collect();
         let group = balance::by_locality(&refs, ask.datacenter, ask.zone, locality);
-        let lb = ask
-            .policy
-            .map_or(DEFAULT_LOAD_BALANCER, |p| p.load_balancer);
+        let lb = ask.policy.map_or(ask.default_lb, |p| p.load_balancer);
         let cands: Vec<balance::Cand> = group
             .iter()
             .map(|c| c.target.state.stats.cand(now))

@@ -295,48 +295,8 @@ async fn connect_h2(
     Ok(sender)
 }
 
-/// Length of a retry-budget window.
-pub const RETRY_BUDGET_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Requests and retries to one upstream in the current and previous budget windows.
-#[derive(Debug, Default)]
-struct Window {
-    start: Option<std::time::Instant>,
-    requests: u64,
-    retries: u64,
-    prev_requests: u64,
-    prev_retries: u64,
-}
-
-impl Window {
-    fn roll(&mut self, now: std::time::Instant) {
-        match self.start {
-            Some(s) if now.duration_since(s) < RETRY_BUDGET_WINDOW => {}
-            Some(s) if now.duration_since(s) < 2 * RETRY_BUDGET_WINDOW => {
-                self.prev_requests = std::mem::take(&mut self.requests);
-                self.prev_retries = std::mem::take(&mut self.retries);
-                self.start = Some(s + RETRY_BUDGET_WINDOW);
-            }
-            _ => {
-                *self = Window {
-                    start: Some(now),
-                    ..Window::default()
-                }
-            }
-        }
-    }
-}
-
 /// HTTP state shared by every connection.
 pub struct State {
-    /// Routes and destination policies of the current policy revision.
-    table: Mutex<Arc<super::route::Table>>,
-    /// Retry budgets, per upstream service.
-    budgets: Mutex<HashMap<ServiceKey, Window>>,
-    /// Requests (HTTP) or connections (TCP) in flight per upstream, for circuit breaking.
-    in_flight: Mutex<HashMap<ServiceKey, Arc<std::sync::atomic::AtomicU64>>>,
-    /// Rate limiters of local services, with the revision they were built from.
-    limiters: Mutex<HashMap<ServiceKey, (u64, Arc<super::ratelimit::Limiter>)>>,
     /// A client per local HTTP-family service, speaking the app's protocol; replaced on a
     /// reload (clients of unchanged services carried over with their pooled connections).
     apps: Mutex<Arc<AppClients>>,
@@ -355,15 +315,6 @@ type PeerKey = (ServiceKey, ServiceKey, SocketAddr);
 
 /// Serializes connection attempts to one peer; the value is when the last one failed.
 type ConnectSlot = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
-
-/// A slot taken by [`State::admit`].
-pub struct Admitted(Arc<std::sync::atomic::AtomicU64>);
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
 
 /// What an app client was made for: a change of any of it needs a new client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,89 +378,10 @@ impl State {
     pub fn new(config: &Config) -> Self {
         let apps = app_clients(config, &AppClients::new());
         Self {
-            table: Mutex::new(Arc::new(super::route::Table::default())),
-            budgets: Mutex::new(HashMap::new()),
-            limiters: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
             apps: Mutex::new(Arc::new(apps)),
             peers: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The compiled routes of `snapshot`, rebuilt only when its revision changes.
-    pub fn table(&self, snapshot: &mesh_api::policy::Snapshot) -> Arc<super::route::Table> {
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if t.revision != snapshot.revision || snapshot.revision == 0 {
-            *t = Arc::new(super::route::Table::build(snapshot));
-        }
-        t.clone()
-    }
-
-    /// The rate limiter of the local service `service` under `snapshot`; a new revision builds
-    /// a new one that keeps the buckets of unchanged limits.
-    pub fn limiter(
-        &self,
-        snapshot: &mesh_api::policy::Snapshot,
-        service: &ServiceKey,
-    ) -> Arc<super::ratelimit::Limiter> {
-        let mut l = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        match l.get(service) {
-            Some((rev, lim)) if *rev == snapshot.revision && snapshot.revision != 0 => lim.clone(),
-            old => {
-                let mut new = super::ratelimit::Limiter::new(snapshot, service);
-                if let Some((_, old)) = old {
-                    new.carry_over(old);
-                }
-                let new = Arc::new(new);
-                l.insert(service.clone(), (snapshot.revision, new.clone()));
-                new
-            }
-        }
-    }
-
-    /// Admits one more request (or connection) to `service` if fewer than `max` are in flight
-    /// (`None` = unlimited); the guard gives the slot back. `None` when the circuit is open.
-    pub fn admit(&self, service: &ServiceKey, max: Option<u32>) -> Option<Admitted> {
-        use std::sync::atomic::Ordering;
-        let counter = {
-            let mut m = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            // Look up by reference: the key is cloned only the first time.
-            match m.get(service) {
-                Some(c) => c.clone(),
-                None => m.entry(service.clone()).or_default().clone(),
-            }
-        };
-        let now = counter.fetch_add(1, Ordering::AcqRel);
-        if max.is_some_and(|m| now >= u64::from(m)) {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Admitted(counter))
-    }
-
-    /// Counts a request to `service` towards its retry budget.
-    pub fn budget_request(&self, service: &ServiceKey) {
-        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let w = b.entry(service.clone()).or_default();
-        w.roll(std::time::Instant::now());
-        w.requests += 1;
-    }
-
-    /// Takes one retry from `service`'s budget, if it fits.
-    pub fn budget_retry(&self, service: &ServiceKey, percent: u32) -> bool {
-        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let w = b.entry(service.clone()).or_default();
-        w.roll(std::time::Instant::now());
-        let fits = super::route::retry_fits_budget(
-            w.requests + w.prev_requests,
-            w.retries + w.prev_retries,
-            percent,
-        );
-        if fits {
-            w.retries += 1;
-        }
-        fits
     }
 
     /// The client for the local service `key` and the app's address, as currently configured

@@ -10,9 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
 use tracing::warn;
 
+use super::compiled::Destination;
 use super::connect::{self, Error};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Shared, balance, copy, observe};
+use super::{Shared, balance, breaker, copy, endpoints, observe};
 use crate::config::{Service, Upstream};
 
 /// Whether the app's first bytes on `tcp` (waiting at most
@@ -108,7 +109,6 @@ async fn handle(
 ) {
     let _ = app.set_nodelay(true);
     let started = Instant::now();
-    let dst = upstream.service.to_string();
     // The connection's record, finished on every way out.
     let record = |dst_addr: Option<SocketAddr>, t: copy::Transferred, error: Option<String>| {
         observe::Record {
@@ -130,34 +130,57 @@ async fn handle(
             error: error.unwrap_or_default(),
         }
     };
-    let service = &upstream.service;
-    let policy = {
-        let snapshot = shared.policy_rx.borrow().clone();
-        shared.http.table(&snapshot).destination(service).cloned()
+    let dst = shared.compiled().destination(&upstream.service);
+    let opened = match open(shared, source, &dst, cursor).await {
+        Ok(opened) => opened,
+        Err(why) => {
+            copy::reset(&app);
+            observe::finish(
+                shared,
+                record(None, copy::Transferred::default(), Some(why)),
+            );
+            return;
+        }
     };
-    // Circuit breaker: connections open to the destination from this host.
-    let max = (policy.as_ref())
+    let addr = dst.targets[opened.index].endpoint.addr;
+    let (t, error) = relay(&mut app, opened, source, &dst, shared).await;
+    observe::finish(shared, record(Some(addr), t, error));
+}
+
+/// A connection to an endpoint of the destination, admitted by its circuit breaker.
+struct Opened {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    /// The endpoint (index into the destination's targets).
+    index: usize,
+    /// The breaker slot, held for the connection's life.
+    _slot: breaker::Admitted,
+    /// Counts the connection as outstanding on the endpoint (least request, EWMA).
+    _in_flight: balance::InFlight,
+}
+
+/// Admits one connection of `source` to `dst` (circuit breaker) and dials it; `Err` says why
+/// not, already counted and logged.
+async fn open(
+    shared: &Shared,
+    source: &Service,
+    dst: &Destination,
+    cursor: &AtomicUsize,
+) -> Result<Opened, String> {
+    let max = (dst.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
         .and_then(|c| c.max_connections);
-    let Some(_slot) = shared.http.admit(service, max) else {
+    let Some(slot) = dst.breaker.admit(max) else {
         shared.metrics.reject(Direction::Outbound, "overflow");
-        warn!(src.service = %source.key, dst.service = %dst, max_connections = max, "outbound connection refused: circuit breaker open");
-        copy::reset(&app);
-        let why = "circuit breaker open (max_connections)".to_owned();
-        observe::finish(
-            shared,
-            record(None, copy::Transferred::default(), Some(why)),
-        );
-        return;
+        warn!(src.service = %source.key, dst.service = %dst.service, max_connections = max, "outbound connection refused: circuit breaker open");
+        return Err("circuit breaker open (max_connections)".to_owned());
     };
-    let targets = connect::targets(shared, service);
-    let dst_set = connect::Destination {
-        service,
-        targets: &targets,
-        policy: policy.as_deref(),
-    };
-    let (tls_stream, i) = match dial(shared, source, &dst_set, cursor).await {
-        Ok(c) => c,
+    match dial(shared, source, dst, cursor).await {
+        Ok((stream, index)) => Ok(Opened {
+            stream,
+            index,
+            _slot: slot,
+            _in_flight: dst.targets[index].state.stats.start(),
+        }),
         Err(e) => {
             if !matches!(
                 e,
@@ -165,55 +188,64 @@ async fn handle(
             ) {
                 shared.metrics.reject(Direction::Outbound, e.reason());
             }
-            warn!(src.service = %source.key, dst.service = %dst, reason = e.reason(), error = %e, "outbound connection failed");
-            copy::reset(&app);
-            let rec = record(None, copy::Transferred::default(), Some(e.to_string()));
-            observe::finish(shared, rec);
-            return;
+            warn!(src.service = %source.key, dst.service = %dst.service, reason = e.reason(), error = %e, "outbound connection failed");
+            Err(e.to_string())
         }
+    }
+}
+
+/// Relays between the app and the endpoint until both sides close, the drain's grace period
+/// ends or the server's certificate is revoked; a reset by the endpoint feeds its outlier
+/// detection. Returns the bytes moved and the error, if any.
+async fn relay(
+    app: &mut TcpStream,
+    opened: Opened,
+    source: &Service,
+    dst: &Destination,
+    shared: &Shared,
+) -> (copy::Transferred, Option<String>) {
+    let addr = dst.targets[opened.index].endpoint.addr;
+    let labels = ServiceLabels {
+        direction: Direction::Outbound,
+        service: dst.service.to_string(),
     };
-    let addr = targets[i].endpoint.addr;
-    // Least-request and EWMA balancing of TCP count open connections as outstanding.
-    let _in_flight = targets[i].state.stats.start();
-    shared
-        .metrics
-        .connections
-        .get_or_create(&ServiceLabels {
-            direction: Direction::Outbound,
-            service: dst.clone(),
-        })
-        .inc();
+    shared.metrics.connections.get_or_create(&labels).inc();
     let _active = ActiveGuard::new(&shared.metrics, Direction::Outbound);
     let mut force = shared.force_rx.clone();
     let mut deny_rx = shared.deny_rx.clone();
-    let serial = crate::deny::peer_serial(tls_stream.get_ref().1);
+    let serial = crate::deny::peer_serial(opened.stream.get_ref().1);
     // Which side failed, if the copy fails: a reset by the endpoint counts against it.
-    let mut tls_stream = copy::Blamed::new(tls_stream);
+    let mut stream = copy::Blamed::new(opened.stream);
     let result = tokio::select! {
-        r = copy::bidirectional(&mut app, &mut tls_stream, true) => r,
+        r = copy::bidirectional(app, &mut stream, true) => r,
         _ = mesh_runtime::drain::until_true(&mut force) => {
-            copy::reset(&app);
+            copy::reset(app);
             Err(std::io::Error::other("closed at the end of the drain grace period"))
         }
         () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
-            copy::reset(&app);
+            copy::reset(app);
             shared.metrics.reject(Direction::Outbound, super::inbound::REASON_CERT_REVOKED);
-            warn!(src.service = %source.key, dst.service = %dst, dst.addr = %addr, "connection closed: the server's certificate was revoked");
+            warn!(src.service = %source.key, dst.service = %dst.service, dst.addr = %addr, "connection closed: the server's certificate was revoked");
             Err(std::io::Error::other("closed: the server's certificate was revoked"))
         }
     };
-    let (t, error) = match result {
+    match result {
         Ok(t) => (t, None),
         Err(e) => {
-            copy::reset(tls_stream.get_ref().get_ref().0);
-            if tls_stream.failed() {
+            copy::reset(stream.get_ref().get_ref().0);
+            if stream.failed() {
                 let now = std::time::Instant::now();
-                connect::record(shared, &dst_set, i, balance::Outcome::ConnectFailure, now);
+                connect::record(
+                    shared,
+                    dst,
+                    opened.index,
+                    balance::Outcome::ConnectFailure,
+                    now,
+                );
             }
             (copy::Transferred::default(), Some(e.to_string()))
         }
-    };
-    observe::finish(shared, record(Some(addr), t, error));
+    }
 }
 
 /// Dials `dst` for one connection of `source`: the endpoint path, stepping over failed
@@ -221,12 +253,19 @@ async fn handle(
 async fn dial(
     shared: &Shared,
     source: &Service,
-    dst: &connect::Destination<'_>,
+    dst: &Destination,
     cursor: &AtomicUsize,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, usize), Error> {
     let client = (shared.tls_rx.borrow().clients.get(&source.key).cloned())
         .ok_or_else(|| Error::NoCertificate(source.key.to_string()))?;
-    let order = connect::order(shared, dst, None, cursor.fetch_add(1, Ordering::Relaxed));
+    let cursor = cursor.fetch_add(1, Ordering::Relaxed);
+    let order = connect::order(
+        shared,
+        dst,
+        None,
+        endpoints::DEFAULT_TCP_LOAD_BALANCER,
+        cursor,
+    );
     if order.is_empty() {
         return Err(Error::NoEndpoints(dst.service.to_string()));
     }

@@ -1,7 +1,6 @@
 //! Request routing decisions, all pure: which Route entry handles a request, which weighted
-//! destination (subset) it goes to, injected faults, header edits, whether a failed attempt is
-//! retried, the retry budget and backoff.
-//! Routes and subsets are compiled once per policy revision into a [`Table`].
+//! destination (subset) it goes to, injected faults and header edits. Routes and subsets are
+//! compiled once per policy revision into a [`Table`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +11,7 @@ use http::header::{HeaderName, HeaderValue};
 use mesh_api::ServiceKey;
 use mesh_api::policy::{
     Destination, DestinationPolicy, Fault, HeaderOps, HttpMatch, HttpRoute, Kind, ResourceKey,
-    Retries, RetryOn, Snapshot, Spec, StringMatch, compile_regex,
+    Snapshot, Spec, StringMatch, compile_regex,
 };
 
 // === compiled routes ===
@@ -274,80 +273,6 @@ pub fn apply_header_ops(ops: &HeaderOps, headers: &mut HeaderMap) {
     }
 }
 
-/// How one attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempt {
-    /// No connection to any endpoint could be made.
-    ConnectFailure,
-    /// The stream or connection failed before a response (or the per-try timeout passed).
-    Reset,
-    /// A response with this status.
-    Status(u16),
-    /// A gRPC call that failed before any message: `grpc-status` (not 0) in the response
-    /// headers of a trailers-only response.
-    Grpc(u32),
-}
-
-/// How a response ended an attempt: a trailers-only gRPC failure (`grpc-status` already in the
-/// headers) is [`Attempt::Grpc`]; anything else is its HTTP status. A `grpc-status` that only
-/// arrives in trailers comes after messages were streamed to the app, too late to retry.
-pub fn response_attempt(status: u16, headers: &http::HeaderMap) -> Attempt {
-    match (headers.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u32>().ok())
-    {
-        Some(code) if code != 0 => Attempt::Grpc(code),
-        _ => Attempt::Status(status),
-    }
-}
-
-/// Whether `attempt` is retried under `retries` (budget and attempt count aside).
-pub fn is_retriable(retries: &Retries, attempt: Attempt) -> bool {
-    retries.retry_on.iter().any(|on| match (on, attempt) {
-        (RetryOn::ConnectFailure, Attempt::ConnectFailure) => true,
-        (RetryOn::Reset, Attempt::Reset) => true,
-        (RetryOn::Status5xx, Attempt::Status(s)) => (500..600).contains(&s),
-        // Envoy's gateway-error: 502, 503, 504 — and failures to connect.
-        (RetryOn::GatewayError, Attempt::Status(s)) => matches!(s, 502..=504),
-        (RetryOn::GatewayError, Attempt::ConnectFailure) => true,
-        (RetryOn::RetriableStatusCodes, Attempt::Status(s)) => {
-            retries.retriable_status_codes.contains(&s)
-        }
-        // gRPC status codes (grpc/doc/statuscodes.md).
-        (RetryOn::GrpcCancelled, Attempt::Grpc(1)) => true,
-        (RetryOn::GrpcDeadlineExceeded, Attempt::Grpc(4)) => true,
-        (RetryOn::GrpcResourceExhausted, Attempt::Grpc(8)) => true,
-        (RetryOn::GrpcInternal, Attempt::Grpc(13)) => true,
-        (RetryOn::GrpcUnavailable, Attempt::Grpc(14)) => true,
-        _ => false,
-    })
-}
-
-/// Retries always allowed per budget window, so a quiet service can still retry (Linkerd's
-/// `minRetriesPerSecond`, over the window).
-pub const MIN_RETRIES_PER_WINDOW: u64 = 10;
-
-/// Whether one more retry fits the budget: retries may be at most `percent`% of the requests
-/// of the window, plus [`MIN_RETRIES_PER_WINDOW`]. Keeps retries from multiplying an outage.
-pub fn retry_fits_budget(requests: u64, retries: u64, percent: u32) -> bool {
-    let allowed = requests.saturating_mul(u64::from(percent)) / 100 + MIN_RETRIES_PER_WINDOW;
-    retries < allowed
-}
-
-/// First retry backoff; doubles per retry up to [`RETRY_BACKOFF_MAX`] (Envoy's defaults).
-pub const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(25);
-/// Longest retry backoff.
-pub const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(250);
-
-/// Backoff before retry number `n` (1-based), with full jitter: `jitter` uniform in `0..1`
-/// scales the exponential ceiling, so synchronized callers spread out.
-pub fn backoff(n: u32, jitter: f64) -> Duration {
-    let ceiling = RETRY_BACKOFF_BASE
-        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-        .min(RETRY_BACKOFF_MAX);
-    ceiling.mul_f64(jitter.clamp(0.0, 1.0))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -537,96 +462,5 @@ subsets = [{ name = "v1", labels = { version = "v1" } }, { name = "v2", labels =
         assert_eq!(h["x-env"], "prod");
         let list: Vec<_> = h.get_all("x-list").iter().collect();
         assert_eq!(list, ["a", "b"]);
-    }
-
-    #[test]
-    fn responses_become_attempt_outcomes() {
-        let h = |pairs: &[(&'static str, &'static str)]| {
-            let mut m = http::HeaderMap::new();
-            for (k, v) in pairs {
-                m.insert(*k, http::HeaderValue::from_static(v));
-            }
-            m
-        };
-        use Attempt::*;
-        #[rustfmt::skip]
-        let cases: &[(u16, http::HeaderMap, Attempt)] = &[
-            (200, h(&[]), Status(200)),
-            (503, h(&[]), Status(503)),
-            (200, h(&[("grpc-status", "14")]), Grpc(14)),
-            (200, h(&[("grpc-status", "0")]), Status(200)),
-            (200, h(&[("grpc-status", "bogus")]), Status(200)),
-            (503, h(&[("grpc-status", "14")]), Grpc(14)),
-        ];
-        for (status, headers, want) in cases {
-            assert_eq!(
-                response_attempt(*status, headers),
-                *want,
-                "{status} {headers:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn retry_conditions() {
-        let r = |on: &[RetryOn], codes: &[u16]| Retries {
-            attempts: 2,
-            per_try_timeout: None,
-            retry_on: on.to_vec(),
-            retriable_status_codes: codes.to_vec(),
-            budget_percent: 20,
-        };
-        use Attempt::*;
-        #[rustfmt::skip]
-        let cases: &[(Retries, Attempt, bool)] = &[
-            (r(&[RetryOn::ConnectFailure], &[]), ConnectFailure, true),
-            (r(&[RetryOn::ConnectFailure], &[]), Reset, false),
-            (r(&[RetryOn::Reset], &[]), Reset, true),
-            (r(&[RetryOn::Status5xx], &[]), Status(500), true),
-            (r(&[RetryOn::Status5xx], &[]), Status(599), true),
-            (r(&[RetryOn::Status5xx], &[]), Status(429), false),
-            (r(&[RetryOn::Status5xx], &[]), Reset, false),
-            (r(&[RetryOn::GatewayError], &[]), Status(503), true),
-            (r(&[RetryOn::GatewayError], &[]), Status(500), false),
-            (r(&[RetryOn::GatewayError], &[]), ConnectFailure, true),
-            (r(&[RetryOn::RetriableStatusCodes], &[409]), Status(409), true),
-            (r(&[RetryOn::RetriableStatusCodes], &[409]), Status(503), false),
-            (r(&[], &[]), ConnectFailure, false),
-            (r(&[RetryOn::GrpcUnavailable], &[]), Grpc(14), true),
-            (r(&[RetryOn::GrpcUnavailable], &[]), Grpc(13), false),
-            (r(&[RetryOn::GrpcUnavailable], &[]), Status(503), false),
-            (r(&[RetryOn::GrpcCancelled], &[]), Grpc(1), true),
-            (r(&[RetryOn::GrpcDeadlineExceeded], &[]), Grpc(4), true),
-            (r(&[RetryOn::GrpcResourceExhausted], &[]), Grpc(8), true),
-            (r(&[RetryOn::GrpcInternal], &[]), Grpc(13), true),
-            // A failed gRPC call is not an HTTP 5xx.
-            (r(&[RetryOn::Status5xx], &[]), Grpc(14), false),
-        ];
-        for (i, (retries, attempt, want)) in cases.iter().enumerate() {
-            assert_eq!(
-                is_retriable(retries, *attempt),
-                *want,
-                "case {i}: {attempt:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn budget_and_backoff() {
-        assert!(retry_fits_budget(0, 0, 20), "a quiet service may retry");
-        assert!(retry_fits_budget(0, 9, 20));
-        assert!(!retry_fits_budget(0, 10, 20));
-        assert!(retry_fits_budget(1000, 209, 20));
-        assert!(
-            !retry_fits_budget(1000, 210, 20),
-            "20% of 1000 plus the minimum"
-        );
-        assert_eq!(backoff(1, 1.0), Duration::from_millis(25));
-        assert_eq!(backoff(2, 1.0), Duration::from_millis(50));
-        assert_eq!(backoff(4, 1.0), Duration::from_millis(200));
-        assert_eq!(backoff(5, 1.0), Duration::from_millis(250), "capped");
-        assert_eq!(backoff(40, 1.0), Duration::from_millis(250), "no overflow");
-        assert_eq!(backoff(3, 0.5), Duration::from_millis(50));
-        assert_eq!(backoff(3, 0.0), Duration::ZERO);
     }
 }

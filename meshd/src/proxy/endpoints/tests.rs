@@ -42,6 +42,7 @@ fn ask<'a>(policy: Option<&'a DestinationPolicy>) -> Ask<'a> {
     Ask {
         subset: None,
         policy,
+        default_lb: DEFAULT_HTTP_LOAD_BALANCER,
         datacenter: "dc1",
         zone: "a",
     }
@@ -306,4 +307,27 @@ proptest! {
             prop_assert_eq!(got.is_empty(), !targets.iter().any(eligible));
         }
     }
+}
+
+#[test]
+fn without_a_policy_the_callers_default_balancer_picks() {
+    let now = Instant::now();
+    let targets = [target(1, "dc1", "a"), target(2, "dc1", "a")];
+    let rr = Ask {
+        default_lb: LoadBalancer::RoundRobin,
+        ..ask(None)
+    };
+    let never = &mut |_: usize| unreachable!("round robin draws nothing");
+    assert_eq!(
+        ports(&targets, &order(&targets, &rr, now, 1, never)),
+        [2, 1]
+    );
+    // A policy's balancer wins over the default.
+    let random = policy(LoadBalancer::Random, true, true);
+    let with_policy = Ask {
+        policy: Some(&random),
+        ..rr
+    };
+    let got = order(&targets, &with_policy, now, 1, &mut |_| 0);
+    assert_eq!(ports(&targets, &got), [1, 2]);
 }

@@ -200,7 +200,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
             let decision = decide(conn, &req, &snapshot, &method, &path);
             let resp = if !decision.is_allowed() {
                 denied(conn, &decision, &method, &path)
-            } else if let Err(limited) = rate_limit(conn, &req, &snapshot) {
+            } else if let Err(limited) = rate_limit(conn, &req) {
                 too_many(conn, &limited, &method, &path)
             } else {
                 forward(conn, req, upgrade).await
@@ -311,17 +311,15 @@ fn decide(
 
 /// Checks the service's RateLimits; the route is the name of the entry of the service's own
 /// Route that the request matches (what `route` limits refer to).
-fn rate_limit(
-    conn: &Conn,
-    req: &Request<Incoming>,
-    snapshot: &Arc<Snapshot>,
-) -> Result<(), ratelimit::Limited> {
-    let limiter = conn.shared.http.limiter(snapshot, &conn.local.key);
+fn rate_limit(conn: &Conn, req: &Request<Incoming>) -> Result<(), ratelimit::Limited> {
+    let compiled = conn.shared.compiled();
+    let Some(limiter) = compiled.limiter(&conn.local.key) else {
+        return Ok(());
+    };
     if limiter.is_empty() {
         return Ok(());
     }
-    let table = conn.shared.http.table(snapshot);
-    let route_name = table.route(&conn.local.key).and_then(|r| {
+    let route_name = compiled.routes.route(&conn.local.key).and_then(|r| {
         let view = route::RequestView {
             method: req.method().as_str(),
             path: req.uri().path(),

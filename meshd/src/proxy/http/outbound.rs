@@ -18,9 +18,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, debug_span, warn};
 
+use super::super::compiled::Destination;
 use super::super::connect::{self, Error, attempt};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::{Shared, balance, observe, route};
+use super::super::{Shared, balance, endpoints, observe, retry, route};
 use super::replay::ReplayBody;
 use super::{Body, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::{Service, Upstream};
@@ -162,8 +163,9 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
             );
         };
         let is_tcp = {
-            let view = conn.shared.view_rx.borrow();
-            (view.endpoints.get(&dst)).is_some_and(|eps| !eps.iter().any(|e| e.protocol.is_http()))
+            let compiled = conn.shared.compiled();
+            (compiled.view.endpoints.get(&dst))
+                .is_some_and(|eps| !eps.iter().any(|e| e.protocol.is_http()))
         };
         if is_tcp {
             return mesh_response(
@@ -251,7 +253,8 @@ struct Log {
 struct Plan {
     /// Endpoints must carry these labels (the chosen subset's).
     subset: Option<std::collections::BTreeMap<String, String>>,
-    policy: Option<Arc<mesh_api::policy::DestinationPolicy>>,
+    /// The destination as compiled: policy, route, endpoints, breaker, budget.
+    dst: Arc<Destination>,
     retries: Option<mesh_api::policy::Retries>,
     timeout: Option<std::time::Duration>,
     response_headers: Option<mesh_api::policy::HeaderOps>,
@@ -321,10 +324,10 @@ async fn send(
         None => body.boxed(),
     };
     // Circuit breaker: requests in flight to the destination, from this host.
-    let max = (plan.policy.as_ref())
+    let max = (plan.dst.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
         .and_then(|c| c.max_pending_requests);
-    let Some(_slot) = conn.shared.http.admit(dst, max) else {
+    let Some(_slot) = plan.dst.breaker.admit(max) else {
         conn.shared.metrics.reject(Direction::Outbound, "overflow");
         return Err(mesh_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -340,7 +343,7 @@ async fn send(
     // The budget is a share of the requests that may be retried; others need no accounting
     // (and no lock) on the hot path.
     if plan.retries.as_ref().is_some_and(|r| r.attempts > 0) {
-        conn.shared.http.budget_request(dst);
+        plan.dst.budget.request(tokio::time::Instant::now());
     }
     let attempts = async {
         match plan.retries.as_ref().filter(|r| r.attempts > 0) {
@@ -374,7 +377,7 @@ async fn send(
                             Ok(r) => r,
                             Err(_) => (
                                 Err((
-                                    route::Attempt::Reset,
+                                    retry::Attempt::Reset,
                                     mesh_response(
                                         StatusCode::GATEWAY_TIMEOUT,
                                         "outbound",
@@ -389,21 +392,21 @@ async fn send(
                     };
                     log.endpoint = addr;
                     let outcome = match &result {
-                        Ok(resp) => route::response_attempt(resp.status().as_u16(), resp.headers()),
+                        Ok(resp) => retry::response_attempt(resp.status().as_u16(), resp.headers()),
                         Err((a, _)) => *a,
                     };
                     let again = n <= retries.attempts
-                        && route::is_retriable(retries, outcome)
+                        && retry::is_retriable(retries, outcome)
                         && original.try_clone().is_some()
-                        && conn
-                            .shared
-                            .http
-                            .budget_retry(dst, budget_percent.unwrap_or_default());
+                        && (plan.dst.budget).retry(
+                            budget_percent.unwrap_or_default(),
+                            tokio::time::Instant::now(),
+                        );
                     if !again {
                         return result.map_err(|(_, resp)| resp);
                     }
                     debug!(dst.service = %dst, attempt = n, ?outcome, "retrying");
-                    tokio::time::sleep(route::backoff(n, rand::random::<f64>())).await;
+                    tokio::time::sleep(retry::backoff(n, rand::random::<f64>())).await;
                 }
             }
         }
@@ -492,22 +495,24 @@ async fn plan(
     parts: &mut http::request::Parts,
     log: &mut Log,
 ) -> Result<Plan, Response<Body>> {
-    let dst = &conn.upstream.service;
-    let table = {
-        let snapshot = conn.shared.policy_rx.borrow().clone();
-        conn.shared.http.table(&snapshot)
+    let dst = conn.shared.compiled().destination(&conn.upstream.service);
+    let Some(route) = dst.route.clone() else {
+        return Ok(Plan {
+            subset: None,
+            dst,
+            retries: None,
+            timeout: None,
+            response_headers: None,
+        });
     };
-    let policy = table.destination(dst).cloned();
     let mut plan = Plan {
         subset: None,
-        policy: policy.clone(),
+        dst,
         retries: None,
         timeout: None,
         response_headers: None,
     };
-    let Some(route) = table.route(dst) else {
-        return Ok(plan);
-    };
+    let dst = &conn.upstream.service;
     let view = route::RequestView {
         method: parts.method.as_str(),
         path: parts.uri.path(),
@@ -536,7 +541,7 @@ async fn plan(
         && let Some(subset) = &d.subset
     {
         log.subset = subset.to_string();
-        match route::subset_labels(policy.as_deref(), subset.as_str()) {
+        match route::subset_labels(plan.dst.policy.as_deref(), subset.as_str()) {
             Some(labels) => plan.subset = Some(labels.clone()),
             None => {
                 conn.shared.metrics.reject(Direction::Outbound, "no_subset");
@@ -603,7 +608,7 @@ async fn attempt_once(
     plan: &Plan,
     req: Request<Body>,
 ) -> (
-    Result<Response<Body>, (route::Attempt, Response<Body>)>,
+    Result<Response<Body>, (retry::Attempt, Response<Body>)>,
     Option<SocketAddr>,
 ) {
     let dst = &conn.upstream.service;
@@ -613,18 +618,20 @@ async fn attempt_once(
     let head = idempotent.then(|| clone_request(&req, super::empty()));
     let mut req = req;
     let mut resends = 0;
-    let (result, addr) = loop {
-        let (mut sender, addr, state) = match connection(conn, plan).await {
+    let (result, index) = loop {
+        let (mut sender, index) = match connection(conn, plan).await {
             Ok(c) => c,
             Err((attempt, resp)) => return (Err((attempt, resp)), None),
         };
+        let target = &plan.dst.targets[index];
+        let (addr, state) = (target.endpoint.addr, &target.state);
         let _in_flight = state.stats.start();
         let started = std::time::Instant::now();
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let now = std::time::Instant::now();
                 state.stats.observe(now - started, now);
-                break (Ok(resp), addr);
+                break (Ok(resp), index);
             }
             Err(mut e) => match e.take_message() {
                 // The connection died before the request left (a pooled connection to a host
@@ -636,7 +643,7 @@ async fn attempt_once(
                     conn.shared
                         .http
                         .forget_peer(&conn.source.key, &conn.upstream.service, addr);
-                    record_outlier(conn, plan, addr, balance::Outcome::ConnectFailure);
+                    record_outlier(conn, plan, index, balance::Outcome::ConnectFailure);
                     req = unsent;
                 }
                 None if resends < MAX_RESENDS
@@ -648,10 +655,10 @@ async fn attempt_once(
                     conn.shared
                         .http
                         .forget_peer(&conn.source.key, &conn.upstream.service, addr);
-                    record_outlier(conn, plan, addr, balance::Outcome::ConnectFailure);
+                    record_outlier(conn, plan, index, balance::Outcome::ConnectFailure);
                     req = clone_request(head, super::empty());
                 }
-                _ => break (Err(e.into_error()), addr),
+                _ => break (Err(e.into_error()), index),
             },
         }
     };
@@ -660,7 +667,8 @@ async fn attempt_once(
         Ok(_) => balance::Outcome::Success,
         Err(_) => balance::Outcome::ConnectFailure,
     };
-    record_outlier(conn, plan, addr, outcome);
+    record_outlier(conn, plan, index, outcome);
+    let addr = plan.dst.targets[index].endpoint.addr;
     match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
@@ -678,31 +686,20 @@ async fn attempt_once(
                 "upstream_reset",
                 format!("{dst} at {addr}: {e}\n"),
             );
-            (Err((route::Attempt::Reset, resp)), Some(addr))
+            (Err((retry::Attempt::Reset, resp)), Some(addr))
         }
     }
 }
 
-/// Feeds outlier detection, when the destination has it.
-fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::Outcome) {
-    if plan
-        .policy
-        .as_ref()
-        .and_then(|p| p.outlier_detection.as_ref())
-        .is_none()
-    {
-        return;
-    }
-    let targets = connect::targets(&conn.shared, &conn.upstream.service);
-    let Some(i) = targets.iter().position(|t| t.endpoint.addr == addr) else {
-        return;
-    };
-    let dst = connect::Destination {
-        service: &conn.upstream.service,
-        targets: &targets,
-        policy: plan.policy.as_deref(),
-    };
-    connect::record(&conn.shared, &dst, i, outcome, std::time::Instant::now());
+/// Feeds outlier detection of `plan.dst.targets[index]`, when the destination has it.
+fn record_outlier(conn: &Conn, plan: &Plan, index: usize, outcome: balance::Outcome) {
+    connect::record(
+        &conn.shared,
+        &plan.dst,
+        index,
+        outcome,
+        std::time::Instant::now(),
+    );
 }
 
 /// A ready HTTP/2 connection to an endpoint of the upstream: pooled, or made now (trying up
@@ -710,14 +707,8 @@ fn record_outlier(conn: &Conn, plan: &Plan, addr: SocketAddr, outcome: balance::
 async fn connection(
     conn: &Conn,
     plan: &Plan,
-) -> Result<
-    (
-        hyper::client::conn::http2::SendRequest<Body>,
-        SocketAddr,
-        Arc<balance::EndpointState>,
-    ),
-    (route::Attempt, Response<Body>),
-> {
+) -> Result<(hyper::client::conn::http2::SendRequest<Body>, usize), (retry::Attempt, Response<Body>)>
+{
     let shared = &conn.shared;
     let dst = &conn.upstream.service;
     let tls = shared.tls_rx.borrow().clone();
@@ -725,7 +716,7 @@ async fn connection(
         let e = Error::NoCertificate(conn.source.key.to_string());
         shared.metrics.reject(Direction::Outbound, e.reason());
         return Err((
-            route::Attempt::ConnectFailure,
+            retry::Attempt::ConnectFailure,
             mesh_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "outbound",
@@ -734,20 +725,21 @@ async fn connection(
             ),
         ));
     };
-    let targets = connect::targets(shared, dst);
-    let dst_set = connect::Destination {
-        service: dst,
-        targets: &targets,
-        policy: plan.policy.as_deref(),
-    };
+    let targets = &plan.dst.targets;
     let cursor = conn.cursor.fetch_add(1, Ordering::Relaxed);
-    let order = connect::order(shared, &dst_set, plan.subset.as_ref(), cursor);
+    let order = connect::order(
+        shared,
+        &plan.dst,
+        plan.subset.as_ref(),
+        endpoints::DEFAULT_HTTP_LOAD_BALANCER,
+        cursor,
+    );
     if order.is_empty() {
         let e = Error::NoEndpoints(dst.to_string());
         shared.metrics.reject(Direction::Outbound, e.reason());
         warn!(src.service = %conn.source.key, dst.service = %dst, reason = e.reason(), "no endpoint for the request");
         return Err((
-            route::Attempt::ConnectFailure,
+            retry::Attempt::ConnectFailure,
             mesh_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "outbound",
@@ -756,7 +748,7 @@ async fn connection(
             ),
         ));
     }
-    let max_requests = (plan.policy.as_ref())
+    let max_requests = (plan.dst.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
         .and_then(|c| c.max_requests_per_connection);
     let mut last = None;
@@ -771,7 +763,7 @@ async fn connection(
             max_requests,
         ) && sender.ready().await.is_ok()
         {
-            return Ok((sender, ep.addr, Arc::clone(&target.state)));
+            return Ok((sender, i));
         }
         // One connection attempt per (source, endpoint) at a time: a burst of requests on a
         // cold pool (start, certificate rotation) would otherwise open one TLS connection each,
@@ -790,7 +782,7 @@ async fn connection(
             max_requests,
         ) && sender.ready().await.is_ok()
         {
-            return Ok((sender, ep.addr, Arc::clone(&target.state)));
+            return Ok((sender, i));
         }
         if failed_at.is_some_and(|t| t >= waited_from) {
             // The attempt we waited for failed meanwhile: do not repeat it (a dead endpoint
@@ -805,7 +797,7 @@ async fn connection(
             }
             Err(e) => {
                 *failed_at = Some(std::time::Instant::now());
-                connect::failed(shared, &dst_set, i, &e, n + 1 < order.len());
+                connect::failed(shared, &plan.dst, i, &e, n + 1 < order.len());
                 let retry = e.is_retryable();
                 last = Some(e);
                 if !retry {
@@ -860,7 +852,7 @@ async fn connection(
                         max_requests,
                     );
                     *failed_at = None;
-                    return Ok((sender, ep.addr, Arc::clone(&target.state)));
+                    return Ok((sender, i));
                 }
                 *failed_at = Some(std::time::Instant::now());
             }
@@ -891,7 +883,7 @@ async fn connection(
     };
     warn!(src.service = %conn.source.key, dst.service = %dst, reason, error = %text, "outbound request failed");
     Err((
-        route::Attempt::ConnectFailure,
+        retry::Attempt::ConnectFailure,
         mesh_response(status, "outbound", reason, format!("{text}\n")),
     ))
 }
@@ -899,8 +891,8 @@ async fn connection(
 /// Whether connections to `upstream` are proxied per request: its instances say they speak an
 /// HTTP-family protocol. `None` when no instance is known.
 pub fn is_http(shared: &Shared, upstream: &Upstream) -> Option<bool> {
-    let view = shared.view_rx.borrow();
-    (view.endpoints.get(&upstream.service))
+    let compiled = shared.compiled();
+    (compiled.view.endpoints.get(&upstream.service))
         .filter(|eps| !eps.is_empty())
         .map(|eps| eps.iter().any(|e| e.protocol.is_http()))
 }

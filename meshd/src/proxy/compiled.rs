@@ -1,0 +1,215 @@
+//! The proxy's state derived from policy, membership and configuration, compiled once per
+//! change by one task: route tables, each destination's policy, route, endpoints with their
+//! live state, circuit breaker and retry budget, and each local service's rate limiter.
+//! Connections and requests read the current [`Compiled`] from a watch; nothing on the request
+//! path builds derived state or locks a map shared by every request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mesh_api::ServiceKey;
+use mesh_api::policy::{DestinationPolicy, Snapshot};
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::balance::{EndpointState, Target};
+use super::breaker::Breaker;
+use super::ratelimit::Limiter;
+use super::retry::Budget;
+use super::route::{self, CompiledRoute};
+use crate::config::Config;
+use crate::membership::{Endpoint, MeshView};
+
+/// One destination service as this node sends to it.
+#[derive(Debug)]
+pub struct Destination {
+    /// The service.
+    pub service: ServiceKey,
+    /// Its DestinationPolicy, if any.
+    pub policy: Option<Arc<DestinationPolicy>>,
+    /// Its Route, if any.
+    pub route: Option<Arc<CompiledRoute>>,
+    /// Its endpoints (as gossip says, in the view's order) with their state on this node.
+    pub targets: Arc<[Target]>,
+    /// Connections or requests in flight to it from this node.
+    pub breaker: Breaker,
+    /// Its retry budget.
+    pub budget: Arc<Budget>,
+}
+
+/// Everything derived, as of one policy snapshot, mesh view and configuration.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The policy compiled.
+    pub policy: Arc<Snapshot>,
+    /// The view compiled.
+    pub view: Arc<MeshView>,
+    /// Routes and destination policies by service.
+    pub routes: Arc<route::Table>,
+    destinations: HashMap<ServiceKey, Arc<Destination>>,
+    limiters: HashMap<ServiceKey, Arc<Limiter>>,
+}
+
+impl Compiled {
+    /// Compiles `policy`, `view` and the local services of `config`, carrying over from
+    /// `prev` the state that must outlive a change: endpoint load, latency, ejections and
+    /// reachability (by address), breaker counts, retry budgets and rate-limit buckets.
+    pub fn new(
+        prev: Option<&Compiled>,
+        policy: Arc<Snapshot>,
+        view: Arc<MeshView>,
+        config: &Config,
+    ) -> Self {
+        let same_policy = prev.is_some_and(|p| Arc::ptr_eq(&p.policy, &policy));
+        let same_view = prev.is_some_and(|p| Arc::ptr_eq(&p.view, &view));
+        let routes = match prev {
+            Some(p) if same_policy => Arc::clone(&p.routes),
+            _ => Arc::new(route::Table::build(&policy)),
+        };
+        let upstreams =
+            (config.services.iter()).flat_map(|s| s.upstreams.iter().map(|u| &u.service));
+        let mut destinations = HashMap::new();
+        for service in view.endpoints.keys().chain(upstreams) {
+            if destinations.contains_key(service) {
+                continue;
+            }
+            let old = prev.and_then(|p| p.destinations.get(service));
+            let eps = view.endpoints.get(service).map_or(&[][..], Vec::as_slice);
+            let targets = match old {
+                Some(d) if same_view => Arc::clone(&d.targets),
+                _ => targets(eps, old.map(|d| &d.targets[..])),
+            };
+            let dst = Destination {
+                service: service.clone(),
+                policy: routes.destination(service).cloned(),
+                route: routes.route(service).cloned(),
+                targets,
+                breaker: old.map(|d| d.breaker.clone()).unwrap_or_default(),
+                budget: old.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
+            };
+            destinations.insert(service.clone(), Arc::new(dst));
+        }
+        let limiters = (config.services.iter())
+            .map(|s| {
+                let old = prev.and_then(|p| p.limiters.get(&s.key));
+                let limiter = match old {
+                    Some(l) if same_policy => Arc::clone(l),
+                    _ => {
+                        let mut new = Limiter::new(&policy, &s.key);
+                        if let Some(old) = old {
+                            new.carry_over(old);
+                        }
+                        Arc::new(new)
+                    }
+                };
+                (s.key.clone(), limiter)
+            })
+            .collect();
+        Self {
+            policy,
+            view,
+            routes,
+            destinations,
+            limiters,
+        }
+    }
+
+    /// The destination `service`: compiled if gossip or the configuration knows it, else an
+    /// empty one (no endpoints; its policy and route still apply).
+    pub fn destination(&self, service: &ServiceKey) -> Arc<Destination> {
+        if let Some(d) = self.destinations.get(service) {
+            return Arc::clone(d);
+        }
+        Arc::new(Destination {
+            service: service.clone(),
+            policy: self.routes.destination(service).cloned(),
+            route: self.routes.route(service).cloned(),
+            targets: Arc::from(Vec::new()),
+            breaker: Breaker::default(),
+            budget: Arc::default(),
+        })
+    }
+
+    /// The rate limiter of the local service `service`, if it is configured.
+    pub fn limiter(&self, service: &ServiceKey) -> Option<&Arc<Limiter>> {
+        self.limiters.get(service)
+    }
+}
+
+/// The targets of `eps`, each keeping the state its address had in `old`.
+fn targets(eps: &[Endpoint], old: Option<&[Target]>) -> Arc<[Target]> {
+    let old_state = |addr| {
+        (old.unwrap_or_default().iter())
+            .find(|t| t.endpoint.addr == addr)
+            .map(|t| Arc::clone(&t.state))
+    };
+    // A service has a handful of endpoints; past that, index the old ones once.
+    let index: Option<HashMap<_, _>> = (old.is_some_and(|o| o.len() > 16)).then(|| {
+        (old.unwrap_or_default().iter())
+            .map(|t| (t.endpoint.addr, Arc::clone(&t.state)))
+            .collect()
+    });
+    (eps.iter())
+        .map(|e| {
+            let state = match &index {
+                Some(index) => index.get(&e.addr).cloned(),
+                None => old_state(e.addr),
+            };
+            Target {
+                endpoint: e.clone(),
+                state: state.unwrap_or_else(|| Arc::new(EndpointState::default())),
+            }
+        })
+        .collect()
+}
+
+/// Compiles the current inputs, then again on every change of any of them, until `shutdown`.
+/// Returns the compiled state and the view it was compiled from (what admin shows, so a view
+/// seen there is one the proxy already uses).
+pub fn spawn(
+    mut config_rx: watch::Receiver<Arc<Config>>,
+    mut policy_rx: watch::Receiver<Arc<Snapshot>>,
+    mut view_rx: watch::Receiver<Arc<MeshView>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> (
+    watch::Receiver<Arc<Compiled>>,
+    watch::Receiver<Arc<MeshView>>,
+) {
+    let compile = |prev: Option<&Compiled>,
+                   config_rx: &mut watch::Receiver<Arc<Config>>,
+                   policy_rx: &mut watch::Receiver<Arc<Snapshot>>,
+                   view_rx: &mut watch::Receiver<Arc<MeshView>>| {
+        let config = config_rx.borrow_and_update().clone();
+        let policy = policy_rx.borrow_and_update().clone();
+        let view = view_rx.borrow_and_update().clone();
+        Compiled::new(prev, policy, view, &config)
+    };
+    let first = compile(None, &mut config_rx, &mut policy_rx, &mut view_rx);
+    let (view_tx, view_out) = watch::channel(Arc::clone(&first.view));
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = config_rx.changed() => if r.is_err() { return },
+                r = policy_rx.changed() => if r.is_err() { return },
+                r = view_rx.changed() => if r.is_err() { return },
+                _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+            }
+            let prev = tx.borrow().clone();
+            let next = compile(Some(&prev), &mut config_rx, &mut policy_rx, &mut view_rx);
+            debug!(
+                policy.revision = next.policy.revision,
+                destinations = next.destinations.len(),
+                "proxy state compiled"
+            );
+            let view = Arc::clone(&next.view);
+            tx.send_replace(Arc::new(next));
+            view_tx.send_replace(view);
+        }
+    });
+    (rx, view_out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -285,6 +285,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         drain: drain_watch,
         force_rx,
         http: Arc::new(proxy::http::State::new(&config)),
+        pool: Arc::default(),
         compiled_rx,
         edges: Arc::new(proxy::observe::Edges::default()),
         tracer,

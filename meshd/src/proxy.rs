@@ -23,6 +23,7 @@ pub mod breaker;
 pub mod connect;
 pub mod compiled;
 pub mod copy;
+pub mod detect;
 pub mod endpoints;
 pub mod http;
 pub mod inbound;
@@ -30,6 +31,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
+pub mod pool;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;
@@ -160,8 +162,10 @@ pub struct Shared {
     pub drain: drain::Watch,
     /// Turns `true` when the grace period is over: open connections are closed.
     pub force_rx: watch::Receiver<bool>,
-    /// Pooled HTTP clients (to local apps and to other hosts).
+    /// HTTP clients of local apps.
     pub http: Arc<http::State>,
+    /// HTTP/2 connections to other hosts.
+    pub pool: Arc<pool::Pool>,
     /// Derived state (routes, destinations with their endpoints and live state, limiters),
     /// compiled once per change of policy, membership or configuration.
     pub compiled_rx: watch::Receiver<Arc<compiled::Compiled>>,

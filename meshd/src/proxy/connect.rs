@@ -191,7 +191,7 @@ async fn attempt_once(
         copy::reset(tls.get_ref().0);
         return Err(Error::Handshake {
             addr,
-            reason: super::inbound::REASON_CERT_REVOKED,
+            reason: super::tls::REASON_CERT_REVOKED,
             source: std::io::Error::other(format!("server certificate {serial} is revoked")),
         });
     }

@@ -4,7 +4,7 @@
 //! other hosts. Between hosts every request travels as an HTTP/2 stream inside mTLS
 //! (ALPN `meshd/h2/1`), whatever the app speaks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -19,11 +19,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mesh_api::ServiceKey;
 
-use super::tls::TlsState;
 use crate::config::{Config, Protocol};
 
 pub mod inbound;
-pub mod outbound;
 pub mod replay;
 pub mod upgrade;
 
@@ -300,21 +298,7 @@ pub struct State {
     /// A client per local HTTP-family service, speaking the app's protocol; replaced on a
     /// reload (clients of unchanged services carried over with their pooled connections).
     apps: Mutex<Arc<AppClients>>,
-    /// HTTP/2 connections to other hosts' inbound ports, per calling service and endpoint.
-    peers: Mutex<HashMap<PeerKey, Pooled>>,
-    /// Held while a connection to a peer is being made, per calling service and endpoint;
-    /// holds when the last attempt failed (`None` after a success).
-    connecting: Mutex<HashMap<PeerKey, ConnectSlot>>,
 }
-
-/// A pooled connection's calling service, destination service and endpoint. The destination
-/// is part of it because a host's one inbound port serves all its services and picks the
-/// service per connection (by SNI): a connection made for one service cannot carry requests
-/// for another on the same host.
-type PeerKey = (ServiceKey, ServiceKey, SocketAddr);
-
-/// Serializes connection attempts to one peer; the value is when the last one failed.
-type ConnectSlot = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
 
 /// What an app client was made for: a change of any of it needs a new client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,23 +348,12 @@ impl AppClient {
     }
 }
 
-/// One pooled connection to a peer, with the TLS state it was made under: a connection made
-/// before a certificate rotation is not reused after it.
-struct Pooled {
-    tls: Arc<TlsState>,
-    sender: SendRequest<Body>,
-    /// Requests given to it so far.
-    requests: u32,
-}
-
 impl State {
     /// Clients for the HTTP-family services of `config`.
     pub fn new(config: &Config) -> Self {
         let apps = app_clients(config, &AppClients::new());
         Self {
             apps: Mutex::new(Arc::new(apps)),
-            peers: Mutex::new(HashMap::new()),
-            connecting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -397,93 +370,6 @@ impl State {
     pub fn reconfigure(&self, config: &Config) {
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
         *apps = Arc::new(app_clients(config, &apps));
-    }
-
-    /// A live pooled connection from `source` to `dst` at `addr` made under `tls`, counting the
-    /// request about to be sent on it: the one that reaches `max_requests` (the destination's
-    /// `max_requests_per_connection`) is its last, and the connection leaves the pool.
-    fn peer(
-        &self,
-        source: &ServiceKey,
-        dst: &ServiceKey,
-        addr: SocketAddr,
-        tls: &Arc<TlsState>,
-        max_requests: Option<u32>,
-    ) -> Option<SendRequest<Body>> {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (source.clone(), dst.clone(), addr);
-        let p = peers.get_mut(&key)?;
-        if p.sender.is_closed() || !Arc::ptr_eq(&p.tls, tls) {
-            // Closed, or made with certificates since rotated: let in-flight requests
-            // finish on it, use a fresh one from now on.
-            peers.remove(&key);
-            return None;
-        }
-        let sender = p.sender.clone();
-        p.requests += 1;
-        if !keeps_serving(p.requests, max_requests) {
-            peers.remove(&key);
-        }
-        Some(sender)
-    }
-
-    /// Waits for the right to connect from `source` to `addr`; held until the new
-    /// connection is pooled (or the attempt failed).
-    async fn connecting(
-        &self,
-        source: &ServiceKey,
-        dst: &ServiceKey,
-        addr: SocketAddr,
-    ) -> tokio::sync::OwnedMutexGuard<Option<std::time::Instant>> {
-        let lock = {
-            let mut m = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(m.entry((source.clone(), dst.clone(), addr)).or_default())
-        };
-        lock.lock_owned().await
-    }
-
-    /// Drops the pooled connection from `source` to `addr` if it has closed (a request just
-    /// failed on it); a newer live one, pooled meanwhile by another request, stays.
-    fn forget_peer(&self, source: &ServiceKey, dst: &ServiceKey, addr: SocketAddr) {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (source.clone(), dst.clone(), addr);
-        if peers.get(&key).is_some_and(|p| p.sender.is_closed()) {
-            peers.remove(&key);
-        }
-    }
-
-    /// Pools a new connection that is about to carry its first request (unless that is
-    /// already all `max_requests` allows).
-    fn put_peer(
-        &self,
-        source: &ServiceKey,
-        dst: &ServiceKey,
-        addr: SocketAddr,
-        tls: Arc<TlsState>,
-        sender: SendRequest<Body>,
-        max_requests: Option<u32>,
-    ) {
-        if !keeps_serving(1, max_requests) {
-            return;
-        }
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.insert(
-            (source.clone(), dst.clone(), addr),
-            Pooled {
-                tls,
-                sender,
-                requests: 1,
-            },
-        );
-    }
-}
-
-/// Whether a connection that has been given `requests` requests may take more under
-/// `max_requests_per_connection` (`None` or 0: no limit).
-pub fn keeps_serving(requests: u32, max_requests: Option<u32>) -> bool {
-    match max_requests {
-        None | Some(0) => true,
-        Some(max) => requests < max,
     }
 }
 
@@ -525,28 +411,6 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty(), "te without trailers is dropped");
-    }
-
-    #[test]
-    fn connections_serve_up_to_max_requests() {
-        #[rustfmt::skip]
-        let cases: &[(u32, Option<u32>, bool)] = &[
-            (1, None, true),
-            (1_000_000, None, true),
-            (5, Some(0), true),
-            (1, Some(1), false),
-            (1, Some(2), true),
-            (2, Some(2), false),
-            (9, Some(10), true),
-            (10, Some(10), false),
-        ];
-        for (requests, max, want) in cases {
-            assert_eq!(
-                keeps_serving(*requests, *max),
-                *want,
-                "{requests} of {max:?}"
-            );
-        }
     }
 
     #[test]

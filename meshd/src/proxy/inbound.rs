@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mesh_api::policy::Snapshot;
 use mesh_api::policy::authz::{Decision, MtlsMode, REASON_MTLS_REQUIRED};
@@ -22,16 +21,8 @@ use tracing::{info, warn};
 
 use super::authz::{self, Attrs};
 use super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Shared, copy, observe, tls};
+use super::{Shared, copy, detect, observe, tls};
 use crate::config::{Config, Service};
-
-/// How long a connection on a `listen` address may stay silent before it is taken for a
-/// plaintext client of a server-speaks-first protocol. An mTLS client sends its ClientHello
-/// at once; a second leaves room for a lost first segment to be retransmitted.
-pub const PROTOCOL_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The first byte of a TLS handshake record.
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Where a listener takes callers from.
 #[derive(Debug, Clone)]
@@ -70,24 +61,6 @@ fn reject(shared: &Shared, peer: SocketAddr, reason: &'static str, detail: &dyn 
     warn!(src.addr = %peer, reason, error = %detail, "inbound connection rejected");
 }
 
-/// What the first byte of a connection says it is.
-enum Transport {
-    Tls,
-    Plaintext,
-    /// Closed (or failed) before sending anything.
-    Gone,
-}
-
-/// Peeks at the first byte without consuming it.
-async fn detect(tcp: &TcpStream) -> Transport {
-    let mut first = [0u8; 1];
-    match timeout(PROTOCOL_DETECT_TIMEOUT, tcp.peek(&mut first)).await {
-        Ok(Ok(0) | Err(_)) => Transport::Gone,
-        Ok(Ok(_)) if first[0] == TLS_HANDSHAKE_RECORD => Transport::Tls,
-        Ok(Ok(_)) | Err(_) => Transport::Plaintext,
-    }
-}
-
 async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
@@ -98,13 +71,13 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
             let Some(local) = config.services.iter().find(|s| s.key == *key) else {
                 return;
             };
-            match detect(&tcp).await {
-                Transport::Gone => return,
-                Transport::Tls => Some(local),
-                Transport::Plaintext if local.protocol.is_http() => {
+            match detect::transport(&tcp).await {
+                detect::Transport::Gone => return,
+                detect::Transport::Tls => Some(local),
+                detect::Transport::Plaintext if local.protocol.is_http() => {
                     return serve_plaintext_http(tcp, local, peer, shared, started).await;
                 }
-                Transport::Plaintext => {
+                detect::Transport::Plaintext => {
                     return serve_caller(tcp, None, local, peer, shared, started).await;
                 }
             }
@@ -121,21 +94,18 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
         () = serve_mtls(tls_stream, caller.clone(), local, peer, shared, started) => {}
         () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
             // The serving future is dropped here, which closes both sockets (caller and app).
-            shared.metrics.reject(Direction::Inbound, REASON_CERT_REVOKED);
+            shared.metrics.reject(Direction::Inbound, super::tls::REASON_CERT_REVOKED);
             warn!(
                 src.identity = %caller,
                 src.addr = %peer,
                 dst.service = %local.key,
                 serial = serial.as_deref().unwrap_or_default(),
-                reason = REASON_CERT_REVOKED,
+                reason = super::tls::REASON_CERT_REVOKED,
                 "connection closed: the caller's certificate was revoked"
             );
         }
     }
 }
-
-/// Reason of a refused or closed connection whose peer certificate is on the deny-list.
-pub const REASON_CERT_REVOKED: &str = "cert_revoked";
 
 /// An accepted mTLS caller: a byte stream, HTTP/1 or meshd's HTTP/2, by ALPN and protocol.
 async fn serve_mtls(
@@ -260,7 +230,7 @@ async fn accept_tls<'s>(
         reject(
             shared,
             peer,
-            REASON_CERT_REVOKED,
+            super::tls::REASON_CERT_REVOKED,
             &format!("caller certificate {serial} is revoked"),
         );
         return None;

@@ -1,43 +1,20 @@
-//! The outbound side: accepts an app's connection on an upstream's local port, picks an
-//! endpoint of the upstream service from the mesh view, and originates mTLS to that host's
+//! The outbound side's entry: accepts an app's connections on an upstream's local port (or a
+//! service's `http_proxy` listener) and hands each to the TCP or the HTTP proxy by the
+//! protocol the upstream's instances gossip. Both originate mTLS to the chosen endpoint's
 //! inbound port, presenting the calling service's identity and checking the callee's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{Instant, timeout};
-use tracing::warn;
+use tokio::net::TcpListener;
 
-use super::compiled::Destination;
-use super::connect::{self, Error};
-use super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::{Shared, balance, breaker, copy, endpoints, observe};
+use super::{Shared, detect};
 use crate::config::{Service, Upstream};
 
-/// Whether the app's first bytes on `tcp` (waiting at most
-/// [`super::inbound::PROTOCOL_DETECT_TIMEOUT`]) start an HTTP/1 request or the HTTP/2 preface.
-async fn looks_like_http(tcp: &TcpStream) -> bool {
-    let mut buf = [0u8; 16];
-    match timeout(super::inbound::PROTOCOL_DETECT_TIMEOUT, tcp.peek(&mut buf)).await {
-        Ok(Ok(n)) => starts_like_http(&buf[..n]),
-        _ => false,
-    }
-}
-
-/// Whether `bytes` begin an HTTP/1 request line (`METHOD ` with a token method) or the
-/// HTTP/2 connection preface.
-pub fn starts_like_http(bytes: &[u8]) -> bool {
-    if bytes.starts_with(b"PRI * HTTP/2") {
-        return true;
-    }
-    let Some(space) = bytes.iter().position(|&b| b == b' ') else {
-        return false;
-    };
-    // RFC 9110 methods are tokens; the common ones are upper-case letters.
-    (1..=10).contains(&space) && bytes[..space].iter().all(u8::is_ascii_uppercase)
-}
+pub mod http;
+pub mod send;
+pub mod tcp;
 
 /// Accepts app connections for one upstream until `stop_rx` turns true.
 pub async fn serve(
@@ -62,14 +39,14 @@ pub async fn serve(
             // that changes protocol is followed without a restart here. With no instance
             // known, the app's first bytes tell: an HTTP client then gets a 503 saying so
             // rather than a reset.
-            let http = match super::http::outbound::is_http(&shared, &upstream) {
+            let http = match http::is_http_service(&shared, &upstream.service) {
                 Some(http) => http,
-                None => looks_like_http(&tcp).await,
+                None => detect::looks_like_http(&tcp).await,
             };
             if http {
-                super::http::outbound::serve(tcp, peer, source, upstream, shared, cursor).await;
+                http::serve(tcp, peer, source, upstream, shared, cursor).await;
             } else {
-                handle(tcp, peer, &source, &upstream, &shared, &cursor).await;
+                tcp::serve(tcp, peer, &source, &upstream, &shared, &cursor).await;
             }
         })
     })
@@ -92,213 +69,7 @@ pub async fn serve_http_proxy(
     let drain = shared.drain.clone();
     super::accept_loop(listener, "http_proxy", drain, stops, |tcp, peer| {
         let (shared, cursor, source) = (shared.clone(), cursor.clone(), source.clone());
-        Some(super::http::outbound::serve_by_host(
-            tcp, peer, source, bind, shared, cursor,
-        ))
+        Some(http::serve_by_host(tcp, peer, source, bind, shared, cursor))
     })
     .await;
-}
-
-async fn handle(
-    mut app: TcpStream,
-    peer: SocketAddr,
-    source: &Service,
-    upstream: &Upstream,
-    shared: &Shared,
-    cursor: &AtomicUsize,
-) {
-    let _ = app.set_nodelay(true);
-    let started = Instant::now();
-    // The connection's record, finished on every way out.
-    let record = |dst_addr: Option<SocketAddr>, t: copy::Transferred, error: Option<String>| {
-        observe::Record {
-            direction: Direction::Outbound,
-            started,
-            src_addr: peer,
-            src_service: Some(source.key.clone()),
-            src_identity: None,
-            mtls: true,
-            dst_service: upstream.service.clone(),
-            dst_addr,
-            kind: observe::Kind::Tcp {
-                to_service: t.to_service,
-                to_caller: t.to_caller,
-                failed: error.is_some(),
-            },
-            decision: None,
-            trace_id: None,
-            error: error.unwrap_or_default(),
-        }
-    };
-    let dst = shared.compiled().destination(&upstream.service);
-    let opened = match open(shared, source, &dst, cursor).await {
-        Ok(opened) => opened,
-        Err(why) => {
-            copy::reset(&app);
-            observe::finish(
-                shared,
-                record(None, copy::Transferred::default(), Some(why)),
-            );
-            return;
-        }
-    };
-    let addr = dst.targets[opened.index].endpoint.addr;
-    let (t, error) = relay(&mut app, opened, source, &dst, shared).await;
-    observe::finish(shared, record(Some(addr), t, error));
-}
-
-/// A connection to an endpoint of the destination, admitted by its circuit breaker.
-struct Opened {
-    stream: tokio_rustls::client::TlsStream<TcpStream>,
-    /// The endpoint (index into the destination's targets).
-    index: usize,
-    /// The breaker slot, held for the connection's life.
-    _slot: breaker::Admitted,
-    /// Counts the connection as outstanding on the endpoint (least request, EWMA).
-    _in_flight: balance::InFlight,
-}
-
-/// Admits one connection of `source` to `dst` (circuit breaker) and dials it; `Err` says why
-/// not, already counted and logged.
-async fn open(
-    shared: &Shared,
-    source: &Service,
-    dst: &Destination,
-    cursor: &AtomicUsize,
-) -> Result<Opened, String> {
-    let max = (dst.policy.as_ref())
-        .and_then(|p| p.circuit_breaker.as_ref())
-        .and_then(|c| c.max_connections);
-    let Some(slot) = dst.breaker.admit(max) else {
-        shared.metrics.reject(Direction::Outbound, "overflow");
-        warn!(src.service = %source.key, dst.service = %dst.service, max_connections = max, "outbound connection refused: circuit breaker open");
-        return Err("circuit breaker open (max_connections)".to_owned());
-    };
-    match dial(shared, source, dst, cursor).await {
-        Ok((stream, index)) => Ok(Opened {
-            stream,
-            index,
-            _slot: slot,
-            _in_flight: dst.targets[index].state.stats.start(),
-        }),
-        Err(e) => {
-            if !matches!(
-                e,
-                Error::Connect { .. } | Error::Timeout { .. } | Error::Handshake { .. }
-            ) {
-                shared.metrics.reject(Direction::Outbound, e.reason());
-            }
-            warn!(src.service = %source.key, dst.service = %dst.service, reason = e.reason(), error = %e, "outbound connection failed");
-            Err(e.to_string())
-        }
-    }
-}
-
-/// Relays between the app and the endpoint until both sides close, the drain's grace period
-/// ends or the server's certificate is revoked; a reset by the endpoint feeds its outlier
-/// detection. Returns the bytes moved and the error, if any.
-async fn relay(
-    app: &mut TcpStream,
-    opened: Opened,
-    source: &Service,
-    dst: &Destination,
-    shared: &Shared,
-) -> (copy::Transferred, Option<String>) {
-    let addr = dst.targets[opened.index].endpoint.addr;
-    let labels = ServiceLabels {
-        direction: Direction::Outbound,
-        service: dst.service.to_string(),
-    };
-    shared.metrics.connections.get_or_create(&labels).inc();
-    let _active = ActiveGuard::new(&shared.metrics, Direction::Outbound);
-    let mut force = shared.force_rx.clone();
-    let mut deny_rx = shared.deny_rx.clone();
-    let serial = crate::deny::peer_serial(opened.stream.get_ref().1);
-    // Which side failed, if the copy fails: a reset by the endpoint counts against it.
-    let mut stream = copy::Blamed::new(opened.stream);
-    let result = tokio::select! {
-        r = copy::bidirectional(app, &mut stream, true) => r,
-        _ = mesh_runtime::drain::until_true(&mut force) => {
-            copy::reset(app);
-            Err(std::io::Error::other("closed at the end of the drain grace period"))
-        }
-        () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
-            copy::reset(app);
-            shared.metrics.reject(Direction::Outbound, super::inbound::REASON_CERT_REVOKED);
-            warn!(src.service = %source.key, dst.service = %dst.service, dst.addr = %addr, "connection closed: the server's certificate was revoked");
-            Err(std::io::Error::other("closed: the server's certificate was revoked"))
-        }
-    };
-    match result {
-        Ok(t) => (t, None),
-        Err(e) => {
-            copy::reset(stream.get_ref().get_ref().0);
-            if stream.failed() {
-                let now = std::time::Instant::now();
-                connect::record(
-                    shared,
-                    dst,
-                    opened.index,
-                    balance::Outcome::ConnectFailure,
-                    now,
-                );
-            }
-            (copy::Transferred::default(), Some(e.to_string()))
-        }
-    }
-}
-
-/// Dials `dst` for one connection of `source`: the endpoint path, stepping over failed
-/// connects.
-async fn dial(
-    shared: &Shared,
-    source: &Service,
-    dst: &Destination,
-    cursor: &AtomicUsize,
-) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, usize), Error> {
-    let client = (shared.tls_rx.borrow().clients.get(&source.key).cloned())
-        .ok_or_else(|| Error::NoCertificate(source.key.to_string()))?;
-    let cursor = cursor.fetch_add(1, Ordering::Relaxed);
-    let order = connect::order(
-        shared,
-        dst,
-        None,
-        endpoints::DEFAULT_TCP_LOAD_BALANCER,
-        cursor,
-    );
-    if order.is_empty() {
-        return Err(Error::NoEndpoints(dst.service.to_string()));
-    }
-    connect::dial(shared, &client, dst, &order).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_bytes_tell_http_apart() {
-        #[rustfmt::skip]
-        let cases: &[(&[u8], bool)] = &[
-            (b"GET / HTTP/1.1\r\n", true),
-            (b"POST /x HTTP/1.1", true),
-            (b"OPTIONS * HTTP/1.1", true),
-            (b"PRI * HTTP/2.0\r\n\r\nSM", true),
-            (b"GET", false),            // not yet a request line
-            (b"get / HTTP/1.1", false),  // methods are case-sensitive
-            (b"\x16\x03\x01\x02\x00", false),
-            (b"SSH-2.0-OpenSSH", false),
-            (b" / HTTP/1.1", false),
-            (b"", false),
-            (b"VERYLONGMETHOD / HTTP/1.1", false),
-        ];
-        for (bytes, want) in cases {
-            assert_eq!(
-                starts_like_http(bytes),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(bytes)
-            );
-        }
-    }
 }

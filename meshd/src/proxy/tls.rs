@@ -224,6 +224,9 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
     })
 }
 
+/// Reason of a refused or closed connection whose peer certificate is on the deny-list.
+pub const REASON_CERT_REVOKED: &str = "cert_revoked";
+
 /// Every value [`failure_reason`] returns: the `reason` label values of a failed handshake,
 /// whose series start at zero so a dashboard sees them before the first failure.
 pub const FAILURE_REASONS: &[&str] = &[

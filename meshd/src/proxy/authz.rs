@@ -102,6 +102,14 @@ pub fn policy_of(d: &Decision) -> String {
     }
 }
 
+/// The service of a workload identity (node and operator identities call no service).
+pub fn workload_service(id: &Identity) -> Option<mesh_api::ServiceKey> {
+    match id {
+        Identity::Workload { service, .. } => Some(service.clone()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -21,7 +21,6 @@ use mesh_api::ServiceKey;
 
 use crate::config::{Config, Protocol};
 
-pub mod inbound;
 pub mod replay;
 pub mod upgrade;
 
@@ -359,7 +358,7 @@ impl State {
 
     /// The client for the local service `key` and the app's address, as currently configured
     /// (a connection from a peer outlives reloads; each request goes where the config says now).
-    fn app(&self, key: &ServiceKey) -> Option<(SocketAddr, Arc<AppClient>)> {
+    pub fn app(&self, key: &ServiceKey) -> Option<(SocketAddr, Arc<AppClient>)> {
         let apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
         apps.get(key).map(|(t, client)| (t.addr, client.clone()))
     }

@@ -231,97 +231,105 @@ impl Metrics {
             failovers: Family::default(),
             unreachable: Family::default(),
         };
-        // Series that exist from the first scrape at zero, so `increase()` and "is it zero?"
-        // have an answer before the first event: every handshake kind and every TLS failure
-        // reason, for both directions.
+        m.zero_series();
+        m.register(reg);
+        m
+    }
+
+    /// Series that exist from the first scrape at zero, so `increase()` and "is it zero?" have
+    /// an answer before the first event: every handshake kind and every TLS failure reason, for
+    /// both directions.
+    fn zero_series(&self) {
         for direction in [Direction::Inbound, Direction::Outbound] {
             for kind in ["full", "resumed"] {
-                let _ = m
+                let _ = self
                     .handshakes
                     .get_or_create(&HandshakeLabels { direction, kind });
             }
             for reason in crate::proxy::tls::FAILURE_REASONS {
-                let _ = m
+                let _ = self
                     .rejected
                     .get_or_create(&ReasonLabels { direction, reason });
             }
         }
+    }
+
+    fn register(&self, reg: &mut Registry) {
         reg.register(
             "meshd_connections",
             "Connections proxied, by direction and service",
-            m.connections.clone(),
+            self.connections.clone(),
         );
         reg.register(
             "meshd_connections_active",
             "Connections open now",
-            m.active.clone(),
+            self.active.clone(),
         );
         reg.register(
             "meshd_bytes",
             "Bytes proxied, by direction, service and flow",
-            m.bytes.clone(),
+            self.bytes.clone(),
         );
         reg.register(
             "meshd_tls_handshakes",
             "Successful mTLS handshakes",
-            m.handshakes.clone(),
+            self.handshakes.clone(),
         );
         reg.register(
             "meshd_tls_handshake_duration_seconds",
             "Duration of mTLS handshakes",
-            m.handshake_duration.clone(),
+            self.handshake_duration.clone(),
         );
         reg.register(
             "meshd_rejected_connections",
             "Connections refused or failed, by direction and reason",
-            m.rejected.clone(),
+            self.rejected.clone(),
         );
         reg.register(
             "meshd_authz_decisions",
             "Inbound authorization decisions, by service, decision, reason and policy",
-            m.authz_decisions.clone(),
+            self.authz_decisions.clone(),
         );
         reg.register(
             "meshd_plaintext_connections",
             "Plaintext connections accepted under PERMISSIVE mTLS, by service",
-            m.plaintext.clone(),
+            self.plaintext.clone(),
         );
         reg.register(
             "meshd_requests",
             "HTTP requests, by direction, source and destination service, route, status and gRPC status",
-            m.requests.clone(),
+            self.requests.clone(),
         );
         reg.register(
             "meshd_request_duration_seconds",
             "Time from a request's arrival to its response headers, by direction, source, destination, route and class",
-            m.request_duration.clone(),
+            self.request_duration.clone(),
         );
         reg.register(
             "meshd_retries",
             "Requests sent again by an outbound retry policy",
-            m.retries.clone(),
+            self.retries.clone(),
         );
         reg.register(
             "meshd_outlier_ejections",
             "Endpoints ejected by outlier detection, by upstream service",
-            m.ejections.clone(),
+            self.ejections.clone(),
         );
         reg.register(
             "meshd_rate_limited",
             "Requests refused by a RateLimit (429), by local service",
-            m.rate_limited.clone(),
+            self.rate_limited.clone(),
         );
         reg.register(
             "meshd_endpoint_failovers",
             "Failed connects tried again at once on another endpoint, by upstream service",
-            m.failovers.clone(),
+            self.failovers.clone(),
         );
         reg.register(
             "meshd_unreachable_endpoints",
             "Endpoints skipped after a refused or timed-out connect, by upstream service",
-            m.unreachable.clone(),
+            self.unreachable.clone(),
         );
-        m
     }
 
     /// Counts one HTTP request: its status, duration and retries.
@@ -353,7 +361,7 @@ impl Metrics {
                 source: source.to_owned(),
                 destination: destination.to_owned(),
                 route: route.to_owned(),
-                class: super::observe::class_of(code),
+                class: class_of(code),
             })
             .observe(elapsed.as_secs_f64());
         if retries > 0 {
@@ -491,5 +499,35 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// The response class of a status, for the duration histogram (`2xx` .. `5xx`).
+pub fn class_of(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        for (s, c) in [
+            (101, "1xx"),
+            (200, "2xx"),
+            (304, "3xx"),
+            (429, "4xx"),
+            (503, "5xx"),
+            (0, "5xx"),
+        ] {
+            assert_eq!(class_of(s), c);
+        }
     }
 }

@@ -148,17 +148,6 @@ pub fn reports_edge(direction: Direction, caller_in_mesh: bool) -> bool {
     }
 }
 
-/// The response class of a status, for the duration histogram (`2xx` .. `5xx`).
-pub fn class_of(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 impl Record {
     /// `namespace/name` of the caller, or `external`.
     pub fn source_name(&self) -> String {
@@ -385,20 +374,6 @@ mod tests {
             (Direction::Inbound, false, true),
         ] {
             assert_eq!(reports_edge(d, in_mesh), want, "{d:?} {in_mesh}");
-        }
-    }
-
-    #[test]
-    fn classes() {
-        for (s, c) in [
-            (101, "1xx"),
-            (200, "2xx"),
-            (304, "3xx"),
-            (429, "4xx"),
-            (503, "5xx"),
-            (0, "5xx"),
-        ] {
-            assert_eq!(class_of(s), c);
         }
     }
 

@@ -3,6 +3,10 @@
 //! answers a denied one with 403 naming the policy, and forwards the rest to the app over a
 //! pooled client in the app's own protocol.
 
+// `Err` is the mesh's HTTP answer itself, returned at most once per request: boxing it would
+// add an allocation to every error path and save nothing.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -22,9 +26,13 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::super::authz::{self, Attrs, REASON_NO_POLICY};
+use super::super::http::{
+    AppClient, AppError, Body, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, XFCC, bad_path, empty,
+    end_span, grpc_status, mesh_response, normalize_path, strip_hop_by_hop, strip_mesh_owned,
+    upgrade,
+};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::{Shared, observe, ratelimit, route};
-use super::{AppClient, AppError, Body, XFCC, mesh_response, strip_hop_by_hop, upgrade};
 use crate::config::Service;
 use crate::trace::{Kind, attr};
 
@@ -60,8 +68,8 @@ pub async fn serve(
         .enable_connect_protocol()
         // A caller that vanished without a reset is noticed and its connection closed.
         .timer(TokioTimer::new())
-        .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT)
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
         .serve_connection(io, service);
     until_done_or_forced(connection, peer, shared).await;
 }
@@ -94,8 +102,8 @@ pub async fn serve_http<IO>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(super::H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(super::H2_KEEPALIVE_TIMEOUT);
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     until_done_or_forced(connection, peer, shared).await;
 }
@@ -155,10 +163,10 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     // What the caller wrote in the mesh's own headers is never believed (the caller's meshd
     // strips them too; a plaintext caller may have written anything).
-    super::strip_mesh_owned(req.headers_mut());
+    strip_mesh_owned(req.headers_mut());
     let snapshot = conn.shared.policy_rx.borrow().clone();
     // One spelling of the path for policy, rate limits and the app.
-    let normalized = super::normalize_path(&mut req, snapshot.mesh_config().path_options());
+    let normalized = normalize_path(&mut req, snapshot.mesh_config().path_options());
     // The SERVER span of this hop, a child of the caller meshd's CLIENT span; the app's own
     // spans become its children.
     let mut span = (conn.shared.tracer).span_named(req.headers(), Kind::Server, || {
@@ -194,7 +202,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         Err(e) => {
             conn.shared.metrics.reject(Direction::Inbound, e.reason());
             debug!(src.identity = %authz::caller_text(conn.caller.as_ref()), src.addr = %conn.peer, dst.service = %conn.local.key, http.path = %path, error = %e, "request path refused");
-            (super::bad_path("inbound", e), None)
+            (bad_path("inbound", e), None)
         }
         Ok(()) => {
             let decision = decide(conn, &req, &snapshot, &method, &path);
@@ -208,7 +216,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
             (resp, Some(decision))
         }
     };
-    let (mesh_error, trace_id) = super::end_span(span, &resp);
+    let (mesh_error, trace_id) = end_span(span, &resp);
     let done = Done {
         started,
         method,
@@ -238,10 +246,7 @@ fn record(conn: &Conn, done: Done, resp: &Response<Body>) {
         direction: Direction::Inbound,
         started: done.started,
         src_addr: conn.peer,
-        src_service: conn
-            .caller
-            .as_ref()
-            .and_then(super::super::inbound::workload_service),
+        src_service: conn.caller.as_ref().and_then(authz::workload_service),
         src_identity: conn.caller.clone(),
         mtls: conn.caller.is_some(),
         dst_service: conn.local.key.clone(),
@@ -250,7 +255,7 @@ fn record(conn: &Conn, done: Done, resp: &Response<Body>) {
             method: done.method,
             path: done.path,
             status: resp.status().as_u16(),
-            grpc_status: super::grpc_status(resp.headers()),
+            grpc_status: grpc_status(resp.headers()),
             route: String::new(),
             subset: String::new(),
             attempts: 1,
@@ -449,30 +454,78 @@ async fn forward(
             ),
         );
     };
-    let upgrade = match upgrade {
-        Some(_) if !matches!(*client, AppClient::Http1(_)) => {
-            return mesh_response(
-                StatusCode::NOT_IMPLEMENTED,
-                "inbound",
-                "upgrade_unsupported",
-                format!(
-                    "{} speaks HTTP/2; upgrades are passed to HTTP/1.1 apps only\n",
-                    conn.local.key
-                ),
-            );
-        }
-        Some(u) => Some((u, hyper::upgrade::on(&mut req))),
-        None if req.method() == http::Method::CONNECT => {
-            return mesh_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "inbound",
-                "connect_unsupported",
-                "CONNECT tunnels are not proxied\n".into(),
-            );
-        }
-        None => None,
+    let upgrade = match accept_upgrade(conn, &client, &mut req, upgrade) {
+        Ok(upgrade) => upgrade,
+        Err(resp) => return resp,
     };
     let (mut parts, body) = req.into_parts();
+    if let Err(resp) = to_app_request(conn, &mut parts, addr, &client) {
+        return resp;
+    }
+    let body = match &upgrade {
+        Some((u, _)) => {
+            parts.method = http::Method::GET;
+            upgrade::mark(&mut parts.headers, u.protocol());
+            empty()
+        }
+        None => body.boxed(),
+    };
+    match client.send(Request::from_parts(parts, body)).await {
+        Ok(resp) => from_app(conn, resp, upgrade),
+        Err(e) => {
+            let reason = match e {
+                AppError::Connect(_) => "app_unreachable",
+                AppError::Exchange(_) => "app_error",
+            };
+            conn.shared.metrics.reject(Direction::Inbound, reason);
+            warn!(dst.service = %conn.local.key, dst.addr = %addr, reason, error = %e, "forwarding to the app failed");
+            mesh_response(
+                StatusCode::BAD_GATEWAY,
+                "inbound",
+                reason,
+                format!("{} at {addr}: {e}\n", conn.local.key),
+            )
+        }
+    }
+}
+
+/// The upgrade to pass to the app with the caller's side of its tunnel, if one was asked for
+/// and the app can take it; `Err` answers requests that cannot be proxied.
+fn accept_upgrade(
+    conn: &Conn,
+    client: &AppClient,
+    req: &mut Request<Incoming>,
+    upgrade: Option<Upgrade>,
+) -> Result<Option<(Upgrade, hyper::upgrade::OnUpgrade)>, Response<Body>> {
+    match upgrade {
+        Some(_) if !matches!(*client, AppClient::Http1(_)) => Err(mesh_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "inbound",
+            "upgrade_unsupported",
+            format!(
+                "{} speaks HTTP/2; upgrades are passed to HTTP/1.1 apps only\n",
+                conn.local.key
+            ),
+        )),
+        Some(u) => Ok(Some((u, hyper::upgrade::on(req)))),
+        None if req.method() == http::Method::CONNECT => Err(mesh_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "inbound",
+            "connect_unsupported",
+            "CONNECT tunnels are not proxied\n".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Rewrites the caller's request for the app at `addr`: the target its client needs, its
+/// protocol's Host/:authority, no hop-by-hop headers, and the verified caller in XFCC.
+fn to_app_request(
+    conn: &Conn,
+    parts: &mut http::request::Parts,
+    addr: SocketAddr,
+    client: &AppClient,
+) -> Result<(), Response<Body>> {
     let authority = parts.uri.authority().cloned();
     let path_and_query =
         (parts.uri.path_and_query()).map_or_else(|| "/".to_owned(), ToString::to_string);
@@ -484,22 +537,19 @@ async fn forward(
         (Some(a), false) => a.to_string(),
         _ => addr.to_string(),
     };
-    parts.uri = match Uri::builder()
+    parts.uri = Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(target)
         .path_and_query(path_and_query)
         .build()
-    {
-        Ok(u) => u,
-        Err(e) => {
-            return mesh_response(
+        .map_err(|e| {
+            mesh_response(
                 StatusCode::BAD_REQUEST,
                 "inbound",
                 "bad_request",
                 format!("request target not usable: {e}\n"),
-            );
-        }
-    };
+            )
+        })?;
     // The app sees HTTP/1.1 or HTTP/2 according to its protocol; the client sets the version.
     parts.version = http::Version::default();
     let headers = &mut parts.headers;
@@ -520,52 +570,35 @@ async fn forward(
     {
         headers.insert(XFCC, v);
     }
-    let body = match &upgrade {
-        Some((u, _)) => {
-            parts.method = http::Method::GET;
-            upgrade::mark(&mut parts.headers, u.protocol());
-            super::empty()
+    Ok(())
+}
+
+/// The app's response as the caller gets it; an accepted upgrade opens the tunnel.
+fn from_app(
+    conn: &Conn,
+    mut resp: Response<Incoming>,
+    upgrade: Option<(Upgrade, hyper::upgrade::OnUpgrade)>,
+) -> Response<Body> {
+    let tunnel = match upgrade {
+        Some((u, caller_side)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Some((u, caller_side, hyper::upgrade::on(&mut resp)))
         }
-        None => body.boxed(),
+        _ => None,
     };
-    match client.send(Request::from_parts(parts, body)).await {
-        Ok(mut resp) => {
-            let tunnel = match upgrade {
-                Some((u, caller_side)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    Some((u, caller_side, hyper::upgrade::on(&mut resp)))
-                }
-                _ => None,
-            };
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            // An app cannot speak for the mesh (x-mesh-error) or name a caller.
-            super::strip_mesh_owned(&mut parts.headers);
-            if let Some((u, caller_side, app_side)) = tunnel {
-                match &u {
-                    // The extended CONNECT succeeded: 200 with no body, then the tunnel.
-                    Upgrade::Connect(_) => parts.status = StatusCode::OK,
-                    // The plaintext caller gets the app's 101 with the upgrade it asked for.
-                    Upgrade::Http1(protocol) => upgrade::mark(&mut parts.headers, protocol),
-                }
-                parts.headers.remove(header::CONTENT_LENGTH);
-                upgrade::tunnel(&conn.shared, caller_side, app_side, "inbound");
-                return Response::from_parts(parts, super::empty());
-            }
-            Response::from_parts(parts, body.boxed())
-        }
-        Err(e) => {
-            let reason = match e {
-                AppError::Connect(_) => "app_unreachable",
-                AppError::Exchange(_) => "app_error",
-            };
-            conn.shared.metrics.reject(Direction::Inbound, reason);
-            warn!(dst.service = %conn.local.key, dst.addr = %addr, reason, error = %e, "forwarding to the app failed");
-            mesh_response(
-                StatusCode::BAD_GATEWAY,
-                "inbound",
-                reason,
-                format!("{} at {addr}: {e}\n", conn.local.key),
-            )
-        }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // An app cannot speak for the mesh (x-mesh-error) or name a caller.
+    strip_mesh_owned(&mut parts.headers);
+    let Some((u, caller_side, app_side)) = tunnel else {
+        return Response::from_parts(parts, body.boxed());
+    };
+    match &u {
+        // The extended CONNECT succeeded: 200 with no body, then the tunnel.
+        Upgrade::Connect(_) => parts.status = StatusCode::OK,
+        // The plaintext caller gets the app's 101 with the upgrade it asked for.
+        Upgrade::Http1(protocol) => upgrade::mark(&mut parts.headers, protocol),
     }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    upgrade::tunnel(&conn.shared, caller_side, app_side, "inbound");
+    Response::from_parts(parts, empty())
 }

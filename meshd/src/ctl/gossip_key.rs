@@ -4,7 +4,9 @@
 //! nodes cannot open each other's datagrams.
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use anyhow::{Context as _, bail};
 use mesh_api::proto::v1 as pb;

@@ -7,7 +7,9 @@ use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use mesh_api::policy::{LoadBalancer, Locality, OutlierDetection};
 use rand::Rng as _;
@@ -1111,5 +1113,28 @@ mod tests {
         r.connected();
         assert!(!r.is_unreachable(later));
         assert_eq!(r.failed(later), Some(Duration::from_secs(1)));
+    }
+
+    /// The skip runs on tokio's clock: a test pauses time and walks through it.
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_endpoint_returns_on_tokios_clock() {
+        let r = Reachability::default();
+        assert_eq!(r.failed(Instant::now()), Some(UNREACHABLE_BASE));
+        tokio::time::advance(UNREACHABLE_BASE - Duration::from_millis(1)).await;
+        assert!(r.is_unreachable(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!r.is_unreachable(Instant::now()));
+        // Failing again doubles the skip, up to the cap: never skipped for longer than that.
+        assert_eq!(r.failed(Instant::now()), Some(2 * UNREACHABLE_BASE));
+        for _ in 0..10 {
+            tokio::time::advance(UNREACHABLE_MAX).await;
+            r.failed(Instant::now());
+        }
+        assert!(r.is_unreachable(Instant::now()));
+        tokio::time::advance(UNREACHABLE_MAX).await;
+        assert!(
+            !r.is_unreachable(Instant::now()),
+            "never skipped longer than the cap"
+        );
     }
 }

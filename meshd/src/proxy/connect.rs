@@ -4,7 +4,6 @@
 //! endpoint state (reachability, latency, outlier detection).
 
 use std::net::SocketAddr;
-use std::time::Instant as StdInstant;
 
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -211,7 +210,7 @@ pub async fn dial(
     let name = ServerName::try_from(dst.service.sni()).expect("service SNI is a valid DNS name");
     let mut last = None;
     for (n, &i) in order.iter().enumerate() {
-        let started = StdInstant::now();
+        let started = Instant::now();
         match attempt(
             shared,
             client,
@@ -241,10 +240,10 @@ pub async fn dial(
 
 /// A connect to `dst.targets[i]` that began at `started` succeeded: the endpoint is reachable,
 /// its latency estimate learns the connect time, and outlier detection counts a success.
-pub fn connected(shared: &Shared, dst: &Destination, i: usize, started: StdInstant) {
+pub fn connected(shared: &Shared, dst: &Destination, i: usize, started: Instant) {
     let state = &dst.targets[i].state;
     state.reachability.connected();
-    let now = StdInstant::now();
+    let now = Instant::now();
     state.stats.observe(now - started, now);
     record(shared, dst, i, balance::Outcome::Success, now);
 }
@@ -253,7 +252,7 @@ pub fn connected(shared: &Shared, dst: &Destination, i: usize, started: StdInsta
 /// be reached, outlier detection told; `more` says whether another endpoint is tried next.
 pub fn failed(shared: &Shared, dst: &Destination, i: usize, e: &Error, more: bool) {
     let addr = dst.targets[i].endpoint.addr;
-    let now = StdInstant::now();
+    let now = Instant::now();
     shared.metrics.reject(Direction::Outbound, e.reason());
     if e.is_unreachable()
         && let Some(skip) = dst.targets[i].state.reachability.failed(now)
@@ -275,7 +274,7 @@ pub fn record(
     dst: &Destination,
     i: usize,
     outcome: balance::Outcome,
-    now: StdInstant,
+    now: Instant,
 ) {
     let Some(cfg) = dst
         .policy
@@ -311,7 +310,7 @@ pub fn order(
     endpoints::order(
         &dst.targets,
         &ask,
-        StdInstant::now(),
+        Instant::now(),
         cursor,
         &mut balance::random_index,
     )

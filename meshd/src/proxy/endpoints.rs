@@ -4,7 +4,7 @@
 //! passes the time, the round-robin cursor and the random source.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use mesh_api::policy::{DestinationPolicy, LoadBalancer, Locality};
 

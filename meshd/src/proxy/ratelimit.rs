@@ -10,7 +10,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use mesh_api::ServiceKey;
 use mesh_api::policy::{Kind, Limit, LimitKey, ResourceKey, Snapshot, Spec, Unit};

@@ -518,6 +518,8 @@ fn put_node_replaces(store: &dyn Store) {
 /// sled 0.34 releases its file lock from background threads shortly after the last handle is
 /// dropped, so reopening at once in the same process can fail with `WouldBlock` (sled's own
 /// test build blocks on the lock for this reason). Retries only that error, for at most ~5s.
+// Waits on sled's own background thread, from a synchronous test: real time is what it means.
+#[allow(clippy::disallowed_methods)]
 fn retry_while_locked<T, E>(
     open: impl Fn() -> Result<T, E>,
     sled_error: impl Fn(&E) -> Option<&::sled::Error>,

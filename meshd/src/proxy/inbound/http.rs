@@ -337,7 +337,7 @@ fn rate_limit(conn: &Conn, req: &Request<Incoming>) -> Result<(), ratelimit::Lim
     limiter.check(
         route_name.as_deref(),
         &authz::caller_text(conn.caller.as_ref()),
-        std::time::Instant::now(),
+        tokio::time::Instant::now(),
     )
 }
 

@@ -270,10 +270,10 @@ async fn attempt(
         };
         let target = &plan.dst.targets[index];
         let _in_flight = target.state.stats.start();
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let e = match sender.try_send_request(req).await {
             Ok(resp) => {
-                let now = std::time::Instant::now();
+                let now = tokio::time::Instant::now();
                 target.state.stats.observe(now - started, now);
                 break (Ok(resp), index);
             }
@@ -289,7 +289,7 @@ async fn attempt(
         Ok(_) => balance::Outcome::Success,
         Err(_) => balance::Outcome::ConnectFailure,
     };
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     connect::record(caller.shared, &plan.dst, index, outcome, now);
     let addr = plan.dst.targets[index].endpoint.addr;
     (finish(caller, plan, addr, result), Some(addr))
@@ -326,7 +326,7 @@ fn resend(
     *resends += 1;
     let key = (caller.source.clone(), plan.dst.service.clone(), addr);
     caller.shared.pool.forget(&key);
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     let failure = balance::Outcome::ConnectFailure;
     connect::record(caller.shared, &plan.dst, index, failure, now);
     Ok(next)

@@ -151,7 +151,7 @@ async fn relay(
         Err(e) => {
             copy::reset(stream.get_ref().get_ref().0);
             if stream.failed() {
-                let now = std::time::Instant::now();
+                let now = tokio::time::Instant::now();
                 connect::record(
                     shared,
                     dst,

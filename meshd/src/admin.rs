@@ -25,9 +25,9 @@ pub struct AdminState {
     pub config_rx: watch::Receiver<Arc<Config>>,
     /// Outcome of the last reload.
     pub reload_rx: watch::Receiver<crate::reload::Status>,
-    /// `true` once listeners are bound, certificates loaded and a policy snapshot is in place;
-    /// `false` again when draining.
-    pub ready_rx: watch::Receiver<bool>,
+    /// The node's phase: ready once listeners are bound, certificates loaded and a policy
+    /// snapshot is in place; draining and after, not ready again.
+    pub phase_rx: watch::Receiver<mesh_runtime::lifecycle::Phase>,
     /// Metrics registry.
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Identity snapshot, set once the node has joined (the endpoint serves before that).
@@ -56,7 +56,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {
-    if *s.ready_rx.borrow() {
+    if *s.phase_rx.borrow() == mesh_runtime::lifecycle::Phase::Ready {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         // Say why, so an operator does not have to read the log to learn it.
@@ -146,7 +146,8 @@ async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "unreadable": &*s.policy_unreadable_rx.borrow().clone(),
             "path_normalization": policy.mesh_config().path_normalization.as_str(),
         },
-        "ready": *s.ready_rx.borrow(),
+        "ready": *s.phase_rx.borrow() == mesh_runtime::lifecycle::Phase::Ready,
+        "phase": s.phase_rx.borrow().as_str(),
     }))
 }
 

@@ -4,12 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use mesh_api::ServiceKey;
 use mesh_runtime::drain;
+use mesh_runtime::lifecycle::{Lifecycle, Phase};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument as _, error, info, info_span, warn};
@@ -43,12 +43,8 @@ pub struct Bound {
     config_rx: watch::Receiver<Arc<Config>>,
     reload: reload::Handle,
     membership: Membership,
-    ready_tx: watch::Sender<bool>,
-    /// Set when the drain starts, so a late policy sync cannot turn `/ready` back on.
-    draining: Arc<AtomicBool>,
-    stop_tx: watch::Sender<bool>,
-    force_tx: watch::Sender<bool>,
-    shutdown_tx: watch::Sender<bool>,
+    /// The node's phase: readiness, then the drain's steps.
+    lifecycle: Arc<Lifecycle>,
     drain: drain::Trigger,
     tasks: JoinSet<()>,
 }
@@ -125,10 +121,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let registry = Arc::new(registry);
     let (reload_status_tx, reload_status_rx) = watch::channel(reload::Status::initial());
 
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (force_tx, force_rx) = watch::channel(false);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let lifecycle = Arc::new(Lifecycle::new());
+    // Listeners stop accepting, open connections are closed, background tasks end.
+    let stop_rx = lifecycle.reached(Phase::Quiescing);
+    let force_rx = lifecycle.reached(Phase::Closing);
+    let shutdown_rx = lifecycle.reached(Phase::Stopped);
     let mut tasks = JoinSet::new();
     // Node warnings for `meshctl check`: every component that has some adds a source here.
     let mut warnings = crate::report::Warnings::default();
@@ -155,7 +152,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let admin_state = AdminState {
         config_rx: config_rx.clone(),
         reload_rx: reload_status_rx.clone(),
-        ready_rx,
+        phase_rx: lifecycle.subscribe(),
         metrics: registry,
         certs_rx: certs_cell.clone(),
         view_rx: view_cell.clone(),
@@ -351,10 +348,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     // Listeners are bound and certificates loaded; ready once a policy snapshot is in place
     // (persisted, or the registry's first event). Until then traffic is served under the
     // empty revision-0 snapshot, and /ready says 503.
-    let draining = Arc::new(AtomicBool::new(false));
     {
-        let ready_tx = ready_tx.clone();
-        let draining = draining.clone();
+        let lifecycle = lifecycle.clone();
         let mut synced_rx = policy.synced_rx.clone();
         let node = config.node_name.clone();
         let mut shutdown = shutdown_rx.clone();
@@ -363,13 +358,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 r = synced_rx.wait_for(|s| *s) => if r.is_err() { return },
                 _ = drain::until_true(&mut shutdown) => return,
             }
-            // Checked under the watch's lock, which drain() takes to turn readiness off.
-            let became = ready_tx.send_if_modified(|ready| {
-                let turn_on = !*ready && !draining.load(Ordering::SeqCst);
-                *ready |= turn_on;
-                turn_on
-            });
-            if became {
+            // A latch: a drain that began first keeps the node unready.
+            if lifecycle.set_ready() {
                 info!(node = %node, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
                 // Under systemd (Type=notify): listeners bound, certificates loaded, a policy
                 // snapshot in place — units ordered After=meshd.service start now.
@@ -387,11 +377,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config_rx,
         reload,
         membership,
-        ready_tx,
-        draining,
-        stop_tx,
-        force_tx,
-        shutdown_tx,
+        lifecycle,
         drain: drain_trigger,
         tasks,
     })
@@ -430,22 +416,21 @@ impl Bound {
     pub async fn drain(mut self) {
         info!("draining");
         let _ = mesh_runtime::sd_notify::notify("STOPPING=1\nSTATUS=draining");
-        self.draining.store(true, Ordering::SeqCst);
-        self.ready_tx.send_replace(false);
+        self.lifecycle.advance(Phase::Draining);
         self.membership.set_draining().await;
         let config = self.config_rx.borrow().clone();
         tokio::time::sleep(config.gossip.interval * DRAIN_PROPAGATION_ROUNDS).await;
-        self.stop_tx.send_replace(true);
+        self.lifecycle.advance(Phase::Quiescing);
         let grace = config.drain.grace_period;
         if tokio::time::timeout(grace, self.drain.drain())
             .await
             .is_err()
         {
             warn!(grace = ?grace, "grace period over; closing the remaining connections");
-            self.force_tx.send_replace(true);
+            self.lifecycle.advance(Phase::Closing);
             tokio::time::sleep(FORCE_CLOSE_WAIT).await;
         }
-        self.shutdown_tx.send_replace(true);
+        self.lifecycle.advance(Phase::Stopped);
         self.membership.shutdown().await;
         if tokio::time::timeout(FORCE_CLOSE_WAIT, async {
             while self.tasks.join_next().await.is_some() {}

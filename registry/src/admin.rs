@@ -7,21 +7,44 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use mesh_runtime::lifecycle::Phase;
+use tokio::sync::watch;
 
-/// Builds the admin router over the process's metrics registry.
-pub fn router(metrics: Arc<prometheus_client::registry::Registry>) -> Router {
-    Router::new()
-        .route("/live", get(|| async { "live\n" }))
-        .route("/ready", get(|| async { "ready\n" }))
-        .route("/metrics", get(metrics_handler))
-        .with_state(metrics)
+/// What the admin endpoint reads.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The process's metrics.
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// The registry's phase: `/ready` is 200 only while it is ready (not while starting or
+    /// draining, so a load balancer takes it out before it stops answering).
+    pub phase_rx: watch::Receiver<Phase>,
 }
 
-async fn metrics_handler(
-    State(reg): State<Arc<prometheus_client::registry::Registry>>,
-) -> impl IntoResponse {
+/// Builds the admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state)
+}
+
+async fn ready_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    let phase = *s.phase_rx.borrow();
+    if phase == Phase::Ready {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", phase.as_str()),
+        )
+    }
+}
+
+async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    let reg = &s.metrics;
     let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &reg) {
+    match prometheus_client::encoding::text::encode(&mut out, reg) {
         Ok(()) => (
             StatusCode::OK,
             [(

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use mesh_api::Identity;
 use mesh_api::proto::v1::registry_server::RegistryServer;
 use mesh_ca::{Authority, SignRequest};
+use mesh_runtime::lifecycle::{Lifecycle, Phase};
 use mesh_runtime::tls::{self, CertSlot};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -35,7 +36,8 @@ pub struct Bound {
     /// The admin address actually bound.
     pub admin_addr: SocketAddr,
     /// Sending `true` stops the servers; receivers live in each task.
-    shutdown_tx: watch::Sender<bool>,
+    /// The registry's phase (readiness, then the drain's steps).
+    lifecycle: Arc<Lifecycle>,
     tasks: JoinSet<()>,
     grace: Duration,
     /// Flushed once every task has stopped: node reports are not flushed one by one.
@@ -99,7 +101,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .gossip_keyring_revision
         .set(keyring.keyring.revision as i64);
     let registry = Arc::new(registry);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let lifecycle = Arc::new(Lifecycle::new());
+    // Servers stop accepting and finish what is in flight; background tasks end with them.
+    let shutdown_rx = lifecycle.reached(Phase::Quiescing);
     let mut tasks = JoinSet::new();
 
     let incoming = server::incoming(
@@ -162,8 +166,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     });
 
     let mut rx = shutdown_rx.clone();
+    let state = admin::AdminState {
+        metrics: registry,
+        phase_rx: lifecycle.subscribe(),
+    };
     tasks.spawn(async move {
-        let res = axum::serve(admin_listener, admin::router(registry))
+        let res = axum::serve(admin_listener, admin::router(state))
             .with_graceful_shutdown(async move {
                 mesh_runtime::drain::until_true(&mut rx).await;
             })
@@ -219,13 +227,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     );
     info!(addr = %admin_addr, "admin listening");
     // Under systemd (Type=notify): listeners are bound and the store is open.
+    lifecycle.set_ready();
     if let Err(e) = mesh_runtime::sd_notify::notify("READY=1\nSTATUS=serving") {
         warn!(error = %e, "could not tell systemd the registry is ready");
     }
     Ok(Bound {
         listen_addr,
         admin_addr,
-        shutdown_tx,
+        lifecycle,
         tasks,
         grace: config.drain_grace_period,
         store,
@@ -359,13 +368,15 @@ impl Bound {
         shutdown.await;
         info!("draining");
         let _ = mesh_runtime::sd_notify::notify("STOPPING=1\nSTATUS=draining");
-        self.shutdown_tx.send_replace(true);
+        self.lifecycle.advance(Phase::Draining);
+        self.lifecycle.advance(Phase::Quiescing);
         let drained = tokio::time::timeout(self.grace, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             warn!("grace period elapsed; aborting remaining tasks");
+            self.lifecycle.advance(Phase::Closing);
             self.tasks.abort_all();
         }
         // Last, so reports stored by calls that finished during the drain are durable too.
@@ -375,6 +386,7 @@ impl Bound {
             Ok(Err(e)) => warn!(error = %e, "flushing the store at shutdown failed"),
             Err(e) => warn!(error = %e, "flushing the store at shutdown failed"),
         }
+        self.lifecycle.advance(Phase::Stopped);
         info!("stopped");
     }
 }

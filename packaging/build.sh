@@ -62,8 +62,11 @@ echo "packaging/meshd/examples/web.toml matches EXAMPLE_SERVICE_TOML"
 
 # --- binaries ------------------------------------------------------------------------------
 say "release build"
-cargo build --release --locked -p meshd -p mesh-registry
+cargo build --release --locked -p meshd -p meshctl -p mesh-registry
 bin=$target/release
+# meshctl is its own crate, packed into the meshd deb as an asset: cargo-deb strips only the
+# package's own binaries, so strip it here as cargo-deb would.
+strip --strip-unneeded "$bin/meshctl"
 
 say "default config passes check-config"
 # As installed, except services_dir: a scratch directory with the example service in it.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::ctl;
+use mesh_api::proto::v1 as pb;
+use mesh_client::admin;
+use mesh_client::credentials::Credentials;
 
 mod check;
 mod layout;
@@ -266,7 +268,7 @@ async fn start(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Resul
         layout.dir.display()
     );
     start_registry(bins, layout, procs).await?;
-    let creds = ctl::Credentials::load(&layout.admin_dir())?;
+    let creds = Credentials::load(&layout.admin_dir())?;
     let client = creds.client(None)?;
     for node in &layout.nodes {
         let what = format!(
@@ -275,12 +277,12 @@ async fn start(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Resul
             layout.registry_log().display()
         );
         let token = wait_until(procs, &what, STARTUP_TIMEOUT, || async {
-            let create = ctl::token::Create {
+            let request = pb::CreateTokenRequest {
                 services: vec![node.service.clone()],
                 uses: 1,
                 ..Default::default()
             };
-            ctl::token::create(&client, &create).await
+            client.create_token(request).await
         })
         .await?
         .token;
@@ -350,7 +352,7 @@ async fn start_registry(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyh
     procs.spawn("registry", &bins.registry, run, &log)?;
     let what = format!("the registry to be ready (log: {})", log.display());
     wait_until(procs, &what, STARTUP_TIMEOUT, || {
-        ctl::admin_get(&admin, "/ready")
+        admin::get(&admin, "/ready")
     })
     .await?;
     Ok(())

@@ -1,11 +1,12 @@
 //! meshd: the per-host daemon — local proxy for every service on the host, gossip membership
-//! and discovery, workload identity, admin endpoint; also the library behind `meshctl`.
+//! and discovery, workload identity, admin endpoint, and the dev mesh (`meshd dev`).
+
+/// The registry client (from `mesh-client`), under the name the daemon's modules use.
+pub use mesh_client::registry as control;
 
 pub mod admin;
 pub mod app;
 pub mod config;
-pub mod control;
-pub mod ctl;
 pub mod demo;
 pub mod deny;
 pub mod dev;

@@ -148,7 +148,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(meshd::ctl::print_members(&admin)) {
+            match rt.block_on(mesh_client::admin::print_members(&admin)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep, timeout};
 use super::STARTUP_TIMEOUT;
 use super::layout::Layout;
 use super::procs::Procs;
-use crate::ctl;
+use mesh_client::admin;
 
 /// Time one probe of an admin endpoint or app may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -37,7 +37,7 @@ pub(super) async fn wait_converged(layout: &Layout, procs: &mut Procs) -> anyhow
         let log = layout.node_log(node);
         let what = format!("{} to be ready (log: {})", node.name, log.display());
         wait_until(procs, &what, STARTUP_TIMEOUT, || {
-            ctl::admin_get(&admin, "/ready")
+            admin::get(&admin, "/ready")
         })
         .await?;
     }
@@ -104,7 +104,7 @@ struct MembersView {
 }
 
 async fn members(admin: &str) -> anyhow::Result<MembersView> {
-    let body = ctl::admin_get(admin, "/members").await?;
+    let body = admin::get(admin, "/members").await?;
     let v: serde_json::Value = serde_json::from_str(&body).context("parsing /members")?;
     let serving = v["members"]
         .as_array()

@@ -759,7 +759,10 @@ fn replay_forgets_expired_instances() {
     // At exactly NOW + skew, `old`'s datagrams are still fresh (a skew of `skew` is accepted),
     // so its window must still be there.
     assert_eq!(replay.accept(live, 9, NOW + skew, NOW + skew), Ok(()));
-    assert!(replay.contains(&old), "forgotten while its datagrams were still fresh");
+    assert!(
+        replay.contains(&old),
+        "forgotten while its datagrams were still fresh"
+    );
     // Later than NOW + skew, everything `old` sent is stale: it is forgotten on the next call.
     let later = NOW + skew + 1;
     assert_eq!(replay.accept(live, 1, later, later), Ok(()));

@@ -9,12 +9,11 @@ use std::fmt::Write as _;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate as ctl;
 use mesh_api::observe::EXTERNAL;
 use mesh_api::proto::v1 as pb;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
-
-use crate::ctl;
 
 /// The window `--window` asks for when not given (the registry's own default, 300 s).
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
@@ -276,7 +275,7 @@ pub async fn svg(dot_text: &str, program: &str) -> Result<String, Error> {
 
 /// Fetches the graph over `window` and renders it as `output`.
 pub async fn show(
-    client: &crate::control::Client,
+    client: &mesh_client::registry::Client,
     window: Duration,
     output: Output,
 ) -> anyhow::Result<String> {

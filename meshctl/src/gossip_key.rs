@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use mesh_api::proto::v1 as pb;
 use pb::change_gossip_keys_request::Action;
 
-use crate::control;
+use mesh_client::registry as control;
 
 /// How often `rotate` asks the registry whether the nodes caught up.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);

@@ -21,8 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mesh_api::policy::Resource;
 use mesh_api::proto::v1 as pb;
 
-use crate::control;
-use crate::ctl::{self, slo};
+use crate as ctl;
+use crate::slo;
+use mesh_client::registry as control;
 
 /// `--cert-warn`: certificates expiring sooner than this are a warning. meshd renews at
 /// half-life (a 24 h workload certificate with 12 h left, a 30-day node certificate with 15 days

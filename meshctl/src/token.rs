@@ -7,8 +7,7 @@ use std::time::Duration;
 use mesh_api::proto::v1 as pb;
 use mesh_api::token::{self, JoinToken};
 
-use crate::control;
-use crate::ctl;
+use mesh_client::registry as control;
 
 /// What `meshctl token create` asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,7 +123,8 @@ pub fn table(tokens: &[pb::TokenRecord], now_unix: i64) -> String {
     )
 }
 
-use ctl::when;
+use crate as ctl;
+use crate::when;
 
 fn dash(s: &str) -> String {
     if s.is_empty() { "-" } else { s }.to_owned()

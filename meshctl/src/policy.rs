@@ -11,7 +11,7 @@ use mesh_api::policy::{self, Kind, Resource};
 use mesh_api::proto::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::control;
+use mesh_client::registry as control;
 
 /// Policy command errors; [`Error::exit_code`] maps them to the process exit code.
 #[derive(Debug, thiserror::Error)]
@@ -339,7 +339,7 @@ pub fn table(resources: &[pb::Resource]) -> String {
             ]
         })
         .collect();
-    crate::ctl::columns(
+    crate::columns(
         &["KIND", "NAMESPACE", "NAME", "REVISION", "AUTHOR", "UPDATED"],
         &rows,
     )
@@ -359,7 +359,7 @@ pub fn history_table(versions: &[pb::Resource]) -> String {
             ]
         })
         .collect();
-    crate::ctl::columns(&["REVISION", "AUTHOR", "TIME", "ACTION"], &rows)
+    crate::columns(&["REVISION", "AUTHOR", "TIME", "ACTION"], &rows)
 }
 
 /// Every version with its action and full spec (`null` for deletions).

@@ -9,7 +9,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use mesh_api::proto::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::{control, ctl};
+use crate as ctl;
+use mesh_client::registry as control;
 
 /// The registry's alert states (`SloStatus.alert`).
 pub const ALERT_OK: &str = "ok";

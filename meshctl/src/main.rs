@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use mesh_api::policy::Kind;
-use meshd::control;
-use meshd::ctl::{self, check, policy, revoke, slo, token, topology};
+use mesh_client::registry as control;
+use meshctl::{self as ctl, check, policy, revoke, slo, token, topology};
 
 const EX_USAGE: u8 = 64;
 
@@ -432,10 +432,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             print!("{}", revoke::remove_node(&client, &name).await?);
             if rotate_gossip_key {
-                let status = meshd::ctl::gossip_key::rotate(&client, timeout).await?;
+                let status = meshctl::gossip_key::rotate(&client, timeout).await?;
                 print!(
                     "gossip key rotated\n{}",
-                    meshd::ctl::gossip_key::render(&status)
+                    meshctl::gossip_key::render(&status)
                 );
             } else {
                 println!(
@@ -526,7 +526,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::GossipKey { command } => {
             use mesh_api::proto::v1::change_gossip_keys_request::Action;
-            use meshd::ctl::gossip_key;
+            use meshctl::gossip_key;
             let status = match command {
                 GossipKeyCommand::List => client.get_gossip_keys().await?,
                 GossipKeyCommand::Install { key_file } => {

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use mesh_api::Identity;
 use mesh_api::proto::v1 as pb;
 
-use crate::control;
-use crate::ctl;
+use crate as ctl;
+use mesh_client::registry as control;
 
 /// What `meshctl cert revoke` names: exactly one of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -35,6 +35,7 @@ pub mod pool;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;
+pub mod standalone;
 pub mod tls;
 
 pub use metrics::Metrics;

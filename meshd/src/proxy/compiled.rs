@@ -188,11 +188,13 @@ pub fn spawn(
     let (view_tx, view_out) = watch::channel(Arc::clone(&first.view));
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
-        loop {
+        // An input whose sender is gone keeps its last value; the others are still followed.
+        let mut open = [true; 3];
+        while open.iter().any(|o| *o) {
             tokio::select! {
-                r = config_rx.changed() => if r.is_err() { return },
-                r = policy_rx.changed() => if r.is_err() { return },
-                r = view_rx.changed() => if r.is_err() { return },
+                r = config_rx.changed(), if open[0] => if r.is_err() { open[0] = false; continue },
+                r = policy_rx.changed(), if open[1] => if r.is_err() { open[1] = false; continue },
+                r = view_rx.changed(), if open[2] => if r.is_err() { open[2] = false; continue },
                 _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
             }
             let prev = tx.borrow().clone();

@@ -129,7 +129,7 @@ fn many_endpoints_carry_over_through_the_index() {
 
 #[tokio::test]
 async fn the_task_recompiles_on_every_input_and_mirrors_the_view() {
-    let (_config_tx, config_rx) = watch::channel(Arc::new(config()));
+    let (config_tx, config_rx) = watch::channel(Arc::new(config()));
     let (policy_tx, policy_rx) = watch::channel(policy(1, ""));
     let (view_tx, view_rx) = watch::channel(view(&[("db", &[1])]));
     let (_stop_tx, stop_rx) = watch::channel(false);
@@ -154,6 +154,8 @@ async fn the_task_recompiles_on_every_input_and_mirrors_the_view() {
         2
     );
     assert_eq!(mirror_rx.borrow_and_update().endpoints[&key("db")].len(), 2);
+    // A gone input keeps its last value; the others are still followed.
+    drop(config_tx);
     policy_tx.send_replace(policy(2, DB_POLICY));
     compiled_rx.changed().await.unwrap();
     assert_eq!(compiled_rx.borrow().policy.revision, 2);

@@ -772,6 +772,8 @@ mod tests {
             (&[c(30, 5.0), c(0, 100.0)], &[0, 0], 1), // 155ms > 100ms
             (&[c(0, 1.0), c(0, 0.0)], &[0, 0], 0),   // unmeasured costs the default
             (&[c(40, 1.0), c(0, 0.0)], &[0, 0], 1),  // but wins against a loaded one
+            (&[c(2, 5.0), c(2, 5.0)], &[0, 0], 0),   // tie: the first drawn
+            (&[c(2, 5.0), c(2, 5.0)], &[1, 0], 1),   // tie: the first drawn
         ];
         for (cands, answers, want) in cases {
             let got = pick(LoadBalancer::Ewma, cands, 0, &mut script(answers));
@@ -832,6 +834,8 @@ mod tests {
                 10.0 * ms + 40.0 * ms / std::f64::consts::E,
             ),
             (50.0 * ms, 10.0 * ms, Duration::from_secs(1000), 10.0 * ms), // long ago: sample
+            (f64::NAN, 7.0 * ms, Duration::ZERO, 7.0 * ms), // garbage prior: the sample
+            (-1.0, 7.0 * ms, Duration::ZERO, 7.0 * ms),     // negative prior: the sample
         ];
         for (prior, sample, elapsed, want) in cases {
             let got = peak_ewma(prior, sample, elapsed);
@@ -1136,5 +1140,17 @@ mod tests {
             !r.is_unreachable(Instant::now()),
             "never skipped longer than the cap"
         );
+    }
+
+    /// The thread RNG's index is uniform enough to reach every endpoint, and in range.
+    #[test]
+    fn random_indexes_cover_the_range() {
+        let mut seen = [0u32; 7];
+        for _ in 0..7000 {
+            seen[random_index(7)] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 700), "{seen:?}");
+        assert_eq!(random_index(0), 0);
+        assert_eq!(random_index(1), 0);
     }
 }

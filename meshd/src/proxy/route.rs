@@ -10,8 +10,8 @@ use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use mesh_api::ServiceKey;
 use mesh_api::policy::{
-    Destination, DestinationPolicy, Fault, HeaderOps, HttpMatch, HttpRoute, Kind, ResourceKey,
-    Snapshot, Spec, StringMatch, compile_regex,
+    Destination, DestinationPolicy, Fault, HeaderOps, HttpMatch, HttpRoute, ResourceKey, Snapshot,
+    Spec, StringMatch, compile_regex,
 };
 
 // === compiled routes ===
@@ -168,7 +168,7 @@ impl Table {
         for r in snapshot.resources.values() {
             let svc = |name| ServiceKey::new(r.key.namespace.clone(), name);
             match &r.spec {
-                Spec::Route(route) if r.key.kind == Kind::Route => {
+                Spec::Route(route) => {
                     t.routes
                         .entry(svc(route.service.clone()))
                         .or_insert_with(|| {

@@ -7,6 +7,7 @@ pub mod http_app;
 pub mod knobs;
 pub mod netns;
 pub mod otlp;
+pub mod postgres;
 pub mod proc;
 pub mod py;
 pub mod scratch;

@@ -1,4 +1,4 @@
-//! `Host` header → mesh service (`meshd::proxy::http::outbound::service_from_host`): how the
+//! `Host` header → mesh service (`meshd::proxy::outbound::http::service_from_host`): how the
 //! `http_proxy` listener picks the service a request goes to (`api.mesh`, `api.ns.mesh`,
 //! `api.ns.svc.mesh`, with or without a port).
 //!
@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
 use mesh_api::name::Label;
-use meshd::proxy::http::outbound::service_from_host;
+use meshd::proxy::outbound::http::service_from_host;
 
 static SHOP: LazyLock<Label> = LazyLock::new(|| Label::new("shop").expect("label"));
 static OTHER: LazyLock<Label> = LazyLock::new(|| Label::new("other").expect("label"));

@@ -5,6 +5,7 @@
 //! path builds derived state or locks a map shared by every request.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_api::ServiceKey;
@@ -138,27 +139,15 @@ impl Compiled {
 
 /// The targets of `eps`, each keeping the state its address had in `old`.
 fn targets(eps: &[Endpoint], old: Option<&[Target]>) -> Arc<[Target]> {
-    let old_state = |addr| {
-        (old.unwrap_or_default().iter())
-            .find(|t| t.endpoint.addr == addr)
-            .map(|t| Arc::clone(&t.state))
-    };
-    // A service has a handful of endpoints; past that, index the old ones once.
-    let index: Option<HashMap<_, _>> = (old.is_some_and(|o| o.len() > 16)).then(|| {
-        (old.unwrap_or_default().iter())
-            .map(|t| (t.endpoint.addr, Arc::clone(&t.state)))
-            .collect()
-    });
+    let kept: HashMap<SocketAddr, &Arc<EndpointState>> = (old.unwrap_or_default().iter())
+        .map(|t| (t.endpoint.addr, &t.state))
+        .collect();
     (eps.iter())
-        .map(|e| {
-            let state = match &index {
-                Some(index) => index.get(&e.addr).cloned(),
-                None => old_state(e.addr),
-            };
-            Target {
-                endpoint: e.clone(),
-                state: state.unwrap_or_else(|| Arc::new(EndpointState::default())),
-            }
+        .map(|e| Target {
+            endpoint: e.clone(),
+            state: kept
+                .get(&e.addr)
+                .map_or_else(Arc::default, |s| Arc::clone(s)),
         })
         .collect()
 }

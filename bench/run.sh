@@ -22,6 +22,9 @@
 #                         http-base:     as http, run from the binary BASE_MESHD (A/B of a change
 #                                        in one run: build the baseline, copy it aside, rebuild)
 #   BASE_MESHD            meshd binary of the http-base variant (its file name must be meshd)
+#   MESHD_BIN [target/release/meshd]
+#                         meshd binary of every other variant (bench/pgo.sh runs an instrumented
+#                         one; its file name must be meshd)
 #   PIN_CPU [1]           CPU of the pinned meshd processes: "1" puts both on CPU 1 (one CPU for
 #                         the pair); "0 1" puts the client-side meshd on CPU 0, the server side on 1
 #   TARGETS               override the target list, e.g. "direct meshd-pinned haproxy-l4"
@@ -160,7 +163,7 @@ wait_for "the registry (http://$REG_ADMIN/ready)" curl -fsS "http://$REG_ADMIN/r
 token() { "$BIN/meshctl" --credentials "$TMP/registry/admin" token create --services "$1" 2>>"$TMP/meshctl.log"; }
 
 start_node() { # variant name ip gossip-seed-ip service-file-body
-  local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2" bin="$BIN/meshd"
+  local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2" bin=${MESHD_BIN:-$BIN/meshd}
   [ "$v" = http-base ] && bin=$BASE_MESHD
   mkdir -p "$dir/services.d"
   cat >"$dir/node.toml" <<EOF

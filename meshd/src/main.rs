@@ -60,10 +60,17 @@ enum Command {
     DemoApp(meshd::demo::Args),
 }
 
+/// The proxy's runtime: one worker per CPU, or `TOKIO_WORKER_THREADS`. One worker runs on
+/// tokio's single-threaded scheduler: the same behaviour without the work-stealing machinery
+/// (atomics on every wake, a shared injection queue), which a lone worker never uses.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let one_worker = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let mut builder = if one_worker {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
 }
 
 fn main() -> ExitCode {

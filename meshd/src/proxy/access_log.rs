@@ -33,10 +33,10 @@ impl Line {
             buf: String::with_capacity(512),
             first: true,
         };
-        l.disp(
-            "timestamp",
-            &humantime::format_rfc3339_micros(SystemTime::now()),
-        );
+        l.key("timestamp");
+        l.buf.push('"');
+        timestamp_into(&mut l.buf, SystemTime::now());
+        l.buf.push('"');
         l.str("target", "access");
         l.str("message", message);
         l
@@ -106,6 +106,34 @@ impl Line {
         self.buf.push_str("}\n");
         self.buf
     }
+}
+
+/// Appends `now` in RFC 3339 with microseconds (`2026-12-07T06:54:59.123456Z`). The part up
+/// to the second is formatted once per second per thread: every event of a busy second shares
+/// it, and the calendar arithmetic showed in profiles of the request path.
+pub fn timestamp_into(out: &mut String, now: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let Ok(since) = now.duration_since(SystemTime::UNIX_EPOCH) else {
+        // Before 1970: not worth a cache.
+        let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+        return;
+    };
+    SECOND.with_borrow_mut(|(secs, text)| {
+        if *secs != since.as_secs() {
+            *secs = since.as_secs();
+            text.clear();
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(*secs);
+            // `YYYY-MM-DDTHH:MM:SSZ`: keep all but the `Z`.
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            text.pop();
+        }
+        out.push_str(text);
+    });
+    let _ = write!(out, ".{:06}Z", since.subsec_micros());
 }
 
 /// Appends `s` as a JSON string (quotes, escapes, control characters as \u00XX).
@@ -363,6 +391,35 @@ impl JournalSink {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn timestamps_match_rfc3339_across_seconds_and_days() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_601_599); // a day's last second
+        for micros in [
+            0u64,
+            1,
+            999_999,
+            1_000_000,
+            1_000_001,
+            86_400_000_000,
+            7_999_999,
+        ] {
+            let t = base + Duration::from_micros(micros);
+            let mut got = String::new();
+            timestamp_into(&mut got, t);
+            assert_eq!(
+                got,
+                humantime::format_rfc3339_micros(t).to_string(),
+                "{micros}"
+            );
+        }
+        // The cached second is not reused for another second of the same value modulo anything.
+        let (a, b) = (base, base + Duration::from_secs(60));
+        let (mut x, mut y) = (String::new(), String::new());
+        timestamp_into(&mut x, a);
+        timestamp_into(&mut y, b);
+        assert_ne!(x, y);
+    }
     use super::*;
 
     #[test]

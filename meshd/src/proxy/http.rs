@@ -37,11 +37,11 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Response header naming the mesh hop that produced an error response and why
 /// (`outbound/no_endpoints`, `inbound/app_unreachable`, `inbound/denied`, ...), so a user can
 /// tell an error of the mesh from one of the app.
-pub const ERROR_HEADER: &str = "x-mesh-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-mesh-error");
 
 /// The caller's and the callee's identities, as Istio passes them to apps
 /// (`By=<callee>;URI=<caller>`); set by the inbound, never trusted from the app.
-pub const XFCC: &str = "x-forwarded-client-cert";
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Headers that describe one connection, not the request, and never cross a proxy
 /// (RFC 9110 §7.6.1). `te: trailers` is kept: gRPC needs it.
@@ -142,11 +142,15 @@ pub fn bad_path(hop: &str, e: mesh_api::path::Rejected) -> Response<Body> {
     mesh_response(StatusCode::BAD_REQUEST, hop, e.reason(), format!("{e}\n"))
 }
 
+/// `grpc-status`, read from every proxied response (a constant: a `&str` name is parsed on
+/// each lookup).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` in response headers (a trailers-only gRPC answer); a status sent in
 /// trailers after messages is not seen here, so a streamed call's status is not counted.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

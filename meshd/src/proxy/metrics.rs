@@ -7,6 +7,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::{Arc, RwLock};
+
+use mesh_api::ServiceKey;
 
 /// Which side of the proxy.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -169,6 +172,91 @@ fn duration_histogram() -> Histogram {
     )
 }
 
+/// The labels of one HTTP request, borrowed from the hop that served it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    /// Side of the proxy.
+    pub direction: Direction,
+    /// The calling service; `None` for a plaintext caller.
+    pub source: Option<&'a ServiceKey>,
+    /// The called service.
+    pub destination: &'a ServiceKey,
+    /// The matching Route entry (empty: none).
+    pub route: &'a str,
+    /// HTTP status returned to the caller.
+    pub code: u16,
+    /// `grpc-status` of a gRPC answer.
+    pub grpc_status: Option<u32>,
+}
+
+impl HttpRequest<'_> {
+    fn source_name(&self) -> String {
+        self.source.map_or_else(
+            || mesh_api::observe::EXTERNAL.to_owned(),
+            ToString::to_string,
+        )
+    }
+
+    fn to_key(self) -> SeriesKey {
+        SeriesKey {
+            direction: self.direction,
+            source: self.source.cloned(),
+            destination: self.destination.clone(),
+            route: self.route.to_owned(),
+            code: self.code,
+            grpc_status: self.grpc_status,
+        }
+    }
+}
+
+/// [`HttpRequest`] owned: the key of the series cache.
+#[derive(Debug, PartialEq, Eq)]
+struct SeriesKey {
+    direction: Direction,
+    source: Option<ServiceKey>,
+    destination: ServiceKey,
+    route: String,
+    code: u16,
+    grpc_status: Option<u32>,
+}
+
+// Both forms hash the same tuple, so a borrowed request finds its owned key.
+impl std::hash::Hash for SeriesKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let key = (self.direction, self.source.as_ref(), &self.destination);
+        (key, self.route.as_str(), self.code, self.grpc_status).hash(h);
+    }
+}
+
+impl std::hash::Hash for HttpRequest<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let key = (self.direction, self.source, self.destination);
+        (key, self.route, self.code, self.grpc_status).hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<SeriesKey> for HttpRequest<'_> {
+    fn equivalent(&self, k: &SeriesKey) -> bool {
+        self.direction == k.direction
+            && self.source == k.source.as_ref()
+            && *self.destination == k.destination
+            && self.route == k.route
+            && self.code == k.code
+            && self.grpc_status == k.grpc_status
+    }
+}
+
+/// One label set's request counter and duration histogram (handles into the families).
+#[derive(Debug, Clone)]
+struct HttpSeries {
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// Series kept in the cache at most; beyond it requests are still counted, through the
+/// families' own (allocating) lookups.
+const MAX_CACHED_SERIES: usize = 4096;
+
 /// All proxy metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -207,6 +295,9 @@ pub struct Metrics {
     /// `meshd_unreachable_endpoints_total{service}`: endpoints skipped after a refused or
     /// timed-out connect.
     pub unreachable: Family<OneService, Counter>,
+    /// `requests` and `request_duration` handles by label set, so a request's labels are
+    /// not rebuilt as strings to count it.
+    http_series: Arc<RwLock<hashbrown::HashMap<SeriesKey, HttpSeries>>>,
 }
 
 impl Metrics {
@@ -230,6 +321,7 @@ impl Metrics {
             rate_limited: Family::default(),
             failovers: Family::default(),
             unreachable: Family::default(),
+            http_series: Arc::default(),
         };
         m.zero_series();
         m.register(reg);
@@ -332,47 +424,62 @@ impl Metrics {
         );
     }
 
-    /// Counts one HTTP request: its status, duration and retries.
-    #[allow(clippy::too_many_arguments)] // one call site per hop, each with every label at hand
-    pub fn record_http(
-        &self,
-        direction: Direction,
-        source: &str,
-        destination: &str,
-        route: &str,
-        code: u16,
-        grpc_status: Option<u32>,
-        elapsed: std::time::Duration,
-        retries: u32,
-    ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                source: source.to_owned(),
-                destination: destination.to_owned(),
-                route: route.to_owned(),
-                code,
-                grpc_status: grpc_status.map(|g| g.to_string()).unwrap_or_default(),
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&DurationLabels {
-                direction,
-                source: source.to_owned(),
-                destination: destination.to_owned(),
-                route: route.to_owned(),
-                class: class_of(code),
-            })
-            .observe(elapsed.as_secs_f64());
+    /// Counts one HTTP request: its status, duration and retries. `source` `None` is a
+    /// plaintext caller (`external`).
+    pub fn record_http(&self, req: &HttpRequest<'_>, elapsed: std::time::Duration, retries: u32) {
+        let series = self.http_series(req);
+        series.requests.inc();
+        series.duration.observe(elapsed.as_secs_f64());
         if retries > 0 {
             self.retries
                 .get_or_create(&EdgeLabels {
-                    source: source.to_owned(),
-                    destination: destination.to_owned(),
-                    route: route.to_owned(),
+                    source: req.source_name(),
+                    destination: req.destination.to_string(),
+                    route: req.route.to_owned(),
                 })
                 .inc_by(u64::from(retries));
         }
+    }
+
+    /// The counter and histogram of `req`'s labels: looked up without allocating once the
+    /// series exists (every request but the first of its kind); the label strings are built
+    /// only to create it.
+    fn http_series(&self, req: &HttpRequest<'_>) -> HttpSeries {
+        if let Some(s) = (self.http_series.read())
+            .unwrap_or_else(|e| e.into_inner())
+            .get(req)
+        {
+            return s.clone();
+        }
+        let (source, destination) = (req.source_name(), req.destination.to_string());
+        let series = HttpSeries {
+            requests: (self.requests)
+                .get_or_create(&RequestLabels {
+                    direction: req.direction,
+                    source: source.clone(),
+                    destination: destination.clone(),
+                    route: req.route.to_owned(),
+                    code: req.code,
+                    grpc_status: req.grpc_status.map(|g| g.to_string()).unwrap_or_default(),
+                })
+                .clone(),
+            duration: (self.request_duration)
+                .get_or_create(&DurationLabels {
+                    direction: req.direction,
+                    source,
+                    destination,
+                    route: req.route.to_owned(),
+                    class: class_of(req.code),
+                })
+                .clone(),
+        };
+        let mut map = self.http_series.write().unwrap_or_else(|e| e.into_inner());
+        // Label sets come from config, policy and a bounded set of codes; the bound only
+        // guards memory against something unforeseen (the families themselves are unbounded).
+        if map.len() < MAX_CACHED_SERIES {
+            map.insert(req.to_key(), series.clone());
+        }
+        series
     }
 
     /// Counts a failed connect to `service` tried again on another endpoint.

@@ -6,7 +6,6 @@
 //! (so faults it injects, retries and failed connections count), and by the callee's meshd only
 //! for plaintext callers from outside the mesh, which have no meshd of their own.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use tokio::time::Instant;
@@ -17,7 +16,7 @@ use mesh_api::{Identity, ServiceKey};
 
 use super::Shared;
 use super::access_log::{Entry, Line, Sink};
-use super::metrics::Direction;
+use super::metrics::{Direction, HttpRequest};
 
 /// One finished HTTP request or TCP connection.
 #[derive(Debug, Clone)]
@@ -82,12 +81,48 @@ pub enum Kind {
 }
 
 /// Traffic on one edge since the last report.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct EdgeKey {
-    source: String,
-    destination: String,
+    source: Option<ServiceKey>,
+    destination: ServiceKey,
     mtls: bool,
     http: bool,
+}
+
+/// [`EdgeKey`] borrowed from a finished hop: looked up without allocating.
+#[derive(Debug, Clone, Copy)]
+struct EdgeRef<'a> {
+    source: Option<&'a ServiceKey>,
+    destination: &'a ServiceKey,
+    mtls: bool,
+    http: bool,
+}
+
+// Both forms hash the same tuple, so a borrowed edge finds its owned key.
+impl std::hash::Hash for EdgeKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (
+            self.source.as_ref(),
+            &self.destination,
+            self.mtls,
+            self.http,
+        )
+            .hash(h);
+    }
+}
+
+impl std::hash::Hash for EdgeRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (self.source, self.destination, self.mtls, self.http).hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<EdgeKey> for EdgeRef<'_> {
+    fn equivalent(&self, k: &EdgeKey) -> bool {
+        self.source == k.source.as_ref()
+            && *self.destination == k.destination
+            && (self.mtls, self.http) == (k.mtls, k.http)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -101,7 +136,7 @@ struct EdgeAcc {
 /// Per-edge traffic waiting for the next report.
 #[derive(Debug, Default)]
 pub struct Edges {
-    map: Mutex<HashMap<EdgeKey, EdgeAcc>>,
+    map: Mutex<hashbrown::HashMap<EdgeKey, EdgeAcc>>,
 }
 
 impl Edges {
@@ -111,8 +146,8 @@ impl Edges {
         let mut out: Vec<pb::EdgeStats> = map
             .into_iter()
             .map(|(k, a)| pb::EdgeStats {
-                source: k.source,
-                destination: k.destination,
+                source: source_name(k.source.as_ref()),
+                destination: k.destination.to_string(),
                 mtls: k.mtls,
                 protocol: if k.http { "http" } else { "tcp" }.to_owned(),
                 requests: a.requests,
@@ -125,9 +160,20 @@ impl Edges {
         out
     }
 
-    fn add(&self, key: EdgeKey, failed: bool, ms: Option<f64>, bytes: u64) {
+    fn add(&self, key: EdgeRef<'_>, failed: bool, ms: Option<f64>, bytes: u64) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let acc = map.entry(key).or_default();
+        let acc = match map.get_mut(&key) {
+            Some(acc) => acc,
+            None => {
+                let owned = EdgeKey {
+                    source: key.source.cloned(),
+                    destination: key.destination.clone(),
+                    mtls: key.mtls,
+                    http: key.http,
+                };
+                map.entry(owned).or_default()
+            }
+        };
         acc.requests += 1;
         acc.errors += u64::from(failed);
         acc.bytes += bytes;
@@ -138,6 +184,11 @@ impl Edges {
             acc.buckets[bucket_of(ms)] += 1;
         }
     }
+}
+
+/// `namespace/name` of a caller, or `external` for a plaintext one.
+fn source_name(source: Option<&ServiceKey>) -> String {
+    source.map_or_else(|| EXTERNAL.to_owned(), ToString::to_string)
 }
 
 /// Whether a finished hop is this node's to report as an edge (see the module docs).
@@ -151,9 +202,7 @@ pub fn reports_edge(direction: Direction, caller_in_mesh: bool) -> bool {
 impl Record {
     /// `namespace/name` of the caller, or `external`.
     pub fn source_name(&self) -> String {
-        self.src_service
-            .as_ref()
-            .map_or_else(|| EXTERNAL.to_owned(), ToString::to_string)
+        source_name(self.src_service.as_ref())
     }
 
     fn failed(&self) -> bool {
@@ -165,11 +214,10 @@ impl Record {
 }
 
 /// Metrics, the access-log event (as configured) and the edge count of one finished hop.
+/// Names are formatted only for the access log: metrics and edges are found by reference.
 pub fn finish(shared: &Shared, rec: Record) {
     let elapsed = rec.started.elapsed();
     let ms = elapsed.as_secs_f64() * 1000.0;
-    let source = rec.source_name();
-    let dst = rec.dst_service.to_string();
     let config = shared.config();
     match &rec.kind {
         Kind::Http {
@@ -179,22 +227,22 @@ pub fn finish(shared: &Shared, rec: Record) {
             attempts,
             ..
         } => {
-            shared.metrics.record_http(
-                rec.direction,
-                &source,
-                &dst,
+            let req = HttpRequest {
+                direction: rec.direction,
+                source: rec.src_service.as_ref(),
+                destination: &rec.dst_service,
                 route,
-                *status,
-                *grpc_status,
-                elapsed,
-                attempts.saturating_sub(1),
-            );
+                code: *status,
+                grpc_status: *grpc_status,
+            };
+            (shared.metrics).record_http(&req, elapsed, attempts.saturating_sub(1));
         }
         Kind::Tcp {
             to_service,
             to_caller,
             ..
         } => {
+            let dst = rec.dst_service.to_string();
             shared
                 .metrics
                 .record_bytes(rec.direction, &dst, *to_service, *to_caller);
@@ -209,9 +257,9 @@ pub fn finish(shared: &Shared, rec: Record) {
                 ..
             } => (false, to_service + to_caller),
         };
-        let key = EdgeKey {
-            source: source.clone(),
-            destination: dst.clone(),
+        let key = EdgeRef {
+            source: rec.src_service.as_ref(),
+            destination: &rec.dst_service,
             mtls: rec.mtls,
             http,
         };
@@ -225,6 +273,7 @@ pub fn finish(shared: &Shared, rec: Record) {
         Kind::Tcp { failed, .. } => access.logs_connection(*failed),
     };
     if logged {
+        let (source, dst) = (rec.source_name(), rec.dst_service.to_string());
         log(&shared.access_log, &rec, &source, &dst, ms);
     }
 }
@@ -380,15 +429,19 @@ mod tests {
     #[test]
     fn edges_accumulate_and_drain() {
         let e = Edges::default();
-        let key = |src: &str| EdgeKey {
-            source: src.into(),
-            destination: "default/api".into(),
+        let (web, api) = (
+            ServiceKey::parse("web").unwrap(),
+            ServiceKey::parse("api").unwrap(),
+        );
+        let key = |source| EdgeRef {
+            source,
+            destination: &api,
             mtls: true,
             http: true,
         };
-        e.add(key("default/web"), false, Some(3.0), 0);
-        e.add(key("default/web"), true, Some(40.0), 0);
-        e.add(key("external"), false, None, 100);
+        e.add(key(Some(&web)), false, Some(3.0), 0);
+        e.add(key(Some(&web)), true, Some(40.0), 0);
+        e.add(key(None), false, None, 100);
         let got = e.take();
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].source, "default/web");

@@ -10,26 +10,29 @@ use rand::Rng as _;
 #[cfg(test)]
 mod tests;
 
+// Names as `HeaderName` constants: looked up on every proxied request, and a `&str` name is
+// parsed and case-checked on each lookup.
+
 /// W3C Trace Context parent header.
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// W3C vendor state, passed through unchanged when the `traceparent` is continued.
-pub const TRACESTATE: &str = "tracestate";
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// B3 single-header encoding: `{trace}-{span}[-{sampling}[-{parent}]]` or `{sampling}`.
-pub const B3: &str = "b3";
+pub const B3: HeaderName = HeaderName::from_static("b3");
 /// B3 multi-header encoding: trace id.
-pub const X_B3_TRACEID: &str = "x-b3-traceid";
+pub const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
 /// B3 multi-header encoding: span id of the sender.
-pub const X_B3_SPANID: &str = "x-b3-spanid";
+pub const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
 /// B3 multi-header encoding: the sender's parent (read past, never needed).
-pub const X_B3_PARENTSPANID: &str = "x-b3-parentspanid";
+pub const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 /// B3 multi-header encoding: `1` accept, `0` deny, absent defer.
-pub const X_B3_SAMPLED: &str = "x-b3-sampled";
+pub const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 /// B3 multi-header encoding: `1` = debug (implies accept).
-pub const X_B3_FLAGS: &str = "x-b3-flags";
+pub const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// Every header that carries trace context; a hop that writes its own context removes all of
 /// them first, so no stale parent of the upstream hop reaches the next one.
-pub const CONTEXT_HEADERS: [&str; 8] = [
+pub const CONTEXT_HEADERS: [HeaderName; 8] = [
     TRACEPARENT,
     TRACESTATE,
     B3,
@@ -270,7 +273,7 @@ pub fn extract(headers: &HeaderMap) -> Extracted {
         B3Format::Single
     } else if [X_B3_TRACEID, X_B3_SPANID, X_B3_SAMPLED, X_B3_FLAGS]
         .iter()
-        .any(|h| headers.contains_key(*h))
+        .any(|h| headers.contains_key(h))
     {
         B3Format::Multi
     } else {
@@ -485,7 +488,7 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
 
 /// The header's value if it appears exactly once (W3C: duplicated `traceparent` headers are
 /// invalid and restart the trace).
-fn only_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn only_value(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     let mut all = headers.get_all(name).iter();
     let first = all.next()?;
     if all.next().is_some() {
@@ -494,7 +497,7 @@ fn only_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     first.to_str().ok()
 }
 
-fn first_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn first_value(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -512,10 +515,10 @@ fn trace_state(headers: &HeaderMap) -> Option<String> {
     (!joined.is_empty() && joined.len() <= MAX_TRACESTATE_LEN).then_some(joined)
 }
 
-fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
+fn put(headers: &mut HeaderMap, name: HeaderName, value: String) {
     // Values built here are hex, digits and a passed-through visible-ASCII tracestate, so
     // the conversion cannot fail; if it ever did, leaving the header out is the safe side.
     if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(HeaderName::from_static(name), v);
+        headers.insert(name, v);
     }
 }

@@ -21,7 +21,9 @@
 #                         http-trace100: as http-trace1 at 100% sampling
 #                         http-base:     as http, run from the binary BASE_MESHD (A/B of a change
 #                                        in one run: build the baseline, copy it aside, rebuild)
+#                         http-alt:      as http-base, from ALT_MESHD (a third binary in the run)
 #   BASE_MESHD            meshd binary of the http-base variant (its file name must be meshd)
+#   ALT_MESHD             meshd binary of the http-alt variant (its file name must be meshd)
 #   MESHD_BIN [target/release/meshd]
 #                         meshd binary of every other variant (bench/pgo.sh runs an instrumented
 #                         one; its file name must be meshd)
@@ -114,11 +116,13 @@ command -v curl >/dev/null || die "curl not found (peers.sh start installs it)"
 # variant -> client IP, server IP, upstream port (the app-facing listener of the client meshd)
 # Not the 127.0.0.2/.3 and :17700 of the getting-started example, so a dev mesh can keep running.
 declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16
-  [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22 [http-base]=127.0.0.24)
+  [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22 [http-base]=127.0.0.24
+  [http-alt]=127.0.0.26)
 declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17
-  [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23 [http-base]=127.0.0.25)
+  [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23 [http-base]=127.0.0.25
+  [http-alt]=127.0.0.27)
 declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006 [http-quiet]=18007
-  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010)
+  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010 [http-alt]=18011)
 # Observability settings of each variant (appended to its nodes' meshd.toml).
 OTLP=127.0.0.1:17712
 declare -A OBSERVE=(
@@ -142,9 +146,12 @@ wait_for() { # description, command...: retries until success or READY_TIMEOUT
 
 for a in $REG_LISTEN $REG_ADMIN; do ! port_busy "${a%:*}" "${a#*:}" || die "$a is in use (a previous run still alive?)"; done
 for v in $MESHD_VARIANTS; do
-  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base)"
+  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base, http-alt)"
   if [ "$v" = http-base ]; then
     [ -x "${BASE_MESHD:-}" ] || die "MESHD_VARIANTS has http-base: set BASE_MESHD to an executable meshd binary"
+  fi
+  if [ "$v" = http-alt ]; then
+    [ -x "${ALT_MESHD:-}" ] || die "MESHD_VARIANTS has http-alt: set ALT_MESHD to an executable meshd binary"
   fi
   ! port_busy 127.0.0.1 "${UP_PORT[$v]}" || die "127.0.0.1:${UP_PORT[$v]} is in use (a previous run still alive?)"
   for ip in "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}"; do
@@ -165,6 +172,7 @@ token() { "$BIN/meshctl" --credentials "$TMP/registry/admin" token create --serv
 start_node() { # variant name ip gossip-seed-ip service-file-body
   local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2" bin=${MESHD_BIN:-$BIN/meshd}
   [ "$v" = http-base ] && bin=$BASE_MESHD
+  [ "$v" = http-alt ] && bin=$ALT_MESHD
   mkdir -p "$dir/services.d"
   cat >"$dir/node.toml" <<EOF
 node_name = "$name"

@@ -35,6 +35,13 @@ struct Fleet {
     client: Client,
 }
 
+/// Every node of these fleets runs one worker, which meshd runs on tokio's single-threaded
+/// scheduler (as the benchmark does): the traffic features are proven on it too, while the
+/// other suites run the default multi-threaded one.
+fn one_worker() -> (String, String) {
+    ("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())
+}
+
 async fn fleet(backends: &[Backend]) -> Fleet {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let mut apps = Vec::new();
@@ -51,6 +58,7 @@ async fn fleet(backends: &[Backend]) -> Fleet {
         let mut api = ServiceSpec::new("api", app.addr).protocol("http");
         api.labels = vec![("version".to_owned(), b.version.to_owned())];
         spec.services = vec![api];
+        spec.env = vec![one_worker()];
         cluster.add_spec(spec).await.unwrap();
         apps.push(app);
     }
@@ -61,6 +69,7 @@ async fn fleet(backends: &[Backend]) -> Fleet {
     a.ip = ip.into();
     a.zone = Some("z1".to_owned());
     a.seeds = cluster.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+    a.env = vec![one_worker()];
     a.services = vec![
         ServiceSpec::new("web", SocketAddr::new(ip.into(), 18080))
             .protocol("http")

@@ -479,9 +479,19 @@ fn parse_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Ids are written on every traced request (the context header, the access log): digits by
+/// table into one buffer and one write, not a formatting call per byte.
 fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    for b in bytes {
-        write!(f, "{b:02x}")?;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for chunk in bytes.chunks(16) {
+        let mut buf = [0u8; 32];
+        for (o, b) in buf.chunks_exact_mut(2).zip(chunk) {
+            o[0] = DIGITS[usize::from(b >> 4)];
+            o[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        // Only ASCII hex digits were written.
+        let hex = std::str::from_utf8(&buf[..chunk.len() * 2]).map_err(|_| fmt::Error)?;
+        f.write_str(hex)?;
     }
     Ok(())
 }

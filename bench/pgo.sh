@@ -2,11 +2,14 @@
 # Profile-guided optimisation of meshd: builds an instrumented meshd, runs the benchmark's
 # workload through it (bench/run.sh HOLD=1 with MESHD_BIN: the L4 pair and the L7 pair under
 # wrk and mesh-bench), merges the profile with the toolchain's own llvm-profdata (rustup
-# component llvm-tools: the same LLVM as rustc), and builds target/pgo/bin/meshd with it.
-# See BENCHMARKS.md ("Profile-guided optimisation"). Never run by CI.
+# component llvm-tools: the same LLVM as rustc) into packaging/pgo/meshd.profdata (committed:
+# packaging/build.sh builds the shipped meshd with it), and builds target/pgo/bin/meshd with it
+# for bench/run.sh (MESHD_BIN). Rerun it when the request path changed much: functions changed
+# since the profile was made are compiled as without it. See BENCHMARKS.md ("Profile-guided
+# optimisation"). Never run by CI.
 #
 # Environment (defaults in brackets):
-#   PGO_DIR [target/pgo]   raw profiles, the merged profile and the instrumented build
+#   PGO_DIR [target/pgo]   raw profiles and the instrumented and optimised builds
 #   LOAD [15s]             wrk run per pair and phase
 set -euo pipefail
 
@@ -19,7 +22,7 @@ cd "$ROOT"
 PGO_DIR=${PGO_DIR:-$ROOT/target/pgo}
 LOAD=${LOAD:-15s}
 RAW="$PGO_DIR/raw"
-PROFILE="$PGO_DIR/meshd.profdata"
+PROFILE="$ROOT/packaging/pgo/meshd.profdata"
 
 sysroot=$(rustc --print sysroot)
 host=$(rustc -vV | sed -n 's/^host: //p')
@@ -43,7 +46,11 @@ MESHD_BIN="$PGO_DIR/target/release/meshd" MESHD_VARIANTS="pinned http" \
   TARGETS="meshd-pinned meshd-http" HOLD=1 bench/run.sh >"$HOLD_LOG" 2>&1 &
 HOLD_PID=$!
 trap 'kill $HOLD_PID 2>/dev/null || true' EXIT
-for _ in $(seq 120); do grep -q "HOLD=1: everything is up" "$HOLD_LOG" && break; sleep 1; done
+for _ in $(seq 120); do
+  grep -q "HOLD=1: everything is up" "$HOLD_LOG" && break
+  kill -0 $HOLD_PID 2>/dev/null || break
+  sleep 1
+done
 grep -q "HOLD=1: everything is up" "$HOLD_LOG" || die "the benchmark mesh did not come up: $(tail -5 "$HOLD_LOG")"
 pids=$(sed -n 's/.*meshd-.*pids: //p' "$HOLD_LOG" | tr '\n' ' ')
 for port in 18004 18006; do
@@ -67,6 +74,9 @@ wait $HOLD_PID 2>/dev/null || true
 trap - EXIT
 ls "$RAW"/*.profraw >/dev/null 2>&1 || die "no .profraw written in $RAW"
 
+mkdir -p "$(dirname "$PROFILE")"
+# Not --sparse (2 MB instead of 8): functions that never ran are then known to be cold, and
+# compiled small and apart from the hot code, which keeps fewer code pages resident.
 "$PROFDATA" merge -o "$PROFILE" "$RAW"/*.profraw || die "llvm-profdata merge failed"
 log "merged $(ls "$RAW"/*.profraw | wc -l) raw profiles into $PROFILE"
 

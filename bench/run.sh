@@ -326,7 +326,7 @@ OUT="$RESULTS/$STAMP.md"
 {
   echo "# bench/run.sh — $STAMP"
   echo
-  echo "git $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)'), meshd binary built $(date -u -r "$BIN/meshd" +%FT%TZ); $(nproc) vCPU; kernel $(uname -r); $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
+  echo "git $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)'), meshd binary ${MESHD_BIN:-$BIN/meshd} built $(date -u -r "${MESHD_BIN:-$BIN/meshd}" +%FT%TZ)${BASE_MESHD:+, http-base: $BASE_MESHD}${ALT_MESHD:+, http-alt: $ALT_MESHD}; $(nproc) vCPU; kernel $(uname -r); $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)"
   echo "Medians of $ROUNDS rounds. Saturation: wrk -t1 -c32 -d$DURATION /1k. Latency: mesh-bench open loop, $RATE req/s over $LAT_CONNS keep-alive connections for $LAT_DURATION, from the intended send time. CPU and RSS: the target's proxy processes (direct: the nginx backend)."
   echo "meshd-pinned: each meshd with TOKIO_WORKER_THREADS=1 under taskset (client side on CPU $PIN_CLIENT, server side on CPU $PIN_SERVER); meshd-default: tokio's default runtime (one worker per CPU), unpinned; meshd-http: as meshd-pinned with the backend declared protocol = \"http\" (each request proxied, HTTP/2 between the hosts). The peers run one thread/worker each, unpinned."
   echo "Background: other processes used $(awk -F'\t' 'NR > 1 {print $13}' "$RAW" | median | xargs printf %.2f) vCPU (median; max $(awk -F'\t' 'NR > 1 {print $13}' "$RAW" | sort -g | tail -n1)) while targets were measured; wall time $((SECONDS / 60))m$((SECONDS % 60))s."

@@ -64,6 +64,19 @@ echo "packaging/meshd/examples/web.toml matches EXAMPLE_SERVICE_TOML"
 say "release build"
 cargo build --release --locked -p meshd -p meshctl -p mesh-registry
 bin=$target/release
+
+# meshd is built again with profile-guided optimisation from the committed profile
+# (packaging/pgo/meshd.profdata, made by bench/pgo.sh from the benchmark's workload): 16% less
+# CPU per proxied HTTP request in one bench/run.sh run (BENCHMARKS.md, "Profile-guided
+# optimisation"). Functions changed since the profile was made are compiled as without it.
+# In a target dir of its own (RUSTFLAGS are part of every crate's fingerprint), then put where
+# cargo-deb and cargo-generate-rpm take it from.
+say "profile-guided meshd"
+profile=$root/packaging/pgo/meshd.profdata
+[ -f "$profile" ] || die "$profile missing; bench/pgo.sh makes it"
+RUSTFLAGS="-Cprofile-use=$profile -Cllvm-args=-no-pgo-warn-mismatch" \
+  CARGO_TARGET_DIR="$target/pgo/use-target" cargo build --release --locked -p meshd
+cp "$target/pgo/use-target/release/meshd" "$bin/meshd"
 # meshctl is its own crate, packed into the meshd deb as an asset: cargo-deb strips only the
 # package's own binaries, so strip it here as cargo-deb would.
 strip --strip-unneeded "$bin/meshctl"

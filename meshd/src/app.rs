@@ -25,6 +25,8 @@ use crate::proxy::{self, listeners};
 use crate::reload::{self, Reloader};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// How many gossip intervals to wait after publishing `draining` before refusing new
 /// connections, so peers have stopped picking this node.
@@ -50,81 +52,20 @@ pub struct Bound {
 }
 
 /// Binds everything and starts the node. Fails on bind conflicts, an unusable stored
-/// identity, or a join the registry refuses.
+/// identity, or a join the registry refuses. The order matters: listeners first (a taken port
+/// fails the start at once), admin before identity (so `/live` answers, and `/ready` says 503,
+/// while the node joins), identity before gossip and the proxy (nothing is served without
+/// certificates).
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
     mesh_runtime::tls::install_default_provider();
     let config = Arc::new(config);
     let (config_tx, config_rx) = watch::channel(config.clone());
-    // Every listener first, so a taken port fails the start at once.
-    let inbound_listener = proxy::bind_inbound(&config).await?;
-    let inbound_addr = inbound_listener.local_addr()?;
-    let service_listeners = listeners::Set::default()
-        .prepare(&listeners::specs(&config))
-        .await?;
-    let admin_listener = tokio::net::TcpListener::bind(config.admin.bind)
-        .await
-        .with_context(|| format!("binding the admin listener on {}", config.admin.bind))?;
-    let admin_addr = admin_listener.local_addr()?;
-
-    let mut registry = prometheus_client::registry::Registry::default();
-    let id_metrics = identity::Metrics::new(&mut registry);
-    let proxy_metrics = proxy::Metrics::new(&mut registry);
-    let policy_metrics = discovery::Metrics::new(&mut registry);
-    let members_gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
-    registry.register(
-        "meshd_gossip_members",
-        "Live members in this node's gossip view",
-        members_gauge.clone(),
-    );
-    let keyring_revision = prometheus_client::metrics::gauge::Gauge::<i64>::default();
-    registry.register(
-        "meshd_gossip_keyring_revision",
-        "Revision of the gossip keyring this node seals and opens with",
-        keyring_revision.clone(),
-    );
-    let seal_dropped = Family::<SealDropLabels, Counter>::default();
-    registry.register(
-        "meshd_gossip_datagrams_dropped",
-        "Gossip datagrams dropped: not sealed with a key of the keyring, tampered, malformed or too large",
-        seal_dropped.clone(),
-    );
-    let states_refused = Counter::default();
-    registry.register(
-        "meshd_gossip_states_refused",
-        "Gossip states of other nodes not used: unsigned, not signed by the node they are about, tampered or over the size caps",
-        states_refused.clone(),
-    );
-    let nodes_refused = Counter::default();
-    registry.register(
-        "meshd_gossip_nodes_refused",
-        "New node ids kept out of the gossip table: not a node name, a removed node, or the table's digest at its bound",
-        nodes_refused.clone(),
-    );
-    let seal_opened = Counter::default();
-    registry.register(
-        "meshd_gossip_datagrams_opened",
-        "Gossip datagrams that were authentic and decoded",
-        seal_opened.clone(),
-    );
-    let reload_metrics = reload::Metrics::new(&mut registry);
-    let trace_metrics = crate::trace::Metrics::new(&mut registry);
-    // Under the journal, access events are journal entries; otherwise JSON lines on stdout,
-    // written in batches. Either way by a task of their own (spawned below).
-    let (access_log, access_journal_rx) = if mesh_runtime::telemetry::to_journal() {
-        let (sink, rx) = proxy::access_log::JournalSink::new(&mut registry);
-        (proxy::access_log::Sink::Journal(sink), Some(rx))
-    } else {
-        let sink = Arc::new(proxy::access_log::JsonSink::new(&mut registry));
-        (proxy::access_log::Sink::Json(sink), None)
-    };
-    let access_log = Arc::new(access_log);
-    let registry = Arc::new(registry);
-    let (reload_status_tx, reload_status_rx) = watch::channel(reload::Status::initial());
-
+    let listeners = Listeners::bind(&config).await?;
+    let mut metrics = Metrics::new();
+    let access_log = AccessLog::new(&mut metrics.registry);
+    let registry = Arc::new(std::mem::take(&mut metrics.registry));
+    let (reload_tx, reload_rx) = watch::channel(reload::Status::initial());
     let lifecycle = Arc::new(Lifecycle::new());
-    // Listeners stop accepting, open connections are closed, background tasks end.
-    let stop_rx = lifecycle.reached(Phase::Quiescing);
-    let force_rx = lifecycle.reached(Phase::Closing);
     let shutdown_rx = lifecycle.reached(Phase::Stopped);
     let mut tasks = JoinSet::new();
     // Node warnings for `meshctl check`: every component that has some adds a source here.
@@ -133,9 +74,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         crate::report::watch_listeners(config_rx.clone(), warnings.source(), shutdown_rx.clone())
             .instrument(info_span!("listeners")),
     );
-
     // The persisted policy first: with the registry down it is what we enforce.
-    let (discovery, policy) = Discovery::load(&config.data_dir, policy_metrics);
+    let (discovery, policy) = Discovery::load(&config.data_dir, metrics.policy.clone());
     tasks.spawn(
         crate::report::watch_unreadable_policy(
             policy.unreadable_rx.clone(),
@@ -144,243 +84,491 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         )
         .instrument(info_span!("policy_warnings")),
     );
-
-    // Admin first, so /live answers (and /ready says 503) while the node is still joining.
-    let certs_cell = Arc::new(std::sync::OnceLock::new());
-    let view_cell = Arc::new(std::sync::OnceLock::new());
-    let liveness_cell = Arc::new(std::sync::OnceLock::new());
+    let cells = AdminCells::default();
     let admin_state = AdminState {
         config_rx: config_rx.clone(),
-        reload_rx: reload_status_rx.clone(),
+        reload_rx: reload_rx.clone(),
         phase_rx: lifecycle.subscribe(),
         metrics: registry,
-        certs_rx: certs_cell.clone(),
-        view_rx: view_cell.clone(),
-        liveness_rx: liveness_cell.clone(),
+        certs_rx: cells.certs.clone(),
+        view_rx: cells.view.clone(),
+        liveness_rx: cells.liveness.clone(),
         policy_rx: policy.policy_rx.clone(),
         policy_synced_rx: policy.synced_rx.clone(),
         policy_unreadable_rx: policy.unreadable_rx.clone(),
     };
-    let mut admin_shutdown = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let res = axum::serve(admin_listener, admin::router(admin_state))
-            .with_graceful_shutdown(async move { drain::until_true(&mut admin_shutdown).await })
-            .await;
-        if let Err(e) = res {
-            warn!(error = %e, "admin server failed");
-        }
-    });
-
-    // Identity first: nothing can be served without certificates.
-    let (manager, certs_rx) = Manager::bootstrap(config.clone(), id_metrics, shutdown_rx.clone())
-        .await
-        .context("bootstrapping the node identity")?;
-    let trust_domain = certs_rx.borrow().trust_domain.clone();
-    let _ = certs_cell.set(certs_rx.clone());
+    let admin_listener = listeners.admin;
+    tasks.spawn(serve_admin(
+        admin_listener,
+        admin_state,
+        shutdown_rx.clone(),
+    ));
+    let (manager, certs_rx) = Manager::bootstrap(
+        config.clone(),
+        metrics.identity.clone(),
+        shutdown_rx.clone(),
+    )
+    .await
+    .context("bootstrapping the node identity")?;
+    let _ = cells.certs.set(certs_rx.clone());
+    let client = manager.client();
     tasks.spawn(
-        discovery
-            .run(manager.client(), shutdown_rx.clone())
-            .instrument(info_span!("discovery")),
+        (discovery.run(client.clone(), shutdown_rx.clone())).instrument(info_span!("discovery")),
     );
-    let registry_client = manager.client();
-    let gossip_signer = crate::gossip_auth::Signer::new(manager.node_slot());
+    let signer = crate::gossip_auth::Signer::new(manager.node_slot());
     tasks.spawn(manager.run(
         config_rx.clone(),
         policy.policy_rx.clone(),
         shutdown_rx.clone(),
     ));
-
-    let mut advertise = config.inbound.advertise;
-    if advertise.port() == 0 {
-        advertise.set_port(inbound_addr.port());
-    }
-    let cluster_id = config
-        .gossip
-        .cluster_id
-        .clone()
-        .unwrap_or_else(|| trust_domain.to_string());
-    // Gossip is sealed with the registry's keyring: persisted from an earlier start, or
-    // fetched now (a first start cannot gossip without it).
-    let (gossip_keys, keyring_rx) =
-        GossipKeys::load_or_fetch(&config.data_dir, &registry_client, keyring_revision.clone())
-            .await
-            .context("loading the gossip keyring")?;
-    tasks.spawn(
-        gossip_keys
-            .run(registry_client.clone(), shutdown_rx.clone())
-            .instrument(info_span!("gossip_keys")),
-    );
-    let seal_stats = Arc::new(SealStats::default());
-    tasks.spawn(export_seal_stats(
-        seal_stats.clone(),
-        seal_dropped,
-        seal_opened,
-        config.gossip.interval,
-        shutdown_rx.clone(),
-    ));
-    let transport =
-        SealedTransport::new(keyring_rx, seal_stats).legacy_peers(config.gossip.legacy_peers);
-    // Compiled once per policy snapshot; gossip leaves removed nodes out of the view, and the
-    // proxy refuses (and closes) connections carried by revoked certificates.
-    let deny_rx = crate::deny::compile(policy.policy_rx.clone(), shutdown_rx.clone());
-    let (membership, view_rx) = Membership::start(
-        &config,
-        cluster_id,
-        advertise,
-        &transport,
-        crate::membership::Auth {
-            signer: gossip_signer,
-            certs_rx: certs_rx.clone(),
-            refused: states_refused,
-            refused_nodes: nodes_refused,
-        },
-        deny_rx.clone(),
-        shutdown_rx.clone(),
-    )
-    .await?;
-    // Admin shows the view the proxy has compiled: a view seen there is one already in use.
-    let (compiled_rx, compiled_view_rx) = proxy::compiled::spawn(
-        config_rx.clone(),
-        policy.policy_rx.clone(),
-        view_rx.clone(),
-        shutdown_rx.clone(),
-    );
-    let _ = view_cell.set(compiled_view_rx);
-    let _ = liveness_cell.set(membership.liveness());
-    {
-        let mut rx = view_rx.clone();
-        let mut shutdown = shutdown_rx.clone();
-        let gauge = members_gauge.clone();
-        tasks.spawn(async move {
-            loop {
-                gauge.set(rx.borrow_and_update().members.len() as i64);
-                tokio::select! {
-                    r = rx.changed() => if r.is_err() { return },
-                    _ = drain::until_true(&mut shutdown) => return,
-                }
-            }
-        });
-    }
-
-    let tls_rx = proxy::tls_updates(certs_rx.clone(), shutdown_rx.clone())?;
-    let (tracer, exporter) = crate::trace::Tracer::new(trace_settings(&config)?, trace_metrics);
-    // Ends after the drain (shutdown comes after it), flushing the spans of the last requests.
-    tasks.spawn(
-        exporter
-            .run(shutdown_rx.clone())
-            .instrument(info_span!("trace")),
-    );
-    let (drain_trigger, drain_watch) = drain::channel();
-    let shared = proxy::Shared {
-        config_rx: config_rx.clone(),
-        tls_rx,
-        view_rx: view_rx.clone(),
-        policy_rx: policy.policy_rx.clone(),
-        policy_synced_rx: policy.synced_rx.clone(),
-        deny_rx: deny_rx.clone(),
-        metrics: proxy_metrics,
-        drain: drain_watch,
-        force_rx,
-        http: Arc::new(proxy::http::State::new(&config)),
-        pool: Arc::default(),
-        compiled_rx,
-        edges: Arc::new(proxy::observe::Edges::default()),
-        tracer,
-        access_log: access_log.clone(),
-    };
-    // Both end after the drain, writing the last connections' events.
-    match (&*access_log, access_journal_rx) {
-        (proxy::access_log::Sink::Json(sink), _) => {
-            tasks.spawn(sink.clone().run(shutdown_rx.clone()));
-        }
-        (proxy::access_log::Sink::Journal(_), Some(rx)) => {
-            tasks.spawn(proxy::access_log::JournalSink::run(rx, shutdown_rx.clone()));
-        }
-        (proxy::access_log::Sink::Journal(_), None) => {}
-    }
-    proxy::spawn_inbound(
-        inbound_listener,
-        shared.clone(),
-        stop_rx.clone(),
-        &mut tasks,
-    );
-    let edges = shared.edges.clone();
-    // The per-service listeners, health checks and service publication belong to the
-    // reloader from here on.
-    let reloader = Reloader::start(
-        config_tx,
-        service_listeners,
-        shared,
-        stop_rx,
-        membership.publisher(),
-        reload_metrics,
-        reload_status_tx,
-    );
-    let outbound_addrs = (reloader.bound().into_iter())
-        .filter_map(|(spec, addr)| match spec {
-            listeners::Spec::Upstream(s, u) => Some((s.key, u.service, addr)),
-            _ => None,
-        })
-        .collect();
-    tasks.spawn(
-        crate::report::run(
-            crate::report::Inputs {
-                client: registry_client,
-                node: config.node_name.to_string(),
-                edges,
-                certs_rx: certs_rx.clone(),
-                view_rx,
-                policy_rx: policy.policy_rx.clone(),
-                reload_rx: reload_status_rx,
-                keyring_revision,
-                interval: config.telemetry.report_interval,
-            },
-            warnings,
-            shutdown_rx.clone(),
-        )
-        .instrument(info_span!("report")),
-    );
-    let (reload, reload_task) = reloader.spawn(shutdown_rx.clone());
-    tasks.spawn(async move {
-        let _ = reload_task.await;
-    });
-
-    // Listeners are bound and certificates loaded; ready once a policy snapshot is in place
-    // (persisted, or the registry's first event). Until then traffic is served under the
-    // empty revision-0 snapshot, and /ready says 503.
-    {
-        let lifecycle = lifecycle.clone();
-        let mut synced_rx = policy.synced_rx.clone();
-        let node = config.node_name.clone();
-        let mut shutdown = shutdown_rx.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                r = synced_rx.wait_for(|s| *s) => if r.is_err() { return },
-                _ = drain::until_true(&mut shutdown) => return,
-            }
-            // A latch: a drain that began first keeps the node unready.
-            if lifecycle.set_ready() {
-                info!(node = %node, inbound = %inbound_addr, admin = %admin_addr, "meshd ready");
-                // Under systemd (Type=notify): listeners bound, certificates loaded, a policy
-                // snapshot in place — units ordered After=meshd.service start now.
-                if let Err(e) = mesh_runtime::sd_notify::notify("READY=1\nSTATUS=serving") {
-                    warn!(error = %e, "could not tell systemd meshd is ready");
-                }
-            }
-        });
-    }
-    info!(node = %config.node_name, inbound = %inbound_addr, admin = %admin_addr, "meshd started");
-    Ok(Bound {
-        inbound_addr,
-        admin_addr,
-        outbound_addrs,
+    let node = Node {
+        config,
         config_rx,
-        reload,
-        membership,
+        config_tx,
+        addrs: (listeners.inbound_addr, listeners.admin_addr),
         lifecycle,
-        drain: drain_trigger,
+        policy,
+        certs_rx,
+        client,
+        signer,
+        metrics,
+        access_log,
+        cells,
+        reload: (reload_tx, reload_rx),
+        warnings,
         tasks,
-    })
+    };
+    node.start(listeners.inbound, listeners.services).await
+}
+
+/// Every listener, bound before anything else starts.
+struct Listeners {
+    inbound: tokio::net::TcpListener,
+    inbound_addr: SocketAddr,
+    services: listeners::Prepared,
+    admin: tokio::net::TcpListener,
+    admin_addr: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let inbound = proxy::bind_inbound(config).await?;
+        let inbound_addr = inbound.local_addr()?;
+        let services = listeners::Set::default()
+            .prepare(&listeners::specs(config))
+            .await?;
+        let admin = tokio::net::TcpListener::bind(config.admin.bind)
+            .await
+            .with_context(|| format!("binding the admin listener on {}", config.admin.bind))?;
+        let admin_addr = admin.local_addr()?;
+        Ok(Listeners {
+            inbound,
+            inbound_addr,
+            services,
+            admin,
+            admin_addr,
+        })
+    }
+}
+
+/// What admin shows of components that start after it.
+#[derive(Default)]
+struct AdminCells {
+    certs: Arc<std::sync::OnceLock<watch::Receiver<Arc<identity::Certs>>>>,
+    view: Arc<std::sync::OnceLock<watch::Receiver<Arc<crate::membership::MeshView>>>>,
+    liveness: Arc<std::sync::OnceLock<watch::Receiver<Arc<Vec<crate::membership::Liveness>>>>>,
+}
+
+/// The node once it has its identity: what gossip, the proxy and the reporters are built on.
+struct Node {
+    config: Arc<Config>,
+    config_rx: watch::Receiver<Arc<Config>>,
+    config_tx: watch::Sender<Arc<Config>>,
+    /// Inbound and admin addresses, as bound.
+    addrs: (SocketAddr, SocketAddr),
+    lifecycle: Arc<Lifecycle>,
+    policy: discovery::Handle,
+    certs_rx: watch::Receiver<Arc<identity::Certs>>,
+    client: crate::control::Client,
+    signer: crate::gossip_auth::Signer,
+    metrics: Metrics,
+    access_log: AccessLog,
+    cells: AdminCells,
+    reload: (
+        watch::Sender<reload::Status>,
+        watch::Receiver<reload::Status>,
+    ),
+    warnings: crate::report::Warnings,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    /// Gossip, the proxy, the reloader and the reporters; then waits for a policy snapshot to
+    /// call the node ready.
+    async fn start(
+        mut self,
+        inbound: tokio::net::TcpListener,
+        services: listeners::Prepared,
+    ) -> anyhow::Result<Bound> {
+        let shutdown_rx = self.lifecycle.reached(Phase::Stopped);
+        // Compiled once per policy snapshot; gossip leaves removed nodes out of the view, and
+        // the proxy refuses (and closes) connections carried by revoked certificates.
+        let deny_rx = crate::deny::compile(self.policy.policy_rx.clone(), shutdown_rx.clone());
+        let (membership, view_rx) = self.start_gossip(deny_rx.clone()).await?;
+        // Admin shows the view the proxy has compiled: a view seen there is one already in use.
+        let (compiled_rx, compiled_view_rx) = proxy::compiled::spawn(
+            self.config_rx.clone(),
+            self.policy.policy_rx.clone(),
+            view_rx.clone(),
+            shutdown_rx.clone(),
+        );
+        let _ = self.cells.view.set(compiled_view_rx);
+        let _ = self.cells.liveness.set(membership.liveness());
+        let members = self.metrics.gossip.members.clone();
+        (self.tasks).spawn(count_members(view_rx.clone(), members, shutdown_rx.clone()));
+        let trace_metrics = self.metrics.trace.clone();
+        let (tracer, exporter) =
+            crate::trace::Tracer::new(trace_settings(&self.config)?, trace_metrics);
+        // Ends after the drain (shutdown comes after it), flushing the spans of the last requests.
+        (self.tasks).spawn(
+            exporter
+                .run(shutdown_rx.clone())
+                .instrument(info_span!("trace")),
+        );
+        let (drain_trigger, drain_watch) = drain::channel();
+        let shared = proxy::Shared {
+            config_rx: self.config_rx.clone(),
+            tls_rx: proxy::tls_updates(self.certs_rx.clone(), shutdown_rx.clone())?,
+            view_rx: view_rx.clone(),
+            policy_rx: self.policy.policy_rx.clone(),
+            policy_synced_rx: self.policy.synced_rx.clone(),
+            deny_rx,
+            metrics: self.metrics.proxy.clone(),
+            drain: drain_watch,
+            force_rx: self.lifecycle.reached(Phase::Closing),
+            http: Arc::new(proxy::http::State::new(&self.config)),
+            pool: Arc::default(),
+            compiled_rx,
+            edges: Arc::new(proxy::observe::Edges::default()),
+            tracer,
+            access_log: self.access_log.sink.clone(),
+        };
+        let edges = shared.edges.clone();
+        let (reload, outbound_addrs) = self.start_proxy(shared, &membership, inbound, services);
+        let report = self.report(edges, view_rx);
+        self.tasks.spawn(report);
+        let ready = ready_when_synced(
+            self.lifecycle.clone(),
+            self.policy.synced_rx.clone(),
+            self.config.node_name.to_string(),
+            self.addrs,
+            shutdown_rx,
+        );
+        self.tasks.spawn(ready);
+        let (inbound_addr, admin_addr) = self.addrs;
+        info!(node = %self.config.node_name, inbound = %inbound_addr, admin = %admin_addr, "meshd started");
+        Ok(Bound {
+            inbound_addr,
+            admin_addr,
+            outbound_addrs,
+            config_rx: self.config_rx,
+            reload,
+            membership,
+            lifecycle: self.lifecycle,
+            drain: drain_trigger,
+            tasks: self.tasks,
+        })
+    }
+
+    /// Gossip, sealed with the registry's keyring (persisted from an earlier start, or fetched
+    /// now: a first start cannot gossip without it), and the view of the mesh it keeps.
+    async fn start_gossip(
+        &mut self,
+        deny_rx: watch::Receiver<Arc<mesh_api::policy::DenyList>>,
+    ) -> anyhow::Result<(
+        Membership,
+        watch::Receiver<Arc<crate::membership::MeshView>>,
+    )> {
+        let shutdown_rx = self.lifecycle.reached(Phase::Stopped);
+        let config = &self.config;
+        let gossip = &self.metrics.gossip;
+        let mut advertise = config.inbound.advertise;
+        if advertise.port() == 0 {
+            advertise.set_port(self.addrs.0.port());
+        }
+        let trust_domain = self.certs_rx.borrow().trust_domain.clone();
+        let cluster_id =
+            (config.gossip.cluster_id.clone()).unwrap_or_else(|| trust_domain.to_string());
+        let revision = gossip.keyring_revision.clone();
+        let (keys, keyring_rx) =
+            GossipKeys::load_or_fetch(&config.data_dir, &self.client, revision)
+                .await
+                .context("loading the gossip keyring")?;
+        let keys_task = keys.run(self.client.clone(), shutdown_rx.clone());
+        self.tasks
+            .spawn(keys_task.instrument(info_span!("gossip_keys")));
+        let stats = Arc::new(SealStats::default());
+        self.tasks.spawn(export_seal_stats(
+            stats.clone(),
+            gossip.seal_dropped.clone(),
+            gossip.seal_opened.clone(),
+            config.gossip.interval,
+            shutdown_rx.clone(),
+        ));
+        let transport =
+            SealedTransport::new(keyring_rx, stats).legacy_peers(config.gossip.legacy_peers);
+        let auth = crate::membership::Auth {
+            signer: self.signer.clone(),
+            certs_rx: self.certs_rx.clone(),
+            refused: gossip.states_refused.clone(),
+            refused_nodes: gossip.nodes_refused.clone(),
+        };
+        let started = Membership::start(
+            config,
+            cluster_id,
+            advertise,
+            &transport,
+            auth,
+            deny_rx,
+            shutdown_rx,
+        );
+        Ok(started.await?)
+    }
+
+    /// The inbound listener, the access log's writer and the reloader, which owns the
+    /// per-service listeners, health checks and service publication from here on. Returns the
+    /// reload handle and the bound upstream listeners.
+    fn start_proxy(
+        &mut self,
+        shared: proxy::Shared,
+        membership: &Membership,
+        inbound: tokio::net::TcpListener,
+        services: listeners::Prepared,
+    ) -> (reload::Handle, Vec<(ServiceKey, ServiceKey, SocketAddr)>) {
+        let shutdown_rx = self.lifecycle.reached(Phase::Stopped);
+        let stop_rx = self.lifecycle.reached(Phase::Quiescing);
+        self.access_log
+            .spawn_writer(&mut self.tasks, shutdown_rx.clone());
+        proxy::spawn_inbound(inbound, shared.clone(), stop_rx.clone(), &mut self.tasks);
+        let reloader = Reloader::start(
+            self.config_tx.clone(),
+            services,
+            shared,
+            stop_rx,
+            membership.publisher(),
+            self.metrics.reload.clone(),
+            self.reload.0.clone(),
+        );
+        let outbound_addrs = (reloader.bound().into_iter())
+            .filter_map(|(spec, addr)| match spec {
+                listeners::Spec::Upstream(s, u) => Some((s.key, u.service, addr)),
+                _ => None,
+            })
+            .collect();
+        let (reload, reload_task) = reloader.spawn(shutdown_rx);
+        self.tasks.spawn(async move {
+            let _ = reload_task.await;
+        });
+        (reload, outbound_addrs)
+    }
+
+    /// Reports this node's edges, certificates and state to the registry.
+    fn report(
+        &mut self,
+        edges: Arc<proxy::observe::Edges>,
+        view_rx: watch::Receiver<Arc<crate::membership::MeshView>>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let inputs = crate::report::Inputs {
+            client: self.client.clone(),
+            node: self.config.node_name.to_string(),
+            edges,
+            certs_rx: self.certs_rx.clone(),
+            view_rx,
+            policy_rx: self.policy.policy_rx.clone(),
+            reload_rx: self.reload.1.clone(),
+            keyring_revision: self.metrics.gossip.keyring_revision.clone(),
+            interval: self.config.telemetry.report_interval,
+        };
+        let warnings = std::mem::take(&mut self.warnings);
+        let shutdown_rx = self.lifecycle.reached(Phase::Stopped);
+        crate::report::run(inputs, warnings, shutdown_rx).instrument(info_span!("report"))
+    }
+}
+
+/// Serves the admin endpoint until shutdown.
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let res = axum::serve(listener, admin::router(state))
+        .with_graceful_shutdown(async move { drain::until_true(&mut shutdown).await })
+        .await;
+    if let Err(e) = res {
+        warn!(error = %e, "admin server failed");
+    }
+}
+
+/// Keeps `meshd_gossip_members` at the size of the view.
+async fn count_members(
+    mut view_rx: watch::Receiver<Arc<crate::membership::MeshView>>,
+    gauge: Gauge<i64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        gauge.set(view_rx.borrow_and_update().members.len() as i64);
+        tokio::select! {
+            r = view_rx.changed() => if r.is_err() { return },
+            _ = drain::until_true(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Listeners are bound and certificates loaded; the node is ready once a policy snapshot is in
+/// place (persisted, or the registry's first event). Until then traffic is served under the
+/// empty revision-0 snapshot, and /ready says 503.
+async fn ready_when_synced(
+    lifecycle: Arc<Lifecycle>,
+    mut synced_rx: watch::Receiver<bool>,
+    node: String,
+    (inbound, admin): (SocketAddr, SocketAddr),
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        r = synced_rx.wait_for(|s| *s) => if r.is_err() { return },
+        _ = drain::until_true(&mut shutdown) => return,
+    }
+    // A latch: a drain that began first keeps the node unready.
+    if lifecycle.set_ready() {
+        info!(node = %node, inbound = %inbound, admin = %admin, "meshd ready");
+        // Under systemd (Type=notify): listeners bound, certificates loaded, a policy snapshot
+        // in place — units ordered After=meshd.service start now.
+        if let Err(e) = mesh_runtime::sd_notify::notify("READY=1\nSTATUS=serving") {
+            warn!(error = %e, "could not tell systemd meshd is ready");
+        }
+    }
+}
+
+/// Every component's metrics, registered in one registry.
+struct Metrics {
+    registry: Registry,
+    identity: identity::Metrics,
+    proxy: proxy::Metrics,
+    policy: discovery::Metrics,
+    reload: reload::Metrics,
+    trace: crate::trace::Metrics,
+    gossip: GossipMetrics,
+}
+
+/// The gossip layer's metrics, registered here (its parts are plain atomics or the chitchat
+/// fork's counters).
+struct GossipMetrics {
+    members: Gauge<i64>,
+    keyring_revision: Gauge<i64>,
+    seal_dropped: Family<SealDropLabels, Counter>,
+    states_refused: Counter,
+    nodes_refused: Counter,
+    seal_opened: Counter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        Metrics {
+            identity: identity::Metrics::new(&mut registry),
+            proxy: proxy::Metrics::new(&mut registry),
+            policy: discovery::Metrics::new(&mut registry),
+            gossip: GossipMetrics::new(&mut registry),
+            reload: reload::Metrics::new(&mut registry),
+            trace: crate::trace::Metrics::new(&mut registry),
+            registry,
+        }
+    }
+}
+
+impl GossipMetrics {
+    fn new(registry: &mut Registry) -> GossipMetrics {
+        let m = GossipMetrics {
+            members: Gauge::default(),
+            keyring_revision: Gauge::default(),
+            seal_dropped: Family::default(),
+            states_refused: Counter::default(),
+            nodes_refused: Counter::default(),
+            seal_opened: Counter::default(),
+        };
+        registry.register(
+            "meshd_gossip_members",
+            "Live members in this node's gossip view",
+            m.members.clone(),
+        );
+        registry.register(
+            "meshd_gossip_keyring_revision",
+            "Revision of the gossip keyring this node seals and opens with",
+            m.keyring_revision.clone(),
+        );
+        registry.register(
+            "meshd_gossip_datagrams_dropped",
+            "Gossip datagrams dropped: not sealed with a key of the keyring, tampered, malformed or too large",
+            m.seal_dropped.clone(),
+        );
+        registry.register(
+            "meshd_gossip_states_refused",
+            "Gossip states of other nodes not used: unsigned, not signed by the node they are about, tampered or over the size caps",
+            m.states_refused.clone(),
+        );
+        registry.register(
+            "meshd_gossip_nodes_refused",
+            "New node ids kept out of the gossip table: not a node name, a removed node, or the table's digest at its bound",
+            m.nodes_refused.clone(),
+        );
+        registry.register(
+            "meshd_gossip_datagrams_opened",
+            "Gossip datagrams that were authentic and decoded",
+            m.seal_opened.clone(),
+        );
+        m
+    }
+}
+
+/// The access log's sink and, under the journal, its queue.
+struct AccessLog {
+    sink: Arc<proxy::access_log::Sink>,
+    journal_rx: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+}
+
+impl AccessLog {
+    /// Under the journal, access events are journal entries; otherwise JSON lines on stdout,
+    /// written in batches.
+    fn new(registry: &mut Registry) -> AccessLog {
+        use proxy::access_log::{JournalSink, JsonSink, Sink};
+        if mesh_runtime::telemetry::to_journal() {
+            let (sink, rx) = JournalSink::new(registry);
+            AccessLog {
+                sink: Arc::new(Sink::Journal(sink)),
+                journal_rx: Some(rx),
+            }
+        } else {
+            AccessLog {
+                sink: Arc::new(Sink::Json(Arc::new(JsonSink::new(registry)))),
+                journal_rx: None,
+            }
+        }
+    }
+
+    /// The task that does the sink's I/O; it ends after the drain, writing the last
+    /// connections' events.
+    fn spawn_writer(&mut self, tasks: &mut JoinSet<()>, shutdown_rx: watch::Receiver<bool>) {
+        use proxy::access_log::{JournalSink, Sink};
+        match (&*self.sink, self.journal_rx.take()) {
+            (Sink::Json(sink), _) => {
+                tasks.spawn(sink.clone().run(shutdown_rx));
+            }
+            (Sink::Journal(_), Some(rx)) => {
+                tasks.spawn(JournalSink::run(rx, shutdown_rx));
+            }
+            (Sink::Journal(_), None) => {}
+        }
+    }
 }
 
 impl Bound {

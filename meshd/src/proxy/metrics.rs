@@ -295,6 +295,9 @@ pub struct Metrics {
     /// `meshd_unreachable_endpoints_total{service}`: endpoints skipped after a refused or
     /// timed-out connect.
     pub unreachable: Family<OneService, Counter>,
+    /// `meshd_requests_resent_total{service}`: requests sent again on another connection
+    /// because theirs failed before an answer (the app saw nothing).
+    pub resent: Family<OneService, Counter>,
     /// `requests` and `request_duration` handles by label set, so a request's labels are
     /// not rebuilt as strings to count it.
     http_series: Arc<RwLock<hashbrown::HashMap<SeriesKey, HttpSeries>>>,
@@ -321,6 +324,7 @@ impl Metrics {
             rate_limited: Family::default(),
             failovers: Family::default(),
             unreachable: Family::default(),
+            resent: Family::default(),
             http_series: Arc::default(),
         };
         m.zero_series();
@@ -422,6 +426,11 @@ impl Metrics {
             "Endpoints skipped after a refused or timed-out connect, by upstream service",
             self.unreachable.clone(),
         );
+        reg.register(
+            "meshd_requests_resent",
+            "Requests sent again on another connection because theirs failed before an answer, by upstream service",
+            self.resent.clone(),
+        );
     }
 
     /// Counts one HTTP request: its status, duration and retries. `source` `None` is a
@@ -494,6 +503,15 @@ impl Metrics {
     /// Counts an endpoint of `service` skipped as unreachable.
     pub fn unreachable(&self, service: &str) {
         self.unreachable
+            .get_or_create(&OneService {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a request to `service` sent again after its connection failed.
+    pub fn resent(&self, service: &str) {
+        self.resent
             .get_or_create(&OneService {
                 service: service.to_owned(),
             })

@@ -324,6 +324,7 @@ fn resend(
         _ => return Err(e.into_error()),
     };
     *resends += 1;
+    (caller.shared.metrics).resent(&plan.dst.service.to_string());
     let key = (caller.source.clone(), plan.dst.service.clone(), addr);
     caller.shared.pool.forget(&key);
     let now = tokio::time::Instant::now();

@@ -63,11 +63,14 @@ async fn certificates_rotate_under_traffic_without_a_failed_connection() {
     }
     // When a's certificate changed: renewal starts in [0.5, 0.55) of the life it was received
     // with (identity::renew, unit-tested with an injected draw), and the new one arrives an
-    // issuance round trip later. Observed every 50 ms on the node's own /config_dump.
+    // issuance round trip later. Observed every 50 ms on the node's own /config_dump; under
+    // the whole suite's load one observation came 0.24 s late (a gap of 2.76 s for a 6 s
+    // certificate), hence 0.5 s of slack below: still far from a renewal at a quarter of the
+    // life (1.5 s) or at 95% (5.7 s).
     let seen = changes.await.unwrap();
     let gaps: Vec<f64> = seen.windows(2).map(|w| w[1] - w[0]).collect();
     let (low, high) = (
-        0.5 * ttl.as_secs_f64() - 0.2,
+        0.5 * ttl.as_secs_f64() - 0.5,
         0.55 * ttl.as_secs_f64() + 0.8,
     );
     eprintln!("a's certificate changes {seen:?}: gaps {gaps:?} (allowed {low}..{high} s)");

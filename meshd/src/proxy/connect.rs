@@ -15,7 +15,34 @@ use tracing::{debug, warn};
 use super::balance;
 use super::compiled::Destination;
 use super::metrics::Direction;
-use super::{Blame, Shared, copy, endpoints, tls};
+use super::metrics::Metrics;
+use super::{copy, endpoints, tls};
+
+/// What dialling needs of the node: its metrics, configuration (timeouts, locality, outlier
+/// settings), revocation list and drain deadline. The node's `Shared` is one; the seam keeps
+/// `connect` and `pool` from depending on all of the node's state (and `Shared`, which holds the
+/// pool, from an import cycle with them).
+pub trait Env {
+    /// The proxy's metrics.
+    fn metrics(&self) -> &Metrics;
+    /// The current configuration.
+    fn config(&self) -> std::sync::Arc<crate::config::Config>;
+    /// Revoked certificates, checked after each handshake.
+    fn deny_rx(&self) -> &tokio::sync::watch::Receiver<std::sync::Arc<mesh_api::policy::DenyList>>;
+    /// Turns `true` when the drain's grace period is over.
+    fn force_rx(&self) -> &tokio::sync::watch::Receiver<bool>;
+}
+
+/// Who is blamed for a failed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The caller (bad TLS, bad certificate, plaintext).
+    Downstream,
+    /// The destination (unreachable, refused, wrong identity).
+    Upstream,
+    /// meshd itself (no certificate yet, no endpoints known).
+    Internal,
+}
 
 /// Why an outbound connection could not be established.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +136,7 @@ const STALE_RESUMPTION: &str = "stale_resumption";
 /// The retry does not offer a ticket at all: connections that resumed before the certificate
 /// expired may still be storing tickets of the old chain after the `forget`.
 pub async fn attempt(
-    shared: &Shared,
+    shared: &impl Env,
     client: &tls::Client,
     h2: bool,
     name: ServerName<'static>,
@@ -127,7 +154,9 @@ pub async fn attempt(
             ..
         }) => {
             // Counted, not logged: this is the normal cost of a peer's certificate rotation.
-            shared.metrics.reject(Direction::Outbound, STALE_RESUMPTION);
+            shared
+                .metrics()
+                .reject(Direction::Outbound, STALE_RESUMPTION);
             client.tickets.forget(&name);
             let connector = TlsConnector::from(fresh.clone());
             attempt_once(shared, &connector, name, addr).await
@@ -137,7 +166,7 @@ pub async fn attempt(
 }
 
 async fn attempt_once(
-    shared: &Shared,
+    shared: &impl Env,
     connector: &TlsConnector,
     name: ServerName<'static>,
     addr: SocketAddr,
@@ -172,7 +201,7 @@ async fn attempt_once(
         Ok(Ok(t)) => t,
     };
     shared
-        .metrics
+        .metrics()
         .handshake_duration
         .observe(started.elapsed().as_secs_f64());
     if tls::resumed_with_stale_cert(tls.get_ref().1) {
@@ -184,9 +213,9 @@ async fn attempt_once(
         });
     }
     shared
-        .metrics
+        .metrics()
         .handshake(Direction::Outbound, tls.get_ref().1);
-    if let Some(serial) = crate::deny::denied_peer(&shared.deny_rx.borrow(), tls.get_ref().1) {
+    if let Some(serial) = crate::deny::denied_peer(&shared.deny_rx().borrow(), tls.get_ref().1) {
         copy::reset(tls.get_ref().0);
         return Err(Error::Handshake {
             addr,
@@ -202,7 +231,7 @@ async fn attempt_once(
 /// attempt feeds the endpoint's state. A failure that another endpoint cannot fix (a wrong
 /// identity) ends the walk.
 pub async fn dial(
-    shared: &Shared,
+    shared: &impl Env,
     client: &tls::Client,
     dst: &Destination,
     order: &[usize],
@@ -240,7 +269,7 @@ pub async fn dial(
 
 /// A connect to `dst.targets[i]` that began at `started` succeeded: the endpoint is reachable,
 /// its latency estimate learns the connect time, and outlier detection counts a success.
-pub fn connected(shared: &Shared, dst: &Destination, i: usize, started: Instant) {
+pub fn connected(shared: &impl Env, dst: &Destination, i: usize, started: Instant) {
     let state = &dst.targets[i].state;
     state.reachability.connected();
     let now = Instant::now();
@@ -250,27 +279,27 @@ pub fn connected(shared: &Shared, dst: &Destination, i: usize, started: Instant)
 
 /// A connect to `dst.targets[i]` failed with `e`: counted, the endpoint skipped if it could not
 /// be reached, outlier detection told; `more` says whether another endpoint is tried next.
-pub fn failed(shared: &Shared, dst: &Destination, i: usize, e: &Error, more: bool) {
+pub fn failed(shared: &impl Env, dst: &Destination, i: usize, e: &Error, more: bool) {
     let addr = dst.targets[i].endpoint.addr;
     let now = Instant::now();
-    shared.metrics.reject(Direction::Outbound, e.reason());
+    shared.metrics().reject(Direction::Outbound, e.reason());
     if e.is_unreachable()
         && let Some(skip) = dst.targets[i].state.reachability.failed(now)
     {
-        shared.metrics.unreachable(&dst.service.to_string());
+        shared.metrics().unreachable(&dst.service.to_string());
         warn!(dst.service = %dst.service, dst.addr = %addr, skipped_for = ?skip, error = %e, "endpoint unreachable; skipping it");
     } else {
         debug!(dst.service = %dst.service, dst.addr = %addr, error = %e, "endpoint failed");
     }
     if more && e.is_retryable() {
-        shared.metrics.failover(&dst.service.to_string());
+        shared.metrics().failover(&dst.service.to_string());
     }
     record(shared, dst, i, balance::Outcome::ConnectFailure, now);
 }
 
 /// Feeds `outcome` of `dst.targets[i]` to outlier detection, when the destination has it.
 pub fn record(
-    shared: &Shared,
+    shared: &impl Env,
     dst: &Destination,
     i: usize,
     outcome: balance::Outcome,
@@ -284,7 +313,7 @@ pub fn record(
         return;
     };
     if let Some(d) = balance::record(&dst.targets, i, outcome, cfg, now) {
-        shared.metrics.ejected(&dst.service.to_string());
+        shared.metrics().ejected(&dst.service.to_string());
         let addr = dst.targets[i].endpoint.addr;
         warn!(dst.service = %dst.service, dst.addr = %addr, ejected_for = ?d, ?outcome, "endpoint ejected by outlier detection");
     }
@@ -293,7 +322,7 @@ pub fn record(
 /// The order in which this node tries `dst`'s endpoints now (see [`endpoints::order`]), for a
 /// request restricted to `subset`.
 pub fn order(
-    shared: &Shared,
+    shared: &impl Env,
     dst: &Destination,
     subset: Option<&std::collections::BTreeMap<String, String>>,
     default_lb: mesh_api::policy::LoadBalancer,

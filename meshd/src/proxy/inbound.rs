@@ -17,9 +17,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
+use super::accept::{Stops, accept_loop};
 use super::authz::Attrs;
 use super::metrics::Direction;
-use super::{Shared, copy, detect, tls};
+use super::shared::Shared;
+use super::{copy, detect, tls};
 
 pub mod decide;
 pub mod http;
@@ -36,12 +38,12 @@ pub enum Entry {
 }
 
 /// Accepts until `stop_rx` turns true.
-pub async fn serve(listener: Arc<TcpListener>, entry: Entry, shared: Shared, stops: super::Stops) {
+pub async fn serve(listener: Arc<TcpListener>, entry: Entry, shared: Shared, stops: Stops) {
     // A restart-only setting: a reload that changes it is refused.
     let max_connections = shared.config().inbound.max_connections;
     let permits = Arc::new(Semaphore::new(max_connections));
     let drain = shared.drain.clone();
-    super::accept_loop(listener, "inbound", drain, stops, |tcp, peer| {
+    accept_loop(listener, "inbound", drain, stops, |tcp, peer| {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared.metrics.reject(Direction::Inbound, "max_connections");
             warn!(src.addr = %peer, limit = max_connections, "inbound connection refused: connection limit reached");

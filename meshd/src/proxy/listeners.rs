@@ -11,7 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{Instrument as _, info, info_span};
 
-use super::{Error, Shared, inbound, outbound};
+use super::accept::{Error, Stops};
+use super::shared::Shared;
+use super::{inbound, outbound};
 use crate::config::{Config, Service, Upstream};
 
 /// What one listener serves.
@@ -220,7 +222,7 @@ fn start(
     stop_rx: &watch::Receiver<bool>,
 ) -> Running {
     let (retire, retire_rx) = watch::channel(false);
-    let stops = super::Stops {
+    let stops = Stops {
         node: stop_rx.clone(),
         listener: retire_rx,
     };

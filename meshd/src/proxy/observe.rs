@@ -14,9 +14,22 @@ use mesh_api::observe::{BUCKETS, EXTERNAL, bucket_of};
 use mesh_api::proto::v1 as pb;
 use mesh_api::{Identity, ServiceKey};
 
-use super::Shared;
 use super::access_log::{Entry, Line, Sink};
+use super::metrics::Metrics;
 use super::metrics::{Direction, HttpRequest};
+
+/// Where a finished hop goes: metrics, the per-edge counts and the access log, as configured.
+/// The node's `Shared` is one (it holds the edge map, so this module cannot depend on it).
+pub trait Env {
+    /// The proxy's metrics.
+    fn metrics(&self) -> &Metrics;
+    /// The current configuration (the access log's settings).
+    fn config(&self) -> std::sync::Arc<crate::config::Config>;
+    /// Per-edge counts for the registry.
+    fn edges(&self) -> &Edges;
+    /// The access log's sink.
+    fn access_log(&self) -> &Sink;
+}
 
 /// One finished HTTP request or TCP connection.
 #[derive(Debug, Clone)]
@@ -215,7 +228,7 @@ impl Record {
 
 /// Metrics, the access-log event (as configured) and the edge count of one finished hop.
 /// Names are formatted only for the access log: metrics and edges are found by reference.
-pub fn finish(shared: &Shared, rec: Record) {
+pub fn finish(shared: &impl Env, rec: Record) {
     let elapsed = rec.started.elapsed();
     let ms = elapsed.as_secs_f64() * 1000.0;
     let config = shared.config();
@@ -235,7 +248,7 @@ pub fn finish(shared: &Shared, rec: Record) {
                 code: *status,
                 grpc_status: *grpc_status,
             };
-            (shared.metrics).record_http(&req, elapsed, attempts.saturating_sub(1));
+            (shared.metrics()).record_http(&req, elapsed, attempts.saturating_sub(1));
         }
         Kind::Tcp {
             to_service,
@@ -243,9 +256,7 @@ pub fn finish(shared: &Shared, rec: Record) {
             ..
         } => {
             let dst = rec.dst_service.to_string();
-            shared
-                .metrics
-                .record_bytes(rec.direction, &dst, *to_service, *to_caller);
+            (shared.metrics()).record_bytes(rec.direction, &dst, *to_service, *to_caller);
         }
     }
     if reports_edge(rec.direction, rec.src_service.is_some()) {
@@ -263,9 +274,7 @@ pub fn finish(shared: &Shared, rec: Record) {
             mtls: rec.mtls,
             http,
         };
-        shared
-            .edges
-            .add(key, rec.failed(), http.then_some(ms), bytes);
+        (shared.edges()).add(key, rec.failed(), http.then_some(ms), bytes);
     }
     let access = &config.telemetry.access_log;
     let logged = match &rec.kind {
@@ -274,7 +283,7 @@ pub fn finish(shared: &Shared, rec: Record) {
     };
     if logged {
         let (source, dst) = (rec.source_name(), rec.dst_service.to_string());
-        log(&shared.access_log, &rec, &source, &dst, ms);
+        log(shared.access_log(), &rec, &source, &dst, ms);
     }
 }
 

@@ -9,7 +9,9 @@ use std::sync::atomic::AtomicUsize;
 
 use tokio::net::TcpListener;
 
-use super::{Shared, detect};
+use super::accept::{Stops, accept_loop};
+use super::detect;
+use super::shared::Shared;
 use crate::config::{Service, Upstream};
 
 pub mod http;
@@ -22,12 +24,12 @@ pub async fn serve(
     source: Service,
     upstream: Upstream,
     shared: Shared,
-    stops: super::Stops,
+    stops: Stops,
 ) {
     let cursor = Arc::new(AtomicUsize::new(0));
     let (source, upstream) = (Arc::new(source), Arc::new(upstream));
     let drain = shared.drain.clone();
-    super::accept_loop(listener, "outbound", drain, stops, |tcp, peer| {
+    accept_loop(listener, "outbound", drain, stops, |tcp, peer| {
         let (shared, cursor, source, upstream) = (
             shared.clone(),
             cursor.clone(),
@@ -59,7 +61,7 @@ pub async fn serve_http_proxy(
     listener: Arc<TcpListener>,
     source: Service,
     shared: Shared,
-    stops: super::Stops,
+    stops: Stops,
 ) {
     let cursor = Arc::new(AtomicUsize::new(0));
     let source = Arc::new(source);
@@ -67,7 +69,7 @@ pub async fn serve_http_proxy(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let drain = shared.drain.clone();
-    super::accept_loop(listener, "http_proxy", drain, stops, |tcp, peer| {
+    accept_loop(listener, "http_proxy", drain, stops, |tcp, peer| {
         let (shared, cursor, source) = (shared.clone(), cursor.clone(), source.clone());
         Some(http::serve_by_host(tcp, peer, source, bind, shared, cursor))
     })

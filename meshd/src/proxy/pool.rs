@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tracing::{Instrument as _, debug, debug_span, warn};
 
+use super::connect;
 use super::http::{Body, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT};
 use super::metrics::Direction;
 use super::tls::TlsState;
-use super::{Shared, connect};
 
 /// A pooled connection's calling service, destination service and endpoint. The destination
 /// is part of it because a host's one inbound port serves all its services and picks the
@@ -63,7 +63,7 @@ impl Pool {
     /// attempt per key at a time; requests that waited for it take the one it pooled).
     pub async fn checkout<F, Fut>(
         &self,
-        shared: &Shared,
+        shared: &impl connect::Env,
         key: &Key,
         tls: &Arc<TlsState>,
         max_requests: Option<u32>,
@@ -185,7 +185,7 @@ impl Pool {
 /// Starts HTTP/2 on `stream` (bounded like the TLS handshake before it: other requests wait
 /// on this attempt) and spawns its driver; `None` if it could not start.
 async fn handshake(
-    shared: &Shared,
+    shared: &impl connect::Env,
     stream: TlsStream<TcpStream>,
     addr: SocketAddr,
 ) -> Option<SendRequest<Body>> {
@@ -204,22 +204,22 @@ async fn handshake(
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
             shared
-                .metrics
+                .metrics()
                 .reject(Direction::Outbound, "http2_handshake_failed");
             debug!(dst.addr = %addr, error = %e, "http/2 handshake failed");
             return None;
         }
         Err(_) => {
             shared
-                .metrics
+                .metrics()
                 .reject(Direction::Outbound, "http2_handshake_failed");
             debug!(dst.addr = %addr, "http/2 handshake timed out");
             return None;
         }
     };
-    let mut force = shared.force_rx.clone();
-    let mut deny_rx = shared.deny_rx.clone();
-    let metrics = shared.metrics.clone();
+    let mut force = shared.force_rx().clone();
+    let mut deny_rx = shared.deny_rx().clone();
+    let metrics = shared.metrics().clone();
     // Runs until the last sender is dropped (pool eviction), the peer closes or stops
     // answering keep-alive pings, the drain's grace period is over, or the peer's certificate
     // is revoked (the pool then drops the closed sender).

@@ -15,7 +15,9 @@ use mesh_runtime::lifecycle::{Lifecycle, Phase};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{Metrics, Shared, access_log, compiled, listeners, observe};
+use super::metrics::Metrics;
+use super::shared::Shared;
+use super::{access_log, compiled, listeners, observe};
 use crate::config::Config;
 use crate::identity::Certs;
 use crate::membership::MeshView;

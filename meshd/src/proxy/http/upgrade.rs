@@ -9,8 +9,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::super::Shared;
 use super::super::copy::BUF_SIZE;
+use super::super::shared::Shared;
 
 /// The protocol an HTTP/1.1 request asks to switch to: `Connection` lists `upgrade` and
 /// `Upgrade` names a protocol. `h2c` is not proxied (meshd already speaks HTTP/2 with apps that

@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use super::super::authz::{self, Attrs};
 use super::super::metrics::Direction;
-use super::super::{Shared, copy, observe};
+use super::super::shared::Shared;
+use super::super::{copy, observe};
 
 /// Decides a new connection over the current policy: counts it, logs AUDIT matches at info and
 /// denials at warn (the caller resets the connection).

@@ -32,7 +32,8 @@ use super::super::http::{
     upgrade,
 };
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::{Shared, observe, ratelimit, route};
+use super::super::shared::Shared;
+use super::super::{observe, ratelimit, route};
 use crate::config::Service;
 use crate::trace::{Kind, attr};
 

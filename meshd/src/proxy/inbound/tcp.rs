@@ -16,8 +16,9 @@ use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
 use super::super::authz::{self, Attrs};
+use super::super::copy;
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::{Shared, copy};
+use super::super::shared::Shared;
 use super::decide::{End, access_log, admit, reject};
 use crate::config::Service;
 

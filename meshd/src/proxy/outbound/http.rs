@@ -28,7 +28,8 @@ use super::super::http::{
     strip_mesh_owned, upgrade,
 };
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::{Shared, observe, route};
+use super::super::shared::Shared;
+use super::super::{observe, route};
 use super::send::{self, Caller, Log, Plan};
 use crate::config::{Service, Upstream};
 use crate::trace::{Kind, attr};

@@ -29,7 +29,8 @@ use super::super::http::{Body, empty, mesh_response, strip_hop_by_hop};
 use super::super::metrics::Direction;
 use super::super::pool::{self, Miss};
 use super::super::retry::{self, Attempt};
-use super::super::{Shared, balance, endpoints};
+use super::super::shared::Shared;
+use super::super::{balance, endpoints};
 
 /// Where and how one request is sent, decided from the Route and DestinationPolicy.
 pub struct Plan {

@@ -12,7 +12,8 @@ use tracing::warn;
 use super::super::compiled::Destination;
 use super::super::connect::{self, Error};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
-use super::super::{Shared, balance, breaker, copy, endpoints, observe};
+use super::super::shared::Shared;
+use super::super::{balance, breaker, copy, endpoints, observe};
 use crate::config::{Service, Upstream};
 
 /// Proxies one app connection to `upstream`.

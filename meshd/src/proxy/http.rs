@@ -146,13 +146,22 @@ pub fn bad_path(hop: &str, e: mesh_api::path::Rejected) -> Response<Body> {
 /// each lookup).
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
+/// The highest status code gRPC defines (`UNAUTHENTICATED`).
+const MAX_GRPC_STATUS: u32 = 16;
+/// gRPC's `UNKNOWN`: what the spec says a client makes of a code it does not know.
+const GRPC_UNKNOWN: u32 = 2;
+
 /// The `grpc-status` in response headers (a trailers-only gRPC answer); a status sent in
 /// trailers after messages is not seen here, so a streamed call's status is not counted.
+/// A code outside gRPC's 0–16 reads as `UNKNOWN` (2), as gRPC clients read it: the value is
+/// a metric label, and an upstream writing arbitrary numbers must not grow the series
+/// without bound.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get(GRPC_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    let v = headers.get(GRPC_STATUS)?.to_str().ok()?;
+    Some(match v.trim().parse::<u32>() {
+        Ok(code) if code <= MAX_GRPC_STATUS => code,
+        _ => GRPC_UNKNOWN,
+    })
 }
 
 /// Ends a hop's span with its response: the status, and the mesh's own error (`x-mesh-error`,
@@ -379,6 +388,27 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_status_is_bounded_to_grpc_codes() {
+        for (value, want) in [
+            (Some("0"), Some(0)),
+            (Some("14"), Some(14)),
+            (Some("16"), Some(16)),
+            (Some("17"), Some(GRPC_UNKNOWN)),
+            (Some("4294967295"), Some(GRPC_UNKNOWN)),
+            (Some("99999999999"), Some(GRPC_UNKNOWN)),
+            (Some("-1"), Some(GRPC_UNKNOWN)),
+            (Some("ok"), Some(GRPC_UNKNOWN)),
+            (None, None),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(GRPC_STATUS, HeaderValue::from_static(v));
+            }
+            assert_eq!(grpc_status(&h), want, "{value:?}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_do_not_cross() {

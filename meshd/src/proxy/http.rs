@@ -170,7 +170,7 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 pub(crate) fn end_span(
     mut span: crate::trace::Span,
     resp: &Response<Body>,
-) -> (String, Option<String>) {
+) -> (String, Option<crate::trace::TraceId>) {
     let mesh_error = (resp.headers().get(ERROR_HEADER))
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
@@ -179,7 +179,7 @@ pub(crate) fn end_span(
     if !mesh_error.is_empty() {
         span.attr(crate::trace::attr::ERROR_TYPE, mesh_error.as_str());
     }
-    let trace_id = span.trace_id().map(|t| t.to_string());
+    let trace_id = span.trace_id();
     span.end();
     (mesh_error, trace_id)
 }

@@ -10,6 +10,8 @@ use prometheus_client::registry::Registry;
 use std::sync::{Arc, RwLock};
 
 use mesh_api::ServiceKey;
+use mesh_api::policy::ResourceKey;
+use mesh_api::policy::authz::Decision;
 
 /// Which side of the proxy.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -246,6 +248,46 @@ impl hashbrown::Equivalent<SeriesKey> for HttpRequest<'_> {
     }
 }
 
+/// The labels of one authorization decision, borrowed: the key of the decision cache.
+#[derive(Debug, Clone, Copy, Hash)]
+struct DecisionRef<'a> {
+    service: &'a ServiceKey,
+    decision: &'static str,
+    reason: &'static str,
+    policy: Option<&'a ResourceKey>,
+}
+
+/// [`DecisionRef`] owned.
+#[derive(Debug, PartialEq, Eq)]
+struct DecisionKey {
+    service: ServiceKey,
+    decision: &'static str,
+    reason: &'static str,
+    policy: Option<ResourceKey>,
+}
+
+// Both forms hash the same fields in the same order (derived `Hash` of `DecisionRef`).
+impl std::hash::Hash for DecisionKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        DecisionRef {
+            service: &self.service,
+            decision: self.decision,
+            reason: self.reason,
+            policy: self.policy.as_ref(),
+        }
+        .hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<DecisionKey> for DecisionRef<'_> {
+    fn equivalent(&self, k: &DecisionKey) -> bool {
+        *self.service == k.service
+            && self.decision == k.decision
+            && self.reason == k.reason
+            && self.policy == k.policy.as_ref()
+    }
+}
+
 /// One label set's request counter and duration histogram (handles into the families).
 #[derive(Debug, Clone)]
 struct HttpSeries {
@@ -301,6 +343,8 @@ pub struct Metrics {
     /// `requests` and `request_duration` handles by label set, so a request's labels are
     /// not rebuilt as strings to count it.
     http_series: Arc<RwLock<hashbrown::HashMap<SeriesKey, HttpSeries>>>,
+    /// `authz_decisions` handles by label set (every request is authorized).
+    decision_series: Arc<RwLock<hashbrown::HashMap<DecisionKey, Counter>>>,
 }
 
 impl Metrics {
@@ -326,6 +370,7 @@ impl Metrics {
             unreachable: Family::default(),
             resent: Family::default(),
             http_series: Arc::default(),
+            decision_series: Arc::default(),
         };
         m.zero_series();
         m.register(reg);
@@ -538,32 +583,63 @@ impl Metrics {
 
     /// Counts an authorization decision for `service`, and one `audit` per AUDIT policy that
     /// matched; `revoked` when a policy change closes an open connection.
-    pub fn record_decision(
-        &self,
-        service: &str,
-        d: &mesh_api::policy::authz::Decision,
-        revoked: bool,
-    ) {
+    pub fn record_decision(&self, service: &ServiceKey, d: &Decision, revoked: bool) {
         let (decision, reason) = super::authz::labels(d, revoked);
-        self.authz_decisions
-            .get_or_create(&DecisionLabels {
-                service: service.to_owned(),
-                decision,
-                reason,
-                policy: super::authz::policy_of(d),
-            })
-            .inc();
+        let key = DecisionRef {
+            service,
+            decision,
+            reason,
+            policy: match d {
+                Decision::Allow { policy, .. } | Decision::Deny { policy, .. } => policy.as_ref(),
+            },
+        };
+        self.decision_series(&key).inc();
         // A revocation re-evaluates a connection already counted; its audits were counted then.
         for key in d.audit().iter().filter(|_| !revoked) {
             self.authz_decisions
                 .get_or_create(&DecisionLabels {
-                    service: service.to_owned(),
+                    service: service.to_string(),
                     decision: "audit",
                     reason: super::authz::REASON_AUDIT_POLICY,
                     policy: key.to_string(),
                 })
                 .inc();
         }
+    }
+
+    /// The decision counter of `key`'s labels, found without allocating once it exists (as
+    /// [`Metrics::http_series`]).
+    fn decision_series(&self, key: &DecisionRef<'_>) -> Counter {
+        if let Some(c) = (self.decision_series.read())
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+        {
+            return c.clone();
+        }
+        let counter = (self.authz_decisions)
+            .get_or_create(&DecisionLabels {
+                service: key.service.to_string(),
+                decision: key.decision,
+                reason: key.reason,
+                policy: key.policy.map(ToString::to_string).unwrap_or_default(),
+            })
+            .clone();
+        let mut map = self
+            .decision_series
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if map.len() < MAX_CACHED_SERIES {
+            map.insert(
+                DecisionKey {
+                    service: key.service.clone(),
+                    decision: key.decision,
+                    reason: key.reason,
+                    policy: key.policy.cloned(),
+                },
+                counter.clone(),
+            );
+        }
+        counter
     }
 
     /// Counts a refused or failed connection.

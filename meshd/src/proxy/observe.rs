@@ -57,7 +57,7 @@ pub struct Record {
     /// The authorization decision (inbound): `allow` or `deny`, and the deciding policy.
     pub decision: Option<(&'static str, String)>,
     /// Trace id of the hop's span, if traced.
-    pub trace_id: Option<String>,
+    pub trace_id: Option<crate::trace::TraceId>,
     /// Why it failed, for people (empty when it did not).
     pub error: String,
 }
@@ -213,11 +213,6 @@ pub fn reports_edge(direction: Direction, caller_in_mesh: bool) -> bool {
 }
 
 impl Record {
-    /// `namespace/name` of the caller, or `external`.
-    pub fn source_name(&self) -> String {
-        source_name(self.src_service.as_ref())
-    }
-
     fn failed(&self) -> bool {
         match &self.kind {
             Kind::Http { status, .. } => *status >= 500,
@@ -282,8 +277,7 @@ pub fn finish(shared: &impl Env, rec: Record) {
         Kind::Tcp { failed, .. } => access.logs_connection(*failed),
     };
     if logged {
-        let (source, dst) = (rec.source_name(), rec.dst_service.to_string());
-        log(shared.access_log(), &rec, &source, &dst, ms);
+        log(shared.access_log(), &rec, ms);
     }
 }
 
@@ -300,6 +294,9 @@ pub enum Val<'a> {
     Str(&'a str),
     /// Text written by its `Display` (formatted straight into the event).
     Disp(&'a dyn std::fmt::Display),
+    /// [`Val::Disp`] of a value whose text never needs JSON escaping (addresses, ids):
+    /// written without scanning it.
+    Plain(&'a dyn std::fmt::Display),
     /// Integer.
     Int(i64),
     /// Number.
@@ -310,14 +307,8 @@ pub enum Val<'a> {
 
 /// The event's message and every field, in order: one list for both sinks, so the journal and
 /// the JSON lines always carry the same fields.
-pub fn fields(
-    rec: &Record,
-    source: &str,
-    dst: &str,
-    ms: f64,
-    f: &mut dyn FnMut(&'static str, Val<'_>),
-) {
-    use Val::{Bool, Disp, Float, Int, Str};
+pub fn fields(rec: &Record, ms: f64, f: &mut dyn FnMut(&'static str, Val<'_>)) {
+    use Val::{Bool, Disp, Float, Int, Plain, Str};
     f("direction", Str(direction_name(rec.direction)));
     f(
         "protocol",
@@ -327,18 +318,21 @@ pub fn fields(
             "tcp"
         }),
     );
-    f("src.addr", Disp(&rec.src_addr));
-    f("src.ip", Disp(&rec.src_addr.ip()));
-    f("src.service", Str(source));
+    f("src.addr", Plain(&rec.src_addr));
+    f("src.ip", Plain(&rec.src_addr.ip()));
+    match &rec.src_service {
+        Some(s) => f("src.service", Disp(s)),
+        None => f("src.service", Str(EXTERNAL)),
+    }
     match (&rec.src_identity, rec.mtls) {
         (Some(id), _) => f("src.identity", Disp(id)),
         (None, true) => f("src.identity", Str("")),
         (None, false) => f("src.identity", Str("plaintext")),
     }
     f("mtls", Bool(rec.mtls));
-    f("dst.service", Str(dst));
+    f("dst.service", Disp(&rec.dst_service));
     match &rec.dst_addr {
-        Some(a) => f("dst.addr", Disp(a)),
+        Some(a) => f("dst.addr", Plain(a)),
         None => f("dst.addr", Str("")),
     }
     match &rec.kind {
@@ -375,7 +369,10 @@ pub fn fields(
         .map_or(("", ""), |(d, p)| (*d, p.as_str()));
     f("decision", Str(decision));
     f("policy", Str(policy));
-    f("trace_id", Str(rec.trace_id.as_deref().unwrap_or("")));
+    match &rec.trace_id {
+        Some(id) => f("trace_id", Plain(id)),
+        None => f("trace_id", Str("")),
+    }
     f("duration_ms", Float(ms));
     f("error", Str(&rec.error));
 }
@@ -388,14 +385,15 @@ fn message(rec: &Record) -> &'static str {
 }
 
 /// Formats the event for `sink` and hands it over.
-fn log(sink: &Sink, rec: &Record, source: &str, dst: &str, ms: f64) {
+fn log(sink: &Sink, rec: &Record, ms: f64) {
     match sink {
         Sink::Json(json) => {
             let mut l = Line::new(message(rec));
-            fields(rec, source, dst, ms, &mut |k, v| {
+            fields(rec, ms, &mut |k, v| {
                 match v {
                     Val::Str(s) => l.str(k, s),
                     Val::Disp(d) => l.disp(k, d),
+                    Val::Plain(d) => l.plain(k, d),
                     Val::Int(i) => l.int(k, i),
                     Val::Float(x) => l.float(k, x),
                     Val::Bool(b) => l.bool(k, b),
@@ -405,10 +403,10 @@ fn log(sink: &Sink, rec: &Record, source: &str, dst: &str, ms: f64) {
         }
         Sink::Journal(journal) => {
             let mut e = Entry::new(message(rec));
-            fields(rec, source, dst, ms, &mut |k, v| {
+            fields(rec, ms, &mut |k, v| {
                 match v {
                     Val::Str(s) => e.field(k, s),
-                    Val::Disp(d) => e.field_disp(k, d),
+                    Val::Disp(d) | Val::Plain(d) => e.field_disp(k, d),
                     Val::Int(i) => e.field(k, &i.to_string()),
                     Val::Float(x) => e.field(k, &x.to_string()),
                     Val::Bool(b) => e.field(k, if b { "true" } else { "false" }),

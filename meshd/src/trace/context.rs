@@ -233,24 +233,21 @@ impl Outgoing {
         for name in CONTEXT_HEADERS {
             headers.remove(name);
         }
-        put(
-            headers,
-            TRACEPARENT,
-            format_traceparent(self.trace_id, self.span_id, self.sampled),
-        );
+        let parent = traceparent_bytes(self.trace_id, self.span_id, self.sampled);
+        put_id(headers, TRACEPARENT, &parent);
         if let Some(state) = &self.trace_state {
             put(headers, TRACESTATE, state.clone());
         }
         match self.b3 {
             B3Format::None => {}
-            B3Format::Single => put(
+            B3Format::Single => put_id(
                 headers,
                 B3,
-                format_b3_single(self.trace_id, self.span_id, self.sampled, self.debug),
+                format_b3_single(self.trace_id, self.span_id, self.sampled, self.debug).as_bytes(),
             ),
             B3Format::Multi => {
-                put(headers, X_B3_TRACEID, self.trace_id.b3_hex());
-                put(headers, X_B3_SPANID, self.span_id.to_string());
+                put_id(headers, X_B3_TRACEID, self.trace_id.b3_hex().as_bytes());
+                put_id(headers, X_B3_SPANID, self.span_id.to_string().as_bytes());
                 // The B3 spec: debug implies accept, so `x-b3-sampled` is not sent with it.
                 if self.debug {
                     put(headers, X_B3_FLAGS, "1".to_owned());
@@ -339,7 +336,30 @@ pub fn parse_traceparent(value: &str) -> Option<(Parent, Sampling)> {
 
 /// Formats a version-00 `traceparent`.
 pub fn format_traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> String {
-    format!("00-{trace_id}-{span_id}-0{}", sampled_digit(sampled))
+    let b = traceparent_bytes(trace_id, span_id, sampled);
+    // Only ASCII was written.
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// A version-00 `traceparent` in a stack buffer: written on every proxied request of a
+/// tracing meshd, where `format!` and its `String` showed in profiles.
+fn traceparent_bytes(trace_id: TraceId, span_id: SpanId, sampled: bool) -> [u8; TRACEPARENT_LEN] {
+    let mut b = [b'-'; TRACEPARENT_LEN];
+    b[..2].copy_from_slice(b"00");
+    hex_into(&mut b[3..35], &trace_id.0);
+    hex_into(&mut b[36..52], &span_id.0);
+    b[53] = b'0';
+    b[54] = if sampled { b'1' } else { b'0' };
+    b
+}
+
+/// Writes `bytes` as lowercase hex into `out` (exactly twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
+        o[0] = DIGITS[usize::from(b >> 4)];
+        o[1] = DIGITS[usize::from(b & 0xf)];
+    }
 }
 
 /// Parses a `b3` header: `{trace}-{span}`, `{trace}-{span}-{sampling}`,
@@ -482,13 +502,9 @@ fn parse_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
 /// Ids are written on every traced request (the context header, the access log): digits by
 /// table into one buffer and one write, not a formatting call per byte.
 fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for chunk in bytes.chunks(16) {
         let mut buf = [0u8; 32];
-        for (o, b) in buf.chunks_exact_mut(2).zip(chunk) {
-            o[0] = DIGITS[usize::from(b >> 4)];
-            o[1] = DIGITS[usize::from(b & 0xf)];
-        }
+        hex_into(&mut buf[..chunk.len() * 2], chunk);
         // Only ASCII hex digits were written.
         let hex = std::str::from_utf8(&buf[..chunk.len() * 2]).map_err(|_| fmt::Error)?;
         f.write_str(hex)?;
@@ -523,6 +539,18 @@ fn trace_state(headers: &HeaderMap) -> Option<String> {
     }
     let joined = parts.join(",");
     (!joined.is_empty() && joined.len() <= MAX_TRACESTATE_LEN).then_some(joined)
+}
+
+/// Puts a per-request id (`traceparent`, B3 ids) marked sensitive, which HPACK encodes as a
+/// never-indexed literal: an id that never repeats would otherwise enter the HTTP/2 link's
+/// dynamic table on every request and evict the entries that do repeat (`:authority`, the
+/// path, `user-agent`), so every header of every request went out as a literal again.
+fn put_id(headers: &mut HeaderMap, name: HeaderName, value: &[u8]) {
+    // Hex and digits only (see `put`).
+    if let Ok(mut v) = HeaderValue::from_bytes(value) {
+        v.set_sensitive(true);
+        headers.insert(name, v);
+    }
 }
 
 fn put(headers: &mut HeaderMap, name: HeaderName, value: String) {

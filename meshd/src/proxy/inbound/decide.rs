@@ -25,8 +25,8 @@ pub fn admit(
     policy_rx: &mut watch::Receiver<Arc<Snapshot>>,
 ) -> Decision {
     let decision = attrs.decide(&policy_rx.borrow_and_update());
-    let service = attrs.service.key.to_string();
-    shared.metrics.record_decision(&service, &decision, false);
+    let service = &attrs.service.key;
+    shared.metrics.record_decision(service, &decision, false);
     if !decision.audit().is_empty() {
         info!(
             src.identity = %authz::caller_text(attrs.caller),

@@ -44,8 +44,10 @@ struct Conn {
     caller: Option<Identity>,
     /// Served by [`serve_http`] (HTTP/1.1 possible), not as meshd-to-meshd HTTP/2.
     direct: bool,
-    /// The local service's own identity (the `By` of XFCC).
-    callee: String,
+    /// The `x-forwarded-client-cert` every request of the connection carries to the app
+    /// (`By` the local service, `URI` the caller); `None` for a plaintext caller, who has no
+    /// identity to pass on. Built once: caller and callee are the connection's.
+    xfcc: Option<HeaderValue>,
     local: Service,
     peer: SocketAddr,
 }
@@ -126,15 +128,16 @@ fn open(
         shared.metrics.plaintext.get_or_create(&labels).inc();
     }
     let active = ActiveGuard::new(&shared.metrics, Direction::Inbound);
-    let callee = {
+    let xfcc = caller.as_ref().and_then(|caller| {
         let td = shared.tls_rx.borrow().trust_domain.clone();
-        Identity::workload(&td, &local.key).to_string()
-    };
+        let callee = Identity::workload(&td, &local.key);
+        HeaderValue::from_str(&format!("By={callee};URI={caller}")).ok()
+    });
     let conn = Arc::new(Conn {
         shared: shared.clone(),
         caller,
         direct,
-        callee,
+        xfcc,
         local: local.clone(),
         peer,
     });
@@ -237,7 +240,7 @@ struct Done {
     path: String,
     /// `None` when the request was refused before authorization.
     decision: Option<Decision>,
-    trace_id: Option<String>,
+    trace_id: Option<crate::trace::TraceId>,
     mesh_error: String,
 }
 
@@ -296,15 +299,12 @@ fn decide(
         };
         attrs.decide(snapshot)
     };
-    let service = conn.local.key.to_string();
-    conn.shared
-        .metrics
-        .record_decision(&service, &decision, false);
+    (conn.shared.metrics).record_decision(&conn.local.key, &decision, false);
     if !decision.audit().is_empty() {
         info!(
             src.identity = %authz::caller_text(conn.caller.as_ref()),
             src.addr = %conn.peer,
-            dst.service = %service,
+            dst.service = %conn.local.key,
             http.method = %method,
             http.path = %path,
             allowed = decision.is_allowed(),
@@ -565,11 +565,10 @@ fn to_app_request(
     } else {
         headers.remove(header::HOST);
     }
-    // Only a verified caller has an identity to pass on; a plaintext one gets none.
-    if let Some(caller) = &conn.caller
-        && let Ok(v) = HeaderValue::from_str(&format!("By={};URI={caller}", conn.callee))
-    {
-        headers.insert(XFCC, v);
+    // Only a verified caller has an identity to pass on (what a caller sent under the name
+    // was stripped with the other mesh-owned headers).
+    if let Some(v) = &conn.xfcc {
+        headers.insert(XFCC, v.clone());
     }
     Ok(())
 }

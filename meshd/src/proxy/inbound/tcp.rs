@@ -93,9 +93,8 @@ pub async fn serve<S: CallerStream>(
     let _active = ActiveGuard::new(&shared.metrics, Direction::Inbound);
     let mut force = shared.force_rx.clone();
     let stopped = relay(&mut app, &mut stream, &attrs, &mut policy_rx, &mut force).await;
-    let (transferred, error, last) = ended(
-        stopped, &app, &stream, caller, decision, shared, peer, &service,
-    );
+    let (transferred, error, last) =
+        ended(stopped, &app, &stream, caller, decision, shared, peer, svc);
     let end = End {
         transferred,
         decision: &last,
@@ -134,7 +133,7 @@ fn ended<S: CallerStream>(
     decision: Decision,
     shared: &Shared,
     peer: SocketAddr,
-    service: &str,
+    service: &mesh_api::ServiceKey,
 ) -> (copy::Transferred, Option<String>, Decision) {
     let none = copy::Transferred::default();
     match stopped {

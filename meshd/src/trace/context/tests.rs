@@ -428,6 +428,12 @@ fn inject_replaces_context_headers() {
         got.sort();
         want.sort();
         assert_eq!(got, want, "{out:?}");
+        // Ids differ on every request: never indexed by HPACK, so they cannot evict the
+        // headers that repeat from the link's table. What repeats stays indexable.
+        for (k, v) in &h {
+            let id = ["traceparent", "b3", "x-b3-traceid", "x-b3-spanid"].contains(&k.as_str());
+            assert_eq!(v.is_sensitive(), id, "{k}");
+        }
         // What we wrote reads back as our span.
         let back = extract(&h);
         assert_eq!(back.parent.map(|p| p.span_id), Some(out.span_id));

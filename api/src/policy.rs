@@ -38,8 +38,8 @@
 //! A resource applies within its namespace. AuthorizationPolicy and PeerAuthentication in the
 //! root namespace [`ROOT_NAMESPACE`] (`mesh-system`) apply to every workload in the mesh; a
 //! selector there still narrows by service name and labels. The `service` of Route,
-//! DestinationPolicy, RateLimit, SLO and Gateway's `routes_to` names a service in the resource's
-//! namespace. MeshConfig exists once: name `default` in `mesh-system` (the namespace may be
+//! DestinationPolicy, RateLimit, SLO, a Gateway listener and a gateway Route's destinations
+//! names a service in the resource's namespace, and a Route's `gateways` a Gateway there. MeshConfig exists once: name `default` in `mesh-system` (the namespace may be
 //! omitted for it). So do Revocation (`revocations`) and TrustBundle (`roots`), which only the
 //! registry writes.
 //!
@@ -80,9 +80,11 @@
 //!   modes). Precedence: selector in the workload's namespace, then namespace-wide, then root
 //!   namespace with a matching selector, then root namespace-wide, then MeshConfig. Ties go to
 //!   the first name in order (Istio: the oldest).
-//! * Route (Istio VirtualService for one service): `service` instead of `hosts`/`gateways`; a
-//!   destination is a subset of that service with a `weight` (100 may be omitted for a single
-//!   destination; several must sum to 100); `match` on path/headers/query with
+//! * Route (Istio VirtualService): either a mesh route, for calls to one `service` (instead of
+//!   `hosts`), whose destinations are subsets of that service, or a gateway route, attached to
+//!   `gateways` (by name; no implicit `mesh` gateway) with optional `hostnames`, whose
+//!   destinations each name a `service` (and optionally a subset of it). A destination has a
+//!   `weight` (100 may be omitted for a single destination; several must sum to 100); `match` on path/headers/query with
 //!   `exact`/`prefix`/`regex`, but `method` is a plain string. No redirect, rewrite, mirror or
 //!   CORS. `retries` adds a Linkerd-style `budget_percent` and takes
 //!   `retriable_status_codes` as a list; `retry_on` names are Envoy's. `request_headers` and
@@ -92,8 +94,12 @@
 //!   routing and failover are on by default; `outlier_detection` needs at least one non-zero
 //!   trigger.
 //! * RateLimit and SLO have no Istio resource (Istio needs EnvoyFilter and external services).
-//! * Gateway: one `bind` address per resource and `servers` sending host names straight to a
-//!   mesh service (`routes_to`), instead of Istio's Gateway + VirtualService pair.
+//! * Gateway: `listeners` (Istio `servers`, Gateway API `listeners`), each with its own `bind`
+//!   address instead of a port and a pod selector; the hosts that run a gateway say so in their
+//!   own `meshd.toml` (`[gateway]`), not a label selector, so a policy change cannot move a
+//!   gateway onto a host that did not opt in. TLS termination reads certificate files on those
+//!   hosts (no Kubernetes secrets); `tls` listeners pass TLS through to one `service` by SNI.
+//!   The gateway's identity is the workload identity of the service named like the Gateway.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -124,7 +130,10 @@ pub use destination::{
     DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_OUTLIER_INTERVAL, DestinationPolicy, LoadBalancer,
     Locality, OutlierDetection, Subset,
 };
-pub use gateway::{Gateway, Server, Tls};
+pub use gateway::{
+    CertificateFiles, Gateway, Hostname, Listener, ListenerProtocol, Specificity, TlsTermination,
+    TlsVersion, best_match, normalize_host,
+};
 pub use rate_limit::{Limit, LimitKey, RateLimit, Unit};
 pub use revocation::{DenyList, REVOCATION_NAME, RemovedNode, Revocation, RevokedCert};
 pub use route::{

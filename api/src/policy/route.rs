@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::decode::{self, Cx, Table, choice_enum};
+use super::gateway::Hostname;
 use super::value::{self, StringMatch, humane};
 use crate::name::Label;
 
@@ -18,11 +19,20 @@ pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
 /// Most retry attempts a Route may ask for.
 pub const MAX_RETRY_ATTEMPTS: u32 = 10;
 
-/// `kind = "Route"`: how requests to a service are matched and sent on.
+/// `kind = "Route"`: how requests to a service (a mesh route) or arriving at gateways (a gateway
+/// route) are matched and sent on. Exactly one of `service` and `gateways` is set.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Route {
-    /// The target service, in the resource's namespace.
-    pub service: Label,
+    /// Mesh route: the service whose callers it applies to, in the resource's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<Label>,
+    /// Gateway route: the Gateways (in the resource's namespace) whose http/https listeners it
+    /// serves.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<Label>,
+    /// Gateway route: the hosts it serves (within the listener's); empty = the listener's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<Hostname>,
     /// Tried in order; the first entry whose `match` matches handles the request.
     pub http: Vec<HttpRoute>,
 }
@@ -78,6 +88,10 @@ pub struct HttpMatch {
 /// A share of a Route entry's traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Destination {
+    /// Gateway routes: the service (in the resource's namespace); mesh routes send to their
+    /// own `service` and leave it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<Label>,
     /// A subset of the service defined by its DestinationPolicy; none = every endpoint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subset: Option<Label>,
@@ -179,15 +193,54 @@ pub struct HeaderOps {
 // === impl Route ===
 
 pub(crate) fn route(map: &Map<String, Value>, cx: &mut Cx) -> Option<Route> {
-    let t = Table::from_map(map, "", &["service", "http"], cx);
-    let service = t.req("service", "the target service's name", cx, decode::label);
+    let t = Table::from_map(map, "", &["service", "gateways", "hostnames", "http"], cx);
+    let service = t.opt("service", cx, decode::label);
+    let gateways = t.opt("gateways", cx, |v, at, cx| {
+        let gws =
+            decode::nonempty_list(v, at, cx, "name the Gateway(s) to attach to", decode::label)?;
+        decode::no_duplicates(&gws, at, cx, "gateway", |g| format!("{:?}", g.as_str()))
+            .then_some(gws)
+    });
+    let hostnames = t.opt("hostnames", cx, |v, at, cx| {
+        decode::nonempty_list(
+            v,
+            at,
+            cx,
+            "omit `hostnames` to serve the listener's",
+            super::gateway::hostname,
+        )
+    });
+    let kind = match (t.has("service"), t.has("gateways")) {
+        (true, true) => {
+            cx.error(&t.key("gateways"), "a Route is for callers of one `service` or for `gateways`, not both; split it in two");
+            return None;
+        }
+        (false, false) => {
+            cx.error(&t.key("service"), "missing; expected the target service's name (or `gateways` = [...] for a gateway route)");
+            return None;
+        }
+        (true, false) => Attach::Mesh,
+        (false, true) => Attach::Gateway,
+    };
+    if kind == Attach::Mesh && t.has("hostnames") {
+        cx.error(
+            &t.key("hostnames"),
+            "only gateway routes match host names; a mesh route matches calls to its `service`",
+        );
+        return None;
+    }
     let http = t.req(
         "http",
         "a list of [[resource.http]] entries",
         cx,
         |v, at, cx| {
-            let http =
-                decode::nonempty_list(v, at, cx, "add one [[resource.http]] entry", http_route)?;
+            let http = decode::nonempty_list(
+                v,
+                at,
+                cx,
+                "add one [[resource.http]] entry",
+                |v, at, cx| http_route(v, at, cx, kind),
+            )?;
             let named: Vec<_> = http.iter().filter_map(|h| h.name.clone()).collect();
             decode::no_duplicates(&named, at, cx, "route name", |n| {
                 format!("{:?}", n.as_str())
@@ -195,10 +248,23 @@ pub(crate) fn route(map: &Map<String, Value>, cx: &mut Cx) -> Option<Route> {
             .then_some(http)
         },
     );
+    let (service, gateways) = match kind {
+        Attach::Mesh => (Some(service?), Vec::new()),
+        Attach::Gateway => (None, gateways?),
+    };
     Some(Route {
-        service: service?,
+        service,
+        gateways,
+        hostnames: hostnames.unwrap_or_default(),
         http: http?,
     })
+}
+
+/// What a Route attaches to: its destinations differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    Mesh,
+    Gateway,
 }
 
 const HTTP_KEYS: &[&str] = &[
@@ -212,13 +278,13 @@ const HTTP_KEYS: &[&str] = &[
     "response_headers",
 ];
 
-fn http_route(v: &Value, at: &str, cx: &mut Cx) -> Option<HttpRoute> {
+fn http_route(v: &Value, at: &str, cx: &mut Cx, kind: Attach) -> Option<HttpRoute> {
     let t = Table::new(v, at, HTTP_KEYS, cx)?;
     let name = t.opt("name", cx, decode::label);
     let matches = t.opt("match", cx, |v, at, cx| {
         decode::nonempty_list(v, at, cx, "omit `match` to match every request", http_match)
     });
-    let route = t.opt("route", cx, destinations);
+    let route = t.opt("route", cx, |v, at, cx| destinations(v, at, cx, kind));
     let timeout = t.opt("timeout", cx, decode::duration);
     let retries = t.opt("retries", cx, retries);
     let fault = t.opt("fault", cx, fault);
@@ -227,7 +293,15 @@ fn http_route(v: &Value, at: &str, cx: &mut Cx) -> Option<HttpRoute> {
     let route = match route {
         Some(r) => r,
         None if t.has("route") => return None,
+        None if kind == Attach::Gateway => {
+            cx.error(
+                &t.key("route"),
+                "missing; a gateway route names where requests go: route = [{ service = \"...\" }]",
+            );
+            return None;
+        }
         None => vec![Destination {
+            service: None,
             subset: None,
             weight: 100,
         }],
@@ -273,7 +347,7 @@ fn http_match(v: &Value, at: &str, cx: &mut Cx) -> Option<HttpMatch> {
     })
 }
 
-fn destinations(v: &Value, at: &str, cx: &mut Cx) -> Option<Vec<Destination>> {
+fn destinations(v: &Value, at: &str, cx: &mut Cx, kind: Attach) -> Option<Vec<Destination>> {
     let several = v.as_array().is_some_and(|a| a.len() > 1);
     let list = decode::nonempty_list(
         v,
@@ -281,7 +355,20 @@ fn destinations(v: &Value, at: &str, cx: &mut Cx) -> Option<Vec<Destination>> {
         cx,
         "omit `route` to send to the whole service",
         |v, at, cx| {
-            let t = Table::new(v, at, &["subset", "weight"], cx)?;
+            let t = Table::new(v, at, &["service", "subset", "weight"], cx)?;
+            let service = match (kind, t.has("service")) {
+                (Attach::Gateway, _) => {
+                    Some(t.req("service", "the mesh service to send to", cx, decode::label)?)
+                }
+                (Attach::Mesh, true) => {
+                    cx.error(
+                        &t.key("service"),
+                        "a mesh route sends to subsets of its own `service`; remove it (destinations name services only in gateway routes)",
+                    );
+                    return None;
+                }
+                (Attach::Mesh, false) => None,
+            };
             let subset = t.opt("subset", cx, decode::label);
             let weight = if several {
                 t.req(
@@ -294,7 +381,11 @@ fn destinations(v: &Value, at: &str, cx: &mut Cx) -> Option<Vec<Destination>> {
                 t.opt("weight", cx, |v, at, cx| decode::u32_in(v, at, cx, 0, 100))
                     .unwrap_or(100)
             };
-            Some(Destination { subset, weight })
+            Some(Destination {
+                service,
+                subset,
+                weight,
+            })
         },
     )?;
     let sum: u32 = list.iter().map(|d| d.weight).sum();
@@ -309,10 +400,13 @@ fn destinations(v: &Value, at: &str, cx: &mut Cx) -> Option<Vec<Destination>> {
         );
         return None;
     }
-    decode::no_duplicates(&list, at, cx, "subset", |d| {
-        d.subset
-            .as_ref()
-            .map_or_else(|| "(none)".to_owned(), |s| format!("{:?}", s.as_str()))
+    decode::no_duplicates(&list, at, cx, "destination", |d| {
+        let subset = (d.subset.as_ref())
+            .map_or_else(|| "(none)".to_owned(), |s| format!("{:?}", s.as_str()));
+        match &d.service {
+            Some(svc) => format!("service {:?} subset {subset}", svc.as_str()),
+            None => format!("subset {subset}"),
+        }
     })
     .then_some(list)
 }

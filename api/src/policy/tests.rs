@@ -115,14 +115,37 @@ window = "28d"
 kind = "Gateway"
 name = "public"
 namespace = "shop"
+[[resource.listeners]]
+name = "https"
 bind = "0.0.0.0:8443"
-[[resource.servers]]
-hosts = ["*.example.com", "example.com"]
-tls = { cert_file = "/etc/meshd/tls/example.crt", key_file = "/etc/meshd/tls/example.key" }
-routes_to = "api"
-[[resource.servers]]
-hosts = ["*"]
-routes_to = "web"
+protocol = "https"
+hostnames = ["*.example.com", "example.com"]
+[resource.listeners.tls]
+certificates = [{ cert_file = "/etc/meshd/tls/example.crt", key_file = "/etc/meshd/tls/example.key" }]
+min_version = "1.3"
+[[resource.listeners]]
+name = "http"
+bind = "0.0.0.0:8080"
+protocol = "http"
+redirect_to_https_port = 8443
+[[resource.listeners]]
+name = "db"
+bind = "0.0.0.0:5432"
+protocol = "tcp"
+service = "db"
+proxy_protocol = true
+
+[[resource]]
+kind = "Route"
+name = "edge"
+namespace = "shop"
+gateways = ["public"]
+hostnames = ["shop.example.com"]
+[[resource.http]]
+match = [{ path = { prefix = "/api/" } }]
+route = [{ service = "api" }]
+[[resource.http]]
+route = [{ service = "web", subset = "v1", weight = 90 }, { service = "web", subset = "v2", weight = 10 }]
 "#;
 
 fn parse_ok(text: &str) -> Vec<Resource> {
@@ -153,6 +176,7 @@ fn a_file_with_every_kind_parses() {
             "SLO/shop/api-latency",
             "SLO/shop/api-availability",
             "Gateway/shop/public",
+            "Route/shop/edge",
         ]
     );
     for r in &resources {
@@ -194,11 +218,34 @@ fn a_file_with_every_kind_parses() {
     assert_eq!(
         route.http[1].route,
         [Destination {
+            service: None,
             subset: None,
             weight: 100
         }],
         "omitted route = the whole service"
     );
+    let Spec::Gateway(gw) = spec(&key(Kind::Gateway, "shop", "public")) else {
+        panic!("kind")
+    };
+    let [https, http, db] = &gw.listeners[..] else {
+        panic!("three listeners")
+    };
+    let tls = https.tls.as_ref().expect("https terminates");
+    assert_eq!(tls.min_version, TlsVersion::V1_3);
+    assert_eq!(tls.certificates[0].key_file, "/etc/meshd/tls/example.key");
+    assert_eq!(http.redirect_to_https_port, Some(8443));
+    assert!(!http.proxy_protocol, "proxy_protocol defaults to off");
+    assert!(db.proxy_protocol && db.service.as_ref().is_some_and(|s| s.as_str() == "db"));
+    let Spec::Route(edge) = spec(&key(Kind::Route, "shop", "edge")) else {
+        panic!("kind")
+    };
+    assert_eq!(edge.service, None);
+    assert_eq!(edge.gateways[0].as_str(), "public");
+    assert_eq!(edge.hostnames[0].as_str(), "shop.example.com");
+    let split: Vec<(&str, u32)> = (edge.http[1].route.iter())
+        .map(|d| (d.service.as_ref().map_or("", |s| s.as_str()), d.weight))
+        .collect();
+    assert_eq!(split, [("web", 90), ("web", 10)]);
     let Spec::RateLimit(rl) = spec(&key(Kind::RateLimit, "shop", "api")) else {
         panic!("kind")
     };
@@ -285,7 +332,7 @@ fn bad_rows() -> Vec<BadRow> {
     let http = |body: &str| res("Route", &format!("service = \"api\"\n[[resource.http]]\n{body}"));
     let dp = |body: &str| res("DestinationPolicy", &format!("service = \"api\"\n{body}"));
     let rl = |limit: &str| res("RateLimit", &format!("service = \"api\"\nlimits = [{limit}]"));
-    let gw = |servers: &str| res("Gateway", &format!("bind = \"[::]:8443\"\nservers = [{servers}]"));
+    let gw = |listeners: &str| res("Gateway", &format!("listeners = [{listeners}]"));
     vec![
         ("unknown key", ap("actoin = \"deny\""), AP, "actoin", "did you mean \"action\""),
         ("unknown nested key", ap("rules = [{ from = [{ principal = [\"*\"] }] }]"), AP, "rules[0].from[0].principal", "valid keys here: principals"),
@@ -347,10 +394,27 @@ fn bad_rows() -> Vec<BadRow> {
         ("rate limit key", rl("{ key = \"ip\", requests_per_unit = 5, unit = \"second\" }"), RL, "limits[0].key", "destination, route, source_identity"),
         ("rate limit unit", rl("{ key = \"destination\", requests_per_unit = 5, unit = \"day\" }"), RL, "limits[0].unit", "second, minute, hour"),
         ("rate limit zero", rl("{ key = \"destination\", requests_per_unit = 0, unit = \"second\" }"), RL, "limits[0].requests_per_unit", "of at least 1"),
-        ("gateway bind", res("Gateway", "bind = \"8443\"\nservers = [{ hosts = [\"*\"], routes_to = \"api\" }]"), GW, "bind", "not an address with a port"),
-        ("gateway host", gw("{ hosts = [\"Example.com\"], routes_to = \"api\" }"), GW, "servers[0].hosts[0]", "not a host name"),
-        ("gateway duplicate host", gw("{ hosts = [\"a.example\"], routes_to = \"api\" }, { hosts = [\"a.example\"], routes_to = \"web\" }"), GW, "servers[1].hosts[0]", "already served by servers[0]"),
-        ("gateway relative key file", gw("{ hosts = [\"*\"], routes_to = \"api\", tls = { cert_file = \"/a.crt\", key_file = \"a.key\" } }"), GW, "servers[0].tls.key_file", "absolute path"),
+        ("gateway bind", gw(r#"{ name = "a", bind = "8443", protocol = "http" }"#), GW, "listeners[0].bind", "not an address with a port"),
+        ("gateway protocol", gw(r#"{ name = "a", bind = "[::]:80", protocol = "quic" }"#), GW, "listeners[0].protocol", "expected one of: http, https, tls, tcp"),
+        ("gateway host", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", hostnames = ["Example.com"] }"#), GW, "listeners[0].hostnames[0]", "not a host name"),
+        ("gateway any host", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", hostnames = ["*"] }"#), GW, "listeners[0].hostnames[0]", "omit `hostnames` to serve any host"),
+        ("gateway duplicate bind", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http" }, { name = "b", bind = "[::]:80", protocol = "http" }"#), GW, "listeners[1]", "bind address [::]:80 is already used by listeners[0]"),
+        ("gateway duplicate name", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http" }, { name = "a", bind = "[::]:81", protocol = "http" }"#), GW, "listeners[1]", "listener name \"a\" is already used"),
+        ("gateway https without tls", gw(r#"{ name = "a", bind = "[::]:443", protocol = "https" }"#), GW, "listeners[0].tls", "an https listener terminates TLS"),
+        ("gateway tls on http", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", tls = { certificates = [{ cert_file = "/a.crt", key_file = "/a.key" }] } }"#), GW, "listeners[0].tls", "only https listeners terminate TLS"),
+        ("gateway relative key file", gw(r#"{ name = "a", bind = "[::]:443", protocol = "https", tls = { certificates = [{ cert_file = "/a.crt", key_file = "a.key" }] } }"#), GW, "listeners[0].tls.certificates[0].key_file", "absolute path"),
+        ("gateway tls version", gw(r#"{ name = "a", bind = "[::]:443", protocol = "https", tls = { certificates = [{ cert_file = "/a.crt", key_file = "/a.key" }], min_version = "1.1" } }"#), GW, "listeners[0].tls.min_version", "expected one of: 1.2, 1.3"),
+        ("gateway tcp without service", gw(r#"{ name = "a", bind = "[::]:5432", protocol = "tcp" }"#), GW, "listeners[0].service", "sends every connection to one mesh service"),
+        ("gateway service on http", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", service = "api" }"#), GW, "listeners[0].service", "attach a Route"),
+        ("gateway tcp hostnames", gw(r#"{ name = "a", bind = "[::]:5432", protocol = "tcp", service = "db", hostnames = ["db.example.com"] }"#), GW, "listeners[0].hostnames", "use protocol \"tls\" to select by SNI"),
+        ("gateway redirect on https", gw(r#"{ name = "a", bind = "[::]:443", protocol = "https", redirect_to_https_port = 443, tls = { certificates = [{ cert_file = "/a.crt", key_file = "/a.key" }] } }"#), GW, "listeners[0].redirect_to_https_port", "only http listeners redirect"),
+        ("route service and gateways", res("Route", "service = \"api\"\ngateways = [\"public\"]\n[[resource.http]]\nroute = [{ service = \"api\" }]"), RT, "gateways", "not both"),
+        ("route neither", res("Route", "[[resource.http]]\n"), RT, "service", "or `gateways`"),
+        ("mesh route hostnames", res("Route", "service = \"api\"\nhostnames = [\"a.example.com\"]\n[[resource.http]]\n"), RT, "hostnames", "only gateway routes match host names"),
+        ("gateway route without destination", res("Route", "gateways = [\"public\"]\n[[resource.http]]\ntimeout = \"1s\""), RT, "http[0].route", "a gateway route names where requests go"),
+        ("gateway route destination without service", res("Route", "gateways = [\"public\"]\n[[resource.http]]\nroute = [{ subset = \"v1\" }]"), RT, "http[0].route[0].service", "missing; expected the mesh service"),
+        ("mesh route destination service", http("route = [{ service = \"web\" }]"), RT, "http[0].route[0].service", "a mesh route sends to subsets of its own `service`"),
+        ("gateway route duplicate destination", res("Route", "gateways = [\"public\"]\n[[resource.http]]\nroute = [{ service = \"a\", weight = 50 }, { service = \"a\", weight = 50 }]"), RT, "http[0].route[1]", "destination service \"a\" subset (none) is already used"),
         ("top-level key", "resources = []\n".into(), "", "resources", "did you mean \"resource\""),
         ("no resources", "# nothing\n".into(), "", "resource", "missing"),
         ("resource not an array of tables", "[resource]\nkind = \"Route\"\n".into(), "", "resource", "expected a list"),

@@ -127,7 +127,7 @@ pub struct CompiledRoute {
 }
 
 impl CompiledRoute {
-    fn new(key: ResourceKey, http: &[HttpRoute]) -> Self {
+    pub(crate) fn new(key: ResourceKey, http: &[HttpRoute]) -> Self {
         let entries = (http.iter())
             .map(|e| {
                 (
@@ -155,6 +155,17 @@ pub struct Table {
     pub revision: u64,
     routes: HashMap<ServiceKey, Arc<CompiledRoute>>,
     destinations: HashMap<ServiceKey, Arc<DestinationPolicy>>,
+    /// Routes attached to each Gateway (keyed by the gateway's `namespace/name`), in name order.
+    gateway_routes: HashMap<ServiceKey, Vec<Arc<GatewayRoute>>>,
+}
+
+/// A Route attached to a Gateway, compiled.
+#[derive(Debug)]
+pub struct GatewayRoute {
+    /// The hosts it serves; empty = whatever its listener serves.
+    pub hostnames: Vec<mesh_api::policy::Hostname>,
+    /// Its entries.
+    pub route: CompiledRoute,
 }
 
 impl Table {
@@ -169,11 +180,21 @@ impl Table {
             let svc = |name| ServiceKey::new(r.key.namespace.clone(), name);
             match &r.spec {
                 Spec::Route(route) => {
-                    t.routes
-                        .entry(svc(route.service.clone()))
-                        .or_insert_with(|| {
+                    if let Some(service) = &route.service {
+                        t.routes.entry(svc(service.clone())).or_insert_with(|| {
                             Arc::new(CompiledRoute::new(r.key.clone(), &route.http))
                         });
+                    }
+                    if !route.gateways.is_empty() {
+                        let compiled = Arc::new(GatewayRoute {
+                            hostnames: route.hostnames.clone(),
+                            route: CompiledRoute::new(r.key.clone(), &route.http),
+                        });
+                        for name in &route.gateways {
+                            let routes = t.gateway_routes.entry(svc(name.clone())).or_default();
+                            routes.push(compiled.clone());
+                        }
+                    }
                 }
                 Spec::DestinationPolicy(dp) => {
                     t.destinations
@@ -189,6 +210,11 @@ impl Table {
     /// The Route of `service`, if any.
     pub fn route(&self, service: &ServiceKey) -> Option<&Arc<CompiledRoute>> {
         self.routes.get(service)
+    }
+
+    /// The Routes attached to the Gateway `gateway` (`namespace/name`), in name order.
+    pub fn gateway_routes(&self, gateway: &ServiceKey) -> &[Arc<GatewayRoute>] {
+        self.gateway_routes.get(gateway).map_or(&[], Vec::as_slice)
     }
 
     /// The DestinationPolicy of `service`, if any.

@@ -42,7 +42,13 @@ pub struct AdminState {
     pub policy_synced_rx: watch::Receiver<bool>,
     /// Resources of the enforced snapshot this node could not read; owned by discovery.
     pub policy_unreadable_rx: watch::Receiver<Arc<Vec<discovery::standin::Unreadable>>>,
+    /// What this host does for each gateway it runs; owned by the gateway task.
+    pub gateways_rx: watch::Receiver<Gateways>,
 }
+
+/// Status of each gateway this host runs, by `namespace/name`.
+pub type Gateways =
+    std::collections::BTreeMap<mesh_api::ServiceKey, crate::proxy::gateway::run::Status>;
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
@@ -52,7 +58,17 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/config_dump", get(config_dump))
         .route("/members", get(members))
+        .route("/gateways", get(gateways))
         .with_state(state)
+}
+
+/// `/gateways`: each gateway this host runs and what it does for it, as JSON.
+async fn gateways(State(s): State<AdminState>) -> Response {
+    let by_name: std::collections::BTreeMap<String, crate::proxy::gateway::run::Status> =
+        (s.gateways_rx.borrow().iter())
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+    axum::Json(by_name).into_response()
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {

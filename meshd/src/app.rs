@@ -65,6 +65,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let access_log = AccessLog::new(&mut metrics.registry);
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let (reload_tx, reload_rx) = watch::channel(reload::Status::initial());
+    let (gateways_tx, gateways_rx) = watch::channel(Default::default());
     let lifecycle = Arc::new(Lifecycle::new());
     let shutdown_rx = lifecycle.reached(Phase::Stopped);
     let mut tasks = JoinSet::new();
@@ -96,6 +97,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         policy_rx: policy.policy_rx.clone(),
         policy_synced_rx: policy.synced_rx.clone(),
         policy_unreadable_rx: policy.unreadable_rx.clone(),
+        gateways_rx,
     };
     let admin_listener = listeners.admin;
     tasks.spawn(serve_admin(
@@ -135,6 +137,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         access_log,
         cells,
         reload: (reload_tx, reload_rx),
+        gateways_tx,
         warnings,
         tasks,
     };
@@ -198,6 +201,8 @@ struct Node {
         watch::Sender<reload::Status>,
         watch::Receiver<reload::Status>,
     ),
+    /// What this host does for each gateway it runs (served by the admin endpoint).
+    gateways_tx: watch::Sender<crate::admin::Gateways>,
     warnings: crate::report::Warnings,
     tasks: JoinSet<()>,
 }
@@ -350,6 +355,13 @@ impl Node {
         self.access_log
             .spawn_writer(&mut self.tasks, shutdown_rx.clone());
         proxy::spawn_inbound(inbound, shared.clone(), stop_rx.clone(), &mut self.tasks);
+        self.tasks.spawn(proxy::gateway::run::run(
+            shared.clone(),
+            self.config_tx.subscribe(),
+            shared.policy_rx.clone(),
+            stop_rx.clone(),
+            self.gateways_tx.clone(),
+        ));
         let reloader = Reloader::start(
             self.config_tx.clone(),
             services,

@@ -117,6 +117,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Graceful shutdown.
     pub drain: DrainConfig,
+    /// Gateways this host runs.
+    pub gateway: GatewayConfig,
     /// `[telemetry]`, `[access_log]` and `[tracing]`.
     pub telemetry: TelemetryConfig,
     /// Local services, sorted by file name; empty from [`Config::from_toml_str`].
@@ -191,6 +193,17 @@ pub struct AdminConfig {
     pub allow_remote: bool,
 }
 
+/// `[gateway]`: the Gateway resources this host runs. A host runs a gateway only when it says
+/// so here: a policy change can reconfigure a gateway's listeners but never start one on a host
+/// that did not opt in. Each gateway's identity (the workload identity of the service named
+/// like it) must be allowed by the host's join token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GatewayConfig {
+    /// `namespace/name` of each Gateway.
+    #[serde(serialize_with = "ser_display_list")]
+    pub names: Vec<mesh_api::ServiceKey>,
+}
+
 /// `[drain]`: graceful shutdown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DrainConfig {
@@ -236,6 +249,18 @@ struct ProblemList<'a>(&'a [Problem]);
 // === impl Config ===
 
 impl Config {
+    /// Every workload identity this host holds a certificate for: its services', then its
+    /// gateways' (a gateway that is also declared as a service is listed once).
+    pub fn identities(&self) -> Vec<&mesh_api::ServiceKey> {
+        let mut out: Vec<&mesh_api::ServiceKey> = self.services.iter().map(|s| &s.key).collect();
+        for g in &self.gateway.names {
+            if !out.contains(&g) {
+                out.push(g);
+            }
+        }
+        out
+    }
+
     /// Parses and validates the node file only (`services` is empty). `path` names the file in
     /// problems and is the base for relative paths.
     pub fn from_toml_str(path: &Path, text: &str) -> Result<Config, Error> {
@@ -329,6 +354,7 @@ impl Config {
             drain: DrainConfig {
                 grace_period: DEFAULT_DRAIN_GRACE_PERIOD,
             },
+            gateway: GatewayConfig::default(),
             telemetry: TelemetryConfig {
                 report_interval: DEFAULT_REPORT_INTERVAL,
                 access_log: AccessLogConfig {
@@ -378,6 +404,10 @@ fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 fn ser_display<T: fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+fn ser_display_list<T: fmt::Display, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(ToString::to_string))
 }
 
 // === impl Problem ===

@@ -207,12 +207,12 @@ impl Manager {
             config.registry.request_timeout,
         )?;
         let mut workloads = BTreeMap::new();
-        for svc in &config.services {
-            let id = workload_identity(&node.trust_domain, &svc.key);
-            match store.load_workload(&svc.key)? {
+        for key in config.identities() {
+            let id = workload_identity(&node.trust_domain, key);
+            match store.load_workload(key)? {
                 Some(w) if w.not_after > now && w.identity == id => {
                     workloads.insert(
-                        svc.key.clone(),
+                        key.clone(),
                         Workload {
                             key: tls::certified_key(&w.chain_pem, &w.key_pem)?,
                             not_before: w.not_before,
@@ -245,12 +245,9 @@ impl Manager {
         };
         // Fetch what is missing now, so a healthy start is ready at once; failures are left to
         // the renewal loop (static stability: stored certificates keep serving meanwhile).
-        let missing: Vec<ServiceKey> = mgr
-            .config
-            .services
-            .iter()
-            .filter(|s| !mgr.certs_tx.borrow().workloads.contains_key(&s.key))
-            .map(|s| s.key.clone())
+        let missing: Vec<ServiceKey> = (mgr.config.identities().into_iter())
+            .filter(|k| !mgr.certs_tx.borrow().workloads.contains_key(*k))
+            .cloned()
             .collect();
         for svc in missing {
             if let Err(e) = mgr.renew_workload(&svc).await {
@@ -441,7 +438,7 @@ impl Manager {
             if std::mem::take(&mut reconfigure) {
                 self.config = config_rx.borrow_and_update().clone();
                 let wanted: std::collections::BTreeSet<&ServiceKey> =
-                    self.config.services.iter().map(|s| &s.key).collect();
+                    self.config.identities().into_iter().collect();
                 due.retain(|k, _| wanted.contains(k));
                 backoff.retain(|k, _| k.as_ref().is_none_or(|k| wanted.contains(k)));
                 self.certs_tx.send_if_modified(|c| {
@@ -452,13 +449,12 @@ impl Manager {
             }
             {
                 let certs = self.certs_tx.borrow();
-                for svc in &self.config.services {
-                    due.entry(svc.key.clone()).or_insert_with(|| {
-                        match certs.workloads.get(&svc.key) {
+                for key in self.config.identities() {
+                    due.entry(key.clone())
+                        .or_insert_with(|| match certs.workloads.get(key) {
                             Some(w) => renew::renew_at_random(w.obtained, w.not_after),
                             None => SystemTime::now(),
-                        }
-                    });
+                        });
                 }
             }
             let (next_key, next_at) = due
@@ -586,9 +582,9 @@ async fn join(
                 let node = accept_join(&resp, &key_pem, &fingerprint, config)?;
                 store.save_node(&node)?;
                 info!(node = %config.node_name, trust_domain = %node.trust_domain, allowed = ?resp.allowed_services, "joined the mesh");
-                for svc in &config.services {
-                    if !mesh_registry_allows(&resp.allowed_services, &svc.key) {
-                        warn!(service = %svc.key, allowed = ?resp.allowed_services, "the join token does not allow this service; the registry will refuse its certificate");
+                for key in config.identities() {
+                    if !mesh_registry_allows(&resp.allowed_services, key) {
+                        warn!(service = %key, allowed = ?resp.allowed_services, "the join token does not allow this service (or gateway); the registry will refuse its certificate");
                     }
                 }
                 return Ok(node);

@@ -113,7 +113,7 @@ async fn report(
         .filter(|n| n.starts_with("x-mesh-"))
         .collect();
     let text = format!(
-        "app={name}\nversion={:?}\nmethod={}\npath={}\nquery={}\nmesh_headers={}\nauthority={}\nhost={}\nxfcc={}\nbody_len={}\nbody_sha={}\n",
+        "app={name}\nversion={:?}\nmethod={}\npath={}\nquery={}\nmesh_headers={}\nauthority={}\nhost={}\nxfcc={}\nxff={}\nforwarded={}\nxfp={}\nrequest_id={}\nbody_len={}\nbody_sha={}\n",
         parts.version,
         parts.method,
         parts.uri.path(),
@@ -126,6 +126,10 @@ async fn report(
             .unwrap_or_default(),
         header("host"),
         header("x-forwarded-client-cert"),
+        header("x-forwarded-for"),
+        header("forwarded"),
+        header("x-forwarded-proto"),
+        header("x-request-id"),
         body.len(),
         crate::apps::sha256(&body),
     );

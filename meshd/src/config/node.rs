@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use mesh_api::ServiceKey;
 use mesh_api::name::{Label, NodeName};
 use serde::Deserialize;
 
 use super::check::{self, Checker};
 use super::{
-    AdminConfig, Config, DrainConfig, GossipConfig, InboundConfig, OutboundConfig, Problem,
-    RegistryConfig,
+    AdminConfig, Config, DrainConfig, GatewayConfig, GossipConfig, InboundConfig, OutboundConfig,
+    Problem, RegistryConfig,
 };
 use super::{
     DEFAULT_ADMIN_ALLOW_REMOTE, DEFAULT_ADMIN_BIND, DEFAULT_DATA_DIR, DEFAULT_DATACENTER,
@@ -47,6 +48,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// `[drain]`.
     pub drain: RawDrain,
+    /// `[gateway]`.
+    pub gateway: RawGateway,
     /// `[telemetry]`.
     pub telemetry: super::telemetry::RawTelemetry,
     /// `[access_log]`.
@@ -123,6 +126,14 @@ pub struct RawAdmin {
     pub allow_remote: bool,
 }
 
+/// `[gateway]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawGateway {
+    /// `namespace/name` of each Gateway resource this host runs.
+    pub names: Vec<String>,
+}
+
 /// `[drain]` as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -175,6 +186,7 @@ impl RawConfig {
             c.timeout("outbound.connect_timeout", &self.outbound.connect_timeout);
         let admin = self.admin.check(c);
         let grace_period = c.duration("drain.grace_period", &self.drain.grace_period);
+        let gateway = self.gateway.check(c);
         let telemetry = super::telemetry::check(c, self.telemetry, self.access_log, self.tracing);
         Some(Config {
             node_name: node_name?,
@@ -192,6 +204,7 @@ impl RawConfig {
             drain: DrainConfig {
                 grace_period: grace_period?,
             },
+            gateway: gateway?,
             telemetry: telemetry?,
             services: Vec::new(),
             node_file: path.to_owned(),
@@ -213,10 +226,41 @@ impl Default for RawConfig {
             outbound: RawOutbound::default(),
             admin: RawAdmin::default(),
             drain: RawDrain::default(),
+            gateway: RawGateway::default(),
             telemetry: Default::default(),
             access_log: Default::default(),
             tracing: Default::default(),
         }
+    }
+}
+
+// === impl RawGateway ===
+
+impl RawGateway {
+    fn check(self, c: &mut Checker<'_>) -> Option<GatewayConfig> {
+        let mut names = Vec::with_capacity(self.names.len());
+        let mut ok = true;
+        for (i, raw) in self.names.iter().enumerate() {
+            let key = format!("gateway.names[{i}]");
+            match ServiceKey::parse(raw) {
+                Ok(k) if raw.contains('/') => {
+                    if names.contains(&k) {
+                        c.push(key, format!("{raw:?} is listed twice"));
+                        ok = false;
+                    }
+                    names.push(k);
+                }
+                Ok(_) => {
+                    c.push(key, format!("{raw:?} is invalid: expected the Gateway's \"namespace/name\", e.g. \"shop/public\""));
+                    ok = false;
+                }
+                Err(e) => {
+                    c.push(key, format!("{raw:?} is invalid: {e}; expected the Gateway's \"namespace/name\", e.g. \"shop/public\""));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(GatewayConfig { names })
     }
 }
 

@@ -13,7 +13,7 @@ use tracing::{Instrument as _, info, info_span};
 
 use super::accept::{Error, Stops};
 use super::shared::Shared;
-use super::{inbound, outbound};
+use super::{gateway, inbound, outbound};
 use crate::config::{Config, Service, Upstream};
 
 /// What one listener serves.
@@ -25,6 +25,8 @@ pub enum Spec {
     HttpProxy(Service),
     /// An upstream bind of a service.
     Upstream(Service, Upstream),
+    /// A listener of a Gateway this host runs.
+    Gateway(gateway::GatewayListener),
 }
 
 /// How a set of running listeners becomes the wanted one.
@@ -69,6 +71,7 @@ impl Spec {
             Spec::Direct(s) => s.listen.unwrap_or(s.address),
             Spec::HttpProxy(s) => s.http_proxy.unwrap_or(s.address),
             Spec::Upstream(_, u) => u.bind,
+            Spec::Gateway(g) => g.listener.bind,
         }
     }
 
@@ -78,6 +81,7 @@ impl Spec {
             Spec::Direct(s) => format!("the listen address of {}", s.key),
             Spec::HttpProxy(s) => format!("the http_proxy of {}", s.key),
             Spec::Upstream(s, u) => format!("upstream {} of {}", u.service, s.key),
+            Spec::Gateway(g) => format!("listener {} of gateway {}", g.listener.name, g.gateway),
         }
     }
 }
@@ -86,11 +90,15 @@ impl Spec {
     /// What an accept loop depends on: the kind, the service's key and the upstream. The
     /// loops read nothing else of the service (the rest comes from the current config per
     /// connection), so a service whose labels or app changed keeps its listeners as they are.
-    fn serves(&self) -> (u8, &mesh_api::ServiceKey, Option<&Upstream>) {
-        match self {
-            Spec::Direct(s) => (0, &s.key, None),
-            Spec::HttpProxy(s) => (1, &s.key, None),
-            Spec::Upstream(s, u) => (2, &s.key, Some(u)),
+    /// A gateway listener's loop depends on the whole listener (protocol, hosts, TLS).
+    fn same_loop(&self, other: &Spec) -> bool {
+        match (self, other) {
+            (Spec::Direct(a), Spec::Direct(b)) | (Spec::HttpProxy(a), Spec::HttpProxy(b)) => {
+                a.key == b.key
+            }
+            (Spec::Upstream(a, ua), Spec::Upstream(b, ub)) => a.key == b.key && ua == ub,
+            (Spec::Gateway(a), Spec::Gateway(b)) => a == b,
+            _ => false,
         }
     }
 }
@@ -119,7 +127,7 @@ pub fn diff(running: &BTreeMap<SocketAddr, Spec>, wanted: &[Spec]) -> Diff {
     for spec in wanted {
         match running.get(&spec.addr()) {
             None => d.bind.push(spec.clone()),
-            Some(current) if current.serves() == spec.serves() => d.keep += 1,
+            Some(current) if current.same_loop(spec) => d.keep += 1,
             Some(_) => d.replace.push(spec.clone()),
         }
     }
@@ -249,6 +257,10 @@ fn start(
                 outbound::serve(socket.clone(), svc.clone(), up.clone(), shared, stops)
                     .instrument(span),
             );
+        }
+        Spec::Gateway(g) => {
+            let span = info_span!("gateway", gateway = %g.gateway, listener = %g.listener.name);
+            tokio::spawn(gateway::serve(socket.clone(), g.clone(), shared, stops).instrument(span));
         }
     }
     Running {

@@ -324,7 +324,7 @@ async fn route_and_send(
 /// Rewrites the app's request into what the peer's meshd receives: an absolute HTTP/2 URI
 /// (the Host the app used, else the destination's mesh name), without hop-by-hop headers or
 /// anything only the mesh may say.
-fn to_mesh_request(
+pub(crate) fn to_mesh_request(
     parts: &mut http::request::Parts,
     dst: &ServiceKey,
 ) -> Result<(), Response<Body>> {
@@ -395,7 +395,7 @@ async fn plan(
     log.route =
         (entry.name.as_ref()).map_or_else(|| format!("{}[{i}]", route.key), |n| n.to_string());
     plan.subset = subset(conn, &plan, &route, entry, log)?;
-    fault(&route, entry).await?;
+    fault(&route.key, entry).await?;
     route::apply_header_ops(&entry.request_headers, &mut parts.headers);
     plan.retries = entry.retries.clone();
     plan.timeout = entry.timeout;
@@ -437,8 +437,8 @@ fn subset(
 }
 
 /// Injects the Route entry's faults: a delay, then maybe an abort (the answer).
-async fn fault(
-    route: &route::CompiledRoute,
+pub(crate) async fn fault(
+    route: &mesh_api::policy::ResourceKey,
     entry: &mesh_api::policy::HttpRoute,
 ) -> Result<(), Response<Body>> {
     let fault = route::fault_action(
@@ -457,7 +457,7 @@ async fn fault(
         status,
         "outbound",
         "fault_abort",
-        format!("fault injected by {}\n", route.key),
+        format!("fault injected by {route}\n"),
     ))
 }
 

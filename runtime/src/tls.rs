@@ -143,6 +143,24 @@ pub fn uri_sans(cert_der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The DNS SANs of a DER certificate, lowercased (empty when it cannot be parsed).
+pub fn dns_sans(cert_der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The mesh identity a peer certificate chain proves (first URI SAN of the leaf).
 pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<Identity> {
     let leaf = chain.first()?;

@@ -293,3 +293,256 @@ async fn an_ingress_gateway_routes_outside_requests_into_the_mesh() {
     assert_eq!(status(&resp), 200, "{resp}");
     assert_eq!(field(&resp, "app"), "api");
 }
+
+/// A test CA and leaf certificates it signs (PEM).
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edge test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    /// (certificate, key) for `names`, with `cn` as its subject (to tell renewals apart).
+    fn leaf(&self, names: &[&str], cn: &str) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Writes `text` to `path` the way certificate tools do: a new file renamed over the old one.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// curl over https to `host` at `addr` (resolved there), trusting `ca`; (exit code, stdout,
+/// stderr) so failed handshakes can be asserted on.
+fn curl_tls(
+    ca: &std::path::Path,
+    host: &str,
+    addr: SocketAddr,
+    path: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let resolve = format!("{host}:{}:{}", addr.port(), addr.ip());
+    let url = format!("https://{host}:{}{path}", addr.port());
+    let ca = ca.to_str().unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-i",
+            "-v",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca,
+            "--resolve",
+            &resolve,
+        ])
+        .args(extra)
+        .arg(&url)
+        .within(mesh_e2e::CLI_TIMEOUT)
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_ingress_terminates_tls_from_files_and_reloads_them_without_failing_a_request() {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let b_ip = next_ip();
+    let api = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "api")
+        .await
+        .unwrap();
+    let mut b = NodeSpec::new("b", cluster.registry.token(&["api"], 1).unwrap());
+    b.ip = b_ip.into();
+    b.services = vec![ServiceSpec::new("api", api.addr).protocol("http")];
+    cluster.add_spec(b).await.unwrap();
+    let gw_ip = next_ip();
+    let mut gw = NodeSpec::new("gw", cluster.registry.token(&["public"], 1).unwrap());
+    gw.ip = gw_ip.into();
+    gw.extra = "[gateway]\nnames = [\"default/public\"]\n".to_owned();
+    gw.seeds = cluster.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+    cluster.add_spec(gw).await.unwrap();
+    let gw_node = cluster.nodes.last().unwrap();
+    gw_node.wait_endpoints("default/api", 1).await.unwrap();
+
+    // Two certificates on the gateway host: SNI picks between them.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.issuer.pem()).unwrap();
+    let (shop_cert, shop_key) = ca.leaf(&["shop.example.com"], "shop-one");
+    let (net_cert, net_key) = ca.leaf(&["*.example.net"], "net");
+    let file = |name: &str| dir.path().join(name);
+    for (name, text) in [
+        ("shop.crt", &shop_cert),
+        ("shop.key", &shop_key),
+        ("net.crt", &net_cert),
+        ("net.key", &net_key),
+    ] {
+        std::fs::write(file(name), text).unwrap();
+    }
+    let https = SocketAddr::new(gw_ip.into(), 18443);
+    let strict = SocketAddr::new(gw_ip.into(), 18444);
+    let certs = |shop_crt: &std::path::Path| {
+        format!(
+            "[{{ cert_file = {:?}, key_file = {:?} }}, {{ cert_file = {:?}, key_file = {:?} }}]",
+            shop_crt,
+            file("shop.key"),
+            file("net.crt"),
+            file("net.key")
+        )
+    };
+    let policy = |shop_crt: &std::path::Path| {
+        format!(
+            r#"
+[[resource]]
+kind = "Gateway"
+name = "public"
+[[resource.listeners]]
+name = "edge"
+bind = "{https}"
+protocol = "https"
+tls = {{ certificates = {certs} }}
+[[resource.listeners]]
+name = "strict"
+bind = "{strict}"
+protocol = "https"
+tls = {{ certificates = {certs}, min_version = "1.3" }}
+
+[[resource]]
+kind = "Route"
+name = "all"
+gateways = ["public"]
+[[resource.http]]
+route = [{{ service = "api" }}]
+"#,
+            certs = certs(shop_crt)
+        )
+    };
+    let rev = cluster
+        .registry
+        .apply("gw.toml", &policy(&file("shop.crt")))
+        .unwrap();
+    gw_node.wait_policy_revision(rev).await.unwrap();
+    let admin = gw_node.admin.to_string();
+    gateways_until(&admin, "https listeners open", |b| {
+        b.contains("edge (https") && b.contains("strict (https")
+    })
+    .await;
+
+    // Each name gets its own certificate (curl checks the name against it).
+    for host in ["shop.example.com", "api.example.net"] {
+        let (code, out, err) = curl_tls(&ca_file, host, https, "/x", &[]);
+        assert_eq!(code, 0, "{host}: {err}");
+        assert_eq!(status(&out), 200, "{out}");
+        assert_eq!(field(&out, "xfp"), "https");
+        assert_eq!(field(&out, "app"), "api");
+    }
+    // HTTP/2 is offered by ALPN.
+    let (code, out, err) = curl_tls(&ca_file, "shop.example.com", https, "/x", &["--http2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    // TLS 1.2 is accepted on one listener and refused on the one set to 1.3.
+    let tls12 = ["--tlsv1.2", "--tls-max", "1.2"];
+    assert_eq!(
+        curl_tls(&ca_file, "shop.example.com", https, "/x", &tls12).0,
+        0
+    );
+    let (code, _, err) = curl_tls(&ca_file, "shop.example.com", strict, "/x", &tls12);
+    assert_ne!(
+        code, 0,
+        "TLS 1.2 must be refused by a 1.3-only listener: {err}"
+    );
+
+    // Renewal on disk under steady traffic: new connections throughout, none may fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, ca_file) = (stop.clone(), ca_file.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed, mut subjects) =
+                (0, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (code, out, err) = curl_tls(&ca_file, "shop.example.com", https, "/x", &[]);
+                if code == 0 && status(&out) == 200 {
+                    ok += 1;
+                    if let Some(s) = err.lines().find(|l| l.contains("subject:")) {
+                        subjects.insert(s.trim().to_owned());
+                    }
+                } else {
+                    failed.push(format!("{code} {err}"));
+                }
+            }
+            (ok, failed, subjects)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (new_cert, new_key) = ca.leaf(&["shop.example.com"], "shop-two");
+    // Key first, then certificate: for a moment the pair does not match, and the gateway
+    // must keep serving the old one rather than fail handshakes.
+    replace_file(&file("shop.key"), &new_key);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    replace_file(&file("shop.crt"), &new_cert);
+    let deadline = tokio::time::Instant::now() + mesh_e2e::scaled(WAIT);
+    loop {
+        let (_, _, err) = curl_tls(&ca_file, "shop.example.com", https, "/x", &[]);
+        if err.contains("CN=shop-two") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate is never served: {err}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, subjects) = load.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the renewal: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        failed.first()
+    );
+    assert!(ok >= 5, "steady traffic ran ({ok} requests)");
+    assert!(
+        subjects.iter().any(|s| s.contains("shop-one"))
+            && subjects.iter().any(|s| s.contains("shop-two")),
+        "{subjects:?}"
+    );
+
+    // A revision naming a certificate the host cannot read is refused; the listeners stay.
+    let rev = cluster
+        .registry
+        .apply("gw.toml", &policy(&file("missing.crt")))
+        .unwrap();
+    gw_node.wait_policy_revision(rev).await.unwrap();
+    gateways_until(&admin, "the unreadable certificate is reported", |b| {
+        b.contains("\"refused\"") && b.contains("cannot read") && b.contains("missing.crt")
+    })
+    .await;
+    let (code, out, err) = curl_tls(&ca_file, "shop.example.com", https, "/x", &[]);
+    assert_eq!((code, status(&out)), (0, 200), "{err}");
+}

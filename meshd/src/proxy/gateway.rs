@@ -9,6 +9,7 @@ pub mod edge;
 pub mod http;
 pub mod listener;
 pub mod run;
+pub mod terminate;
 
 pub use accept::serve;
 pub use listener::GatewayListener;

@@ -32,6 +32,7 @@ use super::super::route::GatewayRoute;
 use super::super::shared::Shared;
 use super::super::{observe, route};
 use super::listener::GatewayListener;
+use super::terminate::Terminator;
 use super::{decide, edge};
 use crate::trace::{Kind, attr};
 
@@ -58,6 +59,38 @@ pub async fn serve(
 ) {
     let _ = tcp.set_nodelay(true);
     serve_io(TokioIo::new(tcp), client, gl, shared, cursor, "http").await;
+}
+
+/// Terminates TLS on one client connection, then serves it; a handshake that fails or does not
+/// finish within the inbound handshake timeout is counted and dropped.
+pub async fn serve_tls(
+    tcp: TcpStream,
+    client: SocketAddr,
+    gl: Arc<GatewayListener>,
+    shared: Shared,
+    cursor: Arc<AtomicUsize>,
+    term: Arc<Terminator>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let limit = shared.config_rx.borrow().inbound.handshake_timeout;
+    match tokio::time::timeout(limit, term.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            drop(term);
+            serve_io(TokioIo::new(tls), client, gl, shared, cursor, "https").await;
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .reject(Direction::Inbound, "gateway_tls_handshake");
+            debug!(src.addr = %client, error = %e, "gateway tls handshake failed");
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .reject(Direction::Inbound, "handshake_timeout");
+            debug!(src.addr = %client, "gateway tls handshake timed out");
+        }
+    }
 }
 
 /// Serves one client connection (plaintext or TLS already terminated).
@@ -130,7 +163,8 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         src_addr: conn.client,
         src_service: Some(conn.gl.gateway.clone()),
         src_identity: None,
-        mtls: conn.proto == "https",
+        // The client is outside the mesh: TLS at most, never the mesh's mTLS.
+        mtls: false,
         // Requests no Route took are counted against the gateway itself.
         dst_service: dst.unwrap_or_else(|| conn.gl.gateway.clone()),
         dst_addr: log.endpoint,

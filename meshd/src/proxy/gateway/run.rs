@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::super::listeners::{self, Spec};
 use super::super::shared::Shared;
 use super::listener::GatewayListener;
+use super::terminate::{self, Terminator};
 
 /// What this host does for one gateway it is configured to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,10 +55,12 @@ pub fn specs(name: &ServiceKey, snapshot: &Snapshot) -> Option<(Vec<Spec>, Vec<S
     let mut skipped = Vec::new();
     for l in &gw.listeners {
         match l.protocol {
-            ListenerProtocol::Http => served.push(Spec::Gateway(GatewayListener {
-                gateway: name.clone(),
-                listener: l.clone(),
-            })),
+            ListenerProtocol::Http | ListenerProtocol::Https => {
+                served.push(Spec::Gateway(GatewayListener {
+                    gateway: name.clone(),
+                    listener: l.clone(),
+                }))
+            }
             p => skipped.push(format!(
                 "{} ({p}): not served by this meshd version",
                 l.name
@@ -76,15 +79,15 @@ pub async fn run(
     stop_rx: watch::Receiver<bool>,
     status_tx: watch::Sender<BTreeMap<ServiceKey, Status>>,
 ) {
-    let mut sets: BTreeMap<ServiceKey, listeners::Set> = BTreeMap::new();
+    let mut sets: BTreeMap<ServiceKey, Running> = BTreeMap::new();
     let mut stop = stop_rx.clone();
     loop {
         let names = config_rx.borrow_and_update().gateway.names.clone();
         let snapshot = policy_rx.borrow_and_update().clone();
         let mut statuses = BTreeMap::new();
         for name in &names {
-            let set = sets.entry(name.clone()).or_default();
-            let status = apply(set, name, &snapshot, &shared, &stop_rx).await;
+            let running = sets.entry(name.clone()).or_default();
+            let status = apply(running, name, &snapshot, &shared, &stop_rx).await;
             statuses.insert(name.clone(), status);
         }
         // Gateways this host no longer runs: close their listeners.
@@ -94,10 +97,10 @@ pub async fn run(
             .cloned()
             .collect();
         for name in gone {
-            if let Some(mut set) = sets.remove(&name)
-                && let Ok(p) = set.prepare(&[]).await
+            if let Some(mut running) = sets.remove(&name)
+                && let Ok(p) = running.set.prepare(&[]).await
             {
-                set.apply(p, &shared, &stop_rx);
+                running.set.apply(p, &shared, &stop_rx);
                 info!(gateway = %name, "gateway no longer run here; its listeners are closed");
             }
         }
@@ -110,9 +113,33 @@ pub async fn run(
     }
 }
 
+/// One gateway's open listeners, and the TLS terminators of its https listeners (held, so
+/// their certificates stay loaded and watched while the listeners serve).
+#[derive(Default)]
+struct Running {
+    set: listeners::Set,
+    terminators: Vec<Arc<Terminator>>,
+}
+
+/// Loads the certificates of every https listener in `wanted`; the first that cannot be used
+/// refuses the whole revision for this gateway.
+fn terminators(wanted: &[Spec]) -> Result<Vec<Arc<Terminator>>, String> {
+    let mut out = Vec::new();
+    for spec in wanted {
+        if let Spec::Gateway(g) = spec
+            && let Some(tls) = &g.listener.tls
+        {
+            let t = terminate::terminator(tls)
+                .map_err(|e| format!("listener {}: {e}", g.listener.name))?;
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
 /// Brings one gateway's listeners to what `snapshot` declares, all or nothing.
 async fn apply(
-    set: &mut listeners::Set,
+    running: &mut Running,
     name: &ServiceKey,
     snapshot: &Snapshot,
     shared: &Shared,
@@ -123,12 +150,22 @@ async fn apply(
     for s in &skipped {
         warn!(gateway = %name, listener = %s, "gateway listener skipped");
     }
+    let refused = |error: String| {
+        warn!(gateway = %name, revision, error = %error, "gateway listeners not updated; the ones open stay open");
+        Status::Refused { revision, error }
+    };
+    let terminators = match terminators(&wanted) {
+        Ok(t) => t,
+        Err(e) => return refused(e),
+    };
+    let set = &mut running.set;
     match set.prepare(&wanted).await {
         Ok(prepared) => {
             if !prepared.diff().is_empty() {
                 info!(gateway = %name, revision, "gateway listeners updated");
             }
             set.apply(prepared, shared, stop_rx);
+            running.terminators = terminators;
             if specs(name, snapshot).is_none() {
                 return Status::NotInPolicy { revision };
             }
@@ -147,13 +184,7 @@ async fn apply(
                 skipped,
             }
         }
-        Err(e) => {
-            warn!(gateway = %name, revision, error = %e, "gateway listeners not updated; the ones open stay open");
-            Status::Refused {
-                revision,
-                error: e.to_string(),
-            }
-        }
+        Err(e) => refused(e.to_string()),
     }
 }
 
@@ -190,6 +221,7 @@ service = "db"
         assert_eq!(served.len(), 1);
         assert_eq!(served[0].addr(), "127.0.0.1:8080".parse().unwrap());
         assert_eq!(skipped, ["db (tcp): not served by this meshd version"]);
+        assert!(matches!(&served[0], Spec::Gateway(g) if g.listener.name.as_str() == "web"));
         assert!(specs(&"shop/other".parse().unwrap(), &snap).is_none());
     }
 }

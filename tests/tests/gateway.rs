@@ -546,3 +546,201 @@ route = [{{ service = "api" }}]
     let (code, out, err) = curl_tls(&ca_file, "shop.example.com", https, "/x", &[]);
     assert_eq!((code, status(&out)), (0, 200), "{err}");
 }
+
+/// A TLS echo server: the app that terminates its own TLS behind a passthrough listener.
+async fn tls_echo(addr: SocketAddr, cert_pem: &str, key_pem: &str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let chain = mesh_runtime::tls::parse_certs(cert_pem, "app certificate").unwrap();
+    let key = mesh_runtime::tls::parse_key(key_pem, "app key").unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(mesh_runtime::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connects over TLS to `addr` with SNI `host`, trusting `ca_pem`; sends `data` and reads as
+/// many bytes back.
+async fn tls_round_trip(
+    addr: SocketAddr,
+    host: &str,
+    ca_pem: &str,
+    data: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let roots = mesh_runtime::tls::root_store(ca_pem)?;
+    let config = rustls::ClientConfig::builder_with_provider(mesh_runtime::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(data).await?;
+    let mut back = vec![0u8; data.len()];
+    tls.read_exact(&mut back).await?;
+    Ok(back)
+}
+
+/// Sends raw `bytes` to `addr` and reads until the server closes or 2 s pass.
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passes_through_by_sni_tcp_is_relayed_and_proxy_protocol_names_the_client() {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let ca = TestCa::new();
+    let ca_pem = ca.issuer.pem();
+    let (cert, key) = ca.leaf(&["secure.example.com"], "secure");
+    let b_ip = next_ip();
+    let secure = tls_echo(SocketAddr::new(b_ip.into(), 0), &cert, &key).await;
+    let echo = mesh_e2e::apps::Echo::start(SocketAddr::new(b_ip.into(), 0))
+        .await
+        .unwrap();
+    let api = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "api")
+        .await
+        .unwrap();
+    let mut b = NodeSpec::new(
+        "b",
+        cluster
+            .registry
+            .token(&["secure", "echo", "api"], 1)
+            .unwrap(),
+    );
+    b.ip = b_ip.into();
+    b.services = vec![
+        ServiceSpec::new("secure", secure).protocol("tcp"),
+        ServiceSpec::new("echo", echo.addr).protocol("tcp"),
+        ServiceSpec::new("api", api.addr).protocol("http"),
+    ];
+    cluster.add_spec(b).await.unwrap();
+    let gw_ip = next_ip();
+    let mut gw = NodeSpec::new("gw", cluster.registry.token(&["public"], 1).unwrap());
+    gw.ip = gw_ip.into();
+    gw.extra = "[gateway]\nnames = [\"default/public\"]\n".to_owned();
+    gw.seeds = cluster.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+    cluster.add_spec(gw).await.unwrap();
+    let gw_node = cluster.nodes.last().unwrap();
+    for svc in ["secure", "echo", "api"] {
+        gw_node
+            .wait_endpoints(&format!("default/{svc}"), 1)
+            .await
+            .unwrap();
+    }
+    let at = |port: u16| SocketAddr::new(gw_ip.into(), port);
+    let (tls, tcp, proxied) = (at(18445), at(18446), at(18447));
+    let policy = format!(
+        r#"
+[[resource]]
+kind = "Gateway"
+name = "public"
+[[resource.listeners]]
+name = "tls"
+bind = "{tls}"
+protocol = "tls"
+hostnames = ["secure.example.com"]
+service = "secure"
+[[resource.listeners]]
+name = "tcp"
+bind = "{tcp}"
+protocol = "tcp"
+service = "echo"
+[[resource.listeners]]
+name = "behind-lb"
+bind = "{proxied}"
+protocol = "http"
+proxy_protocol = true
+
+[[resource]]
+kind = "Route"
+name = "all"
+gateways = ["public"]
+[[resource.http]]
+route = [{{ service = "api" }}]
+"#
+    );
+    let rev = cluster.registry.apply("gw.toml", &policy).unwrap();
+    gw_node.wait_policy_revision(rev).await.unwrap();
+    let admin = gw_node.admin.to_string();
+    gateways_until(&admin, "three listeners open", |b| {
+        b.contains("tls (tls") && b.contains("tcp (tcp") && b.contains("behind-lb (http")
+    })
+    .await;
+
+    // TLS end to end: the app's certificate, verified by the client, through the gateway
+    // that holds no key for the name.
+    let back = tls_round_trip(tls, "secure.example.com", &ca_pem, b"through the gateway")
+        .await
+        .unwrap();
+    assert_eq!(back, b"through the gateway");
+    // A name the listener does not serve is refused before anything is relayed.
+    assert!(
+        tls_round_trip(tls, "other.example.com", &ca_pem, b"x")
+            .await
+            .is_err()
+    );
+    // Not TLS at all: refused too.
+    assert_eq!(raw_exchange(tls, b"GET / HTTP/1.1\r\n\r\n").await, "");
+
+    // TCP relayed byte for byte.
+    let data = mesh_e2e::apps::payload(64 * 1024, 7);
+    let back = mesh_e2e::apps::round_trip(tcp, &data).await.unwrap();
+    assert_eq!(back, data);
+
+    // Behind a load balancer: the PROXY header's client is the one the app is told about.
+    for header in [
+        b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 80\r\n".to_vec(),
+        [
+            b"\r\n\r\n\0\r\nQUIT\n".as_slice(),
+            &[
+                0x21, 0x11, 0, 12, 203, 0, 113, 7, 192, 0, 2, 1, 0x15, 0xb3, 0, 80,
+            ],
+        ]
+        .concat(),
+    ] {
+        let req = [
+            header.as_slice(),
+            b"GET /x HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n",
+        ]
+        .concat();
+        let resp = raw_exchange(proxied, &req).await;
+        assert_eq!(status(&resp), 200, "{resp}");
+        assert_eq!(field(&resp, "xff"), "203.0.113.7");
+    }
+    // Without the header the connection is refused: nobody reaching the listener directly
+    // can pass for another client.
+    let resp = raw_exchange(
+        proxied,
+        b"GET /x HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp, "", "a request without a PROXY header got an answer");
+}

@@ -73,6 +73,12 @@ allow_remote = false
 # On shutdown, time open connections get to finish before they are closed.
 grace_period = "15s"
 
+[gateway]
+# Gateway resources this host runs ("namespace/name", e.g. "default/public"); none by default.
+# Their listeners come from the policy; each gateway's identity is the service named like it,
+# which this host's join token must allow.
+names = []
+
 [telemetry]
 # How often this node reports its state and per-edge traffic to the registry (topology, SLOs,
 # `meshctl check`); 100ms to 60s.

@@ -1091,3 +1091,26 @@ fn packaged_config_files_parse_and_match() {
     let cfg = Config::from_toml_str(Path::new("/etc/meshd/meshd.toml"), &node).unwrap();
     assert_eq!(cfg.data_dir, Path::new("/var/lib/meshd"));
 }
+
+#[test]
+fn gateway_names() {
+    let parse = |names: &str| {
+        let text = format!(
+            "node_name = \"n\"\n[registry]\naddress = \"127.0.0.1:7700\"\n\
+             [gossip]\nbind = \"127.0.0.1:7946\"\n[inbound]\nbind = \"127.0.0.1:15008\"\n\
+             [gateway]\nnames = {names}\n"
+        );
+        Config::from_toml_str(node_path(), &text)
+    };
+    let ok = parse(r#"["shop/public", "default/edge"]"#).unwrap();
+    let names: Vec<String> = ok.gateway.names.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["shop/public", "default/edge"]);
+    for (bad, words) in [
+        (r#"["public"]"#, "expected the Gateway's \"namespace/name\""),
+        (r#"["shop/Public"]"#, "gateway.names[0]"),
+        (r#"["a/b", "a/b"]"#, "listed twice"),
+    ] {
+        let err = parse(bad).unwrap_err().to_string();
+        assert!(err.contains(words), "{bad}: {err}");
+    }
+}

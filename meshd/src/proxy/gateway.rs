@@ -8,7 +8,9 @@ pub mod decide;
 pub mod edge;
 pub mod http;
 pub mod listener;
+pub mod proxy_protocol;
 pub mod run;
+pub mod sni;
 pub mod terminate;
 
 pub use accept::serve;

@@ -48,7 +48,7 @@ pub async fn serve(
             if http {
                 http::serve(tcp, peer, source, upstream, shared, cursor).await;
             } else {
-                tcp::serve(tcp, peer, &source, &upstream, &shared, &cursor).await;
+                tcp::serve(tcp, peer, &source.key, &upstream.service, &shared, &cursor).await;
             }
         })
     })

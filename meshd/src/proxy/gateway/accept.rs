@@ -1,27 +1,42 @@
-//! A gateway listener's accept loop: each connection goes to its listener protocol's server
-//! (TLS terminated first on `https` listeners).
+//! A gateway listener's accept loop: each connection first gives up its PROXY header (when the
+//! listener expects one), then goes to its listener protocol's server: HTTP, HTTPS (TLS
+//! terminated here), TLS passed through by SNI, or TCP relayed, all to the mesh as the gateway.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
-use mesh_api::policy::ListenerProtocol;
-use tokio::net::TcpListener;
-use tracing::warn;
+use mesh_api::ServiceKey;
+use mesh_api::policy::{ListenerProtocol, best_match};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
 
 use super::super::accept::{Stops, accept_loop};
+use super::super::copy;
+use super::super::metrics::Direction;
+use super::super::outbound::tcp;
 use super::super::shared::Shared;
 use super::listener::GatewayListener;
-use super::{http, terminate};
+use super::sni::{self, Hello};
+use super::terminate::{self, Terminator};
+use super::{http, proxy_protocol};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// What every connection of one listener shares.
+struct Listening {
+    gl: Arc<GatewayListener>,
+    shared: Shared,
+    cursor: Arc<AtomicUsize>,
+    /// `https` only.
+    term: Option<Arc<Terminator>>,
+}
+
 /// Accepts connections on a gateway listener until `stops` says so.
 pub async fn serve(socket: Arc<TcpListener>, gl: GatewayListener, shared: Shared, stops: Stops) {
-    let cursor = Arc::new(AtomicUsize::new(0));
-    let gl = Arc::new(gl);
     // The run task loaded the certificates before opening the listener, and holds them: this
     // finds the same terminator. Should the files have become unusable in between, the
     // listener accepts nothing rather than serve without TLS.
@@ -36,17 +51,109 @@ pub async fn serve(socket: Arc<TcpListener>, gl: GatewayListener, shared: Shared
         None => None,
     };
     let drain = shared.drain.clone();
+    let listening = Arc::new(Listening {
+        gl: Arc::new(gl),
+        shared,
+        cursor: Arc::new(AtomicUsize::new(0)),
+        term,
+    });
     accept_loop(socket, "gateway", drain, stops, |tcp, peer: SocketAddr| {
-        let (shared, cursor, gl) = (shared.clone(), cursor.clone(), gl.clone());
-        let task: Task = match (gl.listener.protocol, &term) {
-            (ListenerProtocol::Http, _) => Box::pin(http::serve(tcp, peer, gl, shared, cursor)),
-            (ListenerProtocol::Https, Some(term)) => {
-                Box::pin(http::serve_tls(tcp, peer, gl, shared, cursor, term.clone()))
-            }
-            // tls passthrough and tcp: not opened by the run task yet.
-            _ => return None,
-        };
+        let task: Task = Box::pin(connection(listening.clone(), tcp, peer));
         Some(task)
     })
     .await;
+}
+
+/// Serves one connection by the listener's protocol.
+async fn connection(l: Arc<Listening>, mut tcp: TcpStream, peer: SocketAddr) {
+    let limit = l.shared.config_rx.borrow().inbound.handshake_timeout;
+    let client = if l.gl.listener.proxy_protocol {
+        match proxy_protocol::read(&mut tcp, peer, limit).await {
+            Ok(client) => client,
+            Err(e) => {
+                refuse(&l.shared, &tcp, peer, "proxy_protocol", &e);
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let (gl, shared, cursor) = (l.gl.clone(), l.shared.clone(), l.cursor.clone());
+    match (gl.listener.protocol, &l.term) {
+        (ListenerProtocol::Http, _) => http::serve(tcp, client, gl, shared, cursor).await,
+        (ListenerProtocol::Https, Some(term)) => {
+            http::serve_tls(tcp, client, gl, shared, cursor, term.clone()).await;
+        }
+        (ListenerProtocol::Tls, _) => passthrough(tcp, client, &l, limit).await,
+        (ListenerProtocol::Tcp, _) => relay(tcp, client, &l).await,
+        // An https listener always has its terminator (checked above).
+        (ListenerProtocol::Https, None) => {}
+    }
+}
+
+/// Relays a TLS connection untouched to the listener's service, once its ClientHello names a
+/// host the listener serves.
+async fn passthrough(tcp: TcpStream, client: SocketAddr, l: &Listening, limit: Duration) {
+    match peek_sni(&tcp, limit).await {
+        Ok(host) => {
+            let hosts = &l.gl.listener.hostnames;
+            let served = match &host {
+                Some(h) => best_match(hosts, h).is_some(),
+                None => hosts.is_empty(),
+            };
+            if !served {
+                let why = format!("SNI {host:?} is not a host this listener serves");
+                refuse(&l.shared, &tcp, client, "sni_not_served", &why);
+                return;
+            }
+            relay(tcp, client, l).await;
+        }
+        Err(why) => refuse(&l.shared, &tcp, client, "not_tls", &why),
+    }
+}
+
+/// Relays the connection to the listener's service as the gateway.
+async fn relay(tcp: TcpStream, client: SocketAddr, l: &Listening) {
+    let Some(name) = &l.gl.listener.service else {
+        return; // validation requires it for tls and tcp listeners
+    };
+    let gateway = &l.gl.gateway;
+    let service = ServiceKey::new(gateway.namespace.clone(), name.clone());
+    tcp::serve(tcp, client, gateway, &service, &l.shared, &l.cursor).await;
+}
+
+/// The SNI of the connection's ClientHello, read without consuming it, within `limit`.
+async fn peek_sni(tcp: &TcpStream, limit: Duration) -> Result<Option<String>, String> {
+    let read = async {
+        let mut buf = vec![0u8; sni::MAX_HELLO];
+        let mut seen = 0;
+        loop {
+            let n = tcp.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            match sni::client_hello(&buf[..n]) {
+                Hello::Sni(host) => return Ok(host),
+                Hello::NotTls(why) => return Err(why.to_owned()),
+                Hello::Incomplete if n == 0 => return Err("closed before a ClientHello".to_owned()),
+                Hello::Incomplete if n == seen => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Hello::Incomplete => seen = n,
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no ClientHello within {limit:?}")))
+}
+
+/// Counts a connection the gateway refuses and resets it.
+fn refuse(
+    shared: &Shared,
+    tcp: &TcpStream,
+    client: SocketAddr,
+    reason: &'static str,
+    why: &dyn std::fmt::Display,
+) {
+    shared.metrics.reject(Direction::Inbound, reason);
+    debug!(src.addr = %client, reason, error = %why, "gateway connection refused");
+    copy::reset(tcp);
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mesh_api::ServiceKey;
-use mesh_api::policy::{Kind, ListenerProtocol, ResourceKey, Snapshot, Spec as ResourceSpec};
+use mesh_api::policy::{Kind, ResourceKey, Snapshot, Spec as ResourceSpec};
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -27,8 +27,6 @@ pub enum Status {
         revision: u64,
         /// `name (protocol, bind)` of each open listener.
         listeners: Vec<String>,
-        /// Listeners declared but not served by this meshd (with why).
-        skipped: Vec<String>,
     },
     /// The policy has no Gateway of this name: nothing is open for it.
     NotInPolicy {
@@ -44,30 +42,19 @@ pub enum Status {
     },
 }
 
-/// The listener specs of gateway `name` in `snapshot`: `None` when it has no such Gateway;
-/// otherwise those served and (name, why) for those skipped.
-pub fn specs(name: &ServiceKey, snapshot: &Snapshot) -> Option<(Vec<Spec>, Vec<String>)> {
+/// The listener specs of gateway `name` in `snapshot`; `None` when it has no such Gateway.
+pub fn specs(name: &ServiceKey, snapshot: &Snapshot) -> Option<Vec<Spec>> {
     let key = ResourceKey::new(Kind::Gateway, name.namespace.clone(), name.name.clone());
     let ResourceSpec::Gateway(gw) = &snapshot.resources.get(&key)?.spec else {
         return None;
     };
-    let mut served = Vec::new();
-    let mut skipped = Vec::new();
-    for l in &gw.listeners {
-        match l.protocol {
-            ListenerProtocol::Http | ListenerProtocol::Https => {
-                served.push(Spec::Gateway(GatewayListener {
-                    gateway: name.clone(),
-                    listener: l.clone(),
-                }))
-            }
-            p => skipped.push(format!(
-                "{} ({p}): not served by this meshd version",
-                l.name
-            )),
-        }
-    }
-    Some((served, skipped))
+    let listener = |l: &mesh_api::policy::Listener| {
+        Spec::Gateway(GatewayListener {
+            gateway: name.clone(),
+            listener: l.clone(),
+        })
+    };
+    Some(gw.listeners.iter().map(listener).collect())
 }
 
 /// Keeps the gateway listeners in step until `stop_rx` turns true (the node drains; its
@@ -146,10 +133,7 @@ async fn apply(
     stop_rx: &watch::Receiver<bool>,
 ) -> Status {
     let revision = snapshot.revision;
-    let (wanted, skipped) = specs(name, snapshot).unwrap_or_default();
-    for s in &skipped {
-        warn!(gateway = %name, listener = %s, "gateway listener skipped");
-    }
+    let wanted = specs(name, snapshot).unwrap_or_default();
     let refused = |error: String| {
         warn!(gateway = %name, revision, error = %error, "gateway listeners not updated; the ones open stay open");
         Status::Refused { revision, error }
@@ -181,7 +165,6 @@ async fn apply(
             Status::Serving {
                 revision,
                 listeners,
-                skipped,
             }
         }
         Err(e) => refused(e.to_string()),
@@ -217,10 +200,10 @@ service = "db"
 "#,
         );
         let name: ServiceKey = "shop/public".parse().unwrap();
-        let (served, skipped) = specs(&name, &snap).unwrap();
-        assert_eq!(served.len(), 1);
+        let served = specs(&name, &snap).unwrap();
+        assert_eq!(served.len(), 2);
         assert_eq!(served[0].addr(), "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(skipped, ["db (tcp): not served by this meshd version"]);
+        assert_eq!(served[1].addr(), "127.0.0.1:5432".parse().unwrap());
         assert!(matches!(&served[0], Spec::Gateway(g) if g.listener.name.as_str() == "web"));
         assert!(specs(&"shop/other".parse().unwrap(), &snap).is_none());
     }

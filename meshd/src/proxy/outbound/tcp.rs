@@ -14,14 +14,14 @@ use super::super::connect::{self, Error};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::shared::Shared;
 use super::super::{balance, breaker, copy, endpoints, observe};
-use crate::config::{Service, Upstream};
+use mesh_api::ServiceKey;
 
-/// Proxies one app connection to `upstream`.
+/// Proxies one connection of `source` (an app's, or a gateway's client's) to `service`.
 pub async fn serve(
     mut app: TcpStream,
     peer: SocketAddr,
-    source: &Service,
-    upstream: &Upstream,
+    source: &ServiceKey,
+    service: &ServiceKey,
     shared: &Shared,
     cursor: &AtomicUsize,
 ) {
@@ -33,10 +33,10 @@ pub async fn serve(
             direction: Direction::Outbound,
             started,
             src_addr: peer,
-            src_service: Some(source.key.clone()),
+            src_service: Some(source.clone()),
             src_identity: None,
             mtls: true,
-            dst_service: upstream.service.clone(),
+            dst_service: service.clone(),
             dst_addr,
             kind: observe::Kind::Tcp {
                 to_service: t.to_service,
@@ -48,7 +48,7 @@ pub async fn serve(
             error: error.unwrap_or_default(),
         }
     };
-    let dst = shared.compiled().destination(&upstream.service);
+    let dst = shared.compiled().destination(service);
     let opened = match open(shared, source, &dst, cursor).await {
         Ok(opened) => opened,
         Err(why) => {
@@ -80,7 +80,7 @@ struct Opened {
 /// not, already counted and logged.
 async fn open(
     shared: &Shared,
-    source: &Service,
+    source: &ServiceKey,
     dst: &Destination,
     cursor: &AtomicUsize,
 ) -> Result<Opened, String> {
@@ -89,7 +89,7 @@ async fn open(
         .and_then(|c| c.max_connections);
     let Some(slot) = dst.breaker.admit(max) else {
         shared.metrics.reject(Direction::Outbound, "overflow");
-        warn!(src.service = %source.key, dst.service = %dst.service, max_connections = max, "outbound connection refused: circuit breaker open");
+        warn!(src.service = %source, dst.service = %dst.service, max_connections = max, "outbound connection refused: circuit breaker open");
         return Err("circuit breaker open (max_connections)".to_owned());
     };
     match dial(shared, source, dst, cursor).await {
@@ -106,7 +106,7 @@ async fn open(
             ) {
                 shared.metrics.reject(Direction::Outbound, e.reason());
             }
-            warn!(src.service = %source.key, dst.service = %dst.service, reason = e.reason(), error = %e, "outbound connection failed");
+            warn!(src.service = %source, dst.service = %dst.service, reason = e.reason(), error = %e, "outbound connection failed");
             Err(e.to_string())
         }
     }
@@ -118,7 +118,7 @@ async fn open(
 async fn relay(
     app: &mut TcpStream,
     opened: Opened,
-    source: &Service,
+    source: &ServiceKey,
     dst: &Destination,
     shared: &Shared,
 ) -> (copy::Transferred, Option<String>) {
@@ -143,7 +143,7 @@ async fn relay(
         () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
             copy::reset(app);
             shared.metrics.reject(Direction::Outbound, super::super::tls::REASON_CERT_REVOKED);
-            warn!(src.service = %source.key, dst.service = %dst.service, dst.addr = %addr, "connection closed: the server's certificate was revoked");
+            warn!(src.service = %source, dst.service = %dst.service, dst.addr = %addr, "connection closed: the server's certificate was revoked");
             Err(std::io::Error::other("closed: the server's certificate was revoked"))
         }
     };
@@ -170,12 +170,12 @@ async fn relay(
 /// connects.
 async fn dial(
     shared: &Shared,
-    source: &Service,
+    source: &ServiceKey,
     dst: &Destination,
     cursor: &AtomicUsize,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, usize), Error> {
-    let client = (shared.tls_rx.borrow().clients.get(&source.key).cloned())
-        .ok_or_else(|| Error::NoCertificate(source.key.to_string()))?;
+    let client = (shared.tls_rx.borrow().clients.get(source).cloned())
+        .ok_or_else(|| Error::NoCertificate(source.to_string()))?;
     let cursor = cursor.fetch_add(1, Ordering::Relaxed);
     let order = connect::order(
         shared,

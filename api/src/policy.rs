@@ -131,8 +131,8 @@ pub use destination::{
     Locality, OutlierDetection, Subset,
 };
 pub use gateway::{
-    CertificateFiles, Gateway, Hostname, Listener, ListenerProtocol, Specificity, TlsTermination,
-    TlsVersion, best_match, normalize_host,
+    CertificateFiles, Gateway, Hostname, Listener, ListenerProtocol, NotAttached, Specificity,
+    TlsTermination, TlsVersion, attaches, best_match, normalize_host,
 };
 pub use rate_limit::{Limit, LimitKey, RateLimit, Unit};
 pub use revocation::{DenyList, REVOCATION_NAME, RemovedNode, Revocation, RevokedCert};

@@ -32,6 +32,9 @@ pub enum Error {
 pub enum Output {
     /// Aligned columns.
     Table,
+    /// Aligned columns with more: for Gateways, every listener and the Routes attached to it
+    /// (or why each is not). Other kinds print as `table`.
+    Wide,
     /// `[[resource]]` tables that `meshctl apply -f` accepts.
     Toml,
     /// JSON with full specs.
@@ -253,6 +256,25 @@ pub async fn get(
     });
     Ok(match output {
         Output::Table => table(&resources),
+        Output::Wide => {
+            let gateways: Vec<&pb::Resource> = (resources.iter())
+                .filter(|r| r.kind.parse::<Kind>().ok() == Some(Kind::Gateway))
+                .collect();
+            if gateways.is_empty() {
+                table(&resources)
+            } else {
+                let routes = client
+                    .get_resources(pb::GetResourcesRequest {
+                        kind: Kind::Route.to_string(),
+                        namespace: namespace.unwrap_or_default().to_owned(),
+                        name: String::new(),
+                        page_token: String::new(),
+                    })
+                    .await?
+                    .resources;
+                gateway_wide(&gateways, &routes)
+            }
+        }
         Output::Toml => toml_of(&resources),
         Output::Json => {
             let list: Vec<Value> = resources.iter().map(json_of).collect();
@@ -288,7 +310,7 @@ pub async fn history(
     }
     Ok(match output {
         Output::Json => pretty(&Value::Array(history_json(&resp.versions))),
-        Output::Table | Output::Toml => history_table(&resp.versions),
+        Output::Table | Output::Wide | Output::Toml => history_table(&resp.versions),
     })
 }
 
@@ -341,6 +363,88 @@ pub fn table(resources: &[pb::Resource]) -> String {
         .collect();
     crate::columns(
         &["KIND", "NAMESPACE", "NAME", "REVISION", "AUTHOR", "UPDATED"],
+        &rows,
+    )
+}
+
+/// One row per gateway listener and attached Route: whether the Route attaches to the listener,
+/// or why not (a Route that attaches silently, or never, is what Consul users trip on).
+pub fn gateway_wide(gateways: &[&pb::Resource], routes: &[pb::Resource]) -> String {
+    use mesh_api::policy::{ListenerProtocol, Resource, Spec, attaches};
+    let decode =
+        |r: &pb::Resource| Resource::from_json(&r.kind, &r.namespace, &r.name, &r.spec_json).ok();
+    let routes: Vec<Resource> = routes.iter().filter_map(decode).collect();
+    let mut rows = Vec::new();
+    for g in gateways {
+        let Some(Resource {
+            key,
+            spec: Spec::Gateway(gw),
+            ..
+        }) = decode(g)
+        else {
+            continue;
+        };
+        let attached: Vec<(&Resource, &mesh_api::policy::Route)> = (routes.iter())
+            .filter_map(|r| match &r.spec {
+                Spec::Route(route)
+                    if r.key.namespace == key.namespace
+                        && route.gateways.iter().any(|n| *n == key.name) =>
+                {
+                    Some((r, route))
+                }
+                _ => None,
+            })
+            .collect();
+        for l in &gw.listeners {
+            let hosts = if l.hostnames.is_empty() {
+                "*".to_owned()
+            } else {
+                l.hostnames
+                    .iter()
+                    .map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let mut row = |route: String, status: String| {
+                rows.push(vec![
+                    format!("{}/{}", key.namespace, key.name),
+                    l.name.to_string(),
+                    l.protocol.to_string(),
+                    l.bind.to_string(),
+                    hosts.clone(),
+                    route,
+                    status,
+                ]);
+            };
+            match (l.protocol, &l.service) {
+                (ListenerProtocol::Tls | ListenerProtocol::Tcp, Some(svc)) => {
+                    row(format!("service {svc}"), "-".to_owned());
+                }
+                _ if attached.is_empty() => {
+                    row("-".to_owned(), "no Route names this gateway".to_owned())
+                }
+                _ => {
+                    for (r, route) in &attached {
+                        let status = match attaches(&route.hostnames, l) {
+                            Ok(()) => "attached".to_owned(),
+                            Err(why) => format!("not attached: {why}"),
+                        };
+                        row(r.key.name.to_string(), status);
+                    }
+                }
+            }
+        }
+    }
+    crate::columns(
+        &[
+            "GATEWAY",
+            "LISTENER",
+            "PROTOCOL",
+            "BIND",
+            "HOSTNAMES",
+            "ROUTE",
+            "STATUS",
+        ],
         &rows,
     )
 }

@@ -172,6 +172,27 @@ async fn an_ingress_gateway_routes_outside_requests_into_the_mesh() {
     })
     .await;
 
+    // meshctl says which Route attaches to which listener, and why not.
+    let wide = cluster
+        .registry
+        .meshctl_ok(&["get", "gateway", "public", "-o", "wide"])
+        .unwrap();
+    let line = |listener: &str| {
+        wide.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(listener))
+            .unwrap_or_else(|| panic!("no {listener} row in\n{wide}"))
+            .to_owned()
+    };
+    assert!(
+        line("web").contains("edge") && line("web").ends_with("attached"),
+        "{wide}"
+    );
+    assert!(
+        line("redirect")
+            .contains("not attached: listener redirect redirects every request to https"),
+        "{wide}"
+    );
+
     // Path routing, edge headers and the gateway's identity at the app.
     let url = format!("http://{http}/api/orders?x=1");
     let resp = curl(&["-H", "Host: shop.example.com", &url]);

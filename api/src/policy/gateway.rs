@@ -183,6 +183,72 @@ pub fn normalize_host(raw: &str) -> Option<String> {
     NodeName::new(&host).ok().map(|_| host)
 }
 
+/// Why a Route does not attach to a listener.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAttached {
+    /// Only `http` and `https` listeners route requests.
+    #[error("listener {listener} is {protocol}; Routes attach to http and https listeners only")]
+    NotHttp {
+        /// The listener's name.
+        listener: String,
+        /// Its protocol.
+        protocol: ListenerProtocol,
+    },
+    /// None of the Route's host names overlaps the listener's.
+    #[error(
+        "no host name of the route ({route}) overlaps listener {listener}'s ({listener_hosts})"
+    )]
+    NoCommonHost {
+        /// The listener's name.
+        listener: String,
+        /// The Route's names, comma-separated.
+        route: String,
+        /// The listener's names, comma-separated.
+        listener_hosts: String,
+    },
+    /// `http` listeners that redirect to https route nothing.
+    #[error("listener {listener} redirects every request to https; attach to the https listener")]
+    Redirects {
+        /// The listener's name.
+        listener: String,
+    },
+}
+
+/// Whether a Route with `route_hosts` attaches to `listener`.
+pub fn attaches(route_hosts: &[Hostname], listener: &Listener) -> Result<(), NotAttached> {
+    let name = || listener.name.to_string();
+    if !matches!(
+        listener.protocol,
+        ListenerProtocol::Http | ListenerProtocol::Https
+    ) {
+        return Err(NotAttached::NotHttp {
+            listener: name(),
+            protocol: listener.protocol,
+        });
+    }
+    if listener.redirect_to_https_port.is_some() {
+        return Err(NotAttached::Redirects { listener: name() });
+    }
+    let overlap = route_hosts.is_empty()
+        || listener.hostnames.is_empty()
+        || (route_hosts.iter())
+            .any(|r| (listener.hostnames.iter()).any(|l| r.within(l) || l.within(r)));
+    if overlap {
+        return Ok(());
+    }
+    let list = |hs: &[Hostname]| {
+        hs.iter()
+            .map(Hostname::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(NotAttached::NoCommonHost {
+        listener: name(),
+        route: list(route_hosts),
+        listener_hosts: list(&listener.hostnames),
+    })
+}
+
 // === decoding ===
 
 pub(crate) fn gateway(map: &Map<String, Value>, cx: &mut Cx) -> Option<Gateway> {

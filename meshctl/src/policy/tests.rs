@@ -241,3 +241,89 @@ fn kind_arguments() {
         "{e}"
     );
 }
+
+#[test]
+fn wide_gateways_say_which_routes_attach_and_why_not() {
+    let stored = stored(
+        r#"
+[[resource]]
+kind = "Gateway"
+name = "public"
+[[resource.listeners]]
+name = "web"
+bind = "0.0.0.0:443"
+protocol = "https"
+hostnames = ["*.example.com"]
+tls = { certificates = [{ cert_file = "/a.crt", key_file = "/a.key" }] }
+[[resource.listeners]]
+name = "db"
+bind = "0.0.0.0:5432"
+protocol = "tcp"
+service = "db"
+
+[[resource]]
+kind = "Route"
+name = "shop"
+gateways = ["public"]
+hostnames = ["shop.example.com"]
+[[resource.http]]
+route = [{ service = "web" }]
+
+[[resource]]
+kind = "Route"
+name = "stray"
+gateways = ["public"]
+hostnames = ["shop.example.org"]
+[[resource.http]]
+route = [{ service = "web" }]
+
+[[resource]]
+kind = "Route"
+name = "other-gateway"
+gateways = ["private"]
+[[resource.http]]
+route = [{ service = "web" }]
+"#,
+        4,
+    );
+    let (gateways, routes): (Vec<_>, Vec<_>) =
+        stored.into_iter().partition(|r| r.kind == "Gateway");
+    let refs: Vec<&pb::Resource> = gateways.iter().collect();
+    let out = gateway_wide(&refs, &routes);
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0][..7],
+        [
+            "GATEWAY",
+            "LISTENER",
+            "PROTOCOL",
+            "BIND",
+            "HOSTNAMES",
+            "ROUTE",
+            "STATUS"
+        ]
+    );
+    let row = |listener: &str, route: &str| {
+        out.lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&listener) && f.get(5) == Some(&route)
+            })
+            .unwrap_or_else(|| panic!("no row {listener} {route} in\n{out}"))
+            .to_owned()
+    };
+    assert!(row("web", "shop").ends_with("attached"), "{out}");
+    assert!(
+        row("web", "stray").contains("not attached: no host name of the route (shop.example.org) overlaps listener web's (*.example.com)"),
+        "{out}"
+    );
+    assert!(!out.contains("other-gateway"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("db") && l.contains("service db")),
+        "{out}"
+    );
+}

@@ -16,10 +16,20 @@ fuzz_target!(|data: &[u8]| {
         assert!(*len <= data.len() && *len >= 15);
         let mut more = data[..*len].to_vec();
         more.extend_from_slice(b"GET / HTTP/1.1\r\n");
-        assert_eq!(parse(&more), Header::Parsed { len: *len, source: *source });
+        assert_eq!(
+            parse(&more),
+            Header::Parsed {
+                len: *len,
+                source: *source
+            }
+        );
         for cut in 1..*len {
             let part = parse(&data[..cut]);
-            assert_eq!(part, Header::Incomplete, "prefix {cut} of a {len}-byte header");
+            assert_eq!(
+                part,
+                Header::Incomplete,
+                "prefix {cut} of a {len}-byte header"
+            );
         }
     }
 });

@@ -19,10 +19,17 @@ fuzz_target!(|data: &[u8]| {
     if got != Hello::Incomplete {
         let mut more = data.to_vec();
         more.extend_from_slice(b"\x17\x03\x03\x00\x01x");
-        assert_eq!(client_hello(&more), got, "trailing bytes changed the answer");
+        assert_eq!(
+            client_hello(&more),
+            got,
+            "trailing bytes changed the answer"
+        );
     }
     for cut in [data.len() / 2, data.len().saturating_sub(1)] {
         let part = client_hello(&data[..cut]);
-        assert!(part == Hello::Incomplete || part == got || matches!(part, Hello::NotTls(_)), "{part:?} vs {got:?}");
+        assert!(
+            part == Hello::Incomplete || part == got || matches!(part, Hello::NotTls(_)),
+            "{part:?} vs {got:?}"
+        );
     }
 });

@@ -22,6 +22,11 @@
 #                         http-base:     as http, run from the binary BASE_MESHD (A/B of a change
 #                                        in one run: build the baseline, copy it aside, rebuild)
 #                         http-alt:      as http-base, from ALT_MESHD (a third binary in the run)
+#                         ingress:       an HTTPS ingress gateway meshd (certificate from a file,
+#                                        TLS 1.3) in front of the http server-side meshd; adds the
+#                                        targets meshd-ingress, haproxy-ingress and nginx-ingress
+#                                        (HAProxy and nginx terminating the same HTTPS in front of
+#                                        their mTLS pairs), all measured over https
 #   BASE_MESHD            meshd binary of the http-base variant (its file name must be meshd)
 #   ALT_MESHD             meshd binary of the http-alt variant (its file name must be meshd)
 #   MESHD_BIN [target/release/meshd]
@@ -117,12 +122,13 @@ command -v curl >/dev/null || die "curl not found (peers.sh start installs it)"
 # Not the 127.0.0.2/.3 and :17700 of the getting-started example, so a dev mesh can keep running.
 declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16
   [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22 [http-base]=127.0.0.24
-  [http-alt]=127.0.0.26)
+  [http-alt]=127.0.0.26 [ingress]=127.0.0.28)
 declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17
   [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23 [http-base]=127.0.0.25
-  [http-alt]=127.0.0.27)
+  [http-alt]=127.0.0.27 [ingress]=127.0.0.29)
+# For ingress: the gateway's https listener.
 declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006 [http-quiet]=18007
-  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010 [http-alt]=18011)
+  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010 [http-alt]=18011 [ingress]=18012)
 # Observability settings of each variant (appended to its nodes' meshd.toml).
 OTLP=127.0.0.1:17712
 declare -A OBSERVE=(
@@ -146,7 +152,7 @@ wait_for() { # description, command...: retries until success or READY_TIMEOUT
 
 for a in $REG_LISTEN $REG_ADMIN; do ! port_busy "${a%:*}" "${a#*:}" || die "$a is in use (a previous run still alive?)"; done
 for v in $MESHD_VARIANTS; do
-  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base, http-alt)"
+  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base, http-alt, ingress)"
   if [ "$v" = http-base ]; then
     [ -x "${BASE_MESHD:-}" ] || die "MESHD_VARIANTS has http-base: set BASE_MESHD to an executable meshd binary"
   fi
@@ -169,7 +175,7 @@ wait_for "the registry (http://$REG_ADMIN/ready)" curl -fsS "http://$REG_ADMIN/r
 
 token() { "$BIN/meshctl" --credentials "$TMP/registry/admin" token create --services "$1" 2>>"$TMP/meshctl.log"; }
 
-start_node() { # variant name ip gossip-seed-ip service-file-body
+start_node() { # variant name ip gossip-seed-ip service-file-body [token-services [meshd.toml lines]]
   local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2" bin=${MESHD_BIN:-$BIN/meshd}
   [ "$v" = http-base ] && bin=$BASE_MESHD
   [ "$v" = http-alt ] && bin=$ALT_MESHD
@@ -190,10 +196,13 @@ bind = "$ip:15008"
 [admin]
 bind = "$ip:15000"
 ${OBSERVE[$v]:-}
+${7:-}
 EOF
-  printf '%s\n' "$svc" >"$dir/services.d/svc.toml"
-  local svc_name
-  svc_name=$(sed -n 's/^name = "\(.*\)"/\1/p' <<<"$svc")
+  local svc_name=${6:-}
+  if [ -n "$svc" ]; then
+    printf '%s\n' "$svc" >"$dir/services.d/svc.toml"
+    svc_name=$(sed -n 's/^name = "\(.*\)"/\1/p' <<<"$svc")
+  fi
   token "$svc_name" >"$dir/token" || die "meshctl token create --services $svc_name failed"
   if [ "$v" != default ]; then
     local cpu=$PIN_CLIENT; [[ $name == server-* ]] && cpu=$PIN_SERVER
@@ -211,40 +220,107 @@ if [[ " $MESHD_VARIANTS " == *" http-trace"* ]]; then
   OUR_PIDS+=($OTLP_PID)
 fi
 for v in $MESHD_VARIANTS; do
-  proto=tcp; [[ $v == http* ]] && proto=http
+  proto=tcp; [[ $v == http* || $v == ingress ]] && proto=http
   start_node "$v" "server-$v" "${SERVER_IP[$v]}" "${CLIENT_IP[$v]}" "name = \"backend-$v\"
 address = \"127.0.0.1:18080\"
 protocol = \"$proto\""
+  if [ "$v" = ingress ]; then
+    start_node "$v" "client-$v" "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}" "" edge \
+      $'[gateway]\nnames = ["default/edge"]'
+    continue
+  fi
   start_node "$v" "client-$v" "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}" "name = \"bench-client-$v\"
 address = \"127.0.0.1:18999\"
 [[upstreams]]
 service = \"backend-$v\"
 bind = \"127.0.0.1:${UP_PORT[$v]}\""
 done
-e2e_ok() { [ "$(curl -s -o /dev/null -w '%{http_code}:%{size_download}' "http://127.0.0.1:$1/1k")" = "200:$BODY_LEN" ]; }
+
+# --- HTTPS ingress: meshd's gateway, and HAProxy and nginx terminating the same TLS ----------
+declare -A SCHEME=()
+EDGE_NAME=edge.bench
+if [[ " $MESHD_VARIANTS " == *" ingress "* ]]; then
+  # A server certificate for the edge from the peers' CA (throwaway, like theirs).
+  openssl ecparam -name prime256v1 -genkey -noout -out "$TMP/edge.key" 2>/dev/null
+  openssl req -new -key "$TMP/edge.key" -subj "/CN=$EDGE_NAME" -out "$TMP/edge.csr" 2>/dev/null
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:%s\n' \
+    "$EDGE_NAME" >"$TMP/edge.ext"
+  openssl x509 -req -in "$TMP/edge.csr" -CA "$RUN/certs/ca.crt" -CAkey "$RUN/certs/ca.key" -CAcreateserial \
+    -days 2 -sha256 -extfile "$TMP/edge.ext" -out "$TMP/edge.crt" 2>/dev/null || die "cannot issue the edge certificate"
+  cat "$TMP/edge.crt" "$TMP/edge.key" >"$TMP/edge.pem"
+  cat >"$TMP/ingress.toml" <<EOF
+[[resource]]
+kind = "Gateway"
+name = "edge"
+[[resource.listeners]]
+name = "https"
+bind = "127.0.0.1:${UP_PORT[ingress]}"
+protocol = "https"
+tls = { certificates = [{ cert_file = "$TMP/edge.crt", key_file = "$TMP/edge.key" }], min_version = "1.3" }
+[[resource]]
+kind = "Route"
+name = "edge"
+gateways = ["edge"]
+[[resource.http]]
+route = [{ service = "backend-ingress" }]
+EOF
+  "$BIN/meshctl" --credentials "$TMP/registry/admin" apply -f "$TMP/ingress.toml" >>"$TMP/meshctl.log" 2>&1 ||
+    die "applying the ingress Gateway failed: $(tail -n 3 "$TMP/meshctl.log")"
+  # The peers' client-side configs with the plain listener swapped for the same HTTPS one.
+  sed -e "s#bind 127.0.0.1:18001 backlog 4096#bind 127.0.0.1:18021 backlog 4096 ssl crt $TMP/edge.pem alpn http/1.1 ssl-min-ver TLSv1.3#" \
+    -e "s#pidfile .*#pidfile $TMP/haproxy-ingress.pid#" "$RUN/conf/haproxy-client.cfg" >"$TMP/haproxy-ingress.cfg"
+  sed -e "s#listen 127.0.0.1:18002 backlog=4096;#listen 127.0.0.1:18022 ssl backlog=4096; ssl_certificate $TMP/edge.crt; ssl_certificate_key $TMP/edge.key; ssl_protocols TLSv1.3;#" \
+    -e "s#^pid .*#pid $TMP/nginx-ingress.pid;#" -e "s#error_log .*#error_log $TMP/nginx-ingress.err warn;#" \
+    "$RUN/conf/nginx-client.conf" >"$TMP/nginx-ingress.conf"
+  grep -q 18021 "$TMP/haproxy-ingress.cfg" && grep -q 18022 "$TMP/nginx-ingress.conf" ||
+    die "the peers' client configs changed shape; update the ingress sed lines in bench/run.sh"
+  haproxy -D -q -f "$TMP/haproxy-ingress.cfg" || die "haproxy-ingress failed to start"
+  nginx -c "$TMP/nginx-ingress.conf" -p "$TMP/" -e "$TMP/nginx-ingress.err" || die "nginx-ingress failed to start"
+  sleep 0.3
+  OUR_PIDS+=("$(cat "$TMP/haproxy-ingress.pid")" "$(cat "$TMP/nginx-ingress.pid")")
+  SCHEME=([meshd-ingress]=https [haproxy-ingress]=https [nginx-ingress]=https)
+fi
+e2e_ok() { # port [target]: GET /1k answers 200 with the whole body
+  local t=${2:-} args=()
+  if [ "${SCHEME[$t]:-http}" = https ]; then
+    args=(--cacert "$RUN/certs/ca.crt" --resolve "$EDGE_NAME:$1:127.0.0.1" "https://$EDGE_NAME:$1/1k")
+  else
+    args=("http://127.0.0.1:$1/1k")
+  fi
+  [ "$(curl -s -o /dev/null -w '%{http_code}:%{size_download}' "${args[@]}")" = "200:$BODY_LEN" ]
+}
 for v in $MESHD_VARIANTS; do
   for ip in "${CLIENT_IP[$v]}" "${SERVER_IP[$v]}"; do
     wait_for "meshd at $ip to be ready (http://$ip:15000/ready)" curl -fsS "http://$ip:15000/ready"
   done
   wait_for "gossip to show backend-$v to client-$v" \
     bash -c "curl -fsS http://${CLIENT_IP[$v]}:15000/members | grep -q 'backend-$v\"'"
-  wait_for "GET /1k through meshd ($v, 127.0.0.1:${UP_PORT[$v]})" e2e_ok "${UP_PORT[$v]}"
+  wait_for "GET /1k through meshd ($v, 127.0.0.1:${UP_PORT[$v]})" e2e_ok "${UP_PORT[$v]}" "meshd-$v"
   for p in ${MESHD_PIDS[$v]}; do
     [ "$(cat "/proc/$p/comm" 2>/dev/null)" = meshd ] || die "pid $p is not meshd (taskset/env did not exec?)"
   done
 done
 
 # --- targets ---------------------------------------------------------------------------------
-declare -A PORT=([direct]=18080 [haproxy]=18001 [nginx]=18002 [haproxy-l4]=18003)
+declare -A PORT=([direct]=18080 [haproxy]=18001 [nginx]=18002 [haproxy-l4]=18003
+  [haproxy-ingress]=18021 [nginx-ingress]=18022)
 DEFAULT_TARGETS="direct"
 for v in $MESHD_VARIANTS; do PORT[meshd-$v]=${UP_PORT[$v]}; DEFAULT_TARGETS+=" meshd-$v"; done
 DEFAULT_TARGETS+=" haproxy nginx haproxy-l4"
+if [[ " $MESHD_VARIANTS " == *" ingress "* ]]; then
+  DEFAULT_TARGETS+=" haproxy-ingress nginx-ingress"
+  for t in haproxy-ingress nginx-ingress; do wait_for "GET /1k through $t" e2e_ok "${PORT[$t]}" "$t"; done
+fi
 TARGETS=${TARGETS:-$DEFAULT_TARGETS}
 for t in $TARGETS; do [ -n "${PORT[$t]:-}" ] || die "unknown target '$t' (known: $DEFAULT_TARGETS)"; done
 
 pids_of() { # the processes whose CPU and memory a target is charged with
   case $1 in
     meshd-*) echo ${MESHD_PIDS[${1#meshd-}]} ;;
+    # The HTTPS front and the peer's own server side (the one its mTLS pair uses).
+    haproxy-ingress) cat "$TMP/haproxy-ingress.pid" "$RUN/haproxy-server.pid" ;;
+    nginx-ingress)
+      for p in "$(cat "$TMP/nginx-ingress.pid")" "$(cat "$RUN/nginx-server.pid")"; do echo "$p"; pgrep -P "$p"; done ;;
     *) bash "$PEERS" pids "$1" ;;
   esac
 }
@@ -273,12 +349,15 @@ measure() { # round target
   known=$(echo $pids $BACKEND_PIDS | tr ' ' '\n' | sort -u | tr '\n' ' ')
   m0=$(machine_busy); s0=$(self_ticks); k0=$(cpu_ticks $known); w0=$EPOCHREALTIME
   c0=$(cpu_ticks $pids)
-  out=$(wrk -t1 -c32 -d"$DURATION" "http://127.0.0.1:$port/1k") || die "wrk failed on $t"
+  # wrk verifies no certificate; for HTTPS targets it connects to the loopback address.
+  out=$(wrk -t1 -c32 -d"$DURATION" "${SCHEME[$t]:-http}://127.0.0.1:$port/1k") || die "wrk failed on $t"
   c1=$(cpu_ticks $pids)
   rss=$(rss_kb $pids)
   sleep 0.2   # let the closed wrk connections drain through the proxies
+  local tls=()
+  [ "${SCHEME[$t]:-http}" = https ] && tls=(--tls-ca "$RUN/certs/ca.crt" --tls-name "$EDGE_NAME")
   lat=$("$BIN/mesh-bench" --addr "127.0.0.1:$port" --path /1k --rate "$RATE" --connections "$LAT_CONNS" \
-    --duration "$LAT_DURATION" --expect-len $BODY_LEN) || die "mesh-bench failed on $t"
+    --duration "$LAT_DURATION" --expect-len $BODY_LEN "${tls[@]}") || die "mesh-bench failed on $t"
   # CPU used during both runs by anything other than this script, its children, the target and
   # the backend: the shared machine's background noise, in average vCPUs.
   other=$(awk -v m=$(($(machine_busy) - m0)) -v s=$(($(self_ticks) - s0)) -v k=$(($(cpu_ticks $known) - k0)) \

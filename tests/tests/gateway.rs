@@ -426,6 +426,7 @@ async fn https_ingress_terminates_tls_from_files_and_reloads_them_without_failin
     }
     let https = SocketAddr::new(gw_ip.into(), 18443);
     let strict = SocketAddr::new(gw_ip.into(), 18444);
+    let clients = SocketAddr::new(gw_ip.into(), 18448);
     let certs = |shop_crt: &std::path::Path| {
         format!(
             "[{{ cert_file = {:?}, key_file = {:?} }}, {{ cert_file = {:?}, key_file = {:?} }}]",
@@ -451,6 +452,11 @@ name = "strict"
 bind = "{strict}"
 protocol = "https"
 tls = {{ certificates = {certs}, min_version = "1.3" }}
+[[resource.listeners]]
+name = "clients"
+bind = "{clients}"
+protocol = "https"
+tls = {{ certificates = {certs}, client_ca_file = {ca_file:?} }}
 
 [[resource]]
 kind = "Route"
@@ -469,7 +475,7 @@ route = [{{ service = "api" }}]
     gw_node.wait_policy_revision(rev).await.unwrap();
     let admin = gw_node.admin.to_string();
     gateways_until(&admin, "https listeners open", |b| {
-        b.contains("edge (https") && b.contains("strict (https")
+        b.contains("clients (https") && b.contains("edge (https") && b.contains("strict (https")
     })
     .await;
 
@@ -495,6 +501,40 @@ route = [{{ service = "api" }}]
     assert_ne!(
         code, 0,
         "TLS 1.2 must be refused by a 1.3-only listener: {err}"
+    );
+
+    // Client certificates: required where a CA file is set, and only that CA's.
+    let (client_cert, client_key) = ca.leaf(&["client.example.com"], "client");
+    let (stranger_cert, stranger_key) = TestCa::new().leaf(&["client.example.com"], "stranger");
+    for (name, text) in [
+        ("client.crt", &client_cert),
+        ("client.key", &client_key),
+        ("stranger.crt", &stranger_cert),
+        ("stranger.key", &stranger_key),
+    ] {
+        std::fs::write(file(name), text).unwrap();
+    }
+    let with = |c: &str, k: &str| {
+        let (c, k) = (file(c), file(k));
+        curl_tls(
+            &ca_file,
+            "shop.example.com",
+            clients,
+            "/x",
+            &["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()],
+        )
+    };
+    let (code, out, err) = with("client.crt", "client.key");
+    assert_eq!((code, status(&out)), (0, 200), "{err}");
+    assert_ne!(
+        with("stranger.crt", "stranger.key").0,
+        0,
+        "a client certificate from another CA"
+    );
+    assert_ne!(
+        curl_tls(&ca_file, "shop.example.com", clients, "/x", &[]).0,
+        0,
+        "no client certificate"
     );
 
     // Renewal on disk under steady traffic: new connections throughout, none may fail.

@@ -1,9 +1,53 @@
-//! One HTTP/1.1 keep-alive client connection on a blocking socket: sends a GET, reads exactly
-//! one response (Content-Length bodies only) and checks its status and length.
+//! One HTTP/1.1 keep-alive client connection on a blocking socket (plaintext, or TLS for an
+//! HTTPS target): sends a GET, reads exactly one response (Content-Length bodies only) and
+//! checks its status and length.
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use rustls_pki_types::ServerName;
+
+/// TLS towards an HTTPS target: the client settings and the name sent as SNI (and checked).
+#[derive(Clone)]
+pub struct Tls {
+    /// Trusts the target's CA.
+    pub config: Arc<ClientConfig>,
+    /// SNI and the name the certificate must carry.
+    pub name: ServerName<'static>,
+}
+
+/// The socket, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
 
 /// Largest response head accepted before giving up on a response.
 const MAX_HEAD: usize = 16 * 1024;
@@ -35,7 +79,7 @@ pub enum Error {
 
 /// A keep-alive connection to the target.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     request: Vec<u8>,
     buf: Vec<u8>,
     /// The server asked to close after the last response; reconnect before the next one.
@@ -43,14 +87,32 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects and prepares the request for `path`.
-    pub fn connect(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Self, Error> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
+    /// Connects (and with `tls`, handshakes) and prepares the request for `path`.
+    pub fn connect(
+        addr: SocketAddr,
+        path: &str,
+        timeout: Duration,
+        tls: Option<&Tls>,
+    ) -> Result<Self, Error> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
+        let (stream, host) = match tls {
+            None => (Stream::Plain(tcp), addr.to_string()),
+            Some(t) => {
+                let conn = ClientConnection::new(t.config.clone(), t.name.clone())
+                    .map_err(std::io::Error::other)?;
+                let mut s = StreamOwned::new(conn, tcp);
+                // Handshake now, so the measured requests do not pay for it.
+                while s.conn.is_handshaking() {
+                    s.conn.complete_io(&mut s.sock)?;
+                }
+                (Stream::Tls(Box::new(s)), t.name.to_str().into_owned())
+            }
+        };
         let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-bench\r\n\r\n");
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: mesh-bench\r\n\r\n");
         Ok(Self {
             stream,
             request: request.into_bytes(),

@@ -46,6 +46,12 @@ struct Args {
     /// setup behind the target (e.g. a proxy's upstream TLS handshake) is not measured.
     #[arg(long, default_value_t = 1)]
     prime: u32,
+    /// HTTPS: the CA (PEM) that issued the target's certificate; TLS is used when given.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// HTTPS: the name sent as SNI and checked against the certificate (also the Host).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
     /// Busy-wait this long before each send instead of sleeping, to hit the send time precisely.
     #[arg(long, default_value = "50us", value_parser = humantime::parse_duration)]
     spin: Duration,
@@ -114,6 +120,26 @@ struct Plan<'a> {
     end: Instant,
     /// Requests still unsent at this point are abandoned and counted as `unsent`.
     give_up: Instant,
+    /// TLS towards an HTTPS target.
+    tls: Option<conn::Tls>,
+}
+
+/// The TLS settings of `--tls-ca`, if given.
+fn tls(args: &Args) -> anyhow::Result<Option<conn::Tls>> {
+    let Some(path) = &args.tls_ca else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let roots = mesh_runtime::tls::root_store(&pem)?;
+    let config = rustls::ClientConfig::builder_with_provider(mesh_runtime::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(args.tls_name.clone())?;
+    Ok(Some(conn::Tls {
+        config: std::sync::Arc::new(config),
+        name,
+    }))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,9 +152,10 @@ fn main() -> anyhow::Result<()> {
     // makes sleeps wake on time. Best effort (needs Linux >= 4.6).
     let _ = std::fs::write("/proc/self/timerslack_ns", "1");
 
+    let tls = tls(&args)?;
     let mut conns = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        let mut c = conn::Conn::connect(args.addr, &args.path, args.timeout)
+        let mut c = conn::Conn::connect(args.addr, &args.path, args.timeout, tls.as_ref())
             .with_context(|| format!("connecting to {}", args.addr))?;
         for _ in 0..args.prime {
             c.exchange(args.expect_len)
@@ -146,6 +173,7 @@ fn main() -> anyhow::Result<()> {
         record_from,
         end,
         give_up: end + args.timeout,
+        tls,
     };
 
     let mut total = Tally::new()?;
@@ -218,7 +246,7 @@ fn worker(plan: &Plan<'_>, idx: usize, mut conn: conn::Conn) -> anyhow::Result<T
         }
         wait_until(intended, args.spin);
         if !healthy || conn.closing {
-            match conn::Conn::connect(args.addr, &args.path, args.timeout) {
+            match conn::Conn::connect(args.addr, &args.path, args.timeout, plan.tls.as_ref()) {
                 Ok(c) => {
                     conn = c;
                     healthy = true;

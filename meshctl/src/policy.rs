@@ -387,8 +387,7 @@ pub fn gateway_wide(gateways: &[&pb::Resource], routes: &[pb::Resource]) -> Stri
         let attached: Vec<(&Resource, &mesh_api::policy::Route)> = (routes.iter())
             .filter_map(|r| match &r.spec {
                 Spec::Route(route)
-                    if r.key.namespace == key.namespace
-                        && route.gateways.iter().any(|n| *n == key.name) =>
+                    if r.key.namespace == key.namespace && route.gateways.contains(&key.name) =>
                 {
                     Some((r, route))
                 }

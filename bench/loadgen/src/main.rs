@@ -129,7 +129,8 @@ fn tls(args: &Args) -> anyhow::Result<Option<conn::Tls>> {
     let Some(path) = &args.tls_ca else {
         return Ok(None);
     };
-    let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let roots = mesh_runtime::tls::root_store(&pem)?;
     let config = rustls::ClientConfig::builder_with_provider(mesh_runtime::tls::provider())
         .with_safe_default_protocol_versions()?

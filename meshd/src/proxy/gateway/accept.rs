@@ -12,6 +12,7 @@ use std::time::Duration;
 use mesh_api::ServiceKey;
 use mesh_api::policy::{ListenerProtocol, best_match};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use super::super::accept::{Stops, accept_loop};
@@ -51,6 +52,10 @@ pub async fn serve(socket: Arc<TcpListener>, gl: GatewayListener, shared: Shared
         None => None,
     };
     let drain = shared.drain.clone();
+    // Each listener takes at most as many connections as the host's inbound listener
+    // (`inbound.max_connections`): beyond it, new clients are reset and counted, not queued.
+    let limit = shared.config().inbound.max_connections;
+    let permits = Arc::new(Semaphore::new(limit));
     let listening = Arc::new(Listening {
         gl: Arc::new(gl),
         shared,
@@ -58,7 +63,16 @@ pub async fn serve(socket: Arc<TcpListener>, gl: GatewayListener, shared: Shared
         term,
     });
     accept_loop(socket, "gateway", drain, stops, |tcp, peer: SocketAddr| {
-        let task: Task = Box::pin(connection(listening.clone(), tcp, peer));
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let why = format!("connection limit ({limit}) reached");
+            refuse(&listening.shared, &tcp, peer, "max_connections", &why);
+            return None;
+        };
+        let listening = listening.clone();
+        let task: Task = Box::pin(async move {
+            let _permit = permit;
+            connection(listening, tcp, peer).await;
+        });
         Some(task)
     })
     .await;

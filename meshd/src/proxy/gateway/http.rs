@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::ServiceKey;
 use mesh_api::policy::{HttpRoute, normalize_host};
 use tokio::net::TcpStream;
@@ -23,7 +23,8 @@ use tracing::debug;
 
 use super::super::compiled::Destination;
 use super::super::http::{
-    Body, bad_path, empty, end_span, grpc_status, mesh_response, normalize_path,
+    Body, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, bad_path, empty, end_span, grpc_status,
+    mesh_response, normalize_path,
 };
 use super::super::metrics::Direction;
 use super::super::outbound::http::{fault, to_mesh_request};
@@ -116,7 +117,16 @@ pub async fn serve_io<I>(
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Clients from outside: one that trickles its request head (or goes silent) is cut off by
+    // hyper's header read timeout (30 s), and idle HTTP/2 peers by keep-alive; both need a
+    // timer, without which they never fire.
+    builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     tokio::select! {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profile-guided optimisation of meshd: builds an instrumented meshd, runs the benchmark's
-# workload through it (bench/run.sh HOLD=1 with MESHD_BIN: the L4 pair and the L7 pair under
-# wrk and mesh-bench), merges the profile with the toolchain's own llvm-profdata (rustup
+# workload through it (bench/run.sh HOLD=1 with MESHD_BIN: the L4 pair, the L7 pair and the
+# HTTPS ingress gateway under wrk and mesh-bench), merges the profile with the toolchain's own llvm-profdata (rustup
 # component llvm-tools: the same LLVM as rustc) into packaging/pgo/meshd.profdata (committed:
 # packaging/build.sh builds the shipped meshd with it), and builds target/pgo/bin/meshd with it
 # for bench/run.sh (MESHD_BIN). Rerun it when the request path changed much: functions changed
@@ -42,8 +42,8 @@ cargo build --release -q -p mesh-registry -p meshctl -p mesh-bench || die "relea
 
 log "running the workload through the instrumented meshd"
 HOLD_LOG="$PGO_DIR/hold.log"
-MESHD_BIN="$PGO_DIR/target/release/meshd" MESHD_VARIANTS="pinned http" \
-  TARGETS="meshd-pinned meshd-http" HOLD=1 bench/run.sh >"$HOLD_LOG" 2>&1 &
+MESHD_BIN="$PGO_DIR/target/release/meshd" MESHD_VARIANTS="pinned http ingress" \
+  TARGETS="meshd-pinned meshd-http meshd-ingress" HOLD=1 bench/run.sh >"$HOLD_LOG" 2>&1 &
 HOLD_PID=$!
 trap 'kill $HOLD_PID 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
@@ -53,10 +53,14 @@ for _ in $(seq 120); do
 done
 grep -q "HOLD=1: everything is up" "$HOLD_LOG" || die "the benchmark mesh did not come up: $(tail -5 "$HOLD_LOG")"
 pids=$(sed -n 's/.*meshd-.*pids: //p' "$HOLD_LOG" | tr '\n' ' ')
-for port in 18004 18006; do
-  wrk -t1 -c32 -d"$LOAD" "http://127.0.0.1:$port/1k" >/dev/null || die "wrk on :$port failed"
+# The L4 pair, the L7 pair and the HTTPS ingress gateway (bench/run.sh's ports and certificates).
+peer_ca="${RUN:-${TMPDIR:-/tmp}/meshd-peers}/certs/ca.crt"
+for target in http:18004 http:18006 https:18012; do
+  scheme=${target%:*} port=${target#*:} tls=()
+  [ "$scheme" = https ] && tls=(--tls-ca "$peer_ca" --tls-name edge.bench)
+  wrk -t1 -c32 -d"$LOAD" "$scheme://127.0.0.1:$port/1k" >/dev/null || die "wrk on :$port failed"
   "$ROOT/target/release/mesh-bench" --addr "127.0.0.1:$port" --path /1k --rate 1000 \
-    --connections 16 --duration 5s --expect-len 1024 >/dev/null || die "mesh-bench on :$port failed"
+    --connections 16 --duration 5s --expect-len 1024 "${tls[@]}" >/dev/null || die "mesh-bench on :$port failed"
 done
 
 log "stopping the instrumented nodes (the profile is written at exit)"

@@ -66,6 +66,10 @@ PEERS="$ROOT/../shared/bench/peers.sh"
 export RUN=${RUN:-${TMPDIR:-/tmp}/meshd-peers}   # peers.sh's state directory
 BIN="$ROOT/target/release"
 RESULTS="$ROOT/bench/results"
+# The nodes start in their own directories: binaries given relative to here must still work.
+for v in MESHD_BIN BASE_MESHD ALT_MESHD; do
+  if [ -n "${!v:-}" ] && [ -e "${!v}" ]; then printf -v "$v" '%s' "$(realpath "${!v}")"; fi
+done
 
 # --- cleanup -------------------------------------------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/meshd-bench.XXXXXX")

@@ -127,38 +127,32 @@ pub fn root_store(bundle_pem: &str) -> Result<Arc<RootCertStore>, Error> {
 
 /// The URI SANs of a DER certificate (empty when it cannot be parsed).
 pub fn uri_sans(cert_der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
-        .collect()
+    sans(cert_der, |n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+        _ => None,
+    })
 }
 
 /// The DNS SANs of a DER certificate, lowercased (empty when it cannot be parsed).
 pub fn dns_sans(cert_der: &[u8]) -> Vec<String> {
+    sans(cert_der, |n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+        _ => None,
+    })
+}
+
+/// The subject alternative names of a DER certificate that `pick` keeps.
+fn sans(
+    cert_der: &[u8],
+    pick: impl Fn(&x509_parser::extensions::GeneralName<'_>) -> Option<String>,
+) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
         return Vec::new();
     };
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return Vec::new();
     };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
-            _ => None,
-        })
-        .collect()
+    san.value.general_names.iter().filter_map(pick).collect()
 }
 
 /// The mesh identity a peer certificate chain proves (first URI SAN of the leaf).

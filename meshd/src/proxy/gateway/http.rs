@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use mesh_api::ServiceKey;
 use mesh_api::policy::{HttpRoute, normalize_host};
 use tokio::net::TcpStream;
@@ -23,8 +23,7 @@ use tracing::debug;
 
 use super::super::compiled::Destination;
 use super::super::http::{
-    Body, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, bad_path, empty, end_span, grpc_status,
-    mesh_response, normalize_path,
+    Body, bad_path, empty, end_span, grpc_status, mesh_response, normalize_path, server_builder,
 };
 use super::super::metrics::Direction;
 use super::super::outbound::http::{fault, to_mesh_request};
@@ -117,16 +116,8 @@ pub async fn serve_io<I>(
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Clients from outside: one that trickles its request head (or goes silent) is cut off by
-    // hyper's header read timeout (30 s), and idle HTTP/2 peers by keep-alive; both need a
-    // timer, without which they never fire.
-    builder.http1().timer(TokioTimer::new());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    // Clients from outside: one that trickles its request head or goes idle is cut off.
+    let builder = server_builder();
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     tokio::select! {
@@ -335,19 +326,7 @@ async fn send_planned(
     body: Body,
     log: &mut Log,
 ) -> Result<Response<Body>, Response<Body>> {
-    let max = (plan.dst.policy.as_ref())
-        .and_then(|p| p.circuit_breaker.as_ref())
-        .and_then(|c| c.max_pending_requests);
-    let Some(_slot) = plan.dst.breaker.admit(max) else {
-        let dst = &plan.dst.service;
-        let max = max.unwrap_or_default();
-        return Err(refuse(
-            conn,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overflow",
-            format!("{dst}: circuit breaker open (max_pending_requests {max})\n"),
-        ));
-    };
+    let _slot = send::admit(&conn.shared, plan, HOP)?;
     let caller = Caller {
         shared: &conn.shared,
         source: &conn.gl.gateway,

@@ -85,12 +85,12 @@ struct Resolver {
 /// The index of the certificate to serve for `sni` among certificates with `names`: the one
 /// whose names match it most specifically (exact over wildcard, longer wildcard over shorter;
 /// ties to the first), else the first (also without SNI).
-pub fn pick(names: &[Vec<Hostname>], sni: Option<&str>) -> usize {
+pub fn pick<'n>(names: impl IntoIterator<Item = &'n [Hostname]>, sni: Option<&str>) -> usize {
     let Some(sni) = sni.map(str::to_ascii_lowercase) else {
         return 0;
     };
     let mut best: Option<(Specificity, usize)> = None;
-    for (i, ns) in names.iter().enumerate() {
+    for (i, ns) in names.into_iter().enumerate() {
         let Some(spec) = ns.iter().filter_map(|n| n.matches(&sni)).max() else {
             continue;
         };
@@ -108,8 +108,8 @@ impl ResolvesServerCert for Resolver {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let names: Vec<Vec<Hostname>> = loaded.certs.iter().map(|(n, _)| n.clone()).collect();
-        let i = pick(&names, hello.server_name());
+        let names = loaded.certs.iter().map(|(n, _)| n.as_slice());
+        let i = pick(names, hello.server_name());
         loaded.certs.get(i).map(|(_, k)| k.clone())
     }
 }
@@ -305,8 +305,8 @@ mod tests {
             (Some("other.org"), 0),
         ];
         for (sni, want) in cases {
-            assert_eq!(pick(&certs, sni), want, "{sni:?}");
+            assert_eq!(pick(certs.iter().map(Vec::as_slice), sni), want, "{sni:?}");
         }
-        assert_eq!(pick(&[], Some("x.org")), 0);
+        assert_eq!(pick([], Some("x.org")), 0);
     }
 }

@@ -28,8 +28,8 @@ use tracing::{debug, info, warn};
 use super::super::authz::{self, Attrs, REASON_NO_POLICY};
 use super::super::http::{
     AppClient, AppError, Body, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, XFCC, bad_path, empty,
-    end_span, grpc_status, mesh_response, normalize_path, strip_hop_by_hop, strip_mesh_owned,
-    upgrade,
+    end_span, grpc_status, mesh_response, normalize_path, server_builder, strip_hop_by_hop,
+    strip_mesh_owned, upgrade,
 };
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::shared::Shared;
@@ -98,15 +98,7 @@ pub async fn serve_http<IO>(
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A caller that trickles its request head (or goes silent) is cut off: hyper's header read
-    // timeout (30 s) and HTTP/2 keep-alive need a timer, without which they never fire.
-    builder.http1().timer(TokioTimer::new());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    let builder = server_builder();
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     until_done_or_forced(connection, peer, shared).await;
 }

@@ -284,21 +284,7 @@ async fn route_and_send(
         }
         None => body.boxed(),
     };
-    // Circuit breaker: requests in flight to the destination, from this host.
-    let max = (plan.dst.policy.as_ref())
-        .and_then(|p| p.circuit_breaker.as_ref())
-        .and_then(|c| c.max_pending_requests);
-    let Some(_slot) = plan.dst.breaker.admit(max) else {
-        conn.shared.metrics.reject(Direction::Outbound, "overflow");
-        let dst = &plan.dst.service;
-        let max = max.unwrap_or_default();
-        return Err(mesh_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "outbound",
-            "overflow",
-            format!("{dst}: circuit breaker open (max_pending_requests {max})\n"),
-        ));
-    };
+    let _slot = send::admit(&conn.shared, &plan, "outbound")?;
     let caller = Caller {
         shared: &conn.shared,
         source: &conn.source.key,

@@ -46,6 +46,28 @@ pub struct Plan {
     pub response_headers: Option<HeaderOps>,
 }
 
+/// Admits one request to `plan`'s destination past its circuit breaker (requests in flight to
+/// it from this host, `max_pending_requests`); `Err` is the 503 `hop` answers, counted.
+pub fn admit(
+    shared: &Shared,
+    plan: &Plan,
+    hop: &str,
+) -> Result<super::super::breaker::Admitted, Response<Body>> {
+    let max = (plan.dst.policy.as_ref())
+        .and_then(|p| p.circuit_breaker.as_ref())
+        .and_then(|c| c.max_pending_requests);
+    plan.dst.breaker.admit(max).ok_or_else(|| {
+        shared.metrics.reject(Direction::Outbound, "overflow");
+        let (dst, max) = (&plan.dst.service, max.unwrap_or_default());
+        mesh_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            hop,
+            "overflow",
+            format!("{dst}: circuit breaker open (max_pending_requests {max})\n"),
+        )
+    })
+}
+
 /// Who sends: the node's state, the calling service and its listener's round-robin cursor.
 pub struct Caller<'a> {
     /// The node's shared state.

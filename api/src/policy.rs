@@ -113,6 +113,7 @@ use crate::name::Label;
 pub mod authz;
 mod decode;
 mod destination;
+pub mod external;
 mod gateway;
 mod parse;
 pub mod path;
@@ -130,6 +131,10 @@ pub use destination::{
     DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_OUTLIER_INTERVAL, DestinationPolicy, LoadBalancer,
     Locality, OutlierDetection, Subset,
 };
+pub use external::{
+    EGRESS_SNI_SUFFIX, ExternalEndpoint, ExternalProtocol, ExternalService, TlsOrigination,
+    egress_sni, parse_egress_sni,
+};
 pub use gateway::{
     CertificateFiles, Gateway, Hostname, Listener, ListenerProtocol, NotAttached, Specificity,
     TlsTermination, TlsVersion, attaches, best_match, normalize_host,
@@ -141,8 +146,8 @@ pub use route::{
     HeaderOps, HttpMatch, HttpRoute, MAX_RETRY_ATTEMPTS, Retries, RetryOn, Route,
 };
 pub use security::{
-    Action, AuthorizationPolicy, DefaultAction, MeshConfig, Operation, PeerAuthentication, Rule,
-    Selector, Source,
+    Action, AuthorizationPolicy, DefaultAction, MeshConfig, Operation, OutboundTraffic,
+    PeerAuthentication, Rule, Selector, Source,
 };
 pub use slo::{
     Alerting, Calendar, DEFAULT_FAST_BURN, DEFAULT_SLOW_BURN, DEFAULT_WINDOW, Objective, Slo,
@@ -177,6 +182,8 @@ pub enum Kind {
     Slo,
     /// Ingress ([`Gateway`]).
     Gateway,
+    /// A destination outside the mesh ([`ExternalService`]).
+    ExternalService,
     /// Mesh-wide settings ([`MeshConfig`]).
     MeshConfig,
     /// Revoked certificates and removed nodes ([`Revocation`]); written by the registry only.
@@ -219,6 +226,8 @@ pub enum Spec {
     Slo(Slo),
     /// See [`Gateway`].
     Gateway(Gateway),
+    /// See [`ExternalService`].
+    ExternalService(ExternalService),
     /// See [`MeshConfig`].
     MeshConfig(MeshConfig),
     /// See [`Revocation`].
@@ -263,7 +272,7 @@ pub struct Snapshot {
 
 impl Kind {
     /// Every kind, in order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Self::AuthorizationPolicy,
         Self::PeerAuthentication,
         Self::Route,
@@ -271,6 +280,7 @@ impl Kind {
         Self::RateLimit,
         Self::Slo,
         Self::Gateway,
+        Self::ExternalService,
         Self::MeshConfig,
         Self::Revocation,
         Self::TrustBundle,
@@ -286,6 +296,7 @@ impl Kind {
             Self::RateLimit => "RateLimit",
             Self::Slo => "SLO",
             Self::Gateway => "Gateway",
+            Self::ExternalService => "ExternalService",
             Self::MeshConfig => "MeshConfig",
             Self::Revocation => "Revocation",
             Self::TrustBundle => "TrustBundle",
@@ -302,6 +313,7 @@ impl Kind {
             Self::RateLimit => &["ratelimits", "rl"],
             Self::Slo => &["slos"],
             Self::Gateway => &["gateways", "gw"],
+            Self::ExternalService => &["externalservices", "es"],
             Self::MeshConfig => &["meshconfigs", "mc"],
             Self::Revocation => &["revocations"],
             Self::TrustBundle => &["trustbundles"],
@@ -393,6 +405,7 @@ impl Spec {
             Self::RateLimit(_) => Kind::RateLimit,
             Self::Slo(_) => Kind::Slo,
             Self::Gateway(_) => Kind::Gateway,
+            Self::ExternalService(_) => Kind::ExternalService,
             Self::MeshConfig(_) => Kind::MeshConfig,
             Self::Revocation(_) => Kind::Revocation,
             Self::TrustBundle(_) => Kind::TrustBundle,
@@ -415,6 +428,9 @@ impl Spec {
             Kind::RateLimit => rate_limit::rate_limit(fields, cx).map(Self::RateLimit),
             Kind::Slo => slo::slo(fields, cx).map(Self::Slo),
             Kind::Gateway => gateway::gateway(fields, cx).map(Self::Gateway),
+            Kind::ExternalService => {
+                external::external_service(fields, cx).map(Self::ExternalService)
+            }
             Kind::MeshConfig => security::mesh_config(fields, cx).map(Self::MeshConfig),
             Kind::Revocation => revocation::revocation(fields, cx).map(Self::Revocation),
             Kind::TrustBundle => trust_bundle::trust_bundle(fields, cx).map(Self::TrustBundle),

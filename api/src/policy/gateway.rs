@@ -456,7 +456,7 @@ fn certificate(v: &Value, at: &str, cx: &mut Cx) -> Option<CertificateFiles> {
     })
 }
 
-fn absolute_path(v: &Value, at: &str, cx: &mut Cx) -> Option<String> {
+pub(crate) fn absolute_path(v: &Value, at: &str, cx: &mut Cx) -> Option<String> {
     let p = decode::nonempty(v, at, cx)?;
     if !p.starts_with('/') {
         cx.error(

@@ -138,6 +138,21 @@ pub struct MeshConfig {
     pub path_normalization: Normalization,
     /// What `%2F`/`%5C` in a path do under `base`/`merge_slashes` (default `reject`).
     pub escaped_slashes: EscapedSlashes,
+    /// Where apps may send through the mesh besides mesh services (default `allow_any`).
+    pub outbound_traffic: OutboundTraffic,
+}
+
+choice_enum! {
+    /// Which destinations outside the mesh an app may reach through its meshd (the
+    /// `http_proxy` listener today; every connection once transparent mode exists).
+    pub enum OutboundTraffic {
+        /// Any host: one that is neither a mesh service nor an ExternalService is reached
+        /// directly, without TLS origination or policy (Istio's `ALLOW_ANY`; the default).
+        AllowAny = "allow_any",
+        /// Only mesh services and ExternalServices; any other host is refused with an answer
+        /// saying so (Istio's `REGISTRY_ONLY`).
+        RegistryOnly = "registry_only",
+    }
 }
 
 // === impl Selector ===
@@ -380,6 +395,7 @@ impl Default for MeshConfig {
             default_mtls: MtlsMode::Strict,
             path_normalization: path::DEFAULT_NORMALIZATION,
             escaped_slashes: path::DEFAULT_ESCAPED_SLASHES,
+            outbound_traffic: OutboundTraffic::AllowAny,
         }
     }
 }
@@ -399,6 +415,7 @@ const MESH_CONFIG_KEYS: &[&str] = &[
     "default_mtls",
     "path_normalization",
     "escaped_slashes",
+    "outbound_traffic",
 ];
 
 pub(crate) fn mesh_config(map: &Map<String, Value>, cx: &mut Cx) -> Option<MeshConfig> {
@@ -417,5 +434,8 @@ pub(crate) fn mesh_config(map: &Map<String, Value>, cx: &mut Cx) -> Option<MeshC
         escaped_slashes: t
             .opt("escaped_slashes", cx, decode::choice)
             .unwrap_or(d.escaped_slashes),
+        outbound_traffic: t
+            .opt("outbound_traffic", cx, decode::choice)
+            .unwrap_or(d.outbound_traffic),
     })
 }

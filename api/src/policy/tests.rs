@@ -297,7 +297,7 @@ name = "default"
             r#"{"service":"api","load_balancer":"ewma","locality":{"enabled":true,"failover":true},"outlier_detection":{"consecutive_5xx":5,"consecutive_gateway_errors":0,"interval":"10s","base_ejection_time":"30s","max_ejection_percent":10}}"#,
             r#"{"service":"api","http":[{"route":[{"weight":100}],"retries":{"attempts":2,"retry_on":["connect-failure","reset"],"budget_percent":20}}]}"#,
             r#"{"service":"api","objective":"availability","goal":99.0,"window":"30d","alerting":{"fast_burn":14.4,"slow_burn":6.0}}"#,
-            r#"{"default_authorization":"allow","default_mtls":"strict","path_normalization":"merge_slashes","escaped_slashes":"reject"}"#,
+            r#"{"default_authorization":"allow","default_mtls":"strict","path_normalization":"merge_slashes","escaped_slashes":"reject","outbound_traffic":"allow_any"}"#,
         ]
     );
     assert_eq!(resources[4].key.namespace.as_str(), ROOT_NAMESPACE);
@@ -337,7 +337,7 @@ fn bad_rows() -> Vec<BadRow> {
         ("unknown key", ap("actoin = \"deny\""), AP, "actoin", "did you mean \"action\""),
         ("unknown nested key", ap("rules = [{ from = [{ principal = [\"*\"] }] }]"), AP, "rules[0].from[0].principal", "valid keys here: principals"),
         ("unknown action", ap("action = \"permit\""), AP, "action", "expected one of: allow, deny, audit"),
-        ("bad kind", "[[resource]]\nkind = \"AuthPolicy\"\nname = \"p\"\n".into(), "resource[0]", "kind", "valid kinds: AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy, RateLimit, SLO, Gateway, MeshConfig"),
+        ("bad kind", "[[resource]]\nkind = \"AuthPolicy\"\nname = \"p\"\n".into(), "resource[0]", "kind", "valid kinds: AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy, RateLimit, SLO, Gateway, ExternalService, MeshConfig"),
         ("missing kind", "[[resource]]\nname = \"p\"\n".into(), "resource[0]", "kind", "missing"),
         ("missing name", "[[resource]]\nkind = \"Route\"\n".into(), "resource[0]", "name", "missing"),
         ("bad name", "[[resource]]\nkind = \"Route\"\nname = \"Api\"\n".into(), "resource[0]", "name", "not a valid name"),
@@ -669,7 +669,7 @@ fn kinds() {
     assert_eq!("slos".parse(), Ok(Kind::Slo));
     let err = "policy".parse::<Kind>().unwrap_err().to_string();
     assert!(
-        err.contains("\"policy\"") && err.contains("Gateway, MeshConfig"),
+        err.contains("\"policy\"") && err.contains("Gateway, ExternalService, MeshConfig"),
         "{err}"
     );
     let mut sorted = Kind::ALL;

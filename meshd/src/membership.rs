@@ -247,6 +247,23 @@ impl HeartbeatClock {
     }
 }
 
+/// The gateways `config` runs that are not also declared as services: each is gossiped as an
+/// instance of the service named like it (on this node's inbound port), which is how callers
+/// find the hosts of an egress gateway.
+pub fn gateways_to_publish(config: &Config) -> impl Iterator<Item = &mesh_api::ServiceKey> {
+    (config.gateway.names.iter()).filter(|g| !config.services.iter().any(|s| s.key == **g))
+}
+
+/// What this node gossips about a gateway it runs: always healthy (its listeners are its own).
+fn gateway_info() -> ServiceInfo {
+    ServiceInfo {
+        v: gossip::VERSION,
+        protocol: Protocol::Tcp.as_str().to_owned(),
+        labels: BTreeMap::new(),
+        healthy: true,
+    }
+}
+
 /// What this node gossips about one of its services.
 fn service_info(svc: &Service, healthy: bool) -> ServiceInfo {
     ServiceInfo {
@@ -350,6 +367,9 @@ impl Membership {
                 gossip::service_key(&svc.key),
                 gossip::encode(&service_info(svc, healthy)),
             ));
+        }
+        for gw in gateways_to_publish(config) {
+            kvs.push((gossip::service_key(gw), gossip::encode(&gateway_info())));
         }
         let mut cc = chitchat_config(
             ChitchatId::new(
@@ -535,6 +555,15 @@ impl Publisher {
     pub async fn set_service(&self, svc: &Service, healthy: bool) {
         let key = gossip::service_key(&svc.key);
         let value = gossip::encode(&service_info(svc, healthy));
+        let mut c = self.chitchat.lock().await;
+        c.self_node_state().set(&key, &value);
+        resign(&mut c, &self.signer);
+    }
+
+    /// Publishes a gateway this node runs (a reload added it).
+    pub async fn set_gateway(&self, gateway: &mesh_api::ServiceKey) {
+        let key = gossip::service_key(gateway);
+        let value = gossip::encode(&gateway_info());
         let mut c = self.chitchat.lock().await;
         c.self_node_state().set(&key, &value);
         resign(&mut c, &self.signer);

@@ -21,6 +21,7 @@ pub mod connect;
 pub mod copy;
 pub mod detect;
 pub mod endpoints;
+pub mod external;
 pub mod gateway;
 pub mod http;
 pub mod inbound;

@@ -486,6 +486,7 @@ impl Reloader {
         self.config_tx.send_replace(new.clone());
         self.listeners.apply(prepared, &self.shared, &self.stop_rx);
 
+        self.publish_gateways(&old, &new).await;
         for svc in new.services.iter().filter(|s| diff.added.contains(&s.key)) {
             self.publisher.set_service(svc, svc.checks.is_empty()).await;
             let health = start_health(&self.publisher, svc, None);
@@ -515,6 +516,21 @@ impl Reloader {
             );
         }
         Ok(summary)
+    }
+
+    /// Follows the gateways this node runs in gossip: gateways dropped (and not now declared
+    /// as services) leave, new ones join.
+    async fn publish_gateways(&self, old: &Config, new: &Config) {
+        let before: Vec<_> = crate::membership::gateways_to_publish(old).collect();
+        let after: Vec<_> = crate::membership::gateways_to_publish(new).collect();
+        for gw in before.iter().filter(|g| !after.contains(g)) {
+            if !new.services.iter().any(|s| s.key == **gw) {
+                self.publisher.remove_service(gw).await;
+            }
+        }
+        for gw in after.iter().filter(|g| !before.contains(g)) {
+            self.publisher.set_gateway(gw).await;
+        }
     }
 
     /// Republishes a changed service; its checks keep running when they did not change, and

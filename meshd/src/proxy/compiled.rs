@@ -1,6 +1,8 @@
 //! The proxy's state derived from policy, membership and configuration, compiled once per
 //! change by one task: route tables, each destination's policy, route, endpoints with their
-//! live state, circuit breaker and retry budget, and each local service's rate limiter.
+//! live state, circuit breaker and retry budget, each local service's rate limiter, and the
+//! ExternalServices: reached from here (a client per service) or through their egress gateway
+//! (whose hosts are then the endpoints).
 //! Connections and requests read the current [`Compiled`] from a watch; nothing on the request
 //! path builds derived state or locks a map shared by every request.
 
@@ -9,12 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_api::ServiceKey;
-use mesh_api::policy::{DestinationPolicy, Snapshot};
+use mesh_api::policy::{DestinationPolicy, ExternalService, Snapshot, Spec};
 use tokio::sync::watch;
 use tracing::debug;
 
 use super::balance::{EndpointState, Target};
 use super::breaker::Breaker;
+use super::external::{self, ExternalClient};
 use super::ratelimit::Limiter;
 use super::retry::Budget;
 use super::route::{self, CompiledRoute};
@@ -36,6 +39,13 @@ pub struct Destination {
     pub breaker: Breaker,
     /// Its retry budget.
     pub budget: Arc<Budget>,
+    /// The server name its endpoints are dialled with: the service's own, or (an
+    /// ExternalService behind an egress gateway) the one that names it to the gateway.
+    pub sni: String,
+    /// An ExternalService's resource.
+    pub external: Option<Arc<ExternalService>>,
+    /// An ExternalService this host reaches itself (no targets then: the client dials).
+    pub direct: Option<Arc<ExternalClient>>,
 }
 
 /// Everything derived, as of one policy snapshot, mesh view and configuration.
@@ -49,6 +59,12 @@ pub struct Compiled {
     pub routes: Arc<route::Table>,
     destinations: HashMap<ServiceKey, Arc<Destination>>,
     limiters: HashMap<ServiceKey, Arc<Limiter>>,
+    /// ExternalServices by host name (several namespaces may name one host).
+    external_hosts: HashMap<String, Vec<ServiceKey>>,
+    /// The clients of the ExternalServices this host reaches itself, and what they were
+    /// built with.
+    clients: HashMap<ServiceKey, Arc<ExternalClient>>,
+    settings: external::Settings,
 }
 
 impl Compiled {
@@ -67,17 +83,41 @@ impl Compiled {
             Some(p) if same_policy => Arc::clone(&p.routes),
             _ => Arc::new(route::Table::build(&policy)),
         };
+        let settings = external::Settings {
+            datacenter: config.datacenter.to_string(),
+            zone: config.zone.to_string(),
+            connect_timeout: config.outbound.connect_timeout,
+            handshake_timeout: config.inbound.handshake_timeout,
+        };
+        let externals = external_services(&policy);
+        let reuse = prev.filter(|p| same_policy && p.settings == settings);
+        let clients = clients(&externals, config, &settings, reuse);
         let upstreams =
             (config.services.iter()).flat_map(|s| s.upstreams.iter().map(|u| &u.service));
         let mut destinations = HashMap::new();
-        for service in view.endpoints.keys().chain(upstreams) {
+        for service in view
+            .endpoints
+            .keys()
+            .chain(upstreams)
+            .chain(externals.keys())
+        {
             if destinations.contains_key(service) {
                 continue;
             }
             let old = prev.and_then(|p| p.destinations.get(service));
-            let eps = view.endpoints.get(service).map_or(&[][..], Vec::as_slice);
+            let external = externals.get(service).cloned();
+            let direct = clients.get(service).cloned();
+            // Behind an egress gateway this host does not run: the gateway's hosts.
+            let (sni, via) = match (&external, &direct) {
+                (Some(ext), None) => egress_route(service, ext),
+                _ => (service.sni(), service.clone()),
+            };
+            let eps = match direct {
+                Some(_) => &[][..],
+                None => view.endpoints.get(&via).map_or(&[][..], Vec::as_slice),
+            };
             let targets = match old {
-                Some(d) if same_view => Arc::clone(&d.targets),
+                Some(d) if same_view && d.sni == sni => Arc::clone(&d.targets),
                 _ => targets(eps, old.map(|d| &d.targets[..])),
             };
             let dst = Destination {
@@ -87,8 +127,20 @@ impl Compiled {
                 targets,
                 breaker: old.map(|d| d.breaker.clone()).unwrap_or_default(),
                 budget: old.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
+                sni,
+                external,
+                direct,
             };
             destinations.insert(service.clone(), Arc::new(dst));
+        }
+        let mut external_hosts: HashMap<String, Vec<ServiceKey>> = HashMap::new();
+        for (key, ext) in &externals {
+            for h in &ext.hosts {
+                external_hosts
+                    .entry(h.to_string())
+                    .or_default()
+                    .push(key.clone());
+            }
         }
         let limiters = (config.services.iter())
             .map(|s| {
@@ -112,7 +164,29 @@ impl Compiled {
             routes,
             destinations,
             limiters,
+            external_hosts,
+            clients,
+            settings,
         }
+    }
+
+    /// The ExternalService an app's request for `host` (lowercase, without port) goes to: one
+    /// in the caller's namespace first, else the first by key.
+    pub fn external_for_host(&self, host: &str, caller_namespace: &str) -> Option<&ServiceKey> {
+        let keys = self.external_hosts.get(host)?;
+        (keys.iter())
+            .find(|k| k.namespace.as_str() == caller_namespace)
+            .or_else(|| keys.iter().min())
+    }
+
+    /// The ExternalService `service`, if it is one.
+    pub fn external(&self, service: &ServiceKey) -> Option<&Arc<ExternalService>> {
+        self.destinations.get(service)?.external.as_ref()
+    }
+
+    /// The client of an ExternalService this host reaches itself (also as its egress gateway).
+    pub fn external_client(&self, service: &ServiceKey) -> Option<&Arc<ExternalClient>> {
+        self.clients.get(service)
     }
 
     /// The destination `service`: compiled if gossip or the configuration knows it, else an
@@ -128,12 +202,65 @@ impl Compiled {
             targets: Arc::from(Vec::new()),
             breaker: Breaker::default(),
             budget: Arc::default(),
+            sni: service.sni(),
+            external: None,
+            direct: None,
         })
     }
 
     /// The rate limiter of the local service `service`, if it is configured.
     pub fn limiter(&self, service: &ServiceKey) -> Option<&Arc<Limiter>> {
         self.limiters.get(service)
+    }
+}
+
+/// Every ExternalService of `policy`, by the service it names.
+fn external_services(policy: &Snapshot) -> HashMap<ServiceKey, Arc<ExternalService>> {
+    (policy.resources.values())
+        .filter_map(|r| match &r.spec {
+            Spec::ExternalService(e) => Some((
+                ServiceKey::new(r.key.namespace.clone(), r.key.name.clone()),
+                Arc::new(e.clone()),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Clients for the ExternalServices this host reaches itself: those without an egress
+/// gateway, and those whose gateway this host runs. `reuse` (same policy and settings) keeps
+/// the previous clients and their pooled connections.
+fn clients(
+    externals: &HashMap<ServiceKey, Arc<ExternalService>>,
+    config: &Config,
+    settings: &external::Settings,
+    reuse: Option<&Compiled>,
+) -> HashMap<ServiceKey, Arc<ExternalClient>> {
+    let runs = |key: &ServiceKey, gw: &mesh_api::name::Label| {
+        (config.gateway.names.iter()).any(|g| g.namespace == key.namespace && g.name == *gw)
+    };
+    (externals.iter())
+        .filter(|(key, ext)| ext.egress_gateway.as_ref().is_none_or(|gw| runs(key, gw)))
+        .map(|(key, ext)| {
+            let client = match reuse.and_then(|p| p.clients.get(key)) {
+                Some(c) => Arc::clone(c),
+                None => Arc::new(ExternalClient::new(key.clone(), ext.clone(), settings)),
+            };
+            (key.clone(), client)
+        })
+        .collect()
+}
+
+/// The server name and the gateway service of an ExternalService reached through its egress
+/// gateway.
+fn egress_route(service: &ServiceKey, ext: &ExternalService) -> (String, ServiceKey) {
+    match &ext.egress_gateway {
+        Some(gw) => (
+            mesh_api::policy::egress_sni(&service.name, gw, &service.namespace),
+            ServiceKey::new(service.namespace.clone(), gw.clone()),
+        ),
+        // Not reached: without a gateway the service has a client.
+        None => (service.sni(), service.clone()),
     }
 }
 

@@ -236,7 +236,7 @@ pub async fn dial(
     dst: &Destination,
     order: &[usize],
 ) -> Result<(TlsStream<TcpStream>, usize), Error> {
-    let name = ServerName::try_from(dst.service.sni()).expect("service SNI is a valid DNS name");
+    let name = ServerName::try_from(dst.sni.clone()).expect("mesh server names are DNS names");
     let mut last = None;
     for (n, &i) in order.iter().enumerate() {
         let started = Instant::now();

@@ -24,6 +24,7 @@ use super::shared::Shared;
 use super::{copy, detect, tls};
 
 pub mod decide;
+pub mod egress;
 pub mod http;
 pub mod tcp;
 use crate::config::{Config, Service};
@@ -82,13 +83,26 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, entry: &Entry, shared: &Shared
             }
         }
     };
-    let Some((tls_stream, caller, local)) =
+    let Some((tls_stream, caller, callee)) =
         accept_tls(tcp, peer, direct, &config, shared, started).await
     else {
         return;
     };
     let serial = crate::deny::peer_serial(tls_stream.get_ref().1);
     let mut deny_rx = shared.deny_rx.clone();
+    let local = match callee {
+        Callee::Local(local) => local,
+        Callee::Egress { service, gateway } => {
+            tokio::select! {
+                () = egress::serve(tls_stream, caller.clone(), &service, &gateway, peer, shared, started) => {}
+                () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
+                    shared.metrics.reject(Direction::Inbound, super::tls::REASON_CERT_REVOKED);
+                    warn!(src.identity = %caller, src.addr = %peer, dst.service = %service, reason = super::tls::REASON_CERT_REVOKED, "connection closed: the caller's certificate was revoked");
+                }
+            }
+            return;
+        }
+    };
     tokio::select! {
         () = serve_mtls(tls_stream, caller.clone(), local, peer, shared, started) => {}
         () = crate::deny::until_denied(serial.as_deref(), &mut deny_rx) => {
@@ -187,7 +201,7 @@ async fn accept_tls<'s>(
     config: &'s Config,
     shared: &Shared,
     started: Instant,
-) -> Option<(TlsStream<TcpStream>, Identity, &'s Service)> {
+) -> Option<(TlsStream<TcpStream>, Identity, Callee<'s>)> {
     let state = shared.tls_rx.borrow().clone();
     let tls_stream = handshake(tcp, peer, &state, config, shared, started).await?;
     let (caller, local) = identify(&tls_stream, peer, &state, only, config, shared)?;
@@ -261,9 +275,14 @@ fn identify<'s>(
     only: Option<&'s Service>,
     config: &'s Config,
     shared: &Shared,
-) -> Option<(Identity, &'s Service)> {
+) -> Option<(Identity, Callee<'s>)> {
     let (_, conn) = tls_stream.get_ref();
-    let Some(svc) = conn.server_name().and_then(ServiceKey::from_sni) else {
+    let sni = conn.server_name().unwrap_or_default();
+    let egress = (only.is_none())
+        .then(|| mesh_api::policy::parse_egress_sni(sni))
+        .flatten();
+    let svc = ServiceKey::from_sni(sni);
+    if svc.is_none() && egress.is_none() {
         decide::reject(
             shared,
             peer,
@@ -271,7 +290,7 @@ fn identify<'s>(
             &"no mesh service named in SNI",
         );
         return None;
-    };
+    }
     let caller = conn
         .peer_certificates()
         .and_then(mesh_runtime::tls::peer_identity);
@@ -288,6 +307,14 @@ fn identify<'s>(
             return None;
         }
     };
+    let Some(svc) = svc else {
+        let (service, gateway, namespace) = egress?;
+        let callee = Callee::Egress {
+            service: ServiceKey::new(namespace.clone(), service),
+            gateway: ServiceKey::new(namespace, gateway),
+        };
+        return Some((caller, callee));
+    };
     let local = match only {
         Some(s) if s.key == svc => Some(s),
         Some(_) => None,
@@ -302,5 +329,18 @@ fn identify<'s>(
         decide::reject(shared, peer, "unknown_service", &why);
         return None;
     };
-    Some((caller, local))
+    Some((caller, Callee::Local(local)))
+}
+
+/// What an accepted mTLS caller asked for.
+enum Callee<'s> {
+    /// A service of this host.
+    Local(&'s Service),
+    /// An ExternalService through an egress gateway (this host must run it).
+    Egress {
+        /// The ExternalService.
+        service: ServiceKey,
+        /// The gateway named.
+        gateway: ServiceKey,
+    },
 }

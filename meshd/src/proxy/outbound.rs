@@ -14,6 +14,7 @@ use super::detect;
 use super::shared::Shared;
 use crate::config::{Service, Upstream};
 
+pub mod external;
 pub mod http;
 pub mod send;
 pub mod tcp;
@@ -45,8 +46,15 @@ pub async fn serve(
                 Some(http) => http,
                 None => detect::looks_like_http(&tcp).await,
             };
+            let direct = shared
+                .compiled()
+                .destination(&upstream.service)
+                .direct
+                .clone();
             if http {
                 http::serve(tcp, peer, source, upstream, shared, cursor).await;
+            } else if let Some(client) = direct {
+                external::serve_tcp(tcp, peer, &source.key, &client, &shared).await;
             } else {
                 tcp::serve(tcp, peer, &source.key, &upstream.service, &shared, &cursor).await;
             }

@@ -47,9 +47,24 @@ struct SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        // No certificate for an unknown name: the handshake fails, nothing is revealed.
-        self.by_sni.get(hello.server_name()?).cloned()
+        // No certificate for an unknown name: the handshake fails, nothing is revealed. An
+        // ExternalService named through its egress gateway gets the gateway's certificate
+        // (whether this host may send it there is decided after the handshake).
+        let sni = hello.server_name()?;
+        match self.by_sni.get(sni) {
+            Some(key) => Some(key.clone()),
+            None => self.by_sni.get(&callee(sni)?.sni()).cloned(),
+        }
     }
+}
+
+/// The service whose identity a server named `sni` must prove: the mesh service it names, or
+/// the egress gateway of an ExternalService name ([`mesh_api::policy::egress_sni`]).
+pub fn callee(sni: &str) -> Option<ServiceKey> {
+    ServiceKey::from_sni(sni).or_else(|| {
+        let (_, gateway, namespace) = mesh_api::policy::parse_egress_sni(sni)?;
+        Some(ServiceKey::new(namespace, gateway))
+    })
 }
 
 /// Single-certificate client resolver (the source service's identity).
@@ -182,9 +197,7 @@ pub fn build(certs: &Certs) -> Result<TlsState, tls::Error> {
     let verifier = Arc::new(SpiffeVerifier::new(
         certs.roots.clone(),
         Box::new(move |name| match name {
-            ServerName::DnsName(d) => {
-                ServiceKey::from_sni(d.as_ref()).map(|k| Identity::workload(&td, &k))
-            }
+            ServerName::DnsName(d) => callee(d.as_ref()).map(|k| Identity::workload(&td, &k)),
             _ => None,
         }),
     ));

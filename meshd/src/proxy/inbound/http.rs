@@ -26,18 +26,21 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::super::authz::{self, Attrs, REASON_NO_POLICY};
+use super::super::external::ExternalClient;
 use super::super::http::{
     AppClient, AppError, Body, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, XFCC, bad_path, empty,
     end_span, grpc_status, mesh_response, normalize_path, server_builder, strip_hop_by_hop,
     strip_mesh_owned, upgrade,
 };
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
+use super::super::outbound::external;
 use super::super::shared::Shared;
 use super::super::{observe, ratelimit, route};
 use crate::config::Service;
 use crate::trace::{Kind, attr};
 
 /// What each request of one connection needs.
+#[derive(Clone)]
 struct Conn {
     shared: Shared,
     /// The verified caller; `None` for a plaintext caller of a PERMISSIVE service.
@@ -50,6 +53,9 @@ struct Conn {
     xfcc: Option<HeaderValue>,
     local: Service,
     peer: SocketAddr,
+    /// Set when `local` stands for an ExternalService this host is the egress gateway of:
+    /// requests go to it instead of an app.
+    egress: Option<Arc<ExternalClient>>,
 }
 
 /// Serves the requests of one mTLS connection until it closes or the drain deadline passes.
@@ -61,6 +67,35 @@ pub async fn serve(
     shared: &Shared,
 ) {
     let (conn, _active) = open(Some(caller), false, local, peer, shared);
+    serve_h2(tls_stream, conn, peer, shared).await;
+}
+
+/// Serves the requests of an mTLS connection that names an ExternalService this host is the
+/// egress gateway of: each is authorized (the policies selecting the ExternalService by
+/// name), then sent to the service on `client`.
+pub async fn serve_egress(
+    tls_stream: TlsStream<TcpStream>,
+    caller: Identity,
+    local: &Service,
+    client: Arc<ExternalClient>,
+    peer: SocketAddr,
+    shared: &Shared,
+) {
+    let (conn, _active) = open(Some(caller), false, local, peer, shared);
+    let conn = Arc::new(Conn {
+        egress: Some(client),
+        xfcc: None,
+        ..Conn::clone(&conn)
+    });
+    serve_h2(tls_stream, conn, peer, shared).await;
+}
+
+async fn serve_h2(
+    tls_stream: TlsStream<TcpStream>,
+    conn: Arc<Conn>,
+    peer: SocketAddr,
+    shared: &Shared,
+) {
     let service = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&conn, req).await) }
@@ -132,6 +167,7 @@ fn open(
         xfcc,
         local: local.clone(),
         peer,
+        egress: None,
     });
     (conn, active)
 }
@@ -434,6 +470,9 @@ async fn forward(
     mut req: Request<Incoming>,
     upgrade: Option<Upgrade>,
 ) -> Response<Body> {
+    if let Some(client) = &conn.egress {
+        return forward_external(conn, client, req, upgrade).await;
+    }
     let Some((addr, client)) = conn.shared.http.app(&conn.local.key) else {
         // Removed (or made a TCP service) by a reload since this connection was accepted;
         // 503 so the caller can try another instance.
@@ -479,6 +518,37 @@ async fn forward(
                 format!("{} at {addr}: {e}\n", conn.local.key),
             )
         }
+    }
+}
+
+/// Sends the request to the ExternalService this host is the egress gateway of; what the
+/// service answers cannot speak for the mesh.
+async fn forward_external(
+    conn: &Conn,
+    client: &ExternalClient,
+    req: Request<Incoming>,
+    upgrade: Option<Upgrade>,
+) -> Response<Body> {
+    if upgrade.is_some() || req.method() == http::Method::CONNECT {
+        return mesh_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "inbound",
+            "upgrade_unsupported",
+            format!(
+                "{}: upgrades to external services are not proxied\n",
+                conn.local.key
+            ),
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let req = Request::from_parts(parts, body.boxed());
+    match external::attempt(&conn.shared, client, req).await {
+        Ok(mut resp) => {
+            strip_mesh_owned(resp.headers_mut());
+            resp
+        }
+        Err((_, mesh_answer)) => mesh_answer,
     }
 }
 

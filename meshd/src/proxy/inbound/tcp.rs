@@ -40,15 +40,42 @@ impl CallerStream for TcpStream {
     }
 }
 
+impl CallerStream for super::super::external::Io {
+    fn tcp(&self) -> &TcpStream {
+        super::super::external::Io::tcp(self)
+    }
+}
+
 /// Authorizes the caller (`None` = plaintext), connects to the app and relays until the end.
 pub async fn serve<S: CallerStream>(
-    mut stream: S,
+    stream: S,
     caller: Option<&Identity>,
     local: &Service,
     peer: SocketAddr,
     shared: &Shared,
     started: Instant,
 ) {
+    let connect = || connect_app(local, shared);
+    serve_to(stream, caller, local, peer, shared, started, connect).await;
+}
+
+/// [`serve`] with the connection to what `local` stands for made by `connect` (the app's
+/// address, or an ExternalService this host is the egress gateway of); `Err` is the reason
+/// label and the detail of a failed connect.
+pub async fn serve_to<S, A, F, Fut>(
+    mut stream: S,
+    caller: Option<&Identity>,
+    local: &Service,
+    peer: SocketAddr,
+    shared: &Shared,
+    started: Instant,
+    connect: F,
+) where
+    S: CallerStream,
+    A: CallerStream,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<A, (&'static str, String)>>,
+{
     let svc = &local.key;
     let service = svc.to_string();
     if !shared.has_policy() {
@@ -78,10 +105,14 @@ pub async fn serve<S: CallerStream>(
         };
         return access_log(shared, &attrs, peer, started, &end);
     }
-    let Some(mut app) = connect_app(&stream, local, peer, shared).await else {
-        return;
+    let mut app = match connect().await {
+        Ok(app) => app,
+        Err((reason, why)) => {
+            copy::reset(stream.tcp());
+            return reject(shared, peer, reason, &why);
+        }
     };
-    let _ = app.set_nodelay(true);
+    let _ = app.tcp().set_nodelay(true);
     let labels = ServiceLabels {
         direction: Direction::Inbound,
         service: service.clone(),
@@ -103,31 +134,27 @@ pub async fn serve<S: CallerStream>(
     access_log(shared, &attrs, peer, started, &end);
 }
 
-/// Connects to the app of `local`; on failure the caller is reset and the refusal counted.
-async fn connect_app<S: CallerStream>(
-    stream: &S,
+/// Connects to the app of `local`.
+async fn connect_app(
     local: &Service,
-    peer: SocketAddr,
     shared: &Shared,
-) -> Option<TcpStream> {
+) -> Result<TcpStream, (&'static str, String)> {
     let svc = &local.key;
     let connecting = TcpStream::connect(local.address);
     let why = match timeout(shared.config().outbound.connect_timeout, connecting).await {
-        Ok(Ok(s)) => return Some(s),
+        Ok(Ok(s)) => return Ok(s),
         Ok(Err(e)) => format!("connecting to {svc} at {}: {e}", local.address),
         Err(_) => format!("connecting to {svc} at {} timed out", local.address),
     };
-    copy::reset(stream.tcp());
-    reject(shared, peer, "app_unreachable", &why);
-    None
+    Err(("app_unreachable", why))
 }
 
 /// How a relay that stopped ended: bytes moved, the error if any, and the decision in force
 /// at the end (a revoking one when a policy change closed it). Resets what must be reset.
 #[allow(clippy::too_many_arguments)] // one call site, each argument at hand
-fn ended<S: CallerStream>(
+fn ended<S: CallerStream, A: CallerStream>(
     stopped: Stopped,
-    app: &TcpStream,
+    app: &A,
     stream: &S,
     caller: Option<&Identity>,
     decision: Decision,
@@ -139,17 +166,18 @@ fn ended<S: CallerStream>(
     match stopped {
         Stopped::Copied(Ok(t)) => (t, None, decision),
         Stopped::Copied(Err(e)) => {
+            copy::reset(app.tcp());
             copy::reset(stream.tcp());
             (none, Some(e.to_string()), decision)
         }
         Stopped::Forced => {
-            copy::reset(app);
+            copy::reset(app.tcp());
             copy::reset(stream.tcp());
             let why = "closed at the end of the drain grace period".to_owned();
             (none, Some(why), decision)
         }
         Stopped::Revoked(now) => {
-            copy::reset(app);
+            copy::reset(app.tcp());
             copy::reset(stream.tcp());
             shared.metrics.record_decision(service, &now, true);
             warn!(
@@ -168,14 +196,23 @@ fn ended<S: CallerStream>(
 
 /// Copies between the app and the caller until both are done, the drain's grace period ends,
 /// or a policy change no longer allows the connection (re-decided on every change).
-async fn relay<S: CallerStream>(
-    app: &mut TcpStream,
+async fn relay<S: CallerStream, A: CallerStream>(
+    app: &mut A,
     caller: &mut S,
     attrs: &Attrs<'_>,
     policy_rx: &mut watch::Receiver<Arc<Snapshot>>,
     force: &mut watch::Receiver<bool>,
 ) -> Stopped {
-    let copy = copy::bidirectional(app, caller, false);
+    let copy = async {
+        let sizes = (copy::BUF_SIZE, copy::BUF_SIZE);
+        match tokio::io::copy_bidirectional_with_sizes(app, caller, sizes.0, sizes.1).await {
+            Ok((to_caller, to_service)) => Ok(copy::Transferred {
+                to_service,
+                to_caller,
+            }),
+            Err(e) => Err(e),
+        }
+    };
     tokio::pin!(copy);
     let mut policy_open = true;
     loop {

@@ -19,9 +19,10 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api::policy::OutboundTraffic;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::super::http::{
     Body, bad_path, empty, end_span, grpc_status, mesh_response, normalize_path, strip_hop_by_hop,
@@ -30,6 +31,7 @@ use super::super::http::{
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::shared::Shared;
 use super::super::{observe, route};
+use super::external;
 use super::send::{self, Caller, Log, Plan};
 use crate::config::{Service, Upstream};
 use crate::trace::{Kind, attr};
@@ -154,7 +156,8 @@ async fn serve_conn(app: TcpStream, conn: Conn) {
 async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     if conn.by_host {
         return match by_host(conn, &req) {
-            Ok(per_request) => Box::pin(handle(&per_request, req)).await,
+            Ok(ByHost::Service(per_request)) => Box::pin(handle(&per_request, req)).await,
+            Ok(ByHost::Passthrough(host)) => passthrough(conn, host, req).await,
             Err(resp) => resp,
         };
     }
@@ -214,9 +217,18 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-/// The connection state for a request on the `http_proxy` listener: its destination is the
-/// service its host names; `Err` is the answer when that is no HTTP service of the mesh.
-fn by_host(conn: &Conn, req: &Request<Incoming>) -> Result<Conn, Response<Body>> {
+/// Where a request on the `http_proxy` listener goes.
+enum ByHost {
+    /// A mesh service or an ExternalService: the connection state for it.
+    Service(Box<Conn>),
+    /// A host the mesh does not know, under `allow_any`: sent there as it is.
+    Passthrough(String),
+}
+
+/// Where a request on the `http_proxy` listener goes: the mesh service its host names, the
+/// ExternalService that has the host, or (under `allow_any`) the host itself; `Err` is the
+/// answer when it may go nowhere.
+fn by_host(conn: &Conn, req: &Request<Incoming>) -> Result<ByHost, Response<Body>> {
     let host = (req.uri().authority().map(|a| a.as_str().to_owned()))
         .or_else(|| {
             (req.headers().get(header::HOST))
@@ -224,13 +236,9 @@ fn by_host(conn: &Conn, req: &Request<Incoming>) -> Result<Conn, Response<Body>>
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let Some(dst) = service_from_host(&host, &conn.source.key.namespace) else {
-        return Err(mesh_response(
-            StatusCode::BAD_REQUEST,
-            "outbound",
-            "unknown_host",
-            format!("{host:?} names no mesh service; use <name>.mesh or <name>.<namespace>.mesh\n"),
-        ));
+    let ns = &conn.source.key.namespace;
+    let Some(dst) = service_from_host(&host, ns) else {
+        return outside_mesh(conn, host);
     };
     if is_http_service(&conn.shared, &dst) == Some(false) {
         return Err(mesh_response(
@@ -240,14 +248,114 @@ fn by_host(conn: &Conn, req: &Request<Incoming>) -> Result<Conn, Response<Body>>
             format!("{dst} is a tcp service; declare it as an upstream instead\n"),
         ));
     }
-    Ok(Conn {
+    Ok(ByHost::Service(Box::new(for_service(conn, dst))))
+}
+
+/// The connection state of `conn` for requests to `dst`.
+fn for_service(conn: &Conn, dst: ServiceKey) -> Conn {
+    Conn {
         upstream: Arc::new(Upstream {
             service: dst,
             bind: conn.upstream.bind,
         }),
         by_host: false,
         ..conn.clone()
-    })
+    }
+}
+
+/// Where a request for `host`, which names no mesh service, goes: the ExternalService that has
+/// it, else the host itself under `allow_any`; refused under `registry_only`.
+fn outside_mesh(conn: &Conn, host: String) -> Result<ByHost, Response<Body>> {
+    let unknown = |why: String| {
+        conn.shared
+            .metrics
+            .reject(Direction::Outbound, "unknown_host");
+        mesh_response(StatusCode::BAD_REQUEST, "outbound", "unknown_host", why)
+    };
+    let Some(name) = mesh_api::policy::normalize_host(&host) else {
+        return Err(unknown(format!("{host:?} is not a host name\n")));
+    };
+    if name == "mesh" || name.ends_with(".mesh") {
+        return Err(unknown(format!(
+            "{host:?} names no mesh service; use <name>.mesh or <name>.<namespace>.mesh\n"
+        )));
+    }
+    let compiled = conn.shared.compiled();
+    let ns = conn.source.key.namespace.as_str();
+    if let Some(key) = compiled.external_for_host(&name, ns) {
+        return Ok(ByHost::Service(Box::new(for_service(conn, key.clone()))));
+    }
+    match compiled.policy.mesh_config().outbound_traffic {
+        OutboundTraffic::AllowAny => Ok(ByHost::Passthrough(host)),
+        OutboundTraffic::RegistryOnly => {
+            conn.shared
+                .metrics
+                .reject(Direction::Outbound, "registry_only");
+            warn!(src.service = %conn.source.key, host = %name, "request to a host outside the registry refused (outbound_traffic = registry_only)");
+            Err(mesh_response(
+                StatusCode::FORBIDDEN,
+                "outbound",
+                "registry_only",
+                format!(
+                    "{name} is neither a mesh service nor an ExternalService, and MeshConfig \
+                     outbound_traffic = \"registry_only\" refuses other hosts; apply an \
+                     ExternalService with hosts = [\"{name}\"] to allow it\n"
+                ),
+            ))
+        }
+    }
+}
+
+/// A request for a host outside the mesh under `allow_any`: sent there as it is, recorded
+/// under [`external::PASSTHROUGH`].
+async fn passthrough(conn: &Conn, host: String, mut req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = if method == http::Method::CONNECT {
+        mesh_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "outbound",
+            "connect_unsupported",
+            "CONNECT tunnels are not proxied; send plain HTTP\n".into(),
+        )
+    } else {
+        strip_mesh_owned(req.headers_mut());
+        let (parts, body) = req.into_parts();
+        external::passthrough(
+            &conn.shared,
+            &host,
+            Request::from_parts(parts, body.boxed()),
+        )
+        .await
+    };
+    let rec = observe::Record {
+        direction: Direction::Outbound,
+        started,
+        src_addr: conn.peer,
+        src_service: Some(conn.source.key.clone()),
+        src_identity: None,
+        mtls: false,
+        dst_service: external::passthrough_key(),
+        dst_addr: None,
+        kind: observe::Kind::Http {
+            method: method.as_str().to_owned(),
+            path,
+            status: resp.status().as_u16(),
+            grpc_status: None,
+            route: String::new(),
+            subset: String::new(),
+            attempts: 1,
+        },
+        decision: None,
+        trace_id: None,
+        error: (resp.headers().get(super::super::http::ERROR_HEADER))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    observe::finish(&conn.shared, rec);
+    resp
 }
 
 /// Routes and sends `req`; `Err` is the mesh's own error response.
@@ -273,6 +381,17 @@ async fn route_and_send(
     to_mesh_request(&mut parts, &conn.upstream.service)?;
     // Routes match the request as the app sent it (a GET, for an upgrade).
     let mut plan = plan(conn, &mut parts, log).await?;
+    if upgrade.is_some() && plan.dst.direct.is_some() {
+        return Err(mesh_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "outbound",
+            "upgrade_unsupported",
+            format!(
+                "{}: upgrades to external services are not proxied; declare it with protocol = \"tcp\"\n",
+                conn.upstream.service
+            ),
+        ));
+    }
     let body = match &upgrade {
         // Extended CONNECT (RFC 8441): the peer's meshd turns it back into the app's upgrade.
         Some((protocol, _)) => {
@@ -451,6 +570,9 @@ pub(crate) async fn fault(
 /// protocol. `None` when no instance is known.
 pub fn is_http_service(shared: &Shared, service: &ServiceKey) -> Option<bool> {
     let compiled = shared.compiled();
+    if let Some(ext) = compiled.external(service) {
+        return Some(ext.protocol == mesh_api::policy::ExternalProtocol::Http);
+    }
     (compiled.view.endpoints.get(service))
         .filter(|eps| !eps.is_empty())
         .map(|eps| eps.iter().any(|e| e.protocol.is_http()))

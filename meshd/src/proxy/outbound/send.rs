@@ -280,6 +280,12 @@ async fn attempt(
     plan: &Plan,
     req: Request<Body>,
 ) -> (Tried, Option<SocketAddr>) {
+    if let Some(client) = &plan.dst.direct {
+        return (
+            super::external::attempt(caller.shared, client, req).await,
+            None,
+        );
+    }
     // An idempotent request without a body may be sent again after its connection failed
     // under it (RFC 9110 §9.2.2): a host killed mid-request costs no error. Keep its head.
     let idempotent = is_idempotent(req.method()) && hyper::body::Body::is_end_stream(req.body());
@@ -415,7 +421,7 @@ async fn connection(
     let max_requests = (dst.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
         .and_then(|c| c.max_requests_per_connection);
-    let name = ServerName::try_from(dst.service.sni()).expect("service SNI is a valid DNS name");
+    let name = ServerName::try_from(dst.sni.clone()).expect("mesh server names are DNS names");
     let mut last = None;
     for (n, &i) in order.iter().enumerate() {
         let target = &dst.targets[i];

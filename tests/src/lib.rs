@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod proc;
 pub mod py;
 pub mod scratch;
+pub mod tls;
 
 pub use knobs::{can_run, scaled};
 use proc::wrap;

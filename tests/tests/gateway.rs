@@ -11,6 +11,7 @@ use std::process::Command;
 
 use mesh_e2e::Within as _;
 use mesh_e2e::http_app::{Client, HttpApp};
+use mesh_e2e::tls::TestCa;
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, http_get, next_ip};
 
 const GATEWAY_ID: &str = "spiffe://mesh.test/ns/default/svc/public";
@@ -315,37 +316,6 @@ async fn an_ingress_gateway_routes_outside_requests_into_the_mesh() {
     assert_eq!(field(&resp, "app"), "api");
 }
 
-/// A test CA and leaf certificates it signs (PEM).
-struct TestCa {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "edge test CA");
-        let key = rcgen::KeyPair::generate().unwrap();
-        Self {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    /// (certificate, key) for `names`, with `cn` as its subject (to tell renewals apart).
-    fn leaf(&self, names: &[&str], cn: &str) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = rcgen::CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// Writes `text` to `path` the way certificate tools do: a new file renamed over the old one.
 fn replace_file(path: &std::path::Path, text: &str) {
     let tmp = path.with_extension("tmp");
@@ -412,7 +382,7 @@ async fn https_ingress_terminates_tls_from_files_and_reloads_them_without_failin
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.issuer.pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
     let (shop_cert, shop_key) = ca.leaf(&["shop.example.com"], "shop-one");
     let (net_cert, net_key) = ca.leaf(&["*.example.net"], "net");
     let file = |name: &str| dir.path().join(name);
@@ -679,7 +649,7 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
 async fn tls_passes_through_by_sni_tcp_is_relayed_and_proxy_protocol_names_the_client() {
     let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
     let ca = TestCa::new();
-    let ca_pem = ca.issuer.pem();
+    let ca_pem = ca.pem();
     let (cert, key) = ca.leaf(&["secure.example.com"], "secure");
     let b_ip = next_ip();
     let secure = tls_echo(SocketAddr::new(b_ip.into(), 0), &cert, &key).await;

@@ -1,0 +1,409 @@
+//! ExternalServices on real processes: an app reaches HTTPS servers outside the mesh (their own
+//! CA, one requiring a client certificate) through its upstream ports and its `http_proxy`
+//! listener with TLS originated by its meshd — a server whose certificate does not name the
+//! expected host is refused — and a TLS-originated TCP service; `registry_only` refuses a host
+//! the mesh does not know while `allow_any` passes it through; and an ExternalService behind an
+//! egress gateway is reached only through the gateway's host, which authorizes each caller by
+//! identity.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use mesh_e2e::Within as _;
+use mesh_e2e::http_app::HttpApp;
+use mesh_e2e::tls::{HttpsServer, TestCa};
+use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
+
+/// curl's status line, headers and body, as one string.
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10"])
+        .args(args)
+        .within(mesh_e2e::CLI_TIMEOUT)
+        .expect("curl runs (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `key=value` from a report.
+fn field<'a>(resp: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    resp.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {key} in {resp}"))
+}
+
+fn mesh_error(resp: &str) -> String {
+    resp.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-mesh-error")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// Sends `data` over TCP to `addr` and reads as many bytes back.
+async fn echo_round_trip(addr: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(data).await?;
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut back)).await??;
+    Ok(back)
+}
+
+/// A TLS echo server (a database speaking TLS, say) with `cert_pem`.
+async fn tls_echo(addr: SocketAddr, cert_pem: &str, key_pem: &str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let chain = mesh_runtime::tls::parse_certs(cert_pem, "echo certificate").unwrap();
+    let key = mesh_runtime::tls::parse_key(key_pem, "echo key").unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(mesh_runtime::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An ExternalService resource.
+fn external(name: &str, host: &str, protocol: &str, addr: SocketAddr, tls: &str) -> String {
+    format!(
+        r#"
+[[resource]]
+kind = "ExternalService"
+name = "{name}"
+hosts = ["{host}"]
+port = {port}
+protocol = "{protocol}"
+endpoints = [{{ address = "{addr}" }}]
+[resource.tls]
+{tls}
+"#,
+        port = addr.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_reach_external_services_over_tls_the_mesh_originates() {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let ca_file = write(files.path(), "ca.pem", &ca.pem());
+    // "The internet": three servers of one provider, under its own CA.
+    let out_ip = next_ip();
+    let (cert, key) = ca.leaf(&["api.pay.example"], "api");
+    let api = HttpsServer::start(SocketAddr::new(out_ip.into(), 0), &cert, &key, None)
+        .await
+        .unwrap();
+    let (vcert, vkey) = ca.leaf(&["vault.pay.example"], "vault");
+    let vault = HttpsServer::start(
+        SocketAddr::new(out_ip.into(), 0),
+        &vcert,
+        &vkey,
+        Some(&ca.pem()),
+    )
+    .await
+    .unwrap();
+    let (lcert, lkey) = ca.leaf(&["ledger.pay.example"], "ledger");
+    let ledger = tls_echo(SocketAddr::new(out_ip.into(), 0), &lcert, &lkey).await;
+    let (ccert, ckey) = ca.leaf(&["web.client.example"], "web client");
+    let client_cert = write(files.path(), "client.pem", &ccert);
+    let client_key = write(files.path(), "client.key", &ckey);
+    // A plain HTTP server the mesh knows nothing about.
+    let plain = HttpApp::start(SocketAddr::new(out_ip.into(), 0), "plain")
+        .await
+        .unwrap();
+
+    let a_ip = next_ip();
+    let web = HttpApp::start(SocketAddr::new(a_ip.into(), 0), "web")
+        .await
+        .unwrap();
+    let up = |port: u16| SocketAddr::new(a_ip.into(), port);
+    let proxy = up(19100);
+    let mut svc = ServiceSpec::new("web", web.addr)
+        .protocol("http")
+        .upstream("pay", up(19101))
+        .upstream("pay-wrong-name", up(19102))
+        .upstream("vault", up(19103))
+        .upstream("ledger", up(19104));
+    svc.http_proxy = Some(proxy);
+    let mut a = NodeSpec::new("a", cluster.registry.token(&["web"], 1).unwrap());
+    a.ip = a_ip.into();
+    a.services = vec![svc];
+    cluster.add_spec(a).await.unwrap();
+    let a = cluster.nodes.last().unwrap();
+
+    let ca_only = format!("ca_file = \"{ca_file}\"");
+    let policy = [
+        external("pay", "api.pay.example", "http", api.addr, &ca_only),
+        // The same server under a name its certificate does not carry.
+        external(
+            "pay-wrong-name",
+            "wrong.pay.example",
+            "http",
+            api.addr,
+            &ca_only,
+        ),
+        external(
+            "vault",
+            "vault.pay.example",
+            "http",
+            vault.addr,
+            &format!("{ca_only}\ncert_file = \"{client_cert}\"\nkey_file = \"{client_key}\""),
+        ),
+        external("ledger", "ledger.pay.example", "tcp", ledger, &ca_only),
+    ]
+    .concat();
+    let rev = cluster.registry.apply("external.toml", &policy).unwrap();
+    a.wait_policy_revision(rev).await.unwrap();
+
+    // Upstream port: TLS originated, the service's host name sent.
+    let resp = curl(&[&format!("http://{}/orders?id=7", up(19101))]);
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(field(&resp, "host"), "api.pay.example");
+    assert_eq!(field(&resp, "path"), "/orders?id=7");
+    assert_eq!(field(&resp, "client_certs"), "0");
+    // http_proxy: the app names the external host.
+    let resp = curl(&[
+        "-x",
+        &format!("http://{proxy}"),
+        "http://api.pay.example/by-host",
+    ]);
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(field(&resp, "path"), "/by-host");
+    let served = api.requests();
+    assert_eq!(served, 2);
+
+    // A certificate that does not name the expected server is refused, nothing is sent.
+    let resp = curl(&[&format!("http://{}/x", up(19102))]);
+    assert_eq!(status(&resp), 502, "{resp}");
+    assert_eq!(mesh_error(&resp), "outbound/external_handshake", "{resp}");
+    assert!(resp.contains("wrong.pay.example"), "{resp}");
+    assert_eq!(api.requests(), served);
+
+    // A server that requires a client certificate gets the one from the files.
+    let resp = curl(&[&format!("http://{}/secret", up(19103))]);
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(field(&resp, "client_certs"), "1");
+
+    // TCP with TLS originated: the app speaks plaintext, the server TLS.
+    let back = echo_round_trip(up(19104), b"ledger entry 42")
+        .await
+        .unwrap();
+    assert_eq!(back, b"ledger entry 42");
+
+    // allow_any (the default): a host the mesh does not know is passed through as it is.
+    let plain_url = format!("http://{}/anything", plain.addr);
+    let via_proxy = [
+        "-x".to_owned(),
+        format!("http://{proxy}"),
+        plain_url.clone(),
+    ];
+    let via_proxy: Vec<&str> = via_proxy.iter().map(String::as_str).collect();
+    let resp = curl(&via_proxy);
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(field(&resp, "app"), "plain");
+
+    // registry_only: the same request is refused and says why; ExternalServices still work.
+    let mesh_config = "[[resource]]\nkind = \"MeshConfig\"\nname = \"default\"\noutbound_traffic = \"registry_only\"\n";
+    let rev = cluster.registry.apply("mesh.toml", mesh_config).unwrap();
+    a.wait_policy_revision(rev).await.unwrap();
+    let resp = curl(&via_proxy);
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert_eq!(mesh_error(&resp), "outbound/registry_only", "{resp}");
+    assert!(
+        resp.contains("neither a mesh service nor an ExternalService"),
+        "{resp}"
+    );
+    let resp = curl(&[
+        "-x",
+        &format!("http://{proxy}"),
+        "http://api.pay.example/still",
+    ]);
+    assert_eq!(status(&resp), 200, "{resp}");
+
+    // The requests are the mesh's to see: counted by destination.
+    let counted = a
+        .metric(
+            "meshd_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("destination", "default/pay"),
+                ("code", "200"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(counted, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_traffic_leaves_only_through_the_egress_gateway() {
+    let mut cluster = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let ca_file = write(files.path(), "ca.pem", &ca.pem());
+    let (cert, key) = ca.leaf(&["api.pay.example"], "api");
+    let api = HttpsServer::start(SocketAddr::new(next_ip().into(), 0), &cert, &key, None)
+        .await
+        .unwrap();
+    let (lcert, lkey) = ca.leaf(&["ledger.pay.example"], "ledger");
+    let ledger = tls_echo(SocketAddr::new(next_ip().into(), 0), &lcert, &lkey).await;
+
+    // The egress gateway's host.
+    let mut gw = NodeSpec::new("gw", cluster.registry.token(&["egress"], 1).unwrap());
+    gw.extra = "[gateway]\nnames = [\"default/egress\"]\n".to_owned();
+    cluster.add_spec(gw).await.unwrap();
+    // Two callers: web (allowed) and batch (not).
+    let mut up = Vec::new();
+    for name in ["web", "batch"] {
+        let ip = next_ip();
+        let app = HttpApp::start(SocketAddr::new(ip.into(), 0), name)
+            .await
+            .unwrap();
+        let (http_up, tcp_up) = (
+            SocketAddr::new(ip.into(), 19201),
+            SocketAddr::new(ip.into(), 19202),
+        );
+        let mut n = NodeSpec::new(name, cluster.registry.token(&[name], 1).unwrap());
+        n.ip = ip.into();
+        n.services = vec![
+            ServiceSpec::new(name, app.addr)
+                .protocol("http")
+                .upstream("pay", http_up)
+                .upstream("ledger", tcp_up),
+        ];
+        n.seeds = cluster.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
+        cluster.add_spec(n).await.unwrap();
+        cluster
+            .nodes
+            .last()
+            .unwrap()
+            .wait_endpoints("default/egress", 1)
+            .await
+            .unwrap();
+        up.push((http_up, tcp_up, app));
+    }
+    let ca_only = format!("ca_file = \"{ca_file}\"");
+    let via = "egress_gateway = \"egress\"\n";
+    let policy = format!(
+        "{}{}{}",
+        external("pay", "api.pay.example", "http", api.addr, &ca_only)
+            .replace("[resource.tls]", &format!("{via}[resource.tls]")),
+        external("ledger", "ledger.pay.example", "tcp", ledger, &ca_only)
+            .replace("[resource.tls]", &format!("{via}[resource.tls]")),
+        r#"
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "pay-from-web"
+selector = { service = "pay" }
+rules = [{ from = [{ principals = ["spiffe://mesh.test/ns/default/svc/web"] }] }]
+
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "ledger-from-web"
+selector = { service = "ledger" }
+rules = [{ from = [{ principals = ["spiffe://mesh.test/ns/default/svc/web"] }] }]
+"#
+    );
+    let rev = cluster.registry.apply("egress.toml", &policy).unwrap();
+    for n in &cluster.nodes {
+        n.wait_policy_revision(rev).await.unwrap();
+    }
+    let (web_http, web_tcp, _) = &up[0];
+    let (batch_http, batch_tcp, _) = &up[1];
+
+    // web's request leaves through the gateway, which originates TLS.
+    let resp = curl(&[&format!("http://{web_http}/charge")]);
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(field(&resp, "host"), "api.pay.example");
+    assert_eq!(field(&resp, "path"), "/charge");
+    let gw_node = &cluster.nodes[0];
+    let at_gateway = gw_node
+        .metric(
+            "meshd_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("source", "default/web"),
+                ("destination", "default/pay"),
+                ("code", "200"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(at_gateway, 1.0, "the gateway carried it");
+    let back = echo_round_trip(*web_tcp, b"debit 7").await.unwrap();
+    assert_eq!(back, b"debit 7");
+
+    // batch is refused at the gateway, by identity; nothing reaches the server.
+    let served = api.requests();
+    let resp = curl(&[&format!("http://{batch_http}/charge")]);
+    assert_eq!(status(&resp), 403, "{resp}");
+    assert!(
+        resp.contains(
+            "spiffe://mesh.test/ns/default/svc/batch may not call GET /charge on default/pay"
+        ),
+        "{resp}"
+    );
+    assert_eq!(api.requests(), served);
+    assert!(
+        echo_round_trip(*batch_tcp, b"debit 8").await.is_err(),
+        "the gateway resets a caller the policy does not allow"
+    );
+
+    // Without the gateway there is no way out: the callers' hosts never dial the service.
+    cluster.nodes[0].kill9();
+    mesh_e2e::eventually(
+        mesh_e2e::WAIT,
+        "requests fail without the gateway",
+        || async {
+            let resp = curl(&[&format!("http://{web_http}/charge")]);
+            (status(&resp) >= 500).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let resp = curl(&[&format!("http://{web_http}/charge")]);
+    assert!(status(&resp) >= 500, "{resp}");
+    assert_eq!(api.requests(), served, "no request left any other way");
+}

@@ -75,6 +75,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         crate::report::watch_listeners(config_rx.clone(), warnings.source(), shutdown_rx.clone())
             .instrument(info_span!("listeners")),
     );
+    tasks.spawn(crate::report::watch_source(
+        gateways_rx.clone(),
+        warnings.source(),
+        shutdown_rx.clone(),
+        crate::report::gateway_warnings,
+    ));
     // The persisted policy first: with the registry down it is what we enforce.
     let (discovery, policy) = Discovery::load(&config.data_dir, metrics.policy.clone());
     tasks.spawn(
@@ -228,6 +234,12 @@ impl Node {
             shutdown_rx.clone(),
         );
         let _ = self.cells.view.set(compiled_view_rx);
+        (self.tasks).spawn(crate::report::watch_source(
+            compiled_rx.clone(),
+            self.warnings.source(),
+            shutdown_rx.clone(),
+            crate::report::external_warnings,
+        ));
         let _ = self.cells.liveness.set(membership.liveness());
         let members = self.metrics.gossip.members.clone();
         (self.tasks).spawn(count_members(view_rx.clone(), members, shutdown_rx.clone()));

@@ -211,6 +211,60 @@ pub async fn watch_unreadable_policy(
     }
 }
 
+/// Publishes, as warnings, what `to_warnings` finds in each value of `rx`, until `shutdown`:
+/// for components whose state already says what is wrong (gateway status, compiled proxy).
+pub async fn watch_source<T>(
+    mut rx: watch::Receiver<T>,
+    warnings_tx: watch::Sender<Arc<Vec<Warning>>>,
+    mut shutdown: watch::Receiver<bool>,
+    to_warnings: impl Fn(&T) -> Vec<Warning>,
+) {
+    loop {
+        let warnings = to_warnings(&rx.borrow_and_update());
+        if **warnings_tx.borrow() != warnings {
+            warnings_tx.send_replace(Arc::new(warnings));
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Warning code of a gateway whose latest policy this host refused.
+pub const WARNING_GATEWAY_REFUSED: &str = "gateway_refused";
+
+/// The warnings of the gateways this host runs: each refused revision.
+pub fn gateway_warnings(statuses: &crate::admin::Gateways) -> Vec<Warning> {
+    (statuses.iter())
+        .filter_map(|(name, status)| match status {
+            crate::proxy::gateway::run::Status::Refused { revision, error } => Some(Warning::new(
+                WARNING_GATEWAY_REFUSED,
+                format!("gateway {name}: policy revision {revision} refused on this host, the previous listeners stay: {error}"),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Warning code of an ExternalService whose TLS files this host cannot use.
+pub const WARNING_EXTERNAL_TLS: &str = "external_tls";
+
+/// The warnings of the ExternalServices this host reaches: TLS files it cannot use.
+pub fn external_warnings(compiled: &Arc<crate::proxy::compiled::Compiled>) -> Vec<Warning> {
+    let mut out: Vec<Warning> = (compiled.external_clients())
+        .filter_map(|c| {
+            let problem = c.tls_problem()?;
+            Some(Warning::new(
+                WARNING_EXTERNAL_TLS,
+                format!("ExternalService {}: {problem}; connections to it fail on this host", c.key),
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Warning code of a policy resource this node could not read.
 pub const WARNING_POLICY_UNREADABLE: &str = "policy_unreadable";
 

@@ -192,6 +192,14 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
             &format!("{ca_only}\ncert_file = \"{client_cert}\"\nkey_file = \"{client_key}\""),
         ),
         external("ledger", "ledger.pay.example", "tcp", ledger, &ca_only),
+        // Its CA file is missing on this host: refused with the reason, and reported.
+        external(
+            "broken",
+            "broken.pay.example",
+            "http",
+            api.addr,
+            "ca_file = \"/nonexistent/meshd-test/ca.pem\"",
+        ),
     ]
     .concat();
     let rev = cluster.registry.apply("external.toml", &policy).unwrap();
@@ -231,6 +239,26 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
         .await
         .unwrap();
     assert_eq!(back, b"ledger entry 42");
+
+    // A service whose TLS files this host cannot read: 503 naming the file, and a warning in
+    // `meshctl check`.
+    let resp = curl(&[
+        "-x",
+        &format!("http://{proxy}"),
+        "http://broken.pay.example/",
+    ]);
+    assert_eq!(status(&resp), 503, "{resp}");
+    assert_eq!(mesh_error(&resp), "outbound/external_tls_config", "{resp}");
+    assert!(resp.contains("/nonexistent/meshd-test/ca.pem"), "{resp}");
+    let registry = &cluster.registry;
+    mesh_e2e::eventually(mesh_e2e::WAIT, "meshctl check reports the TLS files", || async {
+        let out = registry.meshctl(&["check"]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("a: external_tls: ExternalService default/broken: /nonexistent/meshd-test/ca.pem: cannot read")
+            .then_some(())
+    })
+    .await
+    .unwrap();
 
     // allow_any (the default): a host the mesh does not know is passed through as it is.
     let plain_url = format!("http://{}/anything", plain.addr);

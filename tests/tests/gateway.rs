@@ -296,6 +296,16 @@ async fn an_ingress_gateway_routes_outside_requests_into_the_mesh() {
     .await;
     let resp = curl(&["-H", "Host: shop.example.com", &url]);
     assert_eq!(status(&resp), 200, "the old listeners still serve: {resp}");
+    let registry = &cluster.registry;
+    mesh_e2e::eventually(WAIT, "meshctl check reports the refusal", || async {
+        let out = registry.meshctl(&["check"]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.contains("gw: gateway_refused: gateway default/public: policy revision")
+            && text.contains("18082"))
+        .then_some(())
+    })
+    .await
+    .unwrap();
     drop(taken);
     // The next revision (the same declaration again) applies once the address is free.
     let rev = cluster

@@ -184,6 +184,11 @@ impl Compiled {
         self.destinations.get(service)?.external.as_ref()
     }
 
+    /// Every ExternalService client of this host.
+    pub fn external_clients(&self) -> impl Iterator<Item = &Arc<ExternalClient>> {
+        self.clients.values()
+    }
+
     /// The client of an ExternalService this host reaches itself (also as its egress gateway).
     pub fn external_client(&self, service: &ServiceKey) -> Option<&Arc<ExternalClient>> {
         self.clients.get(service)

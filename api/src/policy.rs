@@ -1,6 +1,6 @@
 //! Policy resources: the typed, validated model of everything an operator applies with
 //! `meshctl apply -f` — AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy,
-//! RateLimit, SLO, Gateway and MeshConfig — and of the two the registry writes itself and pushes
+//! RateLimit, SLO, Gateway, ExternalService and MeshConfig — and of the two the registry writes itself and pushes
 //! the same way (Revocation, the deny-list; TrustBundle, the roots), their TOML file format,
 //! their canonical JSON wire form, and (in [`authz`]) the pure authorization and mTLS decisions
 //! over a [`Snapshot`].
@@ -100,6 +100,15 @@
 //!   gateway onto a host that did not opt in. TLS termination reads certificate files on those
 //!   hosts (no Kubernetes secrets); `tls` listeners pass TLS through to one `service` by SNI.
 //!   The gateway's identity is the workload identity of the service named like the Gateway.
+//! * ExternalService (Istio `ServiceEntry` + the `DestinationRule` of its TLS origination, in one
+//!   resource): `hosts` (exact names; no wildcards, since the mesh dials them), one `port`,
+//!   `protocol` `http` | `tcp`, static `endpoints` with locality or DNS of the first host, and
+//!   `tls` with a mandatory `ca_file` and a server name that is always verified (Istio lets
+//!   `SIMPLE` origination skip SAN checks). `egress_gateway` names a gateway the traffic must
+//!   leave through (Istio needs a Gateway, a VirtualService and a DestinationRule for that); it
+//!   is authorized there by the caller's identity with AuthorizationPolicies selecting the
+//!   ExternalService by name. `MeshConfig.outbound_traffic` is Istio's
+//!   `outboundTrafficPolicy.mode` (`allow_any` | `registry_only`).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -257,7 +257,10 @@ pub fn external_warnings(compiled: &Arc<crate::proxy::compiled::Compiled>) -> Ve
             let problem = c.tls_problem()?;
             Some(Warning::new(
                 WARNING_EXTERNAL_TLS,
-                format!("ExternalService {}: {problem}; connections to it fail on this host", c.key),
+                format!(
+                    "ExternalService {}: {problem}; connections to it fail on this host",
+                    c.key
+                ),
             ))
         })
         .collect();

@@ -74,9 +74,10 @@ allow_remote = false
 grace_period = "15s"
 
 [gateway]
-# Gateway resources this host runs ("namespace/name", e.g. "default/public"); none by default.
-# Their listeners come from the policy; each gateway's identity is the service named like it,
-# which this host's join token must allow.
+# Gateways this host runs ("namespace/name", e.g. "default/public"); none by default. An
+# ingress gateway's listeners come from its Gateway resource; an egress gateway needs none
+# (ExternalServices name it in `egress_gateway`). Each gateway's identity is the service named
+# like it, which this host's join token must allow.
 names = []
 
 [telemetry]

@@ -278,7 +278,7 @@ async fn start(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Resul
         );
         let token = wait_until(procs, &what, STARTUP_TIMEOUT, || async {
             let request = pb::CreateTokenRequest {
-                services: vec![node.service.clone()],
+                services: node.identities(),
                 uses: 1,
                 ..Default::default()
             };
@@ -288,6 +288,7 @@ async fn start(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Resul
         .token;
         layout.write_node(node, &token)?;
     }
+    apply_policy(&client, layout).await?;
     for node in &layout.nodes {
         let listen = node.app.to_string();
         let args = [
@@ -315,6 +316,41 @@ async fn start(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Resul
     println!("meshd dev: waiting for the nodes to join and see each other");
     wait_converged(layout, procs).await?;
     self_check(layout, procs).await
+}
+
+/// Writes the demo policy next to the nodes and applies it, before any node joins: the mesh
+/// starts with its routes and authorization in force.
+async fn apply_policy(
+    client: &mesh_client::registry::Client,
+    layout: &Layout,
+) -> anyhow::Result<()> {
+    let text = layout.policy_toml();
+    let file = layout.policy_file();
+    std::fs::write(&file, &text).with_context(|| format!("writing {}", file.display()))?;
+    let resources =
+        mesh_api::policy::parse_file(&file.display().to_string(), &text).map_err(|problems| {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("the demo policy does not parse:\n{}", lines.join("\n"))
+        })?;
+    let wire = resources
+        .iter()
+        .map(|r| pb::Resource {
+            kind: r.key.kind.as_str().to_owned(),
+            namespace: r.key.namespace.to_string(),
+            name: r.key.name.to_string(),
+            spec_json: r.spec_json(),
+            ..Default::default()
+        })
+        .collect();
+    client
+        .apply(pb::ApplyRequest {
+            resources: wire,
+            dry_run: false,
+        })
+        .await
+        .context("applying the demo policy")?;
+    println!("meshd dev: policy applied ({})", file.display());
+    Ok(())
 }
 
 async fn start_registry(bins: &Bins, layout: &Layout, procs: &mut Procs) -> anyhow::Result<()> {

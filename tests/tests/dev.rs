@@ -71,6 +71,24 @@ async fn meshd_dev_runs_a_working_mesh_and_stops_cleanly() {
         text.contains("refused"),
         "plaintext to an inbound port is refused: {text}"
     );
+    // The L7 showcase: the ingress gateway routes by path, policy denies with its name.
+    assert!(
+        text.contains("GET / via the gateway: hello from web on n1")
+            && text.contains("GET /api/orders via the gateway: hello from api on n2"),
+        "gateway self-check: {text}"
+    );
+    assert!(
+        text.contains("GET /admin on api: 403 RBAC: access denied")
+            && text.contains("AuthorizationPolicy/default/api-no-admin"),
+        "policy self-check: {text}"
+    );
+    let gateway = format!("127.0.0.1:{}", base + 15);
+    let (code, body) = mesh_e2e::http_get(&gateway, "/api/x").await.unwrap();
+    assert_eq!(
+        (code, body.starts_with("hello from api on n2")),
+        (200, true),
+        "{body}"
+    );
 
     // The upstream port printed in the walk-through carries traffic.
     let upstream = format!("127.0.0.1:{}", base + 14);

@@ -169,6 +169,7 @@ pub(super) async fn self_check(layout: &Layout, procs: &mut Procs) -> anyhow::Re
         .collect();
     println!("  answered by {}", summary.join(", "));
 
+    check_edge_and_policy(layout, procs).await?;
     if let Some(api) = layout.nodes.get(1) {
         println!(
             "meshd dev: plaintext to {}'s inbound port {}: {}",
@@ -181,7 +182,50 @@ pub(super) async fn self_check(layout: &Layout, procs: &mut Procs) -> anyhow::Re
 }
 
 /// A plain HTTP/1.1 GET; returns the body of a 200 answer.
+/// The ingress gateway routes by path, and policy answers: `/` reaches web, `/api/` reaches api
+/// (as the gateway's identity), and `/admin` on api is denied with the deciding policy named.
+async fn check_edge_and_policy(layout: &Layout, procs: &mut Procs) -> anyhow::Result<()> {
+    let gw = layout.gateway;
+    println!("meshd dev: self-check: the ingress gateway on {gw} and the policy");
+    for (path, want) in [
+        ("/", "hello from web on n1"),
+        ("/api/orders", "hello from api on "),
+    ] {
+        let what = format!("GET http://{gw}{path} to answer {want:?}");
+        let body = wait_until(procs, &what, SELF_CHECK_TIMEOUT, || async {
+            let (status, body) = http_request(gw, path).await?;
+            if status == 200 && body.starts_with(want) {
+                return Ok(body);
+            }
+            bail!("answered {status}: {}", body.trim_end())
+        })
+        .await?;
+        println!("  GET {path} via the gateway: {}", body.trim_end());
+    }
+    let up = (layout.nodes[0].upstream).context("the layout gives n1 an upstream to api")?;
+    let what = format!("GET http://{up}/admin to be denied");
+    let body = wait_until(procs, &what, SELF_CHECK_TIMEOUT, || async {
+        let (status, body) = http_request(up, "/admin").await?;
+        if status == 403 {
+            return Ok(body);
+        }
+        bail!("answered {status}: {}", body.trim_end())
+    })
+    .await?;
+    println!("  GET /admin on api: 403 {}", body.trim_end());
+    Ok(())
+}
+
 async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let (status, body) = http_request(addr, path).await?;
+    if status != 200 {
+        bail!("answer: {status} {}", body.trim_end());
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.1 GET: the status and the body.
+async fn http_request(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
@@ -200,10 +244,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         bail!("no HTTP answer ({} bytes)", buf.len());
     };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("answer: {}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
+    let status = (head.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {:?}", head.lines().next()))?;
+    Ok((status, body.to_owned()))
 }
 
 /// What happens to a plaintext HTTP request sent to an mTLS inbound port.

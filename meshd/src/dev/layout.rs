@@ -29,6 +29,8 @@ pub struct Layout {
     pub registry_admin: SocketAddr,
     /// The nodes, `n1` first.
     pub nodes: Vec<Node>,
+    /// The `http` listener of the ingress gateway `public`, which n1 runs.
+    pub gateway: SocketAddr,
 }
 
 /// One node: its meshd listeners and the one demo service it runs.
@@ -95,6 +97,7 @@ impl Layout {
             registry: local(base_port),
             registry_admin: local(base_port + 1),
             nodes,
+            gateway: local(base_port + PORTS_PER_NODE + 5),
         })
     }
 
@@ -111,6 +114,11 @@ impl Layout {
     /// The registry's config file.
     pub fn registry_config(&self) -> PathBuf {
         self.registry_dir().join("registry.toml")
+    }
+
+    /// The policy `meshd dev` applies (kept for the user to edit and apply again).
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.join("policy.toml")
     }
 
     /// The registry's log.
@@ -153,6 +161,7 @@ impl Layout {
                 out.push((u, format!("{} upstream to api", n.name)));
             }
         }
+        out.push((self.gateway, "n1 ingress gateway".to_owned()));
         out
     }
 
@@ -204,7 +213,12 @@ bind = "{admin}"
 
 [drain]
 grace_period = "{DEV_DRAIN_GRACE}"
-"#,
+{gateway}"#,
+            gateway = if node.runs_gateway() {
+                format!("\n[gateway]\nnames = [\"default/{GATEWAY}\"]\n")
+            } else {
+                String::new()
+            },
             name = node.name,
             registry = self.registry,
             gossip = node.gossip,
@@ -212,15 +226,110 @@ grace_period = "{DEV_DRAIN_GRACE}"
             admin = node.admin,
         )
     }
+
+    /// The demo policy: api's versions as subsets, canary requests (`x-canary: 1`) to v2 when
+    /// a node runs it, api callable by web and the gateway only and never on `/admin`, and the
+    /// gateway's routes (`/api/` to api, the rest to web).
+    pub fn policy_toml(&self) -> String {
+        let canary = if self
+            .nodes
+            .iter()
+            .any(|n| n.service == "api" && n.version() == "v2")
+        {
+            "[[resource.http]]\nname = \"canary\"\nmatch = [{ headers = { \"x-canary\" = { exact = \"1\" } } }]\nroute = [{ subset = \"v2\" }]\n"
+        } else {
+            ""
+        };
+        let td = TRUST_DOMAIN;
+        format!(
+            r#"# Written by `meshd dev`: the demo mesh's policy. Edit it and apply it again with
+#   meshctl --credentials {admin} apply -f {file}
+
+[[resource]]
+kind = "DestinationPolicy"
+name = "api"
+service = "api"
+load_balancer = "round_robin"
+[[resource.subsets]]
+name = "v1"
+labels = {{ version = "v1" }}
+[[resource.subsets]]
+name = "v2"
+labels = {{ version = "v2" }}
+
+[[resource]]
+kind = "Route"
+name = "api"
+service = "api"
+{canary}[[resource.http]]
+name = "default"
+route = [{{ weight = 100 }}]
+retries = {{ attempts = 2, retry_on = ["connect-failure", "reset"] }}
+
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "api-from-web-and-the-gateway"
+selector = {{ service = "api" }}
+rules = [{{ from = [{{ principals = ["spiffe://{td}/ns/default/svc/web", "spiffe://{td}/ns/default/svc/{GATEWAY}"] }}] }}]
+
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "api-no-admin"
+action = "deny"
+selector = {{ service = "api" }}
+rules = [{{ to = [{{ paths = ["/admin", "/admin/*"] }}] }}]
+
+[[resource]]
+kind = "Gateway"
+name = "{GATEWAY}"
+[[resource.listeners]]
+name = "web"
+bind = "{gateway}"
+protocol = "http"
+
+[[resource]]
+kind = "Route"
+name = "edge"
+gateways = ["{GATEWAY}"]
+[[resource.http]]
+name = "api"
+match = [{{ path = {{ prefix = "/api/" }} }}]
+route = [{{ service = "api" }}]
+[[resource.http]]
+name = "site"
+route = [{{ service = "web" }}]
+"#,
+            admin = self.admin_dir().display(),
+            file = self.policy_file().display(),
+            gateway = self.gateway,
+        )
+    }
 }
+
+/// The ingress gateway n1 runs.
+pub const GATEWAY: &str = "public";
 
 // === impl Node ===
 
 impl Node {
+    /// Whether this node runs the ingress gateway (n1 does).
+    pub fn runs_gateway(&self) -> bool {
+        self.upstream.is_some()
+    }
+
+    /// The services this node's join token must allow: its own, and the gateway's.
+    pub fn identities(&self) -> Vec<String> {
+        let mut out = vec![self.service.clone()];
+        if self.runs_gateway() {
+            out.push(GATEWAY.to_owned());
+        }
+        out
+    }
+
     /// The node's one service file.
     pub fn service_toml(&self) -> String {
         let mut s = format!(
-            "# Written by `meshd dev`: the {} demo-app on {}.\nname = \"{}\"\naddress = \"{}\"\n",
+            "# Written by `meshd dev`: the {} demo-app on {}.\nname = \"{}\"\naddress = \"{}\"\nprotocol = \"http\"\n",
             self.service, self.name, self.service, self.app
         );
         if !self.labels.is_empty() {

@@ -67,13 +67,52 @@ pub(super) fn print(layout: &Layout, bins: &Bins, procs: &Procs, removed_on_exit
     try_cmd(
         &format!("curl http://{up}/"),
         &[
-            "web's upstream to api: meshd on n1 carries each connection over mTLS to an api",
-            "instance, round robin (\"hello from api on n2\", then n3, ...)",
+            "web's upstream to api: meshd on n1 sends each request over mTLS to an api",
+            "instance, round robin (DestinationPolicy api): \"hello from api on n2\", then n3, ...",
         ],
     );
     try_cmd(
-        &format!("curl 'http://{up}/echo?hi'"),
-        &["the same; the api app also echoes the request it received"],
+        &format!("curl -i http://{up}/admin"),
+        &[
+            "403 from api's meshd: AuthorizationPolicy api-no-admin denies /admin, and the body",
+            "says so; api also admits only web and the gateway (api-from-web-and-the-gateway)",
+        ],
+    );
+    if layout
+        .nodes
+        .iter()
+        .any(|n| n.service == "api" && n.version() == "v2")
+    {
+        try_cmd(
+            &format!("curl -H 'x-canary: 1' http://{up}/"),
+            &["Route api sends canary requests to subset v2 (the v2 nodes) only"],
+        );
+    }
+    try_cmd(
+        &format!(
+            "curl http://{}/ ; curl http://{}/api/orders",
+            layout.gateway, layout.gateway
+        ),
+        &[
+            "the ingress gateway on n1 (Gateway public, Route edge): the site to web, /api/ to",
+            "api, called with the gateway's own identity",
+        ],
+    );
+    try_cmd(
+        &format!(
+            "{meshctl} --credentials {} get gateway public -o wide",
+            admin_dir.display()
+        ),
+        &["the gateway's listeners and the Routes attached to each (or why not)"],
+    );
+    try_cmd(
+        &format!(
+            "$EDITOR {} && {meshctl} --credentials {} apply -f {}",
+            layout.policy_file().display(),
+            admin_dir.display(),
+            layout.policy_file().display()
+        ),
+        &["change the routes or the authorization: every node follows within a second"],
     );
     try_cmd(
         &format!("curl http://{}/metrics", web.admin),

@@ -467,6 +467,17 @@ impl Resource {
     pub fn spec_json(&self) -> String {
         serde_json::to_string(&self.spec).expect("policy specs serialise to JSON")
     }
+
+    /// The resource as `meshctl apply` sends it (the registry sets revision and author).
+    pub fn to_proto(&self) -> crate::proto::v1::Resource {
+        crate::proto::v1::Resource {
+            kind: self.key.kind.as_str().to_owned(),
+            namespace: self.key.namespace.to_string(),
+            name: self.key.name.to_string(),
+            spec_json: self.spec_json(),
+            ..Default::default()
+        }
+    }
 }
 
 pub(crate) fn root_namespace() -> Label {

@@ -175,13 +175,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Resource>, Error> {
 
 /// A resource in its wire form.
 pub fn wire(r: &Resource) -> pb::Resource {
-    pb::Resource {
-        kind: r.key.kind.as_str().to_owned(),
-        namespace: r.key.namespace.to_string(),
-        name: r.key.name.to_string(),
-        spec_json: r.spec_json(),
-        ..Default::default()
-    }
+    r.to_proto()
 }
 
 // === commands ===

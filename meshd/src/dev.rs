@@ -334,13 +334,7 @@ async fn apply_policy(
         })?;
     let wire = resources
         .iter()
-        .map(|r| pb::Resource {
-            kind: r.key.kind.as_str().to_owned(),
-            namespace: r.key.namespace.to_string(),
-            name: r.key.name.to_string(),
-            spec_json: r.spec_json(),
-            ..Default::default()
-        })
+        .map(mesh_api::policy::Resource::to_proto)
         .collect();
     client
         .apply(pb::ApplyRequest {

@@ -136,3 +136,37 @@ impl HttpsServer {
         self.requests.load(Ordering::SeqCst)
     }
 }
+
+/// A TLS echo server with `cert_pem`: an app that terminates its own TLS (behind a passthrough
+/// listener), or a database outside the mesh speaking TLS.
+pub async fn tls_echo(addr: SocketAddr, cert_pem: &str, key_pem: &str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let chain = mesh_runtime::tls::parse_certs(cert_pem, "echo certificate").expect("certificate");
+    let key = mesh_runtime::tls::parse_key(key_pem, "echo key").expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(mesh_runtime::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("certificate and key match");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let addr = l.local_addr().expect("bound address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

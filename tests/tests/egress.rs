@@ -13,7 +13,7 @@ use std::process::Command;
 
 use mesh_e2e::Within as _;
 use mesh_e2e::http_app::HttpApp;
-use mesh_e2e::tls::{HttpsServer, TestCa};
+use mesh_e2e::tls::{HttpsServer, TestCa, tls_echo};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
 
 /// curl's status line, headers and body, as one string.
@@ -70,39 +70,6 @@ async fn echo_round_trip(addr: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8
     let mut back = vec![0u8; data.len()];
     tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut back)).await??;
     Ok(back)
-}
-
-/// A TLS echo server (a database speaking TLS, say) with `cert_pem`.
-async fn tls_echo(addr: SocketAddr, cert_pem: &str, key_pem: &str) -> SocketAddr {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let chain = mesh_runtime::tls::parse_certs(cert_pem, "echo certificate").unwrap();
-    let key = mesh_runtime::tls::parse_key(key_pem, "echo key").unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(mesh_runtime::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = tls.read(&mut buf).await {
-                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// An ExternalService resource.

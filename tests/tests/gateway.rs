@@ -11,7 +11,7 @@ use std::process::Command;
 
 use mesh_e2e::Within as _;
 use mesh_e2e::http_app::{Client, HttpApp};
-use mesh_e2e::tls::TestCa;
+use mesh_e2e::tls::{TestCa, tls_echo};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, http_get, next_ip};
 
 const GATEWAY_ID: &str = "spiffe://mesh.test/ns/default/svc/public";
@@ -586,39 +586,6 @@ route = [{{ service = "api" }}]
     .await;
     let (code, out, err) = curl_tls(&ca_file, "shop.example.com", https, "/x", &[]);
     assert_eq!((code, status(&out)), (0, 200), "{err}");
-}
-
-/// A TLS echo server: the app that terminates its own TLS behind a passthrough listener.
-async fn tls_echo(addr: SocketAddr, cert_pem: &str, key_pem: &str) -> SocketAddr {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let chain = mesh_runtime::tls::parse_certs(cert_pem, "app certificate").unwrap();
-    let key = mesh_runtime::tls::parse_key(key_pem, "app key").unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(mesh_runtime::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = tls.read(&mut buf).await {
-                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// Connects over TLS to `addr` with SNI `host`, trusting `ca_pem`; sends `data` and reads as

@@ -46,13 +46,7 @@ fn wire() -> Vec<pb::Resource> {
     parse_file("t.toml", POLICIES)
         .expect("test policies parse")
         .iter()
-        .map(|r| pb::Resource {
-            kind: r.key.kind.as_str().to_owned(),
-            namespace: r.key.namespace.to_string(),
-            name: r.key.name.to_string(),
-            spec_json: r.spec_json(),
-            ..Default::default()
-        })
+        .map(mesh_api::policy::Resource::to_proto)
         .collect()
 }
 

@@ -92,47 +92,15 @@ impl Compiled {
         let externals = external_services(&policy);
         let reuse = prev.filter(|p| same_policy && p.settings == settings);
         let clients = clients(&externals, config, &settings, reuse);
-        let upstreams =
-            (config.services.iter()).flat_map(|s| s.upstreams.iter().map(|u| &u.service));
-        let mut destinations = HashMap::new();
-        for service in view
-            .endpoints
-            .keys()
-            .chain(upstreams)
-            .chain(externals.keys())
-        {
-            if destinations.contains_key(service) {
-                continue;
-            }
-            let old = prev.and_then(|p| p.destinations.get(service));
-            let external = externals.get(service).cloned();
-            let direct = clients.get(service).cloned();
-            // Behind an egress gateway this host does not run: the gateway's hosts.
-            let (sni, via) = match (&external, &direct) {
-                (Some(ext), None) => egress_route(service, ext),
-                _ => (service.sni(), service.clone()),
-            };
-            let eps = match direct {
-                Some(_) => &[][..],
-                None => view.endpoints.get(&via).map_or(&[][..], Vec::as_slice),
-            };
-            let targets = match old {
-                Some(d) if same_view && d.sni == sni => Arc::clone(&d.targets),
-                _ => targets(eps, old.map(|d| &d.targets[..])),
-            };
-            let dst = Destination {
-                service: service.clone(),
-                policy: routes.destination(service).cloned(),
-                route: routes.route(service).cloned(),
-                targets,
-                breaker: old.map(|d| d.breaker.clone()).unwrap_or_default(),
-                budget: old.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
-                sni,
-                external,
-                direct,
-            };
-            destinations.insert(service.clone(), Arc::new(dst));
-        }
+        let inputs = Inputs {
+            prev,
+            view: &view,
+            routes: &routes,
+            externals: &externals,
+            clients: &clients,
+            same_view,
+        };
+        let destinations = destinations(&inputs, config);
         let mut external_hosts: HashMap<String, Vec<ServiceKey>> = HashMap::new();
         for (key, ext) in &externals {
             for h in &ext.hosts {
@@ -142,22 +110,7 @@ impl Compiled {
                     .push(key.clone());
             }
         }
-        let limiters = (config.services.iter())
-            .map(|s| {
-                let old = prev.and_then(|p| p.limiters.get(&s.key));
-                let limiter = match old {
-                    Some(l) if same_policy => Arc::clone(l),
-                    _ => {
-                        let mut new = Limiter::new(&policy, &s.key);
-                        if let Some(old) = old {
-                            new.carry_over(old);
-                        }
-                        Arc::new(new)
-                    }
-                };
-                (s.key.clone(), limiter)
-            })
-            .collect();
+        let limiters = limiters(prev, &policy, config, same_policy);
         Self {
             policy,
             view,
@@ -217,6 +170,95 @@ impl Compiled {
     pub fn limiter(&self, service: &ServiceKey) -> Option<&Arc<Limiter>> {
         self.limiters.get(service)
     }
+}
+
+/// What [`destinations`] compiles from.
+struct Inputs<'a> {
+    prev: Option<&'a Compiled>,
+    view: &'a MeshView,
+    routes: &'a route::Table,
+    externals: &'a HashMap<ServiceKey, Arc<ExternalService>>,
+    clients: &'a HashMap<ServiceKey, Arc<ExternalClient>>,
+    same_view: bool,
+}
+
+/// Every destination this node may send to: the services gossip knows, the upstreams of
+/// `config` and the ExternalServices, each with its state carried over from `prev`.
+fn destinations(i: &Inputs<'_>, config: &Config) -> HashMap<ServiceKey, Arc<Destination>> {
+    let Inputs {
+        prev,
+        view,
+        routes,
+        externals,
+        clients,
+        same_view,
+    } = *i;
+    let upstreams = (config.services.iter()).flat_map(|s| s.upstreams.iter().map(|u| &u.service));
+    let mut destinations = HashMap::new();
+    for service in view
+        .endpoints
+        .keys()
+        .chain(upstreams)
+        .chain(externals.keys())
+    {
+        if destinations.contains_key(service) {
+            continue;
+        }
+        let old = prev.and_then(|p| p.destinations.get(service));
+        let external = externals.get(service).cloned();
+        let direct = clients.get(service).cloned();
+        // Behind an egress gateway this host does not run: the gateway's hosts.
+        let (sni, via) = match (&external, &direct) {
+            (Some(ext), None) => egress_route(service, ext),
+            _ => (service.sni(), service.clone()),
+        };
+        let eps = match direct {
+            Some(_) => &[][..],
+            None => view.endpoints.get(&via).map_or(&[][..], Vec::as_slice),
+        };
+        let targets = match old {
+            Some(d) if same_view && d.sni == sni => Arc::clone(&d.targets),
+            _ => targets(eps, old.map(|d| &d.targets[..])),
+        };
+        let dst = Destination {
+            service: service.clone(),
+            policy: routes.destination(service).cloned(),
+            route: routes.route(service).cloned(),
+            targets,
+            breaker: old.map(|d| d.breaker.clone()).unwrap_or_default(),
+            budget: old.map(|d| Arc::clone(&d.budget)).unwrap_or_default(),
+            sni,
+            external,
+            direct,
+        };
+        destinations.insert(service.clone(), Arc::new(dst));
+    }
+    destinations
+}
+
+/// The rate limiter of each local service, kept (buckets and all) while the policy is the same.
+fn limiters(
+    prev: Option<&Compiled>,
+    policy: &Snapshot,
+    config: &Config,
+    same_policy: bool,
+) -> HashMap<ServiceKey, Arc<Limiter>> {
+    (config.services.iter())
+        .map(|s| {
+            let old = prev.and_then(|p| p.limiters.get(&s.key));
+            let limiter = match old {
+                Some(l) if same_policy => Arc::clone(l),
+                _ => {
+                    let mut new = Limiter::new(&policy, &s.key);
+                    if let Some(old) = old {
+                        new.carry_over(old);
+                    }
+                    Arc::new(new)
+                }
+            };
+            (s.key.clone(), limiter)
+        })
+        .collect()
 }
 
 /// Every ExternalService of `policy`, by the service it names.

@@ -1,7 +1,7 @@
 //! ExternalServices as this host reaches them itself (no egress gateway in between, or this
 //! host is that gateway): the order endpoints are tried in, TLS origination (the server's chain
 //! checked against the resource's CA file and its name, never skipped), and the pooled
-//! HTTP/1.1 client. Built once per policy change by [`super::compiled`]; dialled per connection.
+//! HTTP/1.1 client. Built once per policy change by the compiled proxy state; dialled per connection.
 
 use std::net::SocketAddr;
 use std::pin::Pin;

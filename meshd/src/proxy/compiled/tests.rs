@@ -167,3 +167,74 @@ async fn the_task_recompiles_on_every_input_and_mirrors_the_view() {
             .is_some()
     );
 }
+
+const EXTERNALS: &str = r#"
+[[resource]]
+kind = "ExternalService"
+name = "pay"
+hosts = ["api.pay.example"]
+port = 443
+protocol = "http"
+endpoints = [{ address = "203.0.113.7:443" }]
+
+[[resource]]
+kind = "ExternalService"
+name = "ledger"
+hosts = ["ledger.example"]
+port = 5432
+protocol = "tcp"
+egress_gateway = "egress"
+
+[[resource]]
+kind = "ExternalService"
+name = "pay"
+namespace = "other"
+hosts = ["api.pay.example"]
+port = 443
+protocol = "http"
+"#;
+
+#[test]
+fn external_services_are_reached_directly_or_through_their_gateway() {
+    let mut cfg = config();
+    let p = policy(1, EXTERNALS);
+    let v = view(&[("egress", &[7, 8])]);
+    let c = Compiled::new(None, p.clone(), v.clone(), &cfg);
+    // No gateway: this host's own client, no mesh endpoints.
+    let pay = c.destination(&key("pay"));
+    assert!(pay.direct.is_some() && pay.targets.is_empty());
+    assert_eq!(pay.sni, key("pay").sni());
+    // Behind a gateway this host does not run: the gateway's hosts, named by the egress SNI.
+    let ledger = c.destination(&key("ledger"));
+    assert!(ledger.direct.is_none() && c.external_client(&key("ledger")).is_none());
+    assert_eq!(ledger.sni, "ledger.egress.default.egress.mesh");
+    let ports: Vec<u16> = (ledger.targets.iter())
+        .map(|t| t.endpoint.addr.port())
+        .collect();
+    assert_eq!(ports, [7, 8]);
+    assert_eq!(
+        ledger.external.as_ref().map(|e| e.protocol),
+        Some(mesh_api::policy::ExternalProtocol::Tcp)
+    );
+    // The host running the gateway reaches it itself.
+    cfg.gateway.names = vec![key("egress")];
+    let g = Compiled::new(Some(&c), p.clone(), v.clone(), &cfg);
+    let ledger = g.destination(&key("ledger"));
+    assert!(ledger.direct.is_some() && ledger.targets.is_empty());
+    // Same policy and settings: the clients (and their pools) are kept.
+    let again = Compiled::new(Some(&g), p, v, &cfg);
+    assert!(Arc::ptr_eq(
+        again.external_client(&key("pay")).unwrap(),
+        g.external_client(&key("pay")).unwrap()
+    ));
+    // Host names: the caller's namespace first.
+    let host = |ns: &str| {
+        c.external_for_host("api.pay.example", ns)
+            .map(ToString::to_string)
+    };
+    assert_eq!(host("other").as_deref(), Some("other/pay"));
+    assert_eq!(host("default").as_deref(), Some("default/pay"));
+    assert_eq!(host("third").as_deref(), Some("default/pay"));
+    assert_eq!(c.external_for_host("unknown.example", "default"), None);
+    assert!(c.external(&key("db")).is_none());
+}

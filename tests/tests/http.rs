@@ -426,7 +426,18 @@ async fn any_http_service_by_host_name_through_http_proxy() {
     .await;
     assert_eq!(got.status, 503, "{got:?}");
     assert_eq!(got.headers["x-mesh-error"], "outbound/no_endpoints");
-    let got = run(vec!["-x".into(), proxy, "http://example.com/".into()]).await;
+    // A name under .mesh that names no service is the mesh's to refuse.
+    let got = run(vec![
+        "-x".into(),
+        proxy.clone(),
+        "http://a.b.c.mesh/".into(),
+    ])
+    .await;
     assert_eq!(got.status, 400, "{got:?}");
     assert_eq!(got.headers["x-mesh-error"], "outbound/unknown_host");
+    // Any other host goes out as it is under `allow_any` (the default; egress.rs has the
+    // rest): nothing listens on port 1, so the passthrough fails to connect.
+    let got = run(vec!["-x".into(), proxy, "http://127.0.0.1:1/".into()]).await;
+    assert_eq!(got.status, 502, "{got:?}");
+    assert_eq!(got.headers["x-mesh-error"], "outbound/passthrough_connect");
 }

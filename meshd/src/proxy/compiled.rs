@@ -249,7 +249,7 @@ fn limiters(
             let limiter = match old {
                 Some(l) if same_policy => Arc::clone(l),
                 _ => {
-                    let mut new = Limiter::new(&policy, &s.key);
+                    let mut new = Limiter::new(policy, &s.key);
                     if let Some(old) = old {
                         new.carry_over(old);
                     }

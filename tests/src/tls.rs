@@ -57,7 +57,8 @@ impl Default for TestCa {
 }
 
 /// An HTTPS server that answers every request with `host=`, `path=` (with the query),
-/// `method=` and `client_certs=` (how many certificates the client presented) lines.
+/// `method=` and `client_certs=` (how many certificates the client presented) lines, and an
+/// `x-mesh-error` header of its own (which the mesh must not pass on as its own).
 pub struct HttpsServer {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -116,11 +117,11 @@ impl HttpsServer {
                             path.unwrap_or_default(),
                             req.method()
                         );
-                        async move {
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                Bytes::from(body),
-                            )))
-                        }
+                        // A server outside the mesh trying to speak for it: the mesh removes it.
+                        let resp = Response::builder()
+                            .header("x-mesh-error", "outbound/forged_by_the_server")
+                            .body(Full::new(Bytes::from(body)));
+                        async move { resp }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), svc)

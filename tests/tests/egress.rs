@@ -177,6 +177,11 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
     assert_eq!(status(&resp), 200, "{resp}");
     assert_eq!(field(&resp, "host"), "api.pay.example");
     assert_eq!(field(&resp, "path"), "/orders?id=7");
+    assert_eq!(
+        mesh_error(&resp),
+        "",
+        "the server cannot speak for the mesh: {resp}"
+    );
     assert_eq!(field(&resp, "client_certs"), "0");
     // http_proxy: the app names the external host.
     let resp = curl(&[
@@ -353,6 +358,7 @@ rules = [{ from = [{ principals = ["spiffe://mesh.test/ns/default/svc/web"] }] }
     assert_eq!(status(&resp), 200, "{resp}");
     assert_eq!(field(&resp, "host"), "api.pay.example");
     assert_eq!(field(&resp, "path"), "/charge");
+    assert_eq!(mesh_error(&resp), "", "{resp}");
     let gw_node = &cluster.nodes[0];
     let at_gateway = gw_node
         .metric(

@@ -543,12 +543,9 @@ async fn forward_external(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let req = Request::from_parts(parts, body.boxed());
+    // What the service answers was already kept from speaking for the mesh.
     match external::attempt(&conn.shared, client, req).await {
-        Ok(mut resp) => {
-            strip_mesh_owned(resp.headers_mut());
-            resp
-        }
-        Err((_, mesh_answer)) => mesh_answer,
+        Ok(resp) | Err((_, resp)) => resp,
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::super::external::{self, ExternalClient, SendError};
-use super::super::http::{Body, mesh_response, strip_hop_by_hop};
+use super::super::http::{Body, mesh_response, strip_hop_by_hop, strip_mesh_owned};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::retry::Attempt;
 use super::super::shared::Shared;
@@ -47,13 +47,19 @@ pub async fn attempt(shared: &Shared, client: &ExternalClient, mut req: Request<
         req.headers_mut().insert(header::HOST, v);
     }
     match client.send(req).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, body.boxed()))
-        }
+        Ok(resp) => Ok(from_outside(resp)),
         Err(e) => Err(failed(shared, &client.key, &e)),
     }
+}
+
+/// A response from outside the mesh as the app gets it: without hop-by-hop headers, and
+/// without `x-mesh-*` ones — a server outside cannot speak for the mesh (no meshd of the
+/// callee's strips them here).
+fn from_outside(resp: Response<hyper::body::Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_mesh_owned(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
 }
 
 /// The answer for a request whose attempt failed, counted and logged.
@@ -187,11 +193,7 @@ pub async fn passthrough(shared: &Shared, host: &str, req: Request<Body>) -> Res
         parts.headers.insert(header::HOST, v);
     }
     match client.request(Request::from_parts(parts, body)).await {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
-        }
+        Ok(resp) => from_outside(resp),
         Err(e) => {
             let reason = if e.is_connect() {
                 "passthrough_connect"

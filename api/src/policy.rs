@@ -145,8 +145,8 @@ pub use external::{
     egress_sni, parse_egress_sni,
 };
 pub use gateway::{
-    CertificateFiles, Gateway, Hostname, Listener, ListenerProtocol, NotAttached, Specificity,
-    TlsTermination, TlsVersion, attaches, best_match, normalize_host,
+    CertificateFiles, Gateway, Hostname, Listener, ListenerProtocol, NotAttached, ProxyVersion,
+    Specificity, TlsTermination, TlsVersion, attaches, best_match, normalize_host,
 };
 pub use rate_limit::{Limit, LimitKey, RateLimit, Unit};
 pub use revocation::{DenyList, REVOCATION_NAME, RemovedNode, Revocation, RevokedCert};

@@ -1,9 +1,10 @@
 //! The gateway role on real processes: a host that runs the Gateway `default/public` takes
 //! requests from a client outside the mesh (curl, the test's own HTTP client) on a listener the
 //! policy declares, routes them by host and path with the Routes attached to the gateway (a
-//! 90/10 split at the edge included), adds the edge headers, and calls the services as the
-//! gateway's identity, which an AuthorizationPolicy can single out. Listeners follow policy
-//! changes, all or nothing per gateway.
+//! 90/10 split at the edge included), adds the edge headers (on TCP, a PROXY header to the app
+//! when asked), and calls the services as the gateway's identity, which an
+//! AuthorizationPolicy can single out. Listeners follow policy changes, all or nothing per
+//! gateway.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -664,7 +665,7 @@ async fn tls_passes_through_by_sni_tcp_is_relayed_and_proxy_protocol_names_the_c
             .unwrap();
     }
     let at = |port: u16| SocketAddr::new(gw_ip.into(), port);
-    let (tls, tcp, proxied) = (at(18445), at(18446), at(18447));
+    let (tls, tcp, proxied, tells) = (at(18445), at(18446), at(18447), at(18448));
     let policy = format!(
         r#"
 [[resource]]
@@ -686,6 +687,12 @@ name = "behind-lb"
 bind = "{proxied}"
 protocol = "http"
 proxy_protocol = true
+[[resource.listeners]]
+name = "tells-the-app"
+bind = "{tells}"
+protocol = "tcp"
+service = "echo"
+send_proxy_protocol = "v1"
 
 [[resource]]
 kind = "Route"
@@ -698,8 +705,11 @@ route = [{{ service = "api" }}]
     let rev = cluster.registry.apply("gw.toml", &policy).unwrap();
     gw_node.wait_policy_revision(rev).await.unwrap();
     let admin = gw_node.admin.to_string();
-    gateways_until(&admin, "three listeners open", |b| {
-        b.contains("tls (tls") && b.contains("tcp (tcp") && b.contains("behind-lb (http")
+    gateways_until(&admin, "four listeners open", |b| {
+        b.contains("tls (tls")
+            && b.contains("tcp (tcp")
+            && b.contains("behind-lb (http")
+            && b.contains("tells-the-app (tcp")
     })
     .await;
 
@@ -722,6 +732,28 @@ route = [{{ service = "api" }}]
     let data = mesh_e2e::apps::payload(64 * 1024, 7);
     let back = mesh_e2e::apps::round_trip(tcp, &data).await.unwrap();
     assert_eq!(back, data);
+
+    // PROXY protocol out: the app (an echo) first receives the line naming the client, which
+    // is this test process on loopback, and the listener it reached.
+    let mut s = tokio::net::TcpStream::connect(tells).await.unwrap();
+    let me = s.local_addr().unwrap();
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        s.write_all(b"after the header").await.unwrap();
+        let want = format!(
+            "PROXY TCP4 {} {} {} {}\r\nafter the header",
+            me.ip(),
+            tells.ip(),
+            me.port(),
+            tells.port()
+        );
+        let mut back = vec![0u8; want.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&back), want);
+    }
 
     // Behind a load balancer: the PROXY header's client is the one the app is told about.
     for header in [

@@ -46,6 +46,21 @@ pub struct Listener {
     /// A PROXY protocol (v1 or v2) header is expected before anything else on each connection
     /// (set when a load balancer in front sends one); its source address is the client's.
     pub proxy_protocol: bool,
+    /// `tcp` and `tls` only: each connection to the service starts with a PROXY protocol header
+    /// of this version naming the client, which the app reads (HTTP listeners say it in
+    /// `x-forwarded-for` and `forwarded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_proxy_protocol: Option<ProxyVersion>,
+}
+
+choice_enum! {
+    /// A PROXY protocol version to send.
+    pub enum ProxyVersion {
+        /// The text line (`PROXY TCP4 ...`).
+        V1 = "v1",
+        /// The binary header.
+        V2 = "v2",
+    }
 }
 
 choice_enum! {
@@ -281,6 +296,7 @@ const LISTENER_KEYS: &[&str] = &[
     "service",
     "redirect_to_https_port",
     "proxy_protocol",
+    "send_proxy_protocol",
 ];
 
 fn listener(v: &Value, at: &str, cx: &mut Cx) -> Option<Listener> {
@@ -302,6 +318,7 @@ fn listener(v: &Value, at: &str, cx: &mut Cx) -> Option<Listener> {
         decode::u16_in(v, at, cx, 1, u16::MAX)
     });
     let proxy_protocol = t.opt("proxy_protocol", cx, decode::boolean);
+    let send_proxy_protocol = t.opt("send_proxy_protocol", cx, decode::choice::<ProxyVersion>);
     let l = Listener {
         name: name?,
         bind: bind?,
@@ -311,6 +328,7 @@ fn listener(v: &Value, at: &str, cx: &mut Cx) -> Option<Listener> {
         service,
         redirect_to_https_port: redirect,
         proxy_protocol: proxy_protocol.unwrap_or(false),
+        send_proxy_protocol,
     };
     let fields_ok = [
         "hostnames",
@@ -318,6 +336,7 @@ fn listener(v: &Value, at: &str, cx: &mut Cx) -> Option<Listener> {
         "service",
         "redirect_to_https_port",
         "proxy_protocol",
+        "send_proxy_protocol",
     ]
     .iter()
     .all(|k| !t.has(k) || present(&l, k));
@@ -331,6 +350,7 @@ fn present(l: &Listener, key: &str) -> bool {
         "tls" => l.tls.is_some(),
         "service" => l.service.is_some(),
         "redirect_to_https_port" => l.redirect_to_https_port.is_some(),
+        "send_proxy_protocol" => l.send_proxy_protocol.is_some(),
         _ => true,
     }
 }
@@ -372,6 +392,14 @@ fn consistent(l: &Listener, t: &Table<'_>, cx: &mut Cx) -> bool {
         refuse(
             "hostnames",
             "a tcp listener sees no host name; remove `hostnames` (use protocol \"tls\" to select by SNI)".to_owned(),
+        );
+    }
+    if matches!(p, Http | Https) && l.send_proxy_protocol.is_some() {
+        refuse(
+            "send_proxy_protocol",
+            format!(
+                "a {p} listener passes the client address in x-forwarded-for and forwarded; send_proxy_protocol is for tcp and tls listeners"
+            ),
         );
     }
     if p != Http && l.redirect_to_https_port.is_some() {

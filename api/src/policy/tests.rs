@@ -397,6 +397,8 @@ fn bad_rows() -> Vec<BadRow> {
         ("gateway bind", gw(r#"{ name = "a", bind = "8443", protocol = "http" }"#), GW, "listeners[0].bind", "not an address with a port"),
         ("gateway protocol", gw(r#"{ name = "a", bind = "[::]:80", protocol = "quic" }"#), GW, "listeners[0].protocol", "expected one of: http, https, tls, tcp"),
         ("gateway host", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", hostnames = ["Example.com"] }"#), GW, "listeners[0].hostnames[0]", "not a host name"),
+        ("gateway proxy out on http", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", send_proxy_protocol = "v1" }"#), GW, "listeners[0].send_proxy_protocol", "for tcp and tls listeners"),
+        ("gateway proxy out version", gw(r#"{ name = "a", bind = "[::]:80", protocol = "tcp", service = "db", send_proxy_protocol = "v3" }"#), GW, "listeners[0].send_proxy_protocol", "v1, v2"),
         ("gateway any host", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http", hostnames = ["*"] }"#), GW, "listeners[0].hostnames[0]", "omit `hostnames` to serve any host"),
         ("gateway duplicate bind", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http" }, { name = "b", bind = "[::]:80", protocol = "http" }"#), GW, "listeners[1]", "bind address [::]:80 is already used by listeners[0]"),
         ("gateway duplicate name", gw(r#"{ name = "a", bind = "[::]:80", protocol = "http" }, { name = "a", bind = "[::]:81", protocol = "http" }"#), GW, "listeners[1]", "listener name \"a\" is already used"),

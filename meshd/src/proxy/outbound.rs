@@ -56,7 +56,16 @@ pub async fn serve(
             } else if let Some(client) = direct {
                 external::serve_tcp(tcp, peer, &source.key, &client, &shared).await;
             } else {
-                tcp::serve(tcp, peer, &source.key, &upstream.service, &shared, &cursor).await;
+                tcp::serve(
+                    tcp,
+                    peer,
+                    &source.key,
+                    &upstream.service,
+                    &shared,
+                    &cursor,
+                    None,
+                )
+                .await;
             }
         })
     })

@@ -133,7 +133,14 @@ async fn relay(tcp: TcpStream, client: SocketAddr, l: &Listening) {
     };
     let gateway = &l.gl.gateway;
     let service = ServiceKey::new(gateway.namespace.clone(), name.clone());
-    tcp::serve(tcp, client, gateway, &service, &l.shared, &l.cursor).await;
+    // The address the client reached: the listener's, as this socket has it.
+    let preamble = (l.gl.listener.send_proxy_protocol)
+        .map(|v| proxy_protocol::encode(v, client, tcp.local_addr().unwrap_or(l.gl.listener.bind)));
+    let preamble = preamble.as_deref();
+    tcp::serve(
+        tcp, client, gateway, &service, &l.shared, &l.cursor, preamble,
+    )
+    .await;
 }
 
 /// The SNI of the connection's ClientHello, read without consuming it, within `limit`.

@@ -56,6 +56,7 @@ mod tests {
             service: None,
             redirect_to_https_port: None,
             proxy_protocol: false,
+            send_proxy_protocol: None,
         }
     }
 

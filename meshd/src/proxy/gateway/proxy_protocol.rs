@@ -7,6 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use mesh_api::policy::ProxyVersion;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 
@@ -143,6 +144,64 @@ fn v2(buf: &[u8]) -> Header {
         _ => None,
     };
     Header::Parsed { len, source }
+}
+
+/// The PROXY header `version` that names `client` connecting to `local` (a listener set to
+/// send one to its service). Mixed families (an IPv4 client on an IPv6 listener) are written
+/// as IPv6, the IPv4 address mapped.
+pub fn encode(version: ProxyVersion, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let (src, dst) = same_family(client, local);
+    match version {
+        ProxyVersion::V1 => {
+            let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {family} {} {} {} {}\r\n",
+                src.ip(),
+                dst.ip(),
+                src.port(),
+                dst.port()
+            )
+            .into_bytes()
+        }
+        ProxyVersion::V2 => {
+            let mut out = V2_SIGNATURE.to_vec();
+            // Version 2, command PROXY.
+            out.push(0x21);
+            match (src.ip(), dst.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    out.extend_from_slice(&[0x11, 0, 12]);
+                    out.extend_from_slice(&s.octets());
+                    out.extend_from_slice(&d.octets());
+                }
+                (s, d) => {
+                    out.extend_from_slice(&[0x21, 0, 36]);
+                    out.extend_from_slice(&v6(s).octets());
+                    out.extend_from_slice(&v6(d).octets());
+                }
+            }
+            out.extend_from_slice(&src.port().to_be_bytes());
+            out.extend_from_slice(&dst.port().to_be_bytes());
+            out
+        }
+    }
+}
+
+/// Both addresses in one family: IPv4 when both are, else IPv6 (IPv4 mapped).
+fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+    if a.is_ipv4() && b.is_ipv4() {
+        return (a, b);
+    }
+    (
+        SocketAddr::new(v6(a.ip()).into(), a.port()),
+        SocketAddr::new(v6(b.ip()).into(), b.port()),
+    )
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
 }
 
 /// Why a connection's PROXY header was refused.
@@ -319,5 +378,48 @@ mod tests {
             parse(&bad_version),
             Header::Invalid("PROXY v2 version is not 2")
         );
+    }
+
+    fn addr() -> impl proptest::strategy::Strategy<Value = SocketAddr> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(Ipv4Addr::from(ip).into(), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(Ipv6Addr::from(ip).into(), p)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// What a gateway sends, a PROXY reader (ours) reads back: the whole header, and the
+        /// client (in the listener's family).
+        #[test]
+        fn encoded_headers_parse_back(client in addr(), local in addr(), v2 in proptest::bool::ANY) {
+            let version = if v2 { ProxyVersion::V2 } else { ProxyVersion::V1 };
+            let bytes = encode(version, client, local);
+            let (want, _) = same_family(client, local);
+            let mut more = bytes.clone();
+            more.extend_from_slice(b"payload");
+            proptest::prop_assert_eq!(
+                parse(&more),
+                Header::Parsed { len: bytes.len(), source: Some(want) }
+            );
+        }
+    }
+
+    #[test]
+    fn encoded_v1_is_the_specified_line() {
+        let c: SocketAddr = "203.0.113.9:51000".parse().unwrap();
+        let l: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        assert_eq!(
+            encode(ProxyVersion::V1, c, l),
+            b"PROXY TCP4 203.0.113.9 10.0.0.5 51000 5432\r\n"
+        );
+        let l6: SocketAddr = "[2001:db8::5]:5432".parse().unwrap();
+        assert_eq!(
+            encode(ProxyVersion::V1, c, l6),
+            b"PROXY TCP6 ::ffff:203.0.113.9 2001:db8::5 51000 5432\r\n"
+        );
+        assert_eq!(encode(ProxyVersion::V2, c, l).len(), 16 + 12);
     }
 }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::warn;
@@ -16,7 +17,8 @@ use super::super::shared::Shared;
 use super::super::{balance, breaker, copy, endpoints, observe};
 use mesh_api::ServiceKey;
 
-/// Proxies one connection of `source` (an app's, or a gateway's client's) to `service`.
+/// Proxies one connection of `source` (an app's, or a gateway's client's) to `service`;
+/// `preamble` (a PROXY protocol header) is sent to the service before the app's bytes.
 pub async fn serve(
     mut app: TcpStream,
     peer: SocketAddr,
@@ -24,6 +26,7 @@ pub async fn serve(
     service: &ServiceKey,
     shared: &Shared,
     cursor: &AtomicUsize,
+    preamble: Option<&[u8]>,
 ) {
     let _ = app.set_nodelay(true);
     let started = Instant::now();
@@ -49,7 +52,7 @@ pub async fn serve(
         }
     };
     let dst = shared.compiled().destination(service);
-    let opened = match open(shared, source, &dst, cursor).await {
+    let opened = match open(shared, source, &dst, cursor, preamble).await {
         Ok(opened) => opened,
         Err(why) => {
             copy::reset(&app);
@@ -83,6 +86,7 @@ async fn open(
     source: &ServiceKey,
     dst: &Destination,
     cursor: &AtomicUsize,
+    preamble: Option<&[u8]>,
 ) -> Result<Opened, String> {
     let max = (dst.policy.as_ref())
         .and_then(|p| p.circuit_breaker.as_ref())
@@ -93,12 +97,20 @@ async fn open(
         return Err("circuit breaker open (max_connections)".to_owned());
     };
     match dial(shared, source, dst, cursor).await {
-        Ok((stream, index)) => Ok(Opened {
-            stream,
-            index,
-            _slot: slot,
-            _in_flight: dst.targets[index].state.stats.start(),
-        }),
+        Ok((mut stream, index)) => {
+            if let Some(p) = preamble
+                && let Err(e) = stream.write_all(p).await
+            {
+                copy::reset(stream.get_ref().0);
+                return Err(format!("sending the PROXY header: {e}"));
+            }
+            Ok(Opened {
+                stream,
+                index,
+                _slot: slot,
+                _in_flight: dst.targets[index].state.stats.start(),
+            })
+        }
         Err(e) => {
             if !matches!(
                 e,

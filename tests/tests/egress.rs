@@ -72,8 +72,13 @@ async fn echo_round_trip(addr: SocketAddr, data: &[u8]) -> anyhow::Result<Vec<u8
     Ok(back)
 }
 
-/// An ExternalService resource.
+/// An ExternalService resource; `tls` is the body of its `[resource.tls]` (none when empty).
 fn external(name: &str, host: &str, protocol: &str, addr: SocketAddr, tls: &str) -> String {
+    let tls = if tls.is_empty() {
+        String::new()
+    } else {
+        format!("[resource.tls]\n{tls}\n")
+    };
     format!(
         r#"
 [[resource]]
@@ -83,11 +88,24 @@ hosts = ["{host}"]
 port = {port}
 protocol = "{protocol}"
 endpoints = [{{ address = "{addr}" }}]
-[resource.tls]
-{tls}
-"#,
+{tls}"#,
         port = addr.port()
     )
+}
+
+/// curl that may fail: whether it succeeded, and its stdout and stderr.
+fn curl_any(args: &[&str]) -> (bool, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10"])
+        .args(args)
+        .within(mesh_e2e::CLI_TIMEOUT)
+        .expect("curl runs (scripts/setup installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,6 +131,11 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
     .unwrap();
     let (lcert, lkey) = ca.leaf(&["ledger.pay.example"], "ledger");
     let ledger = tls_echo(SocketAddr::new(out_ip.into(), 0), &lcert, &lkey).await;
+    // A server the app talks TLS to itself, through CONNECT.
+    let (rcert, rkey) = ca.leaf(&["raw.pay.example"], "raw");
+    let raw = HttpsServer::start(SocketAddr::new(out_ip.into(), 0), &rcert, &rkey, None)
+        .await
+        .unwrap();
     let (ccert, ckey) = ca.leaf(&["web.client.example"], "web client");
     let client_cert = write(files.path(), "client.pem", &ccert);
     let client_key = write(files.path(), "client.key", &ckey);
@@ -159,6 +182,7 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
             &format!("{ca_only}\ncert_file = \"{client_cert}\"\nkey_file = \"{client_key}\""),
         ),
         external("ledger", "ledger.pay.example", "tcp", ledger, &ca_only),
+        external("raw", "raw.pay.example", "tcp", raw.addr, ""),
         // Its CA file is missing on this host: refused with the reason, and reported.
         external(
             "broken",
@@ -212,6 +236,30 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
         .unwrap();
     assert_eq!(back, b"ledger entry 42");
 
+    // CONNECT, as an app behind HTTPS_PROXY sends it: a tcp ExternalService without TLS
+    // origination is tunnelled (the app's TLS end to end, verified by the app).
+    let proxy_url = format!("http://{proxy}");
+    let raw_url = format!("https://raw.pay.example:{}/tunnel", raw.addr.port());
+    let (ok, out) = curl_any(&["-x", &proxy_url, "--cacert", &ca_file, &raw_url]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        field(&out, "host"),
+        format!("raw.pay.example:{}", raw.addr.port())
+    );
+    assert_eq!(field(&out, "path"), "/tunnel");
+    // A service the mesh speaks HTTP (and TLS) to is not tunnelled: the app is told to send
+    // plain HTTP.
+    let api_url = format!("https://api.pay.example:{}/", api.addr.port());
+    let (ok, out) = curl_any(&["-x", &proxy_url, "--cacert", &ca_file, &api_url]);
+    assert!(
+        !ok && out.contains("CONNECT tunnel failed, response 400"),
+        "{out}"
+    );
+    // A host outside the registry under allow_any: tunnelled as it is.
+    let (ok, out) = curl_any(&["-k", "-x", &proxy_url, &format!("https://{}/any", raw.addr)]);
+    assert!(ok, "{out}");
+    assert_eq!(field(&out, "path"), "/any");
+
     // A service whose TLS files this host cannot read: 503 naming the file, and a warning in
     // `meshctl check`.
     let resp = curl(&[
@@ -255,6 +303,13 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
         resp.contains("neither a mesh service nor an ExternalService"),
         "{resp}"
     );
+    let (ok, out) = curl_any(&["-k", "-x", &proxy_url, &format!("https://{}/any", raw.addr)]);
+    assert!(
+        !ok && out.contains("CONNECT tunnel failed, response 403"),
+        "{out}"
+    );
+    let (ok, out) = curl_any(&["-x", &proxy_url, "--cacert", &ca_file, &raw_url]);
+    assert!(ok, "an ExternalService is still tunnelled: {out}");
     let resp = curl(&[
         "-x",
         &format!("http://{proxy}"),
@@ -289,6 +344,10 @@ async fn external_traffic_leaves_only_through_the_egress_gateway() {
         .unwrap();
     let (lcert, lkey) = ca.leaf(&["ledger.pay.example"], "ledger");
     let ledger = tls_echo(SocketAddr::new(next_ip().into(), 0), &lcert, &lkey).await;
+    let (rcert, rkey) = ca.leaf(&["raw.pay.example"], "raw");
+    let raw = HttpsServer::start(SocketAddr::new(next_ip().into(), 0), &rcert, &rkey, None)
+        .await
+        .unwrap();
 
     // The egress gateway's host.
     let mut gw = NodeSpec::new("gw", cluster.registry.token(&["egress"], 1).unwrap());
@@ -307,12 +366,12 @@ async fn external_traffic_leaves_only_through_the_egress_gateway() {
         );
         let mut n = NodeSpec::new(name, cluster.registry.token(&[name], 1).unwrap());
         n.ip = ip.into();
-        n.services = vec![
-            ServiceSpec::new(name, app.addr)
-                .protocol("http")
-                .upstream("pay", http_up)
-                .upstream("ledger", tcp_up),
-        ];
+        let mut svc = ServiceSpec::new(name, app.addr)
+            .protocol("http")
+            .upstream("pay", http_up)
+            .upstream("ledger", tcp_up);
+        svc.http_proxy = Some(SocketAddr::new(ip.into(), 19203));
+        n.services = vec![svc];
         n.seeds = cluster.nodes.iter().map(|n| n.spec.gossip_addr()).collect();
         cluster.add_spec(n).await.unwrap();
         cluster
@@ -327,16 +386,23 @@ async fn external_traffic_leaves_only_through_the_egress_gateway() {
     let ca_only = format!("ca_file = \"{ca_file}\"");
     let via = "egress_gateway = \"egress\"\n";
     let policy = format!(
-        "{}{}{}",
+        "{}{}{}{via}{}",
         external("pay", "api.pay.example", "http", api.addr, &ca_only)
             .replace("[resource.tls]", &format!("{via}[resource.tls]")),
         external("ledger", "ledger.pay.example", "tcp", ledger, &ca_only)
             .replace("[resource.tls]", &format!("{via}[resource.tls]")),
+        external("raw", "raw.pay.example", "tcp", raw.addr, ""),
         r#"
 [[resource]]
 kind = "AuthorizationPolicy"
 name = "pay-from-web"
 selector = { service = "pay" }
+rules = [{ from = [{ principals = ["spiffe://mesh.test/ns/default/svc/web"] }] }]
+
+[[resource]]
+kind = "AuthorizationPolicy"
+name = "raw-from-web"
+selector = { service = "raw" }
 rules = [{ from = [{ principals = ["spiffe://mesh.test/ns/default/svc/web"] }] }]
 
 [[resource]]
@@ -375,6 +441,19 @@ rules = [{ from = [{ principals = ["spiffe://mesh.test/ns/default/svc/web"] }] }
     assert_eq!(at_gateway, 1.0, "the gateway carried it");
     let back = echo_round_trip(*web_tcp, b"debit 7").await.unwrap();
     assert_eq!(back, b"debit 7");
+
+    // CONNECT from web's http_proxy: tunnelled through the gateway, the app's TLS end to end.
+    let raw_url = format!("https://raw.pay.example:{}/via-gateway", raw.addr.port());
+    let proxy_of = |ip: std::net::IpAddr| format!("http://{}", SocketAddr::new(ip, 19203));
+    let web_proxy = proxy_of(web_http.ip());
+    let (ok, out) = curl_any(&["-x", &web_proxy, "--cacert", &ca_file, &raw_url]);
+    assert!(ok, "{out}");
+    assert_eq!(field(&out, "path"), "/via-gateway");
+    let raw_served = raw.requests();
+    let batch_proxy = proxy_of(batch_http.ip());
+    let (ok, out) = curl_any(&["-x", &batch_proxy, "--cacert", &ca_file, &raw_url]);
+    assert!(!ok, "batch's tunnel is reset at the gateway: {out}");
+    assert_eq!(raw.requests(), raw_served);
 
     // batch is refused at the gateway, by identity; nothing reaches the server.
     let served = api.requests();

@@ -18,6 +18,7 @@ pub mod external;
 pub mod http;
 pub mod send;
 pub mod tcp;
+pub mod tunnel;
 
 /// Accepts app connections for one upstream until `stop_rx` turns true.
 pub async fn serve(

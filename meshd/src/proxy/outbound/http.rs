@@ -31,7 +31,7 @@ use super::super::http::{
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::shared::Shared;
 use super::super::{observe, route};
-use super::external;
+use super::{external, tunnel};
 use super::send::{self, Caller, Log, Plan};
 use crate::config::{Service, Upstream};
 use crate::trace::{Kind, attr};
@@ -154,6 +154,10 @@ async fn serve_conn(app: TcpStream, conn: Conn) {
 
 /// One request: route, send (with retries), pass the response back, log.
 async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
+    if conn.by_host && req.method() == http::Method::CONNECT {
+        let (shared, source) = (&conn.shared, &conn.source.key);
+        return tunnel::connect(shared, source, &conn.cursor, conn.peer, req).await;
+    }
     if conn.by_host {
         return match by_host(conn, &req) {
             Ok(ByHost::Service(per_request)) => Box::pin(handle(&per_request, req)).await,
@@ -312,23 +316,11 @@ async fn passthrough(conn: &Conn, host: String, mut req: Request<Incoming>) -> R
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let resp = if method == http::Method::CONNECT {
-        mesh_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "outbound",
-            "connect_unsupported",
-            "CONNECT tunnels are not proxied; send plain HTTP\n".into(),
-        )
-    } else {
-        strip_mesh_owned(req.headers_mut());
-        let (parts, body) = req.into_parts();
-        external::passthrough(
-            &conn.shared,
-            &host,
-            Request::from_parts(parts, body.boxed()),
-        )
-        .await
-    };
+    // (CONNECT never comes here: see `tunnel`.)
+    strip_mesh_owned(req.headers_mut());
+    let (parts, body) = req.into_parts();
+    let resp =
+        external::passthrough(&conn.shared, &host, Request::from_parts(parts, body.boxed())).await;
     let rec = observe::Record {
         direction: Direction::Outbound,
         started,

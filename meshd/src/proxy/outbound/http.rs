@@ -31,8 +31,8 @@ use super::super::http::{
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::shared::Shared;
 use super::super::{observe, route};
-use super::{external, tunnel};
 use super::send::{self, Caller, Log, Plan};
+use super::{external, tunnel};
 use crate::config::{Service, Upstream};
 use crate::trace::{Kind, attr};
 use mesh_api::ServiceKey;
@@ -319,8 +319,12 @@ async fn passthrough(conn: &Conn, host: String, mut req: Request<Incoming>) -> R
     // (CONNECT never comes here: see `tunnel`.)
     strip_mesh_owned(req.headers_mut());
     let (parts, body) = req.into_parts();
-    let resp =
-        external::passthrough(&conn.shared, &host, Request::from_parts(parts, body.boxed())).await;
+    let resp = external::passthrough(
+        &conn.shared,
+        &host,
+        Request::from_parts(parts, body.boxed()),
+    )
+    .await;
     let rec = observe::Record {
         direction: Direction::Outbound,
         started,

@@ -56,7 +56,10 @@ pub async fn connect(
         Err(resp) => return resp,
     };
     let (dst_service, dialed) = match &target {
-        Target::External(dst) => (dst.service.clone(), dial_external(shared, source, dst, cursor).await),
+        Target::External(dst) => (
+            dst.service.clone(),
+            dial_external(shared, source, dst, cursor).await,
+        ),
         Target::Anywhere(authority) => (passthrough_key(), dial_anywhere(shared, authority).await),
     };
     let (stream, addr) = match dialed {
@@ -70,8 +73,17 @@ pub async fn connect(
             debug!(src.service = %source, "CONNECT: the app went away before the tunnel opened");
             return;
         };
-        relay(&shared, &source, &dst_service, peer, addr, started, TokioIo::new(upgraded), stream)
-            .await;
+        relay(
+            &shared,
+            &source,
+            &dst_service,
+            peer,
+            addr,
+            started,
+            TokioIo::new(upgraded),
+            stream,
+        )
+        .await;
     });
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::OK;
@@ -107,7 +119,9 @@ fn decide(
         return refuse(
             StatusCode::BAD_REQUEST,
             "connect_unsupported",
-            format!("{name} is a mesh service: send plain HTTP (http://{name}/), the mesh encrypts it\n"),
+            format!(
+                "{name} is a mesh service: send plain HTTP (http://{name}/), the mesh encrypts it\n"
+            ),
         );
     }
     let compiled = shared.compiled();
@@ -127,13 +141,20 @@ fn decide(
     };
     let dst = compiled.destination(key);
     let Some(ext) = dst.external.as_ref() else {
-        return refuse(StatusCode::BAD_GATEWAY, "no_endpoints", format!("{key} has no endpoints\n"));
+        return refuse(
+            StatusCode::BAD_GATEWAY,
+            "no_endpoints",
+            format!("{key} has no endpoints\n"),
+        );
     };
     if ext.port != port {
         return refuse(
             StatusCode::FORBIDDEN,
             "port_not_served",
-            format!("ExternalService {key} serves {name} on port {}, not {port}\n", ext.port),
+            format!(
+                "ExternalService {key} serves {name} on port {}, not {port}\n",
+                ext.port
+            ),
         );
     }
     if ext.protocol == ExternalProtocol::Http || ext.tls.is_some() {
@@ -162,7 +183,12 @@ async fn dial_external(
     let failed = |reason: &'static str, why: String| {
         shared.metrics.reject(Direction::Outbound, reason);
         warn!(src.service = %source, dst.service = %dst.service, reason, error = %why, "CONNECT tunnel not opened");
-        Err(mesh_response(StatusCode::BAD_GATEWAY, "outbound", reason, format!("{why}\n")))
+        Err(mesh_response(
+            StatusCode::BAD_GATEWAY,
+            "outbound",
+            reason,
+            format!("{why}\n"),
+        ))
     };
     if let Some(client) = &dst.direct {
         return match client.dialer.dial().await {
@@ -198,8 +224,15 @@ async fn dial_anywhere(shared: &Shared, authority: &str) -> Dialed {
         Ok(Err(e)) => format!("{authority}: {e}"),
         Err(_) => format!("{authority}: no connection within {limit:?}"),
     };
-    shared.metrics.reject(Direction::Outbound, "passthrough_connect");
-    Err(mesh_response(StatusCode::BAD_GATEWAY, "outbound", "passthrough_connect", format!("{why}\n")))
+    shared
+        .metrics
+        .reject(Direction::Outbound, "passthrough_connect");
+    Err(mesh_response(
+        StatusCode::BAD_GATEWAY,
+        "outbound",
+        "passthrough_connect",
+        format!("{why}\n"),
+    ))
 }
 
 /// Copies between the app and the target until both are done or the drain ends; recorded as
@@ -230,7 +263,13 @@ async fn relay(
         }
     };
     let (t, error) = match r {
-        Ok((to_service, to_caller)) => (copy::Transferred { to_service, to_caller }, None),
+        Ok((to_service, to_caller)) => (
+            copy::Transferred {
+                to_service,
+                to_caller,
+            },
+            None,
+        ),
         Err(e) => (copy::Transferred::default(), Some(e.to_string())),
     };
     let rec = observe::Record {

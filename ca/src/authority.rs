@@ -257,6 +257,31 @@ impl Authority {
         files: &CaFiles,
         now: SystemTime,
     ) -> Result<CaFiles, Error> {
+        let name = format!("{trust_domain} mesh intermediate CA");
+        Self::intermediate_named(trust_domain, files, name, now)
+    }
+
+    /// The signing intermediate of a new site under the root of `files` (another site's CA
+    /// files, with the root key): the new site signs with its own intermediate, so it keeps
+    /// issuing when cut off from the others, and is given no copy of the root key.
+    pub fn site_intermediate(
+        trust_domain: &TrustDomain,
+        files: &CaFiles,
+        site: &str,
+        now: SystemTime,
+    ) -> Result<CaFiles, Error> {
+        let name = format!("{trust_domain} mesh intermediate CA, site {site}");
+        let mut next = Self::intermediate_named(trust_domain, files, name, now)?;
+        next.root_key_pem = None;
+        Ok(next)
+    }
+
+    fn intermediate_named(
+        trust_domain: &TrustDomain,
+        files: &CaFiles,
+        name: String,
+        now: SystemTime,
+    ) -> Result<CaFiles, Error> {
         let root_key_pem = files.root_key_pem.as_ref().ok_or(Error::RootKeyMissing)?;
         let current = Self::load(trust_domain, files, now)?;
         let root_key = load_key(root_key_pem, "root")?;
@@ -271,12 +296,7 @@ impl Authority {
             .checked_add(INTERMEDIATE_LIFETIME)
             .ok_or(Error::TimeOutOfRange)?
             .min(current.root_not_after);
-        let mut params = ca_params(
-            format!("{trust_domain} mesh intermediate CA"),
-            0,
-            not_before,
-            not_after,
-        )?;
+        let mut params = ca_params(name, 0, not_before, not_after)?;
         params.use_authority_key_identifier_extension = true;
         let key = generate_key("generate intermediate key")?;
         let cert = params

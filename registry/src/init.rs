@@ -65,6 +65,16 @@ pub struct Import {
     pub intermediate_key: PathBuf,
 }
 
+/// A new site of an existing mesh: its own signing intermediate under the mesh's root.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// The `ca/` directory of a site that holds the root key (`root.pem`, `root-key.pem`,
+    /// `intermediate.pem`, `intermediate-key.pem`).
+    pub ca_dir: PathBuf,
+    /// The new site's name (in its intermediate's subject).
+    pub site: Label,
+}
+
 /// What init should make.
 #[derive(Debug, Clone)]
 pub struct Args {
@@ -78,6 +88,8 @@ pub struct Args {
     pub admin_listen: SocketAddr,
     /// Import instead of generate.
     pub import: Option<Import>,
+    /// Join an existing mesh's root as a new site instead of generating a root.
+    pub join: Option<Join>,
 }
 
 /// What init made.
@@ -178,15 +190,21 @@ pub fn run(args: &Args, now: SystemTime) -> Result<Report, Error> {
     if paths.intermediate_cert.exists() {
         return Err(Error::AlreadyInitialised(args.data_dir.clone()));
     }
-    let (ca, files) = match &args.import {
-        None => Authority::generate(&args.trust_domain, now)?,
-        Some(imp) => Authority::import(
+    let (ca, files) = match (&args.import, &args.join) {
+        (Some(imp), _) => Authority::import(
             &args.trust_domain,
             &read(&imp.root_cert)?,
             &read(&imp.intermediate_cert)?,
             &read(&imp.intermediate_key)?,
             now,
         )?,
+        (None, Some(join)) => {
+            let root = CaPaths::in_dir(&join.ca_dir).read()?;
+            let site = join.site.as_str();
+            let files = Authority::site_intermediate(&args.trust_domain, &root, site, now)?;
+            (Authority::load(&args.trust_domain, &files, now)?, files)
+        }
+        (None, None) => Authority::generate(&args.trust_domain, now)?,
     };
     let (store, gossip_key_id) = create_store(&store_dir(&args.data_dir))?;
     write(&paths.root_cert, &files.root_cert_pem, 0o644)?;
@@ -299,7 +317,60 @@ mod tests {
             listen: "127.0.0.1:7700".parse().unwrap(),
             admin_listen: "127.0.0.1:7701".parse().unwrap(),
             import: None,
+            join: None,
         }
+    }
+
+    #[test]
+    fn a_second_site_joins_the_root_with_its_own_intermediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = args(dir.path().join("a"));
+        let ra = run(&a, SystemTime::now()).unwrap();
+        let b = Args {
+            data_dir: dir.path().join("b"),
+            join: Some(Join {
+                ca_dir: a.data_dir.join("ca"),
+                site: Label::new("b").unwrap(),
+            }),
+            ..args(dir.path().join("unused"))
+        };
+        let rb = run(&b, SystemTime::now()).unwrap();
+        assert_eq!(rb.root_fingerprint, ra.root_fingerprint, "one root");
+        assert!(!rb.root_key_stored, "the new site holds no root key");
+        let (fa, fb) = (
+            CaPaths::new(&a.data_dir).read().unwrap(),
+            CaPaths::new(&b.data_dir).read().unwrap(),
+        );
+        assert_ne!(fa.intermediate_cert_pem, fb.intermediate_cert_pem);
+        let cfg = Config::load(&rb.config_file).unwrap();
+        Authority::load(&cfg.trust_domain, &fb, SystemTime::now()).unwrap();
+        // Site b's operator credentials chain to the root site a trusts.
+        let chain = std::fs::read_to_string(rb.admin_dir.join("admin.pem")).unwrap();
+        let bundle = std::fs::read_to_string(ra.admin_dir.join("ca.pem")).unwrap();
+        let roots = mesh_runtime::tls::root_store(&bundle).unwrap();
+        let certs = mesh_runtime::tls::parse_certs(&chain, "b's operator").unwrap();
+        let verifier = mesh_runtime::tls::SpiffeVerifier::exact(roots, rb.admin_identity);
+        use rustls::client::danger::ServerCertVerifier as _;
+        verifier
+            .verify_server_cert(
+                &certs[0],
+                &certs[1..],
+                &rustls_pki_types::ServerName::try_from("registry.mesh").unwrap(),
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .unwrap();
+        // A site without the root key cannot start another.
+        let c = Args {
+            data_dir: dir.path().join("c"),
+            join: Some(Join {
+                ca_dir: b.data_dir.join("ca"),
+                site: Label::new("c").unwrap(),
+            }),
+            ..args(dir.path().join("unused"))
+        };
+        let e = run(&c, SystemTime::now()).unwrap_err().to_string();
+        assert!(e.contains("root"), "{e}");
     }
 
     #[test]
@@ -369,6 +440,7 @@ mod tests {
                 intermediate_cert: p.intermediate_cert.clone(),
                 intermediate_key: p.intermediate_key,
             }),
+            join: None,
             ..args
         };
         let r2 = run(&args2, SystemTime::now()).unwrap();

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mesh_api::TrustDomain;
+use mesh_api::name::Label;
 use mesh_registry::{app, ca, config, init};
 
 /// Exit code for bad command line or configuration (EX_USAGE), so systemd does not restart.
@@ -23,6 +24,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start; boxing `Init` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Create the mesh CA, operator credentials and config in a new data directory.
     Init {
@@ -47,6 +50,14 @@ enum Command {
         /// Intermediate private key (PKCS#8 PEM).
         #[arg(long)]
         import_intermediate_key: Option<PathBuf>,
+        /// Start a new site of an existing mesh: sign this site's own intermediate with the
+        /// root in this directory (the first site's `<data-dir>/ca`, which holds the root key;
+        /// the key is not copied). Needs --site.
+        #[arg(long, requires = "site", conflicts_with = "import_root")]
+        join_root: Option<PathBuf>,
+        /// The new site's name (a label such as `eu-west`), with --join-root.
+        #[arg(long, requires = "join_root")]
+        site: Option<String>,
     },
     /// Serve the registry API.
     Run {
@@ -137,6 +148,8 @@ fn main() -> ExitCode {
             import_root,
             import_intermediate,
             import_intermediate_key,
+            join_root,
+            site,
         } => {
             let trust_domain = match TrustDomain::new(&trust_domain) {
                 Ok(t) => t,
@@ -155,12 +168,23 @@ fn main() -> ExitCode {
                 }
                 _ => None,
             };
+            let join = match (join_root, site) {
+                (Some(ca_dir), Some(site)) => match Label::new(&site) {
+                    Ok(site) => Some(init::Join { ca_dir, site }),
+                    Err(e) => {
+                        eprintln!("error: --site {site:?}: {e}");
+                        return ExitCode::from(EX_USAGE);
+                    }
+                },
+                _ => None,
+            };
             let args = init::Args {
                 trust_domain,
                 data_dir,
                 listen,
                 admin_listen,
                 import,
+                join,
             };
             match init::run(&args, std::time::SystemTime::now()) {
                 Ok(r) => {

@@ -494,3 +494,66 @@ async fn graceful_stop_finishes_in_flight_connections() {
     assert_eq!(code.unwrap(), Some(0), "clean drain exits 0; log:\n{log}");
     assert!(log.contains("draining"), "{log}");
 }
+
+#[test]
+fn registry_init_starts_a_second_site_under_the_first_sites_root() {
+    let b = bins();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(&b.registry)
+            .args(args)
+            .within(mesh_e2e::CLI_TIMEOUT)
+            .unwrap()
+    };
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let init = ["init", "--trust-domain", "mesh.test", "--data-dir"];
+    let a = run(&[&init[..], &[&path("a")]].concat());
+    assert!(a.status.success());
+    let fingerprint = |out: &std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.lines())
+            .find_map(|l| l.trim().strip_prefix("root CA fingerprint: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no fingerprint in {text}"))
+    };
+    let ca_a = path("a/ca");
+    let (b_dir, c_dir, d_dir, e_dir) = (path("b"), path("c"), path("d"), path("e"));
+    let b_args = [
+        &init[..],
+        &[&b_dir, "--site", "eu-west", "--join-root", &ca_a],
+    ]
+    .concat();
+    let site_b = run(&b_args);
+    assert!(
+        site_b.status.success(),
+        "{}",
+        String::from_utf8_lossy(&site_b.stderr)
+    );
+    assert_eq!(fingerprint(&site_b), fingerprint(&a), "one root");
+    assert!(!dir.path().join("b/ca/root-key.pem").exists());
+    let int = std::fs::read_to_string(dir.path().join("b/ca/intermediate.pem")).unwrap();
+    assert_ne!(
+        int,
+        std::fs::read_to_string(dir.path().join("a/ca/intermediate.pem")).unwrap()
+    );
+    // Usage errors: a site needs a root to join, a site name is a label, the root must have its
+    // key (site b's CA directory has none).
+    let no_root = run(&[&init[..], &[&c_dir, "--site", "x"]].concat());
+    assert_eq!(no_root.status.code(), Some(2));
+    let bad_site = run(&[
+        &init[..],
+        &[&d_dir, "--site", "Eu West", "--join-root", &ca_a],
+    ]
+    .concat());
+    assert_eq!(bad_site.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad_site.stderr).contains("--site"));
+    let ca_b = path("b/ca");
+    let keyless = run(&[&init[..], &[&e_dir, "--site", "x", "--join-root", &ca_b]].concat());
+    assert!(!keyless.status.success());
+    assert!(
+        String::from_utf8_lossy(&keyless.stderr).contains("root"),
+        "{}",
+        String::from_utf8_lossy(&keyless.stderr)
+    );
+    assert!(!dir.path().join("e/ca/intermediate.pem").exists());
+}

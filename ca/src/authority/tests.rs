@@ -426,3 +426,39 @@ fn trust_bundles_must_hold_the_root_and_only_cas() {
         Err(Error::BundleNotCa { index: 1 })
     ));
 }
+
+#[test]
+fn a_site_signs_under_the_shared_root_without_its_key() {
+    let (a, files) = Authority::generate(&td(), now()).unwrap();
+    let b_files = Authority::site_intermediate(&td(), &files, "b", now()).unwrap();
+    assert_eq!(b_files.root_cert_pem, files.root_cert_pem, "one root");
+    assert!(
+        b_files.root_key_pem.is_none(),
+        "a site never holds the root key"
+    );
+    let b = Authority::load(&td(), &b_files, now()).unwrap();
+    assert_eq!(b.root_fingerprint(), a.root_fingerprint());
+    let int = ders(b.intermediate_pem()).remove(0);
+    let subject = parse(&int).subject().to_string();
+    assert!(subject.contains("site b"), "{subject}");
+    // Leaves of either site chain to the same root through their own intermediate.
+    for ca in [&a, &b] {
+        let (issued, _) = ca.issue(&request(web(), DAY)).unwrap();
+        let chain = ders(&issued.chain_pem);
+        assert!(
+            parse(&chain[0])
+                .verify_signature(Some(parse(&chain[1]).public_key()))
+                .is_ok()
+        );
+        assert!(
+            parse(&chain[1])
+                .verify_signature(Some(parse(a.root_der()).public_key()))
+                .is_ok()
+        );
+    }
+    // A site's files cannot start a third site: no root key to sign with.
+    assert!(matches!(
+        Authority::site_intermediate(&td(), &b_files, "c", now()),
+        Err(Error::RootKeyMissing)
+    ));
+}

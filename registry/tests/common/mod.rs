@@ -122,6 +122,7 @@ pub async fn start_with(tweak: impl Fn(&mut mesh_registry::config::Config)) -> R
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             import: None,
+            join: None,
         },
         SystemTime::now(),
     )

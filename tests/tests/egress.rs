@@ -164,6 +164,8 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
     let a = cluster.nodes.last().unwrap();
 
     let ca_only = format!("ca_file = \"{ca_file}\"");
+    // Not written yet: the operator puts it in place later.
+    let late_ca = files.path().join("late-ca.pem").display().to_string();
     let policy = [
         external("pay", "api.pay.example", "http", api.addr, &ca_only),
         // The same server under a name its certificate does not carry.
@@ -189,7 +191,7 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
             "broken.pay.example",
             "http",
             api.addr,
-            "ca_file = \"/nonexistent/meshd-test/ca.pem\"",
+            &format!("ca_file = \"{late_ca}\"\nserver_name = \"api.pay.example\""),
         ),
     ]
     .concat();
@@ -269,13 +271,33 @@ async fn apps_reach_external_services_over_tls_the_mesh_originates() {
     ]);
     assert_eq!(status(&resp), 503, "{resp}");
     assert_eq!(mesh_error(&resp), "outbound/external_tls_config", "{resp}");
-    assert!(resp.contains("/nonexistent/meshd-test/ca.pem"), "{resp}");
+    assert!(resp.contains(&late_ca), "{resp}");
     let registry = &cluster.registry;
-    mesh_e2e::eventually(mesh_e2e::WAIT, "meshctl check reports the TLS files", || async {
-        let out = registry.meshctl(&["check"]).ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains("a: external_tls: ExternalService default/broken: /nonexistent/meshd-test/ca.pem: cannot read")
+    mesh_e2e::eventually(
+        mesh_e2e::WAIT,
+        "meshctl check reports the TLS files",
+        || async {
+            let out = registry.meshctl(&["check"]).ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains(&format!(
+                "a: external_tls: ExternalService default/broken: {late_ca}: cannot read"
+            ))
             .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // The file appears: used by the next connection, within a second, with no policy change.
+    std::fs::write(&late_ca, ca.pem()).unwrap();
+    let broken = || {
+        curl(&[
+            "-x",
+            &format!("http://{proxy}"),
+            "http://broken.pay.example/now",
+        ])
+    };
+    mesh_e2e::eventually(mesh_e2e::WAIT, "the CA file is picked up", || async {
+        (status(&broken()) == 200).then_some(())
     })
     .await
     .unwrap();

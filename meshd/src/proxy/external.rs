@@ -29,6 +29,9 @@ use super::http::Body;
 
 /// How long an idle pooled connection to an external service is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long loaded TLS files are used before they are looked at again: a renewed client
+/// certificate or CA bundle reaches the next new connection within this.
+pub const TLS_FILES_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a connection to an external service could not be made.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -107,6 +110,22 @@ struct Origin {
     name: ServerName<'static>,
 }
 
+/// A service's TLS origination and the files it comes from, loaded again when they change.
+struct TlsFiles {
+    spec: TlsOrigination,
+    server_name: String,
+    http: bool,
+    state: std::sync::Mutex<Loaded>,
+}
+
+/// What the files held when last looked at.
+struct Loaded {
+    /// Modification time and length of each file, to see a change.
+    stamps: Vec<Option<(std::time::SystemTime, u64)>>,
+    origin: Result<Arc<Origin>, String>,
+    checked: tokio::time::Instant,
+}
+
 /// Dials one external service: its endpoints in locality order (or its host's DNS
 /// addresses), failing over to the next on a failed connect.
 pub struct Dialer {
@@ -114,7 +133,7 @@ pub struct Dialer {
     endpoints: Vec<ExternalEndpoint>,
     /// `host:port` when endpoints come from DNS.
     dns: Option<String>,
-    tls: Option<Result<Origin, String>>,
+    tls: Option<TlsFiles>,
     datacenter: String,
     zone: String,
     connect_timeout: Duration,
@@ -166,7 +185,7 @@ impl ExternalClient {
     /// on every dial, naming the file).
     pub fn new(key: ServiceKey, spec: Arc<ExternalService>, settings: &Settings) -> Self {
         let http = spec.protocol == ExternalProtocol::Http;
-        let tls = (spec.tls.as_ref()).map(|t| origin(t, spec.server_name(), http));
+        let tls = (spec.tls.as_ref()).map(|t| TlsFiles::new(t, spec.server_name(), http));
         let authority = format!("{}:{}", spec.hosts[0], spec.port);
         let dialer = Arc::new(Dialer {
             service: key.clone(),
@@ -196,12 +215,9 @@ impl ExternalClient {
         }
     }
 
-    /// Whether the TLS files could be loaded (`Err` names the problem).
-    pub fn tls_problem(&self) -> Option<&str> {
-        match &self.dialer.tls {
-            Some(Err(e)) => Some(e),
-            _ => None,
-        }
+    /// Why the TLS files cannot be used, if they cannot.
+    pub fn tls_problem(&self) -> Option<String> {
+        self.dialer.tls.as_ref()?.current().err()
     }
 
     /// The absolute target a request to this service is sent with (the pool's key), and the
@@ -300,6 +316,63 @@ fn origin(t: &TlsOrigination, server_name: &str, http: bool) -> Result<Origin, S
     })
 }
 
+// === impl TlsFiles ===
+
+impl TlsFiles {
+    fn new(spec: &TlsOrigination, server_name: &str, http: bool) -> Self {
+        let state = Loaded {
+            stamps: stamps(spec),
+            origin: origin(spec, server_name, http).map(Arc::new),
+            checked: tokio::time::Instant::now(),
+        };
+        Self {
+            spec: spec.clone(),
+            server_name: server_name.to_owned(),
+            http,
+            state: std::sync::Mutex::new(state),
+        }
+    }
+
+    /// The origination to use now: the files are looked at again at most every
+    /// [`TLS_FILES_RECHECK`] and read again when they changed. A change that does not load
+    /// (a certificate written before its key) keeps the previous origination in use.
+    fn current(&self) -> Result<Arc<Origin>, String> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        if now.duration_since(st.checked) >= TLS_FILES_RECHECK {
+            st.checked = now;
+            let stamps = stamps(&self.spec);
+            if stamps != st.stamps {
+                // Small files, read once per change.
+                match origin(&self.spec, &self.server_name, self.http) {
+                    Ok(o) => st.origin = Ok(Arc::new(o)),
+                    Err(e) if st.origin.is_err() => st.origin = Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "changed TLS files of an external service do not load; the previous ones stay in use")
+                    }
+                }
+                st.stamps = stamps;
+            }
+        }
+        st.origin.clone()
+    }
+}
+
+/// Modification time and length of each of the origination's files (`None`: unreadable).
+fn stamps(t: &TlsOrigination) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    [Some(&t.ca_file), t.cert_file.as_ref(), t.key_file.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
 // === impl Dialer ===
 
 impl Dialer {
@@ -307,16 +380,17 @@ impl Dialer {
     /// [`MAX_CONNECT_ATTEMPTS`]), TLS originated if the service asks for it. Returns the
     /// endpoint reached.
     pub async fn dial(&self) -> Result<(Io, SocketAddr), Error> {
-        let origin = match &self.tls {
+        let origin = match self.tls.as_ref().map(TlsFiles::current) {
             Some(Err(reason)) => {
                 return Err(Error::Tls {
                     service: self.service.clone(),
-                    reason: reason.clone(),
+                    reason,
                 });
             }
             Some(Ok(o)) => Some(o),
             None => None,
         };
+        let origin = origin.as_deref();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         let addrs = match &self.dns {
             Some(host) => resolve(host, start).await?,

@@ -3,6 +3,7 @@
 //! the real meshctl, and gives tests handles to kill, restart and inspect them.
 
 pub mod apps;
+pub mod curl;
 pub mod http_app;
 pub mod knobs;
 pub mod netns;

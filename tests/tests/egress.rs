@@ -9,52 +9,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
-use mesh_e2e::Within as _;
+use mesh_e2e::curl::{curl, curl_any, field, mesh_error, status};
 use mesh_e2e::http_app::HttpApp;
 use mesh_e2e::tls::{HttpsServer, TestCa, tls_echo};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, next_ip};
-
-/// curl's status line, headers and body, as one string.
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10"])
-        .args(args)
-        .within(mesh_e2e::CLI_TIMEOUT)
-        .expect("curl runs (scripts/setup installs it)");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn status(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `key=value` from a report.
-fn field<'a>(resp: &'a str, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    resp.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("no {key} in {resp}"))
-}
-
-fn mesh_error(resp: &str) -> String {
-    resp.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-mesh-error")
-                .then(|| v.trim().to_owned())
-        })
-        .unwrap_or_default()
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
@@ -91,21 +50,6 @@ endpoints = [{{ address = "{addr}" }}]
 {tls}"#,
         port = addr.port()
     )
-}
-
-/// curl that may fail: whether it succeeded, and its stdout and stderr.
-fn curl_any(args: &[&str]) -> (bool, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10"])
-        .args(args)
-        .within(mesh_e2e::CLI_TIMEOUT)
-        .expect("curl runs (scripts/setup installs it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

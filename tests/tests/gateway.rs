@@ -11,41 +11,12 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use mesh_e2e::Within as _;
+use mesh_e2e::curl::{curl, field, status};
 use mesh_e2e::http_app::{Client, HttpApp};
 use mesh_e2e::tls::{TestCa, tls_echo};
 use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, http_get, next_ip};
 
 const GATEWAY_ID: &str = "spiffe://mesh.test/ns/default/svc/public";
-
-/// curl's status line, headers and body, as one string.
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10"])
-        .args(args)
-        .within(mesh_e2e::CLI_TIMEOUT)
-        .expect("curl runs (scripts/setup installs it)");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn status(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `key=value` from the app's report.
-fn field<'a>(resp: &'a str, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    resp.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("no {key} in {resp}"))
-}
 
 /// Waits until the gateway host's `/gateways` JSON satisfies `ok`.
 async fn gateways_until(admin: &str, what: &str, ok: impl Fn(&str) -> bool) {

@@ -151,8 +151,8 @@ pub struct ExternalClient {
     pub dialer: Arc<Dialer>,
     /// HTTP/1.1 with pooled keep-alive connections (HTTP services only).
     http: Option<Client<Connector, Body>>,
-    /// `host:port` of the first host: the pool's key and the default `Host`.
-    authority: String,
+    /// `http://<first host>:<port>/`: the pool's key.
+    target: Uri,
 }
 
 /// The host settings the clients are built with; a change rebuilds them.
@@ -174,7 +174,7 @@ impl std::fmt::Debug for ExternalClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExternalClient")
             .field("key", &self.key)
-            .field("authority", &self.authority)
+            .field("target", &self.target)
             .field("tls_problem", &self.tls_problem())
             .finish_non_exhaustive()
     }
@@ -206,12 +206,19 @@ impl ExternalClient {
                 .set_host(false)
                 .build(Connector(dialer.clone()))
         });
+        let target = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query("/")
+            .build()
+            // Not reached (host names and ports are validated); the URI is only a pool key.
+            .unwrap_or_else(|_| Uri::from_static("http://external.invalid/"));
         Self {
             key,
             spec,
             dialer,
             http,
-            authority,
+            target,
         }
     }
 
@@ -237,13 +244,7 @@ impl ExternalClient {
                     }
                 },
             );
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(self.authority.as_str())
-            .path_and_query("/")
-            .build()
-            .expect("host names and ports make an authority");
-        (uri, host)
+        (self.target.clone(), host)
     }
 
     /// Sends `req` (its URI already this service's [`Self::request_target`] with the path).
@@ -393,7 +394,17 @@ impl Dialer {
         let origin = origin.as_deref();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         let addrs = match &self.dns {
-            Some(host) => resolve(host, start).await?,
+            // The resolver is the OS's: bounded here, it could otherwise hold the app's
+            // request for its own retries.
+            Some(host) => match timeout(self.connect_timeout, resolve(host, start)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::Resolve {
+                        host: host.clone(),
+                        reason: format!("no answer within {:?}", self.connect_timeout),
+                    });
+                }
+            },
             None => order(&self.endpoints, &self.datacenter, &self.zone, start),
         };
         let mut last = None;

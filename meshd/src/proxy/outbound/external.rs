@@ -102,12 +102,7 @@ pub async fn serve_tcp(
 ) {
     let _ = app.set_nodelay(true);
     let started = Instant::now();
-    let labels = ServiceLabels {
-        direction: Direction::Outbound,
-        service: client.key.to_string(),
-    };
-    shared.metrics.connections.get_or_create(&labels).inc();
-    let _active = ActiveGuard::new(&shared.metrics, Direction::Outbound);
+    let _active = count_tcp(shared, &client.key);
     let (addr, transferred, error) = match client.dialer.dial().await {
         Err(e) => {
             copy::reset(&app);
@@ -137,23 +132,55 @@ pub async fn serve_tcp(
             }
         }
     };
+    let end = TcpEnd {
+        started,
+        peer,
+        addr,
+        transferred,
+        error,
+    };
+    finish_tcp(shared, source, &client.key, end);
+}
+
+/// An app's connection to `dst` counted as open (metrics) until the guard drops.
+pub(super) fn count_tcp(shared: &Shared, dst: &ServiceKey) -> ActiveGuard {
+    let labels = ServiceLabels {
+        direction: Direction::Outbound,
+        service: dst.to_string(),
+    };
+    shared.metrics.connections.get_or_create(&labels).inc();
+    ActiveGuard::new(&shared.metrics, Direction::Outbound)
+}
+
+/// How an app's TCP connection (a relay or a CONNECT tunnel) to a destination outside the
+/// mesh ended.
+pub(super) struct TcpEnd {
+    pub started: Instant,
+    pub peer: SocketAddr,
+    pub addr: Option<SocketAddr>,
+    pub transferred: copy::Transferred,
+    pub error: Option<String>,
+}
+
+/// The access-log record and edge of such a connection (no mTLS: it left the mesh).
+pub(super) fn finish_tcp(shared: &Shared, source: &ServiceKey, dst: &ServiceKey, end: TcpEnd) {
     let rec = observe::Record {
         direction: Direction::Outbound,
-        started,
-        src_addr: peer,
+        started: end.started,
+        src_addr: end.peer,
         src_service: Some(source.clone()),
         src_identity: None,
         mtls: false,
-        dst_service: client.key.clone(),
-        dst_addr: addr,
+        dst_service: dst.clone(),
+        dst_addr: end.addr,
         kind: observe::Kind::Tcp {
-            to_service: transferred.to_service,
-            to_caller: transferred.to_caller,
-            failed: error.is_some(),
+            to_service: end.transferred.to_service,
+            to_caller: end.transferred.to_caller,
+            failed: end.error.is_some(),
         },
         decision: None,
         trace_id: None,
-        error: error.unwrap_or_default(),
+        error: end.error.unwrap_or_default(),
     };
     observe::finish(shared, rec);
 }

@@ -24,10 +24,10 @@ use tracing::{debug, warn};
 
 use super::super::compiled::Destination;
 use super::super::http::{Body, empty, mesh_response};
-use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
+use super::super::metrics::Direction;
 use super::super::shared::Shared;
-use super::super::{connect, copy, endpoints, observe};
-use super::external::passthrough_key;
+use super::super::{connect, copy, endpoints};
+use super::external::{TcpEnd, count_tcp, finish_tcp, passthrough_key};
 
 /// A connected tunnel end, whatever carries it.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -248,12 +248,7 @@ async fn relay(
     mut app: TokioIo<hyper::upgrade::Upgraded>,
     mut target: Box<dyn Stream>,
 ) {
-    let labels = ServiceLabels {
-        direction: Direction::Outbound,
-        service: dst.to_string(),
-    };
-    shared.metrics.connections.get_or_create(&labels).inc();
-    let _active = ActiveGuard::new(&shared.metrics, Direction::Outbound);
+    let _active = count_tcp(shared, dst);
     let mut force = shared.force_rx.clone();
     let sizes = (copy::BUF_SIZE, copy::BUF_SIZE);
     let r = tokio::select! {
@@ -272,23 +267,12 @@ async fn relay(
         ),
         Err(e) => (copy::Transferred::default(), Some(e.to_string())),
     };
-    let rec = observe::Record {
-        direction: Direction::Outbound,
+    let end = TcpEnd {
         started,
-        src_addr: peer,
-        src_service: Some(source.clone()),
-        src_identity: None,
-        mtls: false,
-        dst_service: dst.clone(),
-        dst_addr: addr,
-        kind: observe::Kind::Tcp {
-            to_service: t.to_service,
-            to_caller: t.to_caller,
-            failed: error.is_some(),
-        },
-        decision: None,
-        trace_id: None,
-        error: error.unwrap_or_default(),
+        peer,
+        addr,
+        transferred: t,
+        error,
     };
-    observe::finish(shared, rec);
+    finish_tcp(shared, source, dst, end);
 }

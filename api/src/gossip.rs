@@ -12,6 +12,14 @@ use crate::name::{Label, ServiceKey};
 pub const KEY_NODE: &str = "node";
 /// Prefix of the keys holding one [`ServiceInfo`] per local service: `svc/<ns>/<name>`.
 pub const SERVICE_PREFIX: &str = "svc/";
+/// Prefix of the keys an east-west gateway publishes in its site's gossip, one
+/// [`RemoteService`] per service another site exports: `remote/<site>/<ns>/<name>`.
+pub const REMOTE_PREFIX: &str = "remote/";
+/// WAN gossip (east-west gateways of every site): key holding the gateway's [`WanNode`].
+pub const KEY_WAN_NODE: &str = "wan";
+/// WAN gossip: prefix of the keys holding one [`ExportedService`] per service the gateway's site
+/// exports: `exp/<ns>/<name>`.
+pub const EXPORT_PREFIX: &str = "exp/";
 /// Value schema version this build writes and reads.
 pub const VERSION: u32 = 1;
 
@@ -47,6 +55,9 @@ pub struct NodeInfo {
     pub datacenter: Label,
     /// Zone inside the datacenter.
     pub zone: Label,
+    /// Site (one gossip pool and registry); absent from meshd before sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<Label>,
     /// Serving or draining.
     pub state: NodeState,
 }
@@ -63,6 +74,89 @@ pub struct ServiceInfo {
     pub labels: BTreeMap<String, String>,
     /// Whether the instance passes its health checks.
     pub healthy: bool,
+}
+
+/// Instances of one service that share their subset labels, counted for a summary.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Subset {
+    /// The instances' labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// How many pass their health checks and are not draining.
+    pub healthy: u32,
+    /// How many there are.
+    pub total: u32,
+}
+
+/// What an east-west gateway says in the WAN about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WanNode {
+    /// Schema version ([`VERSION`]).
+    pub v: u32,
+    /// Its site.
+    pub site: Label,
+    /// Where other sites reach its passthrough listener.
+    pub gateway: SocketAddr,
+}
+
+/// What an east-west gateway says in the WAN about one service its site exports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedService {
+    /// Schema version ([`VERSION`]).
+    pub v: u32,
+    /// Application protocol.
+    pub protocol: String,
+    /// Its instances in the site, by subset labels.
+    pub subsets: Vec<Subset>,
+}
+
+/// What an east-west gateway says in its own site about a service of another site: the
+/// summary that site's gateways publish in the WAN, and where those gateways are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteService {
+    /// Schema version ([`VERSION`]).
+    pub v: u32,
+    /// Application protocol.
+    pub protocol: String,
+    /// Its instances in the other site, by subset labels.
+    pub subsets: Vec<Subset>,
+    /// The other site's east-west gateways that export it (sorted).
+    pub gateways: Vec<SocketAddr>,
+}
+
+/// The gossip key of a service of another site: `remote/<site>/<ns>/<name>`.
+pub fn remote_key(site: &Label, service: &ServiceKey) -> String {
+    format!(
+        "{REMOTE_PREFIX}{site}/{}/{}",
+        service.namespace, service.name
+    )
+}
+
+/// Reverses [`remote_key`]; `None` for keys outside the schema.
+pub fn parse_remote_key(key: &str) -> Option<(Label, ServiceKey)> {
+    let rest = key.strip_prefix(REMOTE_PREFIX)?;
+    let mut parts = rest.split('/');
+    let (site, ns, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let svc = ServiceKey::new(Label::new(ns).ok()?, Label::new(name).ok()?);
+    Some((Label::new(site).ok()?, svc))
+}
+
+/// The WAN key of an exported service: `exp/<ns>/<name>`.
+pub fn export_key(service: &ServiceKey) -> String {
+    format!("{EXPORT_PREFIX}{}/{}", service.namespace, service.name)
+}
+
+/// Reverses [`export_key`].
+pub fn parse_export_key(key: &str) -> Option<ServiceKey> {
+    let rest = key.strip_prefix(EXPORT_PREFIX)?;
+    let (ns, name) = rest.split_once('/')?;
+    Some(ServiceKey::new(
+        Label::new(ns).ok()?,
+        Label::new(name).ok()?,
+    ))
 }
 
 /// The gossip key of a local service.
@@ -106,10 +200,26 @@ mod tests {
     fn service_keys_round_trip() {
         let k = ServiceKey::parse("shop/api").unwrap();
         assert_eq!(service_key(&k), "svc/shop/api");
-        assert_eq!(parse_service_key("svc/shop/api"), Some(k));
+        assert_eq!(parse_service_key("svc/shop/api"), Some(k.clone()));
         assert_eq!(parse_service_key("svc/shop"), None);
         assert_eq!(parse_service_key("node"), None);
         assert_eq!(parse_service_key("svc/Shop/api"), None);
+        let east = Label::new("east").unwrap();
+        assert_eq!(remote_key(&east, &k), "remote/east/shop/api");
+        assert_eq!(
+            parse_remote_key("remote/east/shop/api"),
+            Some((east, k.clone()))
+        );
+        for bad in [
+            "remote/east/shop",
+            "remote/east/shop/api/x",
+            "remote/East/shop/api",
+        ] {
+            assert_eq!(parse_remote_key(bad), None, "{bad}");
+        }
+        assert_eq!(export_key(&k), "exp/shop/api");
+        assert_eq!(parse_export_key("exp/shop/api"), Some(k));
+        assert_eq!(parse_export_key("exp/shop/api/x"), None);
     }
 
     #[test]
@@ -119,6 +229,7 @@ mod tests {
             inbound: "127.0.0.2:15008".parse().unwrap(),
             datacenter: Label::new("dc1").unwrap(),
             zone: Label::new("a").unwrap(),
+            site: None,
             state: NodeState::Serving,
         };
         let s = encode(&n);
@@ -129,6 +240,13 @@ mod tests {
             Err(Error::UnsupportedVersion(2))
         ));
         assert!(matches!(decode::<NodeInfo>("{"), Err(Error::Malformed(_))));
+        // A node from before sites reads as one without a site, and one with a site writes it.
+        assert!(!s.contains("site"));
+        let with_site = NodeInfo {
+            site: Some(Label::new("east").unwrap()),
+            ..n
+        };
+        assert_eq!(decode::<NodeInfo>(&encode(&with_site)).unwrap(), with_site);
         let svc = ServiceInfo {
             v: VERSION,
             protocol: "tcp".into(),

@@ -223,6 +223,28 @@ impl ServiceKey {
             name: Label::new(name).ok()?,
         })
     }
+
+    /// The server name of this service in site `site`, sent through that site's east-west
+    /// gateway: `<name>.<namespace>.<site>.svc.mesh`. The gateway routes on it without
+    /// decrypting; the destination proves the same identity as for [`ServiceKey::sni`].
+    pub fn site_sni(&self, site: &Label) -> String {
+        format!("{}.{}.{site}.{SNI_SUFFIX}", self.name, self.namespace)
+    }
+
+    /// Reverses [`ServiceKey::site_sni`]: the service and its site.
+    pub fn from_site_sni(sni: &str) -> Option<(Self, Label)> {
+        let rest = sni.strip_suffix(SNI_SUFFIX)?.strip_suffix('.')?;
+        let mut parts = rest.split('.');
+        let (name, ns, site) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let key = Self {
+            namespace: Label::new(ns).ok()?,
+            name: Label::new(name).ok()?,
+        };
+        Some((key, Label::new(site).ok()?))
+    }
 }
 
 impl FromStr for ServiceKey {
@@ -279,10 +301,26 @@ mod tests {
         let k = ServiceKey::parse("shop/api").unwrap();
         assert_eq!(k.to_string(), "shop/api");
         assert_eq!(k.sni(), "api.shop.svc.mesh");
-        assert_eq!(ServiceKey::from_sni(&k.sni()), Some(k));
+        assert_eq!(ServiceKey::from_sni(&k.sni()), Some(k.clone()));
         assert_eq!(ServiceKey::from_sni("api.shop.svc.other"), None);
         assert_eq!(ServiceKey::from_sni("svc.mesh"), None);
         assert_eq!(ServiceKey::from_sni("a.b.c.svc.mesh"), None);
+        let site = Label::new("east").unwrap();
+        assert_eq!(k.site_sni(&site), "api.shop.east.svc.mesh");
+        assert_eq!(
+            ServiceKey::from_site_sni("api.shop.east.svc.mesh"),
+            Some((k.clone(), site))
+        );
+        for bad in [
+            "api.shop.svc.mesh",
+            "a.b.c.d.svc.mesh",
+            "api.shop.East.svc.mesh",
+            "api..east.svc.mesh",
+            "api.shop.east.svc.mesh.evil",
+            "api.shop.eastsvc.mesh",
+        ] {
+            assert_eq!(ServiceKey::from_site_sni(bad), None, "{bad}");
+        }
         assert_eq!(ServiceKey::parse("a/b/c"), Err(Error::BadKey));
         assert!(ServiceKey::parse("A/b").is_err());
     }

@@ -1,6 +1,6 @@
 //! Policy resources: the typed, validated model of everything an operator applies with
 //! `meshctl apply -f` — AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy,
-//! RateLimit, SLO, Gateway, ExternalService and MeshConfig — and of the two the registry writes itself and pushes
+//! RateLimit, SLO, Gateway, ExternalService, ServiceExport and MeshConfig — and of the two the registry writes itself and pushes
 //! the same way (Revocation, the deny-list; TrustBundle, the roots), their TOML file format,
 //! their canonical JSON wire form, and (in [`authz`]) the pure authorization and mTLS decisions
 //! over a [`Snapshot`].
@@ -109,6 +109,9 @@
 //!   is authorized there by the caller's identity with AuthorizationPolicies selecting the
 //!   ExternalService by name. `MeshConfig.outbound_traffic` is Istio's
 //!   `outboundTrafficPolicy.mode` (`allow_any` | `registry_only`).
+//! * ServiceExport (Consul's `exported-services`, Istio has none: every service behind an
+//!   east-west gateway is reachable): `services` of its namespace, or `["*"]`, that other sites
+//!   may call through this site's east-west gateways; nothing is exported without one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -122,6 +125,7 @@ use crate::name::Label;
 pub mod authz;
 mod decode;
 mod destination;
+pub mod export;
 pub mod external;
 mod gateway;
 mod parse;
@@ -140,6 +144,7 @@ pub use destination::{
     DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_OUTLIER_INTERVAL, DestinationPolicy, LoadBalancer,
     Locality, OutlierDetection, Subset,
 };
+pub use export::{ExportedServices, ServiceExport};
 pub use external::{
     EGRESS_SNI_SUFFIX, ExternalEndpoint, ExternalProtocol, ExternalService, TlsOrigination,
     egress_sni, parse_egress_sni,
@@ -193,6 +198,8 @@ pub enum Kind {
     Gateway,
     /// A destination outside the mesh ([`ExternalService`]).
     ExternalService,
+    /// Services other sites may call ([`ServiceExport`]).
+    ServiceExport,
     /// Mesh-wide settings ([`MeshConfig`]).
     MeshConfig,
     /// Revoked certificates and removed nodes ([`Revocation`]); written by the registry only.
@@ -237,6 +244,8 @@ pub enum Spec {
     Gateway(Gateway),
     /// See [`ExternalService`].
     ExternalService(ExternalService),
+    /// See [`ServiceExport`].
+    ServiceExport(ServiceExport),
     /// See [`MeshConfig`].
     MeshConfig(MeshConfig),
     /// See [`Revocation`].
@@ -281,7 +290,7 @@ pub struct Snapshot {
 
 impl Kind {
     /// Every kind, in order.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Self::AuthorizationPolicy,
         Self::PeerAuthentication,
         Self::Route,
@@ -290,6 +299,7 @@ impl Kind {
         Self::Slo,
         Self::Gateway,
         Self::ExternalService,
+        Self::ServiceExport,
         Self::MeshConfig,
         Self::Revocation,
         Self::TrustBundle,
@@ -306,6 +316,7 @@ impl Kind {
             Self::Slo => "SLO",
             Self::Gateway => "Gateway",
             Self::ExternalService => "ExternalService",
+            Self::ServiceExport => "ServiceExport",
             Self::MeshConfig => "MeshConfig",
             Self::Revocation => "Revocation",
             Self::TrustBundle => "TrustBundle",
@@ -323,6 +334,7 @@ impl Kind {
             Self::Slo => &["slos"],
             Self::Gateway => &["gateways", "gw"],
             Self::ExternalService => &["externalservices", "es"],
+            Self::ServiceExport => &["serviceexports", "exports", "se"],
             Self::MeshConfig => &["meshconfigs", "mc"],
             Self::Revocation => &["revocations"],
             Self::TrustBundle => &["trustbundles"],
@@ -415,6 +427,7 @@ impl Spec {
             Self::Slo(_) => Kind::Slo,
             Self::Gateway(_) => Kind::Gateway,
             Self::ExternalService(_) => Kind::ExternalService,
+            Self::ServiceExport(_) => Kind::ServiceExport,
             Self::MeshConfig(_) => Kind::MeshConfig,
             Self::Revocation(_) => Kind::Revocation,
             Self::TrustBundle(_) => Kind::TrustBundle,
@@ -440,6 +453,7 @@ impl Spec {
             Kind::ExternalService => {
                 external::external_service(fields, cx).map(Self::ExternalService)
             }
+            Kind::ServiceExport => export::service_export(fields, cx).map(Self::ServiceExport),
             Kind::MeshConfig => security::mesh_config(fields, cx).map(Self::MeshConfig),
             Kind::Revocation => revocation::revocation(fields, cx).map(Self::Revocation),
             Kind::TrustBundle => trust_bundle::trust_bundle(fields, cx).map(Self::TrustBundle),

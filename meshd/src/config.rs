@@ -15,6 +15,7 @@ use serde::{Serialize, Serializer};
 use crate::health::StatusRange;
 
 mod check;
+pub mod east_west;
 mod example;
 mod health;
 mod listeners;
@@ -40,6 +41,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
 pub const DEFAULT_DATACENTER: &str = "dc1";
 /// Zone when the node file names none.
 pub const DEFAULT_ZONE: &str = "default";
+/// Site when the node file names none: a mesh of one site need not name it.
+pub const DEFAULT_SITE: &str = "default";
 /// Where meshd keeps its identity, certificates and state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/meshd";
 /// Directory of per-service files (`*.toml`).
@@ -101,6 +104,8 @@ pub struct Config {
     pub datacenter: Label,
     /// Zone within the datacenter.
     pub zone: Label,
+    /// Site: the gossip pool and registry this node belongs to.
+    pub site: Label,
     /// State directory (absolute, or relative to the working directory if the file path was).
     pub data_dir: PathBuf,
     /// Directory of per-service files.
@@ -119,6 +124,8 @@ pub struct Config {
     pub drain: DrainConfig,
     /// Gateways this host runs.
     pub gateway: GatewayConfig,
+    /// This host's east-west gateway role, if it has it.
+    pub east_west: Option<east_west::EastWestConfig>,
     /// `[telemetry]`, `[access_log]` and `[tracing]`.
     pub telemetry: TelemetryConfig,
     /// Local services, sorted by file name; empty from [`Config::from_toml_str`].
@@ -322,6 +329,7 @@ impl Config {
             node_name: NodeName::new("test-node").expect("test-node is a valid node name"),
             datacenter: Label::new(DEFAULT_DATACENTER).expect("default datacenter is a label"),
             zone: Label::new(DEFAULT_ZONE).expect("default zone is a label"),
+            site: Label::new(DEFAULT_SITE).expect("default site is a label"),
             data_dir: data_dir.to_owned(),
             services_dir: data_dir.join("services.d"),
             registry: RegistryConfig {
@@ -355,6 +363,7 @@ impl Config {
                 grace_period: DEFAULT_DRAIN_GRACE_PERIOD,
             },
             gateway: GatewayConfig::default(),
+            east_west: None,
             telemetry: TelemetryConfig {
                 report_interval: DEFAULT_REPORT_INTERVAL,
                 access_log: AccessLogConfig {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
 use mesh_api::ServiceKey;
-use mesh_api::gossip::{self, NodeInfo, ServiceInfo};
+use mesh_api::gossip::{self, NodeInfo, RemoteService, ServiceInfo};
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -59,6 +59,13 @@ pub struct Endpoint {
     pub datacenter: String,
     /// Locality.
     pub zone: String,
+    /// The endpoint's site: what its node says (empty from meshd before sites), or the site
+    /// behind the east-west gateway it is reached through.
+    pub site: String,
+    /// Set for an instance in another site: `addr` is one of that site's east-west gateways,
+    /// and this is the server name that tells the gateway which service to pass the
+    /// connection to ([`ServiceKey::site_sni`]).
+    pub sni: Option<String>,
     /// Subset labels.
     pub labels: BTreeMap<String, String>,
     /// What the instance speaks: callers proxy HTTP-family services per request.
@@ -135,6 +142,10 @@ pub fn build_view(
         });
         let mut services = Vec::new();
         for (key, value) in kvs.iter().map(|(k, v)| (k.as_str(), v.as_str())) {
+            if info.is_some() && key.starts_with(gossip::REMOTE_PREFIX) {
+                remote_endpoints(&mut view, &id.node_id, key, value);
+                continue;
+            }
             let Some(svc) = gossip::parse_service_key(key) else {
                 continue;
             };
@@ -151,6 +162,12 @@ pub fn build_view(
                     addr: info.inbound,
                     datacenter: info.datacenter.to_string(),
                     zone: info.zone.to_string(),
+                    site: info
+                        .site
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    sni: None,
                     labels: s.labels,
                     protocol,
                     healthy: s.healthy,
@@ -167,15 +184,70 @@ pub fn build_view(
             services,
         });
     }
-    // Stable order so round robin is consistent across rebuilds.
+    // Stable order so round robin is consistent across rebuilds. Several gateways of this site
+    // publish the same remote service: one endpoint per remote gateway and subset, healthy if
+    // any of them says so.
     for eps in view.endpoints.values_mut() {
-        eps.sort_by(|a, b| (&a.node, a.addr).cmp(&(&b.node, b.addr)));
+        eps.sort_by(|a, b| {
+            (&a.node, a.addr, &a.labels, !a.healthy).cmp(&(&b.node, b.addr, &b.labels, !b.healthy))
+        });
+        eps.dedup_by(|b, a| {
+            a.sni.is_some() && (&a.node, a.addr, &a.labels) == (&b.node, b.addr, &b.labels)
+        });
     }
     if let Some(v) = verifier {
         v.retain(|n| nodes.keys().any(|id| &*id.node_id == n));
     }
     view
 }
+
+/// Adds the endpoints of another site's service that this site's east-west gateway `node`
+/// publishes under `key`: one per remote gateway and subset.
+fn remote_endpoints(view: &mut MeshView, node: &str, key: &str, value: &str) {
+    let Some((site, svc)) = gossip::parse_remote_key(key) else {
+        debug!(node, key, "unreadable remote service key");
+        return;
+    };
+    let remote = match gossip::decode::<RemoteService>(value) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(node, key, error = %e, "unreadable remote service");
+            return;
+        }
+    };
+    let Some(protocol) = Protocol::from_name(&remote.protocol) else {
+        debug!(
+            node,
+            key,
+            protocol = remote.protocol,
+            "remote service of an unknown protocol"
+        );
+        return;
+    };
+    let sni = svc.site_sni(&site);
+    let eps = view.endpoints.entry(svc).or_default();
+    for gateway in remote.gateways.iter().take(MAX_REMOTE_GATEWAYS) {
+        for subset in remote.subsets.iter().take(MAX_REMOTE_SUBSETS) {
+            eps.push(Endpoint {
+                node: format!("{site}@{gateway}"),
+                addr: *gateway,
+                datacenter: String::new(),
+                zone: String::new(),
+                site: site.to_string(),
+                sni: Some(sni.clone()),
+                labels: subset.labels.clone(),
+                protocol,
+                healthy: subset.healthy > 0,
+                draining: false,
+            });
+        }
+    }
+}
+
+/// Most gateways of one remote service used (a site runs a few).
+pub const MAX_REMOTE_GATEWAYS: usize = 16;
+/// Most subsets of one remote service used.
+pub const MAX_REMOTE_SUBSETS: usize = 16;
 
 /// How one node looks to this one: alive or dead by the failure detector, and when its
 /// heartbeat last advanced here.
@@ -356,6 +428,7 @@ impl Membership {
             inbound,
             datacenter: config.datacenter.clone(),
             zone: config.zone.clone(),
+            site: Some(config.site.clone()),
             state: gossip::NodeState::Serving,
         };
         let mut kvs = vec![(gossip::KEY_NODE.to_owned(), gossip::encode(&node_info))];
@@ -646,6 +719,7 @@ mod tests {
                 inbound: SocketAddr::from(([127, 0, 0, 1], port)),
                 datacenter: Label::new("dc1").unwrap(),
                 zone: Label::new("a").unwrap(),
+                site: None,
                 state,
             })
         };
@@ -687,5 +761,71 @@ mod tests {
                 .contains_key(&ServiceKey::parse("web").unwrap()),
             "unknown schema skipped"
         );
+    }
+
+    #[test]
+    fn remote_services_become_gateway_endpoints() {
+        let info = |port: u16| {
+            gossip::encode(&NodeInfo {
+                v: gossip::VERSION,
+                inbound: SocketAddr::from(([127, 0, 0, 1], port)),
+                datacenter: Label::new("dc1").unwrap(),
+                zone: Label::new("a").unwrap(),
+                site: Some(Label::new("west").unwrap()),
+                state: gossip::NodeState::Serving,
+            })
+        };
+        let gw1: SocketAddr = "10.2.0.1:15443".parse().unwrap();
+        let gw2: SocketAddr = "10.2.0.2:15443".parse().unwrap();
+        let remote = |healthy: u32, gateways: Vec<SocketAddr>| {
+            gossip::encode(&RemoteService {
+                v: gossip::VERSION,
+                protocol: "http".into(),
+                subsets: vec![
+                    gossip::Subset {
+                        labels: BTreeMap::new(),
+                        healthy,
+                        total: 2,
+                    },
+                    gossip::Subset {
+                        labels: [("version".to_owned(), "v2".to_owned())].into(),
+                        healthy: 0,
+                        total: 1,
+                    },
+                ],
+                gateways,
+            })
+        };
+        // Two gateways of this site publish the same service of site east; one is behind.
+        let (a, b) = (info(1), info(2));
+        let (fresh, stale) = (remote(2, vec![gw1, gw2]), remote(0, vec![gw1]));
+        let nodes: BTreeMap<_, _> = [
+            node("gw-a", &[("node", &a), ("remote/east/bank/users", &fresh)]),
+            node("gw-b", &[("node", &b), ("remote/east/bank/users", &stale)]),
+            // Unreadable entries are skipped, and need readable node info like services.
+            node("gw-c", &[("node", &b), ("remote/east/bank", &fresh)]),
+            node("gw-d", &[("node", &b), ("remote/east/bank/ledger", "{")]),
+            node(
+                "gw-e",
+                &[("node", "garbage"), ("remote/east/bank/audit", &fresh)],
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let view = build_view(&nodes, &DenyList::default(), None);
+        let users = &view.endpoints[&ServiceKey::parse("bank/users").unwrap()];
+        assert_eq!(users.len(), 4, "{users:#?}");
+        for ep in users {
+            assert_eq!(ep.site, "east");
+            assert_eq!(ep.sni.as_deref(), Some("users.bank.east.svc.mesh"));
+            assert_eq!(ep.protocol, Protocol::Http);
+            assert_eq!(ep.node, format!("east@{}", ep.addr));
+            assert_eq!(ep.healthy, ep.labels.is_empty(), "{ep:?}");
+        }
+        assert_eq!(
+            users.iter().map(|e| e.addr).collect::<Vec<_>>(),
+            [gw1, gw1, gw2, gw2]
+        );
+        assert_eq!(view.endpoints.len(), 1, "{:?}", view.endpoints.keys());
     }
 }

@@ -79,6 +79,8 @@ fn endpoint(node: &str, addr: SocketAddr, protocol: Protocol) -> Endpoint {
         addr,
         datacenter: "dc1".to_owned(),
         zone: "zone-a".to_owned(),
+        site: String::new(),
+        sni: None,
         labels: BTreeMap::new(),
         protocol,
         healthy: true,

@@ -337,7 +337,7 @@ fn bad_rows() -> Vec<BadRow> {
         ("unknown key", ap("actoin = \"deny\""), AP, "actoin", "did you mean \"action\""),
         ("unknown nested key", ap("rules = [{ from = [{ principal = [\"*\"] }] }]"), AP, "rules[0].from[0].principal", "valid keys here: principals"),
         ("unknown action", ap("action = \"permit\""), AP, "action", "expected one of: allow, deny, audit"),
-        ("bad kind", "[[resource]]\nkind = \"AuthPolicy\"\nname = \"p\"\n".into(), "resource[0]", "kind", "valid kinds: AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy, RateLimit, SLO, Gateway, ExternalService, MeshConfig"),
+        ("bad kind", "[[resource]]\nkind = \"AuthPolicy\"\nname = \"p\"\n".into(), "resource[0]", "kind", "valid kinds: AuthorizationPolicy, PeerAuthentication, Route, DestinationPolicy, RateLimit, SLO, Gateway, ExternalService, ServiceExport, MeshConfig"),
         ("missing kind", "[[resource]]\nname = \"p\"\n".into(), "resource[0]", "kind", "missing"),
         ("missing name", "[[resource]]\nkind = \"Route\"\n".into(), "resource[0]", "name", "missing"),
         ("bad name", "[[resource]]\nkind = \"Route\"\nname = \"Api\"\n".into(), "resource[0]", "name", "not a valid name"),
@@ -671,7 +671,8 @@ fn kinds() {
     assert_eq!("slos".parse(), Ok(Kind::Slo));
     let err = "policy".parse::<Kind>().unwrap_err().to_string();
     assert!(
-        err.contains("\"policy\"") && err.contains("Gateway, ExternalService, MeshConfig"),
+        err.contains("\"policy\"")
+            && err.contains("Gateway, ExternalService, ServiceExport, MeshConfig"),
         "{err}"
     );
     let mut sorted = Kind::ALL;

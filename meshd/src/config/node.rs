@@ -19,7 +19,7 @@ use super::{
     DEFAULT_GOSSIP_LEGACY_PEERS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
     DEFAULT_JOIN_TOKEN_FILE, DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
     DEFAULT_REGISTRY_CONNECT_TIMEOUT, DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR,
-    DEFAULT_ZONE, MAX_GOSSIP_INTERVAL, MIN_GOSSIP_INTERVAL,
+    DEFAULT_SITE, DEFAULT_ZONE, MAX_GOSSIP_INTERVAL, MIN_GOSSIP_INTERVAL,
 };
 
 /// The node file as written, with defaults for absent keys; unknown keys are rejected.
@@ -32,6 +32,8 @@ pub struct RawConfig {
     pub datacenter: String,
     /// A label.
     pub zone: String,
+    /// A label: the site (one gossip pool and registry) this host is in.
+    pub site: String,
     /// Relative paths are resolved against the node file's directory.
     pub data_dir: String,
     /// Relative paths are resolved against the node file's directory.
@@ -50,6 +52,8 @@ pub struct RawConfig {
     pub drain: RawDrain,
     /// `[gateway]`.
     pub gateway: RawGateway,
+    /// `[east_west]`, on the east-west gateways of a site.
+    pub east_west: Option<super::east_west::RawEastWest>,
     /// `[telemetry]`.
     pub telemetry: super::telemetry::RawTelemetry,
     /// `[access_log]`.
@@ -177,6 +181,8 @@ impl RawConfig {
             });
         let datacenter = c.parsed("datacenter", &self.datacenter, Label::new(&self.datacenter));
         let zone = c.parsed("zone", &self.zone, Label::new(&self.zone));
+        let site = c.parsed("site", &self.site, Label::new(&self.site));
+        let east_west = self.east_west.map(|e| e.check(c, base));
         let data_dir = c.path("data_dir", &self.data_dir, base);
         let services_dir = c.path("services_dir", &self.services_dir, base);
         let registry = self.registry.check(c, base);
@@ -192,6 +198,7 @@ impl RawConfig {
             node_name: node_name?,
             datacenter: datacenter?,
             zone: zone?,
+            site: site?,
             data_dir: data_dir?,
             services_dir: services_dir?,
             registry: registry?,
@@ -205,6 +212,10 @@ impl RawConfig {
                 grace_period: grace_period?,
             },
             gateway: gateway?,
+            east_west: match east_west {
+                Some(e) => Some(e?),
+                None => None,
+            },
             telemetry: telemetry?,
             services: Vec::new(),
             node_file: path.to_owned(),
@@ -218,6 +229,7 @@ impl Default for RawConfig {
             node_name: None,
             datacenter: DEFAULT_DATACENTER.to_owned(),
             zone: DEFAULT_ZONE.to_owned(),
+            site: DEFAULT_SITE.to_owned(),
             data_dir: DEFAULT_DATA_DIR.to_owned(),
             services_dir: DEFAULT_SERVICES_DIR.to_owned(),
             registry: RawRegistry::default(),
@@ -227,6 +239,7 @@ impl Default for RawConfig {
             admin: RawAdmin::default(),
             drain: RawDrain::default(),
             gateway: RawGateway::default(),
+            east_west: None,
             telemetry: Default::default(),
             access_log: Default::default(),
             tracing: Default::default(),
@@ -451,12 +464,26 @@ fn advertise(
     bind: Option<SocketAddr>,
     value: Option<&str>,
 ) -> Option<SocketAddr> {
-    let key = format!("{section}.advertise");
+    advertise_of(c, section, "bind", "advertise", bind, value)
+}
+
+/// `<section>.<key>`, the address other hosts reach `<section>.<bind_key>` at: as written if
+/// set (and not a wildcard), else the bound address unless that is a wildcard, in which case
+/// it is required.
+pub(super) fn advertise_of(
+    c: &mut Checker<'_>,
+    section: &str,
+    bind_key: &str,
+    key: &str,
+    bind: Option<SocketAddr>,
+    value: Option<&str>,
+) -> Option<SocketAddr> {
+    let key = format!("{section}.{key}");
     let Some(value) = value else {
         let bind = bind?;
         if bind.ip().is_unspecified() {
             let message = format!(
-                "missing: required because {section}.bind is the wildcard address {bind}; \
+                "missing: required because {section}.{bind_key} is the wildcard address {bind}; \
                  set it to this host's address that other nodes can reach"
             );
             c.push(key, message);

@@ -14,6 +14,8 @@ fn ep(port: u16, dc: &str, zone: &str, labels: &[(&str, &str)]) -> Endpoint {
         protocol: Protocol::Http,
         healthy: true,
         draining: false,
+        site: String::new(),
+        sni: None,
     }
 }
 

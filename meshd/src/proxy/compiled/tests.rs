@@ -23,6 +23,8 @@ fn ep(port: u16) -> Endpoint {
         protocol: Protocol::Tcp,
         healthy: true,
         draining: false,
+        site: String::new(),
+        sni: None,
     }
 }
 

@@ -22,6 +22,8 @@ fn target(port: u16, dc: &str, zone: &str) -> Target {
             protocol: Protocol::Tcp,
             healthy: true,
             draining: false,
+            site: String::new(),
+            sni: None,
         },
         state: Arc::new(EndpointState::default()),
     }

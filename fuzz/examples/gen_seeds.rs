@@ -166,6 +166,7 @@ async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
             inbound: "127.0.0.1:15443".parse().expect("addr"),
             datacenter: Label::new("dc1").expect("label"),
             zone: Label::new("a").expect("label"),
+            site: Some(Label::new("east").expect("label")),
             state: NodeState::Serving,
         };
         let service = ServiceInfo {

@@ -66,6 +66,7 @@ fn node_info(inbound: SocketAddr, state: NodeState) -> String {
         inbound,
         datacenter: mesh_api::Label::new("dc1").unwrap(),
         zone: mesh_api::Label::new("zone-x").unwrap(),
+        site: None,
         state,
     })
 }

@@ -553,6 +553,7 @@ fn published_keys(i: usize) -> Vec<(String, String)> {
         inbound: SocketAddr::from((node_ip(i), INBOUND_PORT)),
         datacenter: label("dc1"),
         zone: label(ZONES[i % ZONES.len()]),
+        site: Some(label("default")),
         state: gossip::NodeState::Serving,
     };
     let service = ServiceKey::new(label("default"), label(&format!("svc-{:02}", i % SERVICES)));

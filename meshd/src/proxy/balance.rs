@@ -65,6 +65,14 @@ pub fn by_locality<'a, T: Borrow<Endpoint>>(
     if !same_dc.is_empty() {
         return same_dc;
     }
+    // Endpoints of other sites (behind their east-west gateways) only when this site has none.
+    let same_site: Vec<_> = (candidates.iter())
+        .filter(|ep| (**ep).borrow().sni.is_none())
+        .copied()
+        .collect();
+    if !same_site.is_empty() {
+        return same_site;
+    }
     candidates.to_vec()
 }
 

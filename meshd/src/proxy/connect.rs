@@ -244,7 +244,7 @@ pub async fn dial(
             shared,
             client,
             false,
-            name.clone(),
+            server_name(dst, i, &name),
             dst.targets[i].endpoint.addr,
         )
         .await
@@ -265,6 +265,17 @@ pub async fn dial(
         }
     }
     Err(last.unwrap_or_else(|| Error::NoEndpoints(dst.service.to_string())))
+}
+
+/// The server name to send to `dst.targets[i]`: `name` (the destination's), or for an
+/// endpoint of another site the name its east-west gateway routes on (which the destination's
+/// certificate answers to like `name`, see [`super::tls::callee`]).
+pub fn server_name(dst: &Destination, i: usize, name: &ServerName<'static>) -> ServerName<'static> {
+    match &dst.targets[i].endpoint.sni {
+        // Built from labels, so always a DNS name; the fallback only avoids a panic path.
+        Some(sni) => ServerName::try_from(sni.clone()).unwrap_or_else(|_| name.clone()),
+        None => name.clone(),
+    }
 }
 
 /// A connect to `dst.targets[i]` that began at `started` succeeded: the endpoint is reachable,

@@ -17,7 +17,7 @@ use crate::membership::Endpoint;
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// Locality when no DestinationPolicy says otherwise: prefer the caller's zone, then its
-/// datacenter, then anywhere.
+/// datacenter, then its site, then other sites (through their east-west gateways).
 pub const DEFAULT_LOCALITY: Locality = Locality {
     enabled: true,
     failover: true,
@@ -129,8 +129,12 @@ pub fn order(
     order
 }
 
-/// How far `ep` is from the caller: 0 its zone, 1 its datacenter, 2 elsewhere.
+/// How far `ep` is from the caller: 0 its zone, 1 its datacenter, 2 elsewhere in its site,
+/// 3 another site.
 fn tier(ep: &Endpoint, ask: &Ask<'_>) -> u8 {
+    if ep.sni.is_some() {
+        return 3;
+    }
     match (ep.datacenter == ask.datacenter, ep.zone == ask.zone) {
         (true, true) => 0,
         (true, false) => 1,

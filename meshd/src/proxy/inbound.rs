@@ -281,7 +281,11 @@ fn identify<'s>(
     let egress = (only.is_none())
         .then(|| mesh_api::policy::parse_egress_sni(sni))
         .flatten();
-    let svc = ServiceKey::from_sni(sni);
+    // A caller of another site names this site: its east-west gateway passed the connection on.
+    let svc = ServiceKey::from_sni(sni).or_else(|| {
+        let (svc, site) = ServiceKey::from_site_sni(sni)?;
+        (site == config.site).then_some(svc)
+    });
     if svc.is_none() && egress.is_none() {
         decide::reject(
             shared,

@@ -58,13 +58,16 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The service whose identity a server named `sni` must prove: the mesh service it names, or
-/// the egress gateway of an ExternalService name ([`mesh_api::policy::egress_sni`]).
+/// The service whose identity a server named `sni` must prove: the mesh service it names (in
+/// this site or, through its east-west gateway, another: [`ServiceKey::site_sni`]), or the
+/// egress gateway of an ExternalService name ([`mesh_api::policy::egress_sni`]).
 pub fn callee(sni: &str) -> Option<ServiceKey> {
-    ServiceKey::from_sni(sni).or_else(|| {
-        let (_, gateway, namespace) = mesh_api::policy::parse_egress_sni(sni)?;
-        Some(ServiceKey::new(namespace, gateway))
-    })
+    ServiceKey::from_sni(sni)
+        .or_else(|| ServiceKey::from_site_sni(sni).map(|(svc, _)| svc))
+        .or_else(|| {
+            let (_, gateway, namespace) = mesh_api::policy::parse_egress_sni(sni)?;
+            Some(ServiceKey::new(namespace, gateway))
+        })
 }
 
 /// Single-certificate client resolver (the source service's identity).

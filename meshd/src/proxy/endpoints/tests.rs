@@ -217,12 +217,56 @@ fn a_zone_whose_endpoints_are_unreachable_fails_over_at_once() {
     assert_eq!(ports(&targets, &got), [2]);
 }
 
-/// Up to 8 targets across two datacenters and two zones, each possibly unhealthy, draining,
+/// An endpoint of another site, reached through its gateway on port `port`.
+fn remote(port: u16) -> Target {
+    let mut t = target(port, "", "");
+    t.endpoint.site = "east".to_owned();
+    t.endpoint.sni = Some("db.default.east.svc.mesh".to_owned());
+    t
+}
+
+#[test]
+fn other_sites_only_after_this_site() {
+    let now = Instant::now();
+    let targets = [
+        remote(1),
+        target(2, "dc2", "b"),
+        remote(3),
+        target(4, "dc1", "a"),
+    ];
+    let rr = |enabled, failover| policy(LoadBalancer::RoundRobin, enabled, failover);
+    let never = &mut |_: usize| unreachable!();
+    // The zone first, then the rest of the site, then the other site's gateways.
+    let got = order(&targets, &ask(Some(&rr(true, true))), now, 0, never);
+    assert_eq!(ports(&targets, &got), [4, 2, 1]);
+    // This site scaled to 0 (unhealthy or draining): the other site takes every request.
+    let mut gone = [
+        remote(1),
+        target(2, "dc2", "b"),
+        remote(3),
+        target(4, "dc1", "a"),
+    ];
+    gone[1].endpoint.healthy = false;
+    gone[3].endpoint.draining = true;
+    for cursor in 0..4 {
+        let got = order(&gone, &ask(Some(&rr(true, true))), now, cursor, never);
+        let first = gone[got[0]].endpoint.addr.port();
+        assert!(first == 1 || first == 3, "cursor {cursor}: {got:?}");
+        assert_eq!(got.len(), 2);
+    }
+    // Without failover the zone is all there is, and with locality off every site is equal.
+    let got = order(&gone, &ask(Some(&rr(true, false))), now, 0, never);
+    assert!(got.is_empty());
+    let got = order(&targets, &ask(Some(&rr(false, true))), now, 0, never);
+    assert_eq!(ports(&targets, &got), [1, 2, 3]);
+}
+
+/// Up to 8 targets across two datacenters and two zones of this site and another site, each possibly unhealthy, draining,
 /// ejected or unreachable.
 fn arb_targets() -> impl Strategy<Value = Vec<Target>> {
     proptest::collection::vec(
         (
-            0u8..2,
+            0u8..3,
             0u8..2,
             any::<bool>(),
             any::<bool>(),
@@ -238,7 +282,10 @@ fn arb_targets() -> impl Strategy<Value = Vec<Target>> {
             .enumerate()
             .map(|(i, (dc, zone, healthy, draining, ejected, unreachable))| {
                 let port = u16::try_from(i).unwrap() + 1;
-                let mut t = target(port, ["dc1", "dc2"][dc as usize], ["a", "b"][zone as usize]);
+                let mut t = match dc {
+                    2 => remote(port),
+                    _ => target(port, ["dc1", "dc2"][dc as usize], ["a", "b"][zone as usize]),
+                };
                 t.endpoint.healthy = healthy;
                 t.endpoint.draining = draining;
                 if ejected {
@@ -301,6 +348,17 @@ proptest! {
             }
         }
         let local = |t: &Target| t.endpoint.datacenter == "dc1" && t.endpoint.zone == "a";
+        // Another site is picked first only when this site has nothing eligible and reachable
+        // (or, when all are unreachable, nothing eligible).
+        let this_site = |t: &Target| t.endpoint.sni.is_none();
+        if enabled && let Some(&first) = got.first() && !this_site(&targets[first]) {
+            let pool: Vec<&Target> = if targets.iter().any(|t| eligible(t) && reachable(t)) {
+                targets.iter().filter(|t| eligible(t) && reachable(t)).collect()
+            } else {
+                targets.iter().filter(|t| eligible(t)).collect()
+            };
+            prop_assert!(!pool.iter().any(|t| this_site(t)), "another site before this one");
+        }
         if enabled && !failover {
             for &i in &got {
                 prop_assert!(local(&targets[i]), "left the zone without failover");

@@ -430,7 +430,10 @@ async fn connection(
             dst.service.clone(),
             target.endpoint.addr,
         );
-        let dial = || connect::attempt(shared, &client, true, name.clone(), target.endpoint.addr);
+        let dial = || {
+            let name = connect::server_name(dst, i, &name);
+            connect::attempt(shared, &client, true, name, target.endpoint.addr)
+        };
         match shared
             .pool
             .checkout(shared, &key, &tls, max_requests, dial)

@@ -144,7 +144,7 @@ pub use destination::{
     DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_OUTLIER_INTERVAL, DestinationPolicy, LoadBalancer,
     Locality, OutlierDetection, Subset,
 };
-pub use export::{ExportedServices, ServiceExport};
+pub use export::{ExportedServices, Exports, ServiceExport};
 pub use external::{
     EGRESS_SNI_SUFFIX, ExternalEndpoint, ExternalProtocol, ExternalService, TlsOrigination,
     egress_sni, parse_egress_sni,

@@ -20,6 +20,7 @@ pub mod compiled;
 pub mod connect;
 pub mod copy;
 pub mod detect;
+pub mod east_west;
 pub mod endpoints;
 pub mod external;
 pub mod gateway;

@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::decode::{self, Cx, Table};
+use super::{Kind, Snapshot, Spec};
 use crate::name::{Label, ServiceKey};
 
 /// `kind = "ServiceExport"`: the services of its namespace other sites may call.
@@ -21,6 +22,42 @@ pub enum ExportedServices {
     All,
     /// These names, in the resource's namespace.
     Names(Vec<Label>),
+}
+
+/// Every ServiceExport of a policy snapshot, compiled once per change: what this site's
+/// east-west gateways pass on and announce to the other sites.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exports {
+    /// By namespace.
+    by_namespace: std::collections::BTreeMap<Label, Vec<ServiceExport>>,
+}
+
+impl Exports {
+    /// The exports of `policy`.
+    pub fn new(policy: &Snapshot) -> Self {
+        let mut by_namespace: std::collections::BTreeMap<Label, Vec<ServiceExport>> =
+            Default::default();
+        for r in policy.of_kind(Kind::ServiceExport) {
+            if let Spec::ServiceExport(e) = &r.spec {
+                by_namespace
+                    .entry(r.key.namespace.clone())
+                    .or_default()
+                    .push(e.clone());
+            }
+        }
+        Self { by_namespace }
+    }
+
+    /// Whether some ServiceExport exports `service`.
+    pub fn exports(&self, service: &ServiceKey) -> bool {
+        (self.by_namespace.get(&service.namespace))
+            .is_some_and(|es| es.iter().any(|e| e.exports(&service.namespace, service)))
+    }
+
+    /// Whether nothing is exported.
+    pub fn is_empty(&self) -> bool {
+        self.by_namespace.is_empty()
+    }
 }
 
 // === impl ServiceExport ===
@@ -137,6 +174,38 @@ mod tests {
             serde_json::to_string(&e).unwrap(),
             r#"{"services":["users"]}"#
         );
+    }
+
+    #[test]
+    fn exports_of_a_snapshot() {
+        let text = r#"
+[[resource]]
+kind = "ServiceExport"
+name = "a"
+namespace = "bank"
+services = ["users"]
+[[resource]]
+kind = "ServiceExport"
+name = "b"
+namespace = "bank"
+services = ["ledger"]
+[[resource]]
+kind = "ServiceExport"
+name = "all"
+namespace = "shop"
+services = ["*"]
+"#;
+        let policy = Snapshot::new(1, parse_file("e.toml", text).unwrap());
+        let e = Exports::new(&policy);
+        let yes = ["bank/users", "bank/ledger", "shop/cart", "shop/users"];
+        let no = ["bank/audit", "default/users", "mesh-system/users"];
+        for s in yes {
+            assert!(e.exports(&ServiceKey::parse(s).unwrap()), "{s}");
+        }
+        for s in no {
+            assert!(!e.exports(&ServiceKey::parse(s).unwrap()), "{s}");
+        }
+        assert!(Exports::new(&Snapshot::default()).is_empty());
     }
 
     #[test]

@@ -337,6 +337,9 @@ pub struct Metrics {
     /// `meshd_unreachable_endpoints_total{service}`: endpoints skipped after a refused or
     /// timed-out connect.
     pub unreachable: Family<OneService, Counter>,
+    /// `meshd_east_west_connections_total{service}`: connections from other sites this east-west
+    /// gateway passed on (refusals are `rejected` with an `east_west_*` reason).
+    pub east_west: Family<OneService, Counter>,
     /// `meshd_requests_resent_total{service}`: requests sent again on another connection
     /// because theirs failed before an answer (the app saw nothing).
     pub resent: Family<OneService, Counter>,
@@ -368,6 +371,7 @@ impl Metrics {
             rate_limited: Family::default(),
             failovers: Family::default(),
             unreachable: Family::default(),
+            east_west: Family::default(),
             resent: Family::default(),
             http_series: Arc::default(),
             decision_series: Arc::default(),
@@ -470,6 +474,11 @@ impl Metrics {
             "meshd_unreachable_endpoints",
             "Endpoints skipped after a refused or timed-out connect, by upstream service",
             self.unreachable.clone(),
+        );
+        reg.register(
+            "meshd_east_west_connections",
+            "Connections from other sites an east-west gateway passed on, by service",
+            self.east_west.clone(),
         );
         reg.register(
             "meshd_requests_resent",

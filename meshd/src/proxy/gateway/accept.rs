@@ -144,7 +144,7 @@ async fn relay(tcp: TcpStream, client: SocketAddr, l: &Listening) {
 }
 
 /// The SNI of the connection's ClientHello, read without consuming it, within `limit`.
-async fn peek_sni(tcp: &TcpStream, limit: Duration) -> Result<Option<String>, String> {
+pub(crate) async fn peek_sni(tcp: &TcpStream, limit: Duration) -> Result<Option<String>, String> {
     let read = async {
         let mut buf = vec![0u8; sni::MAX_HELLO];
         let mut seen = 0;

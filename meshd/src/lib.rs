@@ -22,3 +22,4 @@ pub mod proxy;
 pub mod reload;
 pub mod report;
 pub mod trace;
+pub mod wan;

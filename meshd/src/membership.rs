@@ -616,6 +616,26 @@ pub struct Auth {
     pub refused_nodes: prometheus_client::metrics::counter::Counter,
 }
 
+/// Makes the keys of `state` under `prefix` exactly `kvs`: stale ones deleted, changed ones
+/// set. Returns whether anything changed.
+pub fn replace_prefix(state: &mut NodeState, prefix: &str, kvs: &BTreeMap<String, String>) -> bool {
+    let stale: Vec<String> = (state.key_values())
+        .filter(|(k, _)| k.starts_with(prefix) && !kvs.contains_key(*k))
+        .map(|(k, _)| k.to_owned())
+        .collect();
+    let mut changed = !stale.is_empty();
+    for k in stale {
+        state.delete(&k);
+    }
+    for (k, v) in kvs {
+        if state.get(k) != Some(v.as_str()) {
+            state.set(k, v);
+            changed = true;
+        }
+    }
+    changed
+}
+
 /// Signs this node's state after a change (see [`crate::gossip_auth`]).
 fn resign(c: &mut chitchat::Chitchat, signer: &Signer) {
     let id = c.self_chitchat_id().clone();
@@ -640,6 +660,15 @@ impl Publisher {
         let mut c = self.chitchat.lock().await;
         c.self_node_state().set(&key, &value);
         resign(&mut c, &self.signer);
+    }
+
+    /// Makes this node's keys under `prefix` exactly `kvs` (the other sites' services an
+    /// east-west gateway republishes), signing again if anything changed.
+    pub async fn replace_prefix(&self, prefix: &str, kvs: &BTreeMap<String, String>) {
+        let mut c = self.chitchat.lock().await;
+        if replace_prefix(c.self_node_state(), prefix, kvs) {
+            resign(&mut c, &self.signer);
+        }
     }
 
     /// Stops publishing `svc` (a reload removed it): peers drop this instance when the

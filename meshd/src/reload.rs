@@ -126,6 +126,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check("node_name", old.node_name != new.node_name);
     check("datacenter", old.datacenter != new.datacenter);
     check("zone", old.zone != new.zone);
+    check("site", old.site != new.site);
+    check("east_west", old.east_west != new.east_west);
     check("data_dir", old.data_dir != new.data_dir);
     check("services_dir", old.services_dir != new.services_dir);
     check(

@@ -147,7 +147,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         warnings,
         tasks,
     };
-    node.start(listeners.inbound, listeners.services).await
+    node.start(listeners.inbound, listeners.services, listeners.east_west)
+        .await
 }
 
 /// Every listener, bound before anything else starts.
@@ -157,6 +158,8 @@ struct Listeners {
     services: listeners::Prepared,
     admin: tokio::net::TcpListener,
     admin_addr: SocketAddr,
+    /// The east-west gateway's passthrough listener, on a host with that role.
+    east_west: Option<tokio::net::TcpListener>,
 }
 
 impl Listeners {
@@ -170,12 +173,17 @@ impl Listeners {
             .await
             .with_context(|| format!("binding the admin listener on {}", config.admin.bind))?;
         let admin_addr = admin.local_addr()?;
+        let east_west = match &config.east_west {
+            Some(e) => Some(proxy::east_west::bind(e).await?),
+            None => None,
+        };
         Ok(Listeners {
             inbound,
             inbound_addr,
             services,
             admin,
             admin_addr,
+            east_west,
         })
     }
 }
@@ -220,6 +228,7 @@ impl Node {
         mut self,
         inbound: tokio::net::TcpListener,
         services: listeners::Prepared,
+        east_west: Option<tokio::net::TcpListener>,
     ) -> anyhow::Result<Bound> {
         let shutdown_rx = self.lifecycle.reached(Phase::Stopped);
         // Compiled once per policy snapshot; gossip leaves removed nodes out of the view, and
@@ -271,6 +280,10 @@ impl Node {
             access_log: self.access_log.sink.clone(),
         };
         let edges = shared.edges.clone();
+        if let (Some(listener), Some(cfg)) = (east_west, self.config.east_west.clone()) {
+            self.start_east_west(listener, cfg, &shared, &membership, view_rx.clone())
+                .await?;
+        }
         let (reload, outbound_addrs) = self.start_proxy(shared, &membership, inbound, services);
         let report = self.report(edges, view_rx);
         self.tasks.spawn(report);
@@ -350,6 +363,54 @@ impl Node {
             shutdown_rx,
         );
         Ok(started.await?)
+    }
+
+    /// The east-west gateway role: the passthrough listener, and WAN gossip announcing this
+    /// site's exports and republishing the other sites'.
+    async fn start_east_west(
+        &mut self,
+        listener: tokio::net::TcpListener,
+        cfg: crate::config::east_west::EastWestConfig,
+        shared: &proxy::Shared,
+        membership: &Membership,
+        view_rx: watch::Receiver<Arc<crate::membership::MeshView>>,
+    ) -> anyhow::Result<()> {
+        let shutdown_rx = self.lifecycle.reached(Phase::Stopped);
+        let stop_rx = self.lifecycle.reached(Phase::Quiescing);
+        let exports_rx = compile_exports(self.policy.policy_rx.clone(), shutdown_rx.clone());
+        let keyring = crate::wan::keyring_from_file(&cfg.wan_key_file)?;
+        let (_keys_tx, keys_rx) = watch::channel(Arc::new(keyring));
+        // The key file is read at start only: the sender may go, the keyring stays.
+        let transport = SealedTransport::new(keys_rx, Arc::new(SealStats::default()));
+        let trust_domain = self.certs_rx.borrow().trust_domain.clone();
+        let inputs = crate::wan::Inputs {
+            config: cfg.clone(),
+            node_name: self.config.node_name.to_string(),
+            site: self.config.site.clone(),
+            cluster_id: format!("{trust_domain}/wan"),
+            signer: self.signer.clone(),
+            certs_rx: self.certs_rx.clone(),
+            view_rx,
+            exports_rx: exports_rx.clone(),
+            lan: membership.publisher(),
+            refused: self.metrics.gossip.states_refused.clone(),
+        };
+        let wan = crate::wan::Wan::start(inputs, &transport, shutdown_rx.clone()).await?;
+        let mut stopped = shutdown_rx;
+        self.tasks.spawn(async move {
+            drain::until_true(&mut stopped).await;
+            wan.shutdown().await;
+        });
+        let addr = listener.local_addr().ok();
+        let stops = proxy::accept::Stops {
+            node: stop_rx.clone(),
+            listener: stop_rx,
+        };
+        self.tasks.spawn(
+            proxy::east_west::serve(Arc::new(listener), cfg, shared.clone(), exports_rx, stops)
+                .instrument(info_span!("east_west", addr = ?addr)),
+        );
+        Ok(())
     }
 
     /// The inbound listener, the access log's writer and the reloader, which owns the
@@ -664,6 +725,32 @@ struct SealDropLabels {
 
 /// Copies the sealed transport's counters into the metrics registry once per gossip round
 /// (they are plain atomics on the datagram path).
+/// What this site exports, compiled once per policy snapshot.
+fn compile_exports(
+    mut policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<Arc<mesh_api::policy::Exports>> {
+    let first = mesh_api::policy::Exports::new(&policy_rx.borrow_and_update());
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = policy_rx.changed() => if r.is_err() { return },
+                _ = drain::until_true(&mut shutdown) => return,
+            }
+            let exports = mesh_api::policy::Exports::new(&policy_rx.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                let changed = **cur != exports;
+                if changed {
+                    *cur = Arc::new(exports);
+                }
+                changed
+            });
+        }
+    });
+    rx
+}
+
 async fn export_seal_stats(
     stats: Arc<SealStats>,
     dropped: Family<SealDropLabels, Counter>,

@@ -141,6 +141,9 @@ pub struct RegistryOpts {
     pub netns: Option<String>,
     /// Top-level `key = value` lines for registry.toml (replacing the same keys).
     pub extra: Vec<String>,
+    /// Another site's registry: this site's name and the first site's CA directory, whose root
+    /// signs this site's intermediate (`init --site --join-root`).
+    pub join: Option<(String, PathBuf)>,
 }
 
 impl Default for RegistryOpts {
@@ -151,6 +154,7 @@ impl Default for RegistryOpts {
             ip: IpAddr::V4(next_ip()),
             netns: None,
             extra: Vec::new(),
+            join: None,
         }
     }
 }
@@ -185,18 +189,19 @@ impl Registry {
         let data_dir = dir.join("registry");
         let addr = SocketAddr::new(opts.ip, 7700);
         let admin = SocketAddr::new(opts.ip, 7701);
-        let out = output_within(
-            Command::new(&bins.registry)
-                .args(["init", "--trust-domain", "mesh.test", "--data-dir"])
-                .arg(&data_dir)
-                .args([
-                    "--listen",
-                    &addr.to_string(),
-                    "--admin-listen",
-                    &admin.to_string(),
-                ]),
-            CLI_TIMEOUT,
-        )?;
+        let mut init = Command::new(&bins.registry);
+        init.args(["init", "--trust-domain", "mesh.test", "--data-dir"])
+            .arg(&data_dir)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ]);
+        if let Some((site, ca)) = &opts.join {
+            init.args(["--site", site, "--join-root"]).arg(ca);
+        }
+        let out = output_within(&mut init, CLI_TIMEOUT)?;
         if !out.status.success() {
             bail!(
                 "mesh-registry init failed: {}",
@@ -528,6 +533,8 @@ pub struct NodeSpec {
     pub zone: Option<String>,
     /// Datacenter (meshd's default when `None`).
     pub datacenter: Option<String>,
+    /// Site (meshd's default when `None`).
+    pub site: Option<String>,
     /// Extra environment of the meshd process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
     /// Run meshd as under systemd's journal: in a private mount namespace whose
@@ -558,6 +565,7 @@ impl NodeSpec {
             extra: String::new(),
             zone: None,
             datacenter: None,
+            site: None,
             env: Vec::new(),
             journal: None,
         }
@@ -604,6 +612,9 @@ impl Node {
             .unwrap_or_default()
             + &(spec.datacenter.as_ref())
                 .map(|dc| format!("datacenter = \"{dc}\"\n"))
+                .unwrap_or_default()
+            + &(spec.site.as_ref())
+                .map(|s| format!("site = \"{s}\"\n"))
                 .unwrap_or_default();
         // Nodes in network namespaces serve admin on their own address, for the test process.
         let allow_remote = if spec.ip.is_loopback() {

@@ -1,0 +1,250 @@
+//! Two sites on real processes: each its own registry (site b's intermediate signed under site
+//! a's root), its own gossip pool and an east-west gateway; the gateways meet in WAN gossip.
+//! A service of site a calls one that only site b has, through b's gateway, which never
+//! decrypts: the callee sees the caller's own identity, and a DENY for that identity in b is
+//! enforced. A service both sites run is served locally, and when site a drains its instance
+//! the requests go to site b without one failing. The gateway refuses server names that name a
+//! service its site does not export, or another site.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use mesh_e2e::curl::{curl, field, status};
+use mesh_e2e::http_app::{Client, HttpApp};
+use mesh_e2e::{Cluster, NodeSpec, RegistryOpts, ServiceSpec, WAIT, eventually, next_ip};
+
+const EAST_WEST_PORT: u16 = 15443;
+const WAN_PORT: u16 = 7947;
+
+/// `[east_west]` of a gateway at `ip`, seeding the WAN with `peer`.
+fn east_west(ip: IpAddr, peer: IpAddr, key_file: &std::path::Path) -> String {
+    format!(
+        "[east_west]\nbind = \"{ip}:{EAST_WEST_PORT}\"\nwan_bind = \"{ip}:{WAN_PORT}\"\n\
+         wan_seeds = [\"{peer}:{WAN_PORT}\"]\nwan_interval = \"200ms\"\nwan_key_file = \"{}\"\n",
+        key_file.display()
+    )
+}
+
+fn export(services: &str) -> String {
+    format!(
+        "[[resource]]\nkind = \"ServiceExport\"\nname = \"to-other-sites\"\nservices = {services}\n"
+    )
+}
+
+/// Sends a ClientHello naming `sni` to `addr`; the handshake cannot complete either way (this
+/// client trusts nothing), what matters is what the gateway does with it.
+async fn hello(addr: SocketAddr, sni: &str) {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp)).await;
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "{sni}: the handshake cannot succeed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_reach_another_site_through_gateways_that_never_decrypt() {
+    let mut a = Cluster::new(RegistryOpts::default()).await.unwrap();
+    let join = Some(("b".to_owned(), a.registry.data_dir.join("ca")));
+    let mut b = Cluster::new(RegistryOpts {
+        join,
+        ..RegistryOpts::default()
+    })
+    .await
+    .unwrap();
+    let key_file = a.registry.dir.join("wan.key");
+    // As the README tells an operator to make it.
+    let key = std::process::Command::new("sh")
+        .args(["-c", "head -c32 /dev/urandom | base64"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(key.stdout).unwrap();
+    std::fs::write(&key_file, format!("# the WAN keyring\n{text}")).unwrap();
+    // Policy is per site until registries follow a primary: each site says what it exports.
+    a.registry
+        .apply("export.toml", &export("[\"frontend\"]"))
+        .unwrap();
+    b.registry
+        .apply("export.toml", &export("[\"users\", \"frontend\"]"))
+        .unwrap();
+
+    let (gw_a_ip, gw_b_ip) = (IpAddr::V4(next_ip()), IpAddr::V4(next_ip()));
+    let gateway = |cluster: &Cluster, name: &str, site: &str, ip: IpAddr, peer: IpAddr| {
+        let mut spec = NodeSpec::new(name, cluster.registry.token(&["unused"], 1).unwrap());
+        spec.ip = ip;
+        spec.site = Some(site.to_owned());
+        spec.extra = east_west(ip, peer, &key_file);
+        spec
+    };
+    let spec = gateway(&b, "gw-b", "b", gw_b_ip, gw_a_ip);
+    b.add_spec(spec).await.unwrap();
+    let spec = gateway(&a, "gw-a", "a", gw_a_ip, gw_b_ip);
+    a.add_spec(spec).await.unwrap();
+
+    // Site b: users (only here), frontend, and audit (not exported).
+    let b_ip = next_ip();
+    let users = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "users-b")
+        .await
+        .unwrap();
+    let front_b = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "front-b")
+        .await
+        .unwrap();
+    let audit = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "audit-b")
+        .await
+        .unwrap();
+    let token = b
+        .registry
+        .token(&["users", "frontend", "audit"], 1)
+        .unwrap();
+    let mut spec = NodeSpec::new("apps-b", token);
+    spec.ip = b_ip.into();
+    spec.site = Some("b".to_owned());
+    spec.seeds = vec![b.nodes[0].spec.gossip_addr()];
+    spec.services = vec![
+        ServiceSpec::new("users", users.addr).protocol("http"),
+        ServiceSpec::new("frontend", front_b.addr).protocol("http"),
+        ServiceSpec::new("audit", audit.addr).protocol("http"),
+    ];
+    b.add_spec(spec).await.unwrap();
+
+    // Site a: frontend, and web calling users and frontend.
+    let front_ip = next_ip();
+    let front_a = HttpApp::start(SocketAddr::new(front_ip.into(), 0), "front-a")
+        .await
+        .unwrap();
+    let mut spec = NodeSpec::new("front-a", a.registry.token(&["frontend"], 1).unwrap());
+    spec.ip = front_ip.into();
+    spec.site = Some("a".to_owned());
+    spec.seeds = vec![a.nodes[0].spec.gossip_addr()];
+    spec.services = vec![ServiceSpec::new("frontend", front_a.addr).protocol("http")];
+    a.add_spec(spec).await.unwrap();
+    let web_ip = next_ip();
+    let web = HttpApp::start(SocketAddr::new(web_ip.into(), 0), "web")
+        .await
+        .unwrap();
+    let up = move |port: u16| SocketAddr::new(web_ip.into(), port);
+    let mut spec = NodeSpec::new("web-a", a.registry.token(&["web"], 1).unwrap());
+    spec.ip = web_ip.into();
+    spec.site = Some("a".to_owned());
+    spec.seeds = vec![a.nodes[0].spec.gossip_addr()];
+    spec.services = vec![
+        ServiceSpec::new("web", web.addr)
+            .protocol("http")
+            .upstream("users", up(19201))
+            .upstream("frontend", up(19202))
+            .upstream("audit", up(19203)),
+    ];
+    a.add_spec(spec).await.unwrap();
+    let web_node = a.node("web-a");
+    // users: site b's instance, through b's one gateway; frontend: a's own and b's.
+    web_node.wait_endpoints("default/users", 1).await.unwrap();
+    web_node
+        .wait_endpoints("default/frontend", 2)
+        .await
+        .unwrap();
+
+    // The callee sees the caller's own identity: the gateway passed the mTLS through.
+    let resp = curl(&[&format!("http://{}/who", up(19201))]);
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(field(&resp, "app"), "users-b");
+    let xfcc = field(&resp, "xfcc");
+    assert!(
+        xfcc.contains("spiffe://mesh.test/ns/default/svc/web"),
+        "{xfcc}"
+    );
+    assert!(
+        b.node("gw-b")
+            .metric(
+                "meshd_east_west_connections_total",
+                &[("service", "default/users")]
+            )
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    // Nothing of audit crossed: site b does not export it, so site a does not know it.
+    let resp = curl(&[&format!("http://{}/", up(19203))]);
+    assert_eq!(status(&resp), 503, "{resp}");
+
+    // A service both sites run is served by this site's instance.
+    let client = Client::new();
+    let replies = client.get_many(up(19202), "/", &[], 20, 2).await.unwrap();
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.app == "front-a"),
+        "{replies:?}"
+    );
+
+    // Site a drains its frontend: requests go to site b, none fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut replies = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(up(19202), "/", &[]).await {
+                    Ok(r) => replies.push((r.status, r.app)),
+                    Err(e) => replies.push((0, e.to_string())),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            replies
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| a.node("front-a").stop(Duration::from_secs(15)).unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let replies = load.await.unwrap();
+    let failed: Vec<_> = replies.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        replies.len()
+    );
+    assert_eq!(replies.last().unwrap().1, "front-b", "{replies:?}");
+    assert!(replies.iter().any(|(_, app)| app == "front-a"));
+
+    // A DENY for web's identity in site b is enforced there.
+    let deny = "[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"no-web\"\n\
+                action = \"DENY\"\nselector = { service = \"users\" }\n\
+                [[resource.rules]]\nfrom = [{ principals = [\"spiffe://mesh.test/ns/default/svc/web\"] }]\n";
+    b.registry.apply("deny.toml", deny).unwrap();
+    eventually(WAIT, "site b to deny web", || async {
+        let resp = curl(&[&format!("http://{}/", up(19201))]);
+        (status(&resp) == 403).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // The gateway passes on only exported services of its own site.
+    let gw_b = SocketAddr::new(gw_b_ip, EAST_WEST_PORT);
+    hello(gw_b, "audit.default.b.svc.mesh").await;
+    hello(gw_b, "users.default.a.svc.mesh").await;
+    hello(gw_b, "users.default.svc.mesh").await;
+    let gw = b.node("gw-b");
+    for reason in [
+        "east_west_not_exported",
+        "east_west_other_site",
+        "east_west_not_site_name",
+    ] {
+        let labels = [("direction", "inbound"), ("reason", reason)];
+        let n = gw.metric_or_zero("meshd_rejected_connections_total", &labels);
+        assert_eq!(n.await.unwrap(), 1.0, "{reason}");
+    }
+    assert_eq!(audit.requests(), 0, "nothing reached audit");
+}

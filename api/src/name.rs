@@ -309,7 +309,7 @@ mod tests {
         assert_eq!(k.site_sni(&site), "api.shop.east.svc.mesh");
         assert_eq!(
             ServiceKey::from_site_sni("api.shop.east.svc.mesh"),
-            Some((k.clone(), site))
+            Some((k, site))
         );
         for bad in [
             "api.shop.svc.mesh",

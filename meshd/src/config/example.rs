@@ -12,9 +12,11 @@ pub const EXAMPLE_NODE_TOML: &str = r#"# meshd node configuration: /etc/meshd/me
 # (Example value.)
 node_name = "node-1"
 
-# Where this node runs. Lowercase letters, digits and '-'.
+# Where this node runs. Lowercase letters, digits and '-'. A site is one gossip pool and one
+# registry; a mesh of one site need not name it.
 datacenter = "dc1"
 zone = "default"
+site = "default"
 
 # State: the node identity, the trust bundle and the workload certificates.
 data_dir = "/var/lib/meshd"

@@ -207,6 +207,17 @@ fn bad_node_values() {
         ("[outbound]\nconnect_timeout = \"soon\"", "outbound.connect_timeout", "not a duration"),
         ("[admin]\nbind = \"localhost:15000\"", "admin.bind", "not an IP address and port"),
         ("[drain]\ngrace_period = \"forever\"", "drain.grace_period", "not a duration"),
+        ("site = \"EU\"", "site", "is invalid"),
+        ("[east_west]\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"wan.key\"", "east_west.bind", "missing"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_key_file = \"wan.key\"", "east_west.wan_bind", "missing"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"10.0.0.5:7947\"", "east_west.wan_key_file", "missing"),
+        ("[east_west]\nbind = \"0.0.0.0:15443\"\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"k\"", "east_west.advertise", "wildcard address 0.0.0.0:15443"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"0.0.0.0:7947\"\nwan_key_file = \"k\"", "east_west.wan_advertise", "east_west.wan_bind is the wildcard"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"k\"\nwan_interval = \"20s\"", "east_west.wan_interval", "between 100ms and 10s"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"k\"\nwan_seeds = [\"nope\"]", "east_west.wan_seeds[0]", "host:port"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"k\"\nmax_connections = 0", "east_west.max_connections", "greater than 0"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"k\"\nhello_timeout = \"0s\"", "east_west.hello_timeout", "greater than zero"),
+        ("[east_west]\nbind = \"10.0.0.5:15443\"\nwan_bind = \"10.0.0.5:7947\"\nwan_key_file = \"k\"\nwan_seed = []", "", "unknown field `wan_seed`"),
         // Unknown keys, type errors: one whole-file problem with the toml crate's message.
         ("colour = \"red\"", "", "unknown field `colour`"),
         ("[gossip]\nintervall = \"1s\"", "", "unknown field `intervall`"),
@@ -220,6 +231,30 @@ fn bad_node_values() {
         let text = node_text(overrides);
         assert_one_problem(&node_problems(&text), key, fragment, &text);
     }
+}
+
+#[test]
+fn east_west_role() {
+    let text = node_text(
+        "site = \"eu-west\"\n[east_west]\nbind = \"0.0.0.0:15443\"\nadvertise = \"198.51.100.7:15443\"\n\
+         wan_bind = \"10.0.0.5:7947\"\nwan_seeds = [\"gw.us-east.example:7947\"]\nwan_key_file = \"wan.key\"\n",
+    );
+    let c = Config::from_toml_str(node_path(), &text).unwrap();
+    assert_eq!(c.site.as_str(), "eu-west");
+    let e = c.east_west.unwrap();
+    assert_eq!(e.advertise, addr("198.51.100.7:15443"));
+    assert_eq!(
+        e.wan_advertise,
+        addr("10.0.0.5:7947"),
+        "a specific wan_bind is advertised"
+    );
+    assert_eq!(e.wan_seeds, ["gw.us-east.example:7947"]);
+    assert_eq!(e.wan_key_file, Path::new("/etc/meshd/wan.key"));
+    assert_eq!(e.wan_interval, east_west::DEFAULT_WAN_INTERVAL);
+    assert_eq!(e.hello_timeout, east_west::DEFAULT_HELLO_TIMEOUT);
+    assert_eq!(e.max_connections, DEFAULT_MAX_CONNECTIONS);
+    let plain = Config::from_toml_str(node_path(), MINIMAL_NODE).unwrap();
+    assert_eq!((plain.site.as_str(), plain.east_west), (DEFAULT_SITE, None));
 }
 
 #[test]

@@ -141,8 +141,8 @@ mod value;
 pub use authz::MtlsMode;
 pub use destination::{
     CircuitBreaker, DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONSECUTIVE_5XX,
-    DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_OUTLIER_INTERVAL, DestinationPolicy, LoadBalancer,
-    Locality, OutlierDetection, Subset,
+    DEFAULT_FAILOVER_THRESHOLD, DEFAULT_LOCALITY, DEFAULT_MAX_EJECTION_PERCENT,
+    DEFAULT_OUTLIER_INTERVAL, DestinationPolicy, LoadBalancer, Locality, OutlierDetection, Subset,
 };
 pub use export::{ExportedServices, Exports, ServiceExport};
 pub use external::{

@@ -27,6 +27,7 @@ pub mod gateway;
 pub mod http;
 pub mod inbound;
 pub mod listeners;
+pub mod locality;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;

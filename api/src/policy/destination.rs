@@ -66,10 +66,32 @@ pub struct Subset {
 /// Locality-aware routing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Locality {
-    /// Prefer endpoints in the caller's zone, then datacenter (default true).
+    /// Prefer endpoints in the caller's zone, then datacenter, then site, then other sites
+    /// (default true).
     pub enabled: bool,
     /// Fail over to other localities when the local ones are unhealthy (default true).
     pub failover: bool,
+    /// Percent of a locality's endpoints that must be healthy for it to keep all of its
+    /// traffic ([`DEFAULT_FAILOVER_THRESHOLD`]); below it, the locality keeps
+    /// `healthy% / threshold` of it and the rest spills to the next locality. 0: a locality
+    /// keeps everything while any endpoint is usable.
+    #[serde(skip_serializing_if = "is_default_threshold")]
+    pub failover_threshold: u8,
+}
+
+/// The failover threshold when none is set: a locality keeps all its traffic while at least half
+/// of its endpoints are healthy (Envoy's implicit equivalent is 71.4%, Google Cloud's 70 or 50).
+pub const DEFAULT_FAILOVER_THRESHOLD: u8 = 50;
+
+/// Locality when a DestinationPolicy says nothing (and when there is no DestinationPolicy).
+pub const DEFAULT_LOCALITY: Locality = Locality {
+    enabled: true,
+    failover: true,
+    failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+};
+
+fn is_default_threshold(t: &u8) -> bool {
+    *t == DEFAULT_FAILOVER_THRESHOLD
 }
 
 /// Circuit breaker limits per destination; none = unlimited.
@@ -133,10 +155,7 @@ pub(crate) fn destination_policy(
         load_balancer: t
             .opt("load_balancer", cx, decode::choice)
             .unwrap_or(LoadBalancer::Ewma),
-        locality: t.opt("locality", cx, locality).unwrap_or(Locality {
-            enabled: true,
-            failover: true,
-        }),
+        locality: t.opt("locality", cx, locality).unwrap_or(DEFAULT_LOCALITY),
         circuit_breaker: t.opt("circuit_breaker", cx, circuit_breaker),
         outlier_detection: t.opt("outlier_detection", cx, outlier_detection),
     })
@@ -168,10 +187,17 @@ fn subset(v: &Value, at: &str, cx: &mut Cx) -> Option<Subset> {
 }
 
 fn locality(v: &Value, at: &str, cx: &mut Cx) -> Option<Locality> {
-    let t = Table::new(v, at, &["enabled", "failover"], cx)?;
+    let t = Table::new(v, at, &["enabled", "failover", "failover_threshold"], cx)?;
+    let threshold = t.opt("failover_threshold", cx, |v, at, cx| {
+        decode::uint(v, at, cx, 0, 100).map(|n| u8::try_from(n).unwrap_or(100))
+    });
+    if t.has("failover_threshold") && threshold.is_none() {
+        return None;
+    }
     Some(Locality {
         enabled: t.opt("enabled", cx, decode::boolean).unwrap_or(true),
         failover: t.opt("failover", cx, decode::boolean).unwrap_or(true),
+        failover_threshold: threshold.unwrap_or(DEFAULT_FAILOVER_THRESHOLD),
     })
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use mesh_api::policy::{LoadBalancer, Locality, OutlierDetection};
+use mesh_api::policy::{LoadBalancer, OutlierDetection};
 use rand::Rng as _;
 
 use crate::membership::Endpoint;
@@ -33,47 +33,6 @@ pub const MAX_EJECTION_MULTIPLIER: u32 = 10;
 /// Whether `ep` carries every one of `labels` (an empty set selects every endpoint).
 pub fn in_subset(ep: &Endpoint, labels: &BTreeMap<String, String>) -> bool {
     labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))
-}
-
-/// Narrows `candidates` (already usable and not ejected) to the caller's locality.
-///
-/// Enabled: the caller's zone (same datacenter *and* zone, since zone names repeat across
-/// datacenters) if it has any candidate. Otherwise, with `failover`, the caller's datacenter
-/// if it has any, else everything. Without `failover` only same-zone endpoints are ever used,
-/// so the result may be empty and the caller answers 503: that is what turning failover off
-/// asks for (keep traffic in the zone even when it hurts). Disabled: all candidates.
-pub fn by_locality<'a, T: Borrow<Endpoint>>(
-    candidates: &[&'a T],
-    dc: &str,
-    zone: &str,
-    locality: &Locality,
-) -> Vec<&'a T> {
-    if !locality.enabled {
-        return candidates.to_vec();
-    }
-    let same_dc = |ep: &&&T| (**ep).borrow().datacenter == dc;
-    let same_zone: Vec<_> = candidates
-        .iter()
-        .filter(same_dc)
-        .filter(|ep| (**ep).borrow().zone == zone)
-        .copied()
-        .collect();
-    if !same_zone.is_empty() || !locality.failover {
-        return same_zone;
-    }
-    let same_dc: Vec<_> = candidates.iter().filter(same_dc).copied().collect();
-    if !same_dc.is_empty() {
-        return same_dc;
-    }
-    // Endpoints of other sites (behind their east-west gateways) only when this site has none.
-    let same_site: Vec<_> = (candidates.iter())
-        .filter(|ep| (**ep).borrow().sni.is_none())
-        .copied()
-        .collect();
-    if !same_site.is_empty() {
-        return same_site;
-    }
-    candidates.to_vec()
 }
 
 /// What the picker knows about one candidate endpoint.

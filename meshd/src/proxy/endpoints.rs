@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use tokio::time::Instant;
 
-use mesh_api::policy::{DestinationPolicy, LoadBalancer, Locality};
+use mesh_api::policy::{DestinationPolicy, LoadBalancer};
 
 use super::balance::{self, Target};
+use super::locality;
 use crate::membership::Endpoint;
 
 /// Endpoints tried for one connection or request before its connect fails (the balancer's
@@ -17,11 +18,9 @@ use crate::membership::Endpoint;
 pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// Locality when no DestinationPolicy says otherwise: prefer the caller's zone, then its
-/// datacenter, then its site, then other sites (through their east-west gateways).
-pub const DEFAULT_LOCALITY: Locality = Locality {
-    enabled: true,
-    failover: true,
-};
+/// datacenter, then its site, then other sites (through their east-west gateways), each keeping
+/// its traffic while half its endpoints are healthy (see [`super::locality`]).
+pub use mesh_api::policy::DEFAULT_LOCALITY;
 
 /// Balancer of HTTP requests when no DestinationPolicy says otherwise: peak EWMA of response
 /// latency, as Linkerd.
@@ -75,13 +74,9 @@ pub fn order(
     cursor: usize,
     rand: &mut dyn FnMut(usize) -> usize,
 ) -> Vec<usize> {
-    let eligible = |t: &Target| {
-        t.endpoint.is_usable()
-            && ask
-                .subset
-                .is_none_or(|labels| balance::in_subset(&t.endpoint, labels))
-            && !t.state.is_ejected(now)
-    };
+    let in_subset =
+        |t: &Target| (ask.subset).is_none_or(|labels| balance::in_subset(&t.endpoint, labels));
+    let eligible = |t: &Target| t.endpoint.is_usable() && in_subset(t) && !t.state.is_ejected(now);
     let indexed = |index: usize| Indexed {
         index,
         target: &targets[index],
@@ -97,9 +92,25 @@ pub fn order(
             .collect();
     }
     let locality = ask.policy.map_or(&DEFAULT_LOCALITY, |p| &p.locality);
+    let tier_of = |t: &Target| locality::tier(&t.endpoint, ask.datacenter, ask.zone);
+    let mut counts = [locality::Count::default(); locality::TIERS];
+    for t in targets.iter().filter(|t| in_subset(t)) {
+        let c = &mut counts[tier_of(t)];
+        c.total += 1;
+        c.healthy += u32::from(eligible(t));
+    }
+    for c in &candidates {
+        counts[tier_of(c.target)].available = true;
+    }
+    let chosen = locality::pick(&locality::shares(&counts, locality), rand);
     let mut order: Vec<usize> = {
-        let refs: Vec<&Indexed<'_>> = candidates.iter().collect();
-        let group = balance::by_locality(&refs, ask.datacenter, ask.zone, locality);
+        let group: Vec<&Indexed<'_>> = match chosen {
+            None => Vec::new(),
+            Some(_) if !locality.enabled => candidates.iter().collect(),
+            Some(tier) => (candidates.iter())
+                .filter(|c| tier_of(c.target) == tier)
+                .collect(),
+        };
         let lb = ask.policy.map_or(ask.default_lb, |p| p.load_balancer);
         let cands: Vec<balance::Cand> = group
             .iter()
@@ -113,9 +124,9 @@ pub fn order(
     };
     order.truncate(MAX_CONNECT_ATTEMPTS);
     if locality.failover {
-        // Fallbacks nearest first: the caller's zone, its datacenter, then the rest.
+        // Fallbacks nearest first: the caller's zone, its datacenter, its site, other sites.
         if locality.enabled {
-            candidates.sort_by_key(|c| tier(&c.target.endpoint, ask));
+            candidates.sort_by_key(|c| tier_of(c.target));
         }
         for c in &candidates {
             if order.len() == MAX_CONNECT_ATTEMPTS {
@@ -127,19 +138,6 @@ pub fn order(
         }
     }
     order
-}
-
-/// How far `ep` is from the caller: 0 its zone, 1 its datacenter, 2 elsewhere in its site,
-/// 3 another site.
-fn tier(ep: &Endpoint, ask: &Ask<'_>) -> u8 {
-    if ep.sni.is_some() {
-        return 3;
-    }
-    match (ep.datacenter == ask.datacenter, ep.zone == ask.zone) {
-        (true, true) => 0,
-        (true, false) => 1,
-        (false, _) => 2,
-    }
 }
 
 #[cfg(test)]

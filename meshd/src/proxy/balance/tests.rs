@@ -70,58 +70,6 @@ fn subset_membership() {
 }
 
 #[test]
-fn locality_table() {
-    let local = ep(1, "dc1", "a", &[]);
-    let same_dc = ep(2, "dc1", "b", &[]);
-    let other_dc = ep(3, "dc2", "a", &[]); // same zone *name*, other datacenter
-    let on = |failover| Locality {
-        enabled: true,
-        failover,
-    };
-    let off = Locality {
-        enabled: false,
-        failover: true,
-    };
-    type Case<'a> = (&'a str, Vec<&'a Endpoint>, Locality, Vec<u16>);
-    let cases: Vec<Case<'_>> = vec![
-        (
-            "zone wins",
-            vec![&other_dc, &same_dc, &local],
-            on(true),
-            vec![1],
-        ),
-        ("dc next", vec![&other_dc, &same_dc], on(true), vec![2]),
-        ("then all", vec![&other_dc], on(true), vec![3]),
-        ("nothing", vec![], on(true), vec![]),
-        (
-            "no failover: zone",
-            vec![&same_dc, &local],
-            on(false),
-            vec![1],
-        ),
-        (
-            "no failover: empty",
-            vec![&other_dc, &same_dc],
-            on(false),
-            vec![],
-        ),
-        (
-            "disabled",
-            vec![&other_dc, &same_dc, &local],
-            off,
-            vec![3, 2, 1],
-        ),
-    ];
-    for (name, cands, loc, want) in cases {
-        let got: Vec<u16> = by_locality(&cands, "dc1", "a", &loc)
-            .iter()
-            .map(|e| e.addr.port())
-            .collect();
-        assert_eq!(got, want, "{name}");
-    }
-}
-
-#[test]
 fn empty_picks_none() {
     for lb in [
         LoadBalancer::RoundRobin,

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::name::Label;
-use mesh_api::policy::OutlierDetection;
+use mesh_api::policy::{Locality, OutlierDetection};
 use proptest::prelude::*;
 
 use super::*;
@@ -34,7 +34,11 @@ fn policy(lb: LoadBalancer, enabled: bool, failover: bool) -> DestinationPolicy 
         service: Label::new("db").unwrap(),
         subsets: Vec::new(),
         load_balancer: lb,
-        locality: Locality { enabled, failover },
+        locality: Locality {
+            enabled,
+            failover,
+            failover_threshold: mesh_api::policy::DEFAULT_FAILOVER_THRESHOLD,
+        },
         circuit_breaker: None,
         outlier_detection: None,
     }
@@ -217,6 +221,46 @@ fn a_zone_whose_endpoints_are_unreachable_fails_over_at_once() {
     assert_eq!(ports(&targets, &got), [2]);
 }
 
+#[test]
+fn a_degraded_zone_spills_part_of_its_traffic() {
+    let now = Instant::now();
+    // The zone has 1 healthy endpoint of 4 (25%, below the 50% default): it keeps half of the
+    // new connections, the datacenter gets the other half.
+    let targets = [
+        target(1, "dc1", "a"),
+        target(2, "dc1", "a"),
+        target(3, "dc1", "a"),
+        target(4, "dc1", "a"),
+        target(5, "dc1", "b"),
+    ];
+    for t in &targets[1..4] {
+        eject(t, now);
+    }
+    let rr = policy(LoadBalancer::RoundRobin, true, true);
+    let mut seed = 7u64;
+    let mut rand = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        usize::try_from((seed >> 33) % n as u64).unwrap()
+    };
+    let mut firsts = [0usize; 6];
+    for cursor in 0..2000 {
+        let got = order(&targets, &ask(Some(&rr)), now, cursor, &mut rand);
+        firsts[usize::from(targets[got[0]].endpoint.addr.port())] += 1;
+        assert_eq!(got.len(), 2, "the other as fallback");
+    }
+    assert!(
+        (850..1150).contains(&firsts[1]) && firsts[1] + firsts[5] == 2000,
+        "{firsts:?}"
+    );
+    // Threshold 25: the zone is not degraded, it keeps everything.
+    let mut strict = rr.clone();
+    strict.locality.failover_threshold = 25;
+    let got = order(&targets, &ask(Some(&strict)), now, 0, &mut rand);
+    assert_eq!(ports(&targets, &got), [1, 5]);
+}
+
 /// An endpoint of another site, reached through its gateway on port `port`.
 fn remote(port: u16) -> Target {
     let mut t = target(port, "", "");
@@ -323,7 +367,10 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let now = Instant::now();
-        let p = policy(lb, enabled, failover);
+        // Threshold 0 (all or nothing) for the tier property below; the threshold's spill is
+        // `a_degraded_zone_spills_part_of_its_traffic`'s and `locality::tests`'.
+        let mut p = policy(lb, enabled, failover);
+        p.locality.failover_threshold = 0;
         let mut state = seed | 1;
         let mut rand = |n: usize| {
             state ^= state << 13;

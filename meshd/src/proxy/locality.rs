@@ -1,0 +1,135 @@
+//! Locality-aware routing as explicit rules: how far an endpoint is from the caller (its zone,
+//! its datacenter, the rest of its site, another site) and which share of new connections or
+//! requests each of those tiers takes. A tier keeps all of its traffic while at least the
+//! failover threshold of its endpoints is healthy; below, it keeps `healthy / threshold` of it
+//! and the rest spills to the next tier, proportionally (so losing half a zone moves a part of
+//! the traffic, not all or nothing). When every tier is below, what is left is spread over them
+//! in proportion to what they took. Pure.
+
+use mesh_api::policy::Locality;
+
+use crate::membership::Endpoint;
+
+/// Zone, datacenter, site, other sites.
+pub const TIERS: usize = 4;
+
+/// Shares are counted in parts of this.
+pub const WHOLE: u32 = 10_000;
+
+/// How far `ep` is from a caller in `datacenter`/`zone`: 0 its zone, 1 its datacenter, 2
+/// elsewhere in its site, 3 another site (reached through that site's east-west gateway).
+pub fn tier(ep: &Endpoint, datacenter: &str, zone: &str) -> usize {
+    if ep.sni.is_some() {
+        return 3;
+    }
+    match (ep.datacenter == datacenter, ep.zone == zone) {
+        (true, true) => 0,
+        (true, false) => 1,
+        (false, _) => 2,
+    }
+}
+
+/// One tier's endpoints, counted for [`shares`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Count {
+    /// Endpoints that may be used (healthy, not draining, not ejected).
+    pub healthy: u32,
+    /// Every endpoint (of the subset asked for).
+    pub total: u32,
+    /// Whether the tier has a candidate now (a healthy endpoint not known unreachable, or any
+    /// healthy one when none is reachable anywhere): a tier without one takes nothing.
+    pub available: bool,
+}
+
+/// The share of traffic (parts of [`WHOLE`]) each tier takes under `locality`. All zero only
+/// when no tier is available (or, without failover, the caller's zone is not).
+pub fn shares(counts: &[Count; TIERS], locality: &Locality) -> [u32; TIERS] {
+    let mut out = [0u32; TIERS];
+    if !locality.enabled {
+        // Every tier alike: the balancer sees all candidates (tier 0 stands for them all).
+        if counts.iter().any(|c| c.available) {
+            out[0] = WHOLE;
+        }
+        return out;
+    }
+    if !locality.failover {
+        if counts[0].available {
+            out[0] = WHOLE;
+        }
+        return out;
+    }
+    let mut left = WHOLE;
+    for (t, c) in counts.iter().enumerate() {
+        if !c.available || c.total == 0 || left == 0 {
+            continue;
+        }
+        let keep = keep(c, locality.failover_threshold);
+        let share = left * keep / WHOLE;
+        out[t] = share;
+        left -= share;
+    }
+    spread(&mut out, counts, left);
+    out
+}
+
+/// The part of [`WHOLE`] a tier keeps of what reaches it: all at or above the threshold, else
+/// in proportion to its healthy share.
+fn keep(c: &Count, threshold: u8) -> u32 {
+    if threshold == 0 {
+        return WHOLE;
+    }
+    let scaled = u64::from(c.healthy) * u64::from(WHOLE) * 100;
+    let keep = scaled / (u64::from(c.total) * u64::from(threshold)).max(1);
+    u32::try_from(keep.min(u64::from(WHOLE))).unwrap_or(WHOLE)
+}
+
+/// Gives what no tier kept (every tier below the threshold) to the tiers in proportion to what
+/// they took, the rounding remainder to the nearest; to the nearest available tier when none
+/// took anything.
+fn spread(out: &mut [u32; TIERS], counts: &[Count; TIERS], left: u32) {
+    if left == 0 {
+        return;
+    }
+    let taken: u32 = out.iter().sum();
+    if taken == 0 {
+        if let Some(t) = counts.iter().position(|c| c.available) {
+            out[t] = WHOLE;
+        }
+        return;
+    }
+    let mut given = 0;
+    for share in out.iter_mut() {
+        let extra =
+            u32::try_from(u64::from(left) * u64::from(*share) / u64::from(taken)).unwrap_or(0);
+        *share += extra;
+        given += extra;
+    }
+    if let Some(first) = out.iter_mut().find(|s| **s > 0) {
+        *first += left - given;
+    }
+}
+
+/// The tier a new connection or request goes to, by `shares`; `rand(n)` is uniform in `0..n`
+/// and is not called when one tier takes everything. `None`: no tier takes anything.
+pub fn pick(shares: &[u32; TIERS], rand: &mut dyn FnMut(usize) -> usize) -> Option<usize> {
+    if let Some(t) = shares.iter().position(|&s| s == WHOLE) {
+        return Some(t);
+    }
+    let total: u32 = shares.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    // Out-of-range answers are wrapped, never trusted.
+    let mut r = u32::try_from(rand(total as usize) % total as usize).unwrap_or(0);
+    for (t, &s) in shares.iter().enumerate() {
+        if r < s {
+            return Some(t);
+        }
+        r -= s;
+    }
+    shares.iter().rposition(|&s| s > 0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

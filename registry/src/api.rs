@@ -25,6 +25,7 @@ mod bundle;
 mod certs;
 mod decide;
 mod diff;
+pub mod follow;
 mod gossip_keys;
 mod observe;
 mod policy;
@@ -193,6 +194,8 @@ struct Inner {
     gossip: gossip_keys::GossipHub,
     revocations: revoke::Revocations,
     reports: observe::ReportQuota,
+    /// How this registry follows a primary (a secondary site's), for `GetNodeReports`.
+    follow: follow::Status,
     /// Becomes `true` when the registry drains; watch streams end then.
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -278,6 +281,7 @@ impl RegistryApi {
                 gossip: gossip_keys::GossipHub::new(),
                 revocations,
                 reports: observe::ReportQuota::default(),
+                follow: follow::Status::default(),
                 shutdown,
             }),
         })

@@ -141,6 +141,10 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         shutdown_rx.clone(),
     ));
+    if let Some(follow) = config.follow.clone() {
+        info!(primary = %follow.primary, "following the primary registry for policy");
+        tasks.spawn((registry_api.clone().follow(follow)).instrument(info_span!("follow")));
+    }
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(crate::api::REVOCATION_PRUNE_INTERVAL);

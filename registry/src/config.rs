@@ -125,6 +125,25 @@ struct RawConfig {
     max_response_message_size: u64,
     http2_max_pending_accept_reset_streams: u64,
     http2_max_local_error_reset_streams: u64,
+    follow: Option<RawFollow>,
+}
+
+/// `[follow]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFollow {
+    primary: Option<String>,
+    credentials: Option<String>,
+}
+
+/// `[follow]`: this registry is a secondary site's, and takes its policy from the primary's.
+#[derive(Debug, Clone, Serialize)]
+pub struct FollowConfig {
+    /// The primary registry, `host:port`.
+    pub primary: String,
+    /// Credentials the primary issued for this registry (a viewer's: `admin.pem`,
+    /// `admin-key.pem`, `ca.pem`), e.g. `meshctl credentials create --role viewer site-b`.
+    pub credentials: PathBuf,
 }
 
 impl Default for RawConfig {
@@ -156,6 +175,7 @@ impl Default for RawConfig {
             max_response_message_size: DEFAULT_MAX_RESPONSE_MESSAGE_SIZE,
             http2_max_pending_accept_reset_streams: DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
             http2_max_local_error_reset_streams: DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
+            follow: None,
         }
     }
 }
@@ -225,6 +245,8 @@ pub struct Config {
     pub http2_max_pending_accept_reset_streams: usize,
     /// Streams reset by the registry for client errors, per connection, before GOAWAY.
     pub http2_max_local_error_reset_streams: usize,
+    /// The primary registry this one follows for policy, if it is a secondary site's.
+    pub follow: Option<FollowConfig>,
 }
 
 mod humantime_serde_compat {
@@ -233,6 +255,42 @@ mod humantime_serde_compat {
     pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
+}
+
+/// Validates `[follow]`, each problem naming its key.
+fn follow(
+    file: &str,
+    base: &Path,
+    raw: RawFollow,
+    problems: &mut Vec<String>,
+) -> Option<FollowConfig> {
+    let primary = match raw.primary {
+        Some(p) if valid_host_port(&p) => Some(p),
+        Some(p) => {
+            problems.push(format!("{file}: follow.primary: {p:?} is not host:port"));
+            None
+        }
+        None => {
+            problems.push(format!(
+                "{file}: follow.primary: required (the primary registry's host:port)"
+            ));
+            None
+        }
+    };
+    let credentials = match raw.credentials {
+        Some(c) if !c.is_empty() => Some(base.join(c)),
+        _ => {
+            problems.push(format!(
+                "{file}: follow.credentials: required (a directory of viewer credentials the \
+                 primary issued: meshctl credentials create --role viewer NAME --out DIR)"
+            ));
+            None
+        }
+    };
+    Some(FollowConfig {
+        primary: primary?,
+        credentials: credentials?,
+    })
 }
 
 impl Config {
@@ -390,6 +448,9 @@ impl Config {
                 ));
             }
         }
+        let follow = raw
+            .follow
+            .and_then(|f| follow(&file.to_string(), base, f, &mut problems));
         if default_token_ttl > max_token_ttl {
             problems.push(format!(
                 "{file}: default_token_ttl: longer than max_token_ttl"
@@ -429,6 +490,7 @@ impl Config {
                     http2_max_pending_accept_reset_streams,
                 ),
                 http2_max_local_error_reset_streams: to_usize(http2_max_local_error_reset_streams),
+                follow,
             }),
             _ => Err(Error::Invalid { problems }),
         }

@@ -214,6 +214,28 @@ pub struct NodeReportsResponse {
     /// The registry's CA certificates: the root every node trusts and the intermediate that signs.
     #[prost(message, repeated, tag = "5")]
     pub ca_certificates: ::prost::alloc::vec::Vec<CaCertExpiry>,
+    /// Set when this registry is a secondary site's and follows a primary for policy.
+    #[prost(message, optional, tag = "6")]
+    pub follow: ::core::option::Option<FollowStatus>,
+}
+/// How a secondary site's registry follows the primary's policy.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FollowStatus {
+    /// The primary registry, host:port.
+    #[prost(string, tag = "1")]
+    pub primary: ::prost::alloc::string::String,
+    /// The primary's revision this registry holds (0: none received yet).
+    #[prost(uint64, tag = "2")]
+    pub primary_revision: u64,
+    /// Whether the watch of the primary is open now.
+    #[prost(bool, tag = "3")]
+    pub connected: bool,
+    /// When the state last changed between connected and not (Unix seconds; 0: never connected).
+    #[prost(int64, tag = "4")]
+    pub since_unix: i64,
+    /// Why the last watch ended or an event was refused; empty when none.
+    #[prost(string, tag = "5")]
+    pub error: ::prost::alloc::string::String,
 }
 /// When one of the registry's CA certificates expires.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

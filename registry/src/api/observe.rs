@@ -242,6 +242,7 @@ impl RegistryApi {
                     not_after_unix: super::unix(not_after),
                 })
                 .collect(),
+            follow: self.inner.follow.get(),
         })
     }
 }

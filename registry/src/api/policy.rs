@@ -107,6 +107,21 @@ impl PolicyHub {
 // === impl RegistryApi ===
 
 impl RegistryApi {
+    /// A secondary site's registry takes policy from its primary only: an apply or delete here
+    /// would be undone by the next revision of the primary.
+    fn refuse_if_following(&self) -> Result<(), Rejected> {
+        match &self.inner.config.follow {
+            Some(f) => Err(reject(
+                "following",
+                Status::failed_precondition(format!(
+                    "this registry follows {} for policy; apply and delete there (meshctl --registry {})",
+                    f.primary, f.primary
+                )),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Operators and viewers may read policy.
     pub(super) fn require_reader(&self, peer: &PeerInfo) -> Result<Identity, Rejected> {
         match &peer.identity {
@@ -123,6 +138,7 @@ impl RegistryApi {
         req: pb::ApplyRequest,
     ) -> Result<pb::ApplyResponse, Rejected> {
         let admin = self.require_admin(peer)?;
+        self.refuse_if_following()?;
         let changes = validate_apply(&req.resources).map_err(|problems| {
             reject(
                 "invalid_policy",
@@ -215,6 +231,7 @@ impl RegistryApi {
         req: pb::DeleteResourceRequest,
     ) -> Result<pb::ApplyResponse, Rejected> {
         let admin = self.require_admin(peer)?;
+        self.refuse_if_following()?;
         let (kind, namespace, name) = resource_key(&req.kind, &req.namespace, &req.name)
             .map_err(|e| reject("bad_request", Status::invalid_argument(e)))?;
         if kind.parse::<Kind>().is_ok_and(Kind::is_registry_owned) {

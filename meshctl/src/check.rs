@@ -74,6 +74,8 @@ pub enum Check {
     Policies,
     /// SLO alerts.
     Slos,
+    /// A secondary site's registry following the primary for policy.
+    Follow,
 }
 
 /// The outcome of one check: a one-line summary and, when not ok, one line per culprit.
@@ -139,6 +141,7 @@ impl Check {
             Self::Warnings => "warnings",
             Self::Policies => "policies",
             Self::Slos => "slos",
+            Self::Follow => "follow",
         }
     }
 }
@@ -223,6 +226,9 @@ pub fn evaluate(inputs: &CheckInputs, now: SystemTime, t: &Thresholds) -> Vec<Fi
         out.push(gossip(&fresh));
         out.push(config(&fresh, reports));
         out.push(warnings(&all));
+        if let Some(f) = &reports.follow {
+            out.push(follow(f, now_unix));
+        }
     }
     if let Ok(resources) = &inputs.resources {
         out.push(policies(resources));
@@ -231,6 +237,37 @@ pub fn evaluate(inputs: &CheckInputs, now: SystemTime, t: &Thresholds) -> Vec<Fi
         out.push(slo_alerts(slos, now_unix));
     }
     out
+}
+
+/// How a secondary site's registry follows the primary: ok while its watch is open, a warning
+/// while it is cut off (it keeps serving the revision it has), a failure when it never had one.
+fn follow(f: &pb::FollowStatus, now_unix: i64) -> Finding {
+    let since = ms(u64::try_from(now_unix.saturating_sub(f.since_unix)).unwrap_or(0) * 1000);
+    let error = (!f.error.is_empty()).then(|| format!("last error: {}", f.error));
+    let (severity, summary) = match (f.connected, f.primary_revision) {
+        (true, rev) => (
+            Severity::Ok,
+            format!(
+                "follows {} for policy: at its revision {rev}, connected for {since}",
+                f.primary
+            ),
+        ),
+        (false, 0) => (
+            Severity::Fail,
+            format!(
+                "has no policy from {} yet: this site's nodes get none until it answers",
+                f.primary
+            ),
+        ),
+        (false, rev) => (
+            Severity::Warn,
+            format!(
+                "cut off from {} for {since}: this site enforces its revision {rev} and takes no change made since",
+                f.primary
+            ),
+        ),
+    };
+    Finding::new(Check::Follow, severity, summary).with(error.into_iter().collect())
 }
 
 /// 0 when every finding is ok, 1 when any failed, 2 when the worst is a warning.

@@ -121,6 +121,7 @@ fn healthy() -> CheckInputs {
                 ca_cert("root", NOW + 3650 * DAY),
                 ca_cert("intermediate", NOW + 200 * DAY),
             ],
+            follow: None,
         }),
         resources: Ok(vec![
             resource("AuthorizationPolicy", "allow-web", "{}"),
@@ -886,4 +887,34 @@ fn stale_multiples() {
         let e = parse_stale(bad).unwrap_err();
         assert!(e.contains("e.g. 3x"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn a_follower_is_ok_connected_warned_cut_off_failed_empty() {
+    let now = 1_000_000;
+    let status = |connected, primary_revision, since_unix, error: &str| pb::FollowStatus {
+        primary: "reg-a:7700".to_owned(),
+        primary_revision,
+        connected,
+        since_unix,
+        error: error.to_owned(),
+    };
+    let f = follow(&status(true, 12, now - 90, ""), now);
+    assert_eq!(f.severity, Severity::Ok);
+    assert!(
+        f.summary.contains("at its revision 12") && f.summary.contains("1m30s"),
+        "{}",
+        f.summary
+    );
+    let f = follow(&status(false, 12, now - 200, "transport error"), now);
+    assert_eq!(f.severity, Severity::Warn);
+    assert!(
+        f.summary.contains("cut off from reg-a:7700 for 3m20s")
+            && f.summary.contains("revision 12"),
+        "{}",
+        f.summary
+    );
+    assert_eq!(f.details, ["last error: transport error"]);
+    let f = follow(&status(false, 0, now - 5, "refused"), now);
+    assert_eq!(f.severity, Severity::Fail);
 }

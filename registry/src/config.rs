@@ -786,4 +786,39 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn follow_section() {
+        let base = "trust_domain = \"mesh.test\"\ndata_dir = \"d\"\n";
+        let parse = |extra: &str| {
+            Config::from_toml_str(Path::new("/etc/r/r.toml"), &format!("{base}{extra}"))
+        };
+        let c = parse("[follow]\nprimary = \"reg-a.example:7700\"\ncredentials = \"primary\"\n")
+            .unwrap();
+        let f = c.follow.unwrap();
+        assert_eq!(f.primary, "reg-a.example:7700");
+        assert_eq!(f.credentials, Path::new("/etc/r/primary"));
+        assert!(parse("").unwrap().follow.is_none());
+        for (extra, want) in [
+            (
+                "[follow]\ncredentials = \"p\"\n",
+                "r.toml: follow.primary: required",
+            ),
+            (
+                "[follow]\nprimary = \"reg-a\"\ncredentials = \"p\"\n",
+                "follow.primary: \"reg-a\" is not host:port",
+            ),
+            (
+                "[follow]\nprimary = \"reg-a:7700\"\n",
+                "follow.credentials: required",
+            ),
+            (
+                "[follow]\nprimary = \"reg-a:7700\"\ncredentials = \"p\"\nevery = \"1s\"\n",
+                "unknown field `every`",
+            ),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
 }

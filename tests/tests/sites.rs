@@ -1,10 +1,12 @@
 //! Two sites on real processes: each its own registry (site b's intermediate signed under site
-//! a's root), its own gossip pool and an east-west gateway; the gateways meet in WAN gossip.
-//! A service of site a calls one that only site b has, through b's gateway, which never
-//! decrypts: the callee sees the caller's own identity, and a DENY for that identity in b is
-//! enforced. A service both sites run is served locally, and when site a drains its instance
-//! the requests go to site b without one failing. The gateway refuses server names that name a
-//! service its site does not export, or another site.
+//! a's root; b's registry follows a's for policy and refuses applies of its own), its own gossip
+//! pool and an east-west gateway; the gateways meet in WAN gossip. A service of site a calls one
+//! that only site b has, through b's gateway, which never decrypts: the callee sees the caller's
+//! own identity, and a DENY for that identity applied at a is enforced in b — and still is after
+//! a's registry dies, while `meshctl check` at b says it is cut off. A service both sites run is
+//! served locally, and when site a drains its instance the requests go to site b without one
+//! failing. The gateway refuses server names that name a service its site does not export, or
+//! another site.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -57,9 +59,17 @@ async fn hello(addr: SocketAddr, sni: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     let mut a = Cluster::new(RegistryOpts::default()).await.unwrap();
+    // Site b's registry: its own intermediate under a's root, and a's policy, followed with
+    // the viewer credentials a's init wrote.
     let join = Some(("b".to_owned(), a.registry.data_dir.join("ca")));
+    let follow = format!(
+        "[follow]\nprimary = \"{}\"\ncredentials = \"{}\"",
+        a.registry.addr,
+        a.registry.data_dir.join("viewer").display()
+    );
     let mut b = Cluster::new(RegistryOpts {
         join,
+        extra: vec![follow],
         ..RegistryOpts::default()
     })
     .await
@@ -72,13 +82,13 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         .unwrap();
     let text = String::from_utf8(key.stdout).unwrap();
     std::fs::write(&key_file, format!("# the WAN keyring\n{text}")).unwrap();
-    // Policy is per site until registries follow a primary: each site says what it exports.
+    // Policy is applied at the primary only; b refuses it and takes a's.
     a.registry
-        .apply("export.toml", &export("[\"frontend\"]"))
-        .unwrap();
-    b.registry
         .apply("export.toml", &export("[\"users\", \"frontend\"]"))
         .unwrap();
+    let refused = b.registry.apply("export.toml", &export("[\"audit\"]"));
+    let e = refused.unwrap_err().to_string();
+    assert!(e.contains(&format!("follows {}", a.registry.addr)), "{e}");
 
     let (gw_a_ip, gw_b_ip) = (IpAddr::V4(next_ip()), IpAddr::V4(next_ip()));
     let gateway = |cluster: &Cluster, name: &str, site: &str, ip: IpAddr, peer: IpAddr| {
@@ -219,17 +229,37 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     assert_eq!(replies.last().unwrap().1, "front-b", "{replies:?}");
     assert!(replies.iter().any(|(_, app)| app == "front-a"));
 
-    // A DENY for web's identity in site b is enforced there.
+    // A DENY for web's identity, applied at the primary, is enforced in site b.
     let deny = "[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"no-web\"\n\
                 action = \"DENY\"\nselector = { service = \"users\" }\n\
                 [[resource.rules]]\nfrom = [{ principals = [\"spiffe://mesh.test/ns/default/svc/web\"] }]\n";
-    b.registry.apply("deny.toml", deny).unwrap();
+    a.registry.apply("deny.toml", deny).unwrap();
     eventually(WAIT, "site b to deny web", || async {
         let resp = curl(&[&format!("http://{}/", up(19201))]);
         (status(&resp) == 403).then_some(())
     })
     .await
     .unwrap();
+    let check = b.registry.meshctl(&["check"]).unwrap();
+    let out = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        out.contains(&format!("follows {} for policy", a.registry.addr)),
+        "{out}"
+    );
+
+    // The primary's registry gone: b says how long it has been cut off and keeps enforcing
+    // what it has.
+    a.registry.kill9();
+    let cut = eventually(WAIT, "b to notice the primary is gone", || async {
+        let check = b.registry.meshctl(&["check"]).ok()?;
+        let out = String::from_utf8_lossy(&check.stdout).into_owned();
+        out.contains("cut off from").then_some(out)
+    })
+    .await
+    .unwrap();
+    assert!(cut.contains("this site enforces its revision"), "{cut}");
+    let resp = curl(&[&format!("http://{}/", up(19201))]);
+    assert_eq!(status(&resp), 403, "{resp}");
 
     // The gateway passes on only exported services of its own site.
     let gw_b = SocketAddr::new(gw_b_ip, EAST_WEST_PORT);

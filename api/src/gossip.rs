@@ -38,6 +38,10 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
+    /// Joined, still learning the mesh: peers send it nothing yet (its apps' calls would find
+    /// no endpoints). Read by meshd from before this state as unreadable node info, which keeps
+    /// the node out of their view until it serves: the same outcome.
+    Starting,
     /// Serving normally.
     Serving,
     /// Shutting down: peers stop sending new connections.

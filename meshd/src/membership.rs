@@ -21,6 +21,8 @@ use mesh_api::policy::DenyList;
 
 use crate::gossip_auth::{Signer, StateVerifier};
 
+pub mod warmup;
+
 /// Phi-accrual threshold above which a silent node is considered dead. chitchat's phi is the
 /// silence divided by the mean time between heartbeat updates, which is a third to 0.9 of a
 /// gossip interval whatever the cluster size (measured with 2–40 nodes), so 20 means dead after
@@ -72,7 +74,7 @@ pub struct Endpoint {
     pub protocol: Protocol,
     /// Passing health checks.
     pub healthy: bool,
-    /// The node is draining.
+    /// The node takes no new work: starting (still learning the mesh) or draining.
     pub draining: bool,
 }
 
@@ -171,7 +173,7 @@ pub fn build_view(
                     labels: s.labels,
                     protocol,
                     healthy: s.healthy,
-                    draining: info.state == gossip::NodeState::Draining,
+                    draining: info.state != gossip::NodeState::Serving,
                 }),
                 Err(e) => debug!(node = %id.node_id, key, error = %e, "unreadable service info"),
             }
@@ -429,7 +431,7 @@ impl Membership {
             datacenter: config.datacenter.clone(),
             zone: config.zone.clone(),
             site: Some(config.site.clone()),
-            state: gossip::NodeState::Serving,
+            state: gossip::NodeState::Starting,
         };
         let mut kvs = vec![(gossip::KEY_NODE.to_owned(), gossip::encode(&node_info))];
         for svc in &config.services {
@@ -543,6 +545,14 @@ impl Membership {
                 }
             });
         }
+        tokio::spawn(warmup::serve_when_warm(
+            handle.chitchat(),
+            signer.clone(),
+            view_rx.clone(),
+            !config.gossip.seeds.is_empty(),
+            config.gossip.interval,
+            shutdown.clone(),
+        ));
         info!(addr = %config.gossip.bind, advertise = %config.gossip.advertise, "gossip started");
         Ok((
             Self {

@@ -135,6 +135,110 @@ impl Net {
     }
 }
 
+/// A router namespace joined to several bridges (one per site) at 10.213.<subnet>.254, with
+/// forwarding on inside it only: a host reaches another bridge only through the routes it is
+/// given ([`route`]), so a test decides which addresses of one site another can reach.
+pub struct Router {
+    /// Its namespace.
+    pub ns: String,
+    /// Per bridge joined: the subnet and the veth end inside the router (down = that bridge is
+    /// cut off from the others).
+    links: Vec<(u8, String)>,
+    /// The veth ends in the root namespace, deleted on drop.
+    roots: Vec<String>,
+}
+
+impl Router {
+    /// A router joined to every bridge of `nets`.
+    pub fn new(nets: &[&Net]) -> anyhow::Result<Self> {
+        let tag = format!("{}", std::process::id() % 10000);
+        let ns = format!("meshrt{tag}");
+        let _ = ip(&["netns", "del", &ns]);
+        ip(&["netns", "add", &ns])?;
+        let mut router = Self {
+            ns,
+            links: Vec::new(),
+            roots: Vec::new(),
+        };
+        for net in nets {
+            let root = format!("rr{tag}x{}", net.subnet);
+            let inner = format!("ri{tag}x{}", net.subnet);
+            let _ = ip(&["link", "del", &root]);
+            ip(&["link", "add", &root, "type", "veth", "peer", "name", &inner])?;
+            router.roots.push(root.clone());
+            ip(&["link", "set", &inner, "netns", &router.ns])?;
+            ip(&["link", "set", &root, "master", &net.bridge])?;
+            ip(&["link", "set", &root, "up"])?;
+            let addr = format!("{}/24", router.addr_on(net));
+            ip(&[
+                "netns", "exec", &router.ns, "ip", "addr", "add", &addr, "dev", &inner,
+            ])?;
+            ip(&[
+                "netns", "exec", &router.ns, "ip", "link", "set", &inner, "up",
+            ])?;
+            router.links.push((net.subnet, inner));
+        }
+        ip(&["netns", "exec", &router.ns, "ip", "link", "set", "lo", "up"])?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &router.ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .within(crate::CLI_TIMEOUT)?;
+        if !out.status.success() {
+            bail!(
+                "enabling forwarding in {}: {}",
+                router.ns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(router)
+    }
+
+    /// The router's address on `net`'s bridge.
+    pub fn addr_on(&self, net: &Net) -> Ipv4Addr {
+        Ipv4Addr::new(10, 213, net.subnet, 254)
+    }
+
+    /// Cuts `net`'s bridge off the others (or joins it again).
+    pub fn set_link(&self, net: &Net, up: bool) -> anyhow::Result<()> {
+        let (_, inner) = (self.links.iter())
+            .find(|(subnet, _)| *subnet == net.subnet)
+            .context("the router is not joined to that bridge")?;
+        let state = if up { "up" } else { "down" };
+        ip(&["netns", "exec", &self.ns, "ip", "link", "set", inner, state])
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        for r in &self.roots {
+            let _ = ip(&["link", "del", r]);
+        }
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+/// Gives `host` a route to `dest` (an address or a prefix such as 10.213.7.0/24) through
+/// `via` (a router on its bridge).
+pub fn route(host: &Host, dest: &str, via: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&[
+        "netns",
+        "exec",
+        &host.ns,
+        "ip",
+        "route",
+        "add",
+        dest,
+        "via",
+        &via.to_string(),
+    ])
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for h in &self.hosts {

@@ -50,6 +50,17 @@ impl Postgres {
     /// Initializes a cluster in a fresh directory named after `name` and starts it on `addr`;
     /// returns once it accepts connections. `log` receives its output.
     pub async fn start(name: &str, addr: SocketAddr, log: &Path) -> anyhow::Result<Self> {
+        Self::start_in(None, name, addr, log).await
+    }
+
+    /// [`Postgres::start`] inside network namespace `netns` (the test process must reach
+    /// `addr` from its own namespace to see it accept).
+    pub async fn start_in(
+        netns: Option<&str>,
+        name: &str,
+        addr: SocketAddr,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let bin = bin_dir().context("no PostgreSQL server installed (scripts/setup)")?;
         // Outside the test's scratch directory: the server runs as `postgres` and needs every
         // directory on the way traversable.
@@ -64,6 +75,12 @@ impl Postgres {
         run(runuser(&initdb)
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
             .arg(&data))?;
+        // Clients on the server's own subnets too (a meshd on another address of its host, or
+        // in its network namespace), trusted like local ones: this is a test database.
+        let hba = data.join("pg_hba.conf");
+        let mut conf = std::fs::read_to_string(&hba)?;
+        conf.push_str("\nhost all all samenet trust\n");
+        std::fs::write(&hba, conf)?;
         let postgres = bin.join("postgres");
         let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
         let socket_dir = dir.to_string_lossy().into_owned();
@@ -88,7 +105,7 @@ impl Postgres {
             "-c",
             "max_connections=200",
         ];
-        let proc = Proc::start(None, Path::new("runuser"), &args, log)?;
+        let proc = Proc::start(netns, Path::new("runuser"), &args, log)?;
         let what = format!("postgres {name} on {addr}");
         eventually(Duration::from_secs(30), &what, || async {
             tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())

@@ -22,6 +22,11 @@
 #                         http-base:     as http, run from the binary BASE_MESHD (A/B of a change
 #                                        in one run: build the baseline, copy it aside, rebuild)
 #                         http-alt:      as http-base, from ALT_MESHD (a third binary in the run)
+#                         east-west:     as http, across two sites: the client meshd (site a) reaches
+#                                        the server meshd (site b) through site b's east-west
+#                                        gateway (TLS passed through, never decrypted); charged
+#                                        with both gateways (site a's is off the data path: WAN
+#                                        gossip only). Compare with http in the same run.
 #                         ingress:       an HTTPS ingress gateway meshd (certificate from a file,
 #                                        TLS 1.3) in front of the http server-side meshd; adds the
 #                                        targets meshd-ingress, haproxy-ingress and nginx-ingress
@@ -126,13 +131,16 @@ command -v curl >/dev/null || die "curl not found (peers.sh start installs it)"
 # Not the 127.0.0.2/.3 and :17700 of the getting-started example, so a dev mesh can keep running.
 declare -A CLIENT_IP=([pinned]=127.0.0.12 [default]=127.0.0.14 [http]=127.0.0.16
   [http-quiet]=127.0.0.18 [http-trace1]=127.0.0.20 [http-trace100]=127.0.0.22 [http-base]=127.0.0.24
-  [http-alt]=127.0.0.26 [ingress]=127.0.0.28)
+  [http-alt]=127.0.0.26 [ingress]=127.0.0.28 [east-west]=127.0.0.30)
 declare -A SERVER_IP=([pinned]=127.0.0.13 [default]=127.0.0.15 [http]=127.0.0.17
   [http-quiet]=127.0.0.19 [http-trace1]=127.0.0.21 [http-trace100]=127.0.0.23 [http-base]=127.0.0.25
-  [http-alt]=127.0.0.27 [ingress]=127.0.0.29)
+  [http-alt]=127.0.0.27 [ingress]=127.0.0.29 [east-west]=127.0.0.31)
+# For east-west: site b's gateway (on the data path) and site a's (republishes b's services).
+EW_GW_B=127.0.0.32
+EW_GW_A=127.0.0.33
 # For ingress: the gateway's https listener.
 declare -A UP_PORT=([pinned]=18004 [default]=18005 [http]=18006 [http-quiet]=18007
-  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010 [http-alt]=18011 [ingress]=18012)
+  [http-trace1]=18008 [http-trace100]=18009 [http-base]=18010 [http-alt]=18011 [ingress]=18012 [east-west]=18013)
 # Observability settings of each variant (appended to its nodes' meshd.toml).
 OTLP=127.0.0.1:17712
 declare -A OBSERVE=(
@@ -156,7 +164,7 @@ wait_for() { # description, command...: retries until success or READY_TIMEOUT
 
 for a in $REG_LISTEN $REG_ADMIN; do ! port_busy "${a%:*}" "${a#*:}" || die "$a is in use (a previous run still alive?)"; done
 for v in $MESHD_VARIANTS; do
-  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base, http-alt, ingress)"
+  [ -n "${CLIENT_IP[$v]:-}" ] || die "unknown MESHD_VARIANTS entry '$v' (pinned, default, http, http-quiet, http-trace1, http-trace100, http-base, http-alt, ingress, east-west)"
   if [ "$v" = http-base ]; then
     [ -x "${BASE_MESHD:-}" ] || die "MESHD_VARIANTS has http-base: set BASE_MESHD to an executable meshd binary"
   fi
@@ -180,12 +188,14 @@ wait_for "the registry (http://$REG_ADMIN/ready)" curl -fsS "http://$REG_ADMIN/r
 token() { "$BIN/meshctl" --credentials "$TMP/registry/admin" token create --services "$1" 2>>"$TMP/meshctl.log"; }
 
 start_node() { # variant name ip gossip-seed-ip service-file-body [token-services [meshd.toml lines]]
+  # (SITE and CLUSTER in the environment: the node's site and gossip cluster id)
   local v=$1 name=$2 ip=$3 seed=$4 svc=$5 dir="$TMP/$2" bin=${MESHD_BIN:-$BIN/meshd}
   [ "$v" = http-base ] && bin=$BASE_MESHD
   [ "$v" = http-alt ] && bin=$ALT_MESHD
   mkdir -p "$dir/services.d"
   cat >"$dir/node.toml" <<EOF
 node_name = "$name"
+${SITE:+site = \"$SITE\"}
 data_dir = "data"
 services_dir = "services.d"
 [registry]
@@ -194,7 +204,7 @@ join_token_file = "token"
 [gossip]
 bind = "$ip:17946"
 seeds = ["$seed:17946"]
-cluster_id = "bench-$v"
+cluster_id = "${CLUSTER:-bench-$v}"
 [inbound]
 bind = "$ip:15008"
 [admin]
@@ -223,7 +233,30 @@ if [[ " $MESHD_VARIANTS " == *" http-trace"* ]]; then
   OTLP_PID=$!
   OUR_PIDS+=($OTLP_PID)
 fi
+start_east_west() { # the four nodes of the east-west variant
+  local v=east-west ew
+  head -c32 /dev/urandom | base64 >"$TMP/wan.key"
+  printf '[[resource]]\nkind = "ServiceExport"\nname = "bench"\nservices = ["backend-%s"]\n' "$v" >"$TMP/export.toml"
+  "$BIN/meshctl" --credentials "$TMP/registry/admin" apply -f "$TMP/export.toml" >>"$TMP/meshctl.log" 2>&1 ||
+    die "applying the ServiceExport failed: $(tail -n 3 "$TMP/meshctl.log")"
+  ew() { printf '[east_west]\nbind = "%s:15443"\nwan_bind = "%s:17947"\nwan_seeds = ["%s:17947"]\nwan_key_file = "%s"\n' "$1" "$1" "$2" "$TMP/wan.key"; }
+  SITE=b CLUSTER=bench-ew-b start_node $v "server-$v" "${SERVER_IP[$v]}" $EW_GW_B "name = \"backend-$v\"
+address = \"127.0.0.1:18080\"
+protocol = \"http\""
+  SITE=b CLUSTER=bench-ew-b start_node $v "gw-b-$v" $EW_GW_B "${SERVER_IP[$v]}" "" unused "$(ew $EW_GW_B $EW_GW_A)"
+  SITE=a CLUSTER=bench-ew-a start_node $v "gw-a-$v" $EW_GW_A "${CLIENT_IP[$v]}" "" unused "$(ew $EW_GW_A $EW_GW_B)"
+  SITE=a CLUSTER=bench-ew-a start_node $v "client-$v" "${CLIENT_IP[$v]}" $EW_GW_A "name = \"bench-client-$v\"
+address = \"127.0.0.1:18999\"
+[[upstreams]]
+service = \"backend-$v\"
+bind = \"127.0.0.1:${UP_PORT[$v]}\""
+}
+
 for v in $MESHD_VARIANTS; do
+  if [ "$v" = east-west ]; then
+    start_east_west
+    continue
+  fi
   proto=tcp; [[ $v == http* || $v == ingress ]] && proto=http
   start_node "$v" "server-$v" "${SERVER_IP[$v]}" "${CLIENT_IP[$v]}" "name = \"backend-$v\"
 address = \"127.0.0.1:18080\"

@@ -94,7 +94,14 @@ async fn forged_gossip_changes_nothing_and_bloat_stops_nobody() {
         .wait_endpoints("default/api", 1)
         .await
         .unwrap();
-    let before = view(&cluster.nodes[1]).await;
+    // Both nodes past their start (a node joins as `starting`), so the view is settled.
+    let before = eventually(WAIT, "a to see both nodes serving", || async {
+        let v = view(&cluster.nodes[1]).await;
+        let members = v.0.as_array()?;
+        (members.len() == 2 && members.iter().all(|m| m["info"]["state"] == "serving")).then_some(v)
+    })
+    .await
+    .unwrap();
 
     // The attacker's loot: the gossip key from a's disk, b's gossip identity from a's view.
     let persisted: serde_json::Value = serde_json::from_str(

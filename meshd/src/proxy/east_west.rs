@@ -201,6 +201,9 @@ async fn connection(s: &Serving, mut tcp: TcpStream, peer: SocketAddr) {
         Ok(svc) => svc,
         Err(r) => return refuse(&s.shared, &tcp, peer, &r),
     };
+    // Both sides relay TLS records as they come: a record split across two reads must not
+    // wait for the first half's ACK (Nagle), which cost ~0.9 ms per request in bench/run.sh.
+    let _ = tcp.set_nodelay(true);
     let mut upstream = match dial(s, &svc).await {
         Ok(u) => u,
         Err(r) => return refuse(&s.shared, &tcp, peer, &r),

@@ -154,7 +154,9 @@ pub use gateway::{
     Specificity, TlsTermination, TlsVersion, attaches, best_match, normalize_host,
 };
 pub use rate_limit::{Limit, LimitKey, RateLimit, Unit};
-pub use revocation::{DenyList, REVOCATION_NAME, RemovedNode, Revocation, RevokedCert};
+pub use revocation::{
+    DenyList, REVOCATION_NAME, RemovedNode, Revocation, RevokedCert, SITE_REVOCATION_PREFIX,
+};
 pub use route::{
     DEFAULT_RETRY_BUDGET_PERCENT, DEFAULT_RETRY_ON, Destination, Fault, FaultAbort, FaultDelay,
     HeaderOps, HttpMatch, HttpRoute, MAX_RETRY_ATTEMPTS, Retries, RetryOn, Route,

@@ -17,13 +17,13 @@ pub fn compile(
     let first = DenyList::from_snapshot(&policy_rx.borrow_and_update());
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
-        let mut last = Revocation::of(&policy_rx.borrow());
+        let mut last = Revocation::merged(&policy_rx.borrow());
         loop {
             tokio::select! {
                 r = policy_rx.changed() => if r.is_err() { return },
                 _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
             }
-            let next = Revocation::of(&policy_rx.borrow_and_update());
+            let next = Revocation::merged(&policy_rx.borrow_and_update());
             if next != last {
                 let deny = next.deny_list();
                 let (certs, nodes) = deny.len();

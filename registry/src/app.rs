@@ -145,6 +145,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         info!(primary = %follow.primary, "following the primary registry for policy");
         tasks.spawn((registry_api.clone().follow(follow)).instrument(info_span!("follow")));
     }
+    for peer in config.peers.clone() {
+        info!(site = %peer.site, registry = %peer.address, "importing another site's revocations");
+        let span = info_span!("peer", site = %peer.site);
+        tasks.spawn((registry_api.clone().import_revocations(peer)).instrument(span));
+    }
     let mut rx = shutdown_rx.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(crate::api::REVOCATION_PRUNE_INTERVAL);

@@ -126,6 +126,27 @@ struct RawConfig {
     http2_max_pending_accept_reset_streams: u64,
     http2_max_local_error_reset_streams: u64,
     follow: Option<RawFollow>,
+    peers: Vec<RawPeer>,
+}
+
+/// `[[peers]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    site: Option<String>,
+    address: Option<String>,
+    credentials: Option<String>,
+}
+
+/// `[[peers]]`: another site's registry whose revocations this site enforces.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerConfig {
+    /// That site's name (a label): its revocations are stored as `Revocation/mesh-system/site-<site>`.
+    pub site: mesh_api::Label,
+    /// Its registry, `host:port`.
+    pub address: String,
+    /// Read-only credentials of this mesh (default: this registry's own `viewer/`).
+    pub credentials: PathBuf,
 }
 
 /// `[follow]` as written.
@@ -176,6 +197,7 @@ impl Default for RawConfig {
             http2_max_pending_accept_reset_streams: DEFAULT_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
             http2_max_local_error_reset_streams: DEFAULT_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
             follow: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -247,6 +269,8 @@ pub struct Config {
     pub http2_max_local_error_reset_streams: usize,
     /// The primary registry this one follows for policy, if it is a secondary site's.
     pub follow: Option<FollowConfig>,
+    /// Other sites' registries whose revocations this site enforces.
+    pub peers: Vec<PeerConfig>,
 }
 
 mod humantime_serde_compat {
@@ -260,6 +284,7 @@ mod humantime_serde_compat {
 /// Validates `[follow]`, each problem naming its key.
 fn follow(
     file: &str,
+    viewer: &Path,
     base: &Path,
     raw: RawFollow,
     problems: &mut Vec<String>,
@@ -277,20 +302,95 @@ fn follow(
             None
         }
     };
-    let credentials = match raw.credentials {
-        Some(c) if !c.is_empty() => Some(base.join(c)),
-        _ => {
-            problems.push(format!(
-                "{file}: follow.credentials: required (a directory of viewer credentials the \
-                 primary issued: meshctl credentials create --role viewer NAME --out DIR)"
-            ));
-            None
-        }
-    };
+    let credentials = credentials(
+        file,
+        "follow.credentials",
+        viewer,
+        base,
+        raw.credentials,
+        problems,
+    );
     Some(FollowConfig {
         primary: primary?,
         credentials: credentials?,
     })
+}
+
+/// A credentials directory: as written (relative to the file), or this registry's own viewer
+/// credentials (any read-only credentials of the mesh are accepted by every site's registry:
+/// they chain to the shared root).
+fn credentials(
+    file: &str,
+    key: &str,
+    viewer: &Path,
+    base: &Path,
+    raw: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<PathBuf> {
+    match raw {
+        None => Some(viewer.to_owned()),
+        Some(c) if !c.is_empty() => Some(base.join(c)),
+        Some(_) => {
+            problems.push(format!(
+                "{file}: {key}: must not be empty (omit it to use this registry's viewer/ credentials)"
+            ));
+            None
+        }
+    }
+}
+
+/// Validates `[[peers]]`, each problem naming its key.
+fn peers(
+    file: &str,
+    viewer: &Path,
+    base: &Path,
+    raw: Vec<RawPeer>,
+    problems: &mut Vec<String>,
+) -> Vec<PeerConfig> {
+    let mut out: Vec<PeerConfig> = Vec::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let at = format!("peers[{i}]");
+        let site = match p.site.as_deref().map(mesh_api::Label::new) {
+            Some(Ok(s)) if out.iter().any(|o| o.site == s) => {
+                problems.push(format!("{file}: {at}.site: \"{s}\" is listed twice"));
+                None
+            }
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                problems.push(format!(
+                    "{file}: {at}.site: {e} (a site name such as \"eu-west\")"
+                ));
+                None
+            }
+            None => {
+                problems.push(format!("{file}: {at}.site: required (that site's name)"));
+                None
+            }
+        };
+        let address = match p.address {
+            Some(a) if valid_host_port(&a) => Some(a),
+            Some(a) => {
+                problems.push(format!("{file}: {at}.address: {a:?} is not host:port"));
+                None
+            }
+            None => {
+                problems.push(format!(
+                    "{file}: {at}.address: required (that site's registry)"
+                ));
+                None
+            }
+        };
+        let key = format!("{at}.credentials");
+        let credentials = credentials(file, &key, viewer, base, p.credentials, problems);
+        if let (Some(site), Some(address), Some(credentials)) = (site, address, credentials) {
+            out.push(PeerConfig {
+                site,
+                address,
+                credentials,
+            });
+        }
+    }
+    out
 }
 
 impl Config {
@@ -448,9 +548,10 @@ impl Config {
                 ));
             }
         }
-        let follow = raw
-            .follow
-            .and_then(|f| follow(&file.to_string(), base, f, &mut problems));
+        let viewer = data_dir.join("viewer");
+        let follow =
+            (raw.follow).and_then(|f| follow(&file.to_string(), &viewer, base, f, &mut problems));
+        let peers = peers(&file.to_string(), &viewer, base, raw.peers, &mut problems);
         if default_token_ttl > max_token_ttl {
             problems.push(format!(
                 "{file}: default_token_ttl: longer than max_token_ttl"
@@ -491,6 +592,7 @@ impl Config {
                 ),
                 http2_max_local_error_reset_streams: to_usize(http2_max_local_error_reset_streams),
                 follow,
+                peers,
             }),
             _ => Err(Error::Invalid { problems }),
         }
@@ -799,6 +901,15 @@ mod tests {
         assert_eq!(f.primary, "reg-a.example:7700");
         assert_eq!(f.credentials, Path::new("/etc/r/primary"));
         assert!(parse("").unwrap().follow.is_none());
+        let c = parse("[follow]\nprimary = \"reg-a:7700\"\n[[peers]]\nsite = \"a\"\naddress = \"reg-a:7700\"\n").unwrap();
+        let viewer = Path::new("/etc/r/d/viewer");
+        assert_eq!(
+            c.follow.unwrap().credentials,
+            viewer,
+            "this registry's viewer/ by default"
+        );
+        assert_eq!(c.peers[0].credentials, viewer);
+        assert_eq!(c.peers[0].site.as_str(), "a");
         for (extra, want) in [
             (
                 "[follow]\ncredentials = \"p\"\n",
@@ -809,8 +920,24 @@ mod tests {
                 "follow.primary: \"reg-a\" is not host:port",
             ),
             (
-                "[follow]\nprimary = \"reg-a:7700\"\n",
-                "follow.credentials: required",
+                "[follow]\nprimary = \"reg-a:7700\"\ncredentials = \"\"\n",
+                "follow.credentials: must not be empty",
+            ),
+            (
+                "[[peers]]\naddress = \"reg-b:7700\"\n",
+                "peers[0].site: required",
+            ),
+            (
+                "[[peers]]\nsite = \"B\"\naddress = \"reg-b:7700\"\n",
+                "peers[0].site",
+            ),
+            (
+                "[[peers]]\nsite = \"b\"\naddress = \"reg-b\"\n",
+                "peers[0].address: \"reg-b\" is not host:port",
+            ),
+            (
+                "[[peers]]\nsite = \"b\"\naddress = \"r:1\"\n[[peers]]\nsite = \"b\"\naddress = \"r:2\"\n",
+                "peers[1].site: \"b\" is listed twice",
             ),
             (
                 "[follow]\nprimary = \"reg-a:7700\"\ncredentials = \"p\"\nevery = \"1s\"\n",

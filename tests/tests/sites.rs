@@ -2,8 +2,9 @@
 //! a's root; b's registry follows a's for policy and refuses applies of its own), its own gossip
 //! pool and an east-west gateway; the gateways meet in WAN gossip. A service of site a calls one
 //! that only site b has, through b's gateway, which never decrypts: the callee sees the caller's
-//! own identity, and a DENY for that identity applied at a is enforced in b — and still is after
-//! a's registry dies, while `meshctl check` at b says it is cut off. A service both sites run is
+//! own identity, a DENY for that identity applied at a is enforced in b, and once web's host is
+//! removed in a (its certificates revoked), b refuses them too — and still does after a's
+//! registry dies, while `meshctl check` at b says it is cut off. A service both sites run is
 //! served locally, and when site a drains its instance the requests go to site b without one
 //! failing. The gateway refuses server names that name a service its site does not export, or
 //! another site.
@@ -58,7 +59,17 @@ async fn hello(addr: SocketAddr, sni: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_reach_another_site_through_gateways_that_never_decrypt() {
-    let mut a = Cluster::new(RegistryOpts::default()).await.unwrap();
+    // Each registry imports the other's revocations (its own viewer credentials are good at
+    // both: they chain to the shared root).
+    let b_reg_ip = IpAddr::V4(next_ip());
+    let mut a = Cluster::new(RegistryOpts {
+        extra: vec![format!(
+            "[[peers]]\nsite = \"b\"\naddress = \"{b_reg_ip}:7700\""
+        )],
+        ..RegistryOpts::default()
+    })
+    .await
+    .unwrap();
     // Site b's registry: its own intermediate under a's root, and a's policy, followed with
     // the viewer credentials a's init wrote.
     let join = Some(("b".to_owned(), a.registry.data_dir.join("ca")));
@@ -69,7 +80,11 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     );
     let mut b = Cluster::new(RegistryOpts {
         join,
-        extra: vec![follow],
+        ip: b_reg_ip,
+        extra: vec![
+            follow,
+            format!("[[peers]]\nsite = \"a\"\naddress = \"{}\"", a.registry.addr),
+        ],
         ..RegistryOpts::default()
     })
     .await
@@ -247,20 +262,6 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         "{out}"
     );
 
-    // The primary's registry gone: b says how long it has been cut off and keeps enforcing
-    // what it has.
-    a.registry.kill9();
-    let cut = eventually(WAIT, "b to notice the primary is gone", || async {
-        let check = b.registry.meshctl(&["check"]).ok()?;
-        let out = String::from_utf8_lossy(&check.stdout).into_owned();
-        out.contains("cut off from").then_some(out)
-    })
-    .await
-    .unwrap();
-    assert!(cut.contains("this site enforces its revision"), "{cut}");
-    let resp = curl(&[&format!("http://{}/", up(19201))]);
-    assert_eq!(status(&resp), 403, "{resp}");
-
     // The gateway passes on only exported services of its own site.
     let gw_b = SocketAddr::new(gw_b_ip, EAST_WEST_PORT);
     hello(gw_b, "audit.default.b.svc.mesh").await;
@@ -277,4 +278,52 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         assert_eq!(n.await.unwrap(), 1.0, "{reason}");
     }
     assert_eq!(audit.requests(), 0, "nothing reached audit");
+
+    // web's host removed in site a (its certificates revoked there): site b refuses them too,
+    // from a's revocations imported by b's registry.
+    a.registry.meshctl_ok(&["node", "remove", "web-a"]).unwrap();
+    let revoked = [("direction", "inbound"), ("reason", "cert_revoked")];
+    eventually(
+        WAIT,
+        "site b to refuse web's revoked certificate",
+        || async {
+            let resp = curl(&[&format!("http://{}/", up(19201))]);
+            let n = b.nodes.iter().find(|n| n.spec.name == "apps-b")?;
+            let refused = n
+                .metric_or_zero("meshd_rejected_connections_total", &revoked)
+                .await
+                .ok()?;
+            (status(&resp) != 200 && status(&resp) != 403 && refused >= 1.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // The primary's registry gone: b says how long it has been cut off and keeps enforcing
+    // what it has (the DENY, and a's revocations).
+    a.registry.kill9();
+    let cut = eventually(WAIT, "b to notice the primary is gone", || async {
+        let check = b.registry.meshctl(&["check"]).ok()?;
+        let out = String::from_utf8_lossy(&check.stdout).into_owned();
+        out.contains("cut off from").then_some(out)
+    })
+    .await
+    .unwrap();
+    assert!(cut.contains("this site enforces its revision"), "{cut}");
+    let before = b
+        .node("apps-b")
+        .metric_or_zero("meshd_rejected_connections_total", &revoked)
+        .await
+        .unwrap();
+    let resp = curl(&[&format!("http://{}/", up(19201))]);
+    assert!(status(&resp) != 200, "{resp}");
+    let after = b
+        .node("apps-b")
+        .metric_or_zero("meshd_rejected_connections_total", &revoked)
+        .await
+        .unwrap();
+    assert!(
+        after > before,
+        "still refused as revoked: {before} → {after}"
+    );
 }

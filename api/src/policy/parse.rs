@@ -82,14 +82,22 @@ fn build(key: ResourceKey, fields: &Map<String, Value>, cx: &mut decode::Cx) -> 
         }
     }
     if let Some(only) = singleton_name(key.kind) {
-        if key.name.as_str() != only {
-            cx.error(
-                "name",
-                format!(
+        let named = match key.kind {
+            Kind::Revocation => super::Revocation::is_valid_name(key.name.as_str()),
+            _ => key.name.as_str() == only,
+        };
+        if !named {
+            let message = match key.kind {
+                Kind::Revocation => format!(
+                    "a Revocation is named {only:?} (the registry's own) or \"site-<site>\" \
+                     (another site's, imported by the registry)"
+                ),
+                _ => format!(
                     "a {} must be named {only:?} (there is one per mesh)",
                     key.kind
                 ),
-            );
+            };
+            cx.error("name", message);
         }
         if key.namespace.as_str() != ROOT_NAMESPACE {
             cx.error(

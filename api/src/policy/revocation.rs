@@ -18,8 +18,12 @@ use super::decode::{self, Cx, Table};
 use super::{Kind, ResourceKey, Snapshot, Spec, root_namespace};
 use crate::name::{Label, NodeName};
 
-/// The only name a Revocation resource may have (one per mesh, in `mesh-system`).
+/// The name of a registry's own Revocation (in `mesh-system`).
 pub const REVOCATION_NAME: &str = "revocations";
+
+/// The prefix of the name of another site's Revocation, as a registry imports it from that
+/// site's registry: `site-<site>`. Every meshd enforces the union of all of them.
+pub const SITE_REVOCATION_PREFIX: &str = "site-";
 
 /// Longest certificate serial accepted, hex digits: RFC 5280 caps serials at 20 octets.
 pub const MAX_SERIAL_HEX: usize = 40;
@@ -132,6 +136,38 @@ impl Revocation {
         )
     }
 
+    /// The key under which a registry stores site `site`'s Revocation.
+    pub fn site_key(site: &Label) -> Option<ResourceKey> {
+        let name = Label::new(&format!("{SITE_REVOCATION_PREFIX}{site}")).ok()?;
+        Some(ResourceKey::new(Kind::Revocation, root_namespace(), name))
+    }
+
+    /// Whether `name` may name a Revocation: the registry's own, or another site's.
+    pub fn is_valid_name(name: &str) -> bool {
+        name == REVOCATION_NAME
+            || name
+                .strip_prefix(SITE_REVOCATION_PREFIX)
+                .is_some_and(|site| Label::new(site).is_ok())
+    }
+
+    /// Every Revocation of `snapshot` (this site's and those imported from other sites) in
+    /// one: what a meshd enforces.
+    pub fn merged(snapshot: &Snapshot) -> Revocation {
+        let mut all = Revocation::default();
+        for r in snapshot.of_kind(Kind::Revocation) {
+            if let Spec::Revocation(rev) = &r.spec {
+                all.add_certs(rev.certificates.iter().cloned());
+                for n in &rev.nodes {
+                    if !all.is_removed(n.name.as_str()) {
+                        all.nodes.push(n.clone());
+                    }
+                }
+            }
+        }
+        all.nodes.sort();
+        all
+    }
+
     /// The mesh's Revocation in `snapshot`, or an empty one.
     pub fn of(snapshot: &Snapshot) -> Revocation {
         static KEY: std::sync::LazyLock<ResourceKey> = std::sync::LazyLock::new(Revocation::key);
@@ -145,9 +181,10 @@ impl Revocation {
 // === impl DenyList ===
 
 impl DenyList {
-    /// The deny-list of `snapshot` (empty when it has no Revocation).
+    /// The deny-list of `snapshot`: every Revocation in it, this site's and other sites'
+    /// (empty when it has none).
     pub fn from_snapshot(snapshot: &Snapshot) -> Self {
-        Revocation::of(snapshot).deny_list()
+        Revocation::merged(snapshot).deny_list()
     }
 
     /// Whether the certificate with this serial (lowercase hex) is revoked.
@@ -330,6 +367,54 @@ mod tests {
         assert_eq!(Revocation::of(&snap), r);
         assert!(DenyList::from_snapshot(&snap).denies_serial("ff01"));
         assert!(DenyList::from_snapshot(&Snapshot::default()).is_empty());
+    }
+
+    #[test]
+    fn other_sites_revocations_are_enforced_too() {
+        let mut own = Revocation::default();
+        own.add_certs([cert("0a", 100)]);
+        own.add_node(NodeName::new("a").unwrap(), 1);
+        let mut b = Revocation::default();
+        b.add_certs([cert("0b", 100), cert("0a", 999)]);
+        b.add_node(NodeName::new("web-b").unwrap(), 2);
+        b.add_node(NodeName::new("a").unwrap(), 3);
+        let site_b = Revocation::site_key(&Label::new("b").unwrap()).unwrap();
+        assert_eq!(site_b.to_string(), "Revocation/mesh-system/site-b");
+        let snap = Snapshot::new(
+            1,
+            [
+                Resource {
+                    key: Revocation::key(),
+                    spec: Spec::Revocation(own.clone()),
+                },
+                Resource {
+                    key: site_b,
+                    spec: Spec::Revocation(b),
+                },
+            ],
+        );
+        assert_eq!(
+            Revocation::of(&snap),
+            own,
+            "the registry edits its own only"
+        );
+        let merged = Revocation::merged(&snap);
+        assert_eq!(merged.certificates.len(), 2);
+        assert_eq!(merged.nodes.len(), 2);
+        let deny = DenyList::from_snapshot(&snap);
+        assert!(deny.denies_serial("0a") && deny.denies_serial("0b"));
+        assert!(deny.denies_node("web-b") && deny.denies_node("a"));
+        for (name, ok) in [
+            ("revocations", true),
+            ("site-b", true),
+            ("site-", false),
+            ("site-B", false),
+            ("other", false),
+        ] {
+            assert_eq!(Revocation::is_valid_name(name), ok, "{name}");
+            let parsed = Resource::from_json("Revocation", "mesh-system", name, "{}");
+            assert_eq!(parsed.is_ok(), ok, "{name}: {parsed:?}");
+        }
     }
 
     #[test]

@@ -6,16 +6,17 @@
 //! policy at the primary (an apply here is refused, naming it).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use mesh_api::policy::{Kind, Resource};
+use mesh_api::policy::{Kind, Resource, Revocation};
 use mesh_api::proto::v1 as pb;
 use mesh_runtime::backoff::Backoff;
 use tracing::{info, warn};
 
 use super::{RegistryApi, unix};
-use crate::config::FollowConfig;
+use crate::config::{FollowConfig, PeerConfig};
 use crate::store::{PolicyChange, PolicyRecord};
 
 /// First reconnect delay to the primary.
@@ -200,25 +201,15 @@ impl RegistryApi {
         mirror: &mut Mirror,
         backoff: &mut Backoff,
     ) -> String {
-        let client = match mesh_client::credentials::Credentials::load(&cfg.credentials)
-            .and_then(|c| c.client(Some(&cfg.primary)))
-        {
-            Ok(c) => c,
-            Err(e) => return format!("follow.credentials {}: {e:#}", cfg.credentials.display()),
-        };
-        let mut stream = match client.watch_policy(mirror.revision).await {
+        let mut stream = match open(&cfg.primary, &cfg.credentials, mirror.revision).await {
             Ok(s) => s,
-            Err(e) => return e.to_string(),
+            Err(e) => return e,
         };
         let mut pending = None;
         loop {
-            let part = match stream.message().await {
-                Ok(Some(p)) => p,
-                Ok(None) => return "the primary ended the watch".to_owned(),
-                Err(e) => return e.to_string(),
-            };
-            let Some(event) = assemble(&mut pending, part) else {
-                continue;
+            let event = match next_event(&mut stream, &mut pending).await {
+                Ok(e) => e,
+                Err(e) => return e,
             };
             let next = match mirror.apply(&event) {
                 Ok(next) => next,
@@ -273,6 +264,142 @@ impl RegistryApi {
             );
         }
         Ok(())
+    }
+}
+
+/// Opens the policy watch of the registry at `address` with the read-only credentials in
+/// `credentials`, from `since`.
+async fn open(
+    address: &str,
+    credentials: &Path,
+    since: u64,
+) -> Result<tonic::Streaming<pb::PolicyEvent>, String> {
+    let client = mesh_client::credentials::Credentials::load(credentials)
+        .and_then(|c| c.client(Some(address)))
+        .map_err(|e| format!("credentials {}: {e:#}", credentials.display()))?;
+    client.watch_policy(since).await.map_err(|e| e.to_string())
+}
+
+/// The next whole event of `stream`, or why the watch ended.
+async fn next_event(
+    stream: &mut tonic::Streaming<pb::PolicyEvent>,
+    pending: &mut Option<Event>,
+) -> Result<Event, String> {
+    loop {
+        let part = match stream.message().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Err("the registry ended the watch".to_owned()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if let Some(event) = assemble(pending, part) {
+            return Ok(event);
+        }
+    }
+}
+
+/// A site's own Revocation (its spec JSON) as its watch events tell it; `None` before the
+/// first event. Pure.
+pub fn peer_revocation(current: Option<&str>, event: &Event) -> Option<String> {
+    let own = event.resources.iter().rev().find(|r| {
+        r.kind == Kind::Revocation.as_str() && r.name == mesh_api::policy::REVOCATION_NAME
+    });
+    match own {
+        Some(r) if r.deleted => Some(EMPTY_REVOCATION.to_owned()),
+        Some(r) => Some(r.spec_json.clone()),
+        None if event.full => Some(EMPTY_REVOCATION.to_owned()),
+        None => current.map(str::to_owned),
+    }
+}
+
+/// A Revocation with nothing in it.
+const EMPTY_REVOCATION: &str = r#"{"certificates":[],"nodes":[]}"#;
+
+impl RegistryApi {
+    /// Imports `peer`'s revocations until shutdown: its own Revocation, stored here as
+    /// `Revocation/mesh-system/site-<site>` on every change, so this site's nodes refuse what
+    /// that site revoked (and keep refusing it when the sites are cut apart).
+    pub async fn import_revocations(self, peer: PeerConfig) {
+        let mut shutdown = self.inner.shutdown.clone();
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+        let mut imported: Option<String> = None;
+        loop {
+            let ended = tokio::select! {
+                e = self.import_once(&peer, &mut imported, &mut backoff) => e,
+                _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+            };
+            warn!(site = %peer.site, registry = %peer.address, error = %ended, "importing revocations: watch ended; the last imported stay in force");
+            let delay = backoff.next_delay();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+            }
+        }
+    }
+
+    async fn import_once(
+        &self,
+        peer: &PeerConfig,
+        imported: &mut Option<String>,
+        backoff: &mut Backoff,
+    ) -> String {
+        let Some(key) = Revocation::site_key(&peer.site) else {
+            return format!("site {:?} makes no resource name", peer.site.as_str());
+        };
+        // Always from a full snapshot: the peer's revision numbers are not this registry's.
+        let mut stream = match open(&peer.address, &peer.credentials, 0).await {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        let mut pending = None;
+        loop {
+            let event = match next_event(&mut stream, &mut pending).await {
+                Ok(e) => e,
+                Err(e) => return e,
+            };
+            backoff.reset();
+            let Some(spec) = peer_revocation(imported.as_deref(), &event) else {
+                continue;
+            };
+            if imported.as_deref() == Some(spec.as_str()) {
+                continue;
+            }
+            let name = key.name.to_string();
+            if let Err(problems) = Resource::from_json("Revocation", "mesh-system", &name, &spec) {
+                let first = problems
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                return format!(
+                    "site {}'s Revocation cannot be read here: {first}",
+                    peer.site
+                );
+            }
+            let change = PolicyChange {
+                kind: Kind::Revocation.as_str().to_owned(),
+                namespace: key.namespace.to_string(),
+                name,
+                spec_json: Some(spec.clone()),
+            };
+            if let Err(e) = self.commit_as(format!("peer:{}", peer.site), change).await {
+                return e;
+            }
+            info!(site = %peer.site, "imported the site's revocations");
+            *imported = Some(spec);
+        }
+    }
+
+    /// Stores one change through the policy hub (watchers notified).
+    async fn commit_as(&self, author: String, change: PolicyChange) -> Result<(), String> {
+        let inner = self.inner.clone();
+        self.blocking(move |store| {
+            let now = unix(SystemTime::now());
+            inner
+                .policy
+                .commit(store, &[change], &author, now, false, &inner.metrics)
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| e.status.message().to_owned())
     }
 }
 

@@ -162,3 +162,59 @@ fn plan_makes_this_store_the_primarys() {
         .collect();
     assert!(plan(&taken, &mirror).is_empty());
 }
+
+#[test]
+fn a_peers_own_revocation_from_its_events() {
+    let own = |spec: &str, deleted: bool| pb::Resource {
+        kind: "Revocation".to_owned(),
+        namespace: "mesh-system".to_owned(),
+        name: "revocations".to_owned(),
+        spec_json: spec.to_owned(),
+        deleted,
+        ..Default::default()
+    };
+    // Another site's import at the peer is not the peer's own.
+    let imported = pb::Resource {
+        name: "site-c".to_owned(),
+        ..own(
+            r#"{"certificates":[],"nodes":[{"name":"x","removed_unix":1}]}"#,
+            false,
+        )
+    };
+    let spec = r#"{"certificates":[],"nodes":[{"name":"web-a","removed_unix":5}]}"#;
+    let full = event(
+        3,
+        true,
+        vec![
+            res("ServiceExport", "out", EXPORT, false),
+            own(spec, false),
+            imported.clone(),
+        ],
+    );
+    assert_eq!(peer_revocation(None, &full).as_deref(), Some(spec));
+    // A change without it keeps what was imported; a full snapshot without it empties it.
+    let other = event(
+        4,
+        false,
+        vec![res("ServiceExport", "out", EXPORT_ALL, false), imported],
+    );
+    assert_eq!(peer_revocation(Some(spec), &other).as_deref(), Some(spec));
+    assert_eq!(peer_revocation(None, &other), None);
+    let empty = event(5, true, vec![]);
+    assert_eq!(
+        peer_revocation(Some(spec), &empty).as_deref(),
+        Some(EMPTY_REVOCATION)
+    );
+    let deleted = event(6, false, vec![own("", true)]);
+    assert_eq!(
+        peer_revocation(Some(spec), &deleted).as_deref(),
+        Some(EMPTY_REVOCATION)
+    );
+    // What is imported is a valid Revocation under its site name.
+    for s in [spec, EMPTY_REVOCATION] {
+        assert!(
+            Resource::from_json("Revocation", "mesh-system", "site-b", s).is_ok(),
+            "{s}"
+        );
+    }
+}

@@ -199,6 +199,14 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
             .unwrap()
             >= 1.0
     );
+    // web's meshd counts what it sent to the other site.
+    let crossed = [("destination", "default/users"), ("site", "b")];
+    let n = a
+        .node("web-a")
+        .metric("meshd_cross_site_total", &crossed)
+        .await
+        .unwrap();
+    assert!(n >= 1.0, "{n}");
     // Nothing of audit crossed: site b does not export it, so site a does not know it.
     let resp = curl(&[&format!("http://{}/", up(19203))]);
     assert_eq!(status(&resp), 503, "{resp}");

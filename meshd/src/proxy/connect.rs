@@ -281,11 +281,20 @@ pub fn server_name(dst: &Destination, i: usize, name: &ServerName<'static>) -> S
 /// A connect to `dst.targets[i]` that began at `started` succeeded: the endpoint is reachable,
 /// its latency estimate learns the connect time, and outlier detection counts a success.
 pub fn connected(shared: &impl Env, dst: &Destination, i: usize, started: Instant) {
+    crossed(shared.metrics(), dst, i);
     let state = &dst.targets[i].state;
     state.reachability.connected();
     let now = Instant::now();
     state.stats.observe(now - started, now);
     record(shared, dst, i, balance::Outcome::Success, now);
+}
+
+/// Counts traffic to `dst.targets[i]` when that instance is in another site.
+pub fn crossed(metrics: &super::metrics::Metrics, dst: &Destination, i: usize) {
+    let ep = &dst.targets[i].endpoint;
+    if ep.sni.is_some() {
+        metrics.cross_site(&dst.service.to_string(), &ep.site);
+    }
 }
 
 /// A connect to `dst.targets[i]` failed with `e`: counted, the endpoint skipped if it could not

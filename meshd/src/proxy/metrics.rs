@@ -158,6 +158,15 @@ pub struct EdgeLabels {
     pub route: String,
 }
 
+/// Labels of traffic sent to another site.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    /// Callee, `namespace/name`.
+    pub destination: String,
+    /// The site its instance is in.
+    pub site: String,
+}
+
 /// Labels naming one service.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OneService {
@@ -340,6 +349,9 @@ pub struct Metrics {
     /// `meshd_east_west_connections_total{service}`: connections from other sites this east-west
     /// gateway passed on (refusals are `rejected` with an `east_west_*` reason).
     pub east_west: Family<OneService, Counter>,
+    /// `meshd_cross_site_total{destination,site}`: requests (HTTP) and connections (TCP) this
+    /// node sent to an instance in another site, through that site's east-west gateway.
+    pub cross_site: Family<SiteLabels, Counter>,
     /// `meshd_requests_resent_total{service}`: requests sent again on another connection
     /// because theirs failed before an answer (the app saw nothing).
     pub resent: Family<OneService, Counter>,
@@ -372,6 +384,7 @@ impl Metrics {
             failovers: Family::default(),
             unreachable: Family::default(),
             east_west: Family::default(),
+            cross_site: Family::default(),
             resent: Family::default(),
             http_series: Arc::default(),
             decision_series: Arc::default(),
@@ -481,6 +494,11 @@ impl Metrics {
             self.east_west.clone(),
         );
         reg.register(
+            "meshd_cross_site",
+            "Requests (HTTP) and connections (TCP) sent to another site's instances, by destination and site",
+            self.cross_site.clone(),
+        );
+        reg.register(
             "meshd_requests_resent",
             "Requests sent again on another connection because theirs failed before an answer, by upstream service",
             self.resent.clone(),
@@ -550,6 +568,16 @@ impl Metrics {
         self.failovers
             .get_or_create(&OneService {
                 service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one request or connection to `destination`'s instance in `site`, another site.
+    pub fn cross_site(&self, destination: &str, site: &str) {
+        self.cross_site
+            .get_or_create(&SiteLabels {
+                destination: destination.to_owned(),
+                site: site.to_owned(),
             })
             .inc();
     }

@@ -441,6 +441,7 @@ async fn connection(
         {
             Ok(sender) => {
                 target.state.reachability.connected();
+                connect::crossed(&shared.metrics, dst, i);
                 return Ok((sender, i));
             }
             Err(Miss::Dial(e)) => {

@@ -1,11 +1,11 @@
 //! A TLS server name on the inbound port → the service whose identity the server proves
-//! (`meshd::proxy::tls::callee`): a mesh service (`<name>.<ns>.svc.mesh`) or, for an
+//! (`meshd::proxy::tls::callee`): a mesh service (`<name>.<ns>.svc.mesh`), a mesh service in a
+//! named site (`<name>.<ns>.<site>.svc.mesh`, through that site's east-west gateway) or, for an
 //! ExternalService reached through its egress gateway (`<svc>.<gw>.<ns>.egress.mesh`), the
 //! gateway. The name is the caller's choice, read before any certificate is checked.
 //!
 //! Invariants: never panics; a name that resolves is exactly the canonical spelling of what it
-//! resolves to (no second spelling reaches the same certificate), and the two forms never both
-//! apply.
+//! resolves to (no second spelling reaches the same certificate), and no two forms both apply.
 
 #![no_main]
 
@@ -19,20 +19,28 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mesh = ServiceKey::from_sni(name);
+    let site = ServiceKey::from_site_sni(name);
     let egress = parse_egress_sni(name);
-    assert!(mesh.is_none() || egress.is_none(), "{name:?} is both");
+    let forms = [mesh.is_some(), site.is_some(), egress.is_some()];
+    assert!(
+        forms.iter().filter(|f| **f).count() <= 1,
+        "{name:?} has two forms"
+    );
     if let Some(k) = &mesh {
         assert_eq!(k.sni(), name);
+    }
+    if let Some((k, s)) = &site {
+        assert_eq!(k.site_sni(s), name);
     }
     if let Some((svc, gw, ns)) = &egress {
         assert_eq!(egress_sni(svc, gw, ns), name);
     }
     let got = callee(name);
-    match (&mesh, &egress) {
-        (Some(k), _) => assert_eq!(got.as_ref(), Some(k)),
-        (None, Some((_, gw, ns))) => {
+    match (&mesh, &site, &egress) {
+        (Some(k), _, _) | (None, Some((k, _)), _) => assert_eq!(got.as_ref(), Some(k)),
+        (None, None, Some((_, gw, ns))) => {
             assert_eq!(got, Some(ServiceKey::new(ns.clone(), gw.clone())));
         }
-        (None, None) => assert!(got.is_none()),
+        (None, None, None) => assert!(got.is_none()),
     }
 });

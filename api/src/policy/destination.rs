@@ -77,6 +77,10 @@ pub struct Locality {
     /// keeps everything while any endpoint is usable.
     #[serde(skip_serializing_if = "is_default_threshold")]
     pub failover_threshold: u8,
+    /// Other sites in order of preference after this one; sites not listed come after them,
+    /// together (default: none listed, every other site alike).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<Label>,
 }
 
 /// The failover threshold when none is set: a locality keeps all its traffic while at least half
@@ -88,6 +92,7 @@ pub const DEFAULT_LOCALITY: Locality = Locality {
     enabled: true,
     failover: true,
     failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+    sites: Vec::new(),
 };
 
 fn is_default_threshold(t: &u8) -> bool {
@@ -187,17 +192,28 @@ fn subset(v: &Value, at: &str, cx: &mut Cx) -> Option<Subset> {
 }
 
 fn locality(v: &Value, at: &str, cx: &mut Cx) -> Option<Locality> {
-    let t = Table::new(v, at, &["enabled", "failover", "failover_threshold"], cx)?;
+    let t = Table::new(
+        v,
+        at,
+        &["enabled", "failover", "failover_threshold", "sites"],
+        cx,
+    )?;
     let threshold = t.opt("failover_threshold", cx, |v, at, cx| {
         decode::uint(v, at, cx, 0, 100).map(|n| u8::try_from(n).unwrap_or(100))
     });
-    if t.has("failover_threshold") && threshold.is_none() {
+    let sites = t.opt("sites", cx, |v, at, cx| {
+        let sites = decode::list(v, at, cx, decode::label)?;
+        decode::no_duplicates(&sites, at, cx, "site", |s| format!("{:?}", s.as_str()))
+            .then_some(sites)
+    });
+    if (t.has("failover_threshold") && threshold.is_none()) || (t.has("sites") && sites.is_none()) {
         return None;
     }
     Some(Locality {
         enabled: t.opt("enabled", cx, decode::boolean).unwrap_or(true),
         failover: t.opt("failover", cx, decode::boolean).unwrap_or(true),
         failover_threshold: threshold.unwrap_or(DEFAULT_FAILOVER_THRESHOLD),
+        sites: sites.unwrap_or_default(),
     })
 }
 

@@ -63,7 +63,7 @@ name = "api"
 namespace = "shop"
 service = "api"
 load_balancer = "least_request"
-locality = { enabled = true, failover = false, failover_threshold = 70 }
+locality = { enabled = true, failover = false, failover_threshold = 70, sites = ["eu-west", "us-east"] }
 circuit_breaker = { max_connections = 100, max_pending_requests = 10, max_requests_per_connection = 1000 }
 outlier_detection = { consecutive_5xx = 5, consecutive_gateway_errors = 3, interval = "10s", base_ejection_time = "30s", max_ejection_percent = 50 }
 [[resource.subsets]]
@@ -391,6 +391,8 @@ fn bad_rows() -> Vec<BadRow> {
         ("duplicate subset", dp("subsets = [{ name = \"v1\", labels = { v = \"1\" } }, { name = \"v1\", labels = { v = \"2\" } }]"), DP, "subsets[1]", "already used"),
         ("subset without labels", dp("subsets = [{ name = \"v1\", labels = {} }]"), DP, "subsets[0].labels", "at least one label"),
         ("failover threshold", dp("locality = { failover_threshold = 101 }"), DP, "locality.failover_threshold", "from 0 to 100"),
+        ("locality sites", dp("locality = { sites = [\"eu-west\", \"eu-west\"] }"), DP, "locality.sites[1]", "already used"),
+        ("locality site name", dp("locality = { sites = [\"EU\"] }"), DP, "locality.sites[0]", "EU"),
         ("failover threshold type", dp("locality = { failover_threshold = \"70%\" }"), DP, "locality.failover_threshold", "from 0 to 100"),
         ("outlier detection off", dp("outlier_detection = { consecutive_5xx = 0 }"), DP, "outlier_detection", "nothing is ever ejected"),
         ("rate limit key", rl("{ key = \"ip\", requests_per_unit = 5, unit = \"second\" }"), RL, "limits[0].key", "destination, route, source_identity"),

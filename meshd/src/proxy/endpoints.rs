@@ -22,6 +22,9 @@ pub const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// its traffic while half its endpoints are healthy (see [`super::locality`]).
 pub use mesh_api::policy::DEFAULT_LOCALITY;
 
+/// [`DEFAULT_LOCALITY`] with a `'static` address (a `Vec` in a const is not promoted).
+static DEFAULT: mesh_api::policy::Locality = DEFAULT_LOCALITY;
+
 /// Balancer of HTTP requests when no DestinationPolicy says otherwise: peak EWMA of response
 /// latency, as Linkerd.
 pub const DEFAULT_HTTP_LOAD_BALANCER: LoadBalancer = LoadBalancer::Ewma;
@@ -91,9 +94,10 @@ pub fn order(
             .map(indexed)
             .collect();
     }
-    let locality = ask.policy.map_or(&DEFAULT_LOCALITY, |p| &p.locality);
-    let tier_of = |t: &Target| locality::tier(&t.endpoint, ask.datacenter, ask.zone);
-    let mut counts = [locality::Count::default(); locality::TIERS];
+    let locality = ask.policy.map_or(&DEFAULT, |p| &p.locality);
+    let tier_of =
+        |t: &Target| locality::tier(&t.endpoint, ask.datacenter, ask.zone, &locality.sites);
+    let mut counts = vec![locality::Count::default(); locality::tiers(locality)];
     for t in targets.iter().filter(|t| in_subset(t)) {
         let c = &mut counts[tier_of(t)];
         c.total += 1;

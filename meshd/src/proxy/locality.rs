@@ -1,5 +1,6 @@
 //! Locality-aware routing as explicit rules: how far an endpoint is from the caller (its zone,
-//! its datacenter, the rest of its site, another site) and which share of new connections or
+//! its datacenter, the rest of its site, then other sites — those the policy names, in its
+//! order, then the rest together) and which share of new connections or
 //! requests each of those tiers takes. A tier keeps all of its traffic while at least the
 //! failover threshold of its endpoints is healthy; below, it keeps `healthy / threshold` of it
 //! and the rest spills to the next tier, proportionally (so losing half a zone moves a part of
@@ -10,17 +11,24 @@ use mesh_api::policy::Locality;
 
 use crate::membership::Endpoint;
 
-/// Zone, datacenter, site, other sites.
+/// Zone, datacenter, site, and other sites when the policy names none.
 pub const TIERS: usize = 4;
+
+/// How many tiers `locality` has: [`TIERS`], plus one per site it names.
+pub fn tiers(locality: &Locality) -> usize {
+    TIERS + locality.sites.len()
+}
 
 /// Shares are counted in parts of this.
 pub const WHOLE: u32 = 10_000;
 
 /// How far `ep` is from a caller in `datacenter`/`zone`: 0 its zone, 1 its datacenter, 2
-/// elsewhere in its site, 3 another site (reached through that site's east-west gateway).
-pub fn tier(ep: &Endpoint, datacenter: &str, zone: &str) -> usize {
+/// elsewhere in its site; then another site (reached through that site's east-west gateway):
+/// 3 + the site's place in `sites`, or 3 + `sites.len()` for a site not named.
+pub fn tier(ep: &Endpoint, datacenter: &str, zone: &str, sites: &[mesh_api::Label]) -> usize {
     if ep.sni.is_some() {
-        return 3;
+        let named = sites.iter().position(|s| s.as_str() == ep.site);
+        return 3 + named.unwrap_or(sites.len());
     }
     match (ep.datacenter == datacenter, ep.zone == zone) {
         (true, true) => 0,
@@ -41,10 +49,13 @@ pub struct Count {
     pub available: bool,
 }
 
-/// The share of traffic (parts of [`WHOLE`]) each tier takes under `locality`. All zero only
-/// when no tier is available (or, without failover, the caller's zone is not).
-pub fn shares(counts: &[Count; TIERS], locality: &Locality) -> [u32; TIERS] {
-    let mut out = [0u32; TIERS];
+/// The share of traffic (parts of [`WHOLE`]) each tier of `counts` takes under `locality`. All
+/// zero only when no tier is available (or, without failover, the caller's zone is not).
+pub fn shares(counts: &[Count], locality: &Locality) -> Vec<u32> {
+    let mut out = vec![0u32; counts.len()];
+    if counts.is_empty() {
+        return out;
+    }
     if !locality.enabled {
         // Every tier alike: the balancer sees all candidates (tier 0 stands for them all).
         if counts.iter().any(|c| c.available) {
@@ -86,7 +97,7 @@ fn keep(c: &Count, threshold: u8) -> u32 {
 /// Gives what no tier kept (every tier below the threshold) to the tiers in proportion to what
 /// they took, the rounding remainder to the nearest; to the nearest available tier when none
 /// took anything.
-fn spread(out: &mut [u32; TIERS], counts: &[Count; TIERS], left: u32) {
+fn spread(out: &mut [u32], counts: &[Count], left: u32) {
     if left == 0 {
         return;
     }
@@ -111,7 +122,7 @@ fn spread(out: &mut [u32; TIERS], counts: &[Count; TIERS], left: u32) {
 
 /// The tier a new connection or request goes to, by `shares`; `rand(n)` is uniform in `0..n`
 /// and is not called when one tier takes everything. `None`: no tier takes anything.
-pub fn pick(shares: &[u32; TIERS], rand: &mut dyn FnMut(usize) -> usize) -> Option<usize> {
+pub fn pick(shares: &[u32], rand: &mut dyn FnMut(usize) -> usize) -> Option<usize> {
     if let Some(t) = shares.iter().position(|&s| s == WHOLE) {
         return Some(t);
     }

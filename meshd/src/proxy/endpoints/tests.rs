@@ -38,6 +38,7 @@ fn policy(lb: LoadBalancer, enabled: bool, failover: bool) -> DestinationPolicy 
             enabled,
             failover,
             failover_threshold: mesh_api::policy::DEFAULT_FAILOVER_THRESHOLD,
+            sites: Vec::new(),
         },
         circuit_breaker: None,
         outlier_detection: None,
@@ -303,6 +304,33 @@ fn other_sites_only_after_this_site() {
     assert!(got.is_empty());
     let got = order(&targets, &ask(Some(&rr(false, true))), now, 0, never);
     assert_eq!(ports(&targets, &got), [1, 2, 3]);
+}
+
+#[test]
+fn named_sites_in_their_order_then_the_others() {
+    let now = Instant::now();
+    let in_site = |port: u16, site: &str| {
+        let mut t = remote(port);
+        t.endpoint.site = site.to_owned();
+        t
+    };
+    let targets = [in_site(1, "east"), in_site(2, "west"), in_site(3, "north")];
+    let never = &mut |_: usize| unreachable!();
+    let mut p = policy(LoadBalancer::RoundRobin, true, true);
+    // No site named: every other site alike, in turn.
+    let got = order(&targets, &ask(Some(&p)), now, 1, never);
+    assert_eq!(ports(&targets, &got), [2, 1, 3]);
+    // west, then north, then the rest.
+    p.locality.sites = vec![Label::new("west").unwrap(), Label::new("north").unwrap()];
+    for cursor in 0..3 {
+        let got = order(&targets, &ask(Some(&p)), now, cursor, never);
+        assert_eq!(ports(&targets, &got), [2, 3, 1], "cursor {cursor}");
+    }
+    // west gone: north takes it all.
+    let mut down = [in_site(1, "east"), in_site(2, "west"), in_site(3, "north")];
+    down[1].endpoint.healthy = false;
+    let got = order(&down, &ask(Some(&p)), now, 0, never);
+    assert_eq!(ports(&down, &got), [3, 1]);
 }
 
 /// Up to 8 targets across two datacenters and two zones of this site and another site, each possibly unhealthy, draining,

@@ -10,16 +10,19 @@ fn loc(threshold: u8) -> Locality {
         enabled: true,
         failover: true,
         failover_threshold: threshold,
+        sites: Vec::new(),
     }
 }
 
 /// (healthy, total) per tier; a tier is available when it has a healthy endpoint.
-fn counts(tiers: [(u32, u32); TIERS]) -> [Count; TIERS] {
-    tiers.map(|(healthy, total)| Count {
-        healthy,
-        total,
-        available: healthy > 0,
-    })
+fn counts(tiers: [(u32, u32); TIERS]) -> Vec<Count> {
+    tiers
+        .map(|(healthy, total)| Count {
+            healthy,
+            total,
+            available: healthy > 0,
+        })
+        .to_vec()
 }
 
 /// (name, (healthy, total) per tier, threshold, shares wanted).
@@ -43,7 +46,11 @@ fn shares_table() {
         ("nothing available", [(0, 2), (0, 0), (0, 0), (0, 1)], 50, [0, 0, 0, 0]),
     ];
     for (name, tiers, threshold, want) in cases {
-        assert_eq!(shares(&counts(*tiers), &loc(*threshold)), *want, "{name}");
+        assert_eq!(
+            shares(&counts(*tiers), &loc(*threshold)),
+            want.to_vec(),
+            "{name}"
+        );
     }
 }
 
@@ -91,11 +98,11 @@ proptest! {
         tiers in proptest::array::uniform4((0u32..6, 0u32..6, any::<bool>())),
         threshold in 0u8..=100,
     ) {
-        let c: [Count; TIERS] = tiers.map(|(h, extra, reachable)| Count {
+        let c: Vec<Count> = tiers.map(|(h, extra, reachable)| Count {
             healthy: h,
             total: h + extra,
             available: h > 0 && reachable,
-        });
+        }).to_vec();
         let s = shares(&c, &loc(threshold));
         let any = c.iter().any(|c| c.available);
         prop_assert_eq!(s.iter().sum::<u32>(), if any { WHOLE } else { 0 });

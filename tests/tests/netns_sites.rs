@@ -4,8 +4,8 @@
 //! gateway in a, a frontend in both sites calling a users service in both, which calls a real
 //! PostgreSQL only in site b. A load generator outside the mesh goes through a's ingress while,
 //! one at a time: (a) a's frontend drains — no request fails; (b) a's frontend host is killed —
-//! requests recover within 1 s; (c) one of b's two gateways is killed — the database path
-//! recovers within 1 s; (d) the sites are cut apart — what a has keeps being served, b is
+//! requests recover within 1 s; (c) one of b's two gateways is killed — a database session
+//! open through it at that instant is lost, the path recovers within 1 s; (d) the sites are cut apart — what a has keeps being served, b is
 //! unaffected; (e) a's registry is killed for the rest of the test — nothing fails; (f)
 //! everything comes back — a's traffic is local again. Errors and recovery times are printed.
 #![allow(clippy::unwrap_used)]
@@ -89,16 +89,24 @@ fn load(
     })
 }
 
-/// A phase's outcome: failed requests of `path` (None: both) sent after `from`, and the time
-/// from `from` to the end of the last failure (zero when none failed).
-fn judge(samples: &[Sample], from: Duration, path: Option<&str>) -> (usize, usize, Duration) {
+/// A phase's outcome, over the requests of `path` (None: both) that *ended* in
+/// `from..until` (a request in flight when a phase's fault strikes belongs to that phase): how
+/// many, how many failed, and the time from `from` to the end of the last failure (zero when
+/// none failed).
+fn judge(
+    samples: &[Sample],
+    from: Duration,
+    until: Duration,
+    path: Option<&str>,
+) -> (usize, usize, Duration) {
+    let end = |s: &Sample| s.at + s.took;
     let mine: Vec<&Sample> = (samples.iter())
-        .filter(|s| s.at >= from && path.is_none_or(|p| s.path == p))
+        .filter(|s| (from..until).contains(&end(s)) && path.is_none_or(|p| s.path == p))
         .collect();
     let failed: Vec<&&Sample> = mine.iter().filter(|s| s.status != 200).collect();
     let recovered = failed
         .last()
-        .map_or(Duration::ZERO, |s| (s.at + s.took).saturating_sub(from));
+        .map_or(Duration::ZERO, |s| end(s).saturating_sub(from));
     (mine.len(), failed.len(), recovered)
 }
 
@@ -467,49 +475,12 @@ async fn a_distributed_service_survives_losing_a_site() {
     stop.store(true, Ordering::SeqCst);
     let samples = running.await.unwrap();
 
-    let (n_a, f_a_all, _) = judge(
-        &samples
-            .iter()
-            .filter(|s| s.at < t_a_end)
-            .cloned()
-            .collect::<Vec<_>>(),
-        t_a,
-        None,
-    );
-    let (n_b, f_b, r_b) = judge(
-        &samples
-            .iter()
-            .filter(|s| s.at < t_c)
-            .cloned()
-            .collect::<Vec<_>>(),
-        t_b,
-        None,
-    );
-    let (n_c, f_c, r_c) = judge(
-        &samples
-            .iter()
-            .filter(|s| s.at < t_d)
-            .cloned()
-            .collect::<Vec<_>>(),
-        t_c,
-        None,
-    );
-    let during_d: Vec<Sample> = samples
-        .iter()
-        .filter(|s| s.at >= t_d && s.at < t_d_end)
-        .cloned()
-        .collect();
-    let (n_d, f_d_local, _) = judge(&during_d, t_d, Some("/"));
-    let (n_d_db, f_d_db, _) = judge(&during_d, t_d, Some("/account"));
-    let (n_e, f_e, _) = judge(
-        &samples
-            .iter()
-            .filter(|s| s.at < t_f)
-            .cloned()
-            .collect::<Vec<_>>(),
-        t_e,
-        None,
-    );
+    let (n_a, f_a_all, _) = judge(&samples, t_a, t_a_end, None);
+    let (n_b, f_b, r_b) = judge(&samples, t_b, t_c, None);
+    let (n_c, f_c, r_c) = judge(&samples, t_c, t_d, None);
+    let (n_d, f_d_local, _) = judge(&samples, t_d, t_d_end, Some("/"));
+    let (n_d_db, f_d_db, _) = judge(&samples, t_d, t_d_end, Some("/account"));
+    let (n_e, f_e, _) = judge(&samples, t_e, t_f, None);
     for s in samples.iter().filter(|s| s.status != 200) {
         eprintln!("failed: {s:?}");
     }

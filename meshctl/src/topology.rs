@@ -1,6 +1,9 @@
 //! `meshctl topology`: the service graph the registry aggregates from node reports — every
 //! service-to-service edge with its rate, errors, latency and whether mutual TLS carried it —
 //! rendered as a table, JSON, a Graphviz digraph, or SVG (the digraph through `dot -Tsvg`).
+//! Edges to another site's instances (through its east-west gateway) name that site and are
+//! drawn to a node of their own, so traffic that crossed a site boundary is never mistaken for
+//! local traffic.
 //! The renderings are pure functions of the registry's [`pb::Topology`]; only [`svg`] runs a
 //! program.
 
@@ -26,6 +29,17 @@ pub const RENDER_TIMEOUT: Duration = Duration::from_secs(30);
 const PLAINTEXT: &str = "PLAINTEXT";
 /// The lock on mTLS edges in the digraph.
 const LOCK: &str = "🔒";
+/// What `SITE` says for an edge that stayed in the reporting nodes' own site.
+const OWN_SITE: &str = "-";
+
+/// The node an edge goes to: the service, or `service@site` for another site's instances.
+fn destination_node(e: &pb::Edge) -> String {
+    if e.destination_site.is_empty() {
+        e.destination.clone()
+    } else {
+        format!("{}@{}", e.destination, e.destination_site)
+    }
+}
 
 /// How `meshctl topology` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,23 +108,32 @@ pub fn parse_window(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The edges in display order: by source, destination, protocol, then mTLS before plaintext.
-/// The sort is stable, so edges the registry sent with equal keys keep its order.
+/// The edges in display order: by source, destination, its site (own first), protocol, then
+/// mTLS before plaintext. The sort is stable, so edges the registry sent with equal keys keep
+/// its order.
 pub fn sorted_edges(t: &pb::Topology) -> Vec<&pb::Edge> {
     let mut edges: Vec<&pb::Edge> = t.edges.iter().collect();
     edges.sort_by(|a, b| {
-        (&a.source, &a.destination, &a.protocol, !a.mtls).cmp(&(
-            &b.source,
-            &b.destination,
-            &b.protocol,
-            !b.mtls,
-        ))
+        (
+            &a.source,
+            &a.destination,
+            &a.destination_site,
+            &a.protocol,
+            !a.mtls,
+        )
+            .cmp(&(
+                &b.source,
+                &b.destination,
+                &b.destination_site,
+                &b.protocol,
+                !b.mtls,
+            ))
     });
     edges
 }
 
-/// `SOURCE DESTINATION PROTO MTLS RPS ERRORS P50 P99`, one row per edge (header only when
-/// there is no traffic).
+/// `SOURCE DESTINATION SITE PROTO MTLS RPS ERRORS P50 P99`, one row per edge (header only when
+/// there is no traffic); `SITE` is `-` unless the traffic crossed to another site.
 pub fn table(t: &pb::Topology) -> String {
     let rows: Vec<Vec<String>> = sorted_edges(t)
         .into_iter()
@@ -118,6 +141,11 @@ pub fn table(t: &pb::Topology) -> String {
             vec![
                 e.source.clone(),
                 e.destination.clone(),
+                if e.destination_site.is_empty() {
+                    OWN_SITE.to_owned()
+                } else {
+                    e.destination_site.clone()
+                },
                 e.protocol.clone(),
                 if e.mtls { "mtls" } else { PLAINTEXT }.to_owned(),
                 rate(e.requests_per_second),
@@ -131,6 +159,7 @@ pub fn table(t: &pb::Topology) -> String {
         &[
             "SOURCE",
             "DESTINATION",
+            "SITE",
             "PROTO",
             "MTLS",
             "RPS",
@@ -143,7 +172,8 @@ pub fn table(t: &pb::Topology) -> String {
 }
 
 /// `{"window_seconds": …, "edges": [{…}, …]}` with the API's field names; the latencies are
-/// `null` where there are none (TCP, or no requests).
+/// `null` where there are none (TCP, or no requests), `destination_site` where the traffic
+/// stayed in the reporting nodes' site.
 pub fn json(t: &pb::Topology) -> String {
     let edges: Vec<Value> = sorted_edges(t)
         .into_iter()
@@ -152,6 +182,7 @@ pub fn json(t: &pb::Topology) -> String {
             json!({
                 "source": e.source,
                 "destination": e.destination,
+                "destination_site": (!e.destination_site.is_empty()).then_some(&e.destination_site),
                 "protocol": e.protocol,
                 "mtls": e.mtls,
                 "requests": e.requests,
@@ -170,13 +201,19 @@ pub fn json(t: &pb::Topology) -> String {
     s
 }
 
-/// A Graphviz digraph: one node per service (and one for `external` callers), one edge per
+/// A Graphviz digraph: one node per service (and one for `external` callers, and one per
+/// service and other site its instances there were called in, double-bordered), one edge per
 /// edge labelled with its rate, error percentage and p99. mTLS edges are solid with a lock;
-/// plaintext edges are red, dashed and say PLAINTEXT, so they stand out.
+/// plaintext edges are red, dashed and say PLAINTEXT, so they stand out; an edge that crossed
+/// to another site says so.
 pub fn dot(t: &pb::Topology) -> String {
     let edges = sorted_edges(t);
-    let services: BTreeSet<&str> = (edges.iter())
-        .flat_map(|e| [e.source.as_str(), e.destination.as_str()])
+    let services: BTreeSet<String> = (edges.iter())
+        .flat_map(|e| [e.source.clone(), destination_node(e)])
+        .collect();
+    let remote: BTreeSet<String> = (edges.iter())
+        .filter(|e| !e.destination_site.is_empty())
+        .map(|e| destination_node(e))
         .collect();
     let mut out = String::new();
     out.push_str("digraph mesh {\n");
@@ -189,8 +226,10 @@ pub fn dot(t: &pb::Topology) -> String {
     out.push_str("  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n");
     out.push_str("  edge [fontname=\"Helvetica\", fontsize=10];\n");
     for s in &services {
-        if *s == EXTERNAL {
+        if s == EXTERNAL {
             let _ = writeln!(out, "  {} [shape=ellipse, style=dashed];", quote(s));
+        } else if remote.contains(s) {
+            let _ = writeln!(out, "  {} [peripheries=2];", quote(s));
         } else {
             let _ = writeln!(out, "  {};", quote(s));
         }
@@ -204,7 +243,7 @@ pub fn dot(t: &pb::Topology) -> String {
         if has_latency(e) {
             let _ = write!(stats, " · p99 {}", ms(e.p99_ms));
         }
-        let (head, style) = if e.mtls {
+        let (mut head, style) = if e.mtls {
             (format!("{LOCK} mtls {}", e.protocol), "style=solid")
         } else {
             (
@@ -212,13 +251,16 @@ pub fn dot(t: &pb::Topology) -> String {
                 "style=dashed, color=red, fontcolor=red",
             )
         };
+        if !e.destination_site.is_empty() {
+            let _ = write!(head, " · to site {}", e.destination_site);
+        }
         // `\n` inside a DOT label is a line break; `quote` leaves it to Graphviz.
         let label = format!("{}\\n{}", escape(&head), escape(&stats));
         let _ = writeln!(
             out,
             "  {} -> {} [label=\"{label}\", {style}];",
             quote(&e.source),
-            quote(&e.destination)
+            quote(&destination_node(e))
         );
     }
     out.push_str("}\n");

@@ -247,6 +247,10 @@ pub struct EdgeKey {
     pub mtls: bool,
     /// HTTP or TCP.
     pub protocol: Protocol,
+    /// The other site the callee's instances were in (reached through its east-west
+    /// gateway); empty: the reporting node's own site. Absent from records before sites.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub destination_site: String,
 }
 
 /// Traffic counts, summed over reports (saturating: a counter never wraps to small).

@@ -121,6 +121,14 @@ pub enum Error {
         /// Requests reported.
         requests: u64,
     },
+    /// A destination site that is not a label.
+    #[error("{field}: {value:?} is not a site name (1 to 63 of a-z, 0-9 and '-'), nor empty")]
+    InvalidSite {
+        /// The field, e.g. `edges[3].destination_site`.
+        field: String,
+        /// What it held.
+        value: String,
+    },
 }
 
 /// A report that passed [`check`]: the record to keep and its edges, each edge once.
@@ -285,6 +293,7 @@ pub fn topology(minutes: &[EdgeMinute], window: Duration) -> pb::Topology {
                 p50_ms: quantile(0.5),
                 p99_ms: quantile(0.99),
                 bytes: t.bytes,
+                destination_site: key.destination_site.clone(),
             }
         })
         .collect();
@@ -315,11 +324,18 @@ fn edge(i: usize, e: &pb::EdgeStats) -> Result<(EdgeKey, Traffic), Error> {
             requests: e.requests,
         });
     }
+    if !e.destination_site.is_empty() && Label::new(&e.destination_site).is_err() {
+        return Err(Error::InvalidSite {
+            field: field("destination_site"),
+            value: e.destination_site.clone(),
+        });
+    }
     let key = EdgeKey {
         source: e.source.clone(),
         destination: e.destination.clone(),
         mtls: e.mtls,
         protocol,
+        destination_site: e.destination_site.clone(),
     };
     let traffic = Traffic {
         requests: e.requests,

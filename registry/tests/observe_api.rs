@@ -46,6 +46,7 @@ fn http_edge(source: &str, destination: &str, requests: u64, errors: u64) -> pb:
         errors,
         latency_buckets,
         bytes: requests * 100,
+        destination_site: String::new(),
     }
 }
 
@@ -129,6 +130,7 @@ async fn reports_build_the_topology_for_readers_only() {
         errors: 1,
         latency_buckets: Vec::new(),
         bytes: 42,
+        destination_site: String::new(),
     };
     node2
         .report(report(vec![http_edge("shop/web", "shop/api", 30, 0), tcp]))

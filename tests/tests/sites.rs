@@ -63,9 +63,11 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     // both: they chain to the shared root).
     let b_reg_ip = IpAddr::V4(next_ip());
     let mut a = Cluster::new(RegistryOpts {
-        extra: vec![format!(
-            "[[peers]]\nsite = \"b\"\naddress = \"{b_reg_ip}:7700\""
-        )],
+        extra: vec![
+            // Nodes report their edges often, for the topology.
+            "report_interval = \"200ms\"".to_owned(),
+            format!("[[peers]]\nsite = \"b\"\naddress = \"{b_reg_ip}:7700\""),
+        ],
         ..RegistryOpts::default()
     })
     .await
@@ -162,6 +164,7 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     let up = move |port: u16| SocketAddr::new(web_ip.into(), port);
     let mut spec = NodeSpec::new("web-a", a.registry.token(&["web"], 1).unwrap());
     spec.ip = web_ip.into();
+    spec.extra = "[telemetry]\nreport_interval = \"200ms\"\n".to_owned();
     spec.site = Some("a".to_owned());
     spec.seeds = vec![a.nodes[0].spec.gossip_addr()];
     spec.services = vec![
@@ -207,6 +210,27 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         .await
         .unwrap();
     assert!(n >= 1.0, "{n}");
+    // Site a's topology marks the edge as crossing to b.
+    let edge = eventually(WAIT, "a's topology to show web -> users in b", || async {
+        let out = a.registry.meshctl_ok(&["topology", "-o", "json"]).ok()?;
+        let t: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let edges = t["edges"].as_array()?.clone();
+        edges
+            .into_iter()
+            .find(|e| e["source"] == "default/web" && e["destination"] == "default/users")
+    })
+    .await
+    .unwrap();
+    assert_eq!(edge["destination_site"], "b", "{edge}");
+    let table = a.registry.meshctl_ok(&["topology"]).unwrap();
+    assert!(
+        table.lines().any(|l| l.split_whitespace().take(3).eq([
+            "default/web",
+            "default/users",
+            "b"
+        ])),
+        "{table}"
+    );
     // Nothing of audit crossed: site b does not export it, so site a does not know it.
     let resp = curl(&[&format!("http://{}/", up(19203))]);
     assert_eq!(status(&resp), 503, "{resp}");

@@ -87,6 +87,11 @@ pub struct EdgeStats {
     /// Bytes both ways.
     #[prost(uint64, tag = "8")]
     pub bytes: u64,
+    /// The site of the instances the traffic went to when that is not the reporting node's own
+    /// (an instance reached through that site's east-west gateway); empty: its own site. A caller
+    /// whose requests went to both reports one edge for each.
+    #[prost(string, tag = "9")]
+    pub destination_site: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportResponse {
@@ -125,6 +130,10 @@ pub struct Edge {
     pub p99_ms: f64,
     #[prost(uint64, tag = "11")]
     pub bytes: u64,
+    /// The site the traffic crossed to (instances behind its east-west gateway); empty: it stayed
+    /// in the reporting nodes' site.
+    #[prost(string, tag = "12")]
+    pub destination_site: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Topology {

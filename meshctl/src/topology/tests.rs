@@ -79,15 +79,15 @@ fn table_has_one_sorted_row_per_edge_and_shouts_plaintext() {
     assert_eq!(
         table(&sample()),
         "\
-SOURCE     DESTINATION   PROTO   MTLS        RPS    ERRORS   P50     P99
-external   shop/web      http    PLAINTEXT   10.0   0%       0.8ms   1.25s
-shop/api   shop/db       tcp     mtls        0.13   2.50%    -       -
-shop/web   shop/api      http    mtls        120    0.10%    12ms    230ms
+SOURCE     DESTINATION   SITE   PROTO   MTLS        RPS    ERRORS   P50     P99
+external   shop/web      -      http    PLAINTEXT   10.0   0%       0.8ms   1.25s
+shop/api   shop/db       -      tcp     mtls        0.13   2.50%    -       -
+shop/web   shop/api      -      http    mtls        120    0.10%    12ms    230ms
 "
     );
     assert_eq!(
         table(&pb::Topology::default()),
-        "SOURCE   DESTINATION   PROTO   MTLS   RPS   ERRORS   P50   P99\n"
+        "SOURCE   DESTINATION   SITE   PROTO   MTLS   RPS   ERRORS   P50   P99\n"
     );
 }
 
@@ -141,7 +141,8 @@ fn json_lists_the_edges_as_objects_with_null_latency_for_tcp() {
     assert_eq!(
         edges[2],
         json!({
-            "source": "shop/web", "destination": "shop/api", "protocol": "http", "mtls": true,
+            "source": "shop/web", "destination": "shop/api", "destination_site": null,
+            "protocol": "http", "mtls": true,
             "requests": 36_000, "errors": 36, "requests_per_second": 120.0, "error_rate": 0.001,
             "p50_ms": 12.5, "p99_ms": 230.0, "bytes": 3_600_000,
         })
@@ -394,4 +395,47 @@ fn numbers_for_people() {
         let e = http("a", "b", true, (reqs, errs), 0.0, (0.0, 0.0));
         assert_eq!(error_percent(&e), want, "{errs}/{reqs}");
     }
+}
+
+/// web calls api in its own site and in site `b` (through b's east-west gateway).
+fn crossed() -> pb::Topology {
+    let mut remote = http("shop/web", "shop/api", true, (10, 0), 1.0, (40.0, 90.0));
+    remote.destination_site = "b".to_owned();
+    pb::Topology {
+        window_seconds: 60,
+        edges: vec![
+            remote,
+            http("shop/web", "shop/api", true, (30, 0), 3.0, (2.0, 9.0)),
+        ],
+    }
+}
+
+#[test]
+fn an_edge_that_crossed_a_site_names_it_everywhere() {
+    let t = crossed();
+    assert_eq!(
+        table(&t),
+        "\
+SOURCE     DESTINATION   SITE   PROTO   MTLS   RPS    ERRORS   P50     P99
+shop/web   shop/api      -      http    mtls   3.00   0%       2.0ms   9.0ms
+shop/web   shop/api      b      http    mtls   1.00   0%       40ms    90ms
+"
+    );
+    let v: Value = serde_json::from_str(&json(&t)).unwrap();
+    assert!(v["edges"][0]["destination_site"].is_null());
+    assert_eq!(v["edges"][1]["destination_site"], "b");
+    let g = parse_dot(&dot(&t));
+    assert_eq!(
+        g.nodes,
+        BTreeSet::from(["shop/api", "shop/api@b", "shop/web"].map(String::from))
+    );
+    let to_b = &(g.edges.iter())
+        .find(|(a, b, _)| a == "shop/web" && b == "shop/api@b")
+        .expect("an edge to b's instances")
+        .2;
+    assert_eq!(
+        to_b["label"],
+        "🔒 mtls http · to site b\\n1.00 rps · 0% err · p99 90ms"
+    );
+    assert!(dot(&t).contains("\"shop/api@b\" [peripheries=2];"));
 }

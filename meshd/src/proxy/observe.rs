@@ -52,6 +52,8 @@ pub struct Record {
     pub dst_service: ServiceKey,
     /// The endpoint (outbound) or app address (inbound) it went to, if it got that far.
     pub dst_addr: Option<SocketAddr>,
+    /// That endpoint's site when it is another site's instance (outbound).
+    pub dst_site: Option<String>,
     /// Request or connection details.
     pub kind: Kind,
     /// The authorization decision (inbound): `allow` or `deny`, and the deciding policy.
@@ -98,6 +100,7 @@ pub enum Kind {
 struct EdgeKey {
     source: Option<ServiceKey>,
     destination: ServiceKey,
+    site: Option<String>,
     mtls: bool,
     http: bool,
 }
@@ -107,6 +110,7 @@ struct EdgeKey {
 struct EdgeRef<'a> {
     source: Option<&'a ServiceKey>,
     destination: &'a ServiceKey,
+    site: Option<&'a str>,
     mtls: bool,
     http: bool,
 }
@@ -117,6 +121,7 @@ impl std::hash::Hash for EdgeKey {
         (
             self.source.as_ref(),
             &self.destination,
+            self.site.as_deref(),
             self.mtls,
             self.http,
         )
@@ -126,7 +131,14 @@ impl std::hash::Hash for EdgeKey {
 
 impl std::hash::Hash for EdgeRef<'_> {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        (self.source, self.destination, self.mtls, self.http).hash(h);
+        (
+            self.source,
+            self.destination,
+            self.site,
+            self.mtls,
+            self.http,
+        )
+            .hash(h);
     }
 }
 
@@ -134,6 +146,7 @@ impl hashbrown::Equivalent<EdgeKey> for EdgeRef<'_> {
     fn equivalent(&self, k: &EdgeKey) -> bool {
         self.source == k.source.as_ref()
             && *self.destination == k.destination
+            && self.site == k.site.as_deref()
             && (self.mtls, self.http) == (k.mtls, k.http)
     }
 }
@@ -167,9 +180,16 @@ impl Edges {
                 errors: a.errors,
                 latency_buckets: a.buckets,
                 bytes: a.bytes,
+                destination_site: k.site.unwrap_or_default(),
             })
             .collect();
-        out.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+        out.sort_by(|a, b| {
+            (&a.source, &a.destination, &a.destination_site).cmp(&(
+                &b.source,
+                &b.destination,
+                &b.destination_site,
+            ))
+        });
         out
     }
 
@@ -181,6 +201,7 @@ impl Edges {
                 let owned = EdgeKey {
                     source: key.source.cloned(),
                     destination: key.destination.clone(),
+                    site: key.site.map(str::to_owned),
                     mtls: key.mtls,
                     http: key.http,
                 };
@@ -266,6 +287,7 @@ pub fn finish(shared: &impl Env, rec: Record) {
         let key = EdgeRef {
             source: rec.src_service.as_ref(),
             destination: &rec.dst_service,
+            site: rec.dst_site.as_deref(),
             mtls: rec.mtls,
             http,
         };
@@ -443,6 +465,7 @@ mod tests {
         let key = |source| EdgeRef {
             source,
             destination: &api,
+            site: None,
             mtls: true,
             http: true,
         };
@@ -458,5 +481,36 @@ mod tests {
         assert_eq!(got[1].bytes, 100);
         assert!(got[1].latency_buckets.is_empty());
         assert!(e.take().is_empty(), "taken means gone");
+    }
+
+    #[test]
+    fn an_edge_to_another_site_is_counted_apart() {
+        let e = Edges::default();
+        let (web, api) = (
+            ServiceKey::parse("web").unwrap(),
+            ServiceKey::parse("api").unwrap(),
+        );
+        let key = |site| EdgeRef {
+            source: Some(&web),
+            destination: &api,
+            site,
+            mtls: true,
+            http: true,
+        };
+        e.add(key(Some("b")), false, Some(30.0), 0);
+        e.add(key(None), false, Some(1.0), 0);
+        e.add(key(Some("b")), true, Some(30.0), 0);
+        e.add(key(Some("c")), false, Some(60.0), 0);
+        let got: Vec<_> = (e.take().into_iter())
+            .map(|s| (s.destination_site, s.requests, s.errors))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (String::new(), 1, 0),
+                ("b".to_owned(), 2, 1),
+                ("c".to_owned(), 1, 0)
+            ]
+        );
     }
 }

@@ -13,6 +13,7 @@ fn edge(src: &str, requests: u64) -> pb::EdgeStats {
         errors: 1,
         latency_buckets: vec![requests],
         bytes: 0,
+        destination_site: String::new(),
     }
 }
 

@@ -59,6 +59,7 @@ fn traffic(store: &dyn Store, minute: u64, requests: u64, errors: u64) {
         destination: "shop/api".to_owned(),
         mtls: true,
         protocol: Protocol::Http,
+        destination_site: String::new(),
     };
     let t = Traffic {
         requests,

@@ -2,6 +2,7 @@
 
 use mesh_api::ServiceKey;
 use mesh_api::name::{DEFAULT_NAMESPACE, Label};
+use mesh_api::policy::{ExportedServices, ServiceExport};
 
 use crate::store::TokenRecord;
 
@@ -143,6 +144,51 @@ pub fn is_known_destination(known: &[String], destination: &str) -> Result<(), S
     }
 }
 
+/// What a report's edges may name (see [`is_known_edge`]), read from the store every
+/// `KNOWN_SERVICES_TTL`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownServices {
+    /// Every registered node's allowed `ns/name` and `ns/*` entries.
+    pub local: Vec<String>,
+    /// What the policy's ServiceExports export, in the same form: the services another site's
+    /// instances may be called as.
+    pub exported: Vec<String>,
+    /// The sites of this registry's `[[peers]]`.
+    pub sites: Vec<Label>,
+}
+
+/// Whether an edge to `destination` in `site` (empty: the reporting node's own) may be kept:
+/// in this site, a service some registered node may host; in another, an exported service of
+/// a site this registry peers with. So a node's reports cannot invent services or sites (and
+/// grow the store without bound).
+pub fn is_known_edge(known: &KnownServices, destination: &str, site: &str) -> Result<(), String> {
+    if site.is_empty() {
+        return is_known_destination(&known.local, destination);
+    }
+    let key = ServiceKey::parse(destination).map_err(|e| format!("{destination:?}: {e}"))?;
+    if !known.sites.iter().any(|s| s.as_str() == site) {
+        return Err(format!(
+            "site {site:?} is not one of this registry's [[peers]]"
+        ));
+    }
+    if !allows_service(&known.exported, &key) {
+        return Err(format!(
+            "destination {destination} in site {site} is not an exported service"
+        ));
+    }
+    Ok(())
+}
+
+/// The `ns/name` (or `ns/*`) entries a ServiceExport of `namespace` exports.
+pub fn exported_entries(namespace: &str, export: &ServiceExport) -> Vec<String> {
+    match &export.services {
+        ExportedServices::All => vec![format!("{namespace}/*")],
+        ExportedServices::Names(names) => {
+            (names.iter()).map(|n| format!("{namespace}/{n}")).collect()
+        }
+    }
+}
+
 /// Reports a node may send at once (a restart's first report, a retry, the final report of
 /// a drain) before its pace applies.
 pub const REPORT_BURST: f64 = 5.0;
@@ -188,6 +234,45 @@ pub fn report_quota(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edges_to_other_sites_name_a_peer_and_an_exported_service() {
+        let names = |v: &[&str]| v.iter().map(|l| Label::new(l).unwrap()).collect();
+        let known = KnownServices {
+            local: vec!["bank/web".to_owned()],
+            exported: [
+                exported_entries(
+                    "bank",
+                    &ServiceExport {
+                        services: ExportedServices::Names(names(&["users"])),
+                    },
+                ),
+                exported_entries(
+                    "shop",
+                    &ServiceExport {
+                        services: ExportedServices::All,
+                    },
+                ),
+            ]
+            .concat(),
+            sites: names(&["b"]),
+        };
+        assert_eq!(known.exported, ["bank/users", "shop/*"]);
+        for (destination, site, ok) in [
+            ("bank/web", "", true),
+            ("bank/users", "", false), // runs in no node of this site
+            ("bank/users", "b", true),
+            ("shop/cart", "b", true),
+            ("bank/web", "b", false),   // not exported
+            ("bank/users", "c", false), // not a peer
+            ("not a key", "b", false),
+        ] {
+            let got = is_known_edge(&known, destination, site);
+            assert_eq!(got.is_ok(), ok, "{destination} in {site:?}: {got:?}");
+        }
+        let e = is_known_edge(&known, "bank/users", "c").unwrap_err();
+        assert!(e.contains("[[peers]]"), "{e}");
+    }
 
     #[test]
     fn destinations_must_exist_and_reports_keep_their_pace() {

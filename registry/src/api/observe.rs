@@ -9,10 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use mesh_api::policy::{Kind, Resource, Spec};
 use mesh_api::proto::v1 as pb;
 use tonic::Status;
 use tracing::debug;
 
+use super::decide::KnownServices;
 use super::{RegistryApi, Rejected, reject};
 use crate::alerts;
 use crate::server::PeerInfo;
@@ -20,15 +22,15 @@ use crate::slo::Severity;
 use crate::store::{NodeReportRecord, Step};
 use crate::traffic;
 
-/// How long the known services (for report checks) are reused before the nodes are read
-/// again: a service a node joined with is reportable within this long.
+/// How long the known services (for report checks) are reused before the nodes and the
+/// ServiceExports are read again: a service a node joined with is reportable within this long.
 pub const KNOWN_SERVICES_TTL: Duration = Duration::from_secs(5);
 
 /// Per-node report pacing and the cached list of known services.
 #[derive(Default)]
 pub(super) struct ReportQuota {
     last: Mutex<HashMap<String, super::decide::ReportBucket>>,
-    known: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+    known: Mutex<Option<(Instant, Arc<KnownServices>)>>,
 }
 
 impl ReportQuota {
@@ -42,7 +44,7 @@ impl ReportQuota {
         ok
     }
 
-    fn known(&self, now: Instant) -> Option<Arc<Vec<String>>> {
+    fn known(&self, now: Instant) -> Option<Arc<KnownServices>> {
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         known
             .as_ref()
@@ -50,7 +52,7 @@ impl ReportQuota {
             .map(|(_, k)| k.clone())
     }
 
-    fn set_known(&self, known: Arc<Vec<String>>, now: Instant) {
+    fn set_known(&self, known: Arc<KnownServices>, now: Instant) {
         *self.known.lock().unwrap_or_else(PoisonError::into_inner) = Some((now, known));
     }
 
@@ -112,7 +114,7 @@ impl RegistryApi {
         let mut checked = checked;
         let before = checked.edges.len();
         checked.edges.retain(|(edge, _)| {
-            super::decide::is_known_destination(&known, &edge.destination).is_ok()
+            super::decide::is_known_edge(&known, &edge.destination, &edge.destination_site).is_ok()
         });
         let dropped = before - checked.edges.len();
         if dropped > 0 {
@@ -151,17 +153,39 @@ impl RegistryApi {
 
     /// Every registered node's allowed services, read at most once per
     /// [`KNOWN_SERVICES_TTL`] (a report per node per interval must not scan every node).
-    async fn known_services(&self) -> Result<Arc<Vec<String>>, Rejected> {
+    async fn known_services(&self) -> Result<Arc<KnownServices>, Rejected> {
         if let Some(known) = self.inner.reports.known(Instant::now()) {
             return Ok(known);
         }
-        let nodes = self.blocking(|s| s.list_nodes()).await?;
-        let mut all: Vec<String> = nodes.into_iter().flat_map(|n| n.allowed_services).collect();
-        all.sort();
-        all.dedup();
-        let all = Arc::new(all);
-        self.inner.reports.set_known(all.clone(), Instant::now());
-        Ok(all)
+        let (nodes, (_, policies)) = self
+            .blocking(|s| Ok((s.list_nodes()?, s.list_policies()?)))
+            .await?;
+        let mut local: Vec<String> = nodes.into_iter().flat_map(|n| n.allowed_services).collect();
+        local.sort();
+        local.dedup();
+        let exported = (policies.iter())
+            .filter(|r| r.kind == Kind::ServiceExport.as_str())
+            .filter_map(|r| {
+                match Resource::from_json(&r.kind, &r.namespace, &r.name, &r.spec_json) {
+                    Ok(Resource {
+                        spec: Spec::ServiceExport(e),
+                        ..
+                    }) => Some(super::decide::exported_entries(&r.namespace, &e)),
+                    _ => None,
+                }
+            })
+            .flatten()
+            .collect();
+        let sites = (self.inner.config.peers.iter())
+            .map(|p| p.site.clone())
+            .collect();
+        let known = Arc::new(KnownServices {
+            local,
+            exported,
+            sites,
+        });
+        self.inner.reports.set_known(known.clone(), Instant::now());
+        Ok(known)
     }
 
     pub(super) async fn do_get_topology(

@@ -169,7 +169,8 @@ fn policy_key(kind: &str, namespace: &str, name: &str) -> Vec<u8> {
 }
 
 /// Key of an edge minute: the big-endian minute, then `source \0 destination \0 mtls protocol`,
-/// so keys sort like [`EdgeMinute`]s (minute, then edge) and a range scan starts at a minute.
+/// and `\0 site` for an edge to another site (keys written before sites stay the same), so keys
+/// sort like [`EdgeMinute`]s (minute, then edge) and a range scan starts at a minute.
 fn edge_minute_key(minute_unix: u64, edge: &EdgeKey) -> Vec<u8> {
     let mut key = minute_unix.to_be_bytes().to_vec();
     key.extend_from_slice(edge.source.as_bytes());
@@ -178,6 +179,10 @@ fn edge_minute_key(minute_unix: u64, edge: &EdgeKey) -> Vec<u8> {
     key.push(0);
     key.push(u8::from(edge.mtls));
     key.push(protocol_byte(edge.protocol));
+    if !edge.destination_site.is_empty() {
+        key.push(0);
+        key.extend_from_slice(edge.destination_site.as_bytes());
+    }
     key
 }
 

@@ -20,6 +20,7 @@ fn edge(source: &str, destination: &str, protocol: &str) -> pb::EdgeStats {
         errors: 1,
         latency_buckets: vec![10],
         bytes: 1_000,
+        destination_site: String::new(),
     }
 }
 
@@ -190,6 +191,11 @@ fn bad_reports_name_the_field() {
             "edges[1].latency_buckets: 18 buckets, more than the 17",
         ),
         (
+            "a site that is not a label",
+            with(|e| e.destination_site = "Site B".to_owned()),
+            "edges[1].destination_site: \"Site B\" is not a site name",
+        ),
+        (
             "more errors than requests",
             with(|e| e.errors = 11),
             "edges[1].errors: 11 errors, more than the 10 requests",
@@ -306,6 +312,7 @@ fn minute(
             destination: "shop/api".to_owned(),
             mtls,
             protocol: Protocol::Http,
+            destination_site: String::new(),
         },
         traffic: Traffic {
             requests,
@@ -327,6 +334,7 @@ fn topology_merges_minutes_per_edge() {
             destination: "shop/db".to_owned(),
             mtls: false,
             protocol: Protocol::Tcp,
+            destination_site: String::new(),
         },
         traffic: Traffic {
             requests: 6,
@@ -373,6 +381,32 @@ fn topology_merges_minutes_per_edge() {
     assert_eq!((merged.p50_ms, merged.p99_ms), (37.5, 49.75));
     let tcp = &topo.edges[0];
     assert_eq!((tcp.p50_ms, tcp.p99_ms, tcp.error_rate), (0.0, 0.0, 0.0));
+}
+
+#[test]
+fn topology_keeps_an_edge_to_another_site_apart() {
+    let mut to_b = minute(120, "shop/web", true, 7, 1, 40.0);
+    to_b.edge.destination_site = "b".to_owned();
+    let minutes = [
+        minute(60, "shop/web", true, 100, 0, 4.0),
+        to_b,
+        minute(120, "shop/web", true, 100, 0, 4.0),
+    ];
+    let topo = topology(&minutes, Duration::from_secs(300));
+    let rows: Vec<_> = (topo.edges.iter())
+        .map(|e| (e.destination_site.as_str(), e.requests, e.errors))
+        .collect();
+    assert_eq!(rows, [("", 200, 0), ("b", 7, 1)]);
+    let checked = check(
+        "n1",
+        &report(vec![pb::EdgeStats {
+            destination_site: "b".to_owned(),
+            ..edge("shop/web", "shop/api", "http")
+        }]),
+        RECEIVED_MS,
+    )
+    .unwrap();
+    assert_eq!(checked.edges[0].0.destination_site, "b");
 }
 
 #[test]

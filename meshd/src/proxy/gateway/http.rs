@@ -169,6 +169,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         // Requests no Route took are counted against the gateway itself.
         dst_service: dst.unwrap_or_else(|| conn.gl.gateway.clone()),
         dst_addr: log.endpoint,
+        dst_site: log.site,
         kind: observe::Kind::Http {
             method: method.as_str().to_owned(),
             path,

@@ -85,6 +85,7 @@ pub fn access_log(
         mtls: attrs.caller.is_some(),
         dst_service: attrs.service.key.clone(),
         dst_addr: Some(attrs.service.address),
+        dst_site: None,
         kind: observe::Kind::Tcp {
             to_service: end.transferred.to_service,
             to_caller: end.transferred.to_caller,

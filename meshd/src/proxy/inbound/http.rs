@@ -283,6 +283,7 @@ fn record(conn: &Conn, done: Done, resp: &Response<Body>) {
         mtls: conn.caller.is_some(),
         dst_service: conn.local.key.clone(),
         dst_addr: Some(conn.local.address),
+        dst_site: None,
         kind: observe::Kind::Http {
             method: done.method,
             path: done.path,

@@ -173,6 +173,7 @@ pub(super) fn finish_tcp(shared: &Shared, source: &ServiceKey, dst: &ServiceKey,
         mtls: false,
         dst_service: dst.clone(),
         dst_addr: end.addr,
+        dst_site: None,
         kind: observe::Kind::Tcp {
             to_service: end.transferred.to_service,
             to_caller: end.transferred.to_caller,

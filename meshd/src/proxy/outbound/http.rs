@@ -212,6 +212,7 @@ async fn handle(conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         mtls: true,
         dst_service: conn.upstream.service.clone(),
         dst_addr: log.endpoint,
+        dst_site: log.site,
         kind,
         decision: None,
         trace_id,
@@ -334,6 +335,7 @@ async fn passthrough(conn: &Conn, host: String, mut req: Request<Incoming>) -> R
         mtls: false,
         dst_service: external::passthrough_key(),
         dst_addr: None,
+        dst_site: None,
         kind: observe::Kind::Http {
             method: method.as_str().to_owned(),
             path,

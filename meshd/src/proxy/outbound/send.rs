@@ -83,12 +83,25 @@ pub struct Caller<'a> {
 pub struct Log {
     /// The endpoint of the last attempt.
     pub endpoint: Option<SocketAddr>,
+    /// Its site when that is another one (the edge crossed to it).
+    pub site: Option<String>,
     /// The Route entry (name or `route[index]`).
     pub route: String,
     /// The subset the Route chose.
     pub subset: String,
     /// Attempts made (1 without retries).
     pub attempts: u32,
+}
+
+impl Log {
+    /// The last attempt ended at `plan.dst.targets[index]` (`None`: it reached no endpoint).
+    fn ended_at(&mut self, plan: &Plan, index: Option<usize>) {
+        let ep = index
+            .and_then(|i| plan.dst.targets.get(i))
+            .map(|t| &t.endpoint);
+        self.endpoint = ep.map(|e| e.addr);
+        self.site = ep.filter(|e| e.sni.is_some()).map(|e| e.site.clone());
+    }
 }
 
 /// How many times one attempt sends a request again because its connection failed before the
@@ -112,8 +125,8 @@ pub async fn send(
         match plan.retries.as_ref().filter(|r| r.attempts > 0) {
             None => {
                 log.attempts = 1;
-                let (r, addr) = attempt(caller, plan, Request::from_parts(parts, body)).await;
-                log.endpoint = addr;
+                let (r, index) = attempt(caller, plan, Request::from_parts(parts, body)).await;
+                log.ended_at(plan, index);
                 r.map_err(|(_, resp)| resp)
             }
             Some(retries) => with_retries(caller, plan, retries, &parts, body, log).await,
@@ -163,8 +176,8 @@ async fn with_retries(
             ));
         };
         let req = clone_request(parts, body.boxed());
-        let (result, addr) = attempt_within(caller, plan, retries.per_try_timeout, req).await;
-        log.endpoint = addr;
+        let (result, index) = attempt_within(caller, plan, retries.per_try_timeout, req).await;
+        log.ended_at(plan, index);
         let outcome = match &result {
             Ok(resp) => retry::response_attempt(resp.status().as_u16(), resp.headers()),
             Err((a, _)) => *a,
@@ -187,7 +200,7 @@ async fn attempt_within(
     plan: &Plan,
     per_try: Option<Duration>,
     req: Request<Body>,
-) -> (Tried, Option<SocketAddr>) {
+) -> (Tried, Option<usize>) {
     let Some(t) = per_try else {
         return attempt(caller, plan, req).await;
     };
@@ -274,12 +287,8 @@ fn is_idempotent(method: &http::Method) -> bool {
 
 /// One attempt: a connection to an endpoint (pooled or new), the request on it, sent again on
 /// another connection if the first failed before the request can have had an effect. Feeds
-/// the endpoint's latency and outlier state.
-async fn attempt(
-    caller: &Caller<'_>,
-    plan: &Plan,
-    req: Request<Body>,
-) -> (Tried, Option<SocketAddr>) {
+/// the endpoint's latency and outlier state. With the index of the target it ended at.
+async fn attempt(caller: &Caller<'_>, plan: &Plan, req: Request<Body>) -> (Tried, Option<usize>) {
     if let Some(client) = &plan.dst.direct {
         return (
             super::external::attempt(caller.shared, client, req).await,
@@ -321,7 +330,7 @@ async fn attempt(
     let now = tokio::time::Instant::now();
     connect::record(caller.shared, &plan.dst, index, outcome, now);
     let addr = plan.dst.targets[index].endpoint.addr;
-    (finish(caller, plan, addr, result), Some(addr))
+    (finish(caller, plan, addr, result), Some(index))
 }
 
 /// After a failed send on `plan.dst.targets[index]`: the request to send again on another

@@ -15,6 +15,7 @@ use super::super::connect::{self, Error};
 use super::super::metrics::{ActiveGuard, Direction, ServiceLabels};
 use super::super::shared::Shared;
 use super::super::{balance, breaker, copy, endpoints, observe};
+use crate::membership::Endpoint;
 use mesh_api::ServiceKey;
 
 /// Proxies one connection of `source` (an app's, or a gateway's client's) to `service`;
@@ -31,8 +32,8 @@ pub async fn serve(
     let _ = app.set_nodelay(true);
     let started = Instant::now();
     // The connection's record, finished on every way out.
-    let record = |dst_addr: Option<SocketAddr>, t: copy::Transferred, error: Option<String>| {
-        observe::Record {
+    let record =
+        |dst: Option<&Endpoint>, t: copy::Transferred, error: Option<String>| observe::Record {
             direction: Direction::Outbound,
             started,
             src_addr: peer,
@@ -40,7 +41,8 @@ pub async fn serve(
             src_identity: None,
             mtls: true,
             dst_service: service.clone(),
-            dst_addr,
+            dst_addr: dst.map(|e| e.addr),
+            dst_site: dst.filter(|e| e.sni.is_some()).map(|e| e.site.clone()),
             kind: observe::Kind::Tcp {
                 to_service: t.to_service,
                 to_caller: t.to_caller,
@@ -49,8 +51,7 @@ pub async fn serve(
             decision: None,
             trace_id: None,
             error: error.unwrap_or_default(),
-        }
-    };
+        };
     let dst = shared.compiled().destination(service);
     let opened = match open(shared, source, &dst, cursor, preamble).await {
         Ok(opened) => opened,
@@ -63,9 +64,9 @@ pub async fn serve(
             return;
         }
     };
-    let addr = dst.targets[opened.index].endpoint.addr;
+    let index = opened.index;
     let (t, error) = relay(&mut app, opened, source, &dst, shared).await;
-    observe::finish(shared, record(Some(addr), t, error));
+    observe::finish(shared, record(Some(&dst.targets[index].endpoint), t, error));
 }
 
 /// A connection to an endpoint of the destination, admitted by its circuit breaker.

@@ -14,6 +14,7 @@ contract_suite!(
     last_report_per_node,
     reports_keep_the_last_warnings,
     edges_add_up_per_minute,
+    edges_to_another_site_are_their_own,
     service_series_roll_up_callers,
     service_series_do_not_leak_between_similar_names,
     prune_drops_old_traffic_only,
@@ -50,6 +51,7 @@ fn edge(source: &str, destination: &str, mtls: bool, protocol: Protocol) -> Edge
         destination: destination.to_owned(),
         mtls,
         protocol,
+        destination_site: String::new(),
     }
 }
 
@@ -168,6 +170,48 @@ fn edges_add_up_per_minute(store: &dyn Store) {
     let recent = store.edge_minutes(MINUTE + 1).unwrap();
     assert_eq!(recent.len(), 1, "a range starts at a minute");
     assert_eq!(recent[0].minute_unix, next);
+}
+
+fn edges_to_another_site_are_their_own(store: &dyn Store) {
+    let to_b = EdgeKey {
+        destination_site: "b".to_owned(),
+        ..web_to_api()
+    };
+    store
+        .record_report(
+            &report("n1", 1),
+            MINUTE,
+            &[
+                (web_to_api(), traffic(10, 0, &[10])),
+                (to_b.clone(), traffic(4, 1, &[0, 4])),
+            ],
+        )
+        .unwrap();
+    store
+        .record_report(
+            &report("n2", 2),
+            MINUTE,
+            &[(to_b, traffic(1, 0, &[1]))],
+        )
+        .unwrap();
+    let all: Vec<_> = (store.edge_minutes(MINUTE).unwrap().into_iter())
+        .map(|m| (m.edge.destination_site, m.traffic))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            (String::new(), traffic(10, 0, &[10])),
+            ("b".to_owned(), traffic(5, 1, &[1, 4])),
+        ]
+    );
+    // A record written before sites (no field) reads as this site's edge.
+    let mut old = serde_json::to_value(web_to_api()).unwrap();
+    assert!(old.get("destination_site").is_none(), "{old}");
+    old.as_object_mut().unwrap().remove("destination_site");
+    assert_eq!(
+        serde_json::from_value::<EdgeKey>(old).unwrap(),
+        web_to_api()
+    );
 }
 
 fn service_series_roll_up_callers(store: &dyn Store) {

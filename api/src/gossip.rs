@@ -15,6 +15,9 @@ pub const SERVICE_PREFIX: &str = "svc/";
 /// Prefix of the keys an east-west gateway publishes in its site's gossip, one
 /// [`RemoteService`] per service another site exports: `remote/<site>/<ns>/<name>`.
 pub const REMOTE_PREFIX: &str = "remote/";
+/// Prefix of the keys an east-west gateway publishes in its site's gossip, one [`SiteDistance`]
+/// per other site whose gateways it measured: `rtt/<site>`.
+pub const SITE_RTT_PREFIX: &str = "rtt/";
 /// WAN gossip (east-west gateways of every site): key holding the gateway's [`WanNode`].
 pub const KEY_WAN_NODE: &str = "wan";
 /// WAN gossip: prefix of the keys holding one [`ExportedService`] per service the gateway's site
@@ -148,6 +151,26 @@ pub fn parse_remote_key(key: &str) -> Option<(Label, ServiceKey)> {
     Some((Label::new(site).ok()?, svc))
 }
 
+/// How far another site is from an east-west gateway of this one: the round trip of a TCP
+/// handshake with that site's nearest gateway (median of the recent probes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteDistance {
+    /// Schema version ([`VERSION`]).
+    pub v: u32,
+    /// Round trip, microseconds.
+    pub rtt_us: u32,
+}
+
+/// The gossip key of another site's distance: `rtt/<site>`.
+pub fn site_rtt_key(site: &Label) -> String {
+    format!("{SITE_RTT_PREFIX}{site}")
+}
+
+/// Reverses [`site_rtt_key`]; `None` for keys outside the schema.
+pub fn parse_site_rtt_key(key: &str) -> Option<Label> {
+    Label::new(key.strip_prefix(SITE_RTT_PREFIX)?).ok()
+}
+
 /// The WAN key of an exported service: `exp/<ns>/<name>`.
 pub fn export_key(service: &ServiceKey) -> String {
     format!("{EXPORT_PREFIX}{}/{}", service.namespace, service.name)
@@ -199,6 +222,21 @@ pub fn decode<T: DeserializeOwned>(s: &str) -> Result<T, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn site_rtt_keys_round_trip_and_refuse_what_is_not_a_site() {
+        let b = Label::new("eu-west").unwrap();
+        assert_eq!(site_rtt_key(&b), "rtt/eu-west");
+        assert_eq!(parse_site_rtt_key("rtt/eu-west"), Some(b));
+        for bad in ["rtt/", "rtt/a/b", "rtt/Eu", "remote/eu", "eu"] {
+            assert_eq!(parse_site_rtt_key(bad), None, "{bad}");
+        }
+        let d = SiteDistance {
+            v: VERSION,
+            rtt_us: 1_250,
+        };
+        assert_eq!(decode::<SiteDistance>(&encode(&d)).unwrap(), d);
+    }
 
     #[test]
     fn service_keys_round_trip() {

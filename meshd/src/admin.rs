@@ -180,5 +180,7 @@ async fn members(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "liveness": *liveness,
         "members": view.members,
         "endpoints": view.endpoints.iter().map(|(k, v)| (k.to_string(), v)).collect::<std::collections::BTreeMap<_, _>>(),
+        // The other sites, nearest first, with the round trip this site's gateways measured.
+        "sites": view.sites,
     }))
 }

@@ -379,8 +379,12 @@ impl Node {
         let stop_rx = self.lifecycle.reached(Phase::Quiescing);
         let exports_rx = compile_exports(self.policy.policy_rx.clone(), shutdown_rx.clone());
         let keyring = crate::wan::keyring_from_file(&cfg.wan_key_file)?;
-        let (_keys_tx, keys_rx) = watch::channel(Arc::new(keyring));
-        // The key file is read at start only: the sender may go, the keyring stays.
+        let (keys_tx, keys_rx) = watch::channel(Arc::new(keyring));
+        self.tasks.spawn(crate::wan::watch_key_file(
+            cfg.wan_key_file.clone(),
+            keys_tx,
+            shutdown_rx.clone(),
+        ));
         let transport = SealedTransport::new(keys_rx, Arc::new(SealStats::default()));
         let trust_domain = self.certs_rx.borrow().trust_domain.clone();
         let inputs = crate::wan::Inputs {
@@ -390,6 +394,7 @@ impl Node {
             cluster_id: format!("{trust_domain}/wan"),
             signer: self.signer.clone(),
             certs_rx: self.certs_rx.clone(),
+            deny_rx: shared.deny_rx.clone(),
             view_rx,
             exports_rx: exports_rx.clone(),
             lan: membership.publisher(),

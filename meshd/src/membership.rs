@@ -68,6 +68,9 @@ pub struct Endpoint {
     /// and this is the server name that tells the gateway which service to pass the
     /// connection to ([`ServiceKey::site_sni`]).
     pub sni: Option<String>,
+    /// For another site's instance, its site's place in [`MeshView::sites`] (0: the nearest);
+    /// 0 for this site's.
+    pub site_rank: u16,
     /// Subset labels.
     pub labels: BTreeMap<String, String>,
     /// What the instance speaks: callers proxy HTTP-family services per request.
@@ -107,6 +110,45 @@ pub struct MeshView {
     pub members: Vec<Member>,
     /// Endpoints of every service.
     pub endpoints: BTreeMap<ServiceKey, Vec<Endpoint>>,
+    /// The other sites with instances known here, nearest first (see [`rank_sites`]).
+    pub sites: Vec<RemoteSite>,
+}
+
+/// Another site, as far as this site's east-west gateways measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteSite {
+    /// Its name.
+    pub site: String,
+    /// Round trip to its nearest gateway, microseconds: the median of what this site's
+    /// gateways say; `None` while none has measured it.
+    pub rtt_us: Option<u32>,
+}
+
+/// The other sites in `present`, nearest first by the median of the distances this site's
+/// gateways report for each (`reports`); sites nobody measured yet come last, by name. Pure.
+pub fn rank_sites<'a>(
+    present: impl IntoIterator<Item = &'a str>,
+    reports: &BTreeMap<String, Vec<u32>>,
+) -> Vec<RemoteSite> {
+    let present: std::collections::BTreeSet<&str> = present.into_iter().collect();
+    let mut sites: Vec<RemoteSite> = (present.into_iter())
+        .map(|site| {
+            let rtt_us = reports.get(site).and_then(|r| {
+                let mut r = r.clone();
+                r.sort_unstable();
+                // The lower median: one gateway's outlier never moves it alone.
+                r.get(r.len().saturating_sub(1) / 2).copied()
+            });
+            RemoteSite {
+                site: site.to_owned(),
+                rtt_us,
+            }
+        })
+        .collect();
+    sites.sort_by(|a, b| {
+        (a.rtt_us.is_none(), a.rtt_us, &a.site).cmp(&(b.rtt_us.is_none(), b.rtt_us, &b.site))
+    });
+    sites
 }
 
 /// Builds the view from chitchat's live nodes. Values this build cannot read (newer schema,
@@ -120,6 +162,7 @@ pub fn build_view(
     mut verifier: Option<&mut StateVerifier>,
 ) -> MeshView {
     let mut view = MeshView::default();
+    let mut distances: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for (id, state) in nodes {
         if deny.denies_node(&id.node_id) {
             continue;
@@ -148,6 +191,20 @@ pub fn build_view(
                 remote_endpoints(&mut view, &id.node_id, key, value);
                 continue;
             }
+            if info.is_some()
+                && let Some(site) = gossip::parse_site_rtt_key(key)
+            {
+                match gossip::decode::<gossip::SiteDistance>(value) {
+                    Ok(d) => distances
+                        .entry(site.to_string())
+                        .or_default()
+                        .push(d.rtt_us),
+                    Err(e) => {
+                        debug!(node = %id.node_id, key, error = %e, "unreadable site distance")
+                    }
+                }
+                continue;
+            }
             let Some(svc) = gossip::parse_service_key(key) else {
                 continue;
             };
@@ -170,6 +227,7 @@ pub fn build_view(
                         .map(ToString::to_string)
                         .unwrap_or_default(),
                     sni: None,
+                    site_rank: 0,
                     labels: s.labels,
                     protocol,
                     healthy: s.healthy,
@@ -197,10 +255,27 @@ pub fn build_view(
             a.sni.is_some() && (&a.node, a.addr, &a.labels) == (&b.node, b.addr, &b.labels)
         });
     }
+    rank_remote(&mut view, &distances);
     if let Some(v) = verifier {
         v.retain(|n| nodes.keys().any(|id| &*id.node_id == n));
     }
     view
+}
+
+/// Orders the other sites the view has instances of ([`rank_sites`]) and gives each of their
+/// endpoints its site's place.
+fn rank_remote(view: &mut MeshView, distances: &BTreeMap<String, Vec<u32>>) {
+    let present: Vec<String> = (view.endpoints.values().flatten())
+        .filter(|e| e.sni.is_some())
+        .map(|e| e.site.clone())
+        .collect();
+    view.sites = rank_sites(present.iter().map(String::as_str), distances);
+    for ep in view.endpoints.values_mut().flatten() {
+        if ep.sni.is_some() {
+            let rank = view.sites.iter().position(|s| s.site == ep.site);
+            ep.site_rank = u16::try_from(rank.unwrap_or(0)).unwrap_or(u16::MAX);
+        }
+    }
 }
 
 /// Adds the endpoints of another site's service that this site's east-west gateway `node`
@@ -237,6 +312,7 @@ fn remote_endpoints(view: &mut MeshView, node: &str, key: &str, value: &str) {
                 zone: String::new(),
                 site: site.to_string(),
                 sni: Some(sni.clone()),
+                site_rank: 0,
                 labels: subset.labels.clone(),
                 protocol,
                 healthy: subset.healthy > 0,

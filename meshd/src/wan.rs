@@ -5,6 +5,9 @@
 //! gateways. No meshd ever asks another site anything: failover is decided from what is already
 //! known locally, so it holds when the other site, its registry or its gateways are gone.
 //!
+//! Each gateway also measures how far the other sites are ([`distance`]), so the site's meshd
+//! prefer the nearest one.
+//!
 //! The WAN pool is sealed like LAN gossip (a keyring shared by the gateways of all sites, read
 //! from `east_west.wan_key_file`) and every state is signed by its node certificate, which
 //! chains to the mesh's shared root through its own site's intermediate.
@@ -17,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use chitchat::{ChitchatHandle, ChitchatId, NodeState};
 use mesh_api::gossip::{self, ExportedService, RemoteService, Subset, WanNode};
-use mesh_api::policy::Exports;
+use mesh_api::policy::{DenyList, Exports};
 use mesh_api::{Label, ServiceKey};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -97,6 +100,83 @@ pub fn keyring_from_text(text: &str) -> Result<Keyring, (usize, String)> {
         "no key: the file needs at least one base64 key".to_owned(),
     ))?;
     Keyring::new(primary, it.collect()).map_err(|e| (0, e.to_string()))
+}
+
+/// How often the WAN key file is read again for a rotation.
+pub const KEY_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What reading the key file again found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyFileCheck {
+    /// The same text as last time.
+    Unchanged,
+    /// A new keyring, now in use.
+    Rotated,
+    /// Changed but unreadable: the keyring in use stays (the error says why).
+    Refused(String),
+}
+
+/// Reads `path` again and, if its text changed since `last` and is a keyring, hands it to
+/// `keys_tx` (the sealed transport seals and opens with it from the next datagram). `last`
+/// becomes the text read, so a bad file is reported once, not at every poll.
+pub fn check_key_file(
+    path: &Path,
+    last: &mut String,
+    keys_tx: &watch::Sender<Arc<Keyring>>,
+) -> KeyFileCheck {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let why = format!("east_west.wan_key_file {}: {e}", path.display());
+            if *last == why {
+                return KeyFileCheck::Unchanged;
+            }
+            *last = why.clone();
+            return KeyFileCheck::Refused(why);
+        }
+    };
+    if text == *last {
+        return KeyFileCheck::Unchanged;
+    }
+    *last = text.clone();
+    match keyring_from_text(&text) {
+        Ok(keyring) => {
+            keys_tx.send_replace(Arc::new(keyring));
+            KeyFileCheck::Rotated
+        }
+        Err((line, reason)) => KeyFileCheck::Refused(
+            Error::KeyFile {
+                path: path.to_owned(),
+                line,
+                reason,
+            }
+            .to_string(),
+        ),
+    }
+}
+
+/// Reads the WAN key file every [`KEY_FILE_POLL`] until `shutdown`, rotating the keyring in
+/// use when it changes (add the new key second on every gateway, then first, then drop the
+/// old: no gateway is cut off at any step).
+pub async fn watch_key_file(
+    path: PathBuf,
+    keys_tx: watch::Sender<Arc<Keyring>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last = std::fs::read_to_string(&path).unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEY_FILE_POLL) => {}
+            _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+        }
+        match check_key_file(&path, &mut last, &keys_tx) {
+            KeyFileCheck::Unchanged => {}
+            KeyFileCheck::Rotated => info!(path = %path.display(), "WAN keyring reloaded"),
+            KeyFileCheck::Refused(why) => {
+                warn!(error = %why, "WAN key file changed but cannot be used; keeping the keyring in use");
+            }
+        }
+    }
 }
 
 /// What this site exports, as the WAN announces it: per exported service with instances in
@@ -196,6 +276,29 @@ pub fn remote_services(
     out
 }
 
+/// The other sites' gateways, from the WAN members' states (members of `own_site` and
+/// unreadable ones skipped), sorted. Pure.
+pub fn gateways_by_site(
+    members: &[WanState<'_>],
+    own_site: &Label,
+) -> BTreeMap<Label, Vec<SocketAddr>> {
+    let mut out: BTreeMap<Label, Vec<SocketAddr>> = BTreeMap::new();
+    for m in members {
+        let node = (m.kvs.iter())
+            .find(|(k, _)| k == gossip::KEY_WAN_NODE)
+            .and_then(|(_, v)| gossip::decode::<WanNode>(v).ok());
+        let Some(node) = node.filter(|n| n.site != *own_site) else {
+            continue;
+        };
+        let gws = out.entry(node.site).or_default();
+        if !gws.contains(&node.gateway) {
+            gws.push(node.gateway);
+            gws.sort();
+        }
+    }
+    out
+}
+
 /// The LAN key-values that carry `remote`.
 pub fn remote_keys(
     remote: &BTreeMap<(Label, ServiceKey), RemoteService>,
@@ -219,6 +322,9 @@ pub struct Inputs {
     pub signer: Signer,
     /// Roots to verify the other gateways against (and renewals, to re-sign).
     pub certs_rx: watch::Receiver<Arc<crate::identity::Certs>>,
+    /// Nodes removed in any site (the merged deny-list): their WAN states are ignored and
+    /// they are not taken into the WAN table, as in the LAN.
+    pub deny_rx: watch::Receiver<Arc<DenyList>>,
     /// This site's view (from LAN gossip).
     pub view_rx: watch::Receiver<Arc<MeshView>>,
     /// What this site exports.
@@ -259,7 +365,10 @@ impl Wan {
             cfg.wan_seeds.clone(),
             cfg.wan_interval,
         );
-        cc.admission = Some(membership::admission(|_| true));
+        let removed = inputs.deny_rx.clone();
+        cc.admission = Some(membership::admission(move |name| {
+            !removed.borrow().denies_node(name)
+        }));
         let handle = chitchat::spawn_chitchat(cc, kvs, transport)
             .await
             .map_err(|e| Error::Start {
@@ -273,7 +382,13 @@ impl Wan {
             inputs.signer.sign(&id, c.self_node_state());
         }
         info!(addr = %cfg.wan_bind, advertise = %cfg.wan_advertise, gateway = %cfg.advertise, site = %inputs.site, "WAN gossip started");
-        tokio::spawn(run(inputs, chitchat, shutdown));
+        let (gateways_tx, gateways_rx) = watch::channel(BTreeMap::new());
+        tokio::spawn(distance::run(
+            gateways_rx,
+            inputs.lan.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(run(inputs, chitchat, gateways_tx, shutdown));
         Ok(Self { handle })
     }
 
@@ -290,12 +405,14 @@ impl Wan {
 async fn run(
     inputs: Inputs,
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    gateways_tx: watch::Sender<BTreeMap<Label, Vec<SocketAddr>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Inputs {
         site,
         signer,
         mut certs_rx,
+        mut deny_rx,
         mut view_rx,
         mut exports_rx,
         lan,
@@ -331,7 +448,18 @@ async fn run(
         }
         let remote = {
             let nodes = live_rx.borrow_and_update().clone();
-            remote_keys(&remote_services_of(&nodes, &mut verifier, &site))
+            let deny = deny_rx.borrow_and_update().clone();
+            let states = verified_states(&nodes, &deny, &mut verifier);
+            let members: Vec<WanState<'_>> = (states.iter())
+                .map(|(node, kvs)| WanState { node, kvs })
+                .collect();
+            gateways_tx.send_if_modified(|g| {
+                let now = gateways_by_site(&members, &site);
+                let changed = *g != now;
+                *g = now;
+                changed
+            });
+            remote_keys(&remote_services(&members, &site))
         };
         if republished.as_ref() != Some(&remote) {
             lan.replace_prefix(gossip::REMOTE_PREFIX, &remote).await;
@@ -345,6 +473,7 @@ async fn run(
             r = live_rx.changed() => if r.is_err() { return },
             Ok(()) = view_rx.changed() => {}
             Ok(()) = exports_rx.changed() => {}
+            Ok(()) = deny_rx.changed() => {}
             Ok(()) = certs_rx.changed() => {
                 let roots = certs_rx.borrow_and_update().roots.clone();
                 verifier.set_roots(roots);
@@ -362,21 +491,22 @@ async fn run(
     }
 }
 
-/// Verified states of the WAN members → the other sites' services.
-fn remote_services_of(
+/// The WAN members' states, each as far as it proves signed by its node; removed nodes'
+/// are left out whatever they say.
+fn verified_states(
     nodes: &BTreeMap<ChitchatId, NodeState>,
+    deny: &DenyList,
     verifier: &mut StateVerifier,
-    site: &Label,
-) -> BTreeMap<(Label, ServiceKey), RemoteService> {
-    let states: Vec<(String, Vec<(String, String)>)> = (nodes.iter())
+) -> Vec<(String, Vec<(String, String)>)> {
+    let states = (nodes.iter())
+        .filter(|(id, _)| !deny.denies_node(&id.node_id))
         .filter_map(|(id, st)| Some((id.node_id.to_string(), verifier.usable(id, st)?)))
         .collect();
     verifier.retain(|n| nodes.keys().any(|id| &*id.node_id == n));
-    let members: Vec<WanState<'_>> = (states.iter())
-        .map(|(node, kvs)| WanState { node, kvs })
-        .collect();
-    remote_services(&members, site)
+    states
 }
+
+pub mod distance;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

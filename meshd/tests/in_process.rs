@@ -81,6 +81,7 @@ fn endpoint(node: &str, addr: SocketAddr, protocol: Protocol) -> Endpoint {
         zone: "zone-a".to_owned(),
         site: String::new(),
         sni: None,
+        site_rank: 0,
         labels: BTreeMap::new(),
         protocol,
         healthy: true,
@@ -94,6 +95,7 @@ fn view(api: &[SocketAddr], protocol: Protocol) -> MeshView {
         .collect();
     MeshView {
         members: Vec::new(),
+        sites: Vec::new(),
         endpoints: BTreeMap::from([(key("api"), eps)]),
     }
 }

@@ -788,6 +788,22 @@ impl Node {
         Ok((members, endpoints))
     }
 
+    /// `/members`' other sites, nearest first, with the round trip measured (µs) if any.
+    pub async fn sites(&self) -> anyhow::Result<Vec<(String, Option<u64>)>> {
+        let (code, body) = http_get(&self.admin.to_string(), "/members").await?;
+        if code != 200 {
+            bail!("/members answered {code}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let sites = v["sites"].as_array().context("sites missing")?;
+        Ok((sites.iter())
+            .map(|s| {
+                let name = s["site"].as_str().unwrap_or_default().to_owned();
+                (name, s["rtt_us"].as_u64())
+            })
+            .collect())
+    }
+
     /// Waits until this node enforces policy revision `rev` or a later one.
     pub async fn wait_policy_revision(&self, rev: u64) -> anyhow::Result<()> {
         let what = format!("{} to enforce policy revision {rev}", self.spec.name);

@@ -5,9 +5,10 @@
 //! own identity, a DENY for that identity applied at a is enforced in b, and once web's host is
 //! removed in a (its certificates revoked), b refuses them too — and still does after a's
 //! registry dies, while `meshctl check` at b says it is cut off. A service both sites run is
-//! served locally, and when site a drains its instance the requests go to site b without one
-//! failing. The gateway refuses server names that name a service its site does not export, or
-//! another site.
+//! served locally, and when site a drains its instance the requests go, without one failing,
+//! to the nearer of sites b and c by the round trip a's gateway measured — all of them, none to
+//! the farther. a's topology marks the edge to b as crossing to b. The gateway refuses server
+//! names that name a service its site does not export, or another site.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -120,6 +121,35 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     let spec = gateway(&a, "gw-a", "a", gw_a_ip, gw_b_ip);
     a.add_spec(spec).await.unwrap();
 
+    // Site c: a third registry (also under a's root, following a), a gateway, and a frontend:
+    // a's meshd must prefer the nearer of b and c, not spread over both.
+    let join = Some(("c".to_owned(), a.registry.data_dir.join("ca")));
+    let follow = format!(
+        "[follow]\nprimary = \"{}\"\ncredentials = \"{}\"",
+        a.registry.addr,
+        a.registry.data_dir.join("viewer").display()
+    );
+    let mut c = Cluster::new(RegistryOpts {
+        join,
+        extra: vec![follow],
+        ..RegistryOpts::default()
+    })
+    .await
+    .unwrap();
+    let gw_c_ip = IpAddr::V4(next_ip());
+    let spec = gateway(&c, "gw-c", "c", gw_c_ip, gw_a_ip);
+    c.add_spec(spec).await.unwrap();
+    let c_ip = next_ip();
+    let front_c = HttpApp::start(SocketAddr::new(c_ip.into(), 0), "front-c")
+        .await
+        .unwrap();
+    let mut spec = NodeSpec::new("apps-c", c.registry.token(&["frontend"], 1).unwrap());
+    spec.ip = c_ip.into();
+    spec.site = Some("c".to_owned());
+    spec.seeds = vec![c.nodes[0].spec.gossip_addr()];
+    spec.services = vec![ServiceSpec::new("frontend", front_c.addr).protocol("http")];
+    c.add_spec(spec).await.unwrap();
+
     // Site b: users (only here), frontend, and audit (not exported).
     let b_ip = next_ip();
     let users = HttpApp::start(SocketAddr::new(b_ip.into(), 0), "users-b")
@@ -176,12 +206,20 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     ];
     a.add_spec(spec).await.unwrap();
     let web_node = a.node("web-a");
-    // users: site b's instance, through b's one gateway; frontend: a's own and b's.
+    // users: site b's instance, through b's one gateway; frontend: a's own, b's and c's.
     web_node.wait_endpoints("default/users", 1).await.unwrap();
     web_node
-        .wait_endpoints("default/frontend", 2)
+        .wait_endpoints("default/frontend", 3)
         .await
         .unwrap();
+    // a's gateway measured how far b and c are; every meshd of a orders them by it.
+    let sites = eventually(WAIT, "a's meshd to know how far b and c are", || async {
+        let sites = web_node.sites().await.ok()?;
+        (sites.len() == 2 && sites.iter().all(|(_, rtt)| rtt.is_some())).then_some(sites)
+    })
+    .await
+    .unwrap();
+    let nearest = format!("front-{}", sites[0].0);
 
     // The callee sees the caller's own identity: the gateway passed the mTLS through.
     let resp = curl(&[&format!("http://{}/who", up(19201))]);
@@ -245,7 +283,7 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         "{replies:?}"
     );
 
-    // Site a drains its frontend: requests go to site b, none fails.
+    // Site a drains its frontend: requests go to the nearest other site only, none fails.
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (client, stop) = (client.clone(), stop.clone());
@@ -273,8 +311,27 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         failed.len(),
         replies.len()
     );
-    assert_eq!(replies.last().unwrap().1, "front-b", "{replies:?}");
     assert!(replies.iter().any(|(_, app)| app == "front-a"));
+    // Every request a did not serve went to the nearest site. Should the measured order have
+    // changed meanwhile (a loaded host can move a loopback median past the 1 ms floor), to
+    // the nearest before, then to the nearest after: never spread over both.
+    let after = a.node("web-a").sites().await.unwrap();
+    let then = format!("front-{}", after[0].0);
+    let away: Vec<&str> = (replies.iter())
+        .map(|(_, app)| app.as_str())
+        .filter(|app| *app != "front-a")
+        .collect();
+    let switch = away
+        .iter()
+        .position(|app| *app != nearest)
+        .unwrap_or(away.len());
+    assert!(
+        !away.is_empty() && away[switch..].iter().all(|app| *app == then),
+        "{sites:?} then {after:?}: {away:?}"
+    );
+    if then != nearest {
+        eprintln!("the measured order changed during the drain: {sites:?} then {after:?}");
+    }
 
     // A DENY for web's identity, applied at the primary, is enforced in site b.
     let deny = "[[resource]]\nkind = \"AuthorizationPolicy\"\nname = \"no-web\"\n\

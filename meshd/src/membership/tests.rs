@@ -129,3 +129,111 @@ fn remote_services_become_gateway_endpoints() {
     );
     assert_eq!(view.endpoints.len(), 1, "{:?}", view.endpoints.keys());
 }
+
+#[test]
+fn sites_are_ranked_by_the_median_distance_the_gateways_report() {
+    let reports = |v: &[(&str, &[u32])]| -> BTreeMap<String, Vec<u32>> {
+        v.iter()
+            .map(|(s, r)| ((*s).to_owned(), r.to_vec()))
+            .collect()
+    };
+    let names = |sites: &[RemoteSite]| sites.iter().map(|s| s.site.clone()).collect::<Vec<_>>();
+    for (name, present, reported, want) in [
+        (
+            "nobody measured: by name",
+            vec!["b", "a"],
+            reports(&[]),
+            vec!["a", "b"],
+        ),
+        (
+            "nearest first",
+            vec!["far", "near"],
+            reports(&[("far", &[9_000]), ("near", &[800])]),
+            vec!["near", "far"],
+        ),
+        (
+            "measured before unmeasured",
+            vec!["a", "z"],
+            reports(&[("z", &[50_000])]),
+            vec!["z", "a"],
+        ),
+        (
+            // One gateway's outlier does not move a site: the lower median of 3.
+            "median of the gateways",
+            vec!["x", "y"],
+            reports(&[("x", &[100, 9_000, 120]), ("y", &[500, 400, 600])]),
+            vec!["x", "y"],
+        ),
+        (
+            "distances of sites without instances are ignored",
+            vec!["a"],
+            reports(&[("gone", &[1])]),
+            vec!["a"],
+        ),
+    ] {
+        let got = rank_sites(present.iter().copied(), &reported);
+        assert_eq!(names(&got), want, "{name}");
+    }
+    let got = rank_sites(["x"], &reports(&[("x", &[300, 100])]));
+    assert_eq!(got[0].rtt_us, Some(100), "lower median of two");
+}
+
+#[test]
+fn remote_endpoints_carry_their_sites_rank() {
+    let info = gossip::encode(&NodeInfo {
+        v: gossip::VERSION,
+        inbound: SocketAddr::from(([127, 0, 0, 1], 1)),
+        datacenter: Label::new("dc1").unwrap(),
+        zone: Label::new("a").unwrap(),
+        site: Some(Label::new("west").unwrap()),
+        state: gossip::NodeState::Serving,
+    });
+    let remote = |gw: &str| {
+        gossip::encode(&RemoteService {
+            v: gossip::VERSION,
+            protocol: "http".into(),
+            subsets: vec![gossip::Subset {
+                labels: BTreeMap::new(),
+                healthy: 1,
+                total: 1,
+            }],
+            gateways: vec![gw.parse().unwrap()],
+        })
+    };
+    let rtt = |us: u32| {
+        gossip::encode(&gossip::SiteDistance {
+            v: gossip::VERSION,
+            rtt_us: us,
+        })
+    };
+    let (east, north) = (remote("10.2.0.1:15443"), remote("10.3.0.1:15443"));
+    let (near, far) = (rtt(900), rtt(40_000));
+    let nodes: BTreeMap<_, _> = [
+        node(
+            "gw-a",
+            &[
+                ("node", &info),
+                ("remote/east/bank/users", &east),
+                ("remote/north/bank/users", &north),
+                ("rtt/east", &far),
+                ("rtt/north", &near),
+                ("rtt/Bad", &near),
+                ("rtt/south", "{"),
+            ],
+        ),
+        // A node without readable info is not trusted with distances either.
+        node("gw-x", &[("node", "garbage"), ("rtt/east", &rtt(1))]),
+    ]
+    .into_iter()
+    .collect();
+    let view = build_view(&nodes, &DenyList::default(), None);
+    let ranked: Vec<_> = (view.sites.iter())
+        .map(|s| (s.site.as_str(), s.rtt_us))
+        .collect();
+    assert_eq!(ranked, [("north", Some(900)), ("east", Some(40_000))]);
+    let users = &view.endpoints[&ServiceKey::parse("bank/users").unwrap()];
+    for ep in users {
+        let want = if ep.site == "north" { 0 } else { 1 };
+        assert_eq!(ep.site_rank, want, "{ep:?}");
+    }
+}

@@ -21,7 +21,7 @@ use super::accept::{Stops, accept_loop};
 use super::balance::Target;
 use super::copy;
 use super::endpoints::MAX_CONNECT_ATTEMPTS;
-use super::gateway::accept::peek_sni;
+use super::gateway::accept::{NoHello, peek_sni};
 use super::metrics::{Direction, OneService};
 use super::shared::Shared;
 use crate::config::east_west::EastWestConfig;
@@ -194,7 +194,11 @@ pub async fn serve(
 async fn connection(s: &Serving, mut tcp: TcpStream, peer: SocketAddr) {
     let sni = match peek_sni(&tcp, s.config.hello_timeout).await {
         Ok(sni) => sni,
-        Err(why) => return refuse(&s.shared, &tcp, peer, &Refusal::NotTls(why)),
+        // Another site's gateway timing the handshake (wan::distance): nothing to refuse.
+        Err(NoHello::Closed) => {
+            return debug!(src.addr = %peer, "east-west: closed before a ClientHello (a probe)");
+        }
+        Err(why) => return refuse(&s.shared, &tcp, peer, &Refusal::NotTls(why.to_string())),
     };
     let exports = s.exports.borrow().clone();
     let svc = match admit(sni.as_deref(), &s.site, &exports) {

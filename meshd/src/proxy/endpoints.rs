@@ -97,7 +97,10 @@ pub fn order(
     let locality = ask.policy.map_or(&DEFAULT, |p| &p.locality);
     let tier_of =
         |t: &Target| locality::tier(&t.endpoint, ask.datacenter, ask.zone, &locality.sites);
-    let mut counts = vec![locality::Count::default(); locality::tiers(locality)];
+    let max_rank = (targets.iter().map(|t| t.endpoint.site_rank))
+        .max()
+        .unwrap_or(0);
+    let mut counts = vec![locality::Count::default(); locality::tiers(locality, max_rank)];
     for t in targets.iter().filter(|t| in_subset(t)) {
         let c = &mut counts[tier_of(t)];
         c.total += 1;

@@ -1,6 +1,7 @@
 //! Locality-aware routing as explicit rules: how far an endpoint is from the caller (its zone,
 //! its datacenter, the rest of its site, then other sites — those the policy names, in its
-//! order, then the rest together) and which share of new connections or
+//! order, then the rest nearest first by the round trip this site's east-west gateways
+//! measure, each its own tier) and which share of new connections or
 //! requests each of those tiers takes. A tier keeps all of its traffic while at least the
 //! failover threshold of its endpoints is healthy; below, it keeps `healthy / threshold` of it
 //! and the rest spills to the next tier, proportionally (so losing half a zone moves a part of
@@ -11,12 +12,14 @@ use mesh_api::policy::Locality;
 
 use crate::membership::Endpoint;
 
-/// Zone, datacenter, site, and other sites when the policy names none.
+/// Zone, datacenter, site, and the nearest other site when the policy names none.
 pub const TIERS: usize = 4;
 
-/// How many tiers `locality` has: [`TIERS`], plus one per site it names.
-pub fn tiers(locality: &Locality) -> usize {
-    TIERS + locality.sites.len()
+/// How many tiers `locality` has for endpoints whose farthest site has place `max_rank` among
+/// the other sites: [`TIERS`], plus one per site the policy names, plus one per site after the
+/// nearest.
+pub fn tiers(locality: &Locality, max_rank: u16) -> usize {
+    TIERS + locality.sites.len() + usize::from(max_rank)
 }
 
 /// Shares are counted in parts of this.
@@ -24,11 +27,12 @@ pub const WHOLE: u32 = 10_000;
 
 /// How far `ep` is from a caller in `datacenter`/`zone`: 0 its zone, 1 its datacenter, 2
 /// elsewhere in its site; then another site (reached through that site's east-west gateway):
-/// 3 + the site's place in `sites`, or 3 + `sites.len()` for a site not named.
+/// 3 + the site's place in `sites`, or, for a site not named, 3 + `sites.len()` + its place
+/// by distance (`ep.site_rank`; the places of named sites stay as empty tiers).
 pub fn tier(ep: &Endpoint, datacenter: &str, zone: &str, sites: &[mesh_api::Label]) -> usize {
     if ep.sni.is_some() {
         let named = sites.iter().position(|s| s.as_str() == ep.site);
-        return 3 + named.unwrap_or(sites.len());
+        return 3 + named.unwrap_or(sites.len() + usize::from(ep.site_rank));
     }
     match (ep.datacenter == datacenter, ep.zone == zone) {
         (true, true) => 0,

@@ -46,6 +46,7 @@ fn ep(node: &str, labels: &[(&str, &str)], healthy: bool, sni: Option<&str>) -> 
         zone: "a".to_owned(),
         site: "east".to_owned(),
         sni: sni.map(str::to_owned),
+        site_rank: 0,
         labels: labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -62,6 +63,7 @@ fn summary_counts_this_sites_instances_of_exported_services() {
     let exports = Exports::new(&Snapshot::new(1, parse_file("e.toml", text).unwrap()));
     let view = MeshView {
         members: Vec::new(),
+        sites: Vec::new(),
         endpoints: [
             (
                 ServiceKey::parse("bank/users").unwrap(),
@@ -196,4 +198,53 @@ fn other_sites_services_with_their_gateways() {
     assert_eq!(keys, ["west/bank/users", "west/shop/cart"]);
     let lan = remote_keys(&r);
     assert!(lan.contains_key("remote/west/bank/users"), "{lan:?}");
+    // The gateways to measure, seen from west: east's two and north's one (a gateway whose
+    // site exports nothing is still a gateway); the one without node info is not.
+    let g = gateways_by_site(&members, &label("west"));
+    let sites: Vec<(String, usize)> = (g.iter()).map(|(s, v)| (s.to_string(), v.len())).collect();
+    assert_eq!(sites, [("east".to_owned(), 2), ("north".to_owned(), 1)]);
+}
+
+#[test]
+fn the_key_file_is_read_again_and_a_bad_one_keeps_the_keyring() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wan.key");
+    let (a, b) = (GossipKey::generate(), GossipKey::generate());
+    std::fs::write(&path, format!("{}\n", a.to_base64())).unwrap();
+    let mut last = std::fs::read_to_string(&path).unwrap();
+    let (tx, rx) = watch::channel(Arc::new(keyring_from_file(&path).unwrap()));
+    assert_eq!(
+        check_key_file(&path, &mut last, &tx),
+        KeyFileCheck::Unchanged
+    );
+    // Rotation, step one: the new key second.
+    std::fs::write(&path, format!("{}\n{}\n", a.to_base64(), b.to_base64())).unwrap();
+    assert_eq!(check_key_file(&path, &mut last, &tx), KeyFileCheck::Rotated);
+    assert_eq!(rx.borrow().primary().to_base64(), a.to_base64());
+    // A broken write: refused once, naming the file and line; the keyring stays.
+    std::fs::write(&path, "not base64!\n").unwrap();
+    let KeyFileCheck::Refused(why) = check_key_file(&path, &mut last, &tx) else {
+        panic!("a bad file is refused");
+    };
+    assert!(why.contains("wan.key") && why.contains("line 1"), "{why}");
+    assert_eq!(
+        check_key_file(&path, &mut last, &tx),
+        KeyFileCheck::Unchanged
+    );
+    assert_eq!(rx.borrow().primary().to_base64(), a.to_base64());
+    // Step two: the new key first.
+    std::fs::write(&path, format!("{}\n{}\n", b.to_base64(), a.to_base64())).unwrap();
+    assert_eq!(check_key_file(&path, &mut last, &tx), KeyFileCheck::Rotated);
+    assert_eq!(rx.borrow().primary().to_base64(), b.to_base64());
+    // Gone: said once, the keyring stays.
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        check_key_file(&path, &mut last, &tx),
+        KeyFileCheck::Refused(_)
+    ));
+    assert_eq!(
+        check_key_file(&path, &mut last, &tx),
+        KeyFileCheck::Unchanged
+    );
+    assert_eq!(rx.borrow().primary().to_base64(), b.to_base64());
 }

@@ -16,6 +16,7 @@ fn ep(port: u16, dc: &str, zone: &str, labels: &[(&str, &str)]) -> Endpoint {
         draining: false,
         site: String::new(),
         sni: None,
+        site_rank: 0,
     }
 }
 

@@ -25,12 +25,14 @@ fn ep(port: u16) -> Endpoint {
         draining: false,
         site: String::new(),
         sni: None,
+        site_rank: 0,
     }
 }
 
 fn view(services: &[(&str, &[u16])]) -> Arc<MeshView> {
     Arc::new(MeshView {
         members: Vec::new(),
+        sites: Vec::new(),
         endpoints: (services.iter())
             .map(|(name, ports)| (key(name), ports.iter().map(|p| ep(*p)).collect()))
             .collect(),

@@ -57,6 +57,7 @@ fn target(port: u16, dc: &str, zone: &str) -> Target {
             zone: zone.to_owned(),
             site: "east".to_owned(),
             sni: None,
+            site_rank: 0,
             labels: BTreeMap::new(),
             protocol: Protocol::Tcp,
             healthy: true,

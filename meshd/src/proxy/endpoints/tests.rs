@@ -24,6 +24,7 @@ fn target(port: u16, dc: &str, zone: &str) -> Target {
             draining: false,
             site: String::new(),
             sni: None,
+            site_rank: 0,
         },
         state: Arc::new(EndpointState::default()),
     }
@@ -331,6 +332,49 @@ fn named_sites_in_their_order_then_the_others() {
     down[1].endpoint.healthy = false;
     let got = order(&down, &ask(Some(&p)), now, 0, never);
     assert_eq!(ports(&down, &got), [3, 1]);
+}
+
+#[test]
+fn unnamed_sites_nearest_first() {
+    let now = Instant::now();
+    // As build_view ranks them: west 0 (nearest), east 1, north 2.
+    let in_site = |port: u16, site: &str, rank: u16| {
+        let mut t = remote(port);
+        t.endpoint.site = site.to_owned();
+        t.endpoint.site_rank = rank;
+        t
+    };
+    let targets = || {
+        [
+            in_site(1, "east", 1),
+            in_site(2, "west", 0),
+            in_site(3, "north", 2),
+            in_site(4, "west", 0),
+        ]
+    };
+    let never = &mut |_: usize| unreachable!();
+    let mut p = policy(LoadBalancer::RoundRobin, true, true);
+    let all = targets();
+    for cursor in 0..4 {
+        let got = order(&all, &ask(Some(&p)), now, cursor, never);
+        let first = all[got[0]].endpoint.site.as_str();
+        assert_eq!(
+            first, "west",
+            "cursor {cursor}: the nearest site takes it all"
+        );
+        // Then by distance, up to MAX_CONNECT_ATTEMPTS.
+        assert_eq!(ports(&all, &got[2..]), [1]);
+    }
+    // The nearest gone: the next nearest, not any other.
+    let mut down = targets();
+    down[1].endpoint.healthy = false;
+    down[3].endpoint.draining = true;
+    let got = order(&down, &ask(Some(&p)), now, 0, never);
+    assert_eq!(ports(&down, &got), [1, 3]);
+    // A named site goes before the nearest; the unnamed ones keep their distance order.
+    p.locality.sites = vec![Label::new("north").unwrap()];
+    let got = order(&all, &ask(Some(&p)), now, 0, never);
+    assert_eq!(ports(&all, &got), [3, 2, 4]);
 }
 
 /// Up to 8 targets across two datacenters and two zones of this site and another site, each possibly unhealthy, draining,

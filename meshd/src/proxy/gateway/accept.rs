@@ -143,17 +143,35 @@ async fn relay(tcp: TcpStream, client: SocketAddr, l: &Listening) {
     .await;
 }
 
+/// Why a connection gave no server name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NoHello {
+    /// Closed before sending a byte: a TCP health check, or another site's distance probe.
+    Closed,
+    /// Not TLS, too slow, or an I/O error.
+    Bad(String),
+}
+
+impl std::fmt::Display for NoHello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed before a ClientHello"),
+            Self::Bad(why) => f.write_str(why),
+        }
+    }
+}
+
 /// The SNI of the connection's ClientHello, read without consuming it, within `limit`.
-pub(crate) async fn peek_sni(tcp: &TcpStream, limit: Duration) -> Result<Option<String>, String> {
+pub(crate) async fn peek_sni(tcp: &TcpStream, limit: Duration) -> Result<Option<String>, NoHello> {
     let read = async {
         let mut buf = vec![0u8; sni::MAX_HELLO];
         let mut seen = 0;
         loop {
-            let n = tcp.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            let n = (tcp.peek(&mut buf).await).map_err(|e| NoHello::Bad(e.to_string()))?;
             match sni::client_hello(&buf[..n]) {
                 Hello::Sni(host) => return Ok(host),
-                Hello::NotTls(why) => return Err(why.to_owned()),
-                Hello::Incomplete if n == 0 => return Err("closed before a ClientHello".to_owned()),
+                Hello::NotTls(why) => return Err(NoHello::Bad(why.to_owned())),
+                Hello::Incomplete if n == 0 => return Err(NoHello::Closed),
                 Hello::Incomplete if n == seen => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -163,7 +181,7 @@ pub(crate) async fn peek_sni(tcp: &TcpStream, limit: Duration) -> Result<Option<
     };
     tokio::time::timeout(limit, read)
         .await
-        .unwrap_or_else(|_| Err(format!("no ClientHello within {limit:?}")))
+        .unwrap_or_else(|_| Err(NoHello::Bad(format!("no ClientHello within {limit:?}"))))
 }
 
 /// Counts a connection the gateway refuses and resets it.

@@ -188,11 +188,7 @@ fn edges_to_another_site_are_their_own(store: &dyn Store) {
         )
         .unwrap();
     store
-        .record_report(
-            &report("n2", 2),
-            MINUTE,
-            &[(to_b, traffic(1, 0, &[1]))],
-        )
+        .record_report(&report("n2", 2), MINUTE, &[(to_b, traffic(1, 0, &[1]))])
         .unwrap();
     let all: Vec<_> = (store.edge_minutes(MINUTE).unwrap().into_iter())
         .map(|m| (m.edge.destination_site, m.traffic))

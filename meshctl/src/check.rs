@@ -76,6 +76,8 @@ pub enum Check {
     Slos,
     /// A secondary site's registry following the primary for policy.
     Follow,
+    /// Importing the other sites' revocations (`[[peers]]`).
+    Peers,
 }
 
 /// The outcome of one check: a one-line summary and, when not ok, one line per culprit.
@@ -142,6 +144,7 @@ impl Check {
             Self::Policies => "policies",
             Self::Slos => "slos",
             Self::Follow => "follow",
+            Self::Peers => "peers",
         }
     }
 }
@@ -229,6 +232,9 @@ pub fn evaluate(inputs: &CheckInputs, now: SystemTime, t: &Thresholds) -> Vec<Fi
         if let Some(f) = &reports.follow {
             out.push(follow(f, now_unix));
         }
+        if !reports.peers.is_empty() {
+            out.push(peers(&reports.peers, now_unix));
+        }
     }
     if let Ok(resources) = &inputs.resources {
         out.push(policies(resources));
@@ -268,6 +274,59 @@ fn follow(f: &pb::FollowStatus, now_unix: i64) -> Finding {
         ),
     };
     Finding::new(Check::Follow, severity, summary).with(error.into_iter().collect())
+}
+
+/// Importing the other sites' revocations: ok while every watch is open, a warning for a site
+/// cut off (what it revoked up to then stays refused here, nothing since), a failure for a site
+/// never imported (nothing it revokes is refused here).
+fn peers(peers: &[pb::PeerStatus], now_unix: i64) -> Finding {
+    let ago = |t: i64| ms(u64::try_from(now_unix.saturating_sub(t)).unwrap_or(0) * 1000);
+    let mut worst = Severity::Ok;
+    let mut details = Vec::new();
+    for p in peers {
+        let error = if p.error.is_empty() {
+            String::new()
+        } else {
+            format!(" (last error: {})", p.error)
+        };
+        let (severity, line) = match (p.connected, p.imported_unix) {
+            (true, _) => continue,
+            (false, 0) => (
+                Severity::Fail,
+                format!(
+                    "site {}: never imported from {}: nothing it revokes is refused here{error}",
+                    p.site, p.address
+                ),
+            ),
+            (false, at) => (
+                Severity::Warn,
+                format!(
+                    "site {}: cut off from {} for {}: what it revoked until {} ago stays refused, \
+                     nothing since{error}",
+                    p.site,
+                    p.address,
+                    ago(p.since_unix),
+                    ago(at)
+                ),
+            ),
+        };
+        worst = worst.max(severity);
+        details.push(line);
+    }
+    let sites: Vec<&str> = peers.iter().map(|p| p.site.as_str()).collect();
+    let summary = if details.is_empty() {
+        format!(
+            "imports the revocations of site {}: current",
+            sites.join(", ")
+        )
+    } else {
+        format!(
+            "{} of {} sites' revocations are not current here",
+            details.len(),
+            peers.len()
+        )
+    };
+    Finding::new(Check::Peers, worst, summary).with(details)
 }
 
 /// 0 when every finding is ok, 1 when any failed, 2 when the worst is a warning.

@@ -196,6 +196,8 @@ struct Inner {
     reports: observe::ReportQuota,
     /// How this registry follows a primary (a secondary site's), for `GetNodeReports`.
     follow: follow::Status,
+    /// Importing the `[[peers]]`' revocations.
+    peers: follow::PeerStatuses,
     /// Becomes `true` when the registry drains; watch streams end then.
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -282,6 +284,7 @@ impl RegistryApi {
                 revocations,
                 reports: observe::ReportQuota::default(),
                 follow: follow::Status::default(),
+                peers: follow::PeerStatuses::default(),
                 shutdown,
             }),
         })

@@ -350,6 +350,10 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
         out.contains(&format!("follows {} for policy", a.registry.addr)),
         "{out}"
     );
+    assert!(
+        out.contains("imports the revocations of site a: current"),
+        "{out}"
+    );
 
     // The gateway passes on only exported services of its own site.
     let gw_b = SocketAddr::new(gw_b_ip, EAST_WEST_PORT);
@@ -394,11 +398,16 @@ async fn services_reach_another_site_through_gateways_that_never_decrypt() {
     let cut = eventually(WAIT, "b to notice the primary is gone", || async {
         let check = b.registry.meshctl(&["check"]).ok()?;
         let out = String::from_utf8_lossy(&check.stdout).into_owned();
-        out.contains("cut off from").then_some(out)
+        (out.contains("follow") && out.contains("cut off from") && out.contains("site a: cut off"))
+            .then_some(out)
     })
     .await
     .unwrap();
     assert!(cut.contains("this site enforces its revision"), "{cut}");
+    assert!(
+        cut.contains("what it revoked until") && cut.contains("stays refused"),
+        "{cut}"
+    );
     let before = b
         .node("apps-b")
         .metric_or_zero("meshd_rejected_connections_total", &revoked)

@@ -226,6 +226,32 @@ pub struct NodeReportsResponse {
     /// Set when this registry is a secondary site's and follows a primary for policy.
     #[prost(message, optional, tag = "6")]
     pub follow: ::core::option::Option<FollowStatus>,
+    /// One per `\[[peers]\]` entry: importing that site's revocations.
+    #[prost(message, repeated, tag = "7")]
+    pub peers: ::prost::alloc::vec::Vec<PeerStatus>,
+}
+/// How a registry imports another site's revocations (`\[[peers]\]`).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PeerStatus {
+    /// The other site.
+    #[prost(string, tag = "1")]
+    pub site: ::prost::alloc::string::String,
+    /// Its registry, host:port.
+    #[prost(string, tag = "2")]
+    pub address: ::prost::alloc::string::String,
+    /// Whether the watch of its registry is open now.
+    #[prost(bool, tag = "3")]
+    pub connected: bool,
+    /// When the state last changed between connected and not (Unix seconds; 0: never connected).
+    #[prost(int64, tag = "4")]
+    pub since_unix: i64,
+    /// When its revocations were last read whole (Unix seconds; 0: never): what this site
+    /// enforces of them is as of then.
+    #[prost(int64, tag = "5")]
+    pub imported_unix: i64,
+    /// Why the last watch ended; empty when none.
+    #[prost(string, tag = "6")]
+    pub error: ::prost::alloc::string::String,
 }
 /// How a secondary site's registry follows the primary's policy.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

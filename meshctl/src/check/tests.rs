@@ -122,6 +122,7 @@ fn healthy() -> CheckInputs {
                 ca_cert("intermediate", NOW + 200 * DAY),
             ],
             follow: None,
+            peers: Vec::new(),
         }),
         resources: Ok(vec![
             resource("AuthorizationPolicy", "allow-web", "{}"),
@@ -917,4 +918,37 @@ fn a_follower_is_ok_connected_warned_cut_off_failed_empty() {
     assert_eq!(f.details, ["last error: transport error"]);
     let f = follow(&status(false, 0, now - 5, "refused"), now);
     assert_eq!(f.severity, Severity::Fail);
+}
+
+#[test]
+fn peers_are_ok_connected_warned_cut_off_failed_never_imported() {
+    let now = 1_000_000;
+    let peer = |site: &str, connected, since_unix, imported_unix, error: &str| pb::PeerStatus {
+        site: site.to_owned(),
+        address: format!("reg-{site}:7700"),
+        connected,
+        since_unix,
+        imported_unix,
+        error: error.to_owned(),
+    };
+    let f = peers(&[peer("b", true, now - 60, now - 1, "")], now);
+    assert_eq!(f.severity, Severity::Ok);
+    assert_eq!(f.summary, "imports the revocations of site b: current");
+    let all = [
+        peer("b", true, now - 60, now - 1, ""),
+        peer("c", false, now - 200, now - 230, "transport error"),
+    ];
+    let f = peers(&all, now);
+    assert_eq!(f.severity, Severity::Warn);
+    assert_eq!(f.summary, "1 of 2 sites' revocations are not current here");
+    assert_eq!(
+        f.details,
+        [
+            "site c: cut off from reg-c:7700 for 3m20s: what it revoked until 3m50s ago stays \
+          refused, nothing since (last error: transport error)"
+        ]
+    );
+    let f = peers(&[peer("d", false, now - 5, 0, "refused")], now);
+    assert_eq!(f.severity, Severity::Fail);
+    assert!(f.details[0].contains("never imported"), "{:?}", f.details);
 }

@@ -171,6 +171,52 @@ impl Status {
     }
 }
 
+/// What `GetNodeReports` says about importing the peers' revocations, by site.
+#[derive(Debug, Default)]
+pub(super) struct PeerStatuses(Mutex<BTreeMap<String, pb::PeerStatus>>);
+
+impl PeerStatuses {
+    pub(super) fn get(&self) -> Vec<pb::PeerStatus> {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.values().cloned().collect()
+    }
+
+    fn update(&self, peer: &PeerConfig, f: impl FnOnce(&mut pb::PeerStatus)) {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = all
+            .entry(peer.site.to_string())
+            .or_insert_with(|| pb::PeerStatus {
+                site: peer.site.to_string(),
+                address: peer.address.clone(),
+                ..Default::default()
+            });
+        f(s);
+    }
+
+    /// Records a change between connected and not.
+    fn connected(&self, peer: &PeerConfig, connected: bool, error: Option<String>) {
+        self.update(peer, |s| {
+            if s.connected != connected || s.since_unix == 0 {
+                s.since_unix = unix(SystemTime::now());
+            }
+            s.connected = connected;
+            match error {
+                Some(e) => s.error = e,
+                None => s.error.clear(),
+            }
+        });
+    }
+}
+
+/// Waits `backoff`'s next delay before a watch is opened again; `false` when shutdown came
+/// first.
+async fn pause(shutdown: &mut tokio::sync::watch::Receiver<bool>, backoff: &mut Backoff) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(backoff.next_delay()) => true,
+        _ = mesh_runtime::drain::until_true(shutdown) => false,
+    }
+}
+
 impl RegistryApi {
     /// Follows `cfg.primary` until shutdown: watch, apply each revision, reconnect with backoff.
     pub async fn follow(self, cfg: FollowConfig) {
@@ -186,10 +232,8 @@ impl RegistryApi {
             };
             warn!(primary = %cfg.primary, error = %ended, revision = mirror.revision, "following the primary: watch ended; this site keeps enforcing what it has");
             status.connected(false, Some(ended));
-            let delay = backoff.next_delay();
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+            if !pause(&mut shutdown, &mut backoff).await {
+                return;
             }
         }
     }
@@ -322,16 +366,16 @@ impl RegistryApi {
         let mut shutdown = self.inner.shutdown.clone();
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
         let mut imported: Option<String> = None;
+        self.inner.peers.update(&peer, |_| {});
         loop {
             let ended = tokio::select! {
                 e = self.import_once(&peer, &mut imported, &mut backoff) => e,
                 _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
             };
             warn!(site = %peer.site, registry = %peer.address, error = %ended, "importing revocations: watch ended; the last imported stay in force");
-            let delay = backoff.next_delay();
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = mesh_runtime::drain::until_true(&mut shutdown) => return,
+            self.inner.peers.connected(&peer, false, Some(ended));
+            if !pause(&mut shutdown, &mut backoff).await {
+                return;
             }
         }
     }
@@ -361,6 +405,7 @@ impl RegistryApi {
                 continue;
             };
             if imported.as_deref() == Some(spec.as_str()) {
+                self.read_whole(peer);
                 continue;
             }
             let name = key.name.to_string();
@@ -385,7 +430,15 @@ impl RegistryApi {
             }
             info!(site = %peer.site, "imported the site's revocations");
             *imported = Some(spec);
+            self.read_whole(peer);
         }
+    }
+
+    /// `peer`'s revocations, as this registry holds them, are its current ones.
+    fn read_whole(&self, peer: &PeerConfig) {
+        self.inner.peers.connected(peer, true, None);
+        let now = unix(SystemTime::now());
+        self.inner.peers.update(peer, |s| s.imported_unix = now);
     }
 
     /// Stores one change through the policy hub (watchers notified).

@@ -267,6 +267,7 @@ impl RegistryApi {
                 })
                 .collect(),
             follow: self.inner.follow.get(),
+            peers: self.inner.peers.get(),
         })
     }
 }

@@ -138,7 +138,8 @@ struct RawPeer {
     credentials: Option<String>,
 }
 
-/// `[[peers]]`: another site's registry whose revocations this site enforces.
+/// `[[peers]]`: another site's registry whose revocations this site enforces (and whose site
+/// the topology keeps edges to).
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerConfig {
     /// That site's name (a label): its revocations are stored as `Revocation/mesh-system/site-<site>`.

@@ -38,6 +38,8 @@
 #                            digests at that size (with protocol V0 they no longer fit one sealed
 #                            datagram, the size limit of meshd gossip; with V1 they do)
 #   SEED [1]                 seed of the random choices
+#   BOOT_SPREAD [""]         nodes start within this (default: one gossip interval); 5s matches
+#                            bench/gossip_real.sh at 100 nodes (it starts 20 meshd per second)
 set -euo pipefail
 export LC_ALL=C
 
@@ -109,7 +111,7 @@ run_one() { # label N extra-args...
   RUST_BACKTRACE=0 "$BIN" run --nodes "$n" --gossip-interval "$GOSSIP_INTERVAL" --reps "$reps" \
     --death-reps "$death" --window "$window" --converge-timeout "$CONVERGE_TIMEOUT" \
     --max-rss-mb "$MAX_RSS_MB" --max-wall "$MAX_WALL" --seed "$SEED" \
-    --json "$TMP/$label.json" "$@" 2> >(tee "$TMP/$label.log" >&2) &
+    ${BOOT_SPREAD:+--boot-spread "$BOOT_SPREAD"} --json "$TMP/$label.json" "$@" 2> >(tee "$TMP/$label.log" >&2) &
   RUN_PID=$!
   local rc=0
   wait "$RUN_PID" || rc=$?

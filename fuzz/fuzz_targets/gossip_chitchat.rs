@@ -1,12 +1,12 @@
 //! What chitchat decodes after `open`: the input is an opened gossip message (the plaintext of
 //! an authentic datagram, so it tests a peer holding the key). It is sealed and sent over UDP to
-//! a real `SealedTransport` socket on 127.0.0.1, which opens it and decodes it through its
-//! chitchat codec exactly as meshd does.
+//! a real `SealedTransport` socket on 127.0.0.1, which opens it and decodes it with chitchat's
+//! own wire format exactly as meshd does.
 //!
 //! Invariants: never panics or wedges the socket; one that does not decode is counted as
 //! `undecodable` and nothing else; a message without a delta that decodes, re-encoded by the
-//! same transport and decoded again, gives the same envelope and the same bytes (the codec
-//! is a fixed point; see below why deltas are left out).
+//! same transport and decoded again, gives the same envelope and the same bytes (encoding is
+//! a fixed point; see below why deltas are left out).
 
 #![no_main]
 
@@ -45,7 +45,7 @@ struct Io {
     sealer: Sealer,
     /// The peer's replay state for what the socket under test sends.
     opener: Opener,
-    /// The transport's socket under test (meshd's sealed socket with its chitchat codec).
+    /// The transport's socket under test (meshd's sealed socket).
     sealed: Box<dyn Socket>,
     sealed_addr: SocketAddr,
     /// Plays the peer: sends sealed datagrams and receives what `sealed` sends.
@@ -155,8 +155,6 @@ impl Io {
             n => panic!("{n} datagrams dropped as undecodable for one message"),
         };
         for reason in [
-            DropReason::CodecFailed,
-            DropReason::CodecInjected,
             DropReason::Malformed,
             DropReason::AuthenticationFailed,
             DropReason::Replayed,

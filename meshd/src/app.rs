@@ -23,8 +23,6 @@ use crate::identity::{self, Manager};
 use crate::membership::Membership;
 use crate::proxy::{self, listeners};
 use crate::reload::{self, Reloader};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -338,13 +336,8 @@ impl Node {
         self.tasks
             .spawn(keys_task.instrument(info_span!("gossip_keys")));
         let stats = Arc::new(SealStats::default());
-        self.tasks.spawn(export_seal_stats(
-            stats.clone(),
-            gossip.seal_dropped.clone(),
-            gossip.seal_opened.clone(),
-            config.gossip.interval,
-            shutdown_rx.clone(),
-        ));
+        self.tasks
+            .spawn(gossip.export(stats.clone(), config.gossip.interval, shutdown_rx.clone()));
         let transport =
             SealedTransport::new(keyring_rx, stats).legacy_peers(config.gossip.legacy_peers);
         let auth = crate::membership::Auth {
@@ -547,18 +540,7 @@ struct Metrics {
     policy: discovery::Metrics,
     reload: reload::Metrics,
     trace: crate::trace::Metrics,
-    gossip: GossipMetrics,
-}
-
-/// The gossip layer's metrics, registered here (its parts are plain atomics or the chitchat
-/// fork's counters).
-struct GossipMetrics {
-    members: Gauge<i64>,
-    keyring_revision: Gauge<i64>,
-    seal_dropped: Family<SealDropLabels, Counter>,
-    states_refused: Counter,
-    nodes_refused: Counter,
-    seal_opened: Counter,
+    gossip: crate::gossip_metrics::GossipMetrics,
 }
 
 impl Metrics {
@@ -568,55 +550,11 @@ impl Metrics {
             identity: identity::Metrics::new(&mut registry),
             proxy: proxy::Metrics::new(&mut registry),
             policy: discovery::Metrics::new(&mut registry),
-            gossip: GossipMetrics::new(&mut registry),
+            gossip: crate::gossip_metrics::GossipMetrics::new(&mut registry),
             reload: reload::Metrics::new(&mut registry),
             trace: crate::trace::Metrics::new(&mut registry),
             registry,
         }
-    }
-}
-
-impl GossipMetrics {
-    fn new(registry: &mut Registry) -> GossipMetrics {
-        let m = GossipMetrics {
-            members: Gauge::default(),
-            keyring_revision: Gauge::default(),
-            seal_dropped: Family::default(),
-            states_refused: Counter::default(),
-            nodes_refused: Counter::default(),
-            seal_opened: Counter::default(),
-        };
-        registry.register(
-            "meshd_gossip_members",
-            "Live members in this node's gossip view",
-            m.members.clone(),
-        );
-        registry.register(
-            "meshd_gossip_keyring_revision",
-            "Revision of the gossip keyring this node seals and opens with",
-            m.keyring_revision.clone(),
-        );
-        registry.register(
-            "meshd_gossip_datagrams_dropped",
-            "Gossip datagrams dropped: not sealed with a key of the keyring, tampered, malformed or too large",
-            m.seal_dropped.clone(),
-        );
-        registry.register(
-            "meshd_gossip_states_refused",
-            "Gossip states of other nodes not used: unsigned, not signed by the node they are about, tampered or over the size caps",
-            m.states_refused.clone(),
-        );
-        registry.register(
-            "meshd_gossip_nodes_refused",
-            "New node ids kept out of the gossip table: not a node name, a removed node, or the table's digest at its bound",
-            m.nodes_refused.clone(),
-        );
-        registry.register(
-            "meshd_gossip_datagrams_opened",
-            "Gossip datagrams that were authentic and decoded",
-            m.seal_opened.clone(),
-        );
-        m
     }
 }
 
@@ -722,14 +660,6 @@ impl Bound {
     }
 }
 
-/// Labels of `meshd_gossip_datagrams_dropped_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct SealDropLabels {
-    reason: &'static str,
-}
-
-/// Copies the sealed transport's counters into the metrics registry once per gossip round
-/// (they are plain atomics on the datagram path).
 /// What this site exports, compiled once per policy snapshot.
 fn compile_exports(
     mut policy_rx: watch::Receiver<Arc<mesh_api::policy::Snapshot>>,
@@ -754,43 +684,6 @@ fn compile_exports(
         }
     });
     rx
-}
-
-async fn export_seal_stats(
-    stats: Arc<SealStats>,
-    dropped: Family<SealDropLabels, Counter>,
-    opened: Counter,
-    every: std::time::Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_opened = 0;
-    let mut last_dropped = std::collections::HashMap::new();
-    // Every reason from the first scrape, at zero: "none dropped" is a visible 0, not a gap.
-    for (reason, _) in stats.drops() {
-        let _ = dropped.get_or_create(&SealDropLabels {
-            reason: reason.as_str(),
-        });
-    }
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = drain::until_true(&mut shutdown) => return,
-        }
-        let now = stats.opened();
-        opened.inc_by(now.saturating_sub(last_opened));
-        last_opened = now;
-        for (reason, n) in stats.drops() {
-            let before = last_dropped.insert(reason.as_str(), n).unwrap_or(0);
-            if n > before {
-                (dropped.get_or_create(&SealDropLabels {
-                    reason: reason.as_str(),
-                }))
-                .inc_by(n - before);
-            }
-        }
-    }
 }
 
 /// The tracer's settings from `[tracing]` (validated by the config already).

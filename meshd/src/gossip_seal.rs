@@ -120,14 +120,20 @@
 //! outgrown UDP gossip. (Messages that size travel as ~45 IP fragments and die with any one of
 //! them, with or without sealing.)
 //!
-//! # chitchat 0.13 has no public message codec
+//! # The message codec
 //!
-//! `ChitchatEnvelope::serialize`/`deserialize` are `pub(crate)` in 0.13, `ChitchatMessage` does
-//! not implement the public `Serializable`/`Deserializable`, and the `Digest` inside SYN and
-//! SYN-ACK can neither be encoded nor built outside the crate. The only public code that turns an
-//! envelope into bytes and back is chitchat's own `transport::UdpSocket`, so each sealed socket
-//! runs one privately on 127.0.0.1 as its codec (see `socket::Codec`). Once chitchat exposes the
-//! envelope codec again, `Codec` becomes two function calls and nothing else here changes.
+//! chitchat 0.13 keeps `ChitchatEnvelope::serialize`/`deserialize` crate-private; the fork in
+//! `third_party/chitchat` makes `serialize_to_vec` and `deserialize` public (an upstream-ready
+//! change), and the sealed socket calls them. Until session 14 it borrowed chitchat's own UDP
+//! socket on 127.0.0.1 as its codec instead: every message crossed loopback once more on each
+//! side (plus a marker datagram per receive), which tripled what a loopback capture counted for
+//! gossip and cost four system calls per message.
+//!
+//! # Traffic by message kind
+//!
+//! [`SealStats`] counts datagrams and their bytes on the wire (sealed UDP payload) per
+//! [`MessageKind`], sent and received: `meshd_gossip_traffic_datagrams_total{direction,kind}`
+//! and `meshd_gossip_traffic_bytes_total{direction,kind}`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -293,10 +299,20 @@ pub enum DropReason {
     Undecodable,
     /// Sent: the message does not fit one sealed datagram, so it was not sent.
     Oversized,
-    /// The loopback codec failed (a lost loopback datagram or a socket error).
-    CodecFailed,
-    /// A local process sent a datagram to the loopback codec socket.
-    CodecInjected,
+}
+
+/// Which chitchat message a datagram carries: a round is a SYN (the initiator's digest), a
+/// SYN-ACK (the peer's digest and what the initiator lacks) and an ACK (what the peer lacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Digest of every member.
+    Syn,
+    /// Digest and delta.
+    SynAck,
+    /// Delta.
+    Ack,
+    /// "Wrong cluster".
+    BadCluster,
 }
 
 /// Counters of one gossip socket (or of several sharing the `Arc`).
@@ -305,6 +321,10 @@ pub struct SealStats {
     sealed: AtomicU64,
     opened: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
+    /// Datagrams and their bytes on the wire (sealed UDP payload), per kind, sent.
+    sent_kind: [(AtomicU64, AtomicU64); MessageKind::ALL.len()],
+    /// The same, received and opened.
+    opened_kind: [(AtomicU64, AtomicU64); MessageKind::ALL.len()],
 }
 
 /// What [`open`] does with version-1 datagrams.
@@ -435,7 +455,7 @@ impl OpenError {
 
 impl DropReason {
     /// Every reason, in declaration order (which indexes the counters).
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 10] = [
         Self::Malformed,
         Self::UnknownKey,
         Self::AuthenticationFailed,
@@ -446,8 +466,6 @@ impl DropReason {
         Self::Paced,
         Self::Undecodable,
         Self::Oversized,
-        Self::CodecFailed,
-        Self::CodecInjected,
     ];
 
     /// Metric label.
@@ -463,8 +481,33 @@ impl DropReason {
             Self::Paced => "paced",
             Self::Undecodable => "undecodable",
             Self::Oversized => "oversized",
-            Self::CodecFailed => "codec_failed",
-            Self::CodecInjected => "codec_injected",
+        }
+    }
+}
+
+// === impl MessageKind ===
+
+impl MessageKind {
+    /// Every kind, in metric order.
+    pub const ALL: [MessageKind; 4] = [Self::Syn, Self::SynAck, Self::Ack, Self::BadCluster];
+
+    /// The kind of `message`.
+    pub fn of(message: &chitchat::ChitchatMessage) -> Self {
+        match message {
+            chitchat::ChitchatMessage::Syn { .. } => Self::Syn,
+            chitchat::ChitchatMessage::SynAck { .. } => Self::SynAck,
+            chitchat::ChitchatMessage::Ack { .. } => Self::Ack,
+            chitchat::ChitchatMessage::BadCluster => Self::BadCluster,
+        }
+    }
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Syn => "syn",
+            Self::SynAck => "syn_ack",
+            Self::Ack => "ack",
+            Self::BadCluster => "bad_cluster",
         }
     }
 }
@@ -492,8 +535,38 @@ impl SealStats {
         DropReason::ALL.map(|reason| (reason, self.dropped(reason)))
     }
 
+    /// `(kind, datagrams, bytes)` sent, for every kind.
+    pub fn sent_by_kind(&self) -> [(MessageKind, u64, u64); MessageKind::ALL.len()] {
+        MessageKind::ALL.map(|k| {
+            let (n, bytes) = &self.sent_kind[k as usize];
+            (k, n.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed))
+        })
+    }
+
+    /// `(kind, datagrams, bytes)` received and opened, for every kind.
+    pub fn opened_by_kind(&self) -> [(MessageKind, u64, u64); MessageKind::ALL.len()] {
+        MessageKind::ALL.map(|k| {
+            let (n, bytes) = &self.opened_kind[k as usize];
+            (k, n.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed))
+        })
+    }
+
     fn record_drop(&self, reason: DropReason) {
         self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_sent(&self, kind: MessageKind, bytes: usize) {
+        self.sealed.fetch_add(1, Ordering::Relaxed);
+        let (n, b) = &self.sent_kind[kind as usize];
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn record_opened(&self, kind: MessageKind, bytes: usize) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let (n, b) = &self.opened_kind[kind as usize];
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 

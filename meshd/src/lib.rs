@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod fsutil;
 pub mod gossip_auth;
 pub mod gossip_keys;
+pub mod gossip_metrics;
 pub mod gossip_seal;
 pub mod health;
 pub mod identity;

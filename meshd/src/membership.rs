@@ -588,6 +588,8 @@ impl Membership {
                 view_tx.send_if_modified(|current| {
                     let changed = **current != view;
                     if changed {
+                        // bench/gossip_real.sh times a new service reaching every node by this.
+                        debug!(services = view.endpoints.len(), "mesh view changed");
                         *current = Arc::new(view);
                     }
                     changed

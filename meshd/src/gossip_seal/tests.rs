@@ -14,7 +14,7 @@ use chitchat::{
 use proptest::prelude::*;
 use rand::Rng as _;
 
-use super::socket::{Codec, Pending, SealedSocket, unix_now};
+use super::socket::{SealedSocket, unix_now};
 use super::*;
 
 const GOSSIP_INTERVAL: Duration = Duration::from_millis(50);
@@ -1140,28 +1140,28 @@ async fn recv_within(socket: &mut dyn Socket) -> chitchat::transport::RecvOutcom
         .unwrap()
 }
 
+/// An authentic datagram chitchat cannot decode is dropped and counted; the next one is
+/// delivered, with its kind counted.
 #[tokio::test(flavor = "current_thread")]
-async fn codec_round_trips_and_survives_undecodable_plaintext() {
-    let mut codec = Codec::bind().await.unwrap();
-    let stats = SealStats::default();
-    let envelope = syn("cluster-a".to_owned());
-    let bytes = codec.encode(syn("cluster-a".to_owned())).await.unwrap();
-    for (plaintext, expected) in [
-        (bytes.clone(), Some(&envelope)),
-        (b"not a chitchat message".to_vec(), None),
-        (bytes, Some(&envelope)),
-    ] {
-        codec.relay.send(&plaintext).await.unwrap();
-        let mut pending = Pending {
-            from_addr: loopback(),
-            num_bytes_received: 0,
-            marker_sent: false,
-            decoded: None,
-        };
-        codec.finish_decode(&mut pending, &stats).await.unwrap();
-        assert_eq!(pending.decoded.as_ref(), expected);
-    }
-    assert_eq!(total_drops(&stats), 0);
+async fn undecodable_plaintext_is_dropped_and_kinds_are_counted() {
+    let (mut sender, mut receiver, stats) = socket_pair().await;
+    let to = receiver.local_addr().unwrap();
+    let forger = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+    let keyring = Keyring::single(key(1));
+    let mut sealer = Sealer::new();
+    let garbage = seal(&keyring, &mut sealer, unix_now(), b"not a chitchat message");
+    forger.send_to(&garbage, to).await.unwrap();
+    sender.send(to, syn("after".to_owned())).await.unwrap();
+    let received = recv_within(&mut receiver).await;
+    assert_eq!(received.envelope, syn("after".to_owned()));
+    assert_eq!(stats.dropped(DropReason::Undecodable), 1);
+    let bytes = syn("after".to_owned()).serialize_to_vec().len() + SEAL_OVERHEAD;
+    let sent = stats.sent_by_kind();
+    let opened = stats.opened_by_kind();
+    assert_eq!(sent[0], (MessageKind::Syn, 1, bytes as u64));
+    assert_eq!(opened[0], (MessageKind::Syn, 1, bytes as u64));
+    assert!(sent[1..].iter().all(|(_, n, b)| (*n, *b) == (0, 0)));
+    assert_eq!(received.num_bytes_received, bytes);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -1173,8 +1173,7 @@ async fn oversized_message_is_refused_and_counted_not_truncated() {
     let mut receiver = transport.open(loopback()).await.unwrap();
     let to = receiver.local_addr().unwrap();
     // A SYN's length is a fixed part plus its cluster id; measure the fixed part.
-    let mut codec = Codec::bind().await.unwrap();
-    let fixed_len = codec.encode(syn(String::new())).await.unwrap().len();
+    let fixed_len = syn(String::new()).serialize_to_vec().len();
     let largest = "x".repeat(MAX_PLAINTEXT_LEN - fixed_len);
 
     let sent = sender.send(to, syn(largest.clone())).await.unwrap();
@@ -1243,8 +1242,8 @@ async fn socket_drops_replayed_and_stale_datagrams() {
     let (_sender, mut receiver, stats) = socket_pair().await;
     let to = receiver.local_addr().unwrap();
     let forger = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
-    let once = receiver.codec.encode(syn("once".to_owned())).await.unwrap();
-    let last = receiver.codec.encode(syn("last".to_owned())).await.unwrap();
+    let once = syn("once".to_owned()).serialize_to_vec();
+    let last = syn("last".to_owned()).serialize_to_vec();
     let keyring = Keyring::single(key(1));
     let mut sealer = Sealer::new();
     let now = unix_now();
@@ -1266,59 +1265,6 @@ async fn socket_drops_replayed_and_stale_datagrams() {
     assert_eq!(stats.dropped(DropReason::Replayed), 2);
     assert_eq!(stats.dropped(DropReason::Stale), 1);
     assert_eq!(total_drops(&stats), 3, "{:?}", stats.drops());
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn recv_resumes_a_decode_cut_short_by_cancellation() {
-    let (_sender, mut receiver, stats) = socket_pair().await;
-    let peer: SocketAddr = ([192, 0, 2, 7], 7000).into();
-    // The state a cancelled recv leaves: the message is in the codec, the marker not yet.
-    let plaintext = receiver
-        .codec
-        .encode(syn("cut-short".to_owned()))
-        .await
-        .unwrap();
-    receiver.codec.relay.send(&plaintext).await.unwrap();
-    receiver.pending = Some(Pending {
-        from_addr: peer,
-        num_bytes_received: plaintext.len() + SEAL_OVERHEAD,
-        marker_sent: false,
-        decoded: None,
-    });
-    let received = recv_within(&mut receiver).await;
-    assert_eq!(received.envelope, syn("cut-short".to_owned()));
-    assert_eq!(received.from_addr, peer);
-    assert_eq!(received.num_bytes_received, plaintext.len() + SEAL_OVERHEAD);
-    assert_eq!(stats.opened(), 1);
-    assert_eq!(total_drops(&stats), 0);
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn codec_in_doubt_is_rebuilt_so_stale_messages_are_never_attributed() {
-    let (mut sender, mut receiver, stats) = socket_pair().await;
-    // A stale message sits in the receiver's codec, with a decode in progress, when the
-    // codec is found in doubt.
-    let stale = receiver
-        .codec
-        .encode(syn("stale".to_owned()))
-        .await
-        .unwrap();
-    receiver.codec.relay.send(&stale).await.unwrap();
-    receiver.pending = Some(Pending {
-        from_addr: loopback(),
-        num_bytes_received: 0,
-        marker_sent: false,
-        decoded: None,
-    });
-    receiver.codec.in_doubt = true;
-
-    let to = receiver.local_addr().unwrap();
-    sender.send(to, syn("fresh".to_owned())).await.unwrap();
-    let received = recv_within(&mut receiver).await;
-    assert_eq!(received.envelope, syn("fresh".to_owned()));
-    assert_eq!(received.from_addr, sender.local_addr().unwrap());
-    assert_eq!(stats.dropped(DropReason::CodecFailed), 1);
-    assert!(!receiver.codec.in_doubt);
 }
 
 struct TestNode {
@@ -1569,12 +1515,7 @@ async fn forged_datagrams_are_counted_and_dropped() {
         .await
         .unwrap();
     // A key holder's authentic SYN, sent twice, and one sent too long ago.
-    let syn_bytes = Codec::bind()
-        .await
-        .unwrap()
-        .encode(syn(CLUSTER_ID.to_owned()))
-        .await
-        .unwrap();
+    let syn_bytes = syn(CLUSTER_ID.to_owned()).serialize_to_vec();
     let mut sealer = Sealer::new();
     let now = unix_now();
     let authentic = seal(&keyring, &mut sealer, now, &syn_bytes);
@@ -1637,12 +1578,7 @@ async fn key_rotation_mid_flight_stays_converged() {
     // The keyring in force is the last one sent: a SYN sealed with the new key is accepted,
     // one sealed with the old key is rejected. They arrive in order, so once the second is
     // counted the first was handled.
-    let syn_bytes = Codec::bind()
-        .await
-        .unwrap()
-        .encode(syn(CLUSTER_ID.to_owned()))
-        .await
-        .unwrap();
+    let syn_bytes = syn(CLUSTER_ID.to_owned()).serialize_to_vec();
     let forger = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
     for sealing_key in [new, old] {
         let datagram = seal(

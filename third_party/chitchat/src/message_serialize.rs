@@ -85,7 +85,10 @@ impl ChitchatEnvelope {
         }
     }
 
-    pub(crate) fn serialize_to_vec(&self) -> Vec<u8> {
+    /// The message as chitchat puts it in a datagram: for transports that carry datagrams their
+    /// own way (sealed, say) and so cannot use [`crate::transport::UdpSocket`]. (meshd: was
+    /// crate-private.)
+    pub fn serialize_to_vec(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         self.serialize(&mut buf);
         buf
@@ -111,8 +114,9 @@ impl ChitchatEnvelope {
     /// Deserializes a message, reading the protocol version from the header.
     /// The version is needed both to decode the digest and by the caller: a
     /// responder echoes it so its reply is encoded with a format the
-    /// initiator is guaranteed to understand.
-    pub(crate) fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
+    /// initiator is guaranteed to understand. (meshd: was crate-private, see
+    /// [`Self::serialize_to_vec`].)
+    pub fn deserialize(buf: &mut &[u8]) -> anyhow::Result<Self> {
         if buf.len() < 3 {
             bail!("buffer too small to store the magic number and the protocol version");
         }

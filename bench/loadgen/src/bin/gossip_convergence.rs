@@ -137,7 +137,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Simulate one cluster size and write its measurements as JSON.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print markdown tables from the JSON of one or more runs.
     Report {
         /// JSON files written by `run`.
@@ -172,6 +172,11 @@ struct RunArgs {
     /// Give up on one death repetition after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
     death_timeout: Duration,
+    /// Nodes start at random offsets within this [default: one gossip interval, a fleet booting
+    /// at once], each with its own generation (its start time in ms, as a real process has).
+    /// `bench/gossip_real.sh` starts 20 meshd per second: 5s for 100 nodes, to compare.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    boot_spread: Option<Duration>,
     /// Appended to node names (`node-0001` + suffix): longer names make every digest longer.
     #[arg(long, default_value = "")]
     name_suffix: String,
@@ -364,6 +369,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         "clock": clock.name(),
         "gossip_interval_ms": interval.as_secs_f64() * 1e3,
         "seeds_per_node": SEEDS_PER_NODE,
+        "boot_spread_ms": args.boot_spread.unwrap_or(interval).as_secs_f64() * 1e3,
         "node_name_example": node_name(0, &args.name_suffix),
         "protocol": if args.protocol_v0 { "V0" } else { "V1" },
         "tokio_workers": rt.metrics().num_workers(),
@@ -479,8 +485,9 @@ fn pause(sim: &Sim<'_>, rng: &mut SplitMix, interval: Duration) {
 }
 
 /// Starts all N nodes together, as a fleet booting at once, each at a random offset within
-/// one gossip interval: independent hosts do not tick in step, and nodes that all gossip at the
-/// same instant would relay a change several hops within one round of the simulation.
+/// one gossip interval (or `--boot-spread`) and with its own generation: independent hosts do
+/// not tick in step, and nodes that all gossip at the same instant would relay a change several
+/// hops within one round of the simulation.
 fn spawn_cluster(
     rt: &Runtime,
     args: &RunArgs,
@@ -494,6 +501,9 @@ fn spawn_cluster(
     let mut starting = Vec::with_capacity(args.nodes as usize);
     for i in 0..args.nodes as usize {
         let addr = SocketAddr::from((node_ip(i), GOSSIP_PORT));
+        let spread = args.boot_spread.unwrap_or(interval);
+        let offset = spread.mul_f64(rng.below(1000) as f64 / 1000.0);
+        let generation = generation + offset.as_millis() as u64;
         let id = ChitchatId::new(node_name(i, &args.name_suffix), generation, addr);
         let seeds = rng
             .distinct(SEEDS_PER_NODE.min(i), i)
@@ -505,7 +515,6 @@ fn spawn_cluster(
         if args.protocol_v0 {
             config.protocol_version = ProtocolVersion::V0;
         }
-        let offset = interval.mul_f64(rng.below(1000) as f64 / 1000.0);
         let transport = transport.clone();
         starting.push(rt.spawn(async move {
             tokio::time::sleep(offset).await;

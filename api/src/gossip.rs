@@ -49,6 +49,10 @@ pub enum NodeState {
     Serving,
     /// Shutting down: peers stop sending new connections.
     Draining,
+    /// Gone (a graceful stop, published in its last gossip rounds): peers drop it from their
+    /// view at once instead of waiting for the failure detector. meshd from before this state
+    /// reads it as unreadable node info, which also leaves the node out of their view.
+    Left,
 }
 
 /// What a node says about itself.

@@ -647,7 +647,7 @@ impl Bound {
             tokio::time::sleep(FORCE_CLOSE_WAIT).await;
         }
         self.lifecycle.advance(Phase::Stopped);
-        self.membership.shutdown().await;
+        self.membership.leave(config.gossip.interval).await;
         if tokio::time::timeout(FORCE_CLOSE_WAIT, async {
             while self.tasks.join_next().await.is_some() {}
         })

@@ -185,6 +185,13 @@ pub fn build_view(
                 None
             }
         });
+        // A node that left gracefully is gone now, not when the failure detector says so.
+        if info
+            .as_ref()
+            .is_some_and(|i| i.state == gossip::NodeState::Left)
+        {
+            continue;
+        }
         let mut services = Vec::new();
         for (key, value) in kvs.iter().map(|(k, v)| (k.as_str(), v.as_str())) {
             if info.is_some() && key.starts_with(gossip::REMOTE_PREFIX) {
@@ -677,13 +684,30 @@ impl Membership {
         }
     }
 
-    /// Leaves the cluster.
-    pub async fn shutdown(self) {
+    /// Leaves the cluster: publishes that this node left, gossips for [`LEAVE_ROUNDS`] more
+    /// rounds of `interval` so peers take it (and spread it), then stops gossip. Peers drop the
+    /// node from their view when the state reaches them, well before their failure detector
+    /// would.
+    pub async fn leave(mut self, interval: Duration) {
+        self.node_info.state = gossip::NodeState::Left;
+        let value = gossip::encode(&self.node_info);
+        let signer = self.signer.clone();
+        self.handle
+            .with_chitchat(|c| {
+                c.self_node_state().set(gossip::KEY_NODE, &value);
+                resign(c, &signer);
+            })
+            .await;
+        tokio::time::sleep(interval * LEAVE_ROUNDS).await;
         if let Err(e) = self.handle.shutdown().await {
             warn!(error = %e, "gossip shutdown failed");
         }
     }
 }
+
+/// Gossip rounds a leaving node keeps gossiping after publishing that it left: each round it
+/// hands its state to three peers, who spread it on.
+pub const LEAVE_ROUNDS: u32 = 2;
 
 /// Publishes this node's services by gossip.
 #[derive(Clone)]

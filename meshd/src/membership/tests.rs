@@ -237,3 +237,41 @@ fn remote_endpoints_carry_their_sites_rank() {
         assert_eq!(ep.site_rank, want, "{ep:?}");
     }
 }
+
+#[test]
+fn a_node_that_left_is_gone_from_the_view_at_once() {
+    let info = |state| {
+        gossip::encode(&NodeInfo {
+            v: gossip::VERSION,
+            inbound: SocketAddr::from(([127, 0, 0, 1], 1)),
+            datacenter: Label::new("dc1").unwrap(),
+            zone: Label::new("a").unwrap(),
+            site: None,
+            state,
+        })
+    };
+    let svc = gossip::encode(&ServiceInfo {
+        v: gossip::VERSION,
+        protocol: "http".into(),
+        labels: BTreeMap::new(),
+        healthy: true,
+    });
+    let (draining, left) = (
+        info(gossip::NodeState::Draining),
+        info(gossip::NodeState::Left),
+    );
+    let nodes: BTreeMap<_, _> = [
+        node("a", &[("node", &draining), ("svc/default/api", &svc)]),
+        node("b", &[("node", &left), ("svc/default/api", &svc)]),
+    ]
+    .into_iter()
+    .collect();
+    let view = build_view(&nodes, &DenyList::default(), None);
+    let members: Vec<&str> = view.members.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(members, ["a"], "a draining node stays until it leaves");
+    let api = &view.endpoints[&ServiceKey::parse("api").unwrap()];
+    assert_eq!(api.len(), 1);
+    assert_eq!(api[0].node, "a");
+    // The state's spelling: what meshd before it cannot read (and so also leaves out).
+    assert!(left.contains("\"left\""), "{left}");
+}

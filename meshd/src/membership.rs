@@ -652,7 +652,12 @@ impl Membership {
 
     /// Publishes that this node is draining, so peers stop sending it new connections.
     pub async fn set_draining(&mut self) {
-        self.node_info.state = gossip::NodeState::Draining;
+        self.publish_state(gossip::NodeState::Draining).await;
+    }
+
+    /// Publishes this node's state in its node info, signed.
+    async fn publish_state(&mut self, state: gossip::NodeState) {
+        self.node_info.state = state;
         let value = gossip::encode(&self.node_info);
         let signer = self.signer.clone();
         self.handle
@@ -689,15 +694,7 @@ impl Membership {
     /// node from their view when the state reaches them, well before their failure detector
     /// would.
     pub async fn leave(mut self, interval: Duration) {
-        self.node_info.state = gossip::NodeState::Left;
-        let value = gossip::encode(&self.node_info);
-        let signer = self.signer.clone();
-        self.handle
-            .with_chitchat(|c| {
-                c.self_node_state().set(gossip::KEY_NODE, &value);
-                resign(c, &signer);
-            })
-            .await;
+        self.publish_state(gossip::NodeState::Left).await;
         tokio::time::sleep(interval * LEAVE_ROUNDS).await;
         if let Err(e) = self.handle.shutdown().await {
             warn!(error = %e, "gossip shutdown failed");

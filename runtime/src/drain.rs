@@ -1,23 +1,35 @@
-//! Graceful shutdown: one trigger, many cloneable watchers. Components watch for the signal,
-//! finish their work, and drop their watcher; the trigger's owner waits until every watcher is
-//! gone (always under a deadline the caller chooses).
+//! Graceful shutdown: one trigger, many cloneable watchers, and guards. Components watch for the
+//! signal; each piece of work that must finish before the process exits (a connection, a tunnel)
+//! holds a [`Guard`] and drops it when done; the trigger's owner waits until every guard is gone
+//! (always under a deadline the caller chooses).
+//!
+//! A watcher does not hold the drain up: long-lived holders of one (the proxy's shared state,
+//! the reloader) live until the very end, and an idle node must not wait out its whole grace
+//! period for them.
 
 use tokio::sync::{mpsc, watch};
 
-/// Starts the drain and waits for every [`Watch`] to be dropped.
+/// Starts the drain and waits for every [`Guard`] to be dropped.
 #[derive(Debug)]
 pub struct Trigger {
     signal_tx: watch::Sender<bool>,
-    /// Never receives a value: it completes when the last watcher's sender is dropped.
+    /// Never receives a value: it completes when the last guard's sender is dropped.
     released_rx: mpsc::Receiver<()>,
+    /// Keeps the channel open (so guards can be taken) until the drain starts waiting.
+    open: Option<mpsc::Sender<()>>,
 }
 
-/// Held by every component that must finish before the process exits.
+/// Sees the drain's signal and hands out guards; cheap to clone, holds nothing up.
 #[derive(Debug, Clone)]
 pub struct Watch {
     signal_rx: watch::Receiver<bool>,
-    /// Dropping the last clone tells the trigger that everyone has finished.
-    _released_tx: mpsc::Sender<()>,
+    released: mpsc::WeakSender<()>,
+}
+
+/// Held by a piece of work the drain waits for; dropping it says the work is over.
+#[derive(Debug)]
+pub struct Guard {
+    _released_tx: Option<mpsc::Sender<()>>,
 }
 
 /// A new trigger and its first watcher.
@@ -28,10 +40,11 @@ pub fn channel() -> (Trigger, Watch) {
         Trigger {
             signal_tx,
             released_rx,
+            open: Some(released_tx.clone()),
         },
         Watch {
             signal_rx,
-            _released_tx: released_tx,
+            released: released_tx.downgrade(),
         },
     )
 }
@@ -42,11 +55,12 @@ impl Trigger {
         self.signal_tx.send_replace(true);
     }
 
-    /// Signals the drain and waits until all watchers have been dropped. Callers wrap this in
+    /// Signals the drain and waits until all guards have been dropped. Callers wrap this in
     /// `tokio::time::timeout` with their grace period.
     pub async fn drain(mut self) {
         self.signal_tx.send_replace(true);
-        // recv() returns None once every sender (one per watcher) is gone.
+        self.open = None;
+        // recv() returns None once every sender (one per guard) is gone.
         while self.released_rx.recv().await.is_some() {}
     }
 }
@@ -63,6 +77,14 @@ impl Watch {
     pub fn is_draining(&self) -> bool {
         *self.signal_rx.borrow()
     }
+
+    /// A guard the drain waits for. Taken once the drain has finished waiting, it holds
+    /// nothing up (there is nothing left to wait for).
+    pub fn guard(&self) -> Guard {
+        Guard {
+            _released_tx: self.released.upgrade(),
+        }
+    }
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone). Unlike `wait_for`, the future is
@@ -77,37 +99,48 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test(flavor = "current_thread")]
-    async fn waits_for_every_watcher() {
+    async fn waits_for_every_guard() {
         let (trigger, watch) = channel();
+        let g2 = watch.guard();
         let w2 = watch.clone();
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         tokio::spawn(async move {
             w2.signaled().await;
             tokio::time::sleep(Duration::from_millis(20)).await;
-            drop(w2);
+            drop(g2);
             drop(done_tx);
         });
         assert!(!watch.is_draining());
-        let w1 = watch;
+        let g1 = watch.guard();
         let drain = tokio::spawn(trigger.drain());
-        w1.signaled().await;
-        assert!(w1.is_draining());
-        drop(w1);
+        watch.signaled().await;
+        assert!(watch.is_draining());
+        drop(g1);
         tokio::time::timeout(Duration::from_secs(5), drain)
             .await
-            .expect("drain completes once all watchers are dropped")
+            .expect("drain completes once all guards are dropped")
             .unwrap();
         assert!(done_rx.recv().await.is_none());
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn drain_blocks_while_a_watcher_lives() {
+    async fn drain_blocks_while_a_guard_lives() {
         let (trigger, watch) = channel();
+        let guard = watch.guard();
         let res = tokio::time::timeout(Duration::from_millis(50), trigger.drain()).await;
-        assert!(
-            res.is_err(),
-            "drain must not finish while a watcher is held"
-        );
-        drop(watch);
+        assert!(res.is_err(), "drain must not finish while a guard is held");
+        drop(guard);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn watchers_alone_hold_nothing_up() {
+        let (trigger, watch) = channel();
+        let kept = watch.clone();
+        tokio::time::timeout(Duration::from_millis(500), trigger.drain())
+            .await
+            .expect("an idle node drains at once, whoever watches");
+        assert!(kept.is_draining());
+        // A guard taken after the drain is over waits for nothing.
+        drop(kept.guard());
     }
 }

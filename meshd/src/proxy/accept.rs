@@ -1,5 +1,5 @@
 //! Binding the proxy's listeners and the accept loop they all run: each connection served in a
-//! task of its own that holds the drain watch, until the node or the listener stops.
+//! task of its own that holds a drain guard, until the node or the listener stops.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Accepts on `listener` until `stop_rx` turns true. `on_conn` sees each connection and returns
 /// the task that serves it (or `None` when it refused it on the spot); the task runs in its own
-/// tokio task holding the drain watch, so the drain waits for it. Accept errors are logged and
+/// tokio task holding a drain guard, so the drain waits for it. Accept errors are logged and
 /// retried: a listener never ends on its own.
 pub(super) async fn accept_loop<F, Fut>(
     listener: Arc<TcpListener>,
@@ -85,10 +85,10 @@ pub(super) async fn accept_loop<F, Fut>(
         let Some(task) = on_conn(tcp, peer) else {
             continue;
         };
-        let drain = drain.clone();
+        let guard = drain.guard();
         tokio::spawn(
             async move {
-                let _drain = drain;
+                let _guard = guard;
                 task.await;
             }
             .instrument(tracing::debug_span!("conn", src.addr = %peer)),

@@ -47,12 +47,12 @@ pub fn mark(headers: &mut HeaderMap, protocol: &str) {
 }
 
 /// Copies bytes between the two upgraded halves until both directions end, or until the
-/// drain's grace period is over. Runs in its own task holding the drain watch.
+/// drain's grace period is over. Runs in its own task holding a drain guard.
 pub fn tunnel(shared: &Shared, a: OnUpgrade, b: OnUpgrade, what: &'static str) {
-    let drain = shared.drain.clone();
+    let guard = shared.drain.guard();
     let mut force = shared.force_rx.clone();
     tokio::spawn(async move {
-        let _drain = drain;
+        let _guard = guard;
         // Both halves resolve when their connections hand over (or fail); the drain deadline
         // bounds the wait too.
         let pair = tokio::select! {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
 use mesh_api::ServiceKey;
-use mesh_api::gossip::{self, NodeInfo, RemoteService, ServiceInfo};
+use mesh_api::gossip::{self, NodeInfo, ServiceInfo};
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -21,7 +21,11 @@ use mesh_api::policy::DenyList;
 
 use crate::gossip_auth::{Signer, StateVerifier};
 
+mod remote;
 pub mod warmup;
+
+pub use remote::{MAX_REMOTE_GATEWAYS, MAX_REMOTE_SUBSETS, RemoteSite, rank_sites};
+use remote::{rank_remote, remote_endpoints};
 
 /// Phi-accrual threshold above which a silent node is considered dead. chitchat's phi is the
 /// silence divided by the mean time between heartbeat updates, which is a third to 0.9 of a
@@ -112,43 +116,6 @@ pub struct MeshView {
     pub endpoints: BTreeMap<ServiceKey, Vec<Endpoint>>,
     /// The other sites with instances known here, nearest first (see [`rank_sites`]).
     pub sites: Vec<RemoteSite>,
-}
-
-/// Another site, as far as this site's east-west gateways measured it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RemoteSite {
-    /// Its name.
-    pub site: String,
-    /// Round trip to its nearest gateway, microseconds: the median of what this site's
-    /// gateways say; `None` while none has measured it.
-    pub rtt_us: Option<u32>,
-}
-
-/// The other sites in `present`, nearest first by the median of the distances this site's
-/// gateways report for each (`reports`); sites nobody measured yet come last, by name. Pure.
-pub fn rank_sites<'a>(
-    present: impl IntoIterator<Item = &'a str>,
-    reports: &BTreeMap<String, Vec<u32>>,
-) -> Vec<RemoteSite> {
-    let present: std::collections::BTreeSet<&str> = present.into_iter().collect();
-    let mut sites: Vec<RemoteSite> = (present.into_iter())
-        .map(|site| {
-            let rtt_us = reports.get(site).and_then(|r| {
-                let mut r = r.clone();
-                r.sort_unstable();
-                // The lower median: one gateway's outlier never moves it alone.
-                r.get(r.len().saturating_sub(1) / 2).copied()
-            });
-            RemoteSite {
-                site: site.to_owned(),
-                rtt_us,
-            }
-        })
-        .collect();
-    sites.sort_by(|a, b| {
-        (a.rtt_us.is_none(), a.rtt_us, &a.site).cmp(&(b.rtt_us.is_none(), b.rtt_us, &b.site))
-    });
-    sites
 }
 
 /// Builds the view from chitchat's live nodes. Values this build cannot read (newer schema,
@@ -268,71 +235,6 @@ pub fn build_view(
     }
     view
 }
-
-/// Orders the other sites the view has instances of ([`rank_sites`]) and gives each of their
-/// endpoints its site's place.
-fn rank_remote(view: &mut MeshView, distances: &BTreeMap<String, Vec<u32>>) {
-    let present: Vec<String> = (view.endpoints.values().flatten())
-        .filter(|e| e.sni.is_some())
-        .map(|e| e.site.clone())
-        .collect();
-    view.sites = rank_sites(present.iter().map(String::as_str), distances);
-    for ep in view.endpoints.values_mut().flatten() {
-        if ep.sni.is_some() {
-            let rank = view.sites.iter().position(|s| s.site == ep.site);
-            ep.site_rank = u16::try_from(rank.unwrap_or(0)).unwrap_or(u16::MAX);
-        }
-    }
-}
-
-/// Adds the endpoints of another site's service that this site's east-west gateway `node`
-/// publishes under `key`: one per remote gateway and subset.
-fn remote_endpoints(view: &mut MeshView, node: &str, key: &str, value: &str) {
-    let Some((site, svc)) = gossip::parse_remote_key(key) else {
-        debug!(node, key, "unreadable remote service key");
-        return;
-    };
-    let remote = match gossip::decode::<RemoteService>(value) {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(node, key, error = %e, "unreadable remote service");
-            return;
-        }
-    };
-    let Some(protocol) = Protocol::from_name(&remote.protocol) else {
-        debug!(
-            node,
-            key,
-            protocol = remote.protocol,
-            "remote service of an unknown protocol"
-        );
-        return;
-    };
-    let sni = svc.site_sni(&site);
-    let eps = view.endpoints.entry(svc).or_default();
-    for gateway in remote.gateways.iter().take(MAX_REMOTE_GATEWAYS) {
-        for subset in remote.subsets.iter().take(MAX_REMOTE_SUBSETS) {
-            eps.push(Endpoint {
-                node: format!("{site}@{gateway}"),
-                addr: *gateway,
-                datacenter: String::new(),
-                zone: String::new(),
-                site: site.to_string(),
-                sni: Some(sni.clone()),
-                site_rank: 0,
-                labels: subset.labels.clone(),
-                protocol,
-                healthy: subset.healthy > 0,
-                draining: false,
-            });
-        }
-    }
-}
-
-/// Most gateways of one remote service used (a site runs a few).
-pub const MAX_REMOTE_GATEWAYS: usize = 16;
-/// Most subsets of one remote service used.
-pub const MAX_REMOTE_SUBSETS: usize = 16;
 
 /// How one node looks to this one: alive or dead by the failure detector, and when its
 /// heartbeat last advanced here.

@@ -1,6 +1,7 @@
 //! Tests of the gossip view: node and service values, remote services.
 
 use super::*;
+use mesh_api::gossip::RemoteService;
 use mesh_api::name::Label;
 
 fn node(name: &str, kvs: &[(&str, &str)]) -> (ChitchatId, NodeState) {

@@ -97,12 +97,15 @@ pub fn order(
     let locality = ask.policy.map_or(&DEFAULT, |p| &p.locality);
     let tier_of =
         |t: &Target| locality::tier(&t.endpoint, ask.datacenter, ask.zone, &locality.sites);
-    let max_rank = (targets.iter().map(|t| t.endpoint.site_rank))
-        .max()
-        .unwrap_or(0);
-    let mut counts = vec![locality::Count::default(); locality::tiers(locality, max_rank)];
+    // One tier per place the policy or the sites' distance gives; grown as farther sites
+    // show up, so no extra pass over the targets. Candidates are in the subset: counted here.
+    let mut counts = vec![locality::Count::default(); locality::tiers(locality, 0)];
     for t in targets.iter().filter(|t| in_subset(t)) {
-        let c = &mut counts[tier_of(t)];
+        let tier = tier_of(t);
+        if tier >= counts.len() {
+            counts.resize(tier + 1, locality::Count::default());
+        }
+        let c = &mut counts[tier];
         c.total += 1;
         c.healthy += u32::from(eligible(t));
     }

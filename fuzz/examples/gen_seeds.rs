@@ -160,6 +160,8 @@ async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
             extra_liveness_predicate: None,
             protocol_version: version,
             admission: None,
+            swim: Default::default(),
+            sync: Default::default(),
         };
         let node = NodeInfo {
             v: gossip::VERSION,

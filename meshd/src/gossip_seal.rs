@@ -302,10 +302,11 @@ pub enum DropReason {
 }
 
 /// Which chitchat message a datagram carries: a round is a SYN (the initiator's digest), a
-/// SYN-ACK (the peer's digest and what the initiator lacks) and an ACK (what the peer lacks).
+/// SYN-ACK (the peer's digest and what the initiator lacks) and an ACK (what the peer lacks);
+/// SWIM probes (protocol V2) are a PING, PING-REQs when it goes unanswered, and PING-ACKs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageKind {
-    /// Digest of every member.
+    /// Digest (every member in V1, a bounded scope in V2).
     Syn,
     /// Digest and delta.
     SynAck,
@@ -313,6 +314,12 @@ pub enum MessageKind {
     Ack,
     /// "Wrong cluster".
     BadCluster,
+    /// SWIM direct probe.
+    Ping,
+    /// SWIM indirect probe request.
+    PingReq,
+    /// Answer to a probe.
+    PingAck,
 }
 
 /// Counters of one gossip socket (or of several sharing the `Arc`).
@@ -489,15 +496,31 @@ impl DropReason {
 
 impl MessageKind {
     /// Every kind, in metric order.
-    pub const ALL: [MessageKind; 4] = [Self::Syn, Self::SynAck, Self::Ack, Self::BadCluster];
+    pub const ALL: [MessageKind; 7] = [
+        Self::Syn,
+        Self::SynAck,
+        Self::Ack,
+        Self::BadCluster,
+        Self::Ping,
+        Self::PingReq,
+        Self::PingAck,
+    ];
 
     /// The kind of `message`.
     pub fn of(message: &chitchat::ChitchatMessage) -> Self {
         match message {
-            chitchat::ChitchatMessage::Syn { .. } => Self::Syn,
-            chitchat::ChitchatMessage::SynAck { .. } => Self::SynAck,
-            chitchat::ChitchatMessage::Ack { .. } => Self::Ack,
+            chitchat::ChitchatMessage::Syn { .. } | chitchat::ChitchatMessage::Syn2 { .. } => {
+                Self::Syn
+            }
+            chitchat::ChitchatMessage::SynAck { .. }
+            | chitchat::ChitchatMessage::SynAck2 { .. } => Self::SynAck,
+            chitchat::ChitchatMessage::Ack { .. } | chitchat::ChitchatMessage::Ack2 { .. } => {
+                Self::Ack
+            }
             chitchat::ChitchatMessage::BadCluster => Self::BadCluster,
+            chitchat::ChitchatMessage::Ping { .. } => Self::Ping,
+            chitchat::ChitchatMessage::PingReq { .. } => Self::PingReq,
+            chitchat::ChitchatMessage::PingAck { .. } => Self::PingAck,
         }
     }
 
@@ -508,6 +531,9 @@ impl MessageKind {
             Self::SynAck => "syn_ack",
             Self::Ack => "ack",
             Self::BadCluster => "bad_cluster",
+            Self::Ping => "ping",
+            Self::PingReq => "ping_req",
+            Self::PingAck => "ping_ack",
         }
     }
 }

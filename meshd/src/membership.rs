@@ -358,11 +358,17 @@ pub fn chitchat_config(
         marked_for_deletion_grace_period: DEFAULT_DEAD_NODE_GRACE,
         catchup_callback: None,
         extra_liveness_predicate: None,
-        // Compressed digests: SYN/SYN-ACK sizes (and so gossip bandwidth) about 8× smaller
-        // than V0 at 100–200 members (bench/gossip.sh). A V1 node answers a V0 peer in V0, so
-        // a mesh can be upgraded host by host.
-        protocol_version: chitchat::ProtocolVersion::V1,
+        // V2 (our fork): digests of a bounded scope and SWIM failure detection, so gossip
+        // bytes per node stay flat as the site grows (bench/gossip.sh, BENCHMARKS.md). Every
+        // node of a site must speak it: a V1 node drops V2 datagrams.
+        protocol_version: chitchat::ProtocolVersion::V2,
         admission: Some(admission(|_| true)),
+        swim: chitchat::SwimConfig {
+            // A suspicion lasts one gossip interval per decade of members once confirmed.
+            suspicion_min: gossip_interval,
+            ..chitchat::SwimConfig::default()
+        },
+        sync: chitchat::SyncConfig::default(),
     }
 }
 
@@ -597,6 +603,8 @@ impl Membership {
     /// would.
     pub async fn leave(mut self, interval: Duration) {
         self.publish_state(gossip::NodeState::Left).await;
+        // SWIM's own word for it, so chitchat's live set drops the node too.
+        self.handle.with_chitchat(|c| c.announce_leave()).await;
         tokio::time::sleep(interval * LEAVE_ROUNDS).await;
         if let Err(e) = self.handle.shutdown().await {
             warn!(error = %e, "gossip shutdown failed");

@@ -1301,6 +1301,8 @@ impl TestNode {
                 extra_liveness_predicate: None,
                 protocol_version: ProtocolVersion::V0,
                 admission: None,
+                swim: Default::default(),
+                sync: Default::default(),
             };
             let initial = vec![(NAME_KEY.to_owned(), name.to_owned())];
             match chitchat::spawn_chitchat(config, initial, &transport).await {

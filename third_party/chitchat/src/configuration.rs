@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion};
+use crate::{
+    ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion, SwimConfig, SyncConfig,
+};
 
 /// An optional user-defined callback executed when the self node is lagging behind.
 pub type CatchupCallback = Box<dyn Fn() + Send>;
@@ -57,6 +59,24 @@ pub struct ChitchatConfig {
     /// New node ids: which are taken in, and how large the table may grow (meshd's addition;
     /// `None`: every id, without bound, as upstream).
     pub admission: Option<Admission>,
+    /// SWIM failure detection (protocol V2 only; meshd's addition).
+    pub swim: SwimConfig,
+    /// Which entries V2 digests carry (meshd's addition).
+    pub sync: SyncConfig,
+}
+
+impl Default for SwimConfig {
+    /// Tuned for a 200 ms gossip interval: a suspicion lasts 200 ms per decade of members
+    /// (600 ms at 1,000) once three other members confirm it, ten times that alone (time for
+    /// a falsely suspected member to hear of it and refute, however slow its links).
+    fn default() -> Self {
+        Self {
+            suspicion_min: Duration::from_millis(200),
+            suspicion_max_mult: 10,
+            expected_confirmations: 3,
+            retransmit_mult: 4,
+        }
+    }
 }
 
 impl ChitchatConfig {
@@ -76,6 +96,8 @@ impl ChitchatConfig {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
             admission: None,
+            swim: SwimConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -97,6 +119,8 @@ impl Default for ChitchatConfig {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
             admission: None,
+            swim: SwimConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }

@@ -97,7 +97,7 @@ impl Digest {
     pub(crate) fn serialize(&self, protocol_version: ProtocolVersion, buf: &mut Vec<u8>) {
         match protocol_version {
             ProtocolVersion::V0 => self.serialize_v0(buf),
-            ProtocolVersion::V1 => self.serialize_v1(buf),
+            ProtocolVersion::V1 | ProtocolVersion::V2 => self.serialize_v1(buf),
         }
     }
 
@@ -111,7 +111,7 @@ impl Digest {
                 }
                 len
             }
-            ProtocolVersion::V1 => {
+            ProtocolVersion::V1 | ProtocolVersion::V2 => {
                 let mut buf = Vec::new();
                 self.serialize_v1(&mut buf);
                 buf.len()
@@ -125,7 +125,7 @@ impl Digest {
     ) -> anyhow::Result<Self> {
         match protocol_version {
             ProtocolVersion::V0 => Self::deserialize_v0(buf),
-            ProtocolVersion::V1 => Self::deserialize_v1(buf),
+            ProtocolVersion::V1 | ProtocolVersion::V2 => Self::deserialize_v1(buf),
         }
     }
 

@@ -77,6 +77,22 @@ impl FailureDetector {
     }
 
     /// Removes and returns the list of garbage collectible nodes.
+    /// meshd (protocol V2): liveness decided by SWIM, not by phi; the dead are still kept for
+    /// the grace period and then collected as before.
+    pub(crate) fn set_liveness(&mut self, chitchat_id: &ChitchatId, live: bool) {
+        if live {
+            if !self.live_nodes.contains(chitchat_id) {
+                self.live_nodes.insert(chitchat_id.clone());
+            }
+            self.dead_nodes.remove(chitchat_id);
+        } else {
+            self.live_nodes.remove(chitchat_id);
+            if !self.dead_nodes.contains_key(chitchat_id) {
+                self.dead_nodes.insert(chitchat_id.clone(), Instant::now());
+            }
+        }
+    }
+
     pub fn garbage_collect(&mut self) -> Vec<ChitchatId> {
         let mut garbage_collected_nodes = Vec::new();
         let now = Instant::now();

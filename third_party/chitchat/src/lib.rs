@@ -8,11 +8,15 @@ mod failure_detector;
 mod listener;
 mod message;
 mod message_serialize;
+mod probe;
 pub(crate) mod serialize;
 mod server;
 mod state;
+mod swim;
+mod sync;
 pub mod transport;
 mod types;
+mod v2;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::iter::once;
@@ -31,6 +35,8 @@ use tracing::{error, info, warn};
 
 pub use self::configuration::{Admission, CatchupCallback, ChitchatConfig};
 pub use self::state::{ClusterStateSnapshot, NodeState};
+pub use self::swim::SwimConfig;
+pub use self::sync::SyncConfig;
 use crate::digest::Digest;
 pub use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 pub use crate::server::{ChitchatHandle, spawn_chitchat};
@@ -88,6 +94,15 @@ pub struct Chitchat {
     live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     /// meshd: new node ids kept out by `ChitchatConfig::admission`.
     refused_admissions: u64,
+    /// meshd: SWIM membership, with protocol V2 (`v2.rs`).
+    swim: Option<swim::Swim>,
+    /// meshd: which entries V2 digests carry.
+    sync: sync::Sync,
+    /// meshd: SWIM changed a status since the live set was last computed.
+    liveness_dirty: bool,
+    /// meshd: when a peer's message last arrived, and since when none has (`v2.rs`).
+    last_heard: tokio::time::Instant,
+    deaf_since: Option<tokio::time::Instant>,
 }
 
 /// Upper bound of a digest entry's bytes besides the node id: heartbeat, last GC version and
@@ -103,6 +118,10 @@ impl Chitchat {
         let failure_detector = FailureDetector::new(config.failure_detector_config.clone());
         let previous_live_nodes = HashMap::new();
         let (live_nodes_watcher_tx, live_nodes_watcher_rx) = watch::channel(BTreeMap::new());
+        // A V2 node starts at incarnation 1, the heartbeat it starts with below.
+        let swim = (config.protocol_version >= ProtocolVersion::V2)
+            .then(|| swim::Swim::new(config.chitchat_id.clone(), 1, config.swim.clone()));
+        let sync = sync::Sync::new(config.sync.clone());
         let mut chitchat = Chitchat {
             config,
             cluster_state: ClusterState::with_seed_addrs(seed_addrs),
@@ -111,6 +130,11 @@ impl Chitchat {
             live_nodes_watcher_tx,
             live_nodes_watcher_rx,
             refused_admissions: 0,
+            swim,
+            sync,
+            liveness_dirty: false,
+            last_heard: tokio::time::Instant::now(),
+            deaf_since: None,
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -125,7 +149,10 @@ impl Chitchat {
         chitchat
     }
 
-    pub(crate) fn create_syn_message(&self) -> ChitchatMessage {
+    pub(crate) fn create_syn_message(&mut self) -> ChitchatMessage {
+        if self.is_v2() {
+            return self.create_syn2();
+        }
         let scheduled_for_deletion: HashSet<_> = self.scheduled_for_deletion_nodes().collect();
         let digest = self.compute_digest(&scheduled_for_deletion);
         ChitchatMessage::Syn {
@@ -139,24 +166,12 @@ impl Chitchat {
     fn report_heartbeats_in_digest(&mut self, digest: &Digest) {
         // meshd: ids not in the table yet enter only if admitted, and while the table's digest
         // stays within its bound (see `Admission`).
-        let mut room = self.config.admission.as_ref().map(|admission| {
-            let used: usize = self
-                .cluster_state
-                .nodes()
-                .map(|id| id.serialized_len() + DIGEST_ENTRY_MAX)
-                .sum();
-            admission.max_digest_len.saturating_sub(used)
-        });
+        let mut room = self.admission_room();
         for (chitchat_id, node_digest) in &digest.node_digests {
-            if let (Some(room), Some(admission)) = (room.as_mut(), self.config.admission.as_ref())
-                && self.cluster_state.node_state(chitchat_id).is_none()
+            if self.cluster_state.node_state(chitchat_id).is_none()
+                && !self.admit(&mut room, chitchat_id)
             {
-                let len = chitchat_id.serialized_len() + DIGEST_ENTRY_MAX;
-                if len > *room || !(admission.accept)(chitchat_id) {
-                    self.refused_admissions += 1;
-                    continue;
-                }
-                *room -= len;
+                continue;
             }
             self.report_heartbeat(chitchat_id, node_digest.heartbeat);
         }
@@ -225,6 +240,33 @@ impl Chitchat {
                 warn!("message rejected by peer: wrong cluster");
                 None
             }
+            ChitchatMessage::Syn2 {
+                cluster_id,
+                from,
+                full,
+                digest,
+                updates,
+            } => {
+                if cluster_id != self.cluster_id() || !self.is_v2() {
+                    return Some(ChitchatMessage::BadCluster);
+                }
+                Some(self.process_syn2(from, full, digest, updates))
+            }
+            ChitchatMessage::SynAck2 {
+                digest,
+                delta,
+                updates,
+            } if self.is_v2() => Some(self.process_syn_ack2(digest, delta, updates)),
+            ChitchatMessage::Ack2 { delta, updates } if self.is_v2() => {
+                self.process_ack2(delta, updates);
+                None
+            }
+            // Probes are the server's (`probe.rs`); a V1 node ignores V2 messages.
+            ChitchatMessage::SynAck2 { .. }
+            | ChitchatMessage::Ack2 { .. }
+            | ChitchatMessage::Ping { .. }
+            | ChitchatMessage::PingReq { .. }
+            | ChitchatMessage::PingAck { .. } => None,
             #[cfg(test)]
             ChitchatMessage::PanicForTest => {
                 panic!("panic message received");
@@ -266,9 +308,13 @@ impl Chitchat {
     /// Marks the node as dead or alive depending on the new phi values and updates the live nodes
     /// watcher accordingly.
     pub(crate) fn update_nodes_liveness(&mut self) {
-        for chitchat_id in self.cluster_state.nodes() {
-            if chitchat_id != self.self_chitchat_id() {
-                self.failure_detector.update_node_liveness(chitchat_id);
+        if self.is_v2() {
+            self.update_liveness_v2(tokio::time::Instant::now());
+        } else {
+            for chitchat_id in self.cluster_state.nodes() {
+                if chitchat_id != self.self_chitchat_id() {
+                    self.failure_detector.update_node_liveness(chitchat_id);
+                }
             }
         }
         let current_live_nodes = self
@@ -307,6 +353,10 @@ impl Chitchat {
         for chitchat_id in &garbage_collected_nodes {
             if chitchat_id != self.self_chitchat_id() {
                 self.cluster_state.remove_node(chitchat_id);
+                self.sync.forget(chitchat_id);
+                if let Some(swim) = self.swim.as_mut() {
+                    swim.remove(chitchat_id);
+                }
             } else {
                 error!("self node was marked dead, please report");
             }
@@ -480,7 +530,10 @@ impl Chitchat {
     }
 
     pub(crate) fn update_self_heartbeat(&mut self) {
-        self.self_node_state().inc_heartbeat();
+        // V2: the heartbeat is the SWIM incarnation, moved only by a refutation.
+        if !self.is_v2() {
+            self.self_node_state().inc_heartbeat();
+        }
     }
 
     pub(crate) fn cluster_state(&self) -> &ClusterState {
@@ -659,6 +712,9 @@ mod tests {
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
+            admission: None,
+            swim: Default::default(),
+            sync: Default::default(),
         };
         start_node_with_config(transport, config).await
     }
@@ -871,6 +927,9 @@ mod tests {
                 node_state.get("READY") == Some("true")
             })),
             protocol_version: ProtocolVersion::V0,
+            admission: None,
+            swim: Default::default(),
+            sync: Default::default(),
         };
         let mut nodes = Vec::new();
         for chitchat_id in &chitchat_ids {

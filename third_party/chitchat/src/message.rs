@@ -1,5 +1,7 @@
+use crate::ChitchatId;
 use crate::delta::Delta;
 use crate::digest::Digest;
+use crate::swim::MemberUpdate;
 
 /// Chitchat message.
 ///
@@ -23,6 +25,49 @@ pub enum ChitchatMessage {
     Ack { delta: Delta },
     /// Node B rejects the SYN message because node A and B belong to different clusters.
     BadCluster,
+    /// V2 SYN (meshd): a digest of only some entries (recent changes, a rotating window and the
+    /// sender's own entry; every entry when `full`), so its size does not grow with the
+    /// cluster, plus SWIM membership updates. Liveness is not in the digest: SWIM probes
+    /// carry it.
+    Syn2 {
+        cluster_id: String,
+        from: ChitchatId,
+        full: bool,
+        digest: Digest,
+        updates: Vec<MemberUpdate>,
+    },
+    /// V2 SYN-ACK: B's entries for exactly the ids of A's digest (every entry of B when A's
+    /// was full), what A lacks among them, and updates.
+    SynAck2 {
+        digest: Digest,
+        delta: Delta,
+        updates: Vec<MemberUpdate>,
+    },
+    /// V2 ACK: what B lacks among the ids of B's SYN-ACK digest, and updates.
+    Ack2 {
+        delta: Delta,
+        updates: Vec<MemberUpdate>,
+    },
+    /// SWIM probe: `target` answers with a [`ChitchatMessage::PingAck`] of the same `seq`.
+    Ping {
+        seq: u64,
+        from: ChitchatId,
+        target: ChitchatId,
+        updates: Vec<MemberUpdate>,
+    },
+    /// SWIM indirect probe: ping `target` for `from`, relay its ack as `seq`.
+    PingReq {
+        seq: u64,
+        from: ChitchatId,
+        target: ChitchatId,
+        updates: Vec<MemberUpdate>,
+    },
+    /// Answer to a [`ChitchatMessage::Ping`] (or relayed for a [`ChitchatMessage::PingReq`]).
+    PingAck {
+        seq: u64,
+        from: ChitchatId,
+        updates: Vec<MemberUpdate>,
+    },
     /// A message used by tests to trigger a panic
     #[cfg(test)]
     PanicForTest,
@@ -95,6 +140,10 @@ pub enum ProtocolVersion {
     V0 = 0,
     /// The digest is serialized using the V1 (compressed) wire format.
     V1 = 1,
+    /// meshd: V1's digest format, digests of a bounded number of entries (`Syn2`, `SynAck2`,
+    /// `Ack2`) and SWIM failure detection (`Ping`, `PingReq`, `PingAck`) instead of
+    /// heartbeats in every digest. Every node of a cluster must run it.
+    V2 = 2,
 }
 
 impl ProtocolVersion {
@@ -102,6 +151,7 @@ impl ProtocolVersion {
         match code {
             0 => Some(Self::V0),
             1 => Some(Self::V1),
+            2 => Some(Self::V2),
             _ => None,
         }
     }

@@ -13,10 +13,12 @@ use std::io::BufRead;
 
 use anyhow::{Context, bail};
 
+use crate::ChitchatId;
 use crate::delta::Delta;
 use crate::digest::Digest;
 use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
 use crate::serialize::{Deserializable, Serializable};
+use crate::swim::{deserialize_updates, serialize_updates, serialized_updates_len};
 
 const MAGIC_NUMBER: u16 = 45_139;
 
@@ -27,6 +29,12 @@ enum MessageType {
     SynAck = 1u8,
     Ack = 2u8,
     BadCluster = 3u8,
+    Syn2 = 4u8,
+    SynAck2 = 5u8,
+    Ack2 = 6u8,
+    Ping = 7u8,
+    PingReq = 8u8,
+    PingAck = 9u8,
     #[cfg(test)]
     PanicForTest = 255u8,
 }
@@ -38,6 +46,12 @@ impl MessageType {
             1 => Some(Self::SynAck),
             2 => Some(Self::Ack),
             3 => Some(Self::BadCluster),
+            4 => Some(Self::Syn2),
+            5 => Some(Self::SynAck2),
+            6 => Some(Self::Ack2),
+            7 => Some(Self::Ping),
+            8 => Some(Self::PingReq),
+            9 => Some(Self::PingAck),
             #[cfg(test)]
             255 => Some(Self::PanicForTest),
             _ => None,
@@ -46,6 +60,14 @@ impl MessageType {
 
     pub fn to_code(self) -> u8 {
         self as u8
+    }
+
+    /// Types only a V2 envelope may carry (their digest and updates assume V2 semantics).
+    fn needs_v2(self) -> bool {
+        matches!(
+            self,
+            Self::Syn2 | Self::SynAck2 | Self::Ack2 | Self::Ping | Self::PingReq | Self::PingAck
+        )
     }
 }
 
@@ -82,6 +104,7 @@ impl ChitchatEnvelope {
             ChitchatMessage::PanicForTest => {
                 buf.push(MessageType::PanicForTest.to_code());
             }
+            v2 => serialize_v2(v2, self.version, buf),
         }
     }
 
@@ -108,6 +131,11 @@ impl ChitchatEnvelope {
                 ChitchatMessage::BadCluster => 0,
                 #[cfg(test)]
                 ChitchatMessage::PanicForTest => 0,
+                v2 => {
+                    let mut buf = Vec::new();
+                    serialize_v2(v2, self.version, &mut buf);
+                    buf.len()
+                }
             }
     }
 
@@ -133,6 +161,9 @@ impl ChitchatEnvelope {
             .and_then(MessageType::from_code)
             .context("invalid message type")?;
         buf.consume(1);
+        if message_type.needs_v2() && version < ProtocolVersion::V2 {
+            bail!("message type needs protocol version 2");
+        }
 
         let message = match message_type {
             MessageType::Syn => {
@@ -152,9 +183,149 @@ impl ChitchatEnvelope {
             MessageType::BadCluster => ChitchatMessage::BadCluster,
             #[cfg(test)]
             MessageType::PanicForTest => ChitchatMessage::PanicForTest,
+            v2 => deserialize_v2(v2, version, buf)?,
         };
         Ok(ChitchatEnvelope { version, message })
     }
+}
+
+/// Writes a V2-only message: type, body, then the SWIM updates last (so a reader can tell a
+/// truncated datagram from a complete one).
+fn serialize_v2(message: &ChitchatMessage, version: ProtocolVersion, buf: &mut Vec<u8>) {
+    let updates = match message {
+        ChitchatMessage::Syn2 {
+            cluster_id,
+            from,
+            full,
+            digest,
+            updates,
+        } => {
+            buf.push(MessageType::Syn2.to_code());
+            cluster_id.serialize(buf);
+            from.serialize(buf);
+            full.serialize(buf);
+            digest.serialize(version, buf);
+            updates
+        }
+        ChitchatMessage::SynAck2 {
+            digest,
+            delta,
+            updates,
+        } => {
+            buf.push(MessageType::SynAck2.to_code());
+            digest.serialize(version, buf);
+            delta.serialize(buf);
+            updates
+        }
+        ChitchatMessage::Ack2 { delta, updates } => {
+            buf.push(MessageType::Ack2.to_code());
+            delta.serialize(buf);
+            updates
+        }
+        ChitchatMessage::Ping {
+            seq,
+            from,
+            target,
+            updates,
+        }
+        | ChitchatMessage::PingReq {
+            seq,
+            from,
+            target,
+            updates,
+        } => {
+            let kind = if matches!(message, ChitchatMessage::Ping { .. }) {
+                MessageType::Ping
+            } else {
+                MessageType::PingReq
+            };
+            buf.push(kind.to_code());
+            seq.serialize(buf);
+            from.serialize(buf);
+            target.serialize(buf);
+            updates
+        }
+        ChitchatMessage::PingAck { seq, from, updates } => {
+            buf.push(MessageType::PingAck.to_code());
+            seq.serialize(buf);
+            from.serialize(buf);
+            updates
+        }
+        _ => unreachable!("serialize_v2 is only called with V2 message types"),
+    };
+    serialize_updates(updates, buf);
+}
+
+/// Bytes the SWIM updates of a message take (for budgeting deltas around them).
+pub(crate) fn updates_len(updates: &[crate::swim::MemberUpdate]) -> usize {
+    serialized_updates_len(updates)
+}
+
+fn deserialize_v2(
+    message_type: MessageType,
+    version: ProtocolVersion,
+    buf: &mut &[u8],
+) -> anyhow::Result<ChitchatMessage> {
+    let message = match message_type {
+        MessageType::Syn2 => {
+            let cluster_id = String::deserialize(buf)?;
+            let from = ChitchatId::deserialize(buf)?;
+            let full = bool::deserialize(buf)?;
+            let digest = Digest::deserialize(version, buf)?;
+            let updates = deserialize_updates(buf)?;
+            ChitchatMessage::Syn2 {
+                cluster_id,
+                from,
+                full,
+                digest,
+                updates,
+            }
+        }
+        MessageType::SynAck2 => {
+            let digest = Digest::deserialize(version, buf)?;
+            let delta = Delta::deserialize(buf)?;
+            let updates = deserialize_updates(buf)?;
+            ChitchatMessage::SynAck2 {
+                digest,
+                delta,
+                updates,
+            }
+        }
+        MessageType::Ack2 => {
+            let delta = Delta::deserialize(buf)?;
+            let updates = deserialize_updates(buf)?;
+            ChitchatMessage::Ack2 { delta, updates }
+        }
+        MessageType::Ping | MessageType::PingReq => {
+            let seq = u64::deserialize(buf)?;
+            let from = ChitchatId::deserialize(buf)?;
+            let target = ChitchatId::deserialize(buf)?;
+            let updates = deserialize_updates(buf)?;
+            if matches!(message_type, MessageType::Ping) {
+                ChitchatMessage::Ping {
+                    seq,
+                    from,
+                    target,
+                    updates,
+                }
+            } else {
+                ChitchatMessage::PingReq {
+                    seq,
+                    from,
+                    target,
+                    updates,
+                }
+            }
+        }
+        MessageType::PingAck => {
+            let seq = u64::deserialize(buf)?;
+            let from = ChitchatId::deserialize(buf)?;
+            let updates = deserialize_updates(buf)?;
+            ChitchatMessage::PingAck { seq, from, updates }
+        }
+        _ => bail!("not a V2 message type"),
+    };
+    Ok(message)
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use tokio::time;
 use tracing::{debug, warn};
 
-use crate::message::ChitchatEnvelope;
+use crate::message::{ChitchatEnvelope, ChitchatMessage};
+use crate::probe::{Outgoing, Prober};
 use crate::transport::{RecvOutcome, Socket, Transport};
 use crate::{Chitchat, ChitchatConfig, ChitchatId};
 
@@ -175,7 +176,9 @@ impl ChitchatHandle {
 
     /// Calls a function with mutable access to the [`Chitchat`].
     pub async fn with_chitchat<F, T>(&self, mut fun: F) -> T
-    where F: FnMut(&mut Chitchat) -> T {
+    where
+        F: FnMut(&mut Chitchat) -> T,
+    {
         let mut chitchat = self.chitchat.lock().await;
         fun(&mut chitchat)
     }
@@ -219,6 +222,8 @@ struct Server {
     chitchat: Arc<Mutex<Chitchat>>,
     transport: Box<dyn Socket>,
     rng: SmallRng,
+    /// meshd: SWIM probes, with protocol V2.
+    prober: Option<Prober>,
 }
 
 impl Server {
@@ -227,12 +232,20 @@ impl Server {
         chitchat: Arc<Mutex<Chitchat>>,
         transport: Box<dyn Socket>,
     ) -> Self {
-        let rng = SmallRng::from_rng(&mut rng());
+        let mut rng = SmallRng::from_rng(&mut rng());
+        let prober = {
+            let chitchat = chitchat.lock().await;
+            let period = chitchat.config.gossip_interval;
+            chitchat
+                .is_v2()
+                .then(|| Prober::new(period, crate::probe::probe_timeout(period), rng.random()))
+        };
         Self {
             chitchat,
             command_rx,
             transport,
             rng,
+            prober,
         }
     }
 
@@ -256,6 +269,9 @@ impl Server {
                 _ = gossip_interval.tick() => {
                     self.gossip_multiple().await
                 },
+                _ = sleep_until_opt(self.prober.as_ref().and_then(Prober::next_deadline)) => {
+                    self.probe_due().await
+                },
                 command = self.command_rx.recv() => match command {
                     Some(Command::Gossip(addr)) => {
                         let _ = self.gossip(addr).await;
@@ -274,6 +290,30 @@ impl Server {
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<()> {
         let version = envelope.version;
+        if let Some(prober) = self.prober.as_mut() {
+            let out = {
+                let mut chitchat = self.chitchat.lock().await;
+                let now = time::Instant::now();
+                chitchat.heard(now);
+                let mut out = match envelope.message {
+                    probe @ (ChitchatMessage::Ping { .. }
+                    | ChitchatMessage::PingReq { .. }
+                    | ChitchatMessage::PingAck { .. }) => {
+                        prober.handle(&mut chitchat, from_addr, probe, now)
+                    }
+                    message => chitchat
+                        .process_message(message)
+                        .map(|reply| vec![(from_addr, reply)])
+                        .unwrap_or_default(),
+                };
+                out.extend(prober.confirmations(&mut chitchat, now));
+                if chitchat.liveness_dirty {
+                    chitchat.update_nodes_liveness();
+                }
+                out
+            };
+            return self.send_all(version, out).await;
+        }
         // Handle gossip message from other servers.
         let response = self.chitchat.lock().await.process_message(envelope.message);
         // Send the reply, if any, echoing the version the peer used: having
@@ -287,8 +327,48 @@ impl Server {
         Ok(())
     }
 
+    /// Sends messages, logging (not returning) a failure of one so the others still go.
+    async fn send_all(
+        &mut self,
+        version: crate::ProtocolVersion,
+        out: Vec<Outgoing>,
+    ) -> anyhow::Result<()> {
+        for (addr, message) in out {
+            if let Err(error) = self
+                .transport
+                .send(addr, ChitchatEnvelope { version, message })
+                .await
+            {
+                debug!(error=?error, node_address=%addr, "failed to send a probe message");
+            }
+        }
+        Ok(())
+    }
+
+    /// meshd: probe actions that fell due between rounds.
+    async fn probe_due(&mut self) {
+        let Some(prober) = self.prober.as_mut() else {
+            return;
+        };
+        let (version, out) = {
+            let mut chitchat = self.chitchat.lock().await;
+            let out = prober.due(&mut chitchat, &mut self.rng, time::Instant::now());
+            chitchat.update_nodes_liveness();
+            (chitchat.config.protocol_version, out)
+        };
+        let _ = self.send_all(version, out).await;
+    }
+
     /// Gossip to multiple randomly chosen nodes.
     async fn gossip_multiple(&mut self) {
+        if let Some(prober) = self.prober.as_mut() {
+            let (version, out) = {
+                let mut chitchat = self.chitchat.lock().await;
+                let out = prober.round(&mut chitchat, &mut self.rng, time::Instant::now());
+                (chitchat.config.protocol_version, out)
+            };
+            let _ = self.send_all(version, out).await;
+        }
         // Gossip with live nodes & probabilistically include a random dead node
         let mut chitchat_guard = self.chitchat.lock().await;
         let cluster_state = chitchat_guard.cluster_state();
@@ -349,7 +429,7 @@ impl Server {
     /// Gossips with another peer.
     async fn gossip(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
         let syn = {
-            let chitchat = self.chitchat.lock().await;
+            let mut chitchat = self.chitchat.lock().await;
             ChitchatEnvelope {
                 version: chitchat.config.protocol_version,
                 message: chitchat.create_syn_message(),
@@ -357,6 +437,14 @@ impl Server {
         };
         self.transport.send(addr, syn).await?;
         Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one (a disabled `select!` branch).
+async fn sleep_until_opt(deadline: Option<time::Instant>) {
+    match deadline {
+        Some(deadline) => time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -536,7 +624,7 @@ mod tests {
         let config1 = ChitchatConfig::for_test(1);
         let addr1 = config1.chitchat_id.gossip_advertise_addr;
 
-        let chitchat = Chitchat::with_chitchat_id_and_seeds(config2, empty_seeds(), Vec::new());
+        let mut chitchat = Chitchat::with_chitchat_id_and_seeds(config2, empty_seeds(), Vec::new());
         let _handler = spawn_chitchat(config1, Vec::new(), &transport)
             .await
             .unwrap();
@@ -578,7 +666,7 @@ mod tests {
         let mut responder_config = ChitchatConfig::for_test(1);
         responder_config.protocol_version = ProtocolVersion::V1;
         let responder_addr = responder_config.chitchat_id.gossip_advertise_addr;
-        let initiator =
+        let mut initiator =
             Chitchat::with_chitchat_id_and_seeds(initiator_config, empty_seeds(), Vec::new());
         let _handler = spawn_chitchat(responder_config, Vec::new(), &transport)
             .await
@@ -614,7 +702,7 @@ mod tests {
             .open(outsider_config.chitchat_id.gossip_advertise_addr)
             .await
             .unwrap();
-        let outsider =
+        let mut outsider =
             Chitchat::with_chitchat_id_and_seeds(outsider_config, empty_seeds(), Vec::new());
 
         let server_config = ChitchatConfig::for_test(2223);

@@ -636,10 +636,55 @@ impl ClusterState {
         mtu: usize,
         scheduled_for_deletion: &HashSet<&ChitchatId>,
     ) -> Delta {
+        self.compute_delta(digest, mtu, scheduled_for_deletion, false)
+    }
+
+    /// meshd (V2): the delta for only the ids `digest` lists. A V2 digest covers a scope, not
+    /// the table, so an id it does not list says nothing about what the peer has.
+    pub fn compute_scoped_delta_respecting_mtu(
+        &self,
+        digest: &Digest,
+        mtu: usize,
+        scheduled_for_deletion: &HashSet<&ChitchatId>,
+    ) -> Delta {
+        self.compute_delta(digest, mtu, scheduled_for_deletion, true)
+    }
+
+    /// meshd (V2): the digest of exactly these ids, an id this node does not hold (or is about
+    /// to delete) listed as empty: "send me everything you have of it".
+    pub fn compute_digest_of<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a ChitchatId>,
+        scheduled_for_deletion: &HashSet<&ChitchatId>,
+    ) -> Digest {
+        let node_digests = ids
+            .into_iter()
+            .map(|id| {
+                let entry = self
+                    .node_states
+                    .get(id)
+                    .filter(|_| !scheduled_for_deletion.contains(id))
+                    .map(NodeState::digest)
+                    .unwrap_or_default();
+                (id.clone(), entry)
+            })
+            .collect();
+        Digest { node_digests }
+    }
+
+    fn compute_delta(
+        &self,
+        digest: &Digest,
+        mtu: usize,
+        scheduled_for_deletion: &HashSet<&ChitchatId>,
+        scoped: bool,
+    ) -> Delta {
         let mut stale_nodes = SortedStaleNodes::default();
 
         for (chitchat_id, node_state) in &self.node_states {
-            if scheduled_for_deletion.contains(chitchat_id) {
+            if scheduled_for_deletion.contains(chitchat_id)
+                || (scoped && !digest.node_digests.contains_key(chitchat_id))
+            {
                 continue;
             }
 

@@ -76,7 +76,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
-use chitchat::{Chitchat, ChitchatEnvelope, ChitchatHandle, ChitchatId, ChitchatMessage};
+use chitchat::{Chitchat, ChitchatEnvelope, ChitchatHandle, ChitchatId};
 use chitchat::{NodeState, ProtocolVersion, spawn_chitchat};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -84,7 +84,7 @@ use mesh_api::ServiceKey;
 use mesh_api::gossip::{self, NodeInfo, ServiceInfo};
 use mesh_api::name::Label;
 use meshd::config::{DEFAULT_GOSSIP_INTERVAL, Protocol};
-use meshd::gossip_seal::{MAX_PLAINTEXT_LEN, SEAL_OVERHEAD};
+use meshd::gossip_seal::{MAX_PLAINTEXT_LEN, MessageKind, SEAL_OVERHEAD};
 use meshd::membership;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
@@ -955,8 +955,17 @@ impl LagProbe {
 // === impl CountingTransport ===
 
 /// Message kinds, in counter order.
-const KINDS: usize = 4;
-const KIND_NAMES: [&str; KINDS] = ["syn", "syn-ack", "ack", "bad-cluster"];
+/// Message kinds counted, in [`MessageKind`] order.
+const KINDS: usize = MessageKind::ALL.len();
+const KIND_NAMES: [&str; KINDS] = [
+    "syn",
+    "syn-ack",
+    "ack",
+    "bad-cluster",
+    "ping",
+    "ping-req",
+    "ping-ack",
+];
 
 #[derive(Default)]
 struct Counters {
@@ -1059,12 +1068,7 @@ impl Socket for CountingSocket {
         Self: 'f,
     {
         Box::pin(async move {
-            let kind = match envelope.message {
-                ChitchatMessage::Syn { .. } => 0,
-                ChitchatMessage::SynAck { .. } => 1,
-                ChitchatMessage::Ack { .. } => 2,
-                ChitchatMessage::BadCluster => 3,
-            };
+            let kind = MessageKind::of(&envelope.message) as usize;
             // The only error of ChannelTransport's send is "larger than the MTU".
             let outcome = self.inner.send(to, envelope).await;
             match &outcome {

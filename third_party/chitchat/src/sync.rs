@@ -1,0 +1,243 @@
+//! Which entries a V2 digest carries (meshd): a bounded scope instead of every member.
+//!
+//! A V1 SYN lists every member, with a heartbeat that changes every round, so each message
+//! grows with the cluster and gossip costs every node O(N) bytes per round. In V2 liveness moves
+//! to SWIM probes (`swim.rs`) and a SYN lists only:
+//!
+//! - the sender's own entry (so a peer learns of a new node on first contact);
+//! - the entries that changed here recently, newest first, capped: what is spreading now is
+//!   pushed by everyone who has it, which is what makes a change reach every node in O(log N)
+//!   rounds, as before;
+//! - a window that rotates over the whole table, so a difference that is no longer recent
+//!   anywhere (a node cut off while it spread) is still found, in N / window SYNs;
+//! - every entry, on a SYN out of `full_every` and while this node is catching up (its last
+//!   exchange taught it something outside that scope): the slow anti-entropy round of
+//!   Serf's push-pull, and the fast path for a node that just joined.
+//!
+//! The reply compares versions for exactly the ids of the SYN (scuttlebutt restricted to that
+//! scope), so bytes per node stay flat in N at steady state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::{ChitchatId, NodeState, Version};
+
+/// How the scope of V2 digests is chosen.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// An entry counts as recent this long after it last changed here.
+    pub recent_window: Duration,
+    /// Most recent entries one digest carries.
+    pub recent_max: usize,
+    /// Entries of the rotating window in each digest.
+    pub window: usize,
+    /// One SYN in this many carries every entry.
+    pub full_every: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            recent_window: Duration::from_secs(2),
+            recent_max: 32,
+            window: 8,
+            full_every: 50,
+        }
+    }
+}
+
+/// Per-node bookkeeping for digest scopes.
+pub(crate) struct Sync {
+    config: SyncConfig,
+    /// Last seen (last GC version, max version) of each entry and when it changed.
+    stamps: HashMap<ChitchatId, ((Version, Version), Instant)>,
+    /// Where the rotating window resumes (the last id it covered).
+    cursor: Option<ChitchatId>,
+    /// SYNs sent since the last full one.
+    since_full: u32,
+    /// The last exchange changed state outside what recent entries explain: go full.
+    catching_up: bool,
+}
+
+impl Sync {
+    pub(crate) fn new(config: SyncConfig) -> Self {
+        Self {
+            config,
+            stamps: HashMap::new(),
+            cursor: None,
+            // The first SYNs of a node are full: it knows nothing yet.
+            since_full: u32::MAX,
+            catching_up: true,
+        }
+    }
+
+    /// Notes which entries changed since the last call (once per round: O(N) but no
+    /// allocation for entries that did not change). Entries leave through [`Self::forget`].
+    pub(crate) fn observe<'a>(
+        &mut self,
+        states: impl Iterator<Item = (&'a ChitchatId, &'a NodeState)>,
+        now: Instant,
+    ) {
+        for (id, state) in states {
+            let versions = state.monotonic_property();
+            match self.stamps.get_mut(id) {
+                Some((known, at)) if *known != versions => {
+                    *known = versions;
+                    *at = now;
+                }
+                Some(_) => {}
+                None => {
+                    self.stamps.insert(id.clone(), (versions, now));
+                }
+            }
+        }
+    }
+
+    /// Forgets an entry removed from the table.
+    pub(crate) fn forget(&mut self, id: &ChitchatId) {
+        self.stamps.remove(id);
+    }
+
+    /// Ids changed within the recent window, newest first, at most `recent_max`.
+    pub(crate) fn recent(&self, now: Instant) -> Vec<ChitchatId> {
+        let horizon = now.checked_sub(self.config.recent_window);
+        let mut recent: Vec<(&ChitchatId, Instant)> = self
+            .stamps
+            .iter()
+            .filter(|(_, (_, at))| horizon.is_none_or(|horizon| *at > horizon))
+            .map(|(id, (_, at))| (id, *at))
+            .collect();
+        recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        recent
+            .into_iter()
+            .take(self.config.recent_max)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The next `window` ids of the table after the cursor, wrapping around; moves the cursor.
+    pub(crate) fn window<V>(&mut self, table: &BTreeMap<ChitchatId, V>) -> Vec<ChitchatId> {
+        let take = self.config.window.min(table.len());
+        let after = match &self.cursor {
+            Some(cursor) => table
+                .range::<ChitchatId, _>((
+                    std::ops::Bound::Excluded(cursor),
+                    std::ops::Bound::Unbounded,
+                ))
+                .map(|(id, _)| id)
+                .chain(table.keys())
+                .take(take)
+                .cloned()
+                .collect::<Vec<_>>(),
+            None => table.keys().take(take).cloned().collect(),
+        };
+        self.cursor = after.last().cloned();
+        after
+    }
+
+    /// Whether the next SYN carries every entry (and counts it).
+    pub(crate) fn next_is_full(&mut self) -> bool {
+        let full = self.catching_up || self.since_full >= self.config.full_every;
+        if full {
+            self.since_full = 0;
+            self.catching_up = false;
+        } else {
+            self.since_full = self.since_full.saturating_add(1);
+        }
+        full
+    }
+
+    /// An exchange brought entries this node did not know of or could not fit in one message:
+    /// the next SYN goes full.
+    pub(crate) fn catch_up(&mut self) {
+        self.catching_up = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: u16) -> ChitchatId {
+        ChitchatId::for_local_test(10_000 + i)
+    }
+
+    fn table(n: u16) -> BTreeMap<ChitchatId, ()> {
+        (0..n).map(|i| (id(i), ())).collect()
+    }
+
+    fn sync(window: usize) -> Sync {
+        Sync::new(SyncConfig {
+            recent_window: Duration::from_secs(2),
+            recent_max: 3,
+            window,
+            full_every: 4,
+        })
+    }
+
+    #[test]
+    fn window_rotates_over_the_whole_table() {
+        let table = table(5);
+        let mut sync = sync(2);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.extend(sync.window(&table));
+        }
+        // 10 picks over 5 ids: each id exactly twice, in order, wrapping.
+        let expected: Vec<_> = (0..10).map(|i| id(i % 5)).collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn window_never_repeats_an_id_within_one_digest() {
+        let table = table(2);
+        let mut sync = sync(8);
+        assert_eq!(sync.window(&table), vec![id(0), id(1)]);
+        assert_eq!(sync.window(&table), vec![id(0), id(1)]);
+        assert!(sync.window(&BTreeMap::<ChitchatId, ()>::new()).is_empty());
+    }
+
+    #[test]
+    fn full_first_then_one_in_full_every_and_on_catch_up() {
+        let mut sync = sync(2);
+        let pattern: Vec<bool> = (0..10).map(|_| sync.next_is_full()).collect();
+        assert_eq!(
+            pattern,
+            vec![
+                true, false, false, false, false, true, false, false, false, false
+            ]
+        );
+        sync.catch_up();
+        assert!(sync.next_is_full());
+        assert!(!sync.next_is_full());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_is_newest_first_capped_and_expires() {
+        let mut states: BTreeMap<ChitchatId, NodeState> = BTreeMap::new();
+        for i in 0..5 {
+            states.insert(id(i), NodeState::for_test());
+        }
+        let mut sync = sync(2);
+        let t0 = Instant::now();
+        sync.observe(states.iter(), t0);
+        // Everything is new at first sight; the cap keeps three.
+        assert_eq!(sync.recent(t0).len(), 3);
+        let t1 = t0 + Duration::from_secs(3);
+        assert!(sync.recent(t1).is_empty(), "first sight expired");
+        states.get_mut(&id(4)).unwrap().set("k", "v");
+        sync.observe(states.iter(), t1);
+        let t2 = t1 + Duration::from_millis(100);
+        states.get_mut(&id(1)).unwrap().set("k", "v");
+        sync.observe(states.iter(), t2);
+        assert_eq!(sync.recent(t2), vec![id(1), id(4)]);
+        assert_eq!(
+            sync.recent(t2 + Duration::from_secs(2)),
+            Vec::<ChitchatId>::new()
+        );
+        sync.forget(&id(1));
+        assert_eq!(sync.recent(t2), vec![id(4)]);
+    }
+}

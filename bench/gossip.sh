@@ -38,6 +38,8 @@
 #                            digests at that size (with protocol V0 they no longer fit one sealed
 #                            datagram, the size limit of meshd gossip; with V1 they do)
 #   SEED [1]                 seed of the random choices
+#   PROTOCOLS [v2]           gossip protocols, each over every size: v2 (what meshd ships),
+#                            v1 (meshd before V2: every member in every digest), v0
 #   BOOT_SPREAD [""]         nodes start within this (default: one gossip interval); 5s matches
 #                            bench/gossip_real.sh at 100 nodes (it starts 20 meshd per second)
 set -euo pipefail
@@ -58,6 +60,7 @@ GOSSIP_INTERVAL=${GOSSIP_INTERVAL:-200ms}
 CONVERGE_TIMEOUT=${CONVERGE_TIMEOUT:-5m}
 MAX_RSS_MB=${MAX_RSS_MB:-12500}
 CEILING=${CEILING:-1}
+PROTOCOLS=${PROTOCOLS:-v2}
 SEED=${SEED:-1}
 CEILING_NODES=240
 
@@ -82,6 +85,9 @@ trap 'exit 130' INT TERM
 
 for n in $NODES $ALSO_REAL; do
   [[ $n =~ ^[0-9]+$ && $n -ge 2 && $n -le 60000 ]] || die "NODES and ALSO_REAL entries must be 2..60000, got '$n'"
+done
+for p in $PROTOCOLS; do
+  [[ $p =~ ^v[012]$ ]] || die "PROTOCOLS entries must be v0, v1 or v2, got '$p'"
 done
 [[ $REAL == 0 || $REAL == 1 ]] || die "REAL must be 0 or 1, got '$REAL'"
 if [ "$REAL" = 1 ]; then CLOCK_ARGS=(); CLOCK=real; else CLOCK_ARGS=(--virtual-time); CLOCK=virtual; fi
@@ -137,7 +143,9 @@ busy_cores() { # vCPUs busy (not idle, not iowait) over the next $1 seconds, fro
 BUSY_START=$(busy_cores 3)
 : >"$TMP/failed.md"
 for n in $ALSO_REAL; do [ "$REAL" = 1 ] || run_one "real-n$n" "$n"; done
-for n in $NODES; do run_one "n$n" "$n" "${CLOCK_ARGS[@]}"; done
+for p in $PROTOCOLS; do
+  for n in $NODES; do run_one "n$n-$p" "$n" "${CLOCK_ARGS[@]}" --protocol "$p"; done
+done
 if [ "$CEILING" = 1 ]; then
   REPS=1 DEATH_REPS=0 CONVERGE_TIMEOUT=60s run_one ceiling "$CEILING_NODES" \
     --name-suffix "$(long_suffix)" --endpoint-timeout 20s "${CLOCK_ARGS[@]}"

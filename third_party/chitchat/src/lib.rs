@@ -257,10 +257,11 @@ impl Chitchat {
                 delta,
                 updates,
             } if self.is_v2() => Some(self.process_syn_ack2(digest, delta, updates)),
-            ChitchatMessage::Ack2 { delta, updates } if self.is_v2() => {
-                self.process_ack2(delta, updates);
-                None
-            }
+            ChitchatMessage::Ack2 {
+                delta,
+                request,
+                updates,
+            } if self.is_v2() => self.process_ack2(delta, request, updates),
             // Probes are the server's (`probe.rs`); a V1 node ignores V2 messages.
             ChitchatMessage::SynAck2 { .. }
             | ChitchatMessage::Ack2 { .. }

@@ -36,16 +36,20 @@ pub enum ChitchatMessage {
         digest: Digest,
         updates: Vec<MemberUpdate>,
     },
-    /// V2 SYN-ACK: B's entries for exactly the ids of A's digest (every entry of B when A's
-    /// was full), what A lacks among them, and updates.
+    /// V2 SYN-ACK: B's entries for the ids of A's digest and for B's own recent changes
+    /// (every entry of B when A's was full), what A lacks among the ids of A's digest, and
+    /// updates.
     SynAck2 {
         digest: Digest,
         delta: Delta,
         updates: Vec<MemberUpdate>,
     },
-    /// V2 ACK: what B lacks among the ids of B's SYN-ACK digest, and updates.
+    /// V2 ACK: what B lacks among the ids of B's SYN-ACK digest; A's versions of the ids B
+    /// has newer (B's recent changes A lacks: B answers with one more `Ack2` carrying them and
+    /// an empty request, so a change is pulled as well as pushed); and updates.
     Ack2 {
         delta: Delta,
+        request: Digest,
         updates: Vec<MemberUpdate>,
     },
     /// SWIM probe: `target` answers with a [`ChitchatMessage::PingAck`] of the same `seq`.

@@ -217,9 +217,14 @@ fn serialize_v2(message: &ChitchatMessage, version: ProtocolVersion, buf: &mut V
             delta.serialize(buf);
             updates
         }
-        ChitchatMessage::Ack2 { delta, updates } => {
+        ChitchatMessage::Ack2 {
+            delta,
+            request,
+            updates,
+        } => {
             buf.push(MessageType::Ack2.to_code());
             delta.serialize(buf);
+            request.serialize(version, buf);
             updates
         }
         ChitchatMessage::Ping {
@@ -293,8 +298,13 @@ fn deserialize_v2(
         }
         MessageType::Ack2 => {
             let delta = Delta::deserialize(buf)?;
+            let request = Digest::deserialize(version, buf)?;
             let updates = deserialize_updates(buf)?;
-            ChitchatMessage::Ack2 { delta, updates }
+            ChitchatMessage::Ack2 {
+                delta,
+                request,
+                updates,
+            }
         }
         MessageType::Ping | MessageType::PingReq => {
             let seq = u64::deserialize(buf)?;

@@ -72,8 +72,12 @@ impl Chitchat {
         let echo = if full {
             self.cluster_state.compute_digest(&sfd_ref)
         } else {
-            self.cluster_state
-                .compute_digest_of(digest.node_digests.keys(), &sfd_ref)
+            // Our recent changes too, so the initiator can ask for those it lacks (pull).
+            self.sync
+                .observe(self.cluster_state.node_states().iter(), now);
+            let recent = self.sync.recent(now);
+            let ids = digest.node_digests.keys().chain(recent.iter());
+            self.cluster_state.compute_digest_of(ids, &sfd_ref)
         };
         if let Some(swim) = self.swim.as_ref() {
             news.extend(swim.news_for(&from));
@@ -122,18 +126,62 @@ impl Chitchat {
         self.process_delta_v2(delta);
         let sfd: HashSet<ChitchatId> = self.scheduled_for_deletion_nodes().cloned().collect();
         let sfd_ref: HashSet<&ChitchatId> = sfd.iter().collect();
+        let request = self.behind_on(&digest, &sfd_ref);
         let updates = self.piggyback(PIGGYBACK_BYTES);
+        let reserved = updates_len(&updates) + request.serialized_len(self.config.protocol_version);
         let delta = self.cluster_state.compute_scoped_delta_respecting_mtu(
             &digest,
-            delta_mtu(updates_len(&updates)),
+            delta_mtu(reserved),
             &sfd_ref,
         );
-        ChitchatMessage::Ack2 { delta, updates }
+        ChitchatMessage::Ack2 {
+            delta,
+            request,
+            updates,
+        }
     }
 
-    pub(crate) fn process_ack2(&mut self, delta: Delta, updates: Vec<MemberUpdate>) {
+    /// Our digest of the ids `digest` shows newer than we hold.
+    fn behind_on(&self, digest: &Digest, sfd: &HashSet<&ChitchatId>) -> Digest {
+        let behind = digest.node_digests.iter().filter(|(id, theirs)| {
+            !sfd.contains(id)
+                && self
+                    .cluster_state
+                    .node_state(id)
+                    .is_some_and(|ours| ours.max_version() < theirs.max_version)
+        });
+        self.cluster_state
+            .compute_digest_of(behind.map(|(id, _)| id), sfd)
+    }
+
+    /// An ACK; one with a request is answered with what was asked for.
+    pub(crate) fn process_ack2(
+        &mut self,
+        delta: Delta,
+        request: Digest,
+        updates: Vec<MemberUpdate>,
+    ) -> Option<ChitchatMessage> {
         self.apply_updates(&updates, Instant::now());
         self.process_delta_v2(delta);
+        if request.node_digests.is_empty() {
+            return None;
+        }
+        let sfd: HashSet<ChitchatId> = self.scheduled_for_deletion_nodes().cloned().collect();
+        let sfd_ref: HashSet<&ChitchatId> = sfd.iter().collect();
+        let updates = self.piggyback(PIGGYBACK_BYTES);
+        let delta = self.cluster_state.compute_scoped_delta_respecting_mtu(
+            &request,
+            delta_mtu(
+                updates_len(&updates)
+                    + Digest::default().serialized_len(self.config.protocol_version),
+            ),
+            &sfd_ref,
+        );
+        Some(ChitchatMessage::Ack2 {
+            delta,
+            request: Digest::default(),
+            updates,
+        })
     }
 
     /// Applies a delta; one that touched ids outside what this node held recently means it is
@@ -142,6 +190,11 @@ impl Chitchat {
         let nodes = delta.node_deltas.len();
         if nodes > 0 && delta_fills_message(&delta) {
             self.sync.catch_up();
+        }
+        if nodes > 0 {
+            // meshd rebuilds its view from the live-nodes watch: publish the change now rather
+            // than at the end of the round.
+            self.liveness_dirty = true;
         }
         self.process_delta(delta);
     }
@@ -315,4 +368,167 @@ fn dead_members(swim: &crate::swim::Swim, self_id: &ChitchatId, max: usize) -> V
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::{ChitchatConfig, ChitchatEnvelope, ProtocolVersion};
+
+    fn node(port: u16) -> Chitchat {
+        node_with_window(port, crate::SyncConfig::default().window)
+    }
+
+    fn node_with_window(port: u16, window: usize) -> Chitchat {
+        let mut config = ChitchatConfig::for_test(port);
+        config.sync.window = window;
+        config.protocol_version = ProtocolVersion::V2;
+        config.gossip_interval = Duration::from_millis(200);
+        let seeds: watch::Receiver<HashSet<SocketAddr>> = watch::channel(HashSet::new()).1;
+        Chitchat::with_chitchat_id_and_seeds(config, seeds, Vec::new())
+    }
+
+    /// Runs a V2 exchange initiated by `a`, through the wire codec, and returns the messages'
+    /// encoded sizes.
+    fn exchange(a: &mut Chitchat, b: &mut Chitchat) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        let mut wire = |message: ChitchatMessage| {
+            let envelope = ChitchatEnvelope {
+                version: ProtocolVersion::V2,
+                message,
+            };
+            let bytes = envelope.serialize_to_vec();
+            sizes.push(bytes.len());
+            ChitchatEnvelope::deserialize(&mut &bytes[..])
+                .unwrap()
+                .message
+        };
+        let syn = wire(a.create_syn_message());
+        let mut reply = b.process_message(syn);
+        let mut turn = 0;
+        while let Some(message) = reply {
+            let message = wire(message);
+            reply = if turn % 2 == 0 {
+                a.process_message(message)
+            } else {
+                b.process_message(message)
+            };
+            turn += 1;
+            assert!(turn < 4, "an exchange is at most four messages");
+        }
+        sizes
+    }
+
+    fn value(of: &Chitchat, owner: &Chitchat, key: &str) -> Option<String> {
+        of.node_state(owner.self_chitchat_id())?
+            .get(key)
+            .map(str::to_owned)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_is_pushed_and_pulled() {
+        // No rotating window: only recent changes are compared, so the pull is what finds it.
+        let (mut a, mut b, mut c) = (
+            node_with_window(20_001, 0),
+            node_with_window(20_002, 0),
+            node_with_window(20_003, 0),
+        );
+        // Everyone meets everyone (first SYNs are full).
+        for _ in 0..2 {
+            exchange(&mut a, &mut b);
+            exchange(&mut b, &mut c);
+            exchange(&mut c, &mut a);
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Push: c changes and initiates.
+        c.self_node_state().set("k", "pushed");
+        exchange(&mut c, &mut a);
+        assert_eq!(value(&a, &c, "k").as_deref(), Some("pushed"));
+        // Pull: b initiates with a, which holds c's change as recent; b's own digest does not
+        // list it as changed.
+        assert_eq!(value(&b, &c, "k"), None);
+        let sizes = exchange(&mut b, &mut a);
+        assert_eq!(value(&b, &c, "k").as_deref(), Some("pushed"));
+        assert_eq!(
+            sizes.len(),
+            4,
+            "SYN, SYN-ACK, ACK with a request, ACK answering it"
+        );
+    }
+
+    /// Median SYN size of a hub in a settled cluster of `n`, and its full digest's size.
+    async fn settled_syn_size(n: u16, base: u16) -> (usize, usize) {
+        let mut nodes: Vec<Chitchat> = (0..n).map(|i| node(base + i)).collect();
+        let (hub, rest) = nodes.split_first_mut().unwrap();
+        for other in rest.iter_mut() {
+            exchange(other, hub);
+        }
+        for other in rest.iter_mut() {
+            exchange(hub, other);
+        }
+        // Long after every entry stopped being recent.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let (hub, rest) = nodes.split_first_mut().unwrap();
+        let mut sizes: Vec<usize> = (0..20).map(|i| exchange(hub, &mut rest[i])[0]).collect();
+        sizes.sort_unstable();
+        let full = hub.cluster_state.compute_digest(&HashSet::new());
+        (
+            sizes[sizes.len() / 2],
+            full.serialized_len(ProtocolVersion::V2),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steady_state_digests_do_not_grow_with_the_table() {
+        let (small, small_full) = settled_syn_size(30, 21_000).await;
+        let (large, large_full) = settled_syn_size(240, 22_000).await;
+        assert!(large_full > 3 * small_full, "{large_full} vs {small_full}");
+        // Eight times the members; the SYN keeps its size (own entry and an 8-entry window).
+        assert!(
+            large * 10 < small * 13,
+            "SYN of {large} bytes at 240 members vs {small} at 30"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_node_is_told_and_refutes_back_in() {
+        let (mut a, mut b) = (node(23_001), node(23_002));
+        exchange(&mut a, &mut b);
+        exchange(&mut b, &mut a);
+        let b_id = b.self_chitchat_id().clone();
+        // a declared b dead and collected it, as after a long partition.
+        a.cluster_state.remove_node(&b_id);
+        a.swim.as_mut().unwrap().remove(&b_id);
+        assert!(a.node_state(&b_id).is_none());
+        // b's next SYN lists itself at the incarnation a forgot: a tells b it is dead...
+        exchange(&mut b, &mut a);
+        assert!(a.node_state(&b_id).is_none());
+        assert!(b.swim.as_ref().unwrap().incarnation() > 1, "b refuted");
+        // ...and b, at a higher incarnation, is taken back.
+        exchange(&mut b, &mut a);
+        assert!(a.node_state(&b_id).is_some());
+    }
+
+    #[test]
+    fn v2_messages_need_a_v2_envelope() {
+        let message = ChitchatMessage::PingAck {
+            seq: 7,
+            from: ChitchatId::for_local_test(1),
+            updates: Vec::new(),
+        };
+        let mut bytes = ChitchatEnvelope {
+            version: ProtocolVersion::V2,
+            message,
+        }
+        .serialize_to_vec();
+        assert!(ChitchatEnvelope::deserialize(&mut &bytes[..]).is_ok());
+        bytes[2] = ProtocolVersion::V1.to_code();
+        assert!(ChitchatEnvelope::deserialize(&mut &bytes[..]).is_err());
+    }
 }

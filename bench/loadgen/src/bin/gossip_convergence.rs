@@ -180,10 +180,11 @@ struct RunArgs {
     /// Appended to node names (`node-0001` + suffix): longer names make every digest longer.
     #[arg(long, default_value = "")]
     name_suffix: String,
-    /// Gossip with chitchat's protocol V0 (uncompressed digests) instead of the V1 meshd ships:
-    /// for comparison with older meshd builds.
-    #[arg(long)]
-    protocol_v0: bool,
+    /// Gossip protocol: `v2` (what meshd ships: bounded digests, SWIM failure detection),
+    /// `v1` (every member in every digest, compressed; meshd before V2) or `v0` (uncompressed):
+    /// for before/after comparisons.
+    #[arg(long, default_value = "v2", value_parser = parse_protocol)]
+    protocol: ProtocolVersion,
     /// Simulate in virtual time: one thread, tokio's clock paused and moved by the simulation
     /// (see the top of the source). Needs tokio's `test-util` feature.
     #[arg(long)]
@@ -371,7 +372,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         "seeds_per_node": SEEDS_PER_NODE,
         "boot_spread_ms": args.boot_spread.unwrap_or(interval).as_secs_f64() * 1e3,
         "node_name_example": node_name(0, &args.name_suffix),
-        "protocol": if args.protocol_v0 { "V0" } else { "V1" },
+        "protocol": format!("{:?}", args.protocol),
         "tokio_workers": rt.metrics().num_workers(),
         "cpus": std::thread::available_parallelism().map_or(0, |c| c.get()),
         "loadavg_start": loadavg(),
@@ -512,9 +513,7 @@ fn spawn_cluster(
             .collect();
         let mut config =
             membership::chitchat_config(id.clone(), CLUSTER_ID.to_owned(), addr, seeds, interval);
-        if args.protocol_v0 {
-            config.protocol_version = ProtocolVersion::V0;
-        }
+        config.protocol_version = args.protocol;
         let transport = transport.clone();
         starting.push(rt.spawn(async move {
             tokio::time::sleep(offset).await;
@@ -1328,10 +1327,19 @@ fn nodes_label(r: &Value) -> String {
     if name_len != node_name(0, "").len() {
         let _ = write!(label, " ({name_len}-character names)");
     }
-    if r["protocol"] == "V0" {
-        label += " (protocol V0)";
+    if let Some(protocol) = r["protocol"].as_str().filter(|p| *p != "V2") {
+        let _ = write!(label, " (protocol {protocol})");
     }
     label
+}
+
+fn parse_protocol(s: &str) -> Result<ProtocolVersion, String> {
+    match s {
+        "v0" => Ok(ProtocolVersion::V0),
+        "v1" => Ok(ProtocolVersion::V1),
+        "v2" => Ok(ProtocolVersion::V2),
+        _ => Err(format!("unknown protocol {s:?}: v0, v1 or v2")),
+    }
 }
 
 /// The cost row of one run.

@@ -103,6 +103,10 @@ pub struct Chitchat {
     /// meshd: when a peer's message last arrived, and since when none has (`v2.rs`).
     last_heard: tokio::time::Instant,
     deaf_since: Option<tokio::time::Instant>,
+    /// meshd: when the table was last scanned for changes (`v2.rs`).
+    last_scan: tokio::time::Instant,
+    /// meshd: when the live-nodes watch was last recomputed.
+    pub(crate) last_liveness: tokio::time::Instant,
 }
 
 /// Upper bound of a digest entry's bytes besides the node id: heartbeat, last GC version and
@@ -135,6 +139,8 @@ impl Chitchat {
             liveness_dirty: false,
             last_heard: tokio::time::Instant::now(),
             deaf_since: None,
+            last_scan: tokio::time::Instant::now(),
+            last_liveness: tokio::time::Instant::now(),
         };
 
         let self_node_state = chitchat.self_node_state();
@@ -309,6 +315,7 @@ impl Chitchat {
     /// Marks the node as dead or alive depending on the new phi values and updates the live nodes
     /// watcher accordingly.
     pub(crate) fn update_nodes_liveness(&mut self) {
+        self.last_liveness = tokio::time::Instant::now();
         if self.is_v2() {
             self.update_liveness_v2(tokio::time::Instant::now());
         } else {

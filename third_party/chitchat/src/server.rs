@@ -224,7 +224,15 @@ struct Server {
     rng: SmallRng,
     /// meshd: SWIM probes, with protocol V2.
     prober: Option<Prober>,
+    /// meshd: when the live-nodes watch is due for a recomputation deferred by
+    /// [`LIVENESS_MIN_GAP`].
+    liveness_due: Option<time::Instant>,
 }
+
+/// Least time between two recomputations of the live-nodes watch on account of messages (it
+/// clones every member's state: done per message, a large cluster's bootstrap spends its CPU
+/// there).
+const LIVENESS_MIN_GAP: Duration = Duration::from_millis(40);
 
 impl Server {
     async fn new(
@@ -246,6 +254,7 @@ impl Server {
             transport,
             rng,
             prober,
+            liveness_due: None,
         }
     }
 
@@ -254,6 +263,7 @@ impl Server {
         let gossip_interval = self.chitchat.lock().await.config.gossip_interval;
         let mut gossip_interval = time::interval(gossip_interval);
         loop {
+            let deadline = self.next_deadline();
             tokio::select! {
                 result = self.transport.recv() => match result {
                     Ok(RecvOutcome { from_addr, envelope, .. }) => {
@@ -269,7 +279,7 @@ impl Server {
                 _ = gossip_interval.tick() => {
                     self.gossip_multiple().await
                 },
-                _ = sleep_until_opt(self.prober.as_ref().and_then(Prober::next_deadline)) => {
+                _ = sleep_until_opt(deadline) => {
                     self.probe_due().await
                 },
                 command = self.command_rx.recv() => match command {
@@ -308,7 +318,12 @@ impl Server {
                 };
                 out.extend(prober.confirmations(&mut chitchat, now));
                 if chitchat.liveness_dirty {
-                    chitchat.update_nodes_liveness();
+                    let due = chitchat.last_liveness + LIVENESS_MIN_GAP;
+                    if now >= due {
+                        chitchat.update_nodes_liveness();
+                    } else {
+                        self.liveness_due = Some(due);
+                    }
                 }
                 out
             };
@@ -345,8 +360,18 @@ impl Server {
         Ok(())
     }
 
-    /// meshd: probe actions that fell due between rounds.
+    /// meshd: the next probe action or deferred live-nodes update.
+    fn next_deadline(&self) -> Option<time::Instant> {
+        let probe = self.prober.as_ref().and_then(Prober::next_deadline);
+        match (probe, self.liveness_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// meshd: probe actions that fell due between rounds, and the live-nodes watch.
     async fn probe_due(&mut self) {
+        self.liveness_due = None;
         let Some(prober) = self.prober.as_mut() else {
             return;
         };

@@ -680,11 +680,19 @@ impl ClusterState {
         scoped: bool,
     ) -> Delta {
         let mut stale_nodes = SortedStaleNodes::default();
-
-        for (chitchat_id, node_state) in &self.node_states {
-            if scheduled_for_deletion.contains(chitchat_id)
-                || (scoped && !digest.node_digests.contains_key(chitchat_id))
-            {
+        // A scoped digest is small: walk it, not the table.
+        let candidates: Box<dyn Iterator<Item = (&ChitchatId, &NodeState)>> = if scoped {
+            Box::new(
+                digest
+                    .node_digests
+                    .keys()
+                    .filter_map(|id| self.node_states.get_key_value(id)),
+            )
+        } else {
+            Box::new(self.node_states.iter())
+        };
+        for (chitchat_id, node_state) in candidates {
+            if scheduled_for_deletion.contains(chitchat_id) {
                 continue;
             }
 

@@ -1037,9 +1037,30 @@ mod tests {
     }
 
     #[test]
+    fn k_for_small_clusters() {
+        let t0 = Instant::now();
+        // Two members with self: nobody can confirm, so K = 1 and the lone suspicion runs to
+        // the ceiling; three: one confirmation brings it to the floor.
+        let mut swim = swim_with(Some(Status::Alive), 5, t0);
+        let (floor, ceiling) = (Duration::from_secs(1), Duration::from_secs(6));
+        assert!(swim.apply(&upd(Suspect, 1, 5, 2), t0));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + ceiling));
+        let mut swim = swim_with(Some(Status::Alive), 5, t0);
+        swim.observe(&id(20), 1, t0);
+        assert!(swim.apply(&upd(Suspect, 1, 5, 2), t0));
+        assert!(swim.apply(&upd(Suspect, 1, 5, 20), t0));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + floor));
+    }
+
+    #[test]
     fn test_deadline_recomputed_from_start() {
         let t0 = Instant::now();
         let mut swim = swim_with(Some(Status::Alive), 5, t0);
+        // Five members with self, so K = 3 confirmations are possible (a smaller cluster
+        // lowers K: `k_for_small_clusters`).
+        for i in 20..23 {
+            swim.observe(&id(i), 1, t0);
+        }
         let (floor, ceiling) = (Duration::from_secs(1), Duration::from_secs(6));
         assert!(swim.apply(&upd(Suspect, 1, 5, 2), t0));
         assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + ceiling));

@@ -81,16 +81,21 @@ impl Sync {
         now: Instant,
     ) {
         for (id, state) in states {
-            let versions = state.monotonic_property();
-            match self.stamps.get_mut(id) {
-                Some((known, at)) if *known != versions => {
-                    *known = versions;
-                    *at = now;
-                }
-                Some(_) => {}
-                None => {
-                    self.stamps.insert(id.clone(), (versions, now));
-                }
+            self.touch(id, state.monotonic_property(), now);
+        }
+    }
+
+    /// Notes one entry's versions now (after a delta touched it, or when it was admitted):
+    /// O(1), where [`Self::observe`] scans the table.
+    pub(crate) fn touch(&mut self, id: &ChitchatId, versions: (Version, Version), now: Instant) {
+        match self.stamps.get_mut(id) {
+            Some((known, at)) if *known != versions => {
+                *known = versions;
+                *at = now;
+            }
+            Some(_) => {}
+            None => {
+                self.stamps.insert(id.clone(), (versions, now));
             }
         }
     }

@@ -22,6 +22,8 @@ pub(crate) const PIGGYBACK_BYTES: usize = 600;
 const DEAF_AFTER_ROUNDS: u32 = 3;
 /// Longest time a cut-off node holds its suspicions: past it, silence means the others died.
 const MAX_DEAF_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Rounds between full scans of the table for changes (`note_changes`).
+const FULL_SCAN_ROUNDS: u32 = 10;
 /// Dead members told to a peer on a full exchange (so a node that just joined does not take a
 /// long-dead member it learns of from a table for a live one).
 const DEAD_ON_FULL: usize = 16;
@@ -36,8 +38,7 @@ impl Chitchat {
         let now = Instant::now();
         let sfd: HashSet<ChitchatId> = self.scheduled_for_deletion_nodes().cloned().collect();
         let sfd_ref: HashSet<&ChitchatId> = sfd.iter().collect();
-        self.sync
-            .observe(self.cluster_state.node_states().iter(), now);
+        self.note_changes(now);
         let full = self.sync.next_is_full();
         let digest = if full {
             self.cluster_state.compute_digest(&sfd_ref)
@@ -73,8 +74,6 @@ impl Chitchat {
             self.cluster_state.compute_digest(&sfd_ref)
         } else {
             // Our recent changes too, so the initiator can ask for those it lacks (pull).
-            self.sync
-                .observe(self.cluster_state.node_states().iter(), now);
             let recent = self.sync.recent(now);
             let ids = digest.node_digests.keys().chain(recent.iter());
             self.cluster_state.compute_digest_of(ids, &sfd_ref)
@@ -184,9 +183,29 @@ impl Chitchat {
         })
     }
 
+    /// Notes what changed for the recent set: this node's own entry always (cheap), the whole
+    /// table once in a while (a safety net for changes that bypass deltas: key GC, resets).
+    fn note_changes(&mut self, now: Instant) {
+        let self_id = self.self_chitchat_id().clone();
+        if let Some(state) = self.cluster_state.node_state(&self_id) {
+            self.sync.touch(&self_id, state.monotonic_property(), now);
+        }
+        let every = self.config.gossip_interval * FULL_SCAN_ROUNDS;
+        if now.saturating_duration_since(self.last_scan) >= every {
+            self.last_scan = now;
+            self.sync
+                .observe(self.cluster_state.node_states().iter(), now);
+        }
+    }
+
     /// Applies a delta; one that touched ids outside what this node held recently means it is
     /// behind, so its next SYN carries every entry.
     fn process_delta_v2(&mut self, delta: Delta) {
+        let touched: Vec<ChitchatId> = delta
+            .node_deltas
+            .iter()
+            .map(|node| node.chitchat_id.clone())
+            .collect();
         let nodes = delta.node_deltas.len();
         if nodes > 0 && delta_fills_message(&delta) {
             self.sync.catch_up();
@@ -197,6 +216,12 @@ impl Chitchat {
             self.liveness_dirty = true;
         }
         self.process_delta(delta);
+        let now = Instant::now();
+        for id in &touched {
+            if let Some(state) = self.cluster_state.node_state(id) {
+                self.sync.touch(id, state.monotonic_property(), now);
+            }
+        }
     }
 
     /// Takes in the ids of a peer's digest (within [`crate::Admission`]) and their
@@ -208,7 +233,8 @@ impl Chitchat {
         from: Option<&ChitchatId>,
         now: Instant,
     ) -> Vec<MemberUpdate> {
-        let mut room = self.admission_room();
+        // Computed (O(N)) only if an unknown id shows up.
+        let mut room: Option<Option<usize>> = None;
         let mut news = Vec::new();
         for (id, entry) in &digest.node_digests {
             // An empty entry is a peer saying it holds nothing of this id.
@@ -228,8 +254,12 @@ impl Chitchat {
                 }
                 continue;
             }
-            if self.cluster_state.node_state(id).is_none() && !self.admit(&mut room, id) {
-                continue;
+            if self.cluster_state.node_state(id).is_none() {
+                let room = room.get_or_insert_with(|| self.admission_room());
+                if !self.admit(room, id) {
+                    continue;
+                }
+                self.sync.touch(id, (0, 0), now);
             }
             self.cluster_state
                 .node_state_mut_or_init(id)

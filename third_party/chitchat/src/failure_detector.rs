@@ -93,6 +93,11 @@ impl FailureDetector {
         }
     }
 
+    /// meshd: whether the node is in the dead set.
+    pub(crate) fn is_dead(&self, chitchat_id: &ChitchatId) -> bool {
+        self.dead_nodes.contains_key(chitchat_id)
+    }
+
     pub fn garbage_collect(&mut self) -> Vec<ChitchatId> {
         let mut garbage_collected_nodes = Vec::new();
         let now = Instant::now();

@@ -317,7 +317,11 @@ impl Chitchat {
     pub(crate) fn update_nodes_liveness(&mut self) {
         self.last_liveness = tokio::time::Instant::now();
         if self.is_v2() {
-            self.update_liveness_v2(tokio::time::Instant::now());
+            if !self.update_liveness_v2(tokio::time::Instant::now()) {
+                // Nothing changed: skip the O(N) comparison below, not the collection.
+                self.garbage_collect_dead_nodes();
+                return;
+            }
         } else {
             for chitchat_id in self.cluster_state.nodes() {
                 if chitchat_id != self.self_chitchat_id() {
@@ -356,7 +360,11 @@ impl Chitchat {
                 error!(current_node = ?self.self_chitchat_id(), "error while reporting membership change event.")
             }
         }
-        // Perform garbage collection.
+        self.garbage_collect_dead_nodes();
+    }
+
+    /// Forgets the nodes dead for longer than the grace period.
+    fn garbage_collect_dead_nodes(&mut self) {
         let garbage_collected_nodes = self.failure_detector.garbage_collect();
         for chitchat_id in &garbage_collected_nodes {
             if chitchat_id != self.self_chitchat_id() {

@@ -372,11 +372,16 @@ impl CompressedStreamWriter {
         let num_bytes_to_compress = self.uncompressed_block.len().min(self.block_threshold);
 
         self.compressed_block.resize(num_bytes_to_compress, 0u8);
-        match zstd::bulk::compress_to_buffer(
-            &self.uncompressed_block[..num_bytes_to_compress],
-            &mut self.compressed_block[..],
-            0, // default compression level
-        ) {
+        let compressed = COMPRESSOR.with_borrow_mut(|compressor| match compressor {
+            Ok(compressor) => compressor
+                .compress_to_buffer(
+                    &self.uncompressed_block[..num_bytes_to_compress],
+                    &mut self.compressed_block[..],
+                )
+                .map_err(|_| ()),
+            Err(_) => Err(()),
+        });
+        match compressed {
             Ok(compressed_len) => {
                 BlockType::Compressed.serialize(&mut self.output);
                 let compressed_len_u16 = u16::try_from(compressed_len).unwrap();
@@ -404,9 +409,32 @@ impl CompressedStreamWriter {
     }
 }
 
+thread_local! {
+    // meshd: one zstd context per thread, not one per block: creating a context (and zeroing a
+    // 64 KiB buffer per message) was a fifth of a large simulated cluster's CPU.
+    static COMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(0));
+    static DECOMPRESSOR: std::cell::RefCell<std::io::Result<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new());
+    static DECOMPRESSED: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(vec![0; u16::MAX as usize]);
+}
+
+fn decompress_block(block: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+    DECOMPRESSED.with_borrow_mut(|buffer| {
+        let len = DECOMPRESSOR.with_borrow_mut(|decompressor| match decompressor {
+            Ok(decompressor) => decompressor
+                .decompress_to_buffer(block, &mut buffer[..])
+                .context("failed to decompress block"),
+            Err(e) => anyhow::bail!("no zstd context: {e}"),
+        })?;
+        out.extend_from_slice(&buffer[..len]);
+        Ok(())
+    })
+}
+
 pub fn deserialize_stream<D: Deserializable>(buf: &mut &[u8]) -> anyhow::Result<Vec<D>> {
     let mut decompressed_data = Vec::new();
-    let mut decompressed_buffer = vec![0; u16::MAX as usize];
     loop {
         let block_type = BlockType::deserialize(buf)?;
         match block_type {
@@ -415,13 +443,8 @@ pub fn deserialize_stream<D: Deserializable>(buf: &mut &[u8]) -> anyhow::Result<
                 let compressed_block_bytes = buf.get(..len).context(
                     "failed to download compressed stream (compressed block): buffer too short",
                 )?;
-                let uncompressed_len = zstd::bulk::decompress_to_buffer(
-                    compressed_block_bytes,
-                    &mut decompressed_buffer[..u16::MAX as usize],
-                )
-                .context("failed to decompress block")?;
+                decompress_block(compressed_block_bytes, &mut decompressed_data)?;
                 buf.advance(len);
-                decompressed_data.extend_from_slice(&decompressed_buffer[..uncompressed_len]);
             }
             BlockType::Uncompressed => {
                 let len = u16::deserialize(buf)? as usize;

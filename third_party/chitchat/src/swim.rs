@@ -344,9 +344,13 @@ impl Swim {
     /// - `Suspect(j, f)`: ignored if `j < i`, or if `s` is Dead and `j == i`. Starts a new
     ///   suspicion (confirmers `{f}`, timer started now) if `j > i`, or if `s` is Alive and
     ///   `j == i`. If `s` is Suspect and `j == i`, `f` is a confirmation: a new confirmer
-    ///   (up to `expected_confirmations + 1` in total) shortens the deadline, recomputed from
-    ///   the suspicion's start, and is forwarded; a repeated or surplus one changes nothing.
-    /// - `Dead(j)`: ignored if `s` is Dead or `j < i`; otherwise X is Dead at `j`.
+    ///   (up to `expected_confirmations + 1` in total, plus room for our own) is recorded and
+    ///   forwarded, and shortens the deadline (recomputed from the suspicion's start) only if
+    ///   our own probe confirmed it too ([`Swim::probe_failed`]); a repeated or surplus one
+    ///   changes nothing.
+    /// - `Dead(j, f)`: ignored if `s` is Dead; otherwise handled exactly as `Suspect(j, f)`
+    ///   (and forwarded as that Suspect). Only our own suspicion timers ([`Swim::tick`])
+    ///   declare another member Dead.
     pub fn apply(&mut self, update: &MemberUpdate, now: Instant) -> bool {
         if update.incarnation > max_accepted_incarnation(update.kind) {
             return false;
@@ -354,13 +358,33 @@ impl Swim {
         if update.node.node_id == self.self_id.node_id {
             return self.apply_about_self(update);
         }
+        // Our own claims come from our own probes and timers, never from the wire: one in
+        // our name there is an echo or a forgery, and counting it would let a forger stand in
+        // for the confirmation only our failed probe may give.
+        if update.from == self.self_id.node_id && update.kind != UpdateKind::Alive {
+            return false;
+        }
         if !self.members.contains_key(&update.node) {
             return self.admit(update);
         }
         match update.kind {
             UpdateKind::Alive => self.apply_alive(update),
             UpdateKind::Suspect => self.apply_suspect(update, now),
-            UpdateKind::Dead => self.apply_dead(update),
+            // Someone else's word that a member died is a suspicion here: this node probes it
+            // itself and declares it dead on its own timer (so a forged death of a reachable
+            // member costs a refutation, not an outage).
+            UpdateKind::Dead => {
+                // A dead member stays dead whatever the incarnation (only an Alive brings it
+                // back); without this, a Dead at a higher incarnation would revive it as Suspect.
+                if !self.members.get(&update.node).is_some_and(Member::is_live) {
+                    return false;
+                }
+                let claim = MemberUpdate {
+                    kind: UpdateKind::Suspect,
+                    ..update.clone()
+                };
+                self.apply_suspect(&claim, now)
+            }
         }
     }
 
@@ -626,12 +650,20 @@ impl Swim {
             return false;
         };
         let k = suspicion.k;
-        let full = suspicion.confirmers.len() > k as usize;
+        // Bounded, but room is always made for this node's own confirmation.
+        let full = suspicion.confirmers.len() > k as usize && update.from != self.self_id.node_id;
         if full || suspicion.confirmers.contains(&update.from) {
             return false;
         }
         suspicion.confirmers.push(update.from.clone());
-        let confirmations = (suspicion.confirmers.len() - 1) as u32;
+        // Others' confirmations shorten a suspicion only once this node's own probe failed
+        // too: claims alone (which a key holder can invent) leave it at the ceiling, time for
+        // the member to hear of it and refute.
+        let confirmations = if suspicion.confirmers.contains(&self.self_id.node_id) {
+            (suspicion.confirmers.len() - 1) as u32
+        } else {
+            0
+        };
         suspicion.timeout = lifeguard_timeout(suspicion.floor, suspicion.ceiling, confirmations, k);
         self.enqueue(update.clone());
         true
@@ -821,7 +853,13 @@ mod tests {
 
     use UpdateKind::{Alive, Dead, Suspect};
 
-    /// A swim that knows n1 at `status`/`incarnation` (claimed by n9), with an empty queue.
+    /// Suspicion bounds of the small clusters most tests use (N <= 10 members incl. self).
+    const FLOOR: Duration = Duration::from_secs(1);
+    const CEILING: Duration = Duration::from_secs(6);
+
+    /// A swim that knows n1 at `status`/`incarnation`, with an empty queue: Suspect means
+    /// suspected by n9 at `now` (so n1 is in the confirmation-probe set); Dead means declared
+    /// dead by this node's own timer (a Dead from the wire would only suspect it).
     fn swim_with(status: Option<Status>, incarnation: u64, now: Instant) -> Swim {
         let mut swim = swim();
         let Some(status) = status else {
@@ -831,54 +869,83 @@ mod tests {
         match status {
             Status::Alive => {}
             Status::Suspect => assert!(swim.apply(&upd(Suspect, 1, incarnation, 9), now)),
-            Status::Dead => assert!(swim.apply(&upd(Dead, 1, incarnation, 9), now)),
+            Status::Dead => {
+                swim.probe_failed(&id(1), now);
+                assert_eq!(swim.tick(now + CEILING), vec![id(1)]);
+            }
         }
+        assert_eq!(swim.status(&id(1)), Some(status));
         swim.queue.clear();
-        swim.confirmation_probes.clear();
         swim
+    }
+
+    /// Confirmers of `node`'s current suspicion (empty if not suspect).
+    fn confirmers(swim: &Swim, node: u16) -> Vec<Arc<str>> {
+        match swim.members.get(&id(node)).map(|member| &member.state) {
+            Some(State::Suspect(suspicion)) => suspicion.confirmers.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn names(nodes: &[u16]) -> Vec<Arc<str>> {
+        nodes.iter().map(|n| format!("n{n}").into()).collect()
+    }
+
+    fn queued(swim: &Swim) -> Vec<MemberUpdate> {
+        swim.queue.iter().map(|q| q.update.clone()).collect()
     }
 
     #[test]
     fn test_precedence_table() {
         use Status as S;
+        // Columns: n1's initial status (at incarnation 5), the update, n1's resulting status,
+        // incarnation and (if Suspect) confirmers, and whether the update changed anything. A
+        // change is queued for re-broadcast as is, except a Dead about a live member, which
+        // is only a suspicion here and is forwarded as that Suspect.
         #[rustfmt::skip]
-        let rows: &[(Option<S>, MemberUpdate, Option<S>, u64, bool)] = &[
+        let rows: &[(Option<S>, MemberUpdate, Option<S>, u64, &[u16], bool)] = &[
             // Unknown node: only Alive admits it.
-            (None, upd(Alive, 1, 3, 1), Some(S::Alive), 3, true),
-            (None, upd(Suspect, 1, 3, 2), None, 0, false),
-            (None, upd(Dead, 1, 3, 2), None, 0, false),
+            (None, upd(Alive, 1, 3, 1), Some(S::Alive), 3, &[], true),
+            (None, upd(Suspect, 1, 3, 2), None, 0, &[], false),
+            (None, upd(Dead, 1, 3, 2), None, 0, &[], false),
             // Alive at 5.
-            (Some(S::Alive), upd(Alive, 1, 4, 1), Some(S::Alive), 5, false),
-            (Some(S::Alive), upd(Alive, 1, 5, 1), Some(S::Alive), 5, false),
-            (Some(S::Alive), upd(Alive, 1, 6, 1), Some(S::Alive), 6, true),
-            (Some(S::Alive), upd(Suspect, 1, 4, 2), Some(S::Alive), 5, false),
-            (Some(S::Alive), upd(Suspect, 1, 5, 2), Some(S::Suspect), 5, true),
-            (Some(S::Alive), upd(Suspect, 1, 6, 2), Some(S::Suspect), 6, true),
-            (Some(S::Alive), upd(Dead, 1, 4, 2), Some(S::Alive), 5, false),
-            (Some(S::Alive), upd(Dead, 1, 5, 2), Some(S::Dead), 5, true),
-            (Some(S::Alive), upd(Dead, 1, 6, 2), Some(S::Dead), 6, true),
+            (Some(S::Alive), upd(Alive, 1, 4, 1), Some(S::Alive), 5, &[], false),
+            (Some(S::Alive), upd(Alive, 1, 5, 1), Some(S::Alive), 5, &[], false),
+            (Some(S::Alive), upd(Alive, 1, 6, 1), Some(S::Alive), 6, &[], true),
+            (Some(S::Alive), upd(Suspect, 1, 4, 2), Some(S::Alive), 5, &[], false),
+            (Some(S::Alive), upd(Suspect, 1, 5, 2), Some(S::Suspect), 5, &[2], true),
+            (Some(S::Alive), upd(Suspect, 1, 6, 2), Some(S::Suspect), 6, &[2], true),
+            (Some(S::Alive), upd(Dead, 1, 4, 2), Some(S::Alive), 5, &[], false),
+            (Some(S::Alive), upd(Dead, 1, 5, 2), Some(S::Suspect), 5, &[2], true),
+            (Some(S::Alive), upd(Dead, 1, 6, 2), Some(S::Suspect), 6, &[2], true),
             // Suspect at 5, suspected by n9.
-            (Some(S::Suspect), upd(Alive, 1, 5, 1), Some(S::Suspect), 5, false),
-            (Some(S::Suspect), upd(Alive, 1, 6, 1), Some(S::Alive), 6, true),
-            (Some(S::Suspect), upd(Suspect, 1, 4, 2), Some(S::Suspect), 5, false),
-            (Some(S::Suspect), upd(Suspect, 1, 5, 9), Some(S::Suspect), 5, false),
-            (Some(S::Suspect), upd(Suspect, 1, 5, 2), Some(S::Suspect), 5, true),
-            (Some(S::Suspect), upd(Suspect, 1, 6, 9), Some(S::Suspect), 6, true),
-            (Some(S::Suspect), upd(Dead, 1, 4, 2), Some(S::Suspect), 5, false),
-            (Some(S::Suspect), upd(Dead, 1, 5, 2), Some(S::Dead), 5, true),
-            (Some(S::Suspect), upd(Dead, 1, 6, 2), Some(S::Dead), 6, true),
-            // Dead at 5: back only with a higher incarnation.
-            (Some(S::Dead), upd(Alive, 1, 5, 1), Some(S::Dead), 5, false),
-            (Some(S::Dead), upd(Alive, 1, 6, 1), Some(S::Alive), 6, true),
-            (Some(S::Dead), upd(Suspect, 1, 4, 2), Some(S::Dead), 5, false),
-            (Some(S::Dead), upd(Suspect, 1, 5, 2), Some(S::Dead), 5, false),
-            (Some(S::Dead), upd(Suspect, 1, 6, 2), Some(S::Suspect), 6, true),
-            (Some(S::Dead), upd(Dead, 1, 4, 2), Some(S::Dead), 5, false),
-            (Some(S::Dead), upd(Dead, 1, 5, 2), Some(S::Dead), 5, false),
-            (Some(S::Dead), upd(Dead, 1, 6, 2), Some(S::Dead), 5, false),
+            (Some(S::Suspect), upd(Alive, 1, 5, 1), Some(S::Suspect), 5, &[9], false),
+            (Some(S::Suspect), upd(Alive, 1, 6, 1), Some(S::Alive), 6, &[], true),
+            (Some(S::Suspect), upd(Suspect, 1, 4, 2), Some(S::Suspect), 5, &[9], false),
+            (Some(S::Suspect), upd(Suspect, 1, 5, 9), Some(S::Suspect), 5, &[9], false),
+            (Some(S::Suspect), upd(Suspect, 1, 5, 2), Some(S::Suspect), 5, &[9, 2], true),
+            (Some(S::Suspect), upd(Suspect, 1, 6, 9), Some(S::Suspect), 6, &[9], true),
+            (Some(S::Suspect), upd(Suspect, 1, 6, 2), Some(S::Suspect), 6, &[2], true),
+            (Some(S::Suspect), upd(Dead, 1, 4, 2), Some(S::Suspect), 5, &[9], false),
+            (Some(S::Suspect), upd(Dead, 1, 5, 9), Some(S::Suspect), 5, &[9], false),
+            (Some(S::Suspect), upd(Dead, 1, 5, 2), Some(S::Suspect), 5, &[9, 2], true),
+            (Some(S::Suspect), upd(Dead, 1, 6, 9), Some(S::Suspect), 6, &[9], true),
+            (Some(S::Suspect), upd(Dead, 1, 6, 2), Some(S::Suspect), 6, &[2], true),
+            // Dead at 5 (declared by our own timer): back only with a higher incarnation;
+            // another death claim changes nothing, whatever its incarnation.
+            (Some(S::Dead), upd(Alive, 1, 5, 1), Some(S::Dead), 5, &[], false),
+            (Some(S::Dead), upd(Alive, 1, 6, 1), Some(S::Alive), 6, &[], true),
+            (Some(S::Dead), upd(Suspect, 1, 4, 2), Some(S::Dead), 5, &[], false),
+            (Some(S::Dead), upd(Suspect, 1, 5, 2), Some(S::Dead), 5, &[], false),
+            (Some(S::Dead), upd(Suspect, 1, 6, 2), Some(S::Suspect), 6, &[2], true),
+            (Some(S::Dead), upd(Dead, 1, 4, 2), Some(S::Dead), 5, &[], false),
+            (Some(S::Dead), upd(Dead, 1, 5, 2), Some(S::Dead), 5, &[], false),
+            (Some(S::Dead), upd(Dead, 1, 6, 2), Some(S::Dead), 5, &[], false),
         ];
         let now = Instant::now();
-        for (row, (initial, update, status, incarnation, changed)) in rows.iter().enumerate() {
+        for (row, (initial, update, status, incarnation, suspecters, changed)) in
+            rows.iter().enumerate()
+        {
             let mut swim = swim_with(*initial, 5, now);
             let applied = swim.apply(update, now);
             let ctx = format!("row {row}: {initial:?} <- {update:?}");
@@ -887,13 +954,35 @@ mod tests {
             if status.is_some() {
                 assert_eq!(swim.member_incarnation(&id(1)), Some(*incarnation), "{ctx}");
             }
-            let queued: Vec<_> = swim.queue.iter().map(|q| q.update.clone()).collect();
+            assert!(swim.dead().count() <= 1, "{ctx}");
+            assert_eq!(confirmers(&swim, 1), names(suspecters), "{ctx}");
             let expected_queue = if *changed {
-                vec![update.clone()]
+                let kind = if update.kind == Dead {
+                    Suspect
+                } else {
+                    update.kind
+                };
+                vec![MemberUpdate {
+                    kind,
+                    ..update.clone()
+                }]
             } else {
                 vec![]
             };
-            assert_eq!(queued, expected_queue, "{ctx}");
+            assert_eq!(queued(&swim), expected_queue, "{ctx}");
+            if *status == Some(S::Suspect) {
+                // We never confirmed: others' confirmations leave the deadline at the ceiling,
+                // and n1 is ours to probe.
+                assert_eq!(
+                    swim.suspicion_deadline(&id(1)),
+                    Some(now + CEILING),
+                    "{ctx}"
+                );
+                assert_eq!(swim.take_confirmation_probes(), vec![id(1)], "{ctx}");
+            } else {
+                assert_eq!(swim.suspicion_deadline(&id(1)), None, "{ctx}");
+                assert!(swim.take_confirmation_probes().is_empty(), "{ctx}");
+            }
         }
     }
 
@@ -987,8 +1076,14 @@ mod tests {
         assert!(swim.piggyback(usize::MAX).is_empty());
         assert!(!swim.observe(&id(1), 4, now));
         assert!(!swim.observe(&id(0), 4, now));
+        // Seen at the same incarnation, a suspect stays suspect and a dead member dead.
         assert!(swim.apply(&upd(Dead, 1, 4, 2), now));
         assert!(!swim.observe(&id(1), 4, now));
+        assert_eq!(swim.status(&id(1)), Some(Status::Suspect));
+        swim.probe_failed(&id(1), now);
+        assert_eq!(swim.tick(now + CEILING), vec![id(1)]);
+        assert!(!swim.observe(&id(1), 4, now));
+        assert_eq!(swim.status(&id(1)), Some(Status::Dead));
         assert!(swim.observe(&id(1), 5, now));
         assert_eq!(swim.status(&id(1)), Some(Status::Alive));
         assert_eq!(swim.member_incarnation(&id(1)), Some(5));
@@ -1039,45 +1134,206 @@ mod tests {
     #[test]
     fn k_for_small_clusters() {
         let t0 = Instant::now();
-        // Two members with self: nobody can confirm, so K = 1 and the lone suspicion runs to
-        // the ceiling; three: one confirmation brings it to the floor.
+        let t1 = t0 + Duration::from_millis(500);
+        // Two members with self: K = min(3, 2 - 2).max(1) = 1. Our own suspicion alone runs
+        // to the ceiling; one more confirmer brings it to the floor, now that we confirmed.
         let mut swim = swim_with(Some(Status::Alive), 5, t0);
-        let (floor, ceiling) = (Duration::from_secs(1), Duration::from_secs(6));
+        swim.probe_failed(&id(1), t0);
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        assert!(swim.apply(&upd(Suspect, 1, 5, 2), t1));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        // The other way round: another's suspicion stays at the ceiling until our own probe
+        // fails, which is then the one confirmation K = 1 asks for.
+        let mut swim = swim_with(Some(Status::Alive), 5, t0);
         assert!(swim.apply(&upd(Suspect, 1, 5, 2), t0));
-        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + ceiling));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        swim.probe_failed(&id(1), t1);
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        // Three members: K = 1 still. Another member's confirmation alone does not shorten
+        // the suspicion; ours brings it to the floor (K = 3 would stop at
+        // lifeguard_timeout(.., 1, 3) = 3.5 s).
         let mut swim = swim_with(Some(Status::Alive), 5, t0);
         swim.observe(&id(20), 1, t0);
-        assert!(swim.apply(&upd(Suspect, 1, 5, 2), t0));
         assert!(swim.apply(&upd(Suspect, 1, 5, 20), t0));
-        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + floor));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        swim.probe_failed(&id(1), t1);
+        assert_eq!(confirmers(&swim, 1), names(&[20, 0]));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        // Four members: K = 2. Our confirmation gives lifeguard_timeout(.., 1, 2), a further
+        // one the floor.
+        let mut swim = swim_with(Some(Status::Alive), 5, t0);
+        swim.observe(&id(20), 1, t0);
+        swim.observe(&id(21), 1, t0);
+        assert!(swim.apply(&upd(Suspect, 1, 5, 20), t0));
+        swim.probe_failed(&id(1), t1);
+        let one_of_two = lifeguard_timeout(FLOOR, CEILING, 1, 2);
+        assert!(FLOOR < one_of_two && one_of_two < lifeguard_timeout(FLOOR, CEILING, 1, 3));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + one_of_two));
+        assert!(swim.apply(&upd(Suspect, 1, 5, 21), t1));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+    }
+
+    /// Five members with self, so K = 3 confirmations are possible (a smaller cluster lowers
+    /// K: `k_for_small_clusters`).
+    fn swim_of_five(t0: Instant) -> Swim {
+        let mut swim = swim_with(Some(Status::Alive), 5, t0);
+        for i in 20..23 {
+            swim.observe(&id(i), 1, t0);
+        }
+        swim
     }
 
     #[test]
     fn test_deadline_recomputed_from_start() {
         let t0 = Instant::now();
-        let mut swim = swim_with(Some(Status::Alive), 5, t0);
-        // Five members with self, so K = 3 confirmations are possible (a smaller cluster
-        // lowers K: `k_for_small_clusters`).
-        for i in 20..23 {
-            swim.observe(&id(i), 1, t0);
-        }
-        let (floor, ceiling) = (Duration::from_secs(1), Duration::from_secs(6));
+        let mut swim = swim_of_five(t0);
         assert!(swim.apply(&upd(Suspect, 1, 5, 2), t0));
-        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + ceiling));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        // Our own probe fails later: one confirmation, counted from the start, not from t1.
         let t1 = t0 + Duration::from_millis(1500);
-        assert!(swim.apply(&upd(Suspect, 1, 5, 3), t1));
-        let expected = t0 + lifeguard_timeout(floor, ceiling, 1, 3);
+        swim.probe_failed(&id(1), t1);
+        let expected = t0 + lifeguard_timeout(FLOOR, CEILING, 1, 3);
         assert_eq!(swim.suspicion_deadline(&id(1)), Some(expected));
+        assert!(swim.apply(&upd(Suspect, 1, 5, 3), t1));
+        let expected = t0 + lifeguard_timeout(FLOOR, CEILING, 2, 3);
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(expected));
+        assert!(expected > t1);
+        assert!(swim.tick(t1).is_empty());
         assert!(!swim.apply(&upd(Suspect, 1, 5, 3), t1));
         assert!(swim.apply(&upd(Suspect, 1, 5, 4), t1));
-        assert!(swim.apply(&upd(Suspect, 1, 5, 5), t1));
-        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + floor));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        assert_eq!(confirmers(&swim, 1), names(&[2, 0, 3, 4]));
         // K + 1 confirmers already: a further one changes nothing and is not forwarded.
-        let queued = swim.queue.len();
-        assert!(!swim.apply(&upd(Suspect, 1, 5, 6), t1));
-        assert_eq!(swim.queue.len(), queued);
+        let queue = queued(&swim);
+        assert!(!swim.apply(&upd(Suspect, 1, 5, 5), t1));
+        assert_eq!(queued(&swim), queue);
+        assert_eq!(confirmers(&swim, 1), names(&[2, 0, 3, 4]));
         // The deadline passed while confirming: the next tick declares it dead.
         assert_eq!(swim.tick(t1), vec![id(1)]);
+        assert_eq!(swim.news_for(&id(1)), Some(upd(Dead, 1, 5, 0)));
+    }
+
+    #[test]
+    fn test_confirmations_count_only_once_we_confirm() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(2);
+        let mut swim = swim_of_five(t0);
+        // Others' confirmations alone, up to the K + 1 = 4 confirmers kept: recorded and
+        // forwarded, but the deadline stays at start + ceiling.
+        for from in 2..=5 {
+            assert!(swim.apply(&upd(Suspect, 1, 5, from), t0));
+            assert_eq!(
+                swim.suspicion_deadline(&id(1)),
+                Some(t0 + CEILING),
+                "n{from}"
+            );
+        }
+        assert!(!swim.apply(&upd(Dead, 1, 5, 6), t1));
+        assert!(!swim.apply(&upd(Suspect, 1, 5, 7), t1));
+        assert_eq!(confirmers(&swim, 1), names(&[2, 3, 4, 5]));
+        let forwarded: Vec<_> = (2..=5).map(|from| upd(Suspect, 1, 5, from)).collect();
+        assert_eq!(queued(&swim), forwarded);
+        assert!(
+            swim.tick(t0 + CEILING - Duration::from_millis(1))
+                .is_empty()
+        );
+        assert_eq!(swim.status(&id(1)), Some(Status::Suspect));
+        // The list is full, but room is made for our own confirmation, which lets the four
+        // others count: the floor, from the start, already past at t1.
+        assert_eq!(swim.confirmation_probes, vec![id(1)]);
+        swim.probe_failed(&id(1), t1);
+        assert_eq!(confirmers(&swim, 1), names(&[2, 3, 4, 5, 0]));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        assert_eq!(queued(&swim).last(), Some(&upd(Suspect, 1, 5, 0)));
+        assert!(swim.take_confirmation_probes().is_empty());
+        // Still bounded: nobody else gets in after us.
+        assert!(!swim.apply(&upd(Suspect, 1, 5, 8), t1));
+        assert_eq!(confirmers(&swim, 1).len(), 5);
+        assert_eq!(swim.tick(t1), vec![id(1)]);
+        assert_eq!(swim.status(&id(1)), Some(Status::Dead));
+        // Our Dead supersedes every queued Suspect about n1.
+        assert_eq!(queued(&swim), vec![upd(Dead, 1, 5, 0)]);
+
+        // Each step with our confirmation in: we confirm first (no cut by ourselves alone),
+        // then every other confirmer cuts per the formula with C = confirmers - 1.
+        let mut swim = swim_of_five(t0);
+        swim.probe_failed(&id(1), t0);
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        for (c, from) in (1..=3).zip(2..) {
+            assert!(swim.apply(&upd(Suspect, 1, 5, from), t1));
+            let expected = t0 + lifeguard_timeout(FLOOR, CEILING, c, 3);
+            assert_eq!(swim.suspicion_deadline(&id(1)), Some(expected), "C = {c}");
+        }
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        assert!(!swim.apply(&upd(Suspect, 1, 5, 9), t1));
+        assert_eq!(confirmers(&swim, 1), names(&[0, 2, 3, 4]));
+    }
+
+    #[test]
+    fn test_dead_from_others_is_only_a_suspicion() {
+        let t0 = Instant::now();
+        let mut swim = swim_of_five(t0);
+        // A forged death of a live member: n1 stays live, as a Suspect at the claimed
+        // incarnation, the claim forwarded as a suspicion, and n1 ours to probe.
+        assert!(swim.apply(&upd(Dead, 1, 5, 7), t0));
+        assert_eq!(swim.status(&id(1)), Some(Status::Suspect));
+        assert!(swim.live().any(|live| *live == id(1)));
+        assert_eq!(swim.dead().count(), 0);
+        assert_eq!(queued(&swim), vec![upd(Suspect, 1, 5, 7)]);
+        assert_eq!(swim.news_for(&id(1)), Some(upd(Suspect, 1, 5, 7)));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        // More invented names only confirm, and without our own failed probe, cut nothing.
+        assert!(swim.apply(&upd(Dead, 1, 5, 8), t0));
+        assert!(swim.apply(&upd(Dead, 1, 5, 9), t0));
+        assert!(swim.apply(&upd(Dead, 1, 5, 10), t0));
+        assert_eq!(confirmers(&swim, 1), names(&[7, 8, 9, 10]));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + CEILING));
+        assert!(
+            queued(&swim)
+                .iter()
+                .all(|update| update.kind == Suspect && update.node == id(1))
+        );
+        assert_eq!(swim.take_confirmation_probes(), vec![id(1)]);
+        assert!(
+            swim.tick(t0 + CEILING - Duration::from_millis(1))
+                .is_empty()
+        );
+
+        // n1 hears of it (our probe carries `news_for`) and refutes: it was never dead.
+        let mut refuted = swim_of_five(t0);
+        assert!(refuted.apply(&upd(Dead, 1, 5, 7), t0));
+        assert!(refuted.apply(&upd(Alive, 1, 6, 1), t0 + Duration::from_secs(1)));
+        assert_eq!(refuted.status(&id(1)), Some(Status::Alive));
+        assert!(refuted.tick(t0 + CEILING).is_empty());
+        assert_eq!(refuted.status(&id(1)), Some(Status::Alive));
+        assert!(refuted.take_confirmation_probes().is_empty());
+        // An old death claim at the refuted incarnation is ignored.
+        assert!(!refuted.apply(&upd(Dead, 1, 5, 8), t0 + CEILING));
+
+        // Nobody refutes: our own timer declares it dead, and the Dead we queue is ours.
+        assert_eq!(swim.tick(t0 + CEILING), vec![id(1)]);
+        assert_eq!(swim.status(&id(1)), Some(Status::Dead));
+        assert_eq!(swim.member_incarnation(&id(1)), Some(5));
+        assert_eq!(queued(&swim), vec![upd(Dead, 1, 5, 0)]);
+        assert_eq!(swim.news_for(&id(1)), Some(upd(Dead, 1, 5, 0)));
+        // Once dead, further death claims are ignored, at any incarnation.
+        for incarnation in [5, 6] {
+            assert!(!swim.apply(&upd(Dead, 1, incarnation, 7), t0 + CEILING));
+        }
+        assert_eq!(swim.status(&id(1)), Some(Status::Dead));
+        assert_eq!(swim.member_incarnation(&id(1)), Some(5));
+        assert_eq!(queued(&swim), vec![upd(Dead, 1, 5, 0)]);
+
+        // A member that really is down fails our probe too: with the claims as confirmations,
+        // it is dead at the floor.
+        let mut swim = swim_of_five(t0);
+        assert!(swim.apply(&upd(Dead, 1, 5, 7), t0));
+        assert!(swim.apply(&upd(Dead, 1, 5, 8), t0));
+        assert!(swim.apply(&upd(Dead, 1, 5, 9), t0));
+        swim.probe_failed(&id(1), t0);
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(t0 + FLOOR));
+        assert_eq!(swim.tick(t0 + FLOOR), vec![id(1)]);
+        assert_eq!(queued(&swim), vec![upd(Dead, 1, 5, 0)]);
     }
 
     #[test]
@@ -1113,15 +1369,24 @@ mod tests {
         let mut swim = swim_with(Some(Status::Alive), 5, now);
         swim.probe_failed(&id(1), now);
         assert_eq!(swim.status(&id(1)), Some(Status::Suspect));
+        assert_eq!(confirmers(&swim, 1), names(&[0]));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(now + CEILING));
         assert_eq!(swim.piggyback(usize::MAX), vec![upd(Suspect, 1, 5, 0)]);
         assert!(swim.take_confirmation_probes().is_empty());
         // Already a confirmer: a second failure is not news.
         swim.probe_failed(&id(1), now);
         assert!(swim.queue.iter().all(|q| q.transmits > 0));
-        // Suspected by someone else: our failed probe confirms.
+        assert_eq!(confirmers(&swim, 1), names(&[0]));
+        // Suspected by someone else: our failed probe confirms, which (K = 1 with two
+        // members) brings the deadline from the ceiling to the floor, and the suspect no
+        // longer needs a confirmation probe.
         let mut swim = swim_with(Some(Status::Suspect), 5, now);
-        swim.probe_failed(&id(1), now);
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(now + CEILING));
+        swim.probe_failed(&id(1), now + Duration::from_millis(100));
+        assert_eq!(confirmers(&swim, 1), names(&[9, 0]));
+        assert_eq!(swim.suspicion_deadline(&id(1)), Some(now + FLOOR));
         assert_eq!(swim.piggyback(usize::MAX), vec![upd(Suspect, 1, 5, 0)]);
+        assert!(swim.take_confirmation_probes().is_empty());
         let mut swim = swim_with(Some(Status::Dead), 5, now);
         swim.probe_failed(&id(1), now);
         swim.probe_failed(&id(7), now);
@@ -1140,21 +1405,32 @@ mod tests {
         swim.apply(&upd(Suspect, 1, 1, 8), now);
         swim.apply(&upd(Suspect, 1, 1, 9), now);
         swim.apply(&upd(Suspect, 2, 1, 8), now);
-        swim.apply(&upd(Suspect, 3, 1, 8), now);
+        // Another's death claim is a suspicion we probe too.
+        assert!(swim.apply(&upd(Dead, 3, 1, 8), now));
         swim.apply(&upd(Suspect, 4, 1, 8), now);
         swim.probe_failed(&id(4), now);
+        // Once we confirmed, a further claim (death or suspicion) does not ask us again.
+        assert!(swim.apply(&upd(Dead, 4, 1, 9), now));
         swim.apply(&upd(Alive, 2, 2, 2), now);
-        swim.apply(&upd(Dead, 3, 1, 8), now);
-        assert_eq!(swim.take_confirmation_probes(), vec![id(1)]);
+        assert_eq!(swim.take_confirmation_probes(), vec![id(1), id(3)]);
         assert!(swim.take_confirmation_probes().is_empty());
-        // A suspicion at a higher incarnation needs a fresh confirmation.
+        // A suspicion (or death claim) at a higher incarnation needs a fresh confirmation.
         swim.apply(&upd(Suspect, 4, 2, 8), now);
-        swim.apply(&upd(Suspect, 1, 2, 8), now);
+        swim.apply(&upd(Dead, 1, 2, 8), now);
         swim.remove(&id(1));
         assert_eq!(swim.take_confirmation_probes(), vec![id(4)]);
-        // Our own suspicion echoed back does not ask us to probe.
+        // A claim in our own name from the wire (an echo, or a forgery) is ignored: no
+        // suspicion, no probe, no confirmation.
         swim.apply(&upd(Alive, 5, 1, 5), now);
-        swim.apply(&upd(Suspect, 5, 1, 0), now);
+        assert!(!swim.apply(&upd(Suspect, 5, 1, 0), now));
+        assert!(!swim.apply(&upd(Dead, 5, 1, 0), now));
+        assert_eq!(swim.status(&id(5)), Some(Status::Alive));
+        assert!(swim.take_confirmation_probes().is_empty());
+        // A suspect our own timer declared dead is no longer probed.
+        assert!(swim.apply(&upd(Suspect, 3, 2, 8), now));
+        assert_eq!(swim.confirmation_probes, vec![id(3)]);
+        assert!(swim.tick(now + CEILING).contains(&id(3)));
+        assert_eq!(swim.status(&id(3)), Some(Status::Dead));
         assert!(swim.take_confirmation_probes().is_empty());
     }
 
@@ -1175,8 +1451,12 @@ mod tests {
         for node in 1..=6 {
             swim.apply(&upd(Alive, node, 1, node), now);
         }
-        swim.apply(&upd(Dead, 6, 1, 9), now);
-        swim.probe_failed(&id(5), now);
+        // n6 dead (our own timer), n5 suspected by us, n4 claimed dead by another (only a
+        // suspicion here): suspects are still probed, the dead are not.
+        swim.probe_failed(&id(6), now);
+        assert_eq!(swim.tick(now + CEILING), vec![id(6)]);
+        swim.probe_failed(&id(5), now + CEILING);
+        assert!(swim.apply(&upd(Dead, 4, 1, 9), now + CEILING));
         let expected: Vec<_> = (1..=5).map(id).collect();
         let mut orders = Vec::new();
         for _ in 0..4 {
@@ -1205,7 +1485,8 @@ mod tests {
         let first = swim.next_probe_target(&mut rng).unwrap();
         let mut seen = vec![first.clone()];
         let victim = (1..=4).find(|&node| id(node) != first).unwrap();
-        swim.apply(&upd(Dead, victim, 1, 9), now);
+        swim.probe_failed(&id(victim), now);
+        assert_eq!(swim.tick(now + CEILING), vec![id(victim)]);
         swim.apply(&upd(Alive, 5, 1, 5), now);
         swim.remove(&first);
         seen.extend(probe_pass(&mut swim, &mut rng, 3));
@@ -1299,11 +1580,9 @@ mod tests {
         let mut swim = swim_with(Some(Status::Alive), 1, now);
         swim.apply(&upd(Alive, 2, 1, 2), now);
         swim.apply(&upd(Suspect, 1, 1, 8), now);
-        swim.apply(&upd(Suspect, 1, 1, 9), now);
-        let queued = |swim: &Swim| -> Vec<MemberUpdate> {
-            swim.queue.iter().map(|q| q.update.clone()).collect()
-        };
-        // Confirmations at the same incarnation are kept side by side.
+        // Confirmations at the same incarnation are kept side by side, a death claim from
+        // another being one (forwarded as a Suspect).
+        assert!(swim.apply(&upd(Dead, 1, 1, 9), now));
         assert_eq!(
             queued(&swim),
             vec![
@@ -1327,8 +1606,19 @@ mod tests {
             queued(&swim),
             vec![upd(Alive, 2, 1, 2), upd(Suspect, 1, 3, 7)]
         );
-        swim.apply(&upd(Dead, 1, 3, 7), now);
-        assert_eq!(queued(&swim), vec![upd(Alive, 2, 1, 2), upd(Dead, 1, 3, 7)]);
+        // Our own Dead (the only kind there is now) supersedes every queued update about n1,
+        // our own confirmation included.
+        swim.probe_failed(&id(1), now);
+        assert_eq!(
+            queued(&swim),
+            vec![
+                upd(Alive, 2, 1, 2),
+                upd(Suspect, 1, 3, 7),
+                upd(Suspect, 1, 3, 0)
+            ]
+        );
+        assert_eq!(swim.tick(now + CEILING), vec![id(1)]);
+        assert_eq!(queued(&swim), vec![upd(Alive, 2, 1, 2), upd(Dead, 1, 3, 0)]);
         swim.apply(&upd(Suspect, 1, 4, 7), now);
         assert_eq!(
             queued(&swim),
@@ -1506,12 +1796,49 @@ mod tests {
             let t0 = Instant::now();
             let mut rng = StdRng::seed_from_u64(seed);
             let mut swim = swim();
+            let me = swim.self_id().node_id.clone();
             for op in ops {
+                let live_before: Vec<ChitchatId> = swim.live().cloned().collect();
+                let is_tick = matches!(op, Op::Tick(_));
                 run_op(&mut swim, &mut rng, op, t0);
                 prop_assert!(swim.live().chain(swim.dead()).all(|n| n.node_id != id(0).node_id));
                 prop_assert!(swim.incarnation() <= MAX_INCARNATION + 1);
                 prop_assert!(swim.queue.len() <= MAX_QUEUED_UPDATES);
                 prop_assert_eq!(swim.live().count() + swim.dead().count(), swim.len());
+                // Only our own suspicion timers declare a member dead, and the only Dead
+                // updates we send are ours (never a forwarded claim).
+                if !is_tick {
+                    for member in &live_before {
+                        prop_assert_ne!(swim.status(member), Some(Status::Dead));
+                    }
+                }
+                for member in swim.members.values() {
+                    if let State::Dead { by } = &member.state {
+                        prop_assert_eq!(by, &me);
+                    }
+                }
+                prop_assert!(swim.queue.iter().all(|q| q.update.kind != Dead || q.update.from == me));
+                // Others' confirmations cut a suspicion only once we are among the confirmers;
+                // the list holds at most K + 1 others, plus us.
+                for member in swim.members.values() {
+                    let State::Suspect(suspicion) = &member.state else {
+                        continue;
+                    };
+                    let confirmed = suspicion.confirmers.contains(&me);
+                    let expected = if confirmed {
+                        let confirmations = (suspicion.confirmers.len() - 1) as u32;
+                        lifeguard_timeout(suspicion.floor, suspicion.ceiling, confirmations, suspicion.k)
+                    } else {
+                        suspicion.ceiling
+                    };
+                    prop_assert_eq!(suspicion.timeout, expected);
+                    let others = suspicion.confirmers.len() - usize::from(confirmed);
+                    prop_assert!(others <= suspicion.k as usize + 1);
+                    let mut distinct = suspicion.confirmers.clone();
+                    distinct.sort();
+                    distinct.dedup();
+                    prop_assert_eq!(distinct.len(), suspicion.confirmers.len());
+                }
             }
         }
     }

@@ -17,7 +17,7 @@
 //! The reply compares versions for exactly the ids of the SYN (scuttlebutt restricted to that
 //! scope), so bytes per node stay flat in N at steady state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -53,6 +53,9 @@ pub(crate) struct Sync {
     config: SyncConfig,
     /// Last seen (last GC version, max version) of each entry and when it changed.
     stamps: HashMap<ChitchatId, ((Version, Version), Instant)>,
+    /// The same stamps ordered by time, so the recent ones are read newest first without a
+    /// scan (during a large cluster's bootstrap every entry is recent).
+    by_time: BTreeSet<(Instant, ChitchatId)>,
     /// Where the rotating window resumes (the last id it covered).
     cursor: Option<ChitchatId>,
     /// SYNs sent since the last full one.
@@ -66,6 +69,7 @@ impl Sync {
         Self {
             config,
             stamps: HashMap::new(),
+            by_time: BTreeSet::new(),
             cursor: None,
             // The first SYNs of a node are full: it knows nothing yet.
             since_full: u32::MAX,
@@ -90,35 +94,35 @@ impl Sync {
     pub(crate) fn touch(&mut self, id: &ChitchatId, versions: (Version, Version), now: Instant) {
         match self.stamps.get_mut(id) {
             Some((known, at)) if *known != versions => {
+                self.by_time.remove(&(*at, id.clone()));
                 *known = versions;
                 *at = now;
+                self.by_time.insert((now, id.clone()));
             }
             Some(_) => {}
             None => {
                 self.stamps.insert(id.clone(), (versions, now));
+                self.by_time.insert((now, id.clone()));
             }
         }
     }
 
     /// Forgets an entry removed from the table.
     pub(crate) fn forget(&mut self, id: &ChitchatId) {
-        self.stamps.remove(id);
+        if let Some((_, at)) = self.stamps.remove(id) {
+            self.by_time.remove(&(at, id.clone()));
+        }
     }
 
     /// Ids changed within the recent window, newest first, at most `recent_max`.
     pub(crate) fn recent(&self, now: Instant) -> Vec<ChitchatId> {
         let horizon = now.checked_sub(self.config.recent_window);
-        let mut recent: Vec<(&ChitchatId, Instant)> = self
-            .stamps
+        self.by_time
             .iter()
-            .filter(|(_, (_, at))| horizon.is_none_or(|horizon| *at > horizon))
-            .map(|(id, (_, at))| (id, *at))
-            .collect();
-        recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        recent
-            .into_iter()
+            .rev()
+            .take_while(|(at, _)| horizon.is_none_or(|horizon| *at > horizon))
             .take(self.config.recent_max)
-            .map(|(id, _)| id.clone())
+            .map(|(_, id)| id.clone())
             .collect()
     }
 

@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::delta::Delta;
 use crate::digest::Digest;
 use crate::message_serialize::updates_len;
-use crate::swim::{MAX_UPDATES_PER_MESSAGE, MemberUpdate, Status, UpdateKind};
+use crate::swim::{MAX_UPDATES_PER_MESSAGE, MemberUpdate, UpdateKind};
 use crate::{Chitchat, ChitchatId, ChitchatMessage, DIGEST_ENTRY_MAX, Heartbeat, delta_mtu};
 
 /// Bytes of SWIM updates piggybacked on one message.
@@ -237,8 +237,9 @@ impl Chitchat {
         let mut room: Option<Option<usize>> = None;
         let mut news = Vec::new();
         for (id, entry) in &digest.node_digests {
-            // An empty entry is a peer saying it holds nothing of this id.
-            if id == self.self_chitchat_id() || entry.heartbeat.0 == 0 {
+            // An empty entry is a peer saying it holds nothing of this id; an earlier life of
+            // this node is left to die in the others' views (it answers no probe).
+            if id.node_id == self.self_chitchat_id().node_id || entry.heartbeat.0 == 0 {
                 continue;
             }
             if let Some(forgotten) = self.cluster_state.last_heartbeat_if_deleted(id)
@@ -260,6 +261,7 @@ impl Chitchat {
                     continue;
                 }
                 self.sync.touch(id, (0, 0), now);
+                self.failure_detector.set_liveness(id, true);
             }
             self.cluster_state
                 .node_state_mut_or_init(id)
@@ -307,11 +309,12 @@ impl Chitchat {
 
     /// Suspicion timers (held while this node hears no one: see [`crate::swim::Swim::postpone`]),
     /// then the failure detector's live and dead sets from SWIM's statuses.
-    pub(crate) fn update_liveness_v2(&mut self, now: Instant) {
-        let self_id = self.self_chitchat_id().clone();
+    /// Returns whether the live set or a live member's state may have changed (else the
+    /// live-nodes watch needs no recomputation).
+    pub(crate) fn update_liveness_v2(&mut self, now: Instant) -> bool {
         let deaf_after = self.config.gossip_interval * DEAF_AFTER_ROUNDS;
         let Some(swim) = self.swim.as_mut() else {
-            return;
+            return false;
         };
         // With a single peer, silence cannot tell its death from our isolation: SWIM decides.
         let deaf = now.saturating_duration_since(self.last_heard) > deaf_after
@@ -334,14 +337,29 @@ impl Chitchat {
                 warn!(node_id = %dead.node_id, "declared dead by SWIM");
             }
         }
-        for id in self.cluster_state.nodes() {
-            if *id == self_id {
-                continue;
-            }
-            let live = !matches!(swim.status(id), Some(Status::Dead));
-            self.failure_detector.set_liveness(id, live);
+        // The failure detector's sets follow SWIM's: only the differences are applied (its
+        // live set starts each member at admission, `observe_digest`).
+        let dead: HashSet<&ChitchatId> = swim.dead().collect();
+        let revived: Vec<ChitchatId> = self
+            .failure_detector
+            .dead_nodes()
+            .filter(|id| !dead.contains(id) && swim.status(id).is_some())
+            .cloned()
+            .collect();
+        let died: Vec<ChitchatId> = dead
+            .iter()
+            .filter(|id| !self.failure_detector.is_dead(id))
+            .map(|id| (*id).clone())
+            .collect();
+        let changed = self.liveness_dirty || !revived.is_empty() || !died.is_empty();
+        for id in &revived {
+            self.failure_detector.set_liveness(id, true);
+        }
+        for id in &died {
+            self.failure_detector.set_liveness(id, false);
         }
         self.liveness_dirty = false;
+        changed
     }
 
     /// Graceful leave: tell the cluster this node is dead (it stops refuting).

@@ -27,7 +27,9 @@ pub mod warmup;
 pub use remote::{MAX_REMOTE_GATEWAYS, MAX_REMOTE_SUBSETS, RemoteSite, rank_sites};
 use remote::{rank_remote, remote_endpoints};
 
-/// Phi-accrual threshold above which a silent node is considered dead. chitchat's phi is the
+/// Phi-accrual threshold above which a silent node is considered dead, under gossip protocol V1
+/// only (meshd speaks V2, where SWIM probes decide: see `chitchat_config`; kept for
+/// `gossip-convergence --protocol v1` comparisons). chitchat's phi is the
 /// silence divided by the mean time between heartbeat updates, which is a third to 0.9 of a
 /// gossip interval whatever the cluster size (measured with 2–40 nodes), so 20 means dead after
 /// about 7–18 gossip intervals of silence (1.4–3.7 s at the default 200 ms) and a 1 s loss of
@@ -236,8 +238,8 @@ pub fn build_view(
     view
 }
 
-/// How one node looks to this one: alive or dead by the failure detector, and when its
-/// heartbeat last advanced here.
+/// How one node looks to this one: alive or dead by the failure detector, and when it was last
+/// known alive here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Liveness {
     /// Node name.
@@ -248,15 +250,16 @@ pub struct Liveness {
     pub generation: u64,
     /// `alive` or `dead` (kept until collected, [`DEFAULT_DEAD_NODE_GRACE`]).
     pub status: &'static str,
-    /// When its heartbeat last advanced, as seen here (Unix ms); the node itself is always
-    /// current.
+    /// When it was last known alive here (Unix ms): now for a live node (SWIM holds a member
+    /// live until probes fail), the last sample before its death for a dead one.
     pub last_heard_unix_ms: u64,
 }
 
-/// Tracks when each node's heartbeat last advanced.
+/// Tracks when each node was last known alive. (Under gossip protocol V2 a heartbeat is an
+/// incarnation and moves only on a refutation, so it cannot say when a node was last heard.)
 #[derive(Debug, Default)]
 struct HeartbeatClock {
-    seen: std::collections::HashMap<ChitchatId, (u64, SystemTime)>,
+    seen: std::collections::HashMap<ChitchatId, SystemTime>,
 }
 
 impl HeartbeatClock {
@@ -268,24 +271,19 @@ impl HeartbeatClock {
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
         let mut out = Vec::new();
         let mut present = std::collections::HashSet::new();
-        for (id, state) in cc.node_states() {
+        for id in cc.node_states().keys() {
             present.insert(id.clone());
-            let beat = u64::from(state.heartbeat());
-            let entry = self.seen.entry(id.clone()).or_insert((beat, now));
-            if entry.0 != beat || *id == me {
-                *entry = (beat, now);
+            let alive = live.contains(id) || *id == me;
+            let entry = self.seen.entry(id.clone()).or_insert(now);
+            if alive {
+                *entry = now;
             }
             out.push(Liveness {
                 node: id.node_id.to_string(),
                 gossip_addr: id.gossip_advertise_addr,
                 generation: id.generation_id,
-                status: if live.contains(id) || *id == me {
-                    "alive"
-                } else {
-                    "dead"
-                },
+                status: if alive { "alive" } else { "dead" },
                 last_heard_unix_ms: entry
-                    .1
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
             });

@@ -315,9 +315,20 @@ impl Chitchat {
     /// Marks the node as dead or alive depending on the new phi values and updates the live nodes
     /// watcher accordingly.
     pub(crate) fn update_nodes_liveness(&mut self) {
+        self.update_nodes_liveness_inner(true);
+    }
+
+    /// meshd: between rounds (after a message, a probe timer), the live-nodes watch is
+    /// recomputed only if SWIM or a delta changed something; each round recomputes it anyway
+    /// (this node's own changes are seen there).
+    pub(crate) fn update_nodes_liveness_if_changed(&mut self) {
+        self.update_nodes_liveness_inner(false);
+    }
+
+    fn update_nodes_liveness_inner(&mut self, always: bool) {
         self.last_liveness = tokio::time::Instant::now();
         if self.is_v2() {
-            if !self.update_liveness_v2(tokio::time::Instant::now()) {
+            if !self.update_liveness_v2(tokio::time::Instant::now()) && !always {
                 // Nothing changed: skip the O(N) comparison below, not the collection.
                 self.garbage_collect_dead_nodes();
                 return;

@@ -320,7 +320,7 @@ impl Server {
                 if chitchat.liveness_dirty {
                     let due = chitchat.last_liveness + LIVENESS_MIN_GAP;
                     if now >= due {
-                        chitchat.update_nodes_liveness();
+                        chitchat.update_nodes_liveness_if_changed();
                     } else {
                         self.liveness_due = Some(due);
                     }
@@ -378,7 +378,7 @@ impl Server {
         let (version, out) = {
             let mut chitchat = self.chitchat.lock().await;
             let out = prober.due(&mut chitchat, &mut self.rng, time::Instant::now());
-            chitchat.update_nodes_liveness();
+            chitchat.update_nodes_liveness_if_changed();
             (chitchat.config.protocol_version, out)
         };
         let _ = self.send_all(version, out).await;

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::delta::Delta;
-use crate::digest::Digest;
+use crate::digest::{Digest, NodeDigest};
 use crate::message_serialize::updates_len;
 use crate::swim::{MAX_UPDATES_PER_MESSAGE, MemberUpdate, UpdateKind};
 use crate::{Chitchat, ChitchatId, ChitchatMessage, DIGEST_ENTRY_MAX, Heartbeat, delta_mtu};
@@ -239,7 +239,7 @@ impl Chitchat {
         for (id, entry) in &digest.node_digests {
             // An empty entry is a peer saying it holds nothing of this id; an earlier life of
             // this node is left to die in the others' views (it answers no probe).
-            if id.node_id == self.self_chitchat_id().node_id || entry.heartbeat.0 == 0 {
+            if id.node_id == self.self_chitchat_id().node_id || *entry == NodeDigest::default() {
                 continue;
             }
             if let Some(forgotten) = self.cluster_state.last_heartbeat_if_deleted(id)

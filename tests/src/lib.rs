@@ -722,6 +722,30 @@ impl Node {
         .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
     }
 
+    /// Waits until this node sees `n` members, all serving.
+    pub async fn wait_all_serving(&self, n: usize) -> anyhow::Result<()> {
+        let admin = self.admin.to_string();
+        eventually_while(
+            WAIT,
+            &format!("{} to see {n} members serving", self.spec.name),
+            self.gone(),
+            || {
+                let admin = admin.clone();
+                async move {
+                    let (_, body) = http_get(&admin, "/members").await.ok()?;
+                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    let members = v["members"].as_array()?;
+                    let serving = members
+                        .iter()
+                        .all(|m| m["info"]["state"].as_str() == Some("serving"));
+                    (members.len() == n && serving).then_some(())
+                }
+            },
+        )
+        .await
+        .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
+    }
+
     /// The node's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("meshd.log")).unwrap_or_default()
@@ -1100,6 +1124,12 @@ impl Cluster {
         let n = self.nodes.iter().filter(|n| n.proc.is_some()).count();
         for node in self.nodes.iter().filter(|n| n.proc.is_some()) {
             node.wait_members(n).await?;
+        }
+        // Settled: every node has left `starting` in every view (a node serves once its view
+        // stood still for two rounds; an event right after a bare member count, such as a
+        // kill detected in a few hundred ms, would otherwise catch a node still starting).
+        for node in self.nodes.iter().filter(|n| n.proc.is_some()) {
+            node.wait_all_serving(n).await?;
         }
         Ok(())
     }

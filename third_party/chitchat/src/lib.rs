@@ -38,7 +38,7 @@ pub use self::state::{ClusterStateSnapshot, NodeState};
 pub use self::swim::SwimConfig;
 pub use self::sync::SyncConfig;
 use crate::digest::Digest;
-pub use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
+pub use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion, Sweep};
 pub use crate::server::{ChitchatHandle, spawn_chitchat};
 use crate::state::ClusterState;
 pub use crate::types::{ChitchatId, DeletionStatus, Heartbeat, Version, VersionedValue};
@@ -249,20 +249,21 @@ impl Chitchat {
             ChitchatMessage::Syn2 {
                 cluster_id,
                 from,
-                full,
+                sweep,
                 digest,
                 updates,
             } => {
                 if cluster_id != self.cluster_id() || !self.is_v2() {
                     return Some(ChitchatMessage::BadCluster);
                 }
-                Some(self.process_syn2(from, full, digest, updates))
+                Some(self.process_syn2(from, sweep, digest, updates))
             }
             ChitchatMessage::SynAck2 {
                 digest,
                 delta,
+                swept,
                 updates,
-            } if self.is_v2() => Some(self.process_syn_ack2(digest, delta, updates)),
+            } if self.is_v2() => Some(self.process_syn_ack2(digest, delta, swept, updates)),
             ChitchatMessage::Ack2 {
                 delta,
                 request,

@@ -26,22 +26,23 @@ pub enum ChitchatMessage {
     /// Node B rejects the SYN message because node A and B belong to different clusters.
     BadCluster,
     /// V2 SYN (meshd): a digest of only some entries (recent changes, a rotating window and the
-    /// sender's own entry; every entry when `full`), so its size does not grow with the
-    /// cluster, plus SWIM membership updates. Liveness is not in the digest: SWIM probes
-    /// carry it.
+    /// sender's own entry; with a `sweep`, every entry in the sweep's range instead), so its
+    /// size does not grow with the cluster, plus SWIM membership updates. Liveness is not in
+    /// the digest: SWIM probes carry it.
     Syn2 {
         cluster_id: String,
         from: ChitchatId,
-        full: bool,
+        sweep: Option<Sweep>,
         digest: Digest,
         updates: Vec<MemberUpdate>,
     },
-    /// V2 SYN-ACK: B's entries for the ids of A's digest and for B's own recent changes
-    /// (every entry of B when A's was full), what A lacks among the ids of A's digest, and
-    /// updates.
+    /// V2 SYN-ACK: B's entries for the ids of A's digest and for B's own recent changes (for a
+    /// sweep: every entry of B in the range, as far as one message holds, and the range it
+    /// covered), what A lacks among them, and updates.
     SynAck2 {
         digest: Digest,
         delta: Delta,
+        swept: Option<Sweep>,
         updates: Vec<MemberUpdate>,
     },
     /// V2 ACK: what B lacks among the ids of B's SYN-ACK digest; A's versions of the ids B
@@ -75,6 +76,24 @@ pub enum ChitchatMessage {
     /// A message used by tests to trigger a panic
     #[cfg(test)]
     PanicForTest,
+}
+
+/// A range of node ids, `(after, until]` in the table's order (`None`: from the start, to the
+/// end). A sweep SYN lists every entry of the sender in its range, so an id missing from it is
+/// one the sender lacks; sweeping range after range covers a table of any size without a
+/// digest larger than a datagram.
+#[derive(Debug, Clone, Default, Eq, PartialEq)]
+pub struct Sweep {
+    pub after: Option<ChitchatId>,
+    pub until: Option<ChitchatId>,
+}
+
+impl Sweep {
+    /// Whether `id` is in the range.
+    pub fn contains(&self, id: &ChitchatId) -> bool {
+        self.after.as_ref().is_none_or(|after| id > after)
+            && self.until.as_ref().is_none_or(|until| id <= until)
+    }
 }
 
 /// A [`ChitchatMessage`] paired with the protocol version it is encoded

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use crate::ChitchatId;
 use crate::delta::Delta;
 use crate::digest::Digest;
-use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
+use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion, Sweep};
 use crate::serialize::{Deserializable, Serializable};
 use crate::swim::{deserialize_updates, serialize_updates, serialized_updates_len};
 
@@ -196,25 +196,27 @@ fn serialize_v2(message: &ChitchatMessage, version: ProtocolVersion, buf: &mut V
         ChitchatMessage::Syn2 {
             cluster_id,
             from,
-            full,
+            sweep,
             digest,
             updates,
         } => {
             buf.push(MessageType::Syn2.to_code());
             cluster_id.serialize(buf);
             from.serialize(buf);
-            full.serialize(buf);
+            serialize_sweep(sweep.as_ref(), buf);
             digest.serialize(version, buf);
             updates
         }
         ChitchatMessage::SynAck2 {
             digest,
             delta,
+            swept,
             updates,
         } => {
             buf.push(MessageType::SynAck2.to_code());
             digest.serialize(version, buf);
             delta.serialize(buf);
+            serialize_sweep(swept.as_ref(), buf);
             updates
         }
         ChitchatMessage::Ack2 {
@@ -261,6 +263,37 @@ fn serialize_v2(message: &ChitchatMessage, version: ProtocolVersion, buf: &mut V
     serialize_updates(updates, buf);
 }
 
+/// An optional sweep: a flag byte (bit 0: a sweep, bit 1: `after` follows, bit 2: `until`
+/// follows), then the ids.
+fn serialize_sweep(sweep: Option<&Sweep>, buf: &mut Vec<u8>) {
+    let Some(sweep) = sweep else {
+        0u8.serialize(buf);
+        return;
+    };
+    let flags = 1 | u8::from(sweep.after.is_some()) << 1 | u8::from(sweep.until.is_some()) << 2;
+    flags.serialize(buf);
+    for id in [&sweep.after, &sweep.until].into_iter().flatten() {
+        id.serialize(buf);
+    }
+}
+
+fn deserialize_sweep(buf: &mut &[u8]) -> anyhow::Result<Option<Sweep>> {
+    let flags = u8::deserialize(buf)?;
+    if flags & !0b111 != 0 || (flags & 1 == 0 && flags != 0) {
+        bail!("invalid sweep flags {flags:#x}");
+    }
+    if flags == 0 {
+        return Ok(None);
+    }
+    let after = (flags & 2 != 0)
+        .then(|| ChitchatId::deserialize(buf))
+        .transpose()?;
+    let until = (flags & 4 != 0)
+        .then(|| ChitchatId::deserialize(buf))
+        .transpose()?;
+    Ok(Some(Sweep { after, until }))
+}
+
 /// Bytes the SWIM updates of a message take (for budgeting deltas around them).
 pub(crate) fn updates_len(updates: &[crate::swim::MemberUpdate]) -> usize {
     serialized_updates_len(updates)
@@ -275,13 +308,13 @@ fn deserialize_v2(
         MessageType::Syn2 => {
             let cluster_id = String::deserialize(buf)?;
             let from = ChitchatId::deserialize(buf)?;
-            let full = bool::deserialize(buf)?;
+            let sweep = deserialize_sweep(buf)?;
             let digest = Digest::deserialize(version, buf)?;
             let updates = deserialize_updates(buf)?;
             ChitchatMessage::Syn2 {
                 cluster_id,
                 from,
-                full,
+                sweep,
                 digest,
                 updates,
             }
@@ -289,10 +322,12 @@ fn deserialize_v2(
         MessageType::SynAck2 => {
             let digest = Digest::deserialize(version, buf)?;
             let delta = Delta::deserialize(buf)?;
+            let swept = deserialize_sweep(buf)?;
             let updates = deserialize_updates(buf)?;
             ChitchatMessage::SynAck2 {
                 digest,
                 delta,
+                swept,
                 updates,
             }
         }

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::delta::{Delta, DeltaSerializer, NodeDelta};
 use crate::digest::{Digest, NodeDigest};
 use crate::listener::Listeners;
+use crate::message::Sweep;
 use crate::types::{DeletionStatus, DeletionStatusMutation};
 use crate::{
     ChitchatId, GARBAGE_COLLECTED_NODE_HISTORY_SIZE, Heartbeat, KeyChangeEvent, Version,
@@ -636,7 +637,7 @@ impl ClusterState {
         mtu: usize,
         scheduled_for_deletion: &HashSet<&ChitchatId>,
     ) -> Delta {
-        self.compute_delta(digest, mtu, scheduled_for_deletion, false)
+        self.compute_delta(digest, mtu, scheduled_for_deletion, Scope::Table)
     }
 
     /// meshd (V2): the delta for only the ids `digest` lists. A V2 digest covers a scope, not
@@ -647,7 +648,66 @@ impl ClusterState {
         mtu: usize,
         scheduled_for_deletion: &HashSet<&ChitchatId>,
     ) -> Delta {
-        self.compute_delta(digest, mtu, scheduled_for_deletion, true)
+        self.compute_delta(digest, mtu, scheduled_for_deletion, Scope::Digest)
+    }
+
+    /// meshd (V2): the delta for the ids of this node's table in `range`; `digest` lists every
+    /// entry the peer has there (a sweep), so an id it does not list is one the peer lacks.
+    pub fn compute_range_delta_respecting_mtu(
+        &self,
+        digest: &Digest,
+        mtu: usize,
+        scheduled_for_deletion: &HashSet<&ChitchatId>,
+        range: &Sweep,
+    ) -> Delta {
+        self.compute_delta(digest, mtu, scheduled_for_deletion, Scope::Range(range))
+    }
+
+    /// meshd (V2): the digest of this node's entries in `range`, in id order, as many as fit
+    /// `budget` bytes (an upper bound per entry); and the range it covers: `range`, or up to the
+    /// last entry that fit.
+    pub fn compute_range_digest(
+        &self,
+        range: &Sweep,
+        budget: usize,
+        scheduled_for_deletion: &HashSet<&ChitchatId>,
+    ) -> (Digest, Sweep) {
+        let mut digest = Digest::default();
+        let mut used = 0;
+        let mut covered = range.clone();
+        for (id, state) in self.range(range) {
+            let len = crate::serialize::Serializable::serialized_len(id) + crate::DIGEST_ENTRY_MAX;
+            if used + len > budget {
+                covered.until = digest.node_digests.keys().next_back().cloned();
+                if covered.until.is_none() {
+                    // Not even one entry fits: cover that one id without it, rather than
+                    // never moving on.
+                    covered.until = Some(id.clone());
+                }
+                break;
+            }
+            used += len;
+            if !scheduled_for_deletion.contains(id) {
+                digest.node_digests.insert(id.clone(), state.digest());
+            }
+        }
+        (digest, covered)
+    }
+
+    /// The entries of the table in `range`.
+    fn range<'a>(
+        &'a self,
+        range: &Sweep,
+    ) -> impl Iterator<Item = (&'a ChitchatId, &'a NodeState)> + use<'a> {
+        let lower = match &range.after {
+            Some(after) => std::ops::Bound::Excluded(after.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let upper = match &range.until {
+            Some(until) => std::ops::Bound::Included(until.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.node_states.range((lower, upper))
     }
 
     /// meshd (V2): the digest of exactly these ids, an id this node does not hold (or is about
@@ -677,19 +737,19 @@ impl ClusterState {
         digest: &Digest,
         mtu: usize,
         scheduled_for_deletion: &HashSet<&ChitchatId>,
-        scoped: bool,
+        scope: Scope,
     ) -> Delta {
         let mut stale_nodes = SortedStaleNodes::default();
         // A scoped digest is small: walk it, not the table.
-        let candidates: Box<dyn Iterator<Item = (&ChitchatId, &NodeState)>> = if scoped {
-            Box::new(
+        let candidates: Box<dyn Iterator<Item = (&ChitchatId, &NodeState)>> = match scope {
+            Scope::Table => Box::new(self.node_states.iter()),
+            Scope::Digest => Box::new(
                 digest
                     .node_digests
                     .keys()
                     .filter_map(|id| self.node_states.get_key_value(id)),
-            )
-        } else {
-            Box::new(self.node_states.iter())
+            ),
+            Scope::Range(range) => Box::new(self.range(range)),
         };
         for (chitchat_id, node_state) in candidates {
             if scheduled_for_deletion.contains(chitchat_id) {
@@ -760,6 +820,17 @@ impl ClusterState {
     pub fn last_heartbeat_if_deleted(&self, chitchat_id: &ChitchatId) -> Option<Heartbeat> {
         self.garbage_collected_nodes.peek(chitchat_id).copied()
     }
+}
+
+/// Which of this node's entries a delta considers.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// Every entry (V0/V1: the peer's digest lists its whole table).
+    Table,
+    /// Only the ids the peer's digest lists (V2).
+    Digest,
+    /// Every entry in a range (a V2 sweep).
+    Range(&'a Sweep),
 }
 
 /// Score used to decide which member should be gossiped first.

@@ -10,9 +10,11 @@
 //!   rounds, as before;
 //! - a window that rotates over the whole table, so a difference that is no longer recent
 //!   anywhere (a node cut off while it spread) is still found, in N / window SYNs;
-//! - every entry, on a SYN out of `full_every` and while this node is catching up (its last
-//!   exchange taught it something outside that scope): the slow anti-entropy round of
-//!   Serf's push-pull, and the fast path for a node that just joined.
+//! - instead, on a SYN out of `full_every` and while this node is catching up (it just joined,
+//!   or its last delta filled half a datagram): every entry in the next range of a sweep over
+//!   the table (`Sweep`, as many entries as `sweep_budget` bytes hold), the responder answering
+//!   with every entry of its own in that range. The slow anti-entropy round of Serf's
+//!   push-pull, chunked so that no digest outgrows a datagram however large the table.
 //!
 //! The reply compares versions for exactly the ids of the SYN (scuttlebutt restricted to that
 //! scope), so bytes per node stay flat in N at steady state.
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::message::Sweep;
 use crate::{ChitchatId, NodeState, Version};
 
 /// How the scope of V2 digests is chosen.
@@ -33,8 +36,10 @@ pub struct SyncConfig {
     pub recent_max: usize,
     /// Entries of the rotating window in each digest.
     pub window: usize,
-    /// One SYN in this many carries every entry.
+    /// One SYN in this many is a sweep.
     pub full_every: u32,
+    /// Bytes of one sweep digest (an upper bound per entry: its id and 24 bytes).
+    pub sweep_budget: usize,
 }
 
 impl Default for SyncConfig {
@@ -43,7 +48,9 @@ impl Default for SyncConfig {
             recent_window: Duration::from_secs(2),
             recent_max: 32,
             window: 8,
-            full_every: 50,
+            // One sweep SYN every ~10 s at the default interval (3 SYNs a round).
+            full_every: 150,
+            sweep_budget: 16 * 1024,
         }
     }
 }
@@ -58,10 +65,12 @@ pub(crate) struct Sync {
     by_time: BTreeSet<(Instant, ChitchatId)>,
     /// Where the rotating window resumes (the last id it covered).
     cursor: Option<ChitchatId>,
-    /// SYNs sent since the last full one.
+    /// SYNs sent since the last sweep.
     since_full: u32,
-    /// The last exchange changed state outside what recent entries explain: go full.
+    /// Sweep until the sweep has gone round: this node just joined or fell behind.
     catching_up: bool,
+    /// Where the sweep resumes (after this id; `None`: from the start).
+    sweep_after: Option<ChitchatId>,
 }
 
 impl Sync {
@@ -74,6 +83,7 @@ impl Sync {
             // The first SYNs of a node are full: it knows nothing yet.
             since_full: u32::MAX,
             catching_up: true,
+            sweep_after: None,
         }
     }
 
@@ -146,22 +156,37 @@ impl Sync {
         after
     }
 
-    /// Whether the next SYN carries every entry (and counts it).
-    pub(crate) fn next_is_full(&mut self) -> bool {
-        let full = self.catching_up || self.since_full >= self.config.full_every;
-        if full {
-            self.since_full = 0;
-            self.catching_up = false;
-        } else {
+    /// The range the next SYN sweeps, if it is a sweep (and counts it): from where the sweep
+    /// stands to the end; the digest then says how far it got.
+    pub(crate) fn next_sweep(&mut self) -> Option<Sweep> {
+        if !self.catching_up && self.since_full < self.config.full_every {
             self.since_full = self.since_full.saturating_add(1);
+            return None;
         }
-        full
+        self.since_full = 0;
+        Some(Sweep {
+            after: self.sweep_after.clone(),
+            until: None,
+        })
     }
 
-    /// An exchange brought entries this node did not know of or could not fit in one message:
-    /// the next SYN goes full.
+    /// A responder covered `swept`: the sweep resumes after it, or, when it reached the end of
+    /// the table, starts over (and a node catching up has caught up).
+    pub(crate) fn swept(&mut self, swept: &Sweep) {
+        self.sweep_after = swept.until.clone();
+        if swept.until.is_none() {
+            self.catching_up = false;
+        }
+    }
+
+    /// This node fell behind (a delta filled half a datagram): sweep until it has gone round.
     pub(crate) fn catch_up(&mut self) {
         self.catching_up = true;
+    }
+
+    /// Bytes of one sweep digest.
+    pub(crate) fn sweep_budget(&self) -> usize {
+        self.config.sweep_budget
     }
 }
 
@@ -183,6 +208,7 @@ mod tests {
             recent_max: 3,
             window,
             full_every: 4,
+            sweep_budget: 1024,
         })
     }
 
@@ -209,18 +235,32 @@ mod tests {
     }
 
     #[test]
-    fn full_first_then_one_in_full_every_and_on_catch_up() {
+    fn sweeps_first_until_round_then_one_in_full_every() {
         let mut sync = sync(2);
-        let pattern: Vec<bool> = (0..10).map(|_| sync.next_is_full()).collect();
+        // A new node sweeps every SYN until a sweep reaches the end of a table.
+        let first = sync.next_sweep().expect("a new node sweeps");
+        assert_eq!(first, Sweep::default());
+        sync.swept(&Sweep {
+            after: None,
+            until: Some(id(3)),
+        });
+        let second = sync.next_sweep().expect("still catching up");
+        assert_eq!(second.after, Some(id(3)));
+        sync.swept(&Sweep {
+            after: Some(id(3)),
+            until: None,
+        });
+        // Caught up: one SYN in `full_every` (4) sweeps, from the start again.
+        let pattern: Vec<bool> = (0..10).map(|_| sync.next_sweep().is_some()).collect();
         assert_eq!(
             pattern,
             vec![
-                true, false, false, false, false, true, false, false, false, false
+                false, false, false, false, true, false, false, false, false, true
             ]
         );
         sync.catch_up();
-        assert!(sync.next_is_full());
-        assert!(!sync.next_is_full());
+        assert!(sync.next_sweep().is_some());
+        assert!(sync.next_sweep().is_some(), "until a sweep goes round");
     }
 
     #[tokio::test(start_paused = true)]

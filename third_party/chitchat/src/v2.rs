@@ -33,26 +33,30 @@ impl Chitchat {
         self.swim.is_some()
     }
 
-    /// The V2 SYN: scoped (or full) digest and piggybacked updates.
+    /// The V2 SYN: scoped digest (or the next range of a sweep) and piggybacked updates.
     pub(crate) fn create_syn2(&mut self) -> ChitchatMessage {
         let now = Instant::now();
         let sfd: HashSet<ChitchatId> = self.scheduled_for_deletion_nodes().cloned().collect();
         let sfd_ref: HashSet<&ChitchatId> = sfd.iter().collect();
         self.note_changes(now);
-        let full = self.sync.next_is_full();
-        let digest = if full {
-            self.cluster_state.compute_digest(&sfd_ref)
+        let sweep = self.sync.next_sweep();
+        let (digest, sweep) = if let Some(sweep) = sweep {
+            let budget = self.sync.sweep_budget();
+            let (digest, covered) = self
+                .cluster_state
+                .compute_range_digest(&sweep, budget, &sfd_ref);
+            (digest, Some(covered))
         } else {
             let mut ids = vec![self.self_chitchat_id().clone()];
             ids.extend(self.sync.recent(now));
             ids.extend(self.sync.window(self.cluster_state.node_states()));
             let ids: Vec<ChitchatId> = ids.into_iter().filter(|id| !sfd.contains(id)).collect();
-            self.cluster_state.compute_digest_of(&ids, &sfd_ref)
+            (self.cluster_state.compute_digest_of(&ids, &sfd_ref), None)
         };
         ChitchatMessage::Syn2 {
             cluster_id: self.config.cluster_id.clone(),
             from: self.self_chitchat_id().clone(),
-            full,
+            sweep,
             digest,
             updates: self.piggyback(PIGGYBACK_BYTES),
         }
@@ -61,26 +65,35 @@ impl Chitchat {
     pub(crate) fn process_syn2(
         &mut self,
         from: ChitchatId,
-        full: bool,
+        sweep: Option<crate::Sweep>,
         digest: Digest,
         updates: Vec<MemberUpdate>,
     ) -> ChitchatMessage {
         let now = Instant::now();
+        // A sweep digest lists only ids in its range: anything else in it is not ours to take.
+        let digest = match &sweep {
+            Some(sweep) => in_range(digest, sweep),
+            None => digest,
+        };
         let mut news = self.observe_digest(&digest, Some(&from), now);
         self.apply_updates(&updates, now);
         let sfd: HashSet<ChitchatId> = self.scheduled_for_deletion_nodes().cloned().collect();
         let sfd_ref: HashSet<&ChitchatId> = sfd.iter().collect();
-        let echo = if full {
-            self.cluster_state.compute_digest(&sfd_ref)
+        let (echo, swept) = if let Some(sweep) = &sweep {
+            let budget = self.sync.sweep_budget();
+            let (echo, covered) = self
+                .cluster_state
+                .compute_range_digest(sweep, budget, &sfd_ref);
+            (echo, Some(covered))
         } else {
             // Our recent changes too, so the initiator can ask for those it lacks (pull).
             let recent = self.sync.recent(now);
             let ids = digest.node_digests.keys().chain(recent.iter());
-            self.cluster_state.compute_digest_of(ids, &sfd_ref)
+            (self.cluster_state.compute_digest_of(ids, &sfd_ref), None)
         };
         if let Some(swim) = self.swim.as_ref() {
             news.extend(swim.news_for(&from));
-            if full {
+            if sweep.is_some() {
                 news.extend(dead_members(swim, self.self_chitchat_id(), DEAD_ON_FULL));
             }
         }
@@ -93,11 +106,13 @@ impl Chitchat {
         }
         let protocol_version = self.config.protocol_version;
         let reserved = echo.serialized_len(protocol_version) + updates_len(&updates);
-        let delta = if full {
-            self.cluster_state.compute_partial_delta_respecting_mtu(
+        let delta = if let Some(swept) = &swept {
+            // Everything of ours in the range we covered that the initiator lacks.
+            self.cluster_state.compute_range_delta_respecting_mtu(
                 &digest,
                 delta_mtu(reserved),
                 &sfd_ref,
+                swept,
             )
         } else {
             self.cluster_state.compute_scoped_delta_respecting_mtu(
@@ -109,6 +124,7 @@ impl Chitchat {
         ChitchatMessage::SynAck2 {
             digest: echo,
             delta,
+            swept,
             updates,
         }
     }
@@ -117,9 +133,13 @@ impl Chitchat {
         &mut self,
         digest: Digest,
         delta: Delta,
+        swept: Option<crate::Sweep>,
         updates: Vec<MemberUpdate>,
     ) -> ChitchatMessage {
         let now = Instant::now();
+        if let Some(swept) = &swept {
+            self.sync.swept(swept);
+        }
         self.observe_digest(&digest, None, now);
         self.apply_updates(&updates, now);
         self.process_delta_v2(delta);
@@ -397,6 +417,12 @@ impl Chitchat {
 }
 
 use crate::serialize::Serializable as _;
+
+/// The entries of `digest` inside `range`.
+fn in_range(mut digest: Digest, range: &crate::Sweep) -> Digest {
+    digest.node_digests.retain(|id, _| range.contains(id));
+    digest
+}
 
 /// A delta that used most of a datagram: the sender had more than fit.
 fn delta_fills_message(delta: &Delta) -> bool {

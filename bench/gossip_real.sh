@@ -206,7 +206,7 @@ EOF
   # Steady state. The scrapes take a moment: the counters' window runs from the middle of the
   # first to the middle of the second; the kernel's (lo, UDP) from the end of the first to the
   # start of the second, so no scrape traffic is counted.
-  local kinds=(syn syn_ack ack) c0 c1 l0 l1 u0 u1 w0 w1 a0 a1 k
+  local kinds=(syn syn_ack ack ping ping_req ping_ack) c0 c1 l0 l1 u0 u1 w0 w1 a0 a1 k
   declare -A s0 s1 d0 d1
   a0=$EPOCHREALTIME
   scrape "$dir/metrics0" "${ips[@]}"
@@ -297,8 +297,8 @@ OUT="$RESULTS/gossip-real-$STAMP.md"
   echo
   echo "By message kind, per node: kB/s, datagrams/s, mean bytes per datagram."
   echo
-  echo "| nodes | SYN kB/s | /s | B | SYN-ACK kB/s | /s | B | ACK kB/s | /s | B |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| nodes | SYN kB/s | /s | B | SYN-ACK kB/s | /s | B | ACK kB/s | /s | B | PING kB/s | /s | B | PING-REQ kB/s | /s | B | PING-ACK kB/s | /s | B |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   cat "$KINDS"
   echo
   echo "Events (ms from the change: service file written and SIGHUP sent, or SIGKILL sent, to each node's log line; 'reached' counts the nodes that logged it within 30 s):"

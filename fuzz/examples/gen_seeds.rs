@@ -134,6 +134,35 @@ fn der(pem: &str) -> Vec<u8> {
 /// Plaintext chitchat messages: SYN, SYN-ACK and ACK of two real nodes (one speaking protocol
 /// V0, one V1) with meshd's gossip keys, captured by a relay between them; and a BadCluster.
 async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
+    // A V0 node with a V1 node (each answers in the other's version), then two V2 nodes (scoped
+    // digests, sweeps, SWIM probes).
+    let mut captured = capture_pair([ProtocolVersion::V0, ProtocolVersion::V1]).await;
+    captured.extend(capture_pair([ProtocolVersion::V2, ProtocolVersion::V2]).await);
+    for key in ["syn2-v2", "synack2-v2", "ack2-v2", "ping-v2", "pingack-v2"] {
+        assert!(
+            captured.contains_key(key),
+            "no {key} in {:?}",
+            captured.keys()
+        );
+    }
+    // A PING-REQ goes out only when a probe fails: built here.
+    let from = ChitchatId::new("n1".to_owned(), 1, loopback());
+    let target = ChitchatId::new("n2".to_owned(), 1, loopback());
+    let ping_req = ChitchatEnvelope {
+        version: ProtocolVersion::V2,
+        message: ChitchatMessage::PingReq {
+            seq: 7,
+            from,
+            target,
+            updates: Vec::new(),
+        },
+    };
+    captured.insert("pingreq-v2".to_owned(), ping_req.serialize_to_vec());
+    captured
+}
+
+/// Messages captured between two real chitchat nodes speaking `versions`.
+async fn capture_pair(versions: [ProtocolVersion; 2]) -> BTreeMap<String, Vec<u8>> {
     // Node i advertises relays[i]: what arrives there is for node i, and is passed on from the
     // other relay, so node i answers the other node through the relays too.
     let relays = [
@@ -144,7 +173,7 @@ async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
         .each_ref()
         .map(|r| r.local_addr().expect("relay address"));
     let mut handles = Vec::new();
-    for (i, (name, version)) in [("n1", ProtocolVersion::V0), ("n2", ProtocolVersion::V1)]
+    for (i, (name, version)) in [("n1", versions[0]), ("n2", versions[1])]
         .into_iter()
         .enumerate()
     {
@@ -214,6 +243,11 @@ async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
             Some(0) => "syn",
             Some(1) => "synack",
             Some(2) => "ack",
+            Some(4) => "syn2",
+            Some(5) => "synack2",
+            Some(6) => "ack2",
+            Some(7) => "ping",
+            Some(9) => "pingack",
             _ => "other",
         };
         let name = format!("{kind}-v{}", datagram[2]);
@@ -230,6 +264,9 @@ async fn gossip_messages() -> BTreeMap<String, Vec<u8>> {
         captured.keys().any(|k| k.starts_with("synack")),
         "{captured:?}"
     );
+    if versions[0] == ProtocolVersion::V2 {
+        return captured;
+    }
     captured.insert(
         "badcluster-v0".to_owned(),
         encode(ChitchatEnvelope {

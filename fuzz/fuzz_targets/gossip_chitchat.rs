@@ -200,7 +200,10 @@ fuzz_target!(|data: &[u8]| {
         // it; meshd only decodes), so only deltaless messages are put through the round trip.
         if matches!(
             envelope.message,
-            ChitchatMessage::SynAck { .. } | ChitchatMessage::Ack { .. }
+            ChitchatMessage::SynAck { .. }
+                | ChitchatMessage::Ack { .. }
+                | ChitchatMessage::SynAck2 { .. }
+                | ChitchatMessage::Ack2 { .. }
         ) {
             return;
         }

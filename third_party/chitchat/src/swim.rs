@@ -13,6 +13,12 @@
 //! by one slow or partitioned node rarely gathers confirmations and leaves the suspect time to
 //! refute.
 //!
+//! Two rules of ours keep a holder of the shared gossip key, who can send claims under any
+//! name, from killing a reachable member: another node's `Dead` is only a suspicion here (only
+//! this node's own timer declares death), and confirmations shorten a suspicion only once this
+//! node's own probe of the suspect failed too (claims in our own name from the wire are
+//! ignored). A forged death then costs the member a refutation, not an outage.
+//!
 //! It is a pure state machine: it performs no I/O and never reads a clock. Every time is
 //! passed in as `now`, and the caller does the probing, the sending, and decides which new
 //! node ids to admit. That keeps the protocol logic deterministic and testable without
@@ -73,7 +79,8 @@ pub struct MemberUpdate {
     pub kind: UpdateKind,
     pub node: ChitchatId,
     pub incarnation: u64,
-    /// node_id of who claims it: the suspecter (Suspect), the declarer (Dead), the node itself
+    /// node_id of who claims it: the suspecter (Suspect), the declarer (Dead: a suspicion to
+    /// every node but the declarer), the node itself
     /// (Alive).
     pub from: Arc<str>,
 }
@@ -148,7 +155,8 @@ pub struct SwimConfig {
     /// Ceiling = floor * this (Lifeguard: 6).
     pub suspicion_max_mult: u32,
     /// Lifeguard's K: confirmations (distinct suspecters besides the first) at which the
-    /// timeout reaches the floor.
+    /// timeout reaches the floor; they count only once this node is one of the suspecters,
+    /// and K is lowered to what a cluster smaller than K + 2 can give.
     pub expected_confirmations: u32,
     /// Each update is piggybacked at most retransmit_mult * ceil(log10(N+1)) times
     /// (memberlist's RetransmitMult, 4).

@@ -704,30 +704,21 @@ impl Node {
 
     /// Waits until this node sees `n` live members with endpoints for every service in `services`.
     pub async fn wait_members(&self, n: usize) -> anyhow::Result<()> {
-        let admin = self.admin.to_string();
-        eventually_while(
-            WAIT,
-            &format!("{} to see {n} members", self.spec.name),
-            self.gone(),
-            || {
-                let admin = admin.clone();
-                async move {
-                    let (_, body) = http_get(&admin, "/members").await.ok()?;
-                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                    (v["members"].as_array()?.len() == n).then_some(())
-                }
-            },
-        )
-        .await
-        .with_context(|| format!("{} log:\n{}", self.spec.name, self.log()))
+        self.wait_members_where(n, false).await
     }
 
     /// Waits until this node sees `n` members, all serving.
     pub async fn wait_all_serving(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_members_where(n, true).await
+    }
+
+    /// Waits until this node sees `n` members (all serving, if `serving`).
+    async fn wait_members_where(&self, n: usize, serving: bool) -> anyhow::Result<()> {
         let admin = self.admin.to_string();
+        let what = if serving { " serving" } else { "" };
         eventually_while(
             WAIT,
-            &format!("{} to see {n} members serving", self.spec.name),
+            &format!("{} to see {n} members{what}", self.spec.name),
             self.gone(),
             || {
                 let admin = admin.clone();
@@ -735,10 +726,11 @@ impl Node {
                     let (_, body) = http_get(&admin, "/members").await.ok()?;
                     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
                     let members = v["members"].as_array()?;
-                    let serving = members
-                        .iter()
-                        .all(|m| m["info"]["state"].as_str() == Some("serving"));
-                    (members.len() == n && serving).then_some(())
+                    let ok = !serving
+                        || members
+                            .iter()
+                            .all(|m| m["info"]["state"].as_str() == Some("serving"));
+                    (members.len() == n && ok).then_some(())
                 }
             },
         )

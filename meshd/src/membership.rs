@@ -126,7 +126,7 @@ pub struct MeshView {
 /// state is used only as far as it proves signed by that node (see [`crate::gossip_auth`]);
 /// `None` reads states as they are (unit tests and the in-memory simulation).
 pub fn build_view(
-    nodes: &BTreeMap<ChitchatId, NodeState>,
+    nodes: &BTreeMap<ChitchatId, Arc<NodeState>>,
     deny: &DenyList,
     mut verifier: Option<&mut StateVerifier>,
 ) -> MeshView {

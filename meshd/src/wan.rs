@@ -494,7 +494,7 @@ async fn run(
 /// The WAN members' states, each as far as it proves signed by its node; removed nodes'
 /// are left out whatever they say.
 fn verified_states(
-    nodes: &BTreeMap<ChitchatId, NodeState>,
+    nodes: &BTreeMap<ChitchatId, Arc<NodeState>>,
     deny: &DenyList,
     verifier: &mut StateVerifier,
 ) -> Vec<(String, Vec<(String, String)>)> {

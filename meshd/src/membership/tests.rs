@@ -4,13 +4,13 @@ use super::*;
 use mesh_api::gossip::RemoteService;
 use mesh_api::name::Label;
 
-fn node(name: &str, kvs: &[(&str, &str)]) -> (ChitchatId, NodeState) {
+fn node(name: &str, kvs: &[(&str, &str)]) -> (ChitchatId, Arc<NodeState>) {
     let id = ChitchatId::new(name.to_owned(), 1, "127.0.0.1:7946".parse().unwrap());
     let mut st = NodeState::for_test();
     for (k, v) in kvs {
         st.set(*k, *v);
     }
-    (id, st)
+    (id, Arc::new(st))
 }
 
 #[test]

@@ -18,6 +18,10 @@ pub struct FailureDetector {
     live_nodes: HashSet<ChitchatId>,
     /// Denotes dead nodes.
     dead_nodes: HashMap<ChitchatId, Instant>,
+    /// meshd: false under protocol V2, where SWIM decides liveness. A phi sampling window is
+    /// 8 KB (1,000 f64s) per member per observer: 8 GB of dead weight across a 1,000-node site,
+    /// 8 MB in each node.
+    sampling: bool,
 }
 
 impl FailureDetector {
@@ -27,7 +31,14 @@ impl FailureDetector {
             config,
             live_nodes: HashSet::new(),
             dead_nodes: HashMap::new(),
+            sampling: true,
         }
+    }
+
+    /// meshd (protocol V2): liveness comes from `set_liveness`; keep no phi samples.
+    pub(crate) fn without_sampling(mut self) -> Self {
+        self.sampling = false;
+        self
     }
 
     /// Reports node heartbeat.
@@ -48,6 +59,9 @@ impl FailureDetector {
 
     /// Reports node heartbeat.
     pub fn report_heartbeat(&mut self, chitchat_id: &ChitchatId) {
+        if !self.sampling {
+            return;
+        }
         debug!(node_id=%chitchat_id.node_id, "reporting node heartbeat.");
         self.get_or_create_sampling_window(chitchat_id)
             .report_heartbeat();

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::iter::once;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use delta::Delta;
@@ -90,8 +91,8 @@ pub struct Chitchat {
     failure_detector: FailureDetector,
     /// Notifies listeners when a change has occurred in the set of live nodes.
     previous_live_nodes: HashMap<ChitchatId, Version>,
-    live_nodes_watcher_tx: watch::Sender<BTreeMap<ChitchatId, NodeState>>,
-    live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    live_nodes_watcher_tx: watch::Sender<BTreeMap<ChitchatId, Arc<NodeState>>>,
+    live_nodes_watcher_rx: watch::Receiver<BTreeMap<ChitchatId, Arc<NodeState>>>,
     /// meshd: new node ids kept out by `ChitchatConfig::admission`.
     refused_admissions: u64,
     /// meshd: SWIM membership, with protocol V2 (`v2.rs`).
@@ -119,7 +120,10 @@ impl Chitchat {
         seed_addrs: watch::Receiver<HashSet<SocketAddr>>,
         initial_key_values: Vec<(String, String)>,
     ) -> Self {
-        let failure_detector = FailureDetector::new(config.failure_detector_config.clone());
+        let mut failure_detector = FailureDetector::new(config.failure_detector_config.clone());
+        if config.protocol_version >= ProtocolVersion::V2 {
+            failure_detector = failure_detector.without_sampling();
+        }
         let previous_live_nodes = HashMap::new();
         let (live_nodes_watcher_tx, live_nodes_watcher_rx) = watch::channel(BTreeMap::new());
         // A V2 node starts at incarnation 1, the heartbeat it starts with below.
@@ -357,13 +361,14 @@ impl Chitchat {
                 .keys()
                 .cloned()
                 .flat_map(|chitchat_id| {
-                    let node_state = self.node_state(&chitchat_id)?;
+                    let node_state = self.cluster_state.node_states().get(&chitchat_id)?;
                     if let Some(liveness_extra_predicate) = &self.config.extra_liveness_predicate {
                         if !liveness_extra_predicate(node_state) {
                             return None;
                         }
                     }
-                    Some((chitchat_id, node_state.clone()))
+                    // A reference, not a copy: the state is copied on its next write.
+                    Some((chitchat_id, Arc::clone(node_state)))
                 })
                 .collect::<BTreeMap<_, _>>();
             self.previous_live_nodes = current_live_nodes;
@@ -391,7 +396,7 @@ impl Chitchat {
         }
     }
 
-    pub fn node_states(&self) -> &BTreeMap<ChitchatId, NodeState> {
+    pub fn node_states(&self) -> &BTreeMap<ChitchatId, Arc<NodeState>> {
         self.cluster_state.node_states()
     }
 
@@ -434,11 +439,11 @@ impl Chitchat {
     /// - updates its max version
     ///
     /// Heartbeats are not notified.
-    pub fn live_nodes_watch_stream(&self) -> WatchStream<BTreeMap<ChitchatId, NodeState>> {
+    pub fn live_nodes_watch_stream(&self) -> WatchStream<BTreeMap<ChitchatId, Arc<NodeState>>> {
         WatchStream::new(self.live_nodes_watcher_rx.clone())
     }
 
-    pub fn live_nodes_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+    pub fn live_nodes_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, Arc<NodeState>>> {
         self.live_nodes_watcher_rx.clone()
     }
 
@@ -532,8 +537,10 @@ impl Chitchat {
         //
         // We don't report the heartbeat however, to make sure that we
         // avoid identifying resetted node as alive.
-        self.failure_detector
-            .get_or_create_sampling_window(chitchat_id);
+        if self.config.protocol_version < ProtocolVersion::V2 {
+            self.failure_detector
+                .get_or_create_sampling_window(chitchat_id);
+        }
 
         node_state.set_max_version(max_version);
 

@@ -887,9 +887,11 @@ mod tests {
         node2.shutdown().await.unwrap();
     }
 
-    async fn next_live_nodes<S: Unpin + Stream<Item = BTreeMap<ChitchatId, NodeState>>>(
+    async fn next_live_nodes<
+        S: Unpin + Stream<Item = BTreeMap<ChitchatId, std::sync::Arc<NodeState>>>,
+    >(
         watcher: &mut S,
-    ) -> BTreeMap<ChitchatId, NodeState> {
+    ) -> BTreeMap<ChitchatId, std::sync::Arc<NodeState>> {
         tokio::time::timeout(Duration::from_secs(3), watcher.next())
             .await
             .expect("No Change within 3s")

@@ -213,8 +213,13 @@ impl Chitchat {
         let every = self.config.gossip_interval * FULL_SCAN_ROUNDS;
         if now.saturating_duration_since(self.last_scan) >= every {
             self.last_scan = now;
-            self.sync
-                .observe(self.cluster_state.node_states().iter(), now);
+            self.sync.observe(
+                self.cluster_state
+                    .node_states()
+                    .iter()
+                    .map(|(id, state)| (id, &**state)),
+                now,
+            );
         }
     }
 
@@ -283,9 +288,16 @@ impl Chitchat {
                 self.sync.touch(id, (0, 0), now);
                 self.failure_detector.set_liveness(id, true);
             }
-            self.cluster_state
-                .node_state_mut_or_init(id)
-                .try_set_heartbeat(entry.heartbeat);
+            // Most digests repeat what this node holds: look before writing, as a write copies
+            // a state the live-nodes watch shares.
+            let newer = self.cluster_state.node_state(id).is_none_or(|state| {
+                state.heartbeat().0 == 0 || entry.heartbeat > state.heartbeat()
+            });
+            if newer {
+                self.cluster_state
+                    .node_state_mut_or_init(id)
+                    .try_set_heartbeat(entry.heartbeat);
+            }
             if let Some(swim) = self.swim.as_mut()
                 && swim.observe(id, entry.heartbeat.0, now)
             {

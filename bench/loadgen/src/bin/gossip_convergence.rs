@@ -224,7 +224,7 @@ struct Node {
     handle: ChitchatHandle,
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     /// chitchat's live-nodes watch: meshd rebuilds its proxy view from it.
-    live_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    live_rx: watch::Receiver<BTreeMap<ChitchatId, Arc<NodeState>>>,
     /// False once killed by a death repetition.
     alive: bool,
 }
@@ -760,7 +760,9 @@ impl Sim<'_> {
                 {
                     in_state[i] = Some(now);
                 }
-                if in_view[i].is_none() && has_key(node.live_rx.borrow().get(&origin_id)) {
+                if in_view[i].is_none()
+                    && has_key(node.live_rx.borrow().get(&origin_id).map(|state| &**state))
+                {
                     in_view[i] = Some(now);
                 }
             }

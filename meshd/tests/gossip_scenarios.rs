@@ -14,7 +14,11 @@
 //! 4. a slow (delayed) or lossy node never gets a healthy node marked dead, and its own fate is
 //!    reported (it may not flap in the others' views: probes wait out a member's measured round
 //!    trip, so a slow node is suspected once, not every round);
-//! 5. a killed node is marked dead by every other node within a bound.
+//! 5. a killed node is marked dead by every other node within a bound;
+//! 6. a node whose process stalls again and again (its whole runtime blocked 0.6-1.5 s, as a
+//!    starved or paused process is) never marks a healthy node dead when it wakes to a pile of
+//!    expired timers, nor gets one marked dead by anyone, and does not flap in their views (a
+//!    stall is a slow ack: probes learn to wait for it).
 //!
 //! Every invariant is checked on every ~50 ms sample of every node's live/dead sets, over the
 //! whole window, not only at its end. Measured times are printed:
@@ -113,6 +117,44 @@ struct Node {
 struct Cluster {
     net: Net,
     nodes: Vec<Node>,
+}
+
+/// A current-thread runtime on a thread of its own: blocking that thread stops everything a
+/// node runs there at once (gossip loop, timers, socket reads), as the scheduler stops a
+/// starved or paused process, while the datagrams sent to it queue in its socket.
+struct Stallable {
+    runtime: tokio::runtime::Handle,
+}
+
+impl Stallable {
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds");
+            tx.send(runtime.handle().clone())
+                .expect("the test waits for the handle");
+            runtime.block_on(std::future::pending::<()>());
+        });
+        Self {
+            runtime: rx.recv().expect("the runtime thread starts"),
+        }
+    }
+
+    /// Blocks the runtime's thread for each of `stalls`, `gap` apart, then returns.
+    async fn stall(&self, stalls: Vec<Duration>, gap: Duration) {
+        self.runtime
+            .spawn(async move {
+                for stall in stalls {
+                    tokio::time::sleep(gap).await;
+                    std::thread::sleep(stall);
+                }
+            })
+            .await
+            .expect("the stall schedule runs to its end");
+    }
 }
 
 // === impl Net ===
@@ -263,6 +305,11 @@ impl Timeline {
 impl Cluster {
     /// Starts `n` nodes and waits until every node sees all of them alive.
     async fn start(what: &str, n: usize) -> Self {
+        Self::start_on(what, n, None).await
+    }
+
+    /// As [`Cluster::start`], the last node on `last_on`'s runtime.
+    async fn start_on(what: &str, n: usize, last_on: Option<&Stallable>) -> Self {
         let net = Net::new();
         let addrs: Vec<SocketAddr> = (0..n).map(|_| next_addr()).collect();
         let seeds = vec![addrs[0].to_string()];
@@ -276,9 +323,20 @@ impl Cluster {
                 seeds.clone(),
                 DEFAULT_GOSSIP_INTERVAL,
             );
-            let handle = chitchat::spawn_chitchat(config, Vec::new(), net.transport.as_ref())
-                .await
-                .expect("each node's loopback address is bound once");
+            let transport = net.transport.clone();
+            let spawn = async move {
+                chitchat::spawn_chitchat(config, Vec::new(), transport.as_ref())
+                    .await
+                    .expect("each node's loopback address is bound once")
+            };
+            let handle = match last_on {
+                Some(stallable) if i + 1 == n => stallable
+                    .runtime
+                    .spawn(spawn)
+                    .await
+                    .expect("the spawn task completes"),
+                _ => spawn.await,
+            };
             nodes.push(Node {
                 name,
                 addr,
@@ -567,6 +625,53 @@ async fn flapping_node_never_gets_a_healthy_node_marked_dead() {
         all_see_alive(back.samples.last().expect("a sample"), &names, &all, &all),
         "flapping: not whole {HEAL_WITHIN:?} after the links came back for good"
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn stalled_node_never_gets_a_healthy_node_marked_dead() {
+    let stallable = Stallable::new();
+    let cluster = Cluster::start_on("stalled", 6, Some(&stallable)).await;
+    let names = cluster.names();
+    let stalled = 5;
+    let healthy: Vec<usize> = (0..5).collect();
+    cluster.settle("stalled").await;
+
+    // 12 stalls of 600-1,500 ms, each after 400 ms of running: on every wake the node's probe
+    // and suspicion timers have all expired while the acks and refutations that answer them
+    // wait unread in its socket.
+    let mut rng = rand::rng();
+    let stalls: Vec<Duration> = (0..12)
+        .map(|_| Duration::from_millis(rng.random_range(600..=1500)))
+        .collect();
+    let total: Duration = stalls.iter().sum();
+    let schedule = stallable.stall(stalls, Duration::from_millis(400));
+    let recording = cluster.record(Instant::now(), total + Duration::from_secs(6), |_| false);
+    let ((), timeline) = tokio::join!(schedule, recording);
+    let flips: Vec<usize> = healthy
+        .iter()
+        .map(|&o| timeline.flips(o, stalled))
+        .collect();
+    let self_flips: Vec<usize> = healthy
+        .iter()
+        .map(|&t| timeline.flips(stalled, t))
+        .collect();
+    eprintln!(
+        "stalled: {} (12 stalls, {:.1} s in all) flipped live<->dead in the healthy nodes' \
+         views {flips:?} times; healthy nodes flipped in its own view {self_flips:?} times",
+        names[stalled],
+        total.as_secs_f64()
+    );
+    timeline.assert_always_alive(&[stalled], &healthy, "stalled: stalled node about healthy");
+    // Detected at its first long stall, maybe; then its probes wait out the round trip its
+    // late acks taught (a stall is a slow ack), instead of a death and a refutation per stall.
+    const MAX_FLIPS: usize = 4;
+    assert!(
+        flips.iter().all(|f| *f <= MAX_FLIPS),
+        "stalled: {} flapped {flips:?} times in the healthy nodes' views (max {MAX_FLIPS})",
+        names[stalled]
+    );
+    timeline.assert_always_alive(&healthy, &healthy, "stalled: healthy about healthy");
     cluster.shutdown().await;
 }
 

@@ -149,6 +149,8 @@ impl Stallable {
             .spawn(async move {
                 for stall in stalls {
                     tokio::time::sleep(gap).await;
+                    // Blocking the worker is the point: it stands for the scheduler.
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(stall);
                 }
             })

@@ -392,6 +392,7 @@ impl Node {
             exports_rx: exports_rx.clone(),
             lan: membership.publisher(),
             refused: self.metrics.gossip.states_refused.clone(),
+            protocol: self.config.gossip.protocol,
         };
         let wan = crate::wan::Wan::start(inputs, &transport, shutdown_rx.clone()).await?;
         let mut stopped = shutdown_rx;

@@ -64,6 +64,8 @@ pub const MIN_GOSSIP_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_GOSSIP_INTERVAL: Duration = Duration::from_secs(10);
 /// Whether gossip sealed with format version 1 (no replay protection) is accepted.
 pub const DEFAULT_GOSSIP_LEGACY_PEERS: bool = false;
+/// The gossip protocol spoken: 2 (bounded digests, SWIM failure detection).
+pub const DEFAULT_GOSSIP_PROTOCOL: GossipProtocol = GossipProtocol::V2;
 /// Inbound (mTLS from other nodes) listener.
 pub const DEFAULT_INBOUND_BIND: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15008);
@@ -167,6 +169,19 @@ pub struct GossipConfig {
     /// Gossip with older meshd during a rolling upgrade (format-1 datagrams both ways, unsigned
     /// state of nodes never seen signed); off by default; see [`RawGossip::legacy_peers`].
     pub legacy_peers: bool,
+    /// `gossip.protocol`: every node of a site (and every gateway of the WAN pool) must speak
+    /// the same; see [`RawGossip::protocol`].
+    pub protocol: GossipProtocol,
+}
+
+/// The membership protocol a node speaks (chitchat's protocol version, our fork).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum GossipProtocol {
+    /// Every digest lists the whole table, phi-accrual failure detection: what meshd spoke
+    /// before protocol 2. Only for a rolling upgrade from such a meshd.
+    V1,
+    /// Digests of a bounded scope, sweeps, SWIM failure detection.
+    V2,
 }
 
 /// `[inbound]`: the mTLS listener other nodes connect to.
@@ -345,6 +360,7 @@ impl Config {
                 interval: DEFAULT_GOSSIP_INTERVAL,
                 cluster_id: None,
                 legacy_peers: DEFAULT_GOSSIP_LEGACY_PEERS,
+                protocol: DEFAULT_GOSSIP_PROTOCOL,
             },
             inbound: InboundConfig {
                 bind: loopback,

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, Protocol, Service};
+use crate::config::{Config, GossipProtocol, Protocol, Service};
 use crate::gossip_seal::SealedTransport;
 use crate::health::ServiceHealth;
 use mesh_api::policy::DenyList;
@@ -379,6 +379,24 @@ pub fn chitchat_config(
 /// sits above the sites meshd is measured at (BENCHMARKS.md), not far above.
 pub const MAX_DIGEST_LEN: usize = 512 * 1024;
 
+/// Under protocol 1 every SYN lists the whole table, so its ids must fit one sealed datagram
+/// (room left for the rest of the SYN): about 1,100 nodes with short names.
+pub const MAX_DIGEST_LEN_V1: usize = crate::gossip_seal::MAX_PLAINTEXT_LEN - 2 * 1024;
+
+/// `gossip.protocol`: [`chitchat_config`] speaks protocol 2; pinned to 1, the table's
+/// admission bound shrinks back to what one datagram holds.
+pub fn speak(cc: &mut ChitchatConfig, protocol: GossipProtocol) {
+    match protocol {
+        GossipProtocol::V2 => cc.protocol_version = chitchat::ProtocolVersion::V2,
+        GossipProtocol::V1 => {
+            cc.protocol_version = chitchat::ProtocolVersion::V1;
+            if let Some(admission) = cc.admission.as_mut() {
+                admission.max_digest_len = MAX_DIGEST_LEN_V1;
+            }
+        }
+    }
+}
+
 /// Which new node ids gossip takes into its table: valid node names for which `more` holds,
 /// while the table's ids fit [`MAX_DIGEST_LEN`] (see `third_party/README.md`).
 pub fn admission(more: impl Fn(&str) -> bool + Send + Sync + 'static) -> chitchat::Admission {
@@ -453,6 +471,7 @@ impl Membership {
         // Removed nodes are not taken back into the table either.
         let removed = deny_rx.clone();
         cc.admission = Some(admission(move |name| !removed.borrow().denies_node(name)));
+        speak(&mut cc, config.gossip.protocol);
         let handle = chitchat::spawn_chitchat(cc, kvs, transport)
             .await
             .map_err(|e| Error::Start {

@@ -333,6 +333,8 @@ pub struct Inputs {
     pub lan: membership::Publisher,
     /// Counts WAN states refused by verification.
     pub refused: prometheus_client::metrics::counter::Counter,
+    /// `gossip.protocol`, spoken in the WAN pool too.
+    pub protocol: crate::config::GossipProtocol,
 }
 
 /// Running WAN gossip.
@@ -369,6 +371,7 @@ impl Wan {
         cc.admission = Some(membership::admission(move |name| {
             !removed.borrow().denies_node(name)
         }));
+        membership::speak(&mut cc, inputs.protocol);
         let handle = chitchat::spawn_chitchat(cc, kvs, transport)
             .await
             .map_err(|e| Error::Start {

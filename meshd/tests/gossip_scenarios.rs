@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chitchat::{ChitchatHandle, ChitchatId};
-use meshd::config::DEFAULT_GOSSIP_INTERVAL;
+use meshd::config::{DEFAULT_GOSSIP_INTERVAL, GossipProtocol};
 use meshd::gossip_seal::impair::{Fate, Impairment};
 use meshd::gossip_seal::{GossipKey, Keyring, SealStats, SealedTransport};
 use meshd::membership;
@@ -307,24 +307,35 @@ impl Timeline {
 impl Cluster {
     /// Starts `n` nodes and waits until every node sees all of them alive.
     async fn start(what: &str, n: usize) -> Self {
-        Self::start_on(what, n, None).await
+        Self::start_with(what, n, None, GossipProtocol::V2).await
     }
 
     /// As [`Cluster::start`], the last node on `last_on`'s runtime.
     async fn start_on(what: &str, n: usize, last_on: Option<&Stallable>) -> Self {
+        Self::start_with(what, n, last_on, GossipProtocol::V2).await
+    }
+
+    /// As [`Cluster::start_on`], every node speaking `protocol` (`gossip.protocol`).
+    async fn start_with(
+        what: &str,
+        n: usize,
+        last_on: Option<&Stallable>,
+        protocol: GossipProtocol,
+    ) -> Self {
         let net = Net::new();
         let addrs: Vec<SocketAddr> = (0..n).map(|_| next_addr()).collect();
         let seeds = vec![addrs[0].to_string()];
         let mut nodes = Vec::new();
         for (i, &addr) in addrs.iter().enumerate() {
             let name = format!("node-{i}");
-            let config = membership::chitchat_config(
+            let mut config = membership::chitchat_config(
                 ChitchatId::new(name.clone(), 1, addr),
                 "gossip-scenarios".to_owned(),
                 addr,
                 seeds.clone(),
                 DEFAULT_GOSSIP_INTERVAL,
             );
+            membership::speak(&mut config, protocol);
             let transport = net.transport.clone();
             let spawn = async move {
                 chitchat::spawn_chitchat(config, Vec::new(), transport.as_ref())
@@ -750,11 +761,30 @@ async fn lossy_node_never_gets_a_healthy_node_marked_dead() {
 
 #[tokio::test]
 async fn killed_node_is_marked_dead_by_everyone() {
-    let mut cluster = Cluster::start("killed", 6).await;
+    killed_node("killed", GossipProtocol::V2).await;
+}
+
+/// `gossip.protocol = 1` (a rolling upgrade from a meshd that speaks nothing else) still
+/// converges and detects a death, by phi accrual on heartbeats as before protocol 2.
+#[tokio::test]
+async fn killed_node_is_marked_dead_by_everyone_under_protocol_1() {
+    killed_node("killed (protocol 1)", GossipProtocol::V1).await;
+}
+
+async fn killed_node(what: &str, protocol: GossipProtocol) {
+    let mut cluster = Cluster::start_with(what, 6, None, protocol).await;
     let names = cluster.names();
     let victim = 5;
     let survivors: Vec<usize> = (0..5).collect();
-    cluster.settle("killed").await;
+    cluster.settle(what).await;
+    // The protocol really spoken: protocol 1 beats its heartbeat every round (15 in the
+    // 3 s settle), protocol 2's heartbeat is the SWIM incarnation, raised only to refute.
+    let views = cluster.sample().await;
+    let heartbeat = views[1].as_ref().expect("node-1 runs").incarnations[&names[0]];
+    match protocol {
+        GossipProtocol::V1 => assert!(heartbeat > 10, "{what}: heartbeat {heartbeat}"),
+        GossipProtocol::V2 => assert!(heartbeat < 5, "{what}: incarnation {heartbeat}"),
+    }
 
     // Abrupt: no leave message (chitchat has none), the task is aborted like a crash.
     let handle = cluster.nodes[victim]
@@ -769,20 +799,20 @@ async fn killed_node_is_marked_dead_by_everyone() {
             all_see_dead(s, &names, &survivors, &[victim])
         })
         .await;
-    timeline.assert_always_alive(&survivors, &survivors, "killed: about survivors");
+    timeline.assert_always_alive(&survivors, &survivors, &format!("{what}: about survivors"));
     let detected: Vec<Duration> = survivors
         .iter()
         .map(|&o| {
             timeline.first_dead(o, victim).unwrap_or_else(|| {
                 panic!(
-                    "killed: {} never marked {} dead within {DETECT_WITHIN:?}",
+                    "{what}: {} never marked {} dead within {DETECT_WITHIN:?}",
                     names[o], names[victim]
                 )
             })
         })
         .collect();
     eprintln!(
-        "killed: {} marked dead after {}",
+        "{what}: {} marked dead after {}",
         names[victim],
         summary(&detected)
     );

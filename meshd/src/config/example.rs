@@ -49,6 +49,10 @@ interval = "200ms"
 # Only during a rolling upgrade from a meshd without replay-protected sealing and signed
 # gossip state: talk its format and use its unsigned state. Reopens both holes; default false.
 # legacy_peers = false
+# Gossip protocol, 2 (bounded digests, SWIM failure detection). Nodes speaking different
+# protocols see each other dead: 1 only while upgrading from a meshd that speaks nothing else
+# (roll out with protocol = 1 everywhere, then remove the line and roll again).
+# protocol = 2
 
 [inbound]
 # mTLS listener for connections from other nodes to local services.

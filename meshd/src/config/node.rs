@@ -10,13 +10,13 @@ use serde::Deserialize;
 
 use super::check::{self, Checker};
 use super::{
-    AdminConfig, Config, DrainConfig, GatewayConfig, GossipConfig, InboundConfig, OutboundConfig,
-    Problem, RegistryConfig,
+    AdminConfig, Config, DrainConfig, GatewayConfig, GossipConfig, GossipProtocol, InboundConfig,
+    OutboundConfig, Problem, RegistryConfig,
 };
 use super::{
     DEFAULT_ADMIN_ALLOW_REMOTE, DEFAULT_ADMIN_BIND, DEFAULT_DATA_DIR, DEFAULT_DATACENTER,
     DEFAULT_DRAIN_GRACE_PERIOD, DEFAULT_GOSSIP_BIND, DEFAULT_GOSSIP_INTERVAL,
-    DEFAULT_GOSSIP_LEGACY_PEERS, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
+    DEFAULT_GOSSIP_LEGACY_PEERS, DEFAULT_GOSSIP_PROTOCOL, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_INBOUND_BIND,
     DEFAULT_JOIN_TOKEN_FILE, DEFAULT_MAX_CONNECTIONS, DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
     DEFAULT_REGISTRY_CONNECT_TIMEOUT, DEFAULT_REGISTRY_REQUEST_TIMEOUT, DEFAULT_SERVICES_DIR,
     DEFAULT_SITE, DEFAULT_ZONE, MAX_GOSSIP_INTERVAL, MIN_GOSSIP_INTERVAL,
@@ -96,6 +96,10 @@ pub struct RawGossip {
     /// Format 1 has no replay protection and unsigned state can be forged by any key holder, so
     /// this reopens both holes while it is on: leave it off (the default) outside an upgrade.
     pub legacy_peers: bool,
+    /// Gossip protocol, 1 or 2. Nodes speaking different ones see each other dead, so 1 is only
+    /// for a rolling upgrade from a meshd that speaks nothing else: roll the new meshd out with
+    /// `protocol = 1` on every node, then remove the line and roll again.
+    pub protocol: u8,
 }
 
 /// `[inbound]` as written.
@@ -341,6 +345,7 @@ impl RawGossip {
             }
             id => Some(id),
         };
+        let protocol = gossip_protocol(c, self.protocol);
         Some(GossipConfig {
             bind: bind?,
             advertise: advertise?,
@@ -348,6 +353,7 @@ impl RawGossip {
             interval: interval?,
             cluster_id: cluster_id?,
             legacy_peers: self.legacy_peers,
+            protocol: protocol?,
         })
     }
 }
@@ -361,6 +367,27 @@ impl Default for RawGossip {
             interval: humane(DEFAULT_GOSSIP_INTERVAL),
             cluster_id: None,
             legacy_peers: DEFAULT_GOSSIP_LEGACY_PEERS,
+            protocol: match DEFAULT_GOSSIP_PROTOCOL {
+                GossipProtocol::V1 => 1,
+                GossipProtocol::V2 => 2,
+            },
+        }
+    }
+}
+
+fn gossip_protocol(c: &mut Checker<'_>, protocol: u8) -> Option<GossipProtocol> {
+    match protocol {
+        1 => Some(GossipProtocol::V1),
+        2 => Some(GossipProtocol::V2),
+        other => {
+            c.push(
+                "gossip.protocol",
+                format!(
+                    "{other} is not a gossip protocol: 2 (the default), or 1 only while \
+                     upgrading from a meshd that speaks nothing else"
+                ),
+            );
+            None
         }
     }
 }

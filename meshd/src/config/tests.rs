@@ -100,6 +100,7 @@ fn default_node_config() {
             interval: DEFAULT_GOSSIP_INTERVAL,
             cluster_id: None,
             legacy_peers: DEFAULT_GOSSIP_LEGACY_PEERS,
+            protocol: GossipProtocol::V2,
         }
     );
     assert!(
@@ -165,6 +166,7 @@ fn node_values_accepted() {
         interval = "1s 500ms"
         cluster_id = "prod"
         legacy_peers = true
+        protocol = 1
         "#,
     );
     let config = Config::from_toml_str(node_path(), &text).unwrap();
@@ -173,6 +175,7 @@ fn node_values_accepted() {
     assert_eq!(config.gossip.interval, Duration::from_millis(1500));
     assert_eq!(config.gossip.cluster_id.as_deref(), Some("prod"));
     assert!(config.gossip.legacy_peers);
+    assert_eq!(config.gossip.protocol, GossipProtocol::V1);
 }
 
 #[test]
@@ -225,6 +228,10 @@ fn bad_node_values() {
         ("datacenter = 1", "", "invalid type: integer `1`, expected a string"),
         ("[gossip]\nlegacy_peers = \"yes\"", "", "invalid type: string \"yes\", expected a boolean"),
         ("[gossip]\nlegacy_peerss = true", "", "unknown field `legacy_peerss`"),
+        ("[gossip]\nprotocol = 3", "gossip.protocol", "3 is not a gossip protocol: 2 (the default), or 1 only while upgrading"),
+        ("[gossip]\nprotocol = 0", "gossip.protocol", "0 is not a gossip protocol"),
+        ("[gossip]\nprotocol = \"2\"", "", "invalid type: string \"2\", expected u8"),
+        ("[gossip]\nprotocol = 256", "", "protocol = 256"),
         ("[inbound]\nmax_connections = -1", "", "max_connections = -1"),
     ];
     for (overrides, key, fragment) in cases {

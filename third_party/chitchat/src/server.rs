@@ -227,6 +227,19 @@ struct Server {
     /// meshd: when the live-nodes watch is due for a recomputation deferred by
     /// [`LIVENESS_MIN_GAP`].
     liveness_due: Option<time::Instant>,
+    /// meshd: the protocol this node speaks and when it last warned of a peer speaking
+    /// another (nodes on either side of V2 see each other dead: the operator must know).
+    protocol_version: crate::ProtocolVersion,
+    mismatch_warned: Option<time::Instant>,
+}
+
+/// Least time between two warnings of a peer speaking another protocol version.
+const MISMATCH_WARNING_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether two nodes speaking these versions cannot gossip (one speaks V2, the other not).
+fn across_v2(own: crate::ProtocolVersion, peer: crate::ProtocolVersion) -> bool {
+    let v2 = crate::ProtocolVersion::V2;
+    (own >= v2) != (peer >= v2)
 }
 
 /// Least time between two recomputations of the live-nodes watch on account of messages (it
@@ -241,12 +254,13 @@ impl Server {
         transport: Box<dyn Socket>,
     ) -> Self {
         let mut rng = SmallRng::from_rng(&mut rng());
-        let prober = {
+        let (prober, protocol_version) = {
             let chitchat = chitchat.lock().await;
             let period = chitchat.config.gossip_interval;
-            chitchat
+            let prober = chitchat
                 .is_v2()
-                .then(|| Prober::new(period, crate::probe::probe_timeout(period), rng.random()))
+                .then(|| Prober::new(period, crate::probe::probe_timeout(period), rng.random()));
+            (prober, chitchat.config.protocol_version)
         };
         Self {
             chitchat,
@@ -255,6 +269,8 @@ impl Server {
             rng,
             prober,
             liveness_due: None,
+            protocol_version,
+            mismatch_warned: None,
         }
     }
 
@@ -293,6 +309,29 @@ impl Server {
         Ok(())
     }
 
+    /// Warns (at most every [`MISMATCH_WARNING_EVERY`]) of a peer on the other side of V2:
+    /// V0 and V1 interoperate, V2 does not with either.
+    fn check_version(&mut self, from_addr: SocketAddr, version: crate::ProtocolVersion) {
+        if !across_v2(self.protocol_version, version) {
+            return;
+        }
+        let now = time::Instant::now();
+        if self
+            .mismatch_warned
+            .is_some_and(|at| now.saturating_duration_since(at) < MISMATCH_WARNING_EVERY)
+        {
+            return;
+        }
+        self.mismatch_warned = Some(now);
+        warn!(
+            peer = %from_addr,
+            peer_protocol = version as u8,
+            own_protocol = self.protocol_version as u8,
+            "a peer speaks another gossip protocol: the two see each other dead (meshd: every \
+             node of a site needs the same gossip.protocol)"
+        );
+    }
+
     /// Processes a single UDP datagram.
     async fn handle_envelope(
         &mut self,
@@ -300,6 +339,7 @@ impl Server {
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<()> {
         let version = envelope.version;
+        self.check_version(from_addr, version);
         if let Some(prober) = self.prober.as_mut() {
             let out = {
                 let mut chitchat = self.chitchat.lock().await;
@@ -575,6 +615,24 @@ mod tests {
     use crate::message::{ChitchatEnvelope, ChitchatMessage, ProtocolVersion};
     use crate::transport::{ChannelTransport, Transport};
     use crate::{Heartbeat, MAX_UDP_DATAGRAM_PAYLOAD_SIZE, NodeState};
+
+    #[test]
+    fn only_a_peer_across_v2_is_a_mismatch() {
+        use ProtocolVersion::{V0, V1, V2};
+        let table = [
+            (V2, V2, false),
+            (V1, V1, false),
+            (V0, V1, false),
+            (V1, V0, false),
+            (V2, V1, true),
+            (V1, V2, true),
+            (V2, V0, true),
+            (V0, V2, true),
+        ];
+        for (own, peer, mismatch) in table {
+            assert_eq!(across_v2(own, peer), mismatch, "{own:?} hearing {peer:?}");
+        }
+    }
 
     #[derive(Debug, Default)]
     struct RngForTest {

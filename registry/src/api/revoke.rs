@@ -222,6 +222,17 @@ impl RegistryApi {
         author: String,
         f: impl FnOnce(&dyn Store, &mut Revocation) -> Result<T, store::Error> + Send + 'static,
     ) -> Result<(T, u64), Rejected> {
+        self.edit_revocation_then(author, f, |_, out| Ok(out)).await
+    }
+
+    /// As [`Self::edit_revocation`], then `then` under the same lock once the deny-list is
+    /// durable: what must not happen unless the denial did (a failed commit leaves it undone).
+    async fn edit_revocation_then<T: Send + 'static, U: Send + 'static>(
+        &self,
+        author: String,
+        f: impl FnOnce(&dyn Store, &mut Revocation) -> Result<T, store::Error> + Send + 'static,
+        then: impl FnOnce(&dyn Store, T) -> Result<U, store::Error> + Send + 'static,
+    ) -> Result<(U, u64), Rejected> {
         let api = self.clone();
         let now = unix(SystemTime::now());
         self.blocking(move |store| {
@@ -235,7 +246,7 @@ impl RegistryApi {
             } else {
                 api.commit_revocation(store, next, &author, now)?
             };
-            Ok((out, revision))
+            Ok((then(store, out)?, revision))
         })
         .await
     }
@@ -254,17 +265,25 @@ impl RegistryApi {
         })?;
         let now = unix(SystemTime::now());
         let (key, node) = (name.to_string(), name.clone());
+        let name_key = key.clone();
         let ((revoked, registered), revision) = self
-            .edit_revocation(admin.to_string(), move |store, next| {
-                let certs = store.list_certs(0)?;
-                let revoked = select(&certs, &Selector::Node(key.clone()), now);
-                next.add_certs(revoked.clone());
-                next.add_node(node, now);
+            .edit_revocation_then(
+                admin.to_string(),
+                move |store, next| {
+                    let certs = store.list_certs(0)?;
+                    let revoked = select(&certs, &Selector::Node(key.clone()), now);
+                    next.add_certs(revoked.clone());
+                    next.add_node(node, now);
+                    Ok(revoked)
+                },
                 // Deleted under the lock, after the deny-list is durable: from here renewals
-                // fail on both counts.
-                let registered = store.delete_node(&key)?.is_some();
-                Ok((revoked, registered))
-            })
+                // fail on both counts. A failed commit leaves the node registered and its
+                // certificates valid, as the operator's error says, for a retry to finish.
+                move |store, revoked| {
+                    let registered = store.delete_node(&name_key)?.is_some();
+                    Ok((revoked, registered))
+                },
+            )
             .await?;
         self.inner.reports.forget(name.as_str());
         info!(

@@ -18,6 +18,9 @@ type PolicyKey = (String, String, String);
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Tests of the layers above: policy applies fail as a disk would.
+    #[cfg(test)]
+    fail_policy_writes: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +58,13 @@ impl MemoryStore {
     /// holder panicked; recover from poisoning rather than fail every later call.
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// From now on (`on`) every applied (not dry-run) policy change fails with an I/O error.
+    #[cfg(test)]
+    pub(crate) fn fail_policy_writes(&self, on: bool) {
+        self.fail_policy_writes
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -151,6 +161,17 @@ impl Store for MemoryStore {
         now_unix: i64,
         dry_run: bool,
     ) -> Result<ApplyOutcome, Error> {
+        #[cfg(test)]
+        if !dry_run
+            && self
+                .fail_policy_writes
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(Error::Sled {
+                op: "apply policies",
+                source: ::sled::Error::Io(std::io::Error::other("injected by a test")),
+            });
+        }
         let mut state = self.state();
         let plan = plan_policies(changes, author, now_unix, state.policy_revision, |c| {
             Ok(state

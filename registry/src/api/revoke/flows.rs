@@ -18,6 +18,7 @@ const NOW: i64 = 1_900_000_000;
 
 struct Fixture {
     api: RegistryApi,
+    store: Arc<MemoryStore>,
     td: TrustDomain,
     _shutdown: watch::Sender<bool>,
 }
@@ -33,8 +34,9 @@ fn fixture() -> Fixture {
     let config = Config::from_toml_str(Path::new("registry.toml"), &text).unwrap();
     let (ca, _) = Authority::generate(&td, SystemTime::now()).unwrap();
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let store = Arc::new(MemoryStore::new());
     let api = RegistryApi::new(
-        Arc::new(MemoryStore::new()),
+        store.clone(),
         Arc::new(crate::ca::CaHandle::new(ca)),
         config,
         Metrics::default(),
@@ -43,6 +45,7 @@ fn fixture() -> Fixture {
     .unwrap();
     Fixture {
         api,
+        store,
         td,
         _shutdown: shutdown,
     }
@@ -94,6 +97,32 @@ impl Fixture {
     fn denies(&self, serial: &str) -> bool {
         self.api.inner.revocations.denies(serial)
     }
+}
+
+#[tokio::test]
+async fn a_removal_whose_deny_list_commit_fails_leaves_the_node_registered() {
+    let f = fixture();
+    let live = NOW * 2;
+    f.register("x", &[cert("0a", "spiffe://mesh.test/node/x", "x", live)]);
+    f.store.fail_policy_writes(true);
+    let failed = f
+        .api
+        .do_remove_node(&f.admin("ff"), pb::RemoveNodeRequest { name: "x".into() })
+        .await
+        .expect_err("the deny-list could not be written");
+    assert_eq!(failed.status.code(), tonic::Code::Unavailable);
+    // Nothing half-done: the node is neither denied nor deleted, so the error is the truth.
+    assert!(!f.denies("0a"));
+    assert!(f.api.inner.store.get_node("x").unwrap().is_some());
+
+    f.store.fail_policy_writes(false);
+    let resp = f
+        .api
+        .do_remove_node(&f.admin("ff"), pb::RemoveNodeRequest { name: "x".into() })
+        .await
+        .unwrap_or_else(|r| panic!("{:?}", r.status));
+    assert!(resp.node_removed && f.denies("0a"));
+    assert!(f.api.inner.store.get_node("x").unwrap().is_none());
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod config;
 pub mod init;
 pub mod keyring;
+pub mod kv;
 pub mod server;
 pub mod slo;
 pub mod store;

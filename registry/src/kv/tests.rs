@@ -1,0 +1,363 @@
+//! The [`Kv`] contract, every case against every backend (`contract_suite!`), plus what only
+//! a durable backend can show (reopen).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::log::MAX_TXN_BYTES;
+use super::*;
+
+macro_rules! contract_suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(std::sync::Arc::new(super::MemoryKv::new())).await;
+                }
+            )*
+        }
+        mod sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let kv = super::SledKv::open(dir.path()).unwrap();
+                    super::$case(std::sync::Arc::new(kv)).await;
+                }
+            )*
+        }
+    };
+}
+
+contract_suite!(
+    revisions_count_commits_and_entries_remember_theirs,
+    compares_guard_writes_and_a_failed_one_writes_nothing,
+    of_concurrent_creates_exactly_one_wins,
+    compare_and_set_loops_lose_no_increment,
+    a_range_is_sorted_filtered_and_at_one_revision,
+    a_watch_replays_then_follows_each_commit_once_in_order,
+    a_watch_after_a_revision_starts_there,
+    a_compacted_history_is_an_error_never_a_gap,
+    a_transaction_over_the_bound_is_refused,
+);
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put(key.as_bytes().to_vec(), value.as_bytes().to_vec())
+}
+
+fn del(key: &str) -> Op {
+    Op::Delete(key.as_bytes().to_vec())
+}
+
+fn ops(ops: Vec<Op>) -> Txn {
+    Txn {
+        compares: Vec::new(),
+        ops,
+    }
+}
+
+async fn commit(kv: &dyn Kv, ops_: Vec<Op>) -> Revision {
+    kv.txn(ops(ops_))
+        .await
+        .unwrap()
+        .expect("no compare to fail")
+}
+
+fn entry(value: &str, mod_revision: Revision, create_revision: Revision) -> Entry {
+    Entry {
+        value: value.as_bytes().to_vec(),
+        mod_revision,
+        create_revision,
+    }
+}
+
+async fn revisions_count_commits_and_entries_remember_theirs(kv: SharedKv) {
+    assert_eq!(kv.revision().await.unwrap(), 0);
+    assert_eq!(commit(&*kv, vec![put("a", "1")]).await, 1);
+    assert_eq!(kv.get(b"a").await.unwrap(), Some(entry("1", 1, 1)));
+    assert_eq!(commit(&*kv, vec![put("a", "2"), put("b", "x")]).await, 2);
+    assert_eq!(kv.get(b"a").await.unwrap(), Some(entry("2", 2, 1)));
+    assert_eq!(kv.get(b"b").await.unwrap(), Some(entry("x", 2, 2)));
+    assert_eq!(commit(&*kv, vec![del("a")]).await, 3);
+    assert_eq!(kv.get(b"a").await.unwrap(), None);
+    // Deleting what is absent changes nothing: no revision.
+    assert_eq!(commit(&*kv, vec![del("a")]).await, 3);
+    assert_eq!(kv.revision().await.unwrap(), 3);
+    // Created again: a new life.
+    assert_eq!(commit(&*kv, vec![put("a", "3")]).await, 4);
+    assert_eq!(kv.get(b"a").await.unwrap(), Some(entry("3", 4, 4)));
+}
+
+async fn compares_guard_writes_and_a_failed_one_writes_nothing(kv: SharedKv) {
+    let created = commit(&*kv, vec![put("k", "v1")]).await;
+    let stale = Txn {
+        compares: vec![Compare::ModRevision(b"k".to_vec(), created + 7)],
+        ops: vec![put("k", "lost"), put("other", "lost")],
+    };
+    assert_eq!(kv.txn(stale).await.unwrap(), None);
+    let taken = Txn {
+        compares: vec![Compare::Absent(b"k".to_vec())],
+        ops: vec![put("other", "lost")],
+    };
+    assert_eq!(kv.txn(taken).await.unwrap(), None);
+    assert_eq!(kv.get(b"other").await.unwrap(), None);
+    assert_eq!(kv.revision().await.unwrap(), created);
+
+    let fresh = Txn {
+        compares: vec![
+            Compare::ModRevision(b"k".to_vec(), created),
+            Compare::Absent(b"other".to_vec()),
+        ],
+        ops: vec![put("k", "v2"), put("other", "w")],
+    };
+    assert_eq!(kv.txn(fresh).await.unwrap(), Some(created + 1));
+    assert_eq!(
+        kv.get(b"k").await.unwrap(),
+        Some(entry("v2", created + 1, created))
+    );
+    // A compare on a deleted key: absent holds again, a revision compare does not.
+    commit(&*kv, vec![del("k")]).await;
+    let on_deleted = Txn {
+        compares: vec![Compare::ModRevision(b"k".to_vec(), created + 1)],
+        ops: vec![put("k", "zombie")],
+    };
+    assert_eq!(kv.txn(on_deleted).await.unwrap(), None);
+}
+
+async fn of_concurrent_creates_exactly_one_wins(kv: SharedKv) {
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let kv = kv.clone();
+            tokio::spawn(async move {
+                let txn = Txn {
+                    compares: vec![Compare::Absent(b"leader".to_vec())],
+                    ops: vec![put("leader", &format!("replica-{i}"))],
+                };
+                kv.txn(txn).await.unwrap().is_some()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(kv.revision().await.unwrap(), 1);
+}
+
+async fn compare_and_set_loops_lose_no_increment(kv: SharedKv) {
+    commit(&*kv, vec![put("counter", "0")]).await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let kv = kv.clone();
+            tokio::spawn(async move {
+                let mut conflicts = 0;
+                for _ in 0..25 {
+                    loop {
+                        let seen = kv.get(b"counter").await.unwrap().unwrap();
+                        let n: u64 = String::from_utf8(seen.value).unwrap().parse().unwrap();
+                        let txn = Txn {
+                            compares: vec![Compare::ModRevision(
+                                b"counter".to_vec(),
+                                seen.mod_revision,
+                            )],
+                            ops: vec![put("counter", &(n + 1).to_string())],
+                        };
+                        if kv.txn(txn).await.unwrap().is_some() {
+                            break;
+                        }
+                        conflicts += 1;
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let end = kv.get(b"counter").await.unwrap().unwrap();
+    assert_eq!(end.value, b"100");
+    assert_eq!(
+        end.mod_revision, 101,
+        "one revision per committed increment"
+    );
+}
+
+async fn a_range_is_sorted_filtered_and_at_one_revision(kv: SharedKv) {
+    commit(&*kv, vec![put("policy/b", "2"), put("node/x", "n")]).await;
+    commit(
+        &*kv,
+        vec![put("policy/a", "1"), put("policyx", "not under policy/")],
+    )
+    .await;
+    let snapshot = kv.range(b"policy/").await.unwrap();
+    assert_eq!(snapshot.revision, 2);
+    let keys: Vec<&[u8]> = snapshot.entries.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(keys, [b"policy/a".as_slice(), b"policy/b".as_slice()]);
+    assert_eq!(snapshot.entries[1].1, entry("2", 1, 1));
+    assert!(kv.range(b"nothing/").await.unwrap().entries.is_empty());
+}
+
+async fn next(stream: &mut WatchStream) -> Batch {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a batch within 10 s")
+        .expect("the watch goes on")
+        .expect("no error")
+}
+
+async fn a_watch_replays_then_follows_each_commit_once_in_order(kv: SharedKv) {
+    commit(
+        &*kv,
+        vec![put("p/a", "1"), put("q/x", "ignored"), put("p/b", "2")],
+    )
+    .await;
+    commit(
+        &*kv,
+        vec![put("q/y", "a batch with nothing under p/ is skipped")],
+    )
+    .await;
+    commit(&*kv, vec![del("p/a")]).await;
+    let mut watch = kv.watch(b"p/", 0).await.unwrap();
+    let first = next(&mut watch).await;
+    assert_eq!(first.revision, 1);
+    assert_eq!(
+        first.events,
+        vec![
+            Event::Put {
+                key: b"p/a".to_vec(),
+                entry: entry("1", 1, 1)
+            },
+            Event::Put {
+                key: b"p/b".to_vec(),
+                entry: entry("2", 1, 1)
+            },
+        ]
+    );
+    let second = next(&mut watch).await;
+    assert_eq!(second.revision, 3);
+    assert_eq!(
+        second.events,
+        vec![Event::Delete {
+            key: b"p/a".to_vec(),
+            mod_revision: 3
+        }]
+    );
+    // Live: writers in another task, the watch sees each of their commits once, in order.
+    let writer = {
+        let kv = kv.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                commit(
+                    &*kv,
+                    vec![put("p/live", &i.to_string()), put("q/noise", "n")],
+                )
+                .await;
+            }
+        })
+    };
+    let mut last = 3;
+    for i in 0..50 {
+        let batch = next(&mut watch).await;
+        assert!(batch.revision > last, "in order, no repeat");
+        last = batch.revision;
+        assert_eq!(batch.events.len(), 1);
+        let Event::Put { entry, .. } = &batch.events[0] else {
+            panic!("a put")
+        };
+        assert_eq!(entry.value, i.to_string().as_bytes());
+    }
+    writer.await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(200), watch.next()).await;
+    assert!(quiet.is_err(), "nothing more: {quiet:?}");
+}
+
+async fn a_watch_after_a_revision_starts_there(kv: SharedKv) {
+    for i in 0..5 {
+        commit(&*kv, vec![put("k", &i.to_string())]).await;
+    }
+    let mut watch = kv.watch(b"", 3).await.unwrap();
+    assert_eq!(next(&mut watch).await.revision, 4);
+    assert_eq!(next(&mut watch).await.revision, 5);
+    // At the current revision: only what comes next.
+    let mut current = kv.watch(b"", 5).await.unwrap();
+    commit(&*kv, vec![put("k", "new")]).await;
+    assert_eq!(next(&mut current).await.revision, 6);
+}
+
+async fn a_compacted_history_is_an_error_never_a_gap(kv: SharedKv) {
+    for i in 0..10 {
+        commit(&*kv, vec![put("k", &i.to_string())]).await;
+    }
+    // A watcher that stalled at revision 2, never polled while the history is compacted.
+    let mut stalled = kv.watch(b"", 2).await.unwrap();
+    kv.compact(6).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
+        Ok(Some(Err(Error::Compacted {
+            after: 2,
+            compacted: 6,
+        }))) => {}
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    assert!(
+        stalled.next().await.is_none(),
+        "the watch ends after the error"
+    );
+    assert!(matches!(
+        kv.watch(b"", 5).await,
+        Err(Error::Compacted { compacted: 6, .. })
+    ));
+    // The cure: list, then watch from the listed revision.
+    let listed = kv.range(b"").await.unwrap();
+    assert_eq!(listed.revision, 10);
+    let mut resumed = kv.watch(b"", listed.revision).await.unwrap();
+    commit(&*kv, vec![put("k", "after")]).await;
+    assert_eq!(next(&mut resumed).await.revision, 11);
+    // From the compacted revision itself the history is whole.
+    let mut from_mark = kv.watch(b"", 6).await.unwrap();
+    assert_eq!(next(&mut from_mark).await.revision, 7);
+    // Compacting backwards or beyond the present changes nothing wrong.
+    kv.compact(3).await.unwrap();
+    kv.compact(1_000).await.unwrap();
+    assert!(kv.watch(b"", 11).await.is_ok());
+}
+
+async fn a_transaction_over_the_bound_is_refused(kv: SharedKv) {
+    let big = "x".repeat(MAX_TXN_BYTES);
+    let err = kv.txn(ops(vec![put("k", &big)])).await.unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { len, max, .. } if len == MAX_TXN_BYTES + 1 && max == MAX_TXN_BYTES),
+        "{err}"
+    );
+    assert_eq!(kv.revision().await.unwrap(), 0);
+    let just = "x".repeat(MAX_TXN_BYTES - 1);
+    assert_eq!(kv.txn(ops(vec![put("k", &just)])).await.unwrap(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_keeps_entries_revisions_and_history_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let kv = SledKv::open(dir.path()).unwrap();
+        commit(&kv, vec![put("a", "1"), put("b", "2")]).await;
+        commit(&kv, vec![del("b")]).await;
+    }
+    let kv = loop {
+        // sled releases its file lock when the last handle (here, blocking tasks') drops.
+        match SledKv::open(dir.path()) {
+            Ok(kv) => break Arc::new(kv),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(kv.revision().await.unwrap(), 2);
+    assert_eq!(kv.get(b"a").await.unwrap(), Some(entry("1", 1, 1)));
+    let mut watch = kv.watch(b"", 0).await.unwrap();
+    assert_eq!(next(&mut watch).await.revision, 1);
+    assert_eq!(next(&mut watch).await.revision, 2);
+    assert_eq!(commit(&*kv, vec![put("c", "3")]).await, 3);
+    assert_eq!(next(&mut watch).await.revision, 3);
+}

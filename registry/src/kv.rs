@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 
+pub mod etcd;
 mod log;
 mod memory;
 mod sled;

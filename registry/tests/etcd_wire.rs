@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_registry::kv::etcd::pb;
 use pb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -14,6 +14,7 @@ use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use pb::maintenance_client::MaintenanceClient;
 use pb::watch_client::WatchClient;
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -64,7 +65,11 @@ async fn channel(etcd: &Etcd) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let endpoint = format!("http://{}", etcd.client);
-        if let Ok(ch) = Channel::from_shared(endpoint).unwrap().connect().await {
+        if let Ok(ch) = Channel::from_shared(endpoint)
+            .expect("a valid URI")
+            .connect()
+            .await
+        {
             let status = MaintenanceClient::new(ch.clone())
                 .status(pb::StatusRequest {})
                 .await;

@@ -17,6 +17,7 @@ mod sled;
 #[cfg(test)]
 mod tests;
 
+pub use etcd::EtcdKv;
 pub use memory::MemoryKv;
 pub use sled::SledKv;
 
@@ -116,8 +117,11 @@ pub enum Error {
         key: String,
         reason: String,
     },
-    /// A transaction or value larger than the backend takes.
-    #[error("{what} is {len} bytes; {backend} takes at most {max}")]
+    /// A transaction that writes one key twice (etcd refuses it; so does every backend).
+    #[error("a transaction writes {key} twice")]
+    DuplicateKey { key: String },
+    /// A transaction larger than every backend takes (bytes or operations).
+    #[error("{what}: {len}; {backend} takes at most {max}")]
     TooLarge {
         backend: &'static str,
         what: &'static str,

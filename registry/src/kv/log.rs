@@ -13,12 +13,29 @@ use super::{Batch, Compare, Entry, Error, Event, Op, Revision, Txn, WatchStream}
 /// requests over 1.5 MiB by default; one limit everywhere keeps behaviour the same).
 pub const MAX_TXN_BYTES: usize = 1024 * 1024;
 
+/// Most operations (and, separately, compares) of one transaction, on every backend (etcd's
+/// default `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
 /// Most batches one read of the history returns, so a watch far behind catches up in bounded
 /// steps.
 pub(super) const READ_BATCHES: usize = 256;
 
-/// Refuses a transaction over [`MAX_TXN_BYTES`].
+/// Refuses a transaction over [`MAX_TXN_BYTES`] or [`MAX_TXN_OPS`], or writing one key twice.
 pub(super) fn check_size(backend: &'static str, txn: &Txn) -> Result<(), Error> {
+    for (what, len) in [
+        ("the operations of a transaction", txn.ops.len()),
+        ("the compares of a transaction", txn.compares.len()),
+    ] {
+        if len > MAX_TXN_OPS {
+            return Err(Error::TooLarge {
+                backend,
+                what,
+                len,
+                max: MAX_TXN_OPS,
+            });
+        }
+    }
     let len: usize = txn
         .compares
         .iter()
@@ -36,6 +53,19 @@ pub(super) fn check_size(backend: &'static str, txn: &Txn) -> Result<(), Error> 
             what: "a transaction",
             len,
             max: MAX_TXN_BYTES,
+        });
+    }
+    let mut keys: Vec<&[u8]> = txn
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::Put(k, _) | Op::Delete(k) => k.as_slice(),
+        })
+        .collect();
+    keys.sort_unstable();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::DuplicateKey {
+            key: super::printable(w[0]),
         });
     }
     Ok(())
@@ -61,8 +91,7 @@ pub(super) fn compares_hold<E>(
 }
 
 /// The events `ops` make at `revision`, in op order, `get` reading the entries as they were
-/// before (and as earlier ops of the same transaction left them: a key written twice keeps
-/// the last value, as etcd refuses duplicate keys instead — we keep the simpler rule).
+/// before (`check_size` has refused a key written twice; earlier ops are still consulted).
 pub(super) fn events_of<E>(
     ops: &[Op],
     revision: Revision,

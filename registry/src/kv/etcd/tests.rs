@@ -1,14 +1,15 @@
-//! The committed etcd client (`proto/etcd.proto`, our own subset of etcd's v3 API) against a
-//! real etcd (Debian's etcd-server, installed by `scripts/setup`; one member on loopback in a
-//! temporary directory): a compare-and-set transaction, a range, a watch replaying from a
-//! revision, a compacted watch, a lease whose key goes with it, and member status. A wrong
-//! field number or service path shows here, not in production.
+//! A real etcd for tests (Debian's etcd-server, installed by `scripts/setup`: one member on
+//! loopback in a temporary directory, killed on drop), and the committed client
+//! (`proto/etcd.proto`, our own subset of etcd's v3 API) against it: a compare-and-set
+//! transaction, a range, a watch replaying from a revision, a compacted watch, a lease whose
+//! key goes with it, and member status. A wrong field number or service path shows here, not
+//! in production. The [`crate::kv::Kv`] contract runs on etcd in `kv/tests.rs`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use mesh_registry::kv::etcd::pb;
+use super::pb;
 use pb::compare::{CompareResult, CompareTarget, TargetUnion};
 use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
@@ -19,7 +20,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// One etcd member, killed on drop.
-struct Etcd {
+pub(crate) struct Etcd {
     child: Child,
     client: SocketAddr,
     _dir: tempfile::TempDir,
@@ -38,7 +39,7 @@ fn free_port() -> SocketAddr {
         .expect("a free loopback port")
 }
 
-fn start_etcd() -> Etcd {
+pub(crate) fn start_etcd() -> Etcd {
     let dir = tempfile::tempdir().expect("temp dir");
     let (client, peer) = (free_port(), free_port());
     let child = Command::new("etcd")
@@ -61,7 +62,8 @@ fn start_etcd() -> Etcd {
     }
 }
 
-async fn channel(etcd: &Etcd) -> Channel {
+/// A channel to `etcd` once it answers.
+pub(crate) async fn channel(etcd: &Etcd) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let endpoint = format!("http://{}", etcd.client);

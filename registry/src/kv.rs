@@ -18,6 +18,7 @@ mod sled;
 mod tests;
 
 pub use etcd::EtcdKv;
+pub use log::{MAX_TXN_BYTES, MAX_TXN_OPS};
 pub use memory::MemoryKv;
 pub use sled::SledKv;
 

@@ -11,11 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::slo::Severity;
 
+mod kv;
 mod memory;
 mod sled;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use kv::KvStore;
 pub use memory::MemoryStore;
 pub use sled::SledStore;
 
@@ -37,6 +39,15 @@ pub enum Error {
         /// The engine's error.
         #[source]
         source: ::sled::Error,
+    },
+    /// The key-value store under [`KvStore`] failed (or refused the transaction).
+    #[error("registry store: {op} failed")]
+    Kv {
+        /// What the store was doing, e.g. `"join"`.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: crate::kv::Error,
     },
     /// A stored value could not be decoded.
     #[error(

@@ -32,7 +32,57 @@ macro_rules! contract_suite {
                 }
             )+
         }
+
+        // The same contract for the store written over the revisioned key-value space, on
+        // each of its backends (etcd: a real member of its own per case).
+        mod kv_memory {
+            $(
+                #[test]
+                fn $case() {
+                    let rt = tokio::runtime::Runtime::new().unwrap();
+                    let kv = std::sync::Arc::new(crate::kv::MemoryKv::new());
+                    super::$case(&super::kv_store(kv, &rt));
+                }
+            )+
+        }
+
+        mod kv_sled {
+            $(
+                #[test]
+                fn $case() {
+                    let rt = tokio::runtime::Runtime::new().unwrap();
+                    let dir = tempfile::tempdir().unwrap();
+                    let kv = std::sync::Arc::new(crate::kv::SledKv::open(dir.path()).unwrap());
+                    super::$case(&super::kv_store(kv, &rt));
+                }
+            )+
+        }
+
+        mod kv_etcd {
+            $(
+                #[test]
+                fn $case() {
+                    let rt = tokio::runtime::Runtime::new().unwrap();
+                    let member = crate::kv::etcd::tests::start_etcd();
+                    let channel = rt.block_on(crate::kv::etcd::tests::channel(&member));
+                    let kv = std::sync::Arc::new(crate::kv::EtcdKv::new(channel, b"/meshd/t/".to_vec()));
+                    super::$case(&super::kv_store(kv, &rt));
+                }
+            )+
+        }
     };
+}
+
+/// A [`super::KvStore`] on `kv`, telemetry in memory, async work on `rt`.
+pub(crate) fn kv_store(
+    kv: std::sync::Arc<dyn crate::kv::Kv>,
+    rt: &tokio::runtime::Runtime,
+) -> super::KvStore {
+    super::KvStore::new(
+        kv,
+        std::sync::Arc::new(MemoryStore::new()),
+        rt.handle().clone(),
+    )
 }
 
 // Declared after the macro so these suites can use it.

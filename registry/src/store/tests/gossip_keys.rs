@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{CRASH_DIR_ENV, reopen, reopen_raw, run_aborting_child};
+use super::{CRASH_DIR_ENV, kv_store, reopen, reopen_raw, run_aborting_child};
 use crate::store::{Error, GossipKeyring, MemoryStore, SledStore, Store};
 
 contract_suite!(

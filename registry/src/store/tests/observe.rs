@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{CRASH_DIR_ENV, reopen, run_aborting_child};
+use super::{CRASH_DIR_ENV, kv_store, reopen, run_aborting_child};
 use crate::slo::Severity;
 use crate::store::{
     CertExpiryRecord, EdgeKey, MemoryStore, NodeReportRecord, Protocol, ServiceSlot, SledStore,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Barrier;
 
-use super::{CRASH_DIR_ENV, reopen, reopen_raw, run_aborting_child};
+use super::{CRASH_DIR_ENV, kv_store, reopen, reopen_raw, run_aborting_child};
 use crate::store::{
     ChangeAction, Error, MemoryStore, PolicyChange, PolicyRecord, SledStore, Store,
 };

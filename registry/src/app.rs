@@ -112,14 +112,22 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         server::Tracker::new(server::Limits::from_config(&config), server_metrics),
         shutdown_rx.clone(),
     );
-    let registry_api = RegistryApi::new(
-        store.clone(),
-        ca.clone(),
-        config.clone(),
-        metrics,
-        shutdown_rx.clone(),
-    )
-    .context("reading the deny-list from the registry store")?;
+    // It reads the deny-list from the store: blocking work, off the async threads (a store
+    // on a key-value space runs its reads on this runtime and must not block a worker).
+    let registry_api = {
+        let (store, ca, config, shutdown_rx) = (
+            store.clone(),
+            ca.clone(),
+            config.clone(),
+            shutdown_rx.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            RegistryApi::new(store, ca, config, metrics, shutdown_rx)
+        })
+        .await
+        .context("reading the deny-list from the registry store")?
+        .context("reading the deny-list from the registry store")?
+    };
     let svc = InterceptedService::new(
         RegistryServer::new(registry_api.clone())
             .max_decoding_message_size(config.max_request_message_size)

@@ -19,7 +19,7 @@
 //! The reply compares versions for exactly the ids of the SYN (scuttlebutt restricted to that
 //! scope), so bytes per node stay flat in N at steady state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -71,6 +71,8 @@ pub(crate) struct Sync {
     catching_up: bool,
     /// Where the sweep resumes (after this id; `None`: from the start).
     sweep_after: Option<ChitchatId>,
+    /// When this node last took in ids it did not know, within the recent window.
+    admitted: VecDeque<Instant>,
 }
 
 impl Sync {
@@ -84,6 +86,27 @@ impl Sync {
             since_full: u32::MAX,
             catching_up: true,
             sweep_after: None,
+            admitted: VecDeque::new(),
+        }
+    }
+
+    /// This node took in an id it did not know. More newcomers within one recent window than
+    /// a digest's recent list carries means the others' recent lists overflowed (a mass start):
+    /// the ids that fell off them would otherwise be found only by windows and the slow
+    /// sweeps, so sweep until a pass has gone round. A join or two in a running site stays
+    /// well under it and costs no sweep.
+    pub(crate) fn note_admitted(&mut self, now: Instant) {
+        while self
+            .admitted
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) > self.config.recent_window)
+        {
+            self.admitted.pop_front();
+        }
+        self.admitted.push_back(now);
+        if self.admitted.len() > self.config.recent_max {
+            self.catching_up = true;
+            self.admitted.clear();
         }
     }
 
@@ -210,6 +233,29 @@ mod tests {
             full_every: 4,
             sweep_budget: 1024,
         })
+    }
+
+    #[test]
+    fn more_newcomers_than_a_recent_list_carries_start_a_sweep_pass() {
+        let mut sync = sync(2);
+        let t0 = Instant::now();
+        // Caught up after its first pass, as a running node is.
+        sync.swept(&Sweep {
+            after: None,
+            until: None,
+        });
+        // A join now and then (recent_max = 3 per 2 s window): no sweep.
+        for i in 0..6 {
+            sync.note_admitted(t0 + Duration::from_secs(3 * i));
+        }
+        assert!(!sync.catching_up);
+        // Four within one window: the recent lists overflowed somewhere; sweep.
+        let t1 = t0 + Duration::from_secs(100);
+        for i in 0..4 {
+            sync.note_admitted(t1 + Duration::from_millis(100 * i));
+        }
+        assert!(sync.catching_up);
+        assert!(sync.next_sweep().is_some(), "every SYN sweeps until a pass");
     }
 
     #[test]

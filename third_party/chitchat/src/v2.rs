@@ -286,6 +286,7 @@ impl Chitchat {
                     continue;
                 }
                 self.sync.touch(id, (0, 0), now);
+                self.sync.note_admitted(now);
                 self.failure_detector.set_liveness(id, true);
             }
             // Most digests repeat what this node holds: look before writing, as a write copies

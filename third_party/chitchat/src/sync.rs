@@ -73,6 +73,12 @@ pub(crate) struct Sync {
     sweep_after: Option<ChitchatId>,
     /// When this node last took in ids it did not know, within the recent window.
     admitted: VecDeque<Instant>,
+    /// Catching up because of newcomers (not because this node is new or behind): every other
+    /// SYN sweeps, the others still carry recent changes, so a flood of invented ids cannot
+    /// stop real changes from spreading.
+    interleave: bool,
+    /// Whether the last SYN while interleaving was a sweep.
+    swept_last: bool,
 }
 
 impl Sync {
@@ -87,6 +93,8 @@ impl Sync {
             catching_up: true,
             sweep_after: None,
             admitted: VecDeque::new(),
+            interleave: false,
+            swept_last: false,
         }
     }
 
@@ -105,7 +113,11 @@ impl Sync {
         }
         self.admitted.push_back(now);
         if self.admitted.len() > self.config.recent_max {
-            self.catching_up = true;
+            // A node already sweeping every SYN (new, or behind) keeps doing so.
+            if !self.catching_up {
+                self.catching_up = true;
+                self.interleave = true;
+            }
             self.admitted.clear();
         }
     }
@@ -182,7 +194,12 @@ impl Sync {
     /// The range the next SYN sweeps, if it is a sweep (and counts it): from where the sweep
     /// stands to the end; the digest then says how far it got.
     pub(crate) fn next_sweep(&mut self) -> Option<Sweep> {
-        if !self.catching_up && self.since_full < self.config.full_every {
+        let mut catching_up = self.catching_up;
+        if catching_up && self.interleave {
+            self.swept_last = !self.swept_last;
+            catching_up = self.swept_last;
+        }
+        if !catching_up && self.since_full < self.config.full_every {
             self.since_full = self.since_full.saturating_add(1);
             return None;
         }
@@ -199,12 +216,14 @@ impl Sync {
         self.sweep_after = swept.until.clone();
         if swept.until.is_none() {
             self.catching_up = false;
+            self.interleave = false;
         }
     }
 
     /// This node fell behind (a delta filled half a datagram): sweep until it has gone round.
     pub(crate) fn catch_up(&mut self) {
         self.catching_up = true;
+        self.interleave = false;
     }
 
     /// Bytes of one sweep digest.
@@ -255,7 +274,9 @@ mod tests {
             sync.note_admitted(t1 + Duration::from_millis(100 * i));
         }
         assert!(sync.catching_up);
-        assert!(sync.next_sweep().is_some(), "every SYN sweeps until a pass");
+        // Every other SYN sweeps; the others carry recent changes.
+        let kinds: Vec<bool> = (0..4).map(|_| sync.next_sweep().is_some()).collect();
+        assert_eq!(kinds, [true, false, true, false]);
     }
 
     #[test]

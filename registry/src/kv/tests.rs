@@ -34,8 +34,7 @@ macro_rules! contract_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let member = crate::kv::etcd::tests::start_etcd();
-                    let channel = crate::kv::etcd::tests::channel(&member).await;
+                    let (_member, channel) = crate::kv::etcd::tests::member().await;
                     let kv = super::EtcdKv::new(channel, b"/meshd/test/".to_vec());
                     super::$case(std::sync::Arc::new(kv)).await;
                 }

@@ -63,8 +63,7 @@ macro_rules! contract_suite {
                 #[test]
                 fn $case() {
                     let rt = tokio::runtime::Runtime::new().unwrap();
-                    let member = crate::kv::etcd::tests::start_etcd();
-                    let channel = rt.block_on(crate::kv::etcd::tests::channel(&member));
+                    let (_member, channel) = rt.block_on(crate::kv::etcd::tests::member());
                     let kv = std::sync::Arc::new(crate::kv::EtcdKv::new(channel, b"/meshd/t/".to_vec()));
                     super::$case(&super::kv_store(kv, &rt));
                 }

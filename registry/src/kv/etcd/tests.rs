@@ -39,7 +39,7 @@ fn free_port() -> SocketAddr {
         .expect("a free loopback port")
 }
 
-pub(crate) fn start_etcd() -> Etcd {
+fn start_etcd() -> Etcd {
     let dir = tempfile::tempdir().expect("temp dir");
     let (client, peer) = (free_port(), free_port());
     let child = Command::new("etcd")
@@ -62,26 +62,42 @@ pub(crate) fn start_etcd() -> Etcd {
     }
 }
 
-/// A channel to `etcd` once it answers.
-pub(crate) async fn channel(etcd: &Etcd) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let endpoint = format!("http://{}", etcd.client);
-        if let Ok(ch) = Channel::from_shared(endpoint)
+/// A channel to `etcd` once it answers, or `None` if it exited or stayed silent for `wait`
+/// (its ports, picked free a moment earlier, may have been taken meanwhile).
+async fn answering(etcd: &mut Etcd, wait: Duration) -> Option<Channel> {
+    let deadline = Instant::now() + wait;
+    let endpoint = format!("http://{}", etcd.client);
+    while Instant::now() < deadline {
+        if etcd.child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        let connected = Channel::from_shared(endpoint.clone())
             .expect("a valid URI")
             .connect()
-            .await
-        {
+            .await;
+        if let Ok(ch) = connected {
             let status = MaintenanceClient::new(ch.clone())
                 .status(pb::StatusRequest {})
                 .await;
             if status.is_ok() {
-                return ch;
+                return Some(ch);
             }
         }
-        assert!(Instant::now() < deadline, "etcd did not answer in 20 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    None
+}
+
+/// A fresh etcd member and a channel to it; a start that fails (ports taken between picking
+/// and binding) is retried on new ports.
+pub(crate) async fn member() -> (Etcd, Channel) {
+    for _ in 0..3 {
+        let mut etcd = start_etcd();
+        if let Some(ch) = answering(&mut etcd, Duration::from_secs(15)).await {
+            return (etcd, ch);
+        }
+    }
+    panic!("etcd did not start and answer in three tries (is etcd-server installed?)");
 }
 
 fn put(key: &str, value: &str, lease: i64) -> pb::RequestOp {
@@ -111,8 +127,7 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_committed_client_speaks_etcd() {
-    let etcd = start_etcd();
-    let ch = channel(&etcd).await;
+    let (_etcd, ch) = member().await;
     let mut kv = KvClient::new(ch.clone());
 
     // Create-if-absent: the first wins, the second fails its compare and writes nothing.

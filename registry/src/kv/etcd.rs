@@ -9,6 +9,7 @@
 //! keeps it fresh, `etcd/tests.rs` proves it against a real etcd).
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -35,6 +36,24 @@ use pb::watch_client::WatchClient;
 const BACKEND: &str = "etcd";
 /// Keys per page of a range: pages are read at one pinned revision.
 const PAGE: i64 = 1000;
+/// Longest wait for one request: a member that neither answers nor fails (a partition, a
+/// stalled disk) must not hold a registry thread forever; the caller sees a backend error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One unary (or stream-opening) request, bounded by [`REQUEST_TIMEOUT`].
+async fn bounded<T>(
+    op: &'static str,
+    request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<Result<T, tonic::Status>, Error> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(answer) => Ok(answer.map(tonic::Response::into_inner)),
+        Err(_) => Err(Error::Backend {
+            backend: BACKEND,
+            op,
+            reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
+        }),
+    }
+}
 
 /// A [`Kv`] on an etcd cluster (the channel may balance over several endpoints).
 #[derive(Clone)]
@@ -75,7 +94,8 @@ fn revision_of(header: Option<&pb::ResponseHeader>, op: &'static str) -> Result<
 
 impl EtcdKv {
     /// Keys under `namespace` (for example `/meshd/<trust domain>/`) on the etcd behind
-    /// `channel`.
+    /// `channel`. Each request is bounded here; an open watch is not (it is quiet while nothing
+    /// changes), so the channel must carry HTTP/2 keep-alives to notice a dead member.
     pub fn new(channel: Channel, namespace: impl Into<Vec<u8>>) -> Self {
         Self {
             channel,
@@ -160,16 +180,16 @@ impl EtcdKv {
         end: Vec<u8>,
         revision: i64,
     ) -> Result<pb::RangeResponse, Error> {
-        KvClient::new(self.channel.clone())
-            .range(pb::RangeRequest {
-                key: start,
-                range_end: end,
-                limit: PAGE,
-                revision,
-                ..Default::default()
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        let mut kv = KvClient::new(self.channel.clone());
+        let request = kv.range(pb::RangeRequest {
+            key: start,
+            range_end: end,
+            limit: PAGE,
+            revision,
+            ..Default::default()
+        });
+        bounded("range", request)
+            .await?
             .map_err(|s| backend("range", &s))
     }
 }
@@ -177,14 +197,14 @@ impl EtcdKv {
 #[tonic::async_trait]
 impl Kv for EtcdKv {
     async fn get(&self, key: &[u8]) -> Result<Option<Entry>, Error> {
-        let resp = KvClient::new(self.channel.clone())
-            .range(pb::RangeRequest {
-                key: self.key(key),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| backend("get", &s))?
-            .into_inner();
+        let mut kv = KvClient::new(self.channel.clone());
+        let request = kv.range(pb::RangeRequest {
+            key: self.key(key),
+            ..Default::default()
+        });
+        let resp = bounded("get", request)
+            .await?
+            .map_err(|s| backend("get", &s))?;
         resp.kvs
             .into_iter()
             .next()
@@ -224,11 +244,10 @@ impl Kv for EtcdKv {
             success: txn.ops.iter().map(|o| self.op(o)).collect(),
             failure: Vec::new(),
         };
-        let resp = KvClient::new(self.channel.clone())
-            .txn(request)
-            .await
-            .map_err(|s| backend("transaction", &s))?
-            .into_inner();
+        let mut kv = KvClient::new(self.channel.clone());
+        let resp = bounded("transaction", kv.txn(request))
+            .await?
+            .map_err(|s| backend("transaction", &s))?;
         if !resp.succeeded {
             return Ok(None);
         }
@@ -237,15 +256,15 @@ impl Kv for EtcdKv {
 
     async fn revision(&self) -> Result<Revision, Error> {
         // A linearizable count of one key: the header carries the store's revision.
-        let resp = KvClient::new(self.channel.clone())
-            .range(pb::RangeRequest {
-                key: self.key(b""),
-                count_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| backend("revision", &s))?
-            .into_inner();
+        let mut kv = KvClient::new(self.channel.clone());
+        let request = kv.range(pb::RangeRequest {
+            key: self.key(b""),
+            count_only: true,
+            ..Default::default()
+        });
+        let resp = bounded("revision", request)
+            .await?
+            .map_err(|s| backend("revision", &s))?;
         revision_of(resp.header.as_ref(), "revision")
     }
 
@@ -269,11 +288,10 @@ impl Kv for EtcdKv {
             op: "watch",
             reason: "request channel closed".to_owned(),
         })?;
-        let responses = WatchClient::new(self.channel.clone())
-            .watch(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| backend("watch", &s))?
-            .into_inner();
+        let mut client = WatchClient::new(self.channel.clone());
+        let responses = bounded("watch", client.watch(ReceiverStream::new(rx)))
+            .await?
+            .map_err(|s| backend("watch", &s))?;
         Ok(Box::pin(
             Follow::new(self.clone(), after, tx).stream(responses),
         ))
@@ -284,13 +302,12 @@ impl Kv for EtcdKv {
         // never beyond the present (etcd refuses a future revision).
         let current = self.revision().await?;
         let at = revision.saturating_add(1).min(current);
-        let resp = KvClient::new(self.channel.clone())
-            .compact(pb::CompactionRequest {
-                revision: i64::try_from(at).unwrap_or(i64::MAX),
-                physical: true,
-            })
-            .await;
-        match resp {
+        let mut kv = KvClient::new(self.channel.clone());
+        let request = kv.compact(pb::CompactionRequest {
+            revision: i64::try_from(at).unwrap_or(i64::MAX),
+            physical: true,
+        });
+        match bounded("compact", request).await? {
             Ok(_) => Ok(()),
             // Already compacted there or beyond: nothing to do.
             Err(s) if s.message().contains("compacted") => Ok(()),

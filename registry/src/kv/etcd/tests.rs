@@ -309,3 +309,26 @@ async fn the_committed_client_speaks_etcd() {
     assert_ne!(status.leader, 0);
     assert!(status.errors.is_empty(), "{:?}", status.errors);
 }
+
+#[tokio::test]
+async fn a_member_that_stops_answering_is_an_error_within_the_request_bound() {
+    use crate::kv::{EtcdKv, Kv};
+    let (etcd, ch) = member().await;
+    let kv = EtcdKv::new(ch, b"/meshd/t/".to_vec());
+    kv.get(b"k").await.expect("a live member answers");
+    // Frozen, not dead: the connection stays open and nothing comes back (a partition).
+    let pid = etcd.child.id().to_string();
+    let stopped = Command::new("kill").args(["-STOP", &pid]).status();
+    assert!(stopped.expect("kill runs").success());
+    let started = Instant::now();
+    let err = kv
+        .get(b"k")
+        .await
+        .expect_err("no answer from a frozen member");
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(
+        matches!(&err, crate::kv::Error::Backend { reason, .. } if reason.contains("no answer")),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
